@@ -5,7 +5,9 @@
 //! those that may repeat (User Property in order with repeated keys, and a PUBLISH's
 //! Subscription Identifiers). Decoding rejects unknown identifiers and identifiers not
 //! allowed on the packet (Malformed Packet), and repeats of a once-only property (Protocol
-//! Error), in this one place for every packet.
+//! Error), in this one place for every packet. Properties are written in ascending
+//! identifier order (the order paho-mqtt writes them in, so its packets re-encode byte for
+//! byte); reading accepts any order.
 
 use std::num::{NonZeroU16, NonZeroU32};
 
@@ -375,30 +377,28 @@ properties! {
     ConnectProperties ("CONNECT") {
         /// Seconds the session outlives the connection; absent means 0.
         one session_expiry_interval: u32 = id::SESSION_EXPIRY_INTERVAL,
-        /// QoS 1/2 messages the client will process at once; absent means 65,535.
-        one receive_maximum: NonZeroU16 = id::RECEIVE_MAXIMUM,
-        /// Largest packet the client accepts.
-        one maximum_packet_size: NonZeroU32 = id::MAXIMUM_PACKET_SIZE,
-        /// Highest topic alias the client accepts from the server; absent means 0.
-        one topic_alias_maximum: u16 = id::TOPIC_ALIAS_MAXIMUM,
-        /// Whether the server may send Response Information in CONNACK.
-        one request_response_information: bool = id::REQUEST_RESPONSE_INFORMATION,
-        /// Whether the server may send Reason Strings and User Properties on failures.
-        one request_problem_information: bool = id::REQUEST_PROBLEM_INFORMATION,
-        /// User properties, in order.
-        many user_properties: UserProperty = id::USER_PROPERTY,
         /// Extended authentication method.
         one authentication_method: Str = id::AUTHENTICATION_METHOD,
         /// Extended authentication data.
         one authentication_data: Bytes = id::AUTHENTICATION_DATA,
+        /// Whether the server may send Reason Strings and User Properties on failures.
+        one request_problem_information: bool = id::REQUEST_PROBLEM_INFORMATION,
+        /// Whether the server may send Response Information in CONNACK.
+        one request_response_information: bool = id::REQUEST_RESPONSE_INFORMATION,
+        /// QoS 1/2 messages the client will process at once; absent means 65,535.
+        one receive_maximum: NonZeroU16 = id::RECEIVE_MAXIMUM,
+        /// Highest topic alias the client accepts from the server; absent means 0.
+        one topic_alias_maximum: u16 = id::TOPIC_ALIAS_MAXIMUM,
+        /// User properties, in order.
+        many user_properties: UserProperty = id::USER_PROPERTY,
+        /// Largest packet the client accepts.
+        one maximum_packet_size: NonZeroU32 = id::MAXIMUM_PACKET_SIZE,
     }
 }
 
 properties! {
     /// Will properties, in the CONNECT payload (3.1.3.2).
     WillProperties ("will properties") {
-        /// Seconds to wait before publishing the will.
-        one will_delay_interval: u32 = id::WILL_DELAY_INTERVAL,
         /// Whether the will payload is UTF-8.
         one payload_format_indicator: PayloadFormat = id::PAYLOAD_FORMAT_INDICATOR,
         /// Lifetime of the will message in seconds.
@@ -409,6 +409,8 @@ properties! {
         one response_topic: TopicName = id::RESPONSE_TOPIC,
         /// Correlation data for a response.
         one correlation_data: Bytes = id::CORRELATION_DATA,
+        /// Seconds to wait before publishing the will.
+        one will_delay_interval: u32 = id::WILL_DELAY_INTERVAL,
         /// User properties, in order.
         many user_properties: UserProperty = id::USER_PROPERTY,
     }
@@ -419,38 +421,38 @@ properties! {
     ConnAckProperties ("CONNACK") {
         /// Session expiry the server uses, if different from the client's.
         one session_expiry_interval: u32 = id::SESSION_EXPIRY_INTERVAL,
+        /// Client identifier the server assigned.
+        one assigned_client_identifier: Str = id::ASSIGNED_CLIENT_IDENTIFIER,
+        /// Keep alive the server imposes.
+        one server_keep_alive: u16 = id::SERVER_KEEP_ALIVE,
+        /// Extended authentication method.
+        one authentication_method: Str = id::AUTHENTICATION_METHOD,
+        /// Extended authentication data.
+        one authentication_data: Bytes = id::AUTHENTICATION_DATA,
+        /// Basis for response topics.
+        one response_information: Str = id::RESPONSE_INFORMATION,
+        /// Another server to use.
+        one server_reference: Str = id::SERVER_REFERENCE,
+        /// Human-readable diagnostic.
+        one reason_string: Str = id::REASON_STRING,
         /// QoS 1/2 messages the server will process at once.
         one receive_maximum: NonZeroU16 = id::RECEIVE_MAXIMUM,
+        /// Highest topic alias the server accepts.
+        one topic_alias_maximum: u16 = id::TOPIC_ALIAS_MAXIMUM,
         /// Highest QoS the server supports (0 or 1; absent means 2).
         one maximum_qos: QoS = id::MAXIMUM_QOS,
         /// Whether the server supports retained messages.
         one retain_available: bool = id::RETAIN_AVAILABLE,
-        /// Largest packet the server accepts.
-        one maximum_packet_size: NonZeroU32 = id::MAXIMUM_PACKET_SIZE,
-        /// Client identifier the server assigned.
-        one assigned_client_identifier: Str = id::ASSIGNED_CLIENT_IDENTIFIER,
-        /// Highest topic alias the server accepts.
-        one topic_alias_maximum: u16 = id::TOPIC_ALIAS_MAXIMUM,
-        /// Human-readable diagnostic.
-        one reason_string: Str = id::REASON_STRING,
         /// User properties, in order.
         many user_properties: UserProperty = id::USER_PROPERTY,
+        /// Largest packet the server accepts.
+        one maximum_packet_size: NonZeroU32 = id::MAXIMUM_PACKET_SIZE,
         /// Whether wildcard subscriptions are supported.
         one wildcard_subscription_available: bool = id::WILDCARD_SUBSCRIPTION_AVAILABLE,
         /// Whether subscription identifiers are supported.
         one subscription_identifiers_available: bool = id::SUBSCRIPTION_IDENTIFIER_AVAILABLE,
         /// Whether shared subscriptions are supported.
         one shared_subscription_available: bool = id::SHARED_SUBSCRIPTION_AVAILABLE,
-        /// Keep alive the server imposes.
-        one server_keep_alive: u16 = id::SERVER_KEEP_ALIVE,
-        /// Basis for response topics.
-        one response_information: Str = id::RESPONSE_INFORMATION,
-        /// Another server to use.
-        one server_reference: Str = id::SERVER_REFERENCE,
-        /// Extended authentication method.
-        one authentication_method: Str = id::AUTHENTICATION_METHOD,
-        /// Extended authentication data.
-        one authentication_data: Bytes = id::AUTHENTICATION_DATA,
     }
 }
 
@@ -461,18 +463,18 @@ properties! {
         one payload_format_indicator: PayloadFormat = id::PAYLOAD_FORMAT_INDICATOR,
         /// Lifetime of the message in seconds.
         one message_expiry_interval: u32 = id::MESSAGE_EXPIRY_INTERVAL,
-        /// Topic alias standing for the topic name.
-        one topic_alias: NonZeroU16 = id::TOPIC_ALIAS,
+        /// MIME-like content type.
+        one content_type: Str = id::CONTENT_TYPE,
         /// Topic for a response.
         one response_topic: TopicName = id::RESPONSE_TOPIC,
         /// Correlation data for a response.
         one correlation_data: Bytes = id::CORRELATION_DATA,
-        /// User properties, in order.
-        many user_properties: UserProperty = id::USER_PROPERTY,
         /// Identifiers of every matching subscription (server to client only).
         many subscription_identifiers: SubscriptionId = id::SUBSCRIPTION_IDENTIFIER,
-        /// MIME-like content type.
-        one content_type: Str = id::CONTENT_TYPE,
+        /// Topic alias standing for the topic name.
+        one topic_alias: NonZeroU16 = id::TOPIC_ALIAS,
+        /// User properties, in order.
+        many user_properties: UserProperty = id::USER_PROPERTY,
     }
 }
 
@@ -509,12 +511,12 @@ properties! {
     DisconnectProperties ("DISCONNECT") {
         /// New session expiry (client to server only).
         one session_expiry_interval: u32 = id::SESSION_EXPIRY_INTERVAL,
+        /// Another server to use.
+        one server_reference: Str = id::SERVER_REFERENCE,
         /// Human-readable diagnostic.
         one reason_string: Str = id::REASON_STRING,
         /// User properties, in order.
         many user_properties: UserProperty = id::USER_PROPERTY,
-        /// Another server to use.
-        one server_reference: Str = id::SERVER_REFERENCE,
     }
 }
 
