@@ -3,15 +3,16 @@
 use crate::ReasonCode;
 use crate::packet::PacketType;
 
-/// A decoding failure. Each variant names the normative statement it enforces (5.0
-/// numbering unless marked 3.1.1) and [`DecodeError::reason_code`] picks the MQTT 5 reason
+/// A decoding failure. Each variant's message names the normative statement it enforces
+/// (`[MQTT-x.y.z-n]`, 5.0 numbering unless marked 3.1.1) or, where the standard states the
+/// rule without a numbered statement, its section (`[§x.y.z]`); and [`DecodeError::reason_code`] picks the MQTT 5 reason
 /// code a server sends in CONNACK or DISCONNECT before closing the connection. MQTT 3.x
 /// peers are simply disconnected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum DecodeError {
     /// Packet type 0 is reserved; 15 (AUTH) exists only in 5.0.
-    #[error("[MQTT-2.1.2] packet type {0} is reserved for this protocol version")]
+    #[error("[§2.1.2] packet type {0} is reserved for this protocol version")]
     ReservedPacketType(u8),
     /// Fixed-header flags other than the ones the spec fixes for this packet type.
     #[error("[MQTT-2.1.3-1] reserved fixed header flags {flags:#06b} on {packet:?}")]
@@ -22,11 +23,11 @@ pub enum DecodeError {
         flags: u8,
     },
     /// A variable byte integer (remaining length, property length, ...) with a fifth byte.
-    #[error("[MQTT-1.5.5] variable byte integer longer than 4 bytes")]
+    #[error("[§1.5.5] variable byte integer longer than 4 bytes")]
     VarIntTooLong,
     /// The packet's announced size is above the configured maximum; detected from the fixed
     /// header alone, before the body is buffered.
-    #[error("[MQTT-3.2.2-15] packet of {size} bytes exceeds the maximum packet size {max}")]
+    #[error("[§3.2.2.3.6] packet of {size} bytes exceeds the maximum packet size {max}")]
     PacketTooLarge {
         /// Total size announced (fixed header + remaining length).
         size: usize,
@@ -34,10 +35,10 @@ pub enum DecodeError {
         max: u32,
     },
     /// The body ended before a field it announced.
-    #[error("[MQTT-1.5] packet ends in the middle of a field")]
+    #[error("[§1.5] packet ends in the middle of a field")]
     Truncated,
     /// Bytes left over after the last field of a packet.
-    #[error("[MQTT-1.5] {0} unexpected bytes after the end of the packet")]
+    #[error("[§2.1.4] {0} unexpected bytes after the end of the packet")]
     TrailingBytes(usize),
     /// A string that is not well-formed UTF-8.
     #[error("[MQTT-1.5.4-1] string is not well-formed UTF-8")]
@@ -85,7 +86,9 @@ pub enum DecodeError {
     #[error("[MQTT-3.1.2-3] CONNECT reserved flag must be 0")]
     ConnectReservedFlag,
     /// Will QoS or Will Retain set without the Will Flag.
-    #[error("[MQTT-3.1.2-11] will QoS and will retain must be 0 when the will flag is 0")]
+    #[error(
+        "[MQTT-3.1.2-11] [MQTT-3.1.2-13] will QoS and will retain must be 0 when the will flag is 0"
+    )]
     WillFlagsWithoutWill,
     /// Will QoS 3.
     #[error("[MQTT-3.1.2-12] will QoS 3 is not a valid QoS")]
@@ -97,10 +100,10 @@ pub enum DecodeError {
     #[error("[MQTT-3.2.2-1] CONNACK reserved flags set")]
     ConnAckReservedFlags,
     /// A property identifier the spec does not define.
-    #[error("[MQTT-2.2.2] unknown property identifier {0:#04x}")]
+    #[error("[§2.2.2.2] unknown property identifier {0:#04x}")]
     UnknownProperty(u32),
     /// A property that this packet type must not carry.
-    #[error("[MQTT-2.2.2] property {id:#04x} is not allowed on {packet}")]
+    #[error("[§2.2.2.2] property {id:#04x} is not allowed on {packet}")]
     PropertyNotAllowed {
         /// The property identifier.
         id: u8,
@@ -108,17 +111,17 @@ pub enum DecodeError {
         packet: &'static str,
     },
     /// A property the spec allows at most once, repeated.
-    #[error("[MQTT-2.2.2] property {0:#04x} appears more than once")]
+    #[error("[§2.2.2.2] property {0:#04x} appears more than once")]
     DuplicateProperty(u8),
     /// A property whose value is out of its range (0 where non-zero is required, a boolean
     /// other than 0 or 1, ...).
-    #[error("[MQTT-2.2.2] property {0:#04x} has a value outside its range")]
+    #[error("[§2.2.2.2] property {0:#04x} has a value outside its range")]
     InvalidPropertyValue(u8),
     /// Topic Alias 0.
     #[error("[MQTT-3.3.2-8] topic alias 0 is not permitted")]
     ZeroTopicAlias,
     /// Authentication Data without Authentication Method.
-    #[error("[MQTT-3.1.2] authentication data without an authentication method")]
+    #[error("[§3.1.2.11.10] authentication data without an authentication method")]
     AuthDataWithoutMethod,
     /// SUBSCRIBE with no topic filter.
     #[error("[MQTT-3.8.3-2] SUBSCRIBE must contain at least one topic filter")]
@@ -130,10 +133,10 @@ pub enum DecodeError {
     #[error("[MQTT-3.8.3-5] subscription options reserved bits must be 0")]
     SubscriptionOptionsReserved,
     /// Retain Handling 3.
-    #[error("[MQTT-3.8.3-6] retain handling 3 is not valid")]
+    #[error("[§3.8.3.1] retain handling 3 is not valid")]
     InvalidRetainHandling,
     /// A reason code that this packet type cannot carry.
-    #[error("[MQTT-2.4] reason code {code:#04x} is not valid for {packet:?}")]
+    #[error("[§2.4] reason code {code:#04x} is not valid for {packet:?}")]
     InvalidReasonCode {
         /// The packet type.
         packet: PacketType,
@@ -141,7 +144,7 @@ pub enum DecodeError {
         code: u8,
     },
     /// A Subscription Identifier of 0.
-    #[error("[MQTT-3.8.2.1.2] subscription identifier must be 1 to 268,435,455")]
+    #[error("[§3.8.2.1.2] subscription identifier must be 1 to 268,435,455")]
     ZeroSubscriptionId,
 }
 
@@ -197,10 +200,10 @@ impl DecodeError {
 #[non_exhaustive]
 pub enum EncodeError {
     /// A string or binary field longer than 65,535 bytes.
-    #[error("[MQTT-1.5.4] string or binary field of {0} bytes exceeds 65,535")]
+    #[error("[§1.5.4] string or binary field of {0} bytes exceeds 65,535")]
     FieldTooLong(usize),
     /// The whole packet is larger than the protocol's 268,435,455-byte remaining length.
-    #[error("[MQTT-2.1.4] remaining length {0} exceeds 268,435,455")]
+    #[error("[§2.1.4] remaining length {0} exceeds 268,435,455")]
     PacketTooLarge(usize),
     /// The packet type does not exist in this protocol version (AUTH before 5.0).
     #[error("{packet:?} does not exist in {protocol}")]
@@ -222,7 +225,7 @@ pub enum EncodeError {
     #[error("[MQTT-3.8.3-2] SUBSCRIBE and UNSUBSCRIBE need at least one topic filter")]
     NoTopicFilters,
     /// Maximum QoS 2 in CONNACK: the property is omitted to mean QoS 2.
-    #[error("[MQTT-3.2.2-9] Maximum QoS property can only be 0 or 1; omit it for 2")]
+    #[error("[§3.2.2.3.4] Maximum QoS property can only be 0 or 1; omit it for 2")]
     MaximumQos2,
     /// MQTT 3.x CONNECT with a password but no user name.
     #[error("[MQTT-3.1.2-22] MQTT 3.x cannot carry a password without a user name")]

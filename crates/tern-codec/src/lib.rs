@@ -18,6 +18,25 @@
 //!   reference matcher.
 //! - [`QosPid`]: QoS and packet id together, so a QoS 0 message has no id and a QoS 1/2
 //!   message always has one; [`PacketId`] is never zero.
+//!
+//! # Example
+//! ```
+//! use bytes::BytesMut;
+//! use tern_codec::{MAX_PACKET_SIZE, Packet, Protocol, Publish, QosPid, TopicName, decode, encode};
+//!
+//! let id = tern_codec::PacketId::new(7).unwrap();
+//! let publish = Publish::new(TopicName::new("a/b")?, QosPid::AtLeastOnce(id), "hi");
+//! let mut wire = BytesMut::new();
+//! encode(&Packet::Publish(publish.clone()), Protocol::V3_1_1, &mut wire)?;
+//! assert_eq!(&wire[..], b"\x32\x09\x00\x03a/b\x00\x07hi");
+//!
+//! // Half a packet is not an error, just not a packet yet.
+//! let mut read = wire.split_to(5);
+//! assert_eq!(decode(&mut read, Protocol::V3_1_1, MAX_PACKET_SIZE)?, None);
+//! read.unsplit(wire);
+//! assert_eq!(decode(&mut read, Protocol::V3_1_1, MAX_PACKET_SIZE)?, Some(Packet::Publish(publish)));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 #![forbid(unsafe_code)]
 

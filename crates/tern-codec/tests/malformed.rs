@@ -2,6 +2,9 @@
 //! bytes that break exactly that rule, and checks the distinct error and the reason code a
 //! server would send for it.
 
+// A failed unwrap in a test is a failed test, with the value in the message.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use bytes::BytesMut;
@@ -224,6 +227,15 @@ fn null_character_is_malformed_in_every_string() {
         E::NullCharacter,
         ReasonCode::MalformedPacket,
     );
+}
+
+#[test]
+fn byte_order_mark_is_kept() {
+    // [MQTT-1.5.4-3]: EF BB BF is U+FEFF wherever it appears and is not stripped.
+    let Ok(Packet::Publish(p)) = dec(V3_1_1, &frame(0x30, &hex("0004 EFBBBF61"))) else {
+        panic!()
+    };
+    assert_eq!(p.topic.as_str(), "\u{FEFF}a");
 }
 
 #[test]
@@ -769,7 +781,6 @@ fn every_error_message_names_its_normative_statement() {
             packet: PacketType::PubAck,
             flags: 1,
         },
-        E::VarIntTooLong,
         E::InvalidUtf8,
         E::NullCharacter,
         E::TopicNameWildcard,
@@ -780,5 +791,14 @@ fn every_error_message_names_its_normative_statement() {
     ];
     for e in samples {
         assert!(e.to_string().starts_with("[MQTT-"), "{e}");
+    }
+    // Rules the standard states without a statement number cite their section.
+    for e in [
+        E::VarIntTooLong,
+        E::Truncated,
+        E::DuplicateProperty(2),
+        E::InvalidRetainHandling,
+    ] {
+        assert!(e.to_string().starts_with("[§"), "{e}");
     }
 }

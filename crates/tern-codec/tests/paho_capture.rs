@@ -5,6 +5,9 @@
 //! paho in turn parses our CONNACK, SUBACK, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP,
 //! UNSUBACK and PINGRESP, and its script fails if any of them is wrong.
 
+// A failed unwrap in a test is a failed test, with the value in the message.
+#![allow(clippy::unwrap_used)]
+
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};

@@ -2,6 +2,9 @@
 //! (for 3.x, after dropping what 3.x cannot carry), `check` claims exactly the bytes `decode`
 //! consumes, and a stream of packets fed a byte at a time decodes to the same packets.
 
+// A failed unwrap in a test is a failed test, with the value in the message.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::num::{NonZeroU16, NonZeroU32};

@@ -3,6 +3,9 @@
 //! Lengths are worked out by hand in the comments; `hs("x")` is a string field (length
 //! prefix and bytes).
 
+// A failed unwrap in a test is a failed test, with the value in the message.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::num::{NonZeroU16, NonZeroU32};
