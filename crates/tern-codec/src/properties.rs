@@ -15,7 +15,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::error::{DecodeError, EncodeError};
 use crate::topic::TopicName;
-use crate::types::{QoS, Str};
+use crate::types::{Protocol, QoS, Str};
 use crate::wire::{Reader, VARINT_MAX, binary_len, put_binary, put_str, put_varint, varint_len};
 
 /// Property identifiers (Table 2-4 of the 5.0 standard).
@@ -326,6 +326,9 @@ macro_rules! properties {
             $($(#[$fdoc])* pub $field: prop_field!($kind $ty),)*
         }
 
+        // DISCONNECT and AUTH read their properties only after a 5.0-only reason code, so
+        // not every list uses every version-aware helper.
+        #[allow(dead_code)]
         impl $name {
             /// Reads the property length and the properties it covers.
             pub(crate) fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
@@ -362,6 +365,21 @@ macro_rules! properties {
                 put_varint(out, self.len());
                 $(prop_write!($kind, self.$field, $id, out);)*
                 Ok(())
+            }
+
+            /// Reads the properties in 5.0; 3.x packets carry none.
+            pub(crate) fn read(r: &mut Reader, v: Protocol) -> Result<Self, DecodeError> {
+                if v.is_v5() { Self::decode(r) } else { Ok(Self::default()) }
+            }
+
+            /// Bytes the properties take on the wire in `v`: none in 3.x.
+            pub(crate) fn wire_len(&self, v: Protocol) -> usize {
+                if v.is_v5() { self.encoded_len() } else { 0 }
+            }
+
+            /// Writes the properties in 5.0; nothing in 3.x.
+            pub(crate) fn write(&self, v: Protocol, out: &mut BytesMut) -> Result<(), EncodeError> {
+                if v.is_v5() { self.encode(out) } else { Ok(()) }
             }
 
             /// True when no property is set.

@@ -93,22 +93,13 @@ impl Connect {
             return Err(DecodeError::PasswordWithoutUsername);
         }
         let keep_alive = r.u16()?;
-        let properties = if protocol.is_v5() {
-            let p = ConnectProperties::decode(r)?;
-            if p.authentication_data.is_some() && p.authentication_method.is_none() {
-                return Err(DecodeError::AuthDataWithoutMethod);
-            }
-            p
-        } else {
-            ConnectProperties::default()
-        };
+        let properties = ConnectProperties::read(r, protocol)?;
+        if properties.authentication_data.is_some() && properties.authentication_method.is_none() {
+            return Err(DecodeError::AuthDataWithoutMethod);
+        }
         let client_id = r.string()?;
         let will = if has_will {
-            let properties = if protocol.is_v5() {
-                WillProperties::decode(r)?
-            } else {
-                WillProperties::default()
-            };
+            let properties = WillProperties::read(r, protocol)?;
             let len = r.u16()? as usize;
             let topic = TopicName::from_wire(r.take(len)?)?;
             if topic.is_empty() {
@@ -157,17 +148,13 @@ impl Connect {
     }
 
     pub(crate) fn body_len(&self) -> usize {
-        let v5 = self.protocol.is_v5();
-        let mut len = binary_len(self.protocol.name().as_bytes()) + 1 + 1 + 2;
-        if v5 {
-            len += self.properties.encoded_len();
-        }
-        len += binary_len(self.client_id.as_bytes());
+        let v = self.protocol;
+        let mut len = binary_len(v.name().as_bytes()) + 1 + 1 + 2;
+        len += self.properties.wire_len(v) + binary_len(self.client_id.as_bytes());
         if let Some(w) = &self.will {
-            if v5 {
-                len += w.properties.encoded_len();
-            }
-            len += binary_len(w.topic.as_str().as_bytes()) + binary_len(&w.payload);
+            len += w.properties.wire_len(v)
+                + binary_len(w.topic.as_str().as_bytes())
+                + binary_len(&w.payload);
         }
         len += self
             .username
@@ -178,8 +165,8 @@ impl Connect {
     }
 
     pub(crate) fn write(&self, out: &mut BytesMut) -> Result<(), EncodeError> {
-        let v5 = self.protocol.is_v5();
-        put_str(out, self.protocol.name())?;
+        let v = self.protocol;
+        put_str(out, v.name())?;
         out.put_u8(self.protocol.level());
         let mut flags = 0;
         if self.clean_start {
@@ -199,14 +186,10 @@ impl Connect {
         }
         out.put_u8(flags);
         out.put_u16(self.keep_alive);
-        if v5 {
-            self.properties.encode(out)?;
-        }
+        self.properties.write(v, out)?;
         put_str(out, &self.client_id)?;
         if let Some(w) = &self.will {
-            if v5 {
-                w.properties.encode(out)?;
-            }
+            w.properties.write(v, out)?;
             put_str(out, w.topic.as_str())?;
             put_binary(out, &w.payload)?;
         }
@@ -275,11 +258,7 @@ impl ConnAck {
     }
 
     pub(crate) fn body_len(&self, v: Protocol) -> usize {
-        2 + if v.is_v5() {
-            self.properties.encoded_len()
-        } else {
-            0
-        }
+        2 + self.properties.wire_len(v)
     }
 
     pub(crate) fn write(&self, v: Protocol, out: &mut BytesMut) -> Result<(), EncodeError> {

@@ -65,11 +65,7 @@ impl Publish {
             QoS::AtLeastOnce => QosPid::AtLeastOnce(r.packet_id()?),
             QoS::ExactlyOnce => QosPid::ExactlyOnce(r.packet_id()?),
         };
-        let properties = if v.is_v5() {
-            PublishProperties::decode(r)?
-        } else {
-            PublishProperties::default()
-        };
+        let properties = PublishProperties::read(r, v)?;
         if topic.is_empty() && properties.topic_alias.is_none() {
             return Err(DecodeError::EmptyTopic);
         }
@@ -97,11 +93,7 @@ impl Publish {
             } else {
                 0
             }
-            + if v.is_v5() {
-                self.properties.encoded_len()
-            } else {
-                0
-            }
+            + self.properties.wire_len(v)
             + self.payload.len()
     }
 
@@ -110,9 +102,7 @@ impl Publish {
         if let Some(id) = self.qos_pid.packet_id() {
             out.put_u16(id.get());
         }
-        if v.is_v5() {
-            self.properties.encode(out)?;
-        }
+        self.properties.write(v, out)?;
         out.put_slice(&self.payload);
         Ok(())
     }

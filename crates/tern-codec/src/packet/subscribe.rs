@@ -91,11 +91,7 @@ pub struct Subscribe {
 impl Subscribe {
     pub(crate) fn read(r: &mut Reader, v: Protocol) -> Result<Subscribe, DecodeError> {
         let packet_id = r.packet_id()?;
-        let properties = if v.is_v5() {
-            SubscribeProperties::decode(r)?
-        } else {
-            SubscribeProperties::default()
-        };
+        let properties = SubscribeProperties::read(r, v)?;
         let mut subscriptions = Vec::new();
         while !r.is_empty() {
             let filter = TopicFilter::new(r.string()?)?;
@@ -113,22 +109,17 @@ impl Subscribe {
     }
 
     pub(crate) fn body_len(&self, v: Protocol) -> usize {
-        2 + if v.is_v5() {
-            self.properties.encoded_len()
-        } else {
-            0
-        } + self
-            .subscriptions
-            .iter()
-            .map(|s| binary_len(s.filter.as_str().as_bytes()) + 1)
-            .sum::<usize>()
+        2 + self.properties.wire_len(v)
+            + self
+                .subscriptions
+                .iter()
+                .map(|s| binary_len(s.filter.as_str().as_bytes()) + 1)
+                .sum::<usize>()
     }
 
     pub(crate) fn write(&self, v: Protocol, out: &mut BytesMut) -> Result<(), EncodeError> {
         out.put_u16(self.packet_id.get());
-        if v.is_v5() {
-            self.properties.encode(out)?;
-        }
+        self.properties.write(v, out)?;
         for s in &self.subscriptions {
             put_str(out, s.filter.as_str())?;
             out.put_u8(s.options.to_byte(v));
@@ -151,11 +142,7 @@ pub struct SubAck {
 impl SubAck {
     pub(crate) fn read(r: &mut Reader, v: Protocol) -> Result<SubAck, DecodeError> {
         let packet_id = r.packet_id()?;
-        let properties = if v.is_v5() {
-            AckProperties::decode(r)?
-        } else {
-            AckProperties::default()
-        };
+        let properties = AckProperties::read(r, v)?;
         let mut reasons = Vec::with_capacity(r.remaining());
         while !r.is_empty() {
             let code = r.u8()?;
@@ -177,11 +164,7 @@ impl SubAck {
     }
 
     pub(crate) fn body_len(&self, v: Protocol) -> usize {
-        2 + if v.is_v5() {
-            self.properties.encoded_len()
-        } else {
-            0
-        } + self.reasons.len()
+        2 + self.properties.wire_len(v) + self.reasons.len()
     }
 
     pub(crate) fn write(&self, v: Protocol, out: &mut BytesMut) -> Result<(), EncodeError> {

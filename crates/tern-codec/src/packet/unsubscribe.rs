@@ -24,11 +24,7 @@ pub struct Unsubscribe {
 impl Unsubscribe {
     pub(crate) fn read(r: &mut Reader, v: Protocol) -> Result<Unsubscribe, DecodeError> {
         let packet_id = r.packet_id()?;
-        let properties = if v.is_v5() {
-            UnsubscribeProperties::decode(r)?
-        } else {
-            UnsubscribeProperties::default()
-        };
+        let properties = UnsubscribeProperties::read(r, v)?;
         let mut filters = Vec::new();
         while !r.is_empty() {
             filters.push(TopicFilter::new(r.string()?)?);
@@ -44,22 +40,17 @@ impl Unsubscribe {
     }
 
     pub(crate) fn body_len(&self, v: Protocol) -> usize {
-        2 + if v.is_v5() {
-            self.properties.encoded_len()
-        } else {
-            0
-        } + self
-            .filters
-            .iter()
-            .map(|f| binary_len(f.as_str().as_bytes()))
-            .sum::<usize>()
+        2 + self.properties.wire_len(v)
+            + self
+                .filters
+                .iter()
+                .map(|f| binary_len(f.as_str().as_bytes()))
+                .sum::<usize>()
     }
 
     pub(crate) fn write(&self, v: Protocol, out: &mut BytesMut) -> Result<(), EncodeError> {
         out.put_u16(self.packet_id.get());
-        if v.is_v5() {
-            self.properties.encode(out)?;
-        }
+        self.properties.write(v, out)?;
         for f in &self.filters {
             put_str(out, f.as_str())?;
         }
