@@ -57,7 +57,7 @@ pub use packet::{
     SubAck, Subscribe, Subscription, SubscriptionOptions, UnsubAck, Unsubscribe, check, decode,
     decode_body, encode, encoded_len,
 };
-pub use properties::{PayloadFormat, SubscriptionId, UserProperty};
+pub use properties::{PayloadFormat, PropertyList, Props, SubscriptionId, UserProperty};
 pub use reason::ReasonCode;
 pub use topic::{TopicFilter, TopicName};
 pub use types::{PacketId, Protocol, QoS, QosPid, Str};

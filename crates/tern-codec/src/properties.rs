@@ -9,7 +9,9 @@
 //! identifier order (the order paho-mqtt writes them in, so its packets re-encode byte for
 //! byte); reading accepts any order.
 
+use std::fmt;
 use std::num::{NonZeroU16, NonZeroU32};
+use std::ops::{Deref, DerefMut};
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -83,6 +85,112 @@ impl SubscriptionId {
     /// The numeric value.
     pub fn get(self) -> u32 {
         self.0.get()
+    }
+}
+
+/// A packet's property list, held behind one pointer that is null when the list is empty,
+/// so packets without properties (every 3.x packet, most 5.0 ones) stay small and cheap to
+/// move. Reading goes through `Deref` to the list or to a shared empty one; writing through
+/// `DerefMut` allocates the list on first use. Equality, `Debug` and `Default` are those of
+/// the list, so an absent list equals an empty one.
+#[derive(Clone)]
+pub struct Props<T>(Option<Box<T>>);
+
+/// Implemented by every generated property list; the hidden methods serve [`Props`].
+pub trait PropertyList: Default + PartialEq + Eq + fmt::Debug + Clone + 'static {
+    #[doc(hidden)]
+    fn empty_ref() -> &'static Self;
+    #[doc(hidden)]
+    fn list_len(&self) -> usize;
+    #[doc(hidden)]
+    fn write_list(&self, out: &mut BytesMut) -> Result<(), EncodeError>;
+}
+
+impl<T: PropertyList> Props<T> {
+    /// No properties.
+    pub const NONE: Props<T> = Props(None);
+
+    /// Wraps a list, keeping no allocation if it is empty.
+    pub fn new(list: T) -> Props<T> {
+        if list == *T::empty_ref() {
+            Props(None)
+        } else {
+            Props(Some(Box::new(list)))
+        }
+    }
+
+    /// True when no property is set.
+    pub fn is_empty(&self) -> bool {
+        self.0.as_deref().is_none_or(|list| list == T::empty_ref())
+    }
+
+    /// Bytes of the property length and the properties in `v`: none in 3.x.
+    pub(crate) fn wire_len(&self, v: Protocol) -> usize {
+        match (&self.0, v.is_v5()) {
+            (_, false) => 0,
+            (None, true) => 1,
+            (Some(list), true) => {
+                let len = list.list_len();
+                varint_len(len) + len
+            }
+        }
+    }
+
+    /// Writes the property length and the properties in 5.0; nothing in 3.x.
+    pub(crate) fn write(&self, v: Protocol, out: &mut BytesMut) -> Result<(), EncodeError> {
+        match (&self.0, v.is_v5()) {
+            (_, false) => Ok(()),
+            (None, true) => {
+                out.put_u8(0);
+                Ok(())
+            }
+            (Some(list), true) => {
+                put_varint(out, list.list_len());
+                list.write_list(out)
+            }
+        }
+    }
+}
+
+impl<T: PropertyList> Default for Props<T> {
+    fn default() -> Self {
+        Props(None)
+    }
+}
+
+impl<T: PropertyList> Deref for Props<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        match &self.0 {
+            Some(list) => list,
+            None => T::empty_ref(),
+        }
+    }
+}
+
+impl<T: PropertyList> DerefMut for Props<T> {
+    fn deref_mut(&mut self) -> &mut T {
+        self.0.get_or_insert_with(Default::default)
+    }
+}
+
+impl<T: PropertyList> PartialEq for Props<T> {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl<T: PropertyList> Eq for Props<T> {}
+
+impl<T: PropertyList> fmt::Debug for Props<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&**self, f)
+    }
+}
+
+impl<T: PropertyList> From<T> for Props<T> {
+    fn from(list: T) -> Props<T> {
+        Props::new(list)
     }
 }
 
@@ -277,6 +385,15 @@ macro_rules! prop_field {
     (many $ty:ty) => { Vec<$ty> };
 }
 
+macro_rules! prop_empty {
+    (one) => {
+        None
+    };
+    (many) => {
+        Vec::new()
+    };
+}
+
 macro_rules! prop_store {
     (one, $slot:expr, $value:expr, $id:expr) => {{
         if $slot.is_some() {
@@ -326,13 +443,17 @@ macro_rules! properties {
             $($(#[$fdoc])* pub $field: prop_field!($kind $ty),)*
         }
 
-        // DISCONNECT and AUTH read their properties only after a 5.0-only reason code, so
-        // not every list uses every version-aware helper.
-        #[allow(dead_code)]
         impl $name {
-            /// Reads the property length and the properties it covers.
-            pub(crate) fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
+            /// Reads the property length and the properties it covers (5.0); 3.x packets
+            /// carry none.
+            pub(crate) fn read(r: &mut Reader, v: Protocol) -> Result<Props<Self>, DecodeError> {
+                if !v.is_v5() {
+                    return Ok(Props::NONE);
+                }
                 let len = r.varint()? as usize;
+                if len == 0 {
+                    return Ok(Props::NONE);
+                }
                 let mut r = Reader::new(r.take(len)?);
                 let mut props = Self::default();
                 while !r.is_empty() {
@@ -346,45 +467,23 @@ macro_rules! properties {
                         _ => return Err(DecodeError::UnknownProperty(raw)),
                     }
                 }
-                Ok(props)
+                Ok(Props(Some(Box::new(props))))
+            }
+        }
+
+        impl PropertyList for $name {
+            fn empty_ref() -> &'static Self {
+                static EMPTY: $name = $name { $($field: prop_empty!($kind),)* };
+                &EMPTY
             }
 
-            /// Bytes of the properties, without the property length in front.
-            pub(crate) fn len(&self) -> usize {
+            fn list_len(&self) -> usize {
                 0 $(+ prop_len!($kind, self.$field))*
             }
 
-            /// Bytes of the property length and the properties.
-            pub(crate) fn encoded_len(&self) -> usize {
-                let len = self.len();
-                varint_len(len) + len
-            }
-
-            /// Writes the property length and the properties.
-            pub(crate) fn encode(&self, out: &mut BytesMut) -> Result<(), EncodeError> {
-                put_varint(out, self.len());
+            fn write_list(&self, out: &mut BytesMut) -> Result<(), EncodeError> {
                 $(prop_write!($kind, self.$field, $id, out);)*
                 Ok(())
-            }
-
-            /// Reads the properties in 5.0; 3.x packets carry none.
-            pub(crate) fn read(r: &mut Reader, v: Protocol) -> Result<Self, DecodeError> {
-                if v.is_v5() { Self::decode(r) } else { Ok(Self::default()) }
-            }
-
-            /// Bytes the properties take on the wire in `v`: none in 3.x.
-            pub(crate) fn wire_len(&self, v: Protocol) -> usize {
-                if v.is_v5() { self.encoded_len() } else { 0 }
-            }
-
-            /// Writes the properties in 5.0; nothing in 3.x.
-            pub(crate) fn write(&self, v: Protocol, out: &mut BytesMut) -> Result<(), EncodeError> {
-                if v.is_v5() { self.encode(out) } else { Ok(()) }
-            }
-
-            /// True when no property is set.
-            pub fn is_empty(&self) -> bool {
-                *self == Self::default()
             }
         }
     };

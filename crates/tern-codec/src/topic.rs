@@ -24,7 +24,7 @@ impl TopicName {
         if name.is_empty() {
             return Err(DecodeError::EmptyTopic);
         }
-        forbidden_chars(name.as_bytes(), b"+#")?;
+        forbidden_chars(name.as_bytes(), true)?;
         Ok(TopicName(name))
     }
 
@@ -36,8 +36,9 @@ impl TopicName {
     /// Decodes from raw bytes: one pass for U+0000, surrogates and wildcards, then UTF-8.
     /// An empty name is returned as such; the caller decides whether a topic alias makes it
     /// legal.
+    #[inline]
     pub(crate) fn from_wire(bytes: Bytes) -> Result<TopicName, DecodeError> {
-        forbidden_chars(&bytes, b"+#")?;
+        forbidden_chars(&bytes, true)?;
         Str::try_from(bytes)
             .map(TopicName)
             .map_err(|_| DecodeError::InvalidUtf8)
@@ -92,7 +93,7 @@ impl TopicFilter {
     /// Validates a topic filter, including the shared-subscription form.
     pub fn new(filter: impl Into<Str>) -> Result<TopicFilter, DecodeError> {
         let full = filter.into();
-        forbidden_chars(full.as_bytes(), b"")?;
+        forbidden_chars(full.as_bytes(), false)?;
         let inner = match full.strip_prefix(SHARE_PREFIX) {
             Some(rest) => {
                 let (group, tail) = rest.split_once('/').unwrap_or((rest, ""));

@@ -253,7 +253,7 @@ fn connect(v: Protocol) -> impl Strategy<Value = Packet> {
             payload,
             qos,
             retain,
-            properties,
+            properties: properties.into(),
         },
     );
     (
@@ -280,7 +280,7 @@ fn connect(v: Protocol) -> impl Strategy<Value = Packet> {
                         username
                     },
                     password,
-                    properties,
+                    properties: properties.into(),
                 }))
             },
         )
@@ -325,7 +325,7 @@ fn packet(v: Protocol) -> BoxedStrategy<Packet> {
                     retain,
                     topic,
                     payload,
-                    properties,
+                    properties: properties.into(),
                 })
             },
         );
@@ -333,7 +333,7 @@ fn packet(v: Protocol) -> BoxedStrategy<Packet> {
         (pid(), reason_for(kind), ack_props()).prop_map(|(packet_id, reason, properties)| Ack {
             packet_id,
             reason,
-            properties,
+            properties: properties.into(),
         })
     };
     let subscribe = (
@@ -353,7 +353,8 @@ fn packet(v: Protocol) -> BoxedStrategy<Packet> {
                 properties: SubscribeProperties {
                     subscription_identifier: id,
                     user_properties: up,
-                },
+                }
+                .into(),
             })
         });
     let suback = (
@@ -365,7 +366,7 @@ fn packet(v: Protocol) -> BoxedStrategy<Packet> {
             Packet::SubAck(SubAck {
                 packet_id,
                 reasons,
-                properties,
+                properties: properties.into(),
             })
         });
     let unsubscribe =
@@ -375,7 +376,8 @@ fn packet(v: Protocol) -> BoxedStrategy<Packet> {
                 filters,
                 properties: UnsubscribeProperties {
                     user_properties: up,
-                },
+                }
+                .into(),
             })
         });
     let unsuback = (
@@ -387,7 +389,7 @@ fn packet(v: Protocol) -> BoxedStrategy<Packet> {
             Packet::UnsubAck(UnsubAck {
                 packet_id,
                 reasons,
-                properties,
+                properties: properties.into(),
             })
         });
     let disconnect = (
@@ -405,7 +407,8 @@ fn packet(v: Protocol) -> BoxedStrategy<Packet> {
                     reason_string: rs,
                     user_properties: up,
                     server_reference: sr,
-                },
+                }
+                .into(),
             })
         });
     let auth = (
@@ -422,7 +425,8 @@ fn packet(v: Protocol) -> BoxedStrategy<Packet> {
                     authentication_data: ad,
                     reason_string: rs,
                     user_properties: up,
-                },
+                }
+                .into(),
             })
         });
     let connack =
@@ -430,7 +434,7 @@ fn packet(v: Protocol) -> BoxedStrategy<Packet> {
             Packet::ConnAck(ConnAck {
                 session_present: sp,
                 reason,
-                properties: Box::new(props),
+                properties: props.into(),
             })
         });
     let common = prop_oneof![

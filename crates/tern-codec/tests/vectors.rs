@@ -50,7 +50,7 @@ fn v311_connect_with_will_user_and_password() {
         payload: Bytes::from_static(b"x"),
         qos: QoS::AtLeastOnce,
         retain: true,
-        properties: WillProperties::default(),
+        properties: Default::default(),
     });
     c.username = Some(s("u"));
     c.password = Some(Bytes::from_static(b"p"));
@@ -156,7 +156,7 @@ fn v311_subscribe_and_suback() {
                 },
             },
         ],
-        properties: SubscribeProperties::default(),
+        properties: Default::default(),
     };
     vector(
         V3_1_1,
@@ -166,7 +166,7 @@ fn v311_subscribe_and_suback() {
     let ack = SubAck {
         packet_id: pid(1),
         reasons: vec![ReasonCode::GrantedQos1, ReasonCode::UnspecifiedError],
-        properties: AckProperties::default(),
+        properties: Default::default(),
     };
     vector(V3_1_1, "90 04 0001 01 80", Packet::SubAck(ack));
 }
@@ -186,7 +186,7 @@ fn v311_unsubscribe_and_unsuback() {
     let ack = UnsubAck {
         packet_id: pid(2),
         reasons: vec![],
-        properties: AckProperties::default(),
+        properties: Default::default(),
     };
     vector(V3_1_1, "B0 02 0002", Packet::UnsubAck(ack));
 }
@@ -223,7 +223,8 @@ fn v5_connect_with_properties_will_and_password_without_user_name() {
         receive_maximum: NonZeroU16::new(20),
         user_properties: vec![(s("k"), s("v"))],
         ..Default::default()
-    };
+    }
+    .into();
     c.will = Some(LastWill {
         topic: topic("w"),
         payload: Bytes::from_static(b"x"),
@@ -233,7 +234,8 @@ fn v5_connect_with_properties_will_and_password_without_user_name() {
             will_delay_interval: Some(5),
             payload_format_indicator: Some(PayloadFormat::Utf8),
             ..Default::default()
-        },
+        }
+        .into(),
     });
     c.password = Some(Bytes::from_static(b"p"));
     vector(
@@ -261,13 +263,14 @@ fn v5_connack_with_capabilities() {
     );
     // properties: 22 000A (3) + 24 01 (2) + 25 00 (2) + 27 00001000 (5) = 12
     let mut ack = ConnAck::new(true, ReasonCode::Success);
-    *ack.properties = ConnAckProperties {
+    ack.properties = ConnAckProperties {
         topic_alias_maximum: Some(10),
         maximum_qos: Some(QoS::AtLeastOnce),
         retain_available: Some(false),
         maximum_packet_size: NonZeroU32::new(4096),
         ..Default::default()
-    };
+    }
+    .into();
     vector(
         V5,
         "20 0F 01 00 0C 22 000A 24 01 25 00 27 00001000",
@@ -288,7 +291,8 @@ fn v5_publish_with_properties_and_with_topic_alias_only() {
         payload_format_indicator: Some(PayloadFormat::Utf8),
         topic_alias: NonZeroU16::new(5),
         ..Default::default()
-    };
+    }
+    .into();
     vector(
         V5,
         &format!("32 0F {} 000A 05 01 01 23 0005 6869", hs("a/b")),
@@ -382,7 +386,8 @@ fn v5_subscribe_with_options_and_identifier() {
         properties: SubscribeProperties {
             subscription_identifier: SubscriptionId::new(5),
             ..Default::default()
-        },
+        }
+        .into(),
     };
     vector(
         V5,
@@ -396,7 +401,7 @@ fn v5_suback_unsubscribe_unsuback() {
     let ack = SubAck {
         packet_id: pid(1),
         reasons: vec![ReasonCode::GrantedQos1, ReasonCode::TopicFilterInvalid],
-        properties: AckProperties::default(),
+        properties: Default::default(),
     };
     vector(V5, "90 05 0001 00 01 8F", Packet::SubAck(ack));
     let unsub = Unsubscribe {
@@ -413,7 +418,7 @@ fn v5_suback_unsubscribe_unsuback() {
     let ack = UnsubAck {
         packet_id: pid(2),
         reasons: vec![ReasonCode::Success, ReasonCode::NoSubscriptionExisted],
-        properties: AckProperties::default(),
+        properties: Default::default(),
     };
     vector(V5, "B0 05 0002 00 00 11", Packet::UnsubAck(ack));
 }
@@ -433,7 +438,8 @@ fn v5_ping_disconnect_auth() {
         properties: DisconnectProperties {
             reason_string: Some(s("x")),
             ..Default::default()
-        },
+        }
+        .into(),
     };
     vector(
         V5,
@@ -448,7 +454,8 @@ fn v5_ping_disconnect_auth() {
             authentication_method: Some(s("SCR")),
             authentication_data: Some(Bytes::from_static(&[1, 2])),
             ..Default::default()
-        },
+        }
+        .into(),
     };
     vector(
         V5,
@@ -479,7 +486,7 @@ fn v5_reason_codes_map_down_to_v311_return_codes() {
             ReasonCode::NotAuthorized,
             ReasonCode::QuotaExceeded,
         ],
-        properties: AckProperties::default(),
+        properties: Default::default(),
     };
     assert_eq!(
         enc(V3_1_1, &Packet::SubAck(suback)),

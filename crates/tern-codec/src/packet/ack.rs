@@ -4,7 +4,7 @@ use bytes::{BufMut, BytesMut};
 
 use crate::error::{DecodeError, EncodeError};
 use crate::packet::PacketType;
-use crate::properties::AckProperties;
+use crate::properties::{AckProperties, Props};
 use crate::reason::ReasonCode;
 use crate::types::{PacketId, Protocol};
 use crate::wire::Reader;
@@ -17,7 +17,7 @@ pub struct Ack {
     /// The outcome (5.0); always Success when read from 3.x.
     pub reason: ReasonCode,
     /// Properties (5.0).
-    pub properties: AckProperties,
+    pub properties: Props<AckProperties>,
 }
 
 impl Ack {
@@ -26,7 +26,7 @@ impl Ack {
         Ack {
             packet_id,
             reason: ReasonCode::Success,
-            properties: AckProperties::default(),
+            properties: Props::NONE,
         }
     }
 
@@ -35,7 +35,7 @@ impl Ack {
         Ack {
             packet_id,
             reason,
-            properties: AckProperties::default(),
+            properties: Props::NONE,
         }
     }
 
@@ -50,7 +50,7 @@ impl Ack {
                 .filter(|c| c.valid_for(kind))
                 .ok_or(DecodeError::InvalidReasonCode { packet: kind, code })?;
             if !r.is_empty() {
-                ack.properties = AckProperties::decode(r)?;
+                ack.properties = AckProperties::read(r, v)?;
             }
         }
         Ok(ack)
@@ -63,7 +63,7 @@ impl Ack {
         match (self.reason, self.properties.is_empty()) {
             (ReasonCode::Success, true) => 2,
             (_, true) => 3,
-            (_, false) => 3 + self.properties.encoded_len(),
+            (_, false) => 3 + self.properties.wire_len(Protocol::V5),
         }
     }
 
@@ -74,7 +74,7 @@ impl Ack {
             out.put_u8(self.reason as u8);
         }
         if len > 3 {
-            self.properties.encode(out)?;
+            self.properties.write(Protocol::V5, out)?;
         }
         Ok(())
     }

@@ -4,8 +4,9 @@ use bytes::{BufMut, BytesMut};
 
 use crate::error::{DecodeError, EncodeError};
 use crate::packet::PacketType;
-use crate::properties::AuthProperties;
+use crate::properties::{AuthProperties, Props};
 use crate::reason::ReasonCode;
+use crate::types::Protocol;
 use crate::wire::Reader;
 
 /// AUTH: a step of extended authentication.
@@ -14,7 +15,7 @@ pub struct Auth {
     /// Success, Continue authentication or Re-authenticate.
     pub reason: ReasonCode,
     /// Properties.
-    pub properties: AuthProperties,
+    pub properties: Props<AuthProperties>,
 }
 
 impl Auth {
@@ -30,7 +31,7 @@ impl Auth {
                     code,
                 })?;
             if !r.is_empty() {
-                auth.properties = AuthProperties::decode(r)?;
+                auth.properties = AuthProperties::read(r, Protocol::V5)?;
             }
         }
         let p = &auth.properties;
@@ -44,7 +45,7 @@ impl Auth {
         match (self.reason, self.properties.is_empty()) {
             (ReasonCode::Success, true) => 0,
             (_, true) => 1,
-            (_, false) => 1 + self.properties.encoded_len(),
+            (_, false) => 1 + self.properties.wire_len(Protocol::V5),
         }
     }
 
@@ -54,7 +55,7 @@ impl Auth {
             out.put_u8(self.reason as u8);
         }
         if len > 1 {
-            self.properties.encode(out)?;
+            self.properties.write(Protocol::V5, out)?;
         }
         Ok(())
     }

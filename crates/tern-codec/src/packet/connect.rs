@@ -4,7 +4,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::error::{DecodeError, EncodeError};
 use crate::packet::PacketType;
-use crate::properties::{ConnAckProperties, ConnectProperties, WillProperties};
+use crate::properties::{ConnAckProperties, ConnectProperties, Props, WillProperties};
 use crate::reason::ReasonCode;
 use crate::topic::TopicName;
 use crate::types::{Protocol, QoS, Str};
@@ -36,7 +36,7 @@ pub struct Connect {
     /// Password (binary data).
     pub password: Option<Bytes>,
     /// CONNECT properties (5.0).
-    pub properties: ConnectProperties,
+    pub properties: Props<ConnectProperties>,
 }
 
 /// The will message carried in CONNECT.
@@ -51,7 +51,7 @@ pub struct LastWill {
     /// Whether the will is retained.
     pub retain: bool,
     /// Will properties (5.0).
-    pub properties: WillProperties,
+    pub properties: Props<WillProperties>,
 }
 
 impl Connect {
@@ -65,7 +65,7 @@ impl Connect {
             will: None,
             username: None,
             password: None,
-            properties: ConnectProperties::default(),
+            properties: Props::NONE,
         }
     }
 
@@ -212,7 +212,7 @@ pub struct ConnAck {
     /// [`ReasonCode::to_v3_connack`]).
     pub reason: ReasonCode,
     /// CONNACK properties (5.0).
-    pub properties: Box<ConnAckProperties>,
+    pub properties: Props<ConnAckProperties>,
 }
 
 impl ConnAck {
@@ -221,7 +221,7 @@ impl ConnAck {
         ConnAck {
             session_present,
             reason,
-            properties: Box::default(),
+            properties: Props::NONE,
         }
     }
 
@@ -240,11 +240,11 @@ impl ConnAck {
             let reason = ReasonCode::from_u8(code)
                 .filter(|c| c.valid_for(PacketType::ConnAck))
                 .ok_or(invalid)?;
-            (reason, ConnAckProperties::decode(r)?)
+            (reason, ConnAckProperties::read(r, v)?)
         } else {
             (
                 ReasonCode::from_v3_connack(code).ok_or(invalid)?,
-                ConnAckProperties::default(),
+                Props::NONE,
             )
         };
         if properties.authentication_data.is_some() && properties.authentication_method.is_none() {
@@ -253,7 +253,7 @@ impl ConnAck {
         Ok(ConnAck {
             session_present: v != Protocol::V3_1 && flags & 1 != 0,
             reason,
-            properties: Box::new(properties),
+            properties,
         })
     }
 
@@ -265,7 +265,7 @@ impl ConnAck {
         out.put_u8(u8::from(self.session_present && v != Protocol::V3_1));
         if v.is_v5() {
             out.put_u8(self.reason as u8);
-            self.properties.encode(out)
+            self.properties.write(Protocol::V5, out)
         } else {
             let code = self
                 .reason

@@ -4,7 +4,7 @@ use bytes::{BufMut, BytesMut};
 
 use crate::error::{DecodeError, EncodeError};
 use crate::packet::PacketType;
-use crate::properties::DisconnectProperties;
+use crate::properties::{DisconnectProperties, Props};
 use crate::reason::ReasonCode;
 use crate::types::Protocol;
 use crate::wire::Reader;
@@ -15,7 +15,7 @@ pub struct Disconnect {
     /// Why (5.0); Normal disconnection when read from 3.x.
     pub reason: ReasonCode,
     /// Properties (5.0).
-    pub properties: DisconnectProperties,
+    pub properties: Props<DisconnectProperties>,
 }
 
 impl Disconnect {
@@ -23,7 +23,7 @@ impl Disconnect {
     pub fn new(reason: ReasonCode) -> Disconnect {
         Disconnect {
             reason,
-            properties: DisconnectProperties::default(),
+            properties: Props::NONE,
         }
     }
 
@@ -39,7 +39,7 @@ impl Disconnect {
                     code,
                 })?;
             if !r.is_empty() {
-                d.properties = DisconnectProperties::decode(r)?;
+                d.properties = DisconnectProperties::read(r, v)?;
             }
         }
         Ok(d)
@@ -49,7 +49,7 @@ impl Disconnect {
         match (v.is_v5(), self.reason, self.properties.is_empty()) {
             (false, _, _) | (true, ReasonCode::Success, true) => 0,
             (true, _, true) => 1,
-            (true, _, false) => 1 + self.properties.encoded_len(),
+            (true, _, false) => 1 + self.properties.wire_len(Protocol::V5),
         }
     }
 
@@ -59,7 +59,7 @@ impl Disconnect {
             out.put_u8(self.reason as u8);
         }
         if len > 1 {
-            self.properties.encode(out)?;
+            self.properties.write(Protocol::V5, out)?;
         }
         Ok(())
     }

@@ -199,6 +199,7 @@ fn version_of(packet: &Packet, connection: Protocol) -> Protocol {
 /// Parses the fixed header at the start of `buf`: `Ok(None)` if it is not all buffered yet,
 /// else the first byte, the header length and the remaining length. The announced total
 /// is checked against `max_packet_size` here, before any of the body is needed.
+#[inline]
 fn fixed_header(
     buf: &[u8],
     max_packet_size: u32,
@@ -247,6 +248,11 @@ pub fn decode(
     if buf.len() < header + body {
         return Ok(None);
     }
+    if first >> 4 == PacketType::Publish as u8 {
+        if let Some(p) = Publish::read_fast(buf, first & 0x0F, header, body, version)? {
+            return Ok(Some(Packet::Publish(p)));
+        }
+    }
     let mut frame = buf.split_to(header + body).freeze();
     frame.advance(header);
     decode_body(first, frame, version).map(Some)
@@ -254,6 +260,7 @@ pub fn decode(
 
 /// Decodes a packet from its first byte and its body (everything after the remaining
 /// length).
+#[inline]
 pub fn decode_body(first: u8, body: Bytes, version: Protocol) -> Result<Packet, DecodeError> {
     let bits = first >> 4;
     let flags = first & 0x0F;

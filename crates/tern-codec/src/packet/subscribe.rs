@@ -4,7 +4,7 @@ use bytes::{BufMut, BytesMut};
 
 use crate::error::{DecodeError, EncodeError};
 use crate::packet::PacketType;
-use crate::properties::{AckProperties, SubscribeProperties};
+use crate::properties::{AckProperties, Props, SubscribeProperties};
 use crate::reason::ReasonCode;
 use crate::topic::TopicFilter;
 use crate::types::{PacketId, Protocol, QoS};
@@ -85,7 +85,7 @@ pub struct Subscribe {
     /// At least one subscription.
     pub subscriptions: Vec<Subscription>,
     /// SUBSCRIBE properties (5.0).
-    pub properties: SubscribeProperties,
+    pub properties: Props<SubscribeProperties>,
 }
 
 impl Subscribe {
@@ -136,7 +136,7 @@ pub struct SubAck {
     /// Granted QoS or failure per subscription; 3.x carries only the granted QoS or 0x80.
     pub reasons: Vec<ReasonCode>,
     /// Properties (5.0).
-    pub properties: AckProperties,
+    pub properties: Props<AckProperties>,
 }
 
 impl SubAck {
@@ -170,7 +170,7 @@ impl SubAck {
     pub(crate) fn write(&self, v: Protocol, out: &mut BytesMut) -> Result<(), EncodeError> {
         out.put_u16(self.packet_id.get());
         if v.is_v5() {
-            self.properties.encode(out)?;
+            self.properties.write(Protocol::V5, out)?;
             self.reasons.iter().for_each(|r| out.put_u8(*r as u8));
         } else {
             self.reasons

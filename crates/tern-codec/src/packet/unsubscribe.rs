@@ -4,7 +4,7 @@ use bytes::{BufMut, BytesMut};
 
 use crate::error::{DecodeError, EncodeError};
 use crate::packet::PacketType;
-use crate::properties::{AckProperties, UnsubscribeProperties};
+use crate::properties::{AckProperties, Props, UnsubscribeProperties};
 use crate::reason::ReasonCode;
 use crate::topic::TopicFilter;
 use crate::types::{PacketId, Protocol};
@@ -18,7 +18,7 @@ pub struct Unsubscribe {
     /// At least one filter.
     pub filters: Vec<TopicFilter>,
     /// UNSUBSCRIBE properties (5.0).
-    pub properties: UnsubscribeProperties,
+    pub properties: Props<UnsubscribeProperties>,
 }
 
 impl Unsubscribe {
@@ -66,7 +66,7 @@ pub struct UnsubAck {
     /// One reason per filter (5.0); empty when read from 3.x.
     pub reasons: Vec<ReasonCode>,
     /// Properties (5.0).
-    pub properties: AckProperties,
+    pub properties: Props<AckProperties>,
 }
 
 impl UnsubAck {
@@ -75,10 +75,10 @@ impl UnsubAck {
         let mut ack = UnsubAck {
             packet_id,
             reasons: Vec::new(),
-            properties: AckProperties::default(),
+            properties: Props::NONE,
         };
         if v.is_v5() {
-            ack.properties = AckProperties::decode(r)?;
+            ack.properties = AckProperties::read(r, v)?;
             ack.reasons.reserve(r.remaining());
             while !r.is_empty() {
                 let code = r.u8()?;
@@ -97,7 +97,7 @@ impl UnsubAck {
 
     pub(crate) fn body_len(&self, v: Protocol) -> usize {
         2 + if v.is_v5() {
-            self.properties.encoded_len() + self.reasons.len()
+            self.properties.wire_len(Protocol::V5) + self.reasons.len()
         } else {
             0
         }
@@ -106,7 +106,7 @@ impl UnsubAck {
     pub(crate) fn write(&self, v: Protocol, out: &mut BytesMut) -> Result<(), EncodeError> {
         out.put_u16(self.packet_id.get());
         if v.is_v5() {
-            self.properties.encode(out)?;
+            self.properties.write(Protocol::V5, out)?;
             self.reasons.iter().for_each(|r| out.put_u8(*r as u8));
         }
         Ok(())
