@@ -248,10 +248,10 @@ pub fn decode(
     if buf.len() < header + body {
         return Ok(None);
     }
-    if first >> 4 == PacketType::Publish as u8 {
-        if let Some(p) = Publish::read_fast(buf, first & 0x0F, header, body, version)? {
-            return Ok(Some(Packet::Publish(p)));
-        }
+    if first >> 4 == PacketType::Publish as u8
+        && let Some(p) = Publish::read_fast(buf, first & 0x0F, header, body, version)?
+    {
+        return Ok(Some(Packet::Publish(p)));
     }
     let mut frame = buf.split_to(header + body).freeze();
     frame.advance(header);
