@@ -13,8 +13,8 @@ use std::num::{NonZeroU16, NonZeroU32};
 use bytes::Bytes;
 use common::*;
 use tern_codec::properties::{
-    AckProperties, AuthProperties, ConnAckProperties, ConnectProperties, DisconnectProperties,
-    PublishProperties, SubscribeProperties, WillProperties,
+    AuthProperties, ConnAckProperties, ConnectProperties, DisconnectProperties, PublishProperties,
+    SubscribeProperties, WillProperties,
 };
 use tern_codec::{
     Ack, Auth, ConnAck, Connect, Disconnect, EncodeError, LastWill, Packet, PayloadFormat,
