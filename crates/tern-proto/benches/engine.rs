@@ -1,0 +1,2 @@
+//! Placeholder until the engine benches land.
+fn main() {}

@@ -1,0 +1,657 @@
+//! One MQTT connection's protocol state, client or server side, after the CONNECT/CONNACK
+//! handshake: QoS flows, keepalive, topic aliases, flow control.
+//!
+//! Methods are grouped as in quinn-proto: getters; `handle_*` for what arrives (packets,
+//! timeouts); commands (`publish`, `ack`); `poll_*` for what the driver must do (packets
+//! to write, events for the application, the next deadline). Time is always passed in.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use tern_codec::{
+    Ack, Disconnect, Packet, PacketId, PacketType, Protocol, Publish, QoS, QosPid, ReasonCode,
+    TopicName, encoded_len,
+};
+
+use crate::Message;
+use crate::alias::{self, AliasError, Choice};
+use crate::session::{InboundState, OutboundState, SessionState};
+
+/// Which side of the connection this engine plays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// Sends PINGREQ when idle; the side that connects.
+    Client,
+    /// Answers PINGREQ; closes silent clients after 1.5 x keep alive.
+    Server,
+}
+
+/// When inbound QoS 1/2 messages are acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AckMode {
+    /// PUBACK/PUBREC go out as soon as the message is delivered to the application.
+    Immediate,
+    /// The application releases each PUBACK/PUBREC with [`Connection::ack`], for example
+    /// once the message is on disk (persist, then acknowledge).
+    Manual,
+}
+
+/// What was agreed for this connection by CONNECT and CONNACK.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Client or server.
+    pub role: Role,
+    /// Protocol version.
+    pub protocol: Protocol,
+    /// Keep alive in seconds (the client's, or the 5.0 Server Keep Alive); 0 turns it off.
+    pub keep_alive: u16,
+    /// QoS 1/2 messages we accept from the peer unacknowledged (our Receive Maximum).
+    /// Enforced in 5.0, where the peer knows it.
+    pub receive_maximum: u16,
+    /// QoS 1/2 messages we send before waiting for acknowledgements: the peer's Receive
+    /// Maximum in 5.0, a configured default in 3.x.
+    pub peer_receive_maximum: u16,
+    /// The largest packet the peer accepts; larger messages are dropped for this peer.
+    pub peer_maximum_packet_size: u32,
+    /// Topic aliases we accept from the peer (our Topic Alias Maximum).
+    pub topic_alias_maximum: u16,
+    /// Topic aliases the peer accepts from us.
+    pub peer_topic_alias_maximum: u16,
+    /// When inbound QoS 1/2 messages are acknowledged.
+    pub ack_mode: AckMode,
+}
+
+impl Config {
+    /// Defaults for `role` and `protocol`: 60 s keep alive, windows of 65,535 in 5.0 and 32
+    /// in 3.x outbound, no size limit, no topic aliases, immediate acknowledgements.
+    pub fn new(role: Role, protocol: Protocol) -> Config {
+        Config {
+            role,
+            protocol,
+            keep_alive: 60,
+            receive_maximum: u16::MAX,
+            peer_receive_maximum: if protocol.is_v5() { u16::MAX } else { 32 },
+            peer_maximum_packet_size: tern_codec::MAX_PACKET_SIZE,
+            topic_alias_maximum: 0,
+            peer_topic_alias_maximum: 0,
+            ack_mode: AckMode::Immediate,
+        }
+    }
+}
+
+/// Why a message was not sent to the peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// Its Message Expiry Interval passed before sending started.
+    Expired,
+    /// Larger than the peer's Maximum Packet Size [MQTT-3.1.2-24]; treated as sent.
+    TooLarge,
+    /// QoS 0 while the connection is closed.
+    NotConnected,
+}
+
+/// Something the application must know about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A message from the peer. QoS 2 messages are delivered once per session however
+    /// often the peer resends. With [`AckMode::Manual`], `ack` is the id to pass to
+    /// [`Connection::ack`].
+    Message {
+        /// The message, topic alias resolved.
+        message: Message,
+        /// Set when the acknowledgement waits for the application.
+        ack: Option<PacketId>,
+    },
+    /// An outbound QoS 1/2 flow ended: PUBACK or PUBCOMP arrived (`reason` Success or
+    /// another non-error code), or PUBACK/PUBREC carried an error reason.
+    Acknowledged {
+        /// The flow's packet id, now free.
+        id: PacketId,
+        /// The message.
+        message: Message,
+        /// The reason code the peer gave.
+        reason: ReasonCode,
+    },
+    /// A message was not sent.
+    Dropped {
+        /// The message.
+        message: Message,
+        /// Why.
+        reason: DropReason,
+    },
+    /// A packet outside the QoS flows (SUBSCRIBE, SUBACK, UNSUBSCRIBE, UNSUBACK, AUTH), for
+    /// the broker or client to handle.
+    Control(Packet),
+    /// The connection is over; close the socket once `poll_transmit` is drained (it may
+    /// hold a DISCONNECT).
+    Closed {
+        /// Why: the peer's DISCONNECT reason, Keep Alive timeout, or our protocol error.
+        reason: ReasonCode,
+    },
+}
+
+/// A peer broke the protocol. The engine has already queued the DISCONNECT (5.0) and the
+/// [`Event::Closed`]; the error says why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProtocolError {
+    /// CONNECT or CONNACK after the handshake.
+    #[error("[MQTT-3.1.0-2] unexpected {0:?} after the handshake")]
+    UnexpectedPacket(PacketType),
+    /// A QoS 1/2 PUBLISH beyond the Receive Maximum we advertised.
+    #[error("[MQTT-3.3.4-9] more QoS 1/2 messages in flight than the Receive Maximum of {0}")]
+    ReceiveMaximumExceeded(u16),
+    /// A topic alias above the Topic Alias Maximum we advertised.
+    #[error("[MQTT-3.3.2-9] topic alias {0} exceeds the Topic Alias Maximum")]
+    TopicAliasOutOfRange(u16),
+    /// An empty topic with an alias that was never bound on this connection.
+    #[error("[MQTT-3.3.2-12] topic alias {0} is not bound on this connection")]
+    UnknownTopicAlias(u16),
+    /// A client sent a Subscription Identifier in PUBLISH.
+    #[error("[MQTT-3.3.4-6] PUBLISH from a client must not carry a Subscription Identifier")]
+    SubscriptionIdFromClient,
+    /// PINGREQ sent to a client or PINGRESP to a server.
+    #[error("[MQTT-3.12] {0:?} sent to the wrong side")]
+    WrongSide(PacketType),
+}
+
+impl ProtocolError {
+    /// The reason code for the DISCONNECT.
+    pub fn reason_code(&self) -> ReasonCode {
+        match self {
+            ProtocolError::ReceiveMaximumExceeded(_) => ReasonCode::ReceiveMaximumExceeded,
+            ProtocolError::TopicAliasOutOfRange(_) => ReasonCode::TopicAliasInvalid,
+            _ => ReasonCode::ProtocolError,
+        }
+    }
+}
+
+/// A packet above the peer's Maximum Packet Size.
+struct TooLarge;
+
+/// The protocol state of one connection.
+#[derive(Debug)]
+pub struct Connection {
+    config: Config,
+    session: SessionState,
+    open: bool,
+    transmit: VecDeque<Packet>,
+    events: VecDeque<Event>,
+    last_received: Instant,
+    last_sent: Instant,
+    ping_sent_at: Option<Instant>,
+    inbound_aliases: alias::Inbound,
+    outbound_aliases: alias::Outbound,
+    /// Inbound QoS 1 ids delivered but not yet acknowledged (acknowledge-later mode).
+    pending_puback: BTreeSet<PacketId>,
+}
+
+impl Connection {
+    /// Starts a connection once CONNECT/CONNACK are done. With `resume` (a session was
+    /// present), unacknowledged PUBLISH packets are resent with DUP set and their original
+    /// ids, and PUBREL for flows whose PUBREC arrived, in the original order
+    /// [MQTT-4.4.0-1]; queued messages follow as the window allows.
+    pub fn new(
+        config: Config,
+        mut session: SessionState,
+        resume: bool,
+        now: Instant,
+    ) -> Connection {
+        if !resume {
+            session = SessionState::new();
+        }
+        let mut conn = Connection {
+            inbound_aliases: alias::Inbound::new(config.topic_alias_maximum),
+            outbound_aliases: alias::Outbound::new(if config.protocol.is_v5() {
+                config.peer_topic_alias_maximum
+            } else {
+                0
+            }),
+            config,
+            session,
+            open: true,
+            transmit: VecDeque::new(),
+            events: VecDeque::new(),
+            last_received: now,
+            last_sent: now,
+            ping_sent_at: None,
+            pending_puback: BTreeSet::new(),
+        };
+        let resend: Vec<(PacketId, OutboundState)> =
+            conn.session.inflight().map(|f| (f.id, f.state)).collect();
+        for (id, state) in resend {
+            match state {
+                OutboundState::Published => conn.send_inflight_publish(id, true, now),
+                OutboundState::Released => conn.transmit.push_back(Packet::PubRel(Ack::new(id))),
+            }
+        }
+        conn.pump(now);
+        conn
+    }
+
+    // ---- getters -------------------------------------------------------------------
+
+    /// The agreed configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The durable session state.
+    pub fn session(&self) -> &SessionState {
+        &self.session
+    }
+
+    /// False once the connection has ended (DISCONNECT, keepalive timeout, protocol error).
+    pub fn is_open(&self) -> bool {
+        self.open
+    }
+
+    /// Ends the connection (socket closed or lost) and hands back the session state, to
+    /// persist or to resume on the next connection.
+    pub fn into_session(self) -> SessionState {
+        self.session
+    }
+
+    // ---- inputs ----------------------------------------------------------------------
+
+    /// Processes one packet from the peer. On a protocol error the connection is closed
+    /// (a DISCONNECT with the reason is queued in 5.0) and the error returned.
+    pub fn handle_packet(&mut self, packet: Packet, now: Instant) -> Result<(), ProtocolError> {
+        if !self.open {
+            return Ok(());
+        }
+        self.last_received = now;
+        self.ping_sent_at = None;
+        let result = self.dispatch(packet, now);
+        if let Err(e) = &result {
+            self.fail(e.reason_code());
+        }
+        result
+    }
+
+    fn dispatch(&mut self, packet: Packet, now: Instant) -> Result<(), ProtocolError> {
+        match packet {
+            Packet::Publish(p) => self.handle_publish(p, now)?,
+            Packet::PubAck(a) => self.handle_puback(a, now),
+            Packet::PubRec(a) => self.handle_pubrec(a, now),
+            Packet::PubRel(a) => self.handle_pubrel(a),
+            Packet::PubComp(a) => self.handle_pubcomp(a, now),
+            Packet::PingReq if self.config.role == Role::Server => {
+                self.transmit.push_back(Packet::PingResp);
+            }
+            Packet::PingResp if self.config.role == Role::Client => {}
+            Packet::PingReq | Packet::PingResp => {
+                return Err(ProtocolError::WrongSide(packet.packet_type()));
+            }
+            Packet::Disconnect(d) => {
+                self.open = false;
+                self.events.push_back(Event::Closed { reason: d.reason });
+            }
+            Packet::Connect(_) | Packet::ConnAck(_) => {
+                return Err(ProtocolError::UnexpectedPacket(packet.packet_type()));
+            }
+            other @ (Packet::Subscribe(_)
+            | Packet::SubAck(_)
+            | Packet::Unsubscribe(_)
+            | Packet::UnsubAck(_)
+            | Packet::Auth(_)) => self.events.push_back(Event::Control(other)),
+        }
+        Ok(())
+    }
+
+    fn handle_publish(&mut self, mut p: Publish, now: Instant) -> Result<(), ProtocolError> {
+        if self.config.role == Role::Server && !p.properties.subscription_identifiers.is_empty() {
+            return Err(ProtocolError::SubscriptionIdFromClient);
+        }
+        if let Some(alias) = p.properties.topic_alias {
+            p.topic = self
+                .inbound_aliases
+                .resolve(alias, p.topic)
+                .map_err(|e| match e {
+                    AliasError::OutOfRange => ProtocolError::TopicAliasOutOfRange(alias.get()),
+                    AliasError::Unknown => ProtocolError::UnknownTopicAlias(alias.get()),
+                })?;
+        }
+        let qos_pid = p.qos_pid;
+        let manual = self.config.ack_mode == AckMode::Manual;
+        match qos_pid {
+            QosPid::AtMostOnce => {
+                let message = Message::from_publish(p, now);
+                self.events.push_back(Event::Message { message, ack: None });
+            }
+            QosPid::AtLeastOnce(id) => {
+                if !self.pending_puback.contains(&id) {
+                    self.check_receive_maximum()?;
+                }
+                let message = Message::from_publish(p, now);
+                if manual {
+                    self.pending_puback.insert(id);
+                    self.events.push_back(Event::Message {
+                        message,
+                        ack: Some(id),
+                    });
+                } else {
+                    self.transmit.push_back(Packet::PubAck(Ack::new(id)));
+                    self.events.push_back(Event::Message { message, ack: None });
+                }
+            }
+            QosPid::ExactlyOnce(id) => match self.session.inbound(id) {
+                // Delivered already; the application has yet to release the PUBREC.
+                Some(InboundState::Delivered) => {}
+                // Delivered and PUBREC sent: answer again, deliver nothing [MQTT-4.3.3-9].
+                Some(InboundState::Received) => {
+                    self.transmit.push_back(Packet::PubRec(Ack::new(id)));
+                }
+                None => {
+                    self.check_receive_maximum()?;
+                    let message = Message::from_publish(p, now);
+                    if manual {
+                        self.session.set_inbound(id, InboundState::Delivered);
+                        self.events.push_back(Event::Message {
+                            message,
+                            ack: Some(id),
+                        });
+                    } else {
+                        self.session.set_inbound(id, InboundState::Received);
+                        self.transmit.push_back(Packet::PubRec(Ack::new(id)));
+                        self.events.push_back(Event::Message { message, ack: None });
+                    }
+                }
+            },
+        }
+        Ok(())
+    }
+
+    /// 5.0 only: the peer knows our Receive Maximum; 3.x peers were never told one.
+    fn check_receive_maximum(&self) -> Result<(), ProtocolError> {
+        let unacknowledged = self.session.inbound_len() + self.pending_puback.len();
+        if self.config.protocol.is_v5()
+            && unacknowledged >= usize::from(self.config.receive_maximum)
+        {
+            return Err(ProtocolError::ReceiveMaximumExceeded(
+                self.config.receive_maximum,
+            ));
+        }
+        Ok(())
+    }
+
+    fn handle_puback(&mut self, a: Ack, now: Instant) {
+        let matches = self.session.inflight_mut(a.packet_id).is_some_and(|f| {
+            f.message.qos == QoS::AtLeastOnce && f.state == OutboundState::Published
+        });
+        // A PUBACK for an id not in a QoS 1 flow is ignored.
+        if matches {
+            self.complete(a.packet_id, a.reason, now);
+        }
+    }
+
+    fn handle_pubrec(&mut self, a: Ack, now: Instant) {
+        let id = a.packet_id;
+        match self.session.inflight_mut(id) {
+            Some(f) if f.message.qos == QoS::ExactlyOnce => {
+                if a.reason.is_error() {
+                    // The flow ends here: no PUBREL [MQTT-4.3.3-4].
+                    self.complete(id, a.reason, now);
+                    return;
+                }
+                f.state = OutboundState::Released;
+                self.transmit.push_back(Packet::PubRel(Ack::new(id)));
+            }
+            Some(_) => {}
+            // Not ours (any more): release it so the peer can finish [MQTT-4.3.3].
+            None => self.transmit.push_back(Packet::PubRel(self.not_found(id))),
+        }
+    }
+
+    fn handle_pubrel(&mut self, a: Ack) {
+        let id = a.packet_id;
+        let reply = match self.session.remove_inbound(id) {
+            Some(_) => Ack::new(id),
+            None => self.not_found(id),
+        };
+        self.transmit.push_back(Packet::PubComp(reply));
+    }
+
+    fn handle_pubcomp(&mut self, a: Ack, now: Instant) {
+        let released = self
+            .session
+            .inflight_mut(a.packet_id)
+            .is_some_and(|f| f.state == OutboundState::Released);
+        if released {
+            self.complete(a.packet_id, a.reason, now);
+        }
+    }
+
+    /// An acknowledgement for an id we hold no state for: 0x92 in 5.0.
+    fn not_found(&self, id: PacketId) -> Ack {
+        if self.config.protocol.is_v5() {
+            Ack::with_reason(id, ReasonCode::PacketIdentifierNotFound)
+        } else {
+            Ack::new(id)
+        }
+    }
+
+    fn complete(&mut self, id: PacketId, reason: ReasonCode, now: Instant) {
+        if let Some(f) = self.session.remove_inflight(id) {
+            self.events.push_back(Event::Acknowledged {
+                id,
+                message: f.message,
+                reason,
+            });
+        }
+        self.pump(now);
+    }
+
+    /// Advances timers: the client sends PINGREQ after `keep_alive` of silence and gives up
+    /// if nothing comes back within another `keep_alive`; the server closes a client it has
+    /// not heard from in 1.5 x `keep_alive` [MQTT-3.1.2-22].
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if !self.open || self.config.keep_alive == 0 {
+            return;
+        }
+        let k = Duration::from_secs(u64::from(self.config.keep_alive));
+        match self.config.role {
+            Role::Server => {
+                if now >= self.last_received + k + k / 2 {
+                    self.fail(ReasonCode::KeepAliveTimeout);
+                }
+            }
+            Role::Client => match self.ping_sent_at {
+                Some(sent) if now >= sent + k => self.fail(ReasonCode::KeepAliveTimeout),
+                Some(_) => {}
+                None if now >= self.last_sent + k => {
+                    self.transmit.push_back(Packet::PingReq);
+                    self.ping_sent_at = Some(now);
+                }
+                None => {}
+            },
+        }
+    }
+
+    // ---- commands --------------------------------------------------------------------
+
+    /// Sends a message. QoS 0 goes out now (or is dropped while closed); QoS 1/2 takes a
+    /// packet id when the peer's Receive Maximum allows, otherwise waits in order.
+    pub fn publish(&mut self, message: Message, now: Instant) {
+        if message.qos == QoS::AtMostOnce {
+            if !self.open {
+                self.events.push_back(Event::Dropped {
+                    message,
+                    reason: DropReason::NotConnected,
+                });
+            } else if message.is_expired(now) {
+                self.events.push_back(Event::Dropped {
+                    message,
+                    reason: DropReason::Expired,
+                });
+            } else {
+                let publish = message.to_publish(QosPid::AtMostOnce, false, now);
+                if self.send_publish(publish).is_err() {
+                    self.events.push_back(Event::Dropped {
+                        message,
+                        reason: DropReason::TooLarge,
+                    });
+                }
+            }
+            return;
+        }
+        self.session.push_queue(message);
+        self.pump(now);
+    }
+
+    /// Releases the acknowledgement of an inbound QoS 1/2 message delivered with
+    /// `ack: Some(id)`: PUBACK, or PUBREC after which the QoS 2 id is remembered until
+    /// PUBREL. Returns false if nothing waited on `id`.
+    pub fn ack(&mut self, id: PacketId) -> bool {
+        self.ack_with(id, ReasonCode::Success)
+    }
+
+    /// As [`Connection::ack`] with a reason code; an error code (for example 0x97 Quota
+    /// exceeded) refuses the message and, for QoS 2, ends the flow.
+    pub fn ack_with(&mut self, id: PacketId, reason: ReasonCode) -> bool {
+        let ack = Ack::with_reason(id, reason);
+        if self.pending_puback.remove(&id) {
+            self.transmit.push_back(Packet::PubAck(ack));
+            return true;
+        }
+        if self.session.inbound(id) == Some(InboundState::Delivered) {
+            if reason.is_error() {
+                self.session.remove_inbound(id);
+            } else {
+                self.session.set_inbound(id, InboundState::Received);
+            }
+            self.transmit.push_back(Packet::PubRec(ack));
+            return true;
+        }
+        false
+    }
+
+    /// Ends the connection from our side with a DISCONNECT (5.0 carries `reason`).
+    pub fn disconnect(&mut self, reason: ReasonCode) {
+        if self.open {
+            self.transmit
+                .push_back(Packet::Disconnect(Disconnect::new(reason)));
+            self.open = false;
+        }
+    }
+
+    // ---- outputs ---------------------------------------------------------------------
+
+    /// The next packet to write to the peer.
+    pub fn poll_transmit(&mut self, now: Instant) -> Option<Packet> {
+        let packet = self.transmit.pop_front()?;
+        self.last_sent = now;
+        Some(packet)
+    }
+
+    /// The next event for the application.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When [`Connection::handle_timeout`] must next be called, if ever.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if !self.open || self.config.keep_alive == 0 {
+            return None;
+        }
+        let k = Duration::from_secs(u64::from(self.config.keep_alive));
+        Some(match (self.config.role, self.ping_sent_at) {
+            (Role::Server, _) => self.last_received + k + k / 2,
+            (Role::Client, Some(sent)) => sent + k,
+            (Role::Client, None) => self.last_sent + k,
+        })
+    }
+
+    // ---- internals -------------------------------------------------------------------
+
+    fn fail(&mut self, reason: ReasonCode) {
+        if !self.open {
+            return;
+        }
+        if self.config.protocol.is_v5() {
+            self.transmit
+                .push_back(Packet::Disconnect(Disconnect::new(reason)));
+        }
+        self.open = false;
+        self.events.push_back(Event::Closed { reason });
+    }
+
+    /// Moves queued QoS 1/2 messages into flight while the window has room.
+    fn pump(&mut self, now: Instant) {
+        let window = usize::from(self.config.peer_receive_maximum.max(1));
+        while self.open && self.session.inflight_len() < window {
+            let Some(message) = self.session.pop_queue() else {
+                break;
+            };
+            if message.is_expired(now) {
+                self.events.push_back(Event::Dropped {
+                    message,
+                    reason: DropReason::Expired,
+                });
+                continue;
+            }
+            let Ok(id) = self.session.allocate_id() else {
+                self.session.unpop_queue(message);
+                break;
+            };
+            let publish = message.to_publish(QosPid::new(message.qos, id), false, now);
+            if self.send_publish(publish).is_ok() {
+                self.session.insert_inflight(id, message);
+            } else {
+                // Too large for this peer: discard it and behave as if it was sent
+                // [MQTT-3.1.2-25]; the id was never used.
+                self.events.push_back(Event::Dropped {
+                    message,
+                    reason: DropReason::TooLarge,
+                });
+            }
+        }
+    }
+
+    /// Resends an inflight PUBLISH (session resume). It fitted when it was first sent and
+    /// the peer's limit is fixed for the connection, so the size check cannot fail here.
+    fn send_inflight_publish(&mut self, id: PacketId, dup: bool, now: Instant) {
+        let Some(f) = self.session.inflight_mut(id) else {
+            return;
+        };
+        let publish = f
+            .message
+            .to_publish(QosPid::new(f.message.qos, id), dup, now);
+        let _ = self.send_publish(publish);
+    }
+
+    /// Applies a topic alias if the peer takes them (falling back to the plain topic if the
+    /// alias would push the packet over the peer's limit), checks the size, queues it.
+    fn send_publish(&mut self, publish: Publish) -> Result<(), TooLarge> {
+        let choice = self.outbound_aliases.choose(&publish.topic);
+        let aliased = match choice {
+            Choice::Plain => None,
+            Choice::Use(alias) | Choice::Bind(alias) => {
+                let mut p = publish.clone();
+                p.properties.topic_alias = Some(alias);
+                if matches!(choice, Choice::Use(_)) {
+                    p.topic = TopicName::empty();
+                }
+                Some(Packet::Publish(p))
+            }
+        };
+        if let Some(packet) = aliased
+            && self.fits(&packet)
+        {
+            self.outbound_aliases.commit(&publish.topic, choice);
+            self.transmit.push_back(packet);
+            return Ok(());
+        }
+        let packet = Packet::Publish(publish);
+        if !self.fits(&packet) {
+            return Err(TooLarge);
+        }
+        self.transmit.push_back(packet);
+        Ok(())
+    }
+
+    fn fits(&self, packet: &Packet) -> bool {
+        encoded_len(packet, self.config.protocol)
+            .is_ok_and(|len| len <= self.config.peer_maximum_packet_size as usize)
+    }
+}

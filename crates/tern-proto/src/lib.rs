@@ -1,0 +1,56 @@
+//! The sans-IO MQTT session engine shared by the Tern broker and client.
+//!
+//! `tern-proto` performs no I/O and reads no clock: packets come in through
+//! [`Connection::handle_packet`], time through the `now` arguments, and what to send, what
+//! to tell the application and when to wake up come out of [`Connection::poll_transmit`],
+//! [`Connection::poll_event`] and [`Connection::poll_timeout`]. It does not do the
+//! CONNECT/CONNACK handshake, authentication, routing or storage: the broker and client
+//! negotiate a [`Config`], start a [`Connection`], and persist [`SessionState`] if they
+//! want sessions to outlive the process.
+//!
+//! # Tour
+//! - [`Connection`]: one connection's QoS 0/1/2 flows in both directions, keepalive, topic
+//!   aliases, Receive Maximum both ways, Maximum Packet Size, message expiry.
+//! - [`SessionState`]: the durable part (outbound inflight and queue, inbound QoS 2 ids,
+//!   packet id allocation), plain data to persist and resume.
+//! - [`Message`]: an application message as queued and delivered.
+//! - [`effective_qos`]: the QoS a message is delivered at.
+
+#![forbid(unsafe_code)]
+
+mod alias;
+mod connection;
+mod message;
+mod session;
+
+pub use connection::{AckMode, Config, Connection, DropReason, Event, ProtocolError, Role};
+pub use message::Message;
+pub use session::{IdsExhausted, InboundState, Inflight, OutboundState, SessionState};
+
+use tern_codec::QoS;
+
+/// The QoS a message is delivered at: the lowest of the publisher's QoS, the QoS granted to
+/// the subscription, and the server's Maximum QoS [MQTT-3.8.4-8].
+pub fn effective_qos(message: QoS, granted: QoS, server_maximum: QoS) -> QoS {
+    message.min(granted).min(server_maximum)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn effective_qos_is_the_minimum_of_all_nine_combinations() {
+        let all = [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce];
+        for m in all {
+            for g in all {
+                assert_eq!(effective_qos(m, g, QoS::ExactlyOnce), m.min(g));
+                assert_eq!(effective_qos(m, g, QoS::AtMostOnce), QoS::AtMostOnce);
+            }
+        }
+        assert_eq!(
+            effective_qos(QoS::ExactlyOnce, QoS::ExactlyOnce, QoS::AtLeastOnce),
+            QoS::AtLeastOnce
+        );
+    }
+}

@@ -1,0 +1,205 @@
+//! The durable part of a session: what must survive a reconnect (and, persisted by the
+//! caller, a restart) for QoS 1 and 2 to keep their promises.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use tern_codec::PacketId;
+
+use crate::Message;
+
+/// Where an outbound QoS 1/2 flow stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OutboundState {
+    /// PUBLISH sent; waiting for PUBACK (QoS 1) or PUBREC (QoS 2).
+    Published,
+    /// QoS 2: PUBREC received and PUBREL sent; waiting for PUBCOMP.
+    Released,
+}
+
+/// One outbound QoS 1/2 message holding a packet id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inflight {
+    /// The packet id, held until the flow ends.
+    pub id: PacketId,
+    /// The message.
+    pub message: Message,
+    /// Where the flow stands.
+    pub state: OutboundState,
+    /// Send order, for resending in the original order.
+    pub(crate) seq: u64,
+}
+
+/// Where an inbound QoS 2 flow stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum InboundState {
+    /// Delivered to the application, which has not yet released the PUBREC (acknowledge-
+    /// later mode: the broker is persisting it). A repeat is not delivered again.
+    Delivered,
+    /// PUBREC sent; waiting for PUBREL. A repeat is answered with PUBREC, not delivered.
+    Received,
+}
+
+/// Packet ids are exhausted: 65,535 flows are in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("all 65,535 packet identifiers are in use")]
+pub struct IdsExhausted;
+
+/// The durable state of one session, for one direction of each flow:
+///
+/// - outbound QoS 1/2 messages holding a packet id ([`Inflight`]), in send order;
+/// - outbound QoS 1/2 messages waiting for the peer's Receive Maximum window, in order;
+/// - inbound QoS 2 packet ids not yet released by PUBREL;
+/// - the last packet id allocated.
+///
+/// It is plain data: clone it, compare it, persist it, hand it to a new
+/// [`crate::Connection`] to resume.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SessionState {
+    last_id: u16,
+    next_seq: u64,
+    inflight: BTreeMap<PacketId, Inflight>,
+    queue: VecDeque<Message>,
+    inbound_qos2: BTreeMap<PacketId, InboundState>,
+}
+
+impl SessionState {
+    /// An empty session (clean start).
+    pub fn new() -> SessionState {
+        SessionState::default()
+    }
+
+    /// Outbound flows holding an id, in send order.
+    pub fn inflight(&self) -> impl Iterator<Item = &Inflight> {
+        let mut all: Vec<&Inflight> = self.inflight.values().collect();
+        all.sort_by_key(|f| f.seq);
+        all.into_iter()
+    }
+
+    /// How many outbound flows hold an id.
+    pub fn inflight_len(&self) -> usize {
+        self.inflight.len()
+    }
+
+    /// Outbound messages waiting for the window, in order.
+    pub fn queued(&self) -> impl Iterator<Item = &Message> {
+        self.queue.iter()
+    }
+
+    /// Inbound QoS 2 ids not yet released by PUBREL.
+    pub fn inbound_qos2(&self) -> impl Iterator<Item = (PacketId, InboundState)> + '_ {
+        self.inbound_qos2.iter().map(|(id, s)| (*id, *s))
+    }
+
+    /// The next free packet id after the last one handed out, wrapping from 65,535 to 1 and
+    /// skipping ids still in flight.
+    pub fn allocate_id(&mut self) -> Result<PacketId, IdsExhausted> {
+        if self.inflight.len() >= usize::from(u16::MAX) {
+            return Err(IdsExhausted);
+        }
+        let mut candidate = self.last_id;
+        loop {
+            candidate = candidate.checked_add(1).unwrap_or(1);
+            let id = PacketId::new(candidate).ok_or(IdsExhausted)?;
+            if !self.inflight.contains_key(&id) {
+                self.last_id = candidate;
+                return Ok(id);
+            }
+        }
+    }
+
+    pub(crate) fn insert_inflight(&mut self, id: PacketId, message: Message) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.inflight.insert(
+            id,
+            Inflight {
+                id,
+                message,
+                state: OutboundState::Published,
+                seq,
+            },
+        );
+    }
+
+    pub(crate) fn inflight_mut(&mut self, id: PacketId) -> Option<&mut Inflight> {
+        self.inflight.get_mut(&id)
+    }
+
+    pub(crate) fn remove_inflight(&mut self, id: PacketId) -> Option<Inflight> {
+        self.inflight.remove(&id)
+    }
+
+    pub(crate) fn push_queue(&mut self, message: Message) {
+        self.queue.push_back(message);
+    }
+
+    pub(crate) fn pop_queue(&mut self) -> Option<Message> {
+        self.queue.pop_front()
+    }
+
+    pub(crate) fn unpop_queue(&mut self, message: Message) {
+        self.queue.push_front(message);
+    }
+
+    pub(crate) fn inbound(&self, id: PacketId) -> Option<InboundState> {
+        self.inbound_qos2.get(&id).copied()
+    }
+
+    pub(crate) fn set_inbound(&mut self, id: PacketId, state: InboundState) {
+        self.inbound_qos2.insert(id, state);
+    }
+
+    pub(crate) fn remove_inbound(&mut self, id: PacketId) -> Option<InboundState> {
+        self.inbound_qos2.remove(&id)
+    }
+
+    pub(crate) fn inbound_len(&self) -> usize {
+        self.inbound_qos2.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tern_codec::{QoS, TopicName};
+
+    fn msg() -> Message {
+        Message::new(TopicName::new("t").unwrap(), "x", QoS::AtLeastOnce)
+    }
+
+    #[test]
+    fn ids_wrap_from_65535_to_1_skipping_ids_in_flight() {
+        let mut s = SessionState::new();
+        s.last_id = 65_533;
+        let a = s.allocate_id().unwrap();
+        s.insert_inflight(a, msg());
+        assert_eq!(a.get(), 65_534);
+        assert_eq!(s.allocate_id().unwrap().get(), 65_535);
+        // 1 is in flight, so the wrap lands on 2.
+        s.insert_inflight(PacketId::new(1).unwrap(), msg());
+        assert_eq!(s.allocate_id().unwrap().get(), 2);
+    }
+
+    #[test]
+    fn ids_in_flight_are_never_handed_out_again() {
+        let mut s = SessionState::new();
+        let mut held = std::collections::BTreeSet::new();
+        for _ in 0..1000 {
+            let id = s.allocate_id().unwrap();
+            assert!(held.insert(id), "{id} handed out twice while in flight");
+            s.insert_inflight(id, msg());
+        }
+    }
+
+    #[test]
+    fn exhaustion_is_an_error_not_a_panic() {
+        let mut s = SessionState::new();
+        for _ in 0..u16::MAX {
+            let id = s.allocate_id().unwrap();
+            s.insert_inflight(id, msg());
+        }
+        assert_eq!(s.allocate_id(), Err(IdsExhausted));
+        s.remove_inflight(PacketId::new(777).unwrap());
+        assert_eq!(s.allocate_id().unwrap().get(), 777);
+    }
+}
