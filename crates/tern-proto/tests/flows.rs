@@ -4,6 +4,9 @@
 //! messages must arrive at least once (QoS 1) or exactly once (QoS 2), in order, in both
 //! directions and in both 3.1.1 and 5.0.
 
+// A failed unwrap in a test is a failed test, with the value in the message.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::cell::Cell;
