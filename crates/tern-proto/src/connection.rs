@@ -495,7 +495,7 @@ impl Connection {
             }
             return;
         }
-        self.session.push_queue(message);
+        self.session.enqueue(message);
         self.pump(now);
     }
 

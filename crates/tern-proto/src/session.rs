@@ -129,7 +129,9 @@ impl SessionState {
         self.inflight.remove(&id)
     }
 
-    pub(crate) fn push_queue(&mut self, message: Message) {
+    /// Queues an outbound QoS 1/2 message while no connection is up (an offline
+    /// persistent session); it is sent, in order, when a connection resumes the session.
+    pub fn enqueue(&mut self, message: Message) {
         self.queue.push_back(message);
     }
 

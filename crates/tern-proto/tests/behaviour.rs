@@ -58,7 +58,7 @@ fn puback_with_an_error_reason_ends_the_flow() {
     let mut pair = Pair::with(config(Role::Client, Protocol::V5), server);
     pair.publish(true, msg("m", QoS::AtLeastOnce));
     pair.drive();
-    let id = pair.server.to_ack.pop().unwrap();
+    let (id, _) = pair.server.to_ack.pop().unwrap();
     pair.server.conn().ack_with(id, ReasonCode::QuotaExceeded);
     pair.drive();
     assert_eq!(pair.client.acknowledged[0].2, ReasonCode::QuotaExceeded);
@@ -72,7 +72,7 @@ fn pubrec_with_an_error_reason_ends_the_flow_without_pubrel() {
     let mut pair = Pair::with(config(Role::Client, Protocol::V5), server);
     pair.publish(true, msg("m", QoS::ExactlyOnce));
     pair.drive();
-    let id = pair.server.to_ack.pop().unwrap();
+    let (id, _) = pair.server.to_ack.pop().unwrap();
     assert!(pair.server.conn().ack_with(id, ReasonCode::NotAuthorized));
     pair.drive();
     assert_eq!(pair.client.acknowledged[0].2, ReasonCode::NotAuthorized);

@@ -25,8 +25,8 @@ pub struct Side {
     pub conn: Option<Connection>,
     pub stored: SessionState,
     pub delivered: Vec<Message>,
-    /// Manual-mode ids waiting for the application.
-    pub to_ack: Vec<PacketId>,
+    /// Manual-mode ids waiting for the application, with the message's QoS.
+    pub to_ack: Vec<(PacketId, QoS)>,
     pub acknowledged: Vec<(PacketId, Message, ReasonCode)>,
     pub dropped: Vec<(Message, DropReason)>,
     pub closed: Vec<ReasonCode>,
@@ -70,8 +70,8 @@ impl Side {
         while let Some(e) = conn.poll_event() {
             match e {
                 Event::Message { message, ack } => {
+                    self.to_ack.extend(ack.map(|id| (id, message.qos)));
                     self.delivered.push(message);
-                    self.to_ack.extend(ack);
                 }
                 Event::Acknowledged {
                     id,
@@ -156,12 +156,11 @@ impl Pair {
         };
         if let Some(c) = side.conn.as_mut() {
             c.publish(message, now);
+        } else if message.qos == QoS::AtMostOnce {
+            side.dropped.push((message, DropReason::NotConnected));
         } else {
-            // Offline: the message waits in the session, as the broker would queue it.
-            let mut c = Connection::new(side.config.clone(), side.stored.clone(), true, now);
-            c.publish(message, now);
-            while c.poll_transmit(now).is_some() {}
-            side.stored = c.into_session();
+            // Offline: the message waits in the session, as the broker queues it.
+            side.stored.enqueue(message);
         }
         side.collect();
         self.flush();
@@ -222,8 +221,15 @@ impl Pair {
         true
     }
 
-    /// Delivers the next packet in `dir` twice (a duplicate on the wire).
+    /// Makes the next packet in `dir` arrive twice, standing for a peer's resend. TCP
+    /// itself never duplicates, and only packets with a packet id can be resent, so a
+    /// QoS 0 PUBLISH (which nothing could deduplicate) is left alone.
     pub fn duplicate_next(&mut self, dir: Dir) {
+        if let Some(Packet::Publish(p)) = self.peek(dir)
+            && p.qos_pid.packet_id().is_none()
+        {
+            return;
+        }
         let queue = match dir {
             Dir::ToServer => &mut self.to_server,
             Dir::ToClient => &mut self.to_client,
@@ -277,8 +283,9 @@ impl Pair {
             if let Some(conn) = side.conn.take() {
                 side.stored = conn.into_session();
             }
-            // Manual-mode QoS 1 acks die with the connection; QoS 2 ids live in the session.
-            side.to_ack.clear();
+            // Manual-mode QoS 1 acks die with the connection (the peer resends); a QoS 2 id
+            // delivered but not yet released lives in the session and still awaits `ack`.
+            side.to_ack.retain(|(_, qos)| *qos == QoS::ExactlyOnce);
         }
     }
 
