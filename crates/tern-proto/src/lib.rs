@@ -23,6 +23,9 @@ mod connection;
 mod message;
 mod session;
 
+#[doc(hidden)]
+pub mod sim;
+
 pub use connection::{AckMode, Config, Connection, DropReason, Event, ProtocolError, Role};
 pub use message::Message;
 pub use session::{IdsExhausted, InboundState, Inflight, OutboundState, SessionState};
