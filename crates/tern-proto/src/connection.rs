@@ -9,8 +9,8 @@ use std::collections::{BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use tern_codec::{
-    Ack, Disconnect, Packet, PacketId, PacketType, Protocol, Publish, QoS, QosPid, ReasonCode,
-    TopicName, encoded_len,
+    Ack, ConnAck, Connect, Disconnect, Packet, PacketId, PacketType, Protocol, Publish, QoS,
+    QosPid, ReasonCode, TopicName, encoded_len,
 };
 
 use crate::Message;
@@ -76,6 +76,53 @@ impl Config {
             peer_topic_alias_maximum: 0,
             ack_mode: AckMode::Immediate,
         }
+    }
+}
+
+impl Config {
+    /// What a CONNECT and its CONNACK agreed, from `role`'s side. In 5.0: the Server Keep
+    /// Alive replaces the client's keep alive [MQTT-3.2.2-21]; each side's Receive Maximum,
+    /// Maximum Packet Size and Topic Alias Maximum bound what the other sends. In 3.x the
+    /// packets carry none of that: the outbound window is `window_3x` and nothing else is
+    /// limited.
+    pub fn negotiate(
+        role: Role,
+        connect: &Connect,
+        connack: &ConnAck,
+        ack_mode: AckMode,
+        window_3x: u16,
+    ) -> Config {
+        let protocol = connect.protocol;
+        let mut config = Config::new(role, protocol);
+        config.ack_mode = ack_mode;
+        config.keep_alive = connect.keep_alive;
+        if !protocol.is_v5() {
+            config.peer_receive_maximum = window_3x;
+            return config;
+        }
+        let (c, s) = (&*connect.properties, &*connack.properties);
+        config.keep_alive = s.server_keep_alive.unwrap_or(connect.keep_alive);
+        let client_rm = c.receive_maximum.map_or(u16::MAX, |n| n.get());
+        let server_rm = s.receive_maximum.map_or(u16::MAX, |n| n.get());
+        let client_mps = c
+            .maximum_packet_size
+            .map_or(tern_codec::MAX_PACKET_SIZE, |n| n.get());
+        let server_mps = s
+            .maximum_packet_size
+            .map_or(tern_codec::MAX_PACKET_SIZE, |n| n.get());
+        let client_tam = c.topic_alias_maximum.unwrap_or(0);
+        let server_tam = s.topic_alias_maximum.unwrap_or(0);
+        let (ours, theirs) = match role {
+            Role::Client => ((client_rm, client_tam), (server_rm, server_mps, server_tam)),
+            Role::Server => ((server_rm, server_tam), (client_rm, client_mps, client_tam)),
+        };
+        (config.receive_maximum, config.topic_alias_maximum) = ours;
+        (
+            config.peer_receive_maximum,
+            config.peer_maximum_packet_size,
+            config.peer_topic_alias_maximum,
+        ) = theirs;
+        config
     }
 }
 
