@@ -186,7 +186,9 @@ pub enum ProtocolError {
     #[error("[MQTT-3.1.0-2] unexpected {0:?} after the handshake")]
     UnexpectedPacket(PacketType),
     /// A QoS 1/2 PUBLISH beyond the Receive Maximum we advertised.
-    #[error("[MQTT-3.3.4-9] more QoS 1/2 messages in flight than the Receive Maximum of {0}")]
+    #[error(
+        "[MQTT-3.3.4-7] [MQTT-3.3.4-9] more QoS 1/2 messages in flight than the Receive Maximum of {0}"
+    )]
     ReceiveMaximumExceeded(u16),
     /// A topic alias above the Topic Alias Maximum we advertised.
     #[error("[MQTT-3.3.2-9] topic alias {0} exceeds the Topic Alias Maximum")]
@@ -491,7 +493,7 @@ impl Connection {
 
     /// Advances timers: the client sends PINGREQ after `keep_alive` of silence and gives up
     /// if nothing comes back within another `keep_alive`; the server closes a client it has
-    /// not heard from in 1.5 x `keep_alive` [MQTT-3.1.2-22].
+    /// not heard from in 1.5 x `keep_alive` [MQTT-3.1.2-20] [MQTT-3.1.2-22].
     pub fn handle_timeout(&mut self, now: Instant) {
         if !self.open || self.config.keep_alive == 0 {
             return;
