@@ -15,6 +15,29 @@
 //!   packet id allocation), plain data to persist and resume.
 //! - [`Message`]: an application message as queued and delivered.
 //! - [`effective_qos`]: the QoS a message is delivered at.
+//!
+//! # Example
+//! A client publishes at QoS 1 to a server; the driver moves packets between them.
+//! ```
+//! use std::time::Instant;
+//! use tern_codec::{Protocol, QoS, TopicName};
+//! use tern_proto::{Config, Connection, Event, Message, Role, SessionState};
+//!
+//! let now = Instant::now();
+//! let cfg = |role| Config::new(role, Protocol::V5);
+//! let mut client = Connection::new(cfg(Role::Client), SessionState::new(), false, now);
+//! let mut server = Connection::new(cfg(Role::Server), SessionState::new(), false, now);
+//!
+//! client.publish(Message::new(TopicName::new("a/b")?, "hi", QoS::AtLeastOnce), now);
+//! let publish = client.poll_transmit(now).expect("PUBLISH");
+//! server.handle_packet(publish, now)?;
+//! assert!(matches!(server.poll_event(), Some(Event::Message { .. })));
+//! let puback = server.poll_transmit(now).expect("PUBACK");
+//! client.handle_packet(puback, now)?;
+//! assert!(matches!(client.poll_event(), Some(Event::Acknowledged { .. })));
+//! assert_eq!(client.session().inflight_len(), 0);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 #![forbid(unsafe_code)]
 
