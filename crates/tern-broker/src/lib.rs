@@ -1,9 +1,10 @@
 //! The Tern broker.
 //!
-//! So far only the sans-IO core's subscription trie exists ([`core::SubscriptionTrie`]);
-//! sessions, retained messages, wills, the tokio server and `tern broker` are being built
-//! under the broker issue. The core performs no I/O and reads no clock.
+//! [`core`] is the sans-IO broker: it performs no I/O and reads no clock. [`server`] is the
+//! thin tokio layer that accepts connections, decodes, feeds the core and writes what it
+//! says. Configuration files, a durable store, TLS and WebSocket come with later issues.
 
 #![forbid(unsafe_code)]
 
 pub mod core;
+pub mod server;

@@ -1,5 +1,8 @@
 //! The broker's sans-IO core.
 
+mod broker;
 mod trie;
+
+pub use broker::{Broker, ConnId, Output, Settings};
 
 pub use trie::{Delivery, SubscriptionTrie};

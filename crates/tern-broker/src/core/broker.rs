@@ -1,0 +1,498 @@
+//! The broker's state machine: connections in, packets and closes out. No sockets, no
+//! clock: the server feeds it decoded packets, socket closes and the time, and writes what
+//! [`Broker::poll_output`] returns.
+//!
+//! One [`tern_proto::Connection`] per connected session runs the QoS flows; the broker does
+//! what is above them: the CONNECT handshake, sessions that outlive connections, routing
+//! through the [`SubscriptionTrie`], retained messages and wills.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use tern_codec::properties::ConnAckProperties;
+use tern_codec::{
+    ConnAck, Connect, DecodeError, LastWill, Packet, Protocol, QoS, ReasonCode, RetainHandling,
+    Str, SubAck, Subscribe, TopicFilter, TopicName, UnsubAck, Unsubscribe,
+};
+use tern_proto::{AckMode, Config, Connection, Event, Message, Role, SessionState, effective_qos};
+
+use super::SubscriptionTrie;
+
+/// Identifies one network connection for the lifetime of the process.
+pub type ConnId = u64;
+
+/// What the server must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// Write this packet to the connection (in the connection's protocol version).
+    Send(ConnId, Packet),
+    /// Close the connection once what was sent before is written.
+    Close(ConnId),
+}
+
+/// Broker settings the core needs.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// QoS 1/2 messages a client may have unacknowledged towards us (5.0 Receive Maximum).
+    pub receive_maximum: u16,
+    /// Topic aliases a client may use towards us.
+    pub topic_alias_maximum: u16,
+    /// Outbound window for 3.x clients.
+    pub window_3x: u16,
+    /// Longest a 3.x persistent session (clean session 0) is kept after disconnect.
+    pub max_session_expiry_3x: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            receive_maximum: 100,
+            topic_alias_maximum: 10,
+            window_3x: 32,
+            max_session_expiry_3x: Duration::from_secs(u64::from(u32::MAX)),
+        }
+    }
+}
+
+struct Session {
+    protocol: Protocol,
+    /// The live connection, if any.
+    conn: Option<(ConnId, Connection)>,
+    /// The durable state while no connection is up.
+    stored: SessionState,
+    subscriptions: BTreeMap<TopicFilter, tern_codec::SubscriptionOptions>,
+    /// How long the session outlives its connection; zero ends it with the connection.
+    expiry: Duration,
+    /// When an offline session ends.
+    expires_at: Option<Instant>,
+    will: Option<LastWill>,
+}
+
+/// The broker core.
+pub struct Broker {
+    settings: Settings,
+    sessions: HashMap<Str, Session>,
+    /// Connections that completed CONNECT, to their client id.
+    conns: HashMap<ConnId, Str>,
+    trie: SubscriptionTrie<Str>,
+    retained: BTreeMap<TopicName, Message>,
+    outputs: VecDeque<Output>,
+    next_assigned: u64,
+}
+
+impl Broker {
+    /// An empty broker.
+    pub fn new(settings: Settings) -> Broker {
+        Broker {
+            settings,
+            sessions: HashMap::new(),
+            conns: HashMap::new(),
+            trie: SubscriptionTrie::new(),
+            retained: BTreeMap::new(),
+            outputs: VecDeque::new(),
+            next_assigned: 0,
+        }
+    }
+
+    /// The next thing the server must do.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.outputs.pop_front()
+    }
+
+    /// How many sessions exist (online and offline).
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Retained messages held.
+    pub fn retained_count(&self) -> usize {
+        self.retained.len()
+    }
+
+    /// A packet decoded from `conn`.
+    pub fn handle_packet(&mut self, conn: ConnId, packet: Packet, now: Instant) {
+        let Some(client_id) = self.conns.get(&conn).cloned() else {
+            match packet {
+                Packet::Connect(c) => self.handle_connect(conn, *c, now),
+                // [MQTT-3.1.0-1]: the first packet must be CONNECT.
+                _ => self.outputs.push_back(Output::Close(conn)),
+            }
+            return;
+        };
+        let Some(session) = self.sessions.get_mut(&client_id) else {
+            return;
+        };
+        let Some((_, connection)) = session.conn.as_mut() else {
+            return;
+        };
+        // Protocol errors close the connection; the engine queued the DISCONNECT already.
+        let _ = connection.handle_packet(packet, now);
+        self.drain(&client_id, now);
+    }
+
+    /// Bytes from `conn` that do not decode. Before CONNECT the version is unknown, so a
+    /// 5.0-style CONNACK goes out only for errors in a 5.0 CONNECT the server could tell.
+    pub fn handle_decode_error(
+        &mut self,
+        conn: ConnId,
+        protocol: Option<Protocol>,
+        error: &DecodeError,
+        now: Instant,
+    ) {
+        let reason = error.reason_code();
+        match self.conns.get(&conn).cloned() {
+            Some(client_id) => {
+                if let Some(Session {
+                    conn: Some((_, c)), ..
+                }) = self.sessions.get_mut(&client_id)
+                {
+                    c.disconnect(reason);
+                }
+                self.drain(&client_id, now);
+                self.handle_closed(conn, now);
+            }
+            None => {
+                match (protocol, error) {
+                    (
+                        _,
+                        DecodeError::UnsupportedProtocolLevel(_) | DecodeError::InvalidProtocolName,
+                    ) => {
+                        // 3.1.1 return code 1 reads as 0x84 in 5.0; send the 3.x form, which
+                        // every version understands [MQTT-3.1.2-2].
+                        let ack = ConnAck::new(false, ReasonCode::UnsupportedProtocolVersion);
+                        self.outputs
+                            .push_back(Output::Send(conn, Packet::ConnAck(ack)));
+                    }
+                    (Some(Protocol::V5), _) => {
+                        let ack = ConnAck::new(false, reason);
+                        self.outputs
+                            .push_back(Output::Send(conn, Packet::ConnAck(ack)));
+                    }
+                    _ => {}
+                }
+                self.outputs.push_back(Output::Close(conn));
+            }
+        }
+    }
+
+    /// The socket of `conn` closed (or is being closed). Publishes the will unless the
+    /// client disconnected normally, and ends or parks the session.
+    pub fn handle_closed(&mut self, conn: ConnId, now: Instant) {
+        let Some(client_id) = self.conns.remove(&conn) else {
+            return;
+        };
+        let Some(session) = self.sessions.get_mut(&client_id) else {
+            return;
+        };
+        let Some((id, connection)) = session.conn.take() else {
+            return;
+        };
+        debug_assert_eq!(id, conn);
+        session.stored = connection.into_session();
+        if let Some(will) = session.will.take() {
+            self.publish_will(will, now);
+        }
+        let session = self.sessions.get_mut(&client_id).expect("still there");
+        if session.expiry.is_zero() {
+            self.end_session(&client_id);
+        } else {
+            session.expires_at = Some(now + session.expiry);
+        }
+    }
+
+    /// Server shutdown: every connection is told (5.0: DISCONNECT 0x8B) and closed.
+    pub fn shutdown(&mut self, now: Instant) {
+        let online: Vec<Str> = self.conns.values().cloned().collect();
+        for client_id in online {
+            if let Some(Session {
+                conn: Some((conn, c)),
+                ..
+            }) = self.sessions.get_mut(&client_id)
+            {
+                let conn = *conn;
+                c.disconnect(ReasonCode::ServerShuttingDown);
+                while let Some(p) = c.poll_transmit(now) {
+                    self.outputs.push_back(Output::Send(conn, p));
+                }
+                self.outputs.push_back(Output::Close(conn));
+            }
+        }
+    }
+
+    /// Timers: keepalive of every connection, expiry of offline sessions.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let ids: Vec<Str> = self.sessions.keys().cloned().collect();
+        for client_id in ids {
+            let session = self.sessions.get_mut(&client_id).expect("listed");
+            if let Some((_, c)) = session.conn.as_mut() {
+                c.handle_timeout(now);
+                self.drain(&client_id, now);
+            } else if session.expires_at.is_some_and(|at| now >= at) {
+                self.end_session(&client_id);
+            }
+        }
+    }
+
+    fn handle_connect(&mut self, conn: ConnId, connect: Connect, now: Instant) {
+        let v = connect.protocol;
+        let mut client_id = connect.client_id.clone();
+        let mut assigned = None;
+        if client_id.is_empty() {
+            // 3.1.1: only with clean session [MQTT-3.1.3-7]; 5.0: assign one [MQTT-3.1.3-6];
+            // 3.1 requires 1 to 23 characters.
+            if v == Protocol::V5 || (v == Protocol::V3_1_1 && connect.clean_start) {
+                self.next_assigned += 1;
+                client_id = Str::from(format!("tern-{}-{}", conn, self.next_assigned));
+                assigned = Some(client_id.clone());
+            } else {
+                let ack = ConnAck::new(false, ReasonCode::ClientIdentifierNotValid);
+                self.outputs
+                    .push_back(Output::Send(conn, Packet::ConnAck(ack)));
+                self.outputs.push_back(Output::Close(conn));
+                return;
+            }
+        }
+        let expiry = if v.is_v5() {
+            Duration::from_secs(u64::from(
+                connect.properties.session_expiry_interval.unwrap_or(0),
+            ))
+        } else if connect.clean_start {
+            Duration::ZERO
+        } else {
+            self.settings.max_session_expiry_3x
+        };
+
+        // Session takeover [MQTT-3.1.4-3]: the older connection goes, with 0x8E in 5.0.
+        if let Some(old) = self.sessions.get_mut(&client_id)
+            && let Some((old_conn, c)) = old.conn.as_mut()
+        {
+            let old_conn = *old_conn;
+            c.disconnect(ReasonCode::SessionTakenOver);
+            self.drain(&client_id, now);
+            self.outputs.push_back(Output::Close(old_conn));
+            self.handle_closed(old_conn, now);
+        }
+        if connect.clean_start {
+            self.end_session(&client_id);
+        }
+        let present = self.sessions.contains_key(&client_id);
+
+        let mut ack = ConnAck::new(present, ReasonCode::Success);
+        if v.is_v5() {
+            ack.properties = ConnAckProperties {
+                receive_maximum: std::num::NonZeroU16::new(self.settings.receive_maximum),
+                topic_alias_maximum: Some(self.settings.topic_alias_maximum),
+                assigned_client_identifier: assigned,
+                shared_subscription_available: Some(false),
+                ..Default::default()
+            }
+            .into();
+        }
+        let config = Config::negotiate(
+            Role::Server,
+            &connect,
+            &ack,
+            AckMode::Immediate,
+            self.settings.window_3x,
+        );
+        let session = self
+            .sessions
+            .entry(client_id.clone())
+            .or_insert_with(|| Session {
+                protocol: v,
+                conn: None,
+                stored: SessionState::new(),
+                subscriptions: BTreeMap::new(),
+                expiry,
+                expires_at: None,
+                will: None,
+            });
+        session.protocol = v;
+        session.expiry = expiry;
+        session.expires_at = None;
+        session.will = connect.will;
+        let stored = std::mem::take(&mut session.stored);
+        session.conn = Some((conn, Connection::new(config, stored, present, now)));
+        self.conns.insert(conn, client_id.clone());
+        self.outputs
+            .push_back(Output::Send(conn, Packet::ConnAck(ack)));
+        self.drain(&client_id, now);
+    }
+
+    /// Moves what the session's engine produced into outputs and acts on its events.
+    fn drain(&mut self, client_id: &Str, now: Instant) {
+        loop {
+            let Some(session) = self.sessions.get_mut(client_id) else {
+                return;
+            };
+            let Some((conn, c)) = session.conn.as_mut() else {
+                return;
+            };
+            let conn = *conn;
+            while let Some(p) = c.poll_transmit(now) {
+                self.outputs.push_back(Output::Send(conn, p));
+            }
+            let Some(event) = c.poll_event() else { return };
+            match event {
+                Event::Message { message, .. } => self.route(message, now),
+                Event::Control(Packet::Subscribe(s)) => self.subscribe(client_id, s, now),
+                Event::Control(Packet::Unsubscribe(u)) => self.unsubscribe(client_id, u),
+                Event::Control(_) | Event::Acknowledged { .. } | Event::Dropped { .. } => {}
+                Event::Closed { reason } => {
+                    // A normal DISCONNECT discards the will, except 0x04 [MQTT-3.14.4-3].
+                    if let Some(s) = self.sessions.get_mut(client_id)
+                        && reason == ReasonCode::Success
+                    {
+                        s.will = None;
+                    }
+                    if let Some(s) = self.sessions.get_mut(client_id)
+                        && let Some((_, c)) = s.conn.as_mut()
+                    {
+                        while let Some(p) = c.poll_transmit(now) {
+                            self.outputs.push_back(Output::Send(conn, p));
+                        }
+                    }
+                    self.outputs.push_back(Output::Close(conn));
+                    self.handle_closed(conn, now);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Delivers a message to every matching subscriber at the effective QoS, and keeps it
+    /// if retained (an empty retained payload clears the topic).
+    fn route(&mut self, message: Message, now: Instant) {
+        if message.retain {
+            if message.payload.is_empty() {
+                self.retained.remove(&message.topic);
+            } else {
+                self.retained.insert(message.topic.clone(), message.clone());
+            }
+        }
+        let deliveries = self.trie.route(&message.topic);
+        for (client_id, delivery) in deliveries {
+            let mut copy = message.clone();
+            copy.qos = effective_qos(message.qos, delivery.qos, QoS::ExactlyOnce);
+            // Forwarded normally, the RETAIN flag is cleared unless asked to keep it.
+            copy.retain = message.retain && delivery.retain_as_published;
+            if !delivery.subscription_ids.is_empty() {
+                copy.properties.subscription_identifiers = delivery.subscription_ids;
+            }
+            self.deliver(&client_id, copy, now);
+        }
+    }
+
+    fn deliver(&mut self, client_id: &Str, message: Message, now: Instant) {
+        let Some(session) = self.sessions.get_mut(client_id) else {
+            return;
+        };
+        match session.conn.as_mut() {
+            Some((_, c)) => {
+                c.publish(message, now);
+                self.drain(client_id, now);
+            }
+            // Offline persistent session: QoS 1/2 wait in order; QoS 0 is dropped.
+            None if message.qos != QoS::AtMostOnce => session.stored.enqueue(message),
+            None => {}
+        }
+    }
+
+    fn subscribe(&mut self, client_id: &Str, s: Subscribe, now: Instant) {
+        let Some(session) = self.sessions.get_mut(client_id) else {
+            return;
+        };
+        let mut reasons = Vec::with_capacity(s.subscriptions.len());
+        let mut retained_for = vec![];
+        for sub in &s.subscriptions {
+            if sub.filter.share_group().is_some() {
+                reasons.push(ReasonCode::SharedSubscriptionsNotSupported);
+                continue;
+            }
+            let new = self.trie.subscribe(
+                &sub.filter,
+                client_id.clone(),
+                sub.options,
+                s.properties.subscription_identifier,
+            );
+            session
+                .subscriptions
+                .insert(sub.filter.clone(), sub.options);
+            reasons.push(ReasonCode::granted(sub.options.qos));
+            let send = match sub.options.retain_handling {
+                RetainHandling::SendAtSubscribe => true,
+                RetainHandling::SendIfNew => new,
+                RetainHandling::DoNotSend => false,
+            };
+            if send {
+                retained_for.push((sub.filter.clone(), sub.options.qos));
+            }
+        }
+        let ack = SubAck {
+            packet_id: s.packet_id,
+            reasons,
+            properties: Default::default(),
+        };
+        self.send_control(client_id, Packet::SubAck(ack));
+        // Retained messages for the new subscriptions, RETAIN set [MQTT-3.3.1-9].
+        for (filter, granted) in retained_for {
+            let matching: Vec<Message> = self
+                .retained
+                .values()
+                .filter(|m| filter.matches(&m.topic))
+                .cloned()
+                .collect();
+            for mut m in matching {
+                m.qos = effective_qos(m.qos, granted, QoS::ExactlyOnce);
+                m.retain = true;
+                self.deliver(client_id, m, now);
+            }
+        }
+        self.drain(client_id, now);
+    }
+
+    fn unsubscribe(&mut self, client_id: &Str, u: Unsubscribe) {
+        let mut reasons = Vec::with_capacity(u.filters.len());
+        for f in &u.filters {
+            let existed = self.trie.unsubscribe(f, client_id);
+            if let Some(s) = self.sessions.get_mut(client_id) {
+                s.subscriptions.remove(f);
+            }
+            reasons.push(if existed {
+                ReasonCode::Success
+            } else {
+                ReasonCode::NoSubscriptionExisted
+            });
+        }
+        let ack = UnsubAck {
+            packet_id: u.packet_id,
+            reasons,
+            properties: Default::default(),
+        };
+        self.send_control(client_id, Packet::UnsubAck(ack));
+    }
+
+    fn send_control(&mut self, client_id: &Str, packet: Packet) {
+        if let Some(Session {
+            conn: Some((conn, _)),
+            ..
+        }) = self.sessions.get(client_id)
+        {
+            self.outputs.push_back(Output::Send(*conn, packet));
+        }
+    }
+
+    fn publish_will(&mut self, will: LastWill, now: Instant) {
+        let mut m = Message::new(will.topic, will.payload, will.qos);
+        m.retain = will.retain;
+        self.route(m, now);
+    }
+
+    fn end_session(&mut self, client_id: &Str) {
+        if let Some(s) = self.sessions.remove(client_id) {
+            for filter in s.subscriptions.keys() {
+                self.trie.unsubscribe(filter, client_id);
+            }
+        }
+    }
+}

@@ -1,0 +1,83 @@
+//! The `tern` command: `tern broker [--bind ADDR]`.
+
+use std::process::ExitCode;
+
+use tern_broker::core::Settings;
+
+const USAGE: &str = "usage: tern broker [--bind ADDR]   (default 127.0.0.1:1883)";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut bind = "127.0.0.1:1883".to_string();
+    match args.first().map(String::as_str) {
+        Some("broker") => {}
+        Some("-h" | "--help") | None => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Some(other) => {
+            eprintln!("tern: unknown command '{other}'\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    }
+    let mut rest = args[1..].iter();
+    while let Some(arg) = rest.next() {
+        match (arg.as_str(), rest.next()) {
+            ("--bind", Some(addr)) => bind = addr.clone(),
+            (flag, _) => {
+                eprintln!("tern broker: unknown or incomplete option '{flag}'\n{USAGE}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tern broker: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let listener = match tokio::net::TcpListener::bind(&bind).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("tern broker: cannot listen on {bind}: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        tracing::info!(%bind, "tern broker listening (state in memory; durability arrives with the storage issue)");
+        tern_broker::server::serve(listener, Settings::default(), shutdown_signal()).await;
+        tracing::info!("stopped");
+        ExitCode::SUCCESS
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
