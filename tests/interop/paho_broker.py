@@ -1,0 +1,257 @@
+"""Claims about the Tern broker, checked with paho-mqtt (PyPI) as the client.
+
+usage: paho_broker.py PORT {4,5} CLAIM
+
+Exits 0 if the claim holds; prints what went wrong and exits 1 otherwise.
+"""
+import socket
+import struct
+import sys
+import threading
+import time
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+PORT, LEVEL, CLAIM = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+V5 = LEVEL == "5"
+PROTO = mqtt.MQTTv5 if V5 else mqtt.MQTTv311
+TIMEOUT = 10
+_seq = [0]
+
+
+def fail(msg):
+    print(f"FAIL [{CLAIM} v{LEVEL}]: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+
+class C:
+    """A paho client with blocking helpers."""
+
+    def __init__(self, client_id=None, clean=True, expiry=None, will=None):
+        _seq[0] += 1
+        self.id = client_id if client_id is not None else f"{CLAIM}-{LEVEL}-{_seq[0]}"
+        kw = {} if V5 else {"clean_session": clean}
+        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.id, protocol=PROTO, **kw)
+        self.clean, self.expiry = clean, expiry
+        self.messages, self.connected, self.subscribed = [], threading.Event(), threading.Event()
+        self.disconnected = threading.Event()
+        self.session_present, self.rc, self.disconnect_rc, self.granted = None, None, None, None
+        self.assigned = None
+        self.c.on_connect = self._on_connect
+        self.c.on_message = lambda c, u, m: self.messages.append((m.topic, m.payload, m.qos, m.retain))
+        self.c.on_subscribe = self._on_subscribe
+        self.c.on_disconnect = self._on_disconnect
+        if will:
+            self.c.will_set(*will)
+
+    def _on_connect(self, c, u, flags, rc, props):
+        self.session_present, self.rc = flags.session_present, rc
+        if props is not None and hasattr(props, "AssignedClientIdentifier"):
+            self.assigned = props.AssignedClientIdentifier
+        self.connected.set()
+
+    def _on_subscribe(self, c, u, mid, rcs, props):
+        self.granted = [int(getattr(r, "value", r)) for r in rcs]
+        self.subscribed.set()
+
+    def _on_disconnect(self, c, u, flags, rc, props):
+        self.disconnect_rc = rc
+        self.disconnected.set()
+
+    def connect(self, expect_ok=True):
+        props = None
+        if V5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = self.expiry if self.expiry is not None else 0
+            self.c.connect("127.0.0.1", PORT, keepalive=30, clean_start=self.clean, properties=props)
+        else:
+            self.c.connect("127.0.0.1", PORT, keepalive=30)
+        self.c.loop_start()
+        if not self.connected.wait(TIMEOUT):
+            fail(f"{self.id}: no CONNACK")
+        if expect_ok and self.rc != 0:
+            fail(f"{self.id}: refused {self.rc}")
+        return self
+
+    def sub(self, topic, qos):
+        self.subscribed.clear()
+        self.c.subscribe(topic, qos)
+        if not self.subscribed.wait(TIMEOUT):
+            fail(f"no SUBACK for {topic}")
+        return self.granted
+
+    def pub(self, topic, payload, qos, retain=False):
+        info = self.c.publish(topic, payload, qos, retain)
+        if qos > 0:
+            info.wait_for_publish(TIMEOUT)
+            if not info.is_published():
+                fail(f"publish to {topic} at QoS {qos} not acknowledged")
+
+    def stop(self):
+        self.c.disconnect()
+        self.c.loop_stop()
+
+    def wait_messages(self, n, settle=0.3):
+        deadline = time.monotonic() + TIMEOUT
+        while len(self.messages) < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(settle)  # anything extra (a duplicate) would arrive here
+        return self.messages
+
+
+def raw_connect_with_will_then_drop(client_id, will_topic):
+    """A client nobody wrote at all: CONNECT with a will over a bare socket, then the
+    socket is closed without DISCONNECT."""
+    s = socket.create_connection(("127.0.0.1", PORT))
+    def utf(x):
+        b = x.encode()
+        return struct.pack("!H", len(b)) + b
+    flags = 0x02 | 0x04  # clean, will (QoS 0)
+    if V5:
+        var = utf("MQTT") + bytes([5, flags]) + struct.pack("!H", 30) + b"\x00"
+        payload = utf(client_id) + b"\x00" + utf(will_topic) + utf("gone")
+    else:
+        var = utf("MQTT") + bytes([4, flags]) + struct.pack("!H", 30)
+        payload = utf(client_id) + utf(will_topic) + utf("gone")
+    body = var + payload
+    s.sendall(bytes([0x10, len(body)]) + body)
+    s.recv(16)  # CONNACK
+    s.close()
+
+
+def claim_qos_downgrade_table():
+    sub = C().connect()
+    for s in range(3):
+        for p in range(3):
+            sub.sub(f"dg/{p}{s}", s)
+    pub = C().connect()
+    for s in range(3):
+        for p in range(3):
+            pub.pub(f"dg/{p}{s}", f"{p}{s}", p)
+    got = sub.wait_messages(9)
+    table = sorted((t, q) for t, _, q, _ in got)
+    want = sorted((f"dg/{p}{s}", min(p, s)) for p in range(3) for s in range(3))
+    if table != want:
+        fail(f"got {table}, want {want}")
+
+
+def claim_overlapping_subscriptions_deliver_once_at_max_qos():
+    sub = C().connect()
+    sub.sub("ov/+", 0)
+    sub.sub("ov/#", 2)
+    sub.sub("ov/x", 1)
+    C().connect().pub("ov/x", "m", 2)
+    got = sub.wait_messages(1)
+    if [(t, q) for t, _, q, _ in got] != [("ov/x", 2)]:
+        fail(f"got {got}")
+
+
+def claim_plus_plus_does_not_match_sys_topics():
+    sub = C().connect()
+    sub.sub("+/+", 0)
+    pub = C().connect()
+    pub.pub("$SYS/x", "sys", 1)
+    pub.pub("a/x", "plain", 1)
+    got = sub.wait_messages(1)
+    if [t for t, _, _, _ in got] != ["a/x"]:
+        fail(f"got {got}")
+
+
+def claim_offline_messages_are_queued_and_delivered_with_session_present():
+    cid = f"offline-{LEVEL}"
+    # 5.0: a clean start with a session expiry; 3.1.1: clean session 0 from the start.
+    a = C(cid, clean=V5, expiry=300).connect()
+    a.sub("q/#", 1)
+    a.stop()
+    pub = C().connect()
+    for i in range(3):
+        pub.pub("q/x", f"m{i}", 1)
+    b = C(cid, clean=False, expiry=300)
+    b.connect()
+    if not b.session_present:
+        fail("session present not set")
+    got = [p.decode() for _, p, _, _ in b.wait_messages(3)]
+    if got != ["m0", "m1", "m2"]:
+        fail(f"got {got}")
+
+
+def claim_will_is_published_on_abnormal_disconnect_not_on_disconnect():
+    watcher = C().connect()
+    watcher.sub("will/#", 0)
+    raw_connect_with_will_then_drop(f"w1-{LEVEL}", "will/abnormal")
+    polite = C(will=("will/normal", "gone", 0)).connect()
+    polite.stop()
+    got = watcher.wait_messages(1, settle=0.5)
+    if [t for t, _, _, _ in got] != ["will/abnormal"]:
+        fail(f"got {got}")
+
+
+def claim_retained_messages_are_set_replaced_and_cleared():
+    pub = C().connect()
+    pub.pub("r/a", "one", 1, retain=True)
+    pub.pub("r/a", "two", 1, retain=True)
+    s1 = C().connect()
+    s1.sub("r/#", 1)
+    got = s1.wait_messages(1)
+    if [(t, p, r) for t, p, _, r in got] != [("r/a", b"two", True)]:
+        fail(f"retained: {got}")
+    pub.pub("r/a", "", 1, retain=True)
+    s2 = C().connect()
+    s2.sub("r/#", 1)
+    if s2.wait_messages(1, settle=0.5):
+        fail(f"cleared retained still delivered: {s2.messages}")
+    # Live forwarding clears the RETAIN flag.
+    s1.messages.clear()
+    pub.pub("r/b", "live", 0, retain=True)
+    got = s1.wait_messages(1)
+    if [r for _, _, _, r in got] != [False]:
+        fail(f"forwarded retain flag: {got}")
+
+
+def claim_a_second_connection_with_the_same_client_id_takes_over():
+    first = C(f"dup-{LEVEL}").connect()
+    second = C(f"dup-{LEVEL}").connect()
+    if not first.disconnected.wait(TIMEOUT):
+        fail("the first connection was not closed")
+    if V5 and int(getattr(first.disconnect_rc, "value", first.disconnect_rc)) != 0x8E:
+        fail(f"reason {first.disconnect_rc}, want 0x8E")
+    second.sub("t", 0)
+
+
+def claim_empty_client_id_rules():
+    if V5:
+        c = C(client_id="", clean=True).connect()
+        if not c.assigned:
+            fail("no Assigned Client Identifier")
+    else:
+        ok = C(client_id="", clean=True).connect()
+        ok.stop()
+        # paho refuses to send this itself: a bare CONNECT, empty id, clean session 0.
+        s = socket.create_connection(("127.0.0.1", PORT))
+        body = struct.pack("!H", 4) + b"MQTT" + bytes([4, 0x00]) + struct.pack("!H", 30) + struct.pack("!H", 0)
+        s.sendall(bytes([0x10, len(body)]) + body)
+        connack = s.recv(4)
+        if connack != bytes([0x20, 0x02, 0x00, 0x02]):
+            fail(f"want CONNACK return code 2 (identifier rejected), got {connack.hex()}")
+        if s.recv(1) != b"":
+            fail("connection not closed after the refusal")
+
+
+def claim_a_publisher_with_64_qos2_messages_in_flight_loses_nothing():
+    sub = C().connect()
+    sub.sub("burst/#", 2)
+    pub = C()
+    pub.c.max_inflight_messages_set(64)
+    pub.connect()
+    infos = [pub.c.publish("burst/x", f"{i}", 2) for i in range(64)]
+    for info in infos:
+        info.wait_for_publish(TIMEOUT)
+    got = [int(p) for _, p, _, _ in sub.wait_messages(64)]
+    if got != list(range(64)):
+        fail(f"got {len(got)} messages: {got[:10]}...")
+
+
+globals()[f"claim_{CLAIM}"]()
+print(f"ok [{CLAIM} v{LEVEL}]")
