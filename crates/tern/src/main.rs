@@ -54,7 +54,8 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        tracing::info!(%bind, "tern broker listening (state in memory; durability arrives with the storage issue)");
+        let addr = listener.local_addr().map_or(bind.clone(), |a| a.to_string());
+        tracing::info!("tern broker listening on {addr} (state in memory; durability arrives with the storage issue)");
         tern_broker::server::serve(listener, Settings::default(), shutdown_signal()).await;
         tracing::info!("stopped");
         ExitCode::SUCCESS

@@ -1,0 +1,51 @@
+//! Stopping the server tells 5.0 clients why: DISCONNECT 0x8B Server shutting down.
+
+// A failed unwrap in a test is a failed test, with the value in the message.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tern_codec::{Connect, MAX_PACKET_SIZE, Packet, Protocol, ReasonCode, decode, encode};
+
+#[test]
+fn a_v5_client_gets_disconnect_0x8b_when_the_broker_stops() {
+    let broker = common::Broker::start();
+    let mut sock = TcpStream::connect(("127.0.0.1", broker.port)).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut out = BytesMut::new();
+    encode(
+        &Packet::Connect(Box::new(Connect::new(Protocol::V5, "stopper"))),
+        Protocol::V5,
+        &mut out,
+    )
+    .unwrap();
+    sock.write_all(&out).unwrap();
+
+    let mut buf = BytesMut::new();
+    let mut read = |buf: &mut BytesMut| {
+        loop {
+            if let Some(p) = decode(buf, Protocol::V5, MAX_PACKET_SIZE).unwrap() {
+                return Some(p);
+            }
+            let mut chunk = [0u8; 256];
+            let n = sock.read(&mut chunk).unwrap();
+            if n == 0 {
+                return None;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    };
+    assert!(matches!(read(&mut buf), Some(Packet::ConnAck(a)) if a.reason == ReasonCode::Success));
+    drop(broker);
+    match read(&mut buf) {
+        Some(Packet::Disconnect(d)) => assert_eq!(d.reason, ReasonCode::ServerShuttingDown),
+        other => panic!("want DISCONNECT 0x8B, got {other:?}"),
+    }
+    assert!(read(&mut buf).is_none(), "then the connection closes");
+}

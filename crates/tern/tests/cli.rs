@@ -1,0 +1,53 @@
+//! The `tern` binary as a user runs it.
+
+// A failed unwrap in a test is a failed test, with the value in the message.
+#![allow(clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+
+#[test]
+fn tern_broker_listens_and_exits_0_on_sigterm() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args(["broker", "--bind", "127.0.0.1:0"])
+        .env("NO_COLOR", "1")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines
+            .next()
+            .expect("the broker said where it listens")
+            .unwrap();
+        if let Some(rest) = line.split("listening on ").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_string();
+        }
+    };
+    TcpStream::connect(&addr).expect("the broker accepts connections");
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "clean exit on SIGTERM");
+}
+
+#[test]
+fn unknown_commands_and_options_are_named_with_exit_code_2() {
+    let out = Command::new(env!("CARGO_BIN_EXE_tern"))
+        .arg("brokr")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown command 'brokr'"));
+    let out = Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args(["broker", "--port", "1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("'--port'"));
+}
