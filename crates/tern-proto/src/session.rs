@@ -59,6 +59,8 @@ pub struct SessionState {
     next_seq: u64,
     inflight: BTreeMap<PacketId, Inflight>,
     queue: VecDeque<Message>,
+    /// Payload bytes in `queue`, kept so limits are cheap to check.
+    queued_bytes: usize,
     inbound_qos2: BTreeMap<PacketId, InboundState>,
 }
 
@@ -132,14 +134,33 @@ impl SessionState {
     /// Queues an outbound QoS 1/2 message while no connection is up (an offline
     /// persistent session); it is sent, in order, when a connection resumes the session.
     pub fn enqueue(&mut self, message: Message) {
+        self.queued_bytes += message.payload.len();
         self.queue.push_back(message);
     }
 
+    /// How many messages wait for the window.
+    pub fn queued_len(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Payload bytes of the messages waiting for the window.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes
+    }
+
+    /// Removes the oldest waiting message (for a drop-oldest queue limit).
+    pub fn dequeue_oldest(&mut self) -> Option<Message> {
+        self.pop_queue()
+    }
+
     pub(crate) fn pop_queue(&mut self) -> Option<Message> {
-        self.queue.pop_front()
+        let m = self.queue.pop_front()?;
+        self.queued_bytes -= m.payload.len();
+        Some(m)
     }
 
     pub(crate) fn unpop_queue(&mut self, message: Message) {
+        self.queued_bytes += message.payload.len();
         self.queue.push_front(message);
     }
 

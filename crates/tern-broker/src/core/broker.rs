@@ -30,9 +30,24 @@ pub enum Output {
     Close(ConnId),
 }
 
+/// What to do when an offline session's queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueuePolicy {
+    /// Drop the oldest queued message to make room.
+    DropOldest,
+    /// Drop the message that does not fit.
+    DropNewest,
+}
+
 /// Broker settings the core needs.
 #[derive(Debug, Clone)]
 pub struct Settings {
+    /// Most QoS 1/2 messages queued for one offline session.
+    pub max_queued_messages: usize,
+    /// Most payload bytes queued for one offline session.
+    pub max_queued_bytes: usize,
+    /// Which message goes when a queue is full.
+    pub queue_policy: QueuePolicy,
     /// QoS 1/2 messages a client may have unacknowledged towards us (5.0 Receive Maximum).
     pub receive_maximum: u16,
     /// Topic aliases a client may use towards us.
@@ -46,6 +61,9 @@ pub struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Settings {
+            max_queued_messages: 1000,
+            max_queued_bytes: 16 << 20,
+            queue_policy: QueuePolicy::DropOldest,
             receive_maximum: 100,
             topic_alias_maximum: 10,
             window_3x: 32,
@@ -66,6 +84,8 @@ struct Session {
     /// When an offline session ends.
     expires_at: Option<Instant>,
     will: Option<LastWill>,
+    /// A will waiting out its Will Delay Interval after the connection ended.
+    pending_will: Option<(Instant, LastWill)>,
 }
 
 /// The broker core.
@@ -78,6 +98,7 @@ pub struct Broker {
     retained: BTreeMap<TopicName, Message>,
     outputs: VecDeque<Output>,
     next_assigned: u64,
+    dropped: u64,
 }
 
 impl Broker {
@@ -91,6 +112,7 @@ impl Broker {
             retained: BTreeMap::new(),
             outputs: VecDeque::new(),
             next_assigned: 0,
+            dropped: 0,
         }
     }
 
@@ -102,6 +124,11 @@ impl Broker {
     /// How many sessions exist (online and offline).
     pub fn session_count(&self) -> usize {
         self.sessions.len()
+    }
+
+    /// Messages dropped because an offline queue was full.
+    pub fn dropped_count(&self) -> u64 {
+        self.dropped
     }
 
     /// Retained messages held.
@@ -189,12 +216,20 @@ impl Broker {
         };
         debug_assert_eq!(id, conn);
         session.stored = connection.into_session();
+        tracing::info!(conn, client_id = %client_id, "disconnected");
         if let Some(will) = session.will.take() {
-            self.publish_will(will, now);
+            let delay = u64::from(will.properties.will_delay_interval.unwrap_or(0));
+            if delay == 0 || session.expiry.is_zero() {
+                self.publish_will(will, now);
+            } else {
+                // Sent when the delay passes or the session ends, whichever comes first,
+                // unless the client reconnects in time [MQTT-3.1.3-9].
+                session.pending_will = Some((now + Duration::from_secs(delay), will));
+            }
         }
         let session = self.sessions.get_mut(&client_id).expect("still there");
         if session.expiry.is_zero() {
-            self.end_session(&client_id);
+            self.end_session(&client_id, now);
         } else {
             session.expires_at = Some(now + session.expiry);
         }
@@ -228,7 +263,14 @@ impl Broker {
                 c.handle_timeout(now);
                 self.drain(&client_id, now);
             } else if session.expires_at.is_some_and(|at| now >= at) {
-                self.end_session(&client_id);
+                self.end_session(&client_id, now);
+            } else if session
+                .pending_will
+                .as_ref()
+                .is_some_and(|(at, _)| now >= *at)
+            {
+                let (_, will) = session.pending_will.take().expect("checked");
+                self.publish_will(will, now);
             }
         }
     }
@@ -273,7 +315,7 @@ impl Broker {
             self.handle_closed(old_conn, now);
         }
         if connect.clean_start {
-            self.end_session(&client_id);
+            self.end_session(&client_id, now);
         }
         let present = self.sessions.contains_key(&client_id);
 
@@ -306,11 +348,15 @@ impl Broker {
                 expiry,
                 expires_at: None,
                 will: None,
+                pending_will: None,
             });
         session.protocol = v;
         session.expiry = expiry;
         session.expires_at = None;
         session.will = connect.will;
+        // Back in time: a delayed will from the last connection is not sent.
+        session.pending_will = None;
+        tracing::info!(conn, client_id = %client_id, protocol = %v, session_present = present, "connected");
         let stored = std::mem::take(&mut session.stored);
         session.conn = Some((conn, Connection::new(config, stored, present, now)));
         self.conns.insert(conn, client_id.clone());
@@ -392,8 +438,39 @@ impl Broker {
                 c.publish(message, now);
                 self.drain(client_id, now);
             }
-            // Offline persistent session: QoS 1/2 wait in order; QoS 0 is dropped.
-            None if message.qos != QoS::AtMostOnce => session.stored.enqueue(message),
+            // Offline persistent session: QoS 1/2 wait in order, within the limits; QoS 0
+            // is dropped.
+            None if message.qos != QoS::AtMostOnce => {
+                let limits = (
+                    self.settings.max_queued_messages,
+                    self.settings.max_queued_bytes,
+                );
+                let full = |s: &SessionState, extra: usize| {
+                    s.queued_len() + 1 > limits.0 || s.queued_bytes() + extra > limits.1
+                };
+                let size = message.payload.len();
+                let mut dropped = 0;
+                match self.settings.queue_policy {
+                    QueuePolicy::DropNewest if full(&session.stored, size) => dropped = 1,
+                    QueuePolicy::DropNewest => session.stored.enqueue(message),
+                    QueuePolicy::DropOldest => {
+                        while full(&session.stored, size)
+                            && session.stored.dequeue_oldest().is_some()
+                        {
+                            dropped += 1;
+                        }
+                        if full(&session.stored, size) {
+                            dropped += 1; // larger than the whole byte limit on its own
+                        } else {
+                            session.stored.enqueue(message);
+                        }
+                    }
+                }
+                if dropped > 0 {
+                    self.dropped += dropped;
+                    tracing::warn!(client_id = %client_id, dropped, policy = ?self.settings.queue_policy, "offline queue full: messages dropped");
+                }
+            }
             None => {}
         }
     }
@@ -488,10 +565,13 @@ impl Broker {
         self.route(m, now);
     }
 
-    fn end_session(&mut self, client_id: &Str) {
+    fn end_session(&mut self, client_id: &Str, now: Instant) {
         if let Some(s) = self.sessions.remove(client_id) {
             for filter in s.subscriptions.keys() {
                 self.trie.unsubscribe(filter, client_id);
+            }
+            if let Some((_, will)) = s.pending_will {
+                self.publish_will(will, now);
             }
         }
     }

@@ -3,6 +3,6 @@
 mod broker;
 mod trie;
 
-pub use broker::{Broker, ConnId, Output, Settings};
+pub use broker::{Broker, ConnId, Output, QueuePolicy, Settings};
 
 pub use trie::{Delivery, SubscriptionTrie};
