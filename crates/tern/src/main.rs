@@ -1,14 +1,15 @@
-//! The `tern` command: `tern broker [--bind ADDR]`.
+//! The `tern` command: `tern broker [--config FILE] [--bind ADDR]`.
+
+mod config;
 
 use std::process::ExitCode;
 
-use tern_broker::core::Settings;
-
-const USAGE: &str = "usage: tern broker [--bind ADDR]   (default 127.0.0.1:1883)";
+const USAGE: &str = "usage: tern broker [--config FILE] [--bind ADDR]   (default: every setting's default, 127.0.0.1:1883)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let mut bind = "127.0.0.1:1883".to_string();
+    let mut bind = None;
+    let mut config_path = None;
     match args.first().map(String::as_str) {
         Some("broker") => {}
         Some("-h" | "--help") | None => {
@@ -23,13 +24,32 @@ fn main() -> ExitCode {
     let mut rest = args[1..].iter();
     while let Some(arg) = rest.next() {
         match (arg.as_str(), rest.next()) {
-            ("--bind", Some(addr)) => bind = addr.clone(),
+            ("--bind", Some(addr)) => bind = Some(addr.clone()),
+            ("--config", Some(path)) => config_path = Some(path.clone()),
             (flag, _) => {
                 eprintln!("tern broker: unknown or incomplete option '{flag}'\n{USAGE}");
                 return ExitCode::from(2);
             }
         }
     }
+    let file = match &config_path {
+        None => config::File::default(),
+        Some(path) => match std::fs::read_to_string(path) {
+            Err(e) => {
+                eprintln!("tern broker: cannot read {path}: {e}");
+                return ExitCode::from(2);
+            }
+            Ok(text) => match config::File::parse(&text) {
+                Ok(f) => f,
+                Err(e) => {
+                    eprintln!("tern broker: {path}: {e}");
+                    return ExitCode::from(2);
+                }
+            },
+        },
+    };
+    let bind = bind.unwrap_or_else(|| file.listener.bind.clone());
+    let settings = file.settings();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -56,7 +76,7 @@ fn main() -> ExitCode {
         };
         let addr = listener.local_addr().map_or(bind.clone(), |a| a.to_string());
         tracing::info!("tern broker listening on {addr} (state in memory; durability arrives with the storage issue)");
-        tern_broker::server::serve(listener, Settings::default(), shutdown_signal()).await;
+        tern_broker::server::serve(listener, settings, shutdown_signal()).await;
         tracing::info!("stopped");
         ExitCode::SUCCESS
     })

@@ -51,3 +51,18 @@ fn unknown_commands_and_options_are_named_with_exit_code_2() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("'--port'"));
 }
+
+#[test]
+fn a_config_file_with_an_unknown_key_stops_startup_naming_key_and_line() {
+    let dir = std::env::temp_dir().join(format!("tern-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("bad.toml");
+    std::fs::write(&path, "[listener]\nbind = \"127.0.0.1:0\"\nbnid = 1\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args(["broker", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bnid") && err.contains("line 3"), "{err}");
+}

@@ -1,0 +1,177 @@
+//! `tern broker --config FILE`: the TOML configuration. Every setting has a default (the
+//! table in docs/configuration.md); an unknown key or a bad value stops startup with an
+//! error naming the key and its line.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+use tern_broker::core::{QueuePolicy, Settings};
+
+/// The whole file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct File {
+    pub(crate) listener: Listener,
+    pub(crate) sessions: Sessions,
+    pub(crate) limits: Limits,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct Listener {
+    /// Address to listen on.
+    pub(crate) bind: String,
+}
+
+impl Default for Listener {
+    fn default() -> Self {
+        Listener {
+            bind: "127.0.0.1:1883".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct Sessions {
+    max_queued_messages: usize,
+    max_queued_bytes: usize,
+    queue_policy: Policy,
+    max_session_expiry_3x_secs: u32,
+}
+
+impl Default for Sessions {
+    fn default() -> Self {
+        let s = Settings::default();
+        Sessions {
+            max_queued_messages: s.max_queued_messages,
+            max_queued_bytes: s.max_queued_bytes,
+            queue_policy: Policy::DropOldest,
+            max_session_expiry_3x_secs: u32::MAX,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum Policy {
+    DropOldest,
+    DropNewest,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct Limits {
+    receive_maximum: u16,
+    topic_alias_maximum: u16,
+    inflight_3x: u16,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        let s = Settings::default();
+        Limits {
+            receive_maximum: s.receive_maximum,
+            topic_alias_maximum: s.topic_alias_maximum,
+            inflight_3x: s.window_3x,
+        }
+    }
+}
+
+impl File {
+    /// Parses and checks a configuration file's text; the error names the key and line.
+    pub(crate) fn parse(text: &str) -> Result<File, String> {
+        let file: File = toml::from_str(text).map_err(|e| e.to_string())?;
+        if file.limits.receive_maximum == 0 {
+            return Err("limits.receive_maximum must be at least 1".into());
+        }
+        if file.limits.inflight_3x == 0 {
+            return Err("limits.inflight_3x must be at least 1".into());
+        }
+        if file.listener.bind.parse::<std::net::SocketAddr>().is_err() {
+            return Err(format!(
+                "listener.bind: '{}' is not an address like 127.0.0.1:1883",
+                file.listener.bind
+            ));
+        }
+        Ok(file)
+    }
+
+    /// The broker core's settings.
+    pub(crate) fn settings(&self) -> Settings {
+        Settings {
+            max_queued_messages: self.sessions.max_queued_messages,
+            max_queued_bytes: self.sessions.max_queued_bytes,
+            queue_policy: match self.sessions.queue_policy {
+                Policy::DropOldest => QueuePolicy::DropOldest,
+                Policy::DropNewest => QueuePolicy::DropNewest,
+            },
+            receive_maximum: self.limits.receive_maximum,
+            topic_alias_maximum: self.limits.topic_alias_maximum,
+            window_3x: self.limits.inflight_3x,
+            max_session_expiry_3x: Duration::from_secs(u64::from(
+                self.sessions.max_session_expiry_3x_secs,
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_file_gives_every_default() {
+        let f = File::parse("").unwrap();
+        assert_eq!(f.listener.bind, "127.0.0.1:1883");
+        let s = f.settings();
+        let d = Settings::default();
+        assert_eq!(
+            (
+                s.max_queued_messages,
+                s.max_queued_bytes,
+                s.queue_policy,
+                s.receive_maximum
+            ),
+            (
+                d.max_queued_messages,
+                d.max_queued_bytes,
+                d.queue_policy,
+                d.receive_maximum
+            )
+        );
+    }
+
+    #[test]
+    fn settings_are_read() {
+        let f = File::parse(
+            "[listener]\nbind = \"0.0.0.0:1884\"\n[sessions]\nqueue_policy = \"drop-newest\"\nmax_queued_messages = 5\n[limits]\nreceive_maximum = 7\n",
+        )
+        .unwrap();
+        let s = f.settings();
+        assert_eq!(f.listener.bind, "0.0.0.0:1884");
+        assert_eq!(
+            (s.queue_policy, s.max_queued_messages, s.receive_maximum),
+            (QueuePolicy::DropNewest, 5, 7)
+        );
+    }
+
+    #[test]
+    fn an_unknown_key_is_named_with_its_line() {
+        let e = File::parse("[listener]\nbind = \"127.0.0.1:1\"\n[sessions]\nmax_queued = 3\n")
+            .unwrap_err();
+        assert!(e.contains("max_queued") && e.contains("line 4"), "{e}");
+    }
+
+    #[test]
+    fn a_bad_value_is_named_with_its_line() {
+        let e = File::parse("[sessions]\nqueue_policy = \"drop-random\"\n").unwrap_err();
+        assert!(e.contains("drop-random") && e.contains("line 2"), "{e}");
+        let e = File::parse("[limits]\nreceive_maximum = 70000\n").unwrap_err();
+        assert!(e.contains("line 2"), "{e}");
+        let e = File::parse("[limits]\nreceive_maximum = 0\n").unwrap_err();
+        assert!(e.contains("limits.receive_maximum"), "{e}");
+        let e = File::parse("[listener]\nbind = \"localhost\"\n").unwrap_err();
+        assert!(e.contains("listener.bind"), "{e}");
+    }
+}
