@@ -17,9 +17,6 @@ use tokio::sync::mpsc;
 
 use crate::core::{Broker, ConnId, Output, Settings};
 
-/// How long a new connection may take to send CONNECT.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
 enum ToCore {
     Accepted(ConnId, mpsc::UnboundedSender<ToConn>),
     Packet(ConnId, Packet),
@@ -50,6 +47,7 @@ fn protocol_from(code: u8) -> Option<Protocol> {
 /// DISCONNECT 0x8B), flushes, and returns.
 pub async fn serve(listener: TcpListener, settings: Settings, shutdown: impl Future<Output = ()>) {
     let (to_core, mut from_conns) = mpsc::unbounded_channel::<ToCore>();
+    let connect_timeout = settings.connect_timeout;
     let core = tokio::spawn(async move {
         let mut broker = Broker::new(settings);
         let mut writers: HashMap<ConnId, mpsc::UnboundedSender<ToConn>> = HashMap::new();
@@ -90,7 +88,7 @@ pub async fn serve(listener: TcpListener, settings: Settings, shutdown: impl Fut
                 let conn = next;
                 tracing::debug!(conn, %peer, "accepted");
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(connection(conn, stream, to_core.clone()));
+                tokio::spawn(connection(conn, stream, to_core.clone(), connect_timeout));
             }
         }
     };
@@ -127,7 +125,12 @@ fn dispatch(broker: &mut Broker, writers: &mut HashMap<ConnId, mpsc::UnboundedSe
     }
 }
 
-async fn connection(conn: ConnId, stream: TcpStream, to_core: mpsc::UnboundedSender<ToCore>) {
+async fn connection(
+    conn: ConnId,
+    stream: TcpStream,
+    to_core: mpsc::UnboundedSender<ToCore>,
+    connect_timeout: Duration,
+) {
     let (tx, mut rx) = mpsc::unbounded_channel::<ToConn>();
     if to_core.send(ToCore::Accepted(conn, tx)).is_err() {
         return;
@@ -174,7 +177,7 @@ async fn connection(conn: ConnId, stream: TcpStream, to_core: mpsc::UnboundedSen
         let read = if connected {
             reader.read_buf(&mut buf).await
         } else {
-            match tokio::time::timeout(CONNECT_TIMEOUT, reader.read_buf(&mut buf)).await {
+            match tokio::time::timeout(connect_timeout, reader.read_buf(&mut buf)).await {
                 Ok(r) => r,
                 Err(_) => break 'read,
             }

@@ -49,3 +49,30 @@ fn a_v5_client_gets_disconnect_0x8b_when_the_broker_stops() {
     }
     assert!(read(&mut buf).is_none(), "then the connection closes");
 }
+
+#[test]
+fn a_connection_that_never_sends_connect_is_closed_after_the_connect_timeout() {
+    let broker = common::Broker::with(tern_broker::core::Settings {
+        connect_timeout: Duration::from_millis(300),
+        ..Default::default()
+    });
+    let mut sock = TcpStream::connect(("127.0.0.1", broker.port)).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let started = std::time::Instant::now();
+    let mut byte = [0u8; 1];
+    assert_eq!(sock.read(&mut byte).unwrap(), 0, "closed without a word");
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "not before the timeout"
+    );
+}
+
+#[test]
+fn a_first_packet_other_than_connect_closes_the_connection() {
+    let broker = common::Broker::start();
+    let mut sock = TcpStream::connect(("127.0.0.1", broker.port)).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    sock.write_all(&[0xC0, 0x00]).unwrap(); // PINGREQ
+    let mut byte = [0u8; 1];
+    assert_eq!(sock.read(&mut byte).unwrap(), 0);
+}

@@ -56,6 +56,8 @@ pub struct Settings {
     pub window_3x: u16,
     /// Longest a 3.x persistent session (clean session 0) is kept after disconnect.
     pub max_session_expiry_3x: Duration,
+    /// How long a new connection may take to send CONNECT before it is closed.
+    pub connect_timeout: Duration,
 }
 
 impl Default for Settings {
@@ -68,6 +70,7 @@ impl Default for Settings {
             topic_alias_maximum: 10,
             window_3x: 32,
             max_session_expiry_3x: Duration::from_secs(u64::from(u32::MAX)),
+            connect_timeout: Duration::from_secs(10),
         }
     }
 }

@@ -15,6 +15,10 @@ pub struct Broker {
 
 impl Broker {
     pub fn start() -> Broker {
+        Broker::with(tern_broker::core::Settings::default())
+    }
+
+    pub fn with(settings: tern_broker::core::Settings) -> Broker {
         let (port_tx, port_rx) = std::sync::mpsc::channel();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
@@ -26,7 +30,7 @@ impl Broker {
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 port_tx.send(listener.local_addr().unwrap().port()).unwrap();
-                tern_broker::server::serve(listener, Default::default(), async {
+                tern_broker::server::serve(listener, settings, async {
                     let _ = stopped.await;
                 })
                 .await;
