@@ -1,7 +1,8 @@
 //! The hot path allocates nothing of its own: decoding a PUBLISH hands out `Bytes` slices of
 //! the read buffer, and encoding into a buffer with room writes in place. Counted with an
-//! instrumented global allocator; this file holds a single test so no other test's
-//! allocations are counted (nextest also runs each test in its own process).
+//! instrumented global allocator over 1,000 messages. The counter is process-wide, and the
+//! test harness's own threads may allocate a few times meanwhile, so each count allows a
+//! small constant `NOISE`: an allocation per message would show up as 1,000 or more.
 
 // A failed unwrap in a test is a failed test, with the value in the message.
 #![allow(clippy::unwrap_used)]
@@ -17,13 +18,19 @@ use tern_codec::{MAX_PACKET_SIZE, Packet, Protocol, Publish, QosPid, TopicName, 
 static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
 
 const N: usize = 1000;
+/// Allocations the test harness's other threads may make during a measured region.
+const NOISE: usize = 8;
 
 #[test]
 fn publish_decode_and_encode_allocate_nothing_per_message_beyond_a_property_list() {
     // The counter itself works: one Vec is one allocation.
     let region = Region::new(GLOBAL);
     let probe: Vec<u8> = std::hint::black_box(Vec::with_capacity(8));
-    assert_eq!(region.change().allocations, 1);
+    let counted = region.change().allocations;
+    assert!(
+        (1..=1 + NOISE).contains(&counted),
+        "probe counted {counted}"
+    );
     drop(probe);
 
     // (version, with 5.0 properties, allocations per decoded message)
@@ -51,9 +58,9 @@ fn publish_decode_and_encode_allocate_nothing_per_message_beyond_a_property_list
             encode(&packet, v, &mut wire).unwrap();
         }
         let encoding = region.change();
-        assert_eq!(
-            encoding.allocations, 0,
-            "{v}: encode allocated {encoding:?}"
+        assert!(
+            encoding.allocations <= NOISE,
+            "{v}: encoding {N} messages allocated {encoding:?}"
         );
 
         let region = Region::new(GLOBAL);
@@ -65,8 +72,8 @@ fn publish_decode_and_encode_allocate_nothing_per_message_beyond_a_property_list
         let decoding = region.change().allocations - setup;
         assert_eq!(decoded.len(), N);
         assert!(decoded.iter().all(|d| *d == packet));
-        // Plus at most one for the whole read buffer: the first split makes it shared.
-        let allowed = N * per_message + 1;
+        // Plus one for the whole read buffer (the first split makes it shared) and noise.
+        let allowed = N * per_message + 1 + NOISE;
         assert!(
             decoding <= allowed && decoding >= N * per_message,
             "{v} (properties: {with_properties}): {N} messages made {decoding} allocations"
