@@ -55,3 +55,76 @@ impl Drop for Broker {
         }
     }
 }
+
+/// A bare MQTT client over TCP, built on tern-codec, for tests that need exact control
+/// (withholding acknowledgements, going silent, sending bad bytes).
+pub struct Raw {
+    sock: std::net::TcpStream,
+    buf: bytes::BytesMut,
+    pub v: tern_codec::Protocol,
+}
+
+impl Raw {
+    pub fn connect(port: u16, connect: tern_codec::Connect) -> (Raw, tern_codec::ConnAck) {
+        let sock = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        sock.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let mut raw = Raw {
+            sock,
+            buf: bytes::BytesMut::new(),
+            v: connect.protocol,
+        };
+        raw.send(tern_codec::Packet::Connect(Box::new(connect)));
+        match raw.recv() {
+            Some(tern_codec::Packet::ConnAck(a)) => (raw, a),
+            other => panic!("want CONNACK, got {other:?}"),
+        }
+    }
+
+    pub fn send(&mut self, p: tern_codec::Packet) {
+        use std::io::Write;
+        let mut out = bytes::BytesMut::new();
+        tern_codec::encode(&p, self.v, &mut out).unwrap();
+        self.sock.write_all(&out).unwrap();
+    }
+
+    pub fn send_bytes(&mut self, bytes: &[u8]) {
+        use std::io::Write;
+        self.sock.write_all(bytes).unwrap();
+    }
+
+    /// The next packet, or None once the broker closed the connection.
+    pub fn recv(&mut self) -> Option<tern_codec::Packet> {
+        use std::io::Read;
+        loop {
+            if let Some(p) =
+                tern_codec::decode(&mut self.buf, self.v, tern_codec::MAX_PACKET_SIZE).unwrap()
+            {
+                return Some(p);
+            }
+            let mut chunk = [0u8; 4096];
+            match self.sock.read(&mut chunk) {
+                Ok(0) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return None,
+                Err(e) => panic!("read: {e}"),
+            }
+        }
+    }
+
+    pub fn subscribe(&mut self, filter: &str, qos: tern_codec::QoS) {
+        let s = tern_codec::Subscribe {
+            packet_id: std::num::NonZeroU16::new(1).unwrap(),
+            subscriptions: vec![tern_codec::Subscription {
+                filter: tern_codec::TopicFilter::new(filter).unwrap(),
+                options: tern_codec::SubscriptionOptions {
+                    qos,
+                    ..Default::default()
+                },
+            }],
+            properties: Default::default(),
+        };
+        self.send(tern_codec::Packet::Subscribe(s));
+        assert!(matches!(self.recv(), Some(tern_codec::Packet::SubAck(_))));
+    }
+}

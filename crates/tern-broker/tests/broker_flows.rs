@@ -1,0 +1,144 @@
+//! Broker behaviour over real TCP that needs exact control of the client side: withheld
+//! acknowledgements, silence, bad bytes. The client is a bare socket speaking through
+//! tern-codec; the broker is the real server.
+
+// A failed unwrap in a test is a failed test, with the value in the message.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::num::NonZeroU16;
+
+use common::Raw;
+use tern_codec::{
+    Ack, Connect, LastWill, Packet, Protocol, Publish, QoS, QosPid, ReasonCode, TopicName,
+};
+
+fn persistent(v: Protocol, id: &str) -> Connect {
+    let mut c = Connect::new(v, id);
+    c.clean_start = false;
+    if v.is_v5() {
+        c.properties.session_expiry_interval = Some(300);
+    }
+    c
+}
+
+fn publish(port: u16, topic: &str, payload: &str, qos: QoS) {
+    let (mut p, _) = Raw::connect(port, Connect::new(Protocol::V3_1_1, format!("pub-{topic}")));
+    let id = NonZeroU16::new(1).unwrap();
+    p.send(Packet::Publish(Publish::new(
+        TopicName::new(topic).unwrap(),
+        QosPid::new(qos, id),
+        payload.to_string(),
+    )));
+    if qos != QoS::AtMostOnce {
+        let ack = p.recv().unwrap();
+        if qos == QoS::ExactlyOnce {
+            assert!(matches!(ack, Packet::PubRec(_)));
+            p.send(Packet::PubRel(Ack::new(id)));
+            assert!(matches!(p.recv(), Some(Packet::PubComp(_))));
+        }
+    }
+}
+
+#[test]
+fn an_unacknowledged_qos1_message_is_resent_with_dup_and_its_id_after_reconnect() {
+    for v in [Protocol::V3_1_1, Protocol::V5] {
+        let broker = common::Broker::start();
+        let (mut sub, _) = Raw::connect(broker.port, persistent(v, "s"));
+        sub.subscribe("t", QoS::AtLeastOnce);
+        publish(broker.port, "t", "m", QoS::AtLeastOnce);
+        let Some(Packet::Publish(first)) = sub.recv() else {
+            panic!("no PUBLISH")
+        };
+        assert!(!first.dup);
+        drop(sub); // no PUBACK
+        let (mut sub, ack) = Raw::connect(broker.port, persistent(v, "s"));
+        assert!(ack.session_present, "{v}");
+        let Some(Packet::Publish(again)) = sub.recv() else {
+            panic!("not resent")
+        };
+        assert!(again.dup, "{v}: DUP on the resend");
+        assert_eq!(again.packet_id(), first.packet_id(), "{v}: same id");
+        assert_eq!(&again.payload[..], b"m");
+    }
+}
+
+#[test]
+fn pubrel_is_resent_after_reconnect_when_pubcomp_was_lost() {
+    let broker = common::Broker::start();
+    let (mut sub, _) = Raw::connect(broker.port, persistent(Protocol::V5, "s2"));
+    sub.subscribe("t", QoS::ExactlyOnce);
+    publish(broker.port, "t", "once", QoS::ExactlyOnce);
+    let Some(Packet::Publish(p)) = sub.recv() else {
+        panic!("no PUBLISH")
+    };
+    let id = p.packet_id().unwrap();
+    sub.send(Packet::PubRec(Ack::new(id)));
+    assert_eq!(sub.recv(), Some(Packet::PubRel(Ack::new(id))));
+    drop(sub); // PUBCOMP never sent
+    let (mut sub, ack) = Raw::connect(broker.port, persistent(Protocol::V5, "s2"));
+    assert!(ack.session_present);
+    assert_eq!(
+        sub.recv(),
+        Some(Packet::PubRel(Ack::new(id))),
+        "PUBREL again, not the PUBLISH"
+    );
+    sub.send(Packet::PubComp(Ack::new(id)));
+}
+
+#[test]
+fn the_will_is_published_when_keepalive_expires() {
+    let broker = common::Broker::start();
+    let (mut watcher, _) = Raw::connect(broker.port, Connect::new(Protocol::V3_1_1, "watch"));
+    watcher.subscribe("wills/#", QoS::AtMostOnce);
+    let mut silent = Connect::new(Protocol::V3_1_1, "silent");
+    silent.keep_alive = 1;
+    silent.will = Some(LastWill {
+        topic: TopicName::new("wills/silent").unwrap(),
+        payload: "timed out".into(),
+        qos: QoS::AtMostOnce,
+        retain: false,
+        properties: Default::default(),
+    });
+    let (_silent, _) = Raw::connect(broker.port, silent);
+    // 1.5 x keep alive plus the broker's 0.5 s tick; the watcher waits up to 10 s.
+    match watcher.recv() {
+        Some(Packet::Publish(p)) => assert_eq!(p.topic.as_str(), "wills/silent"),
+        other => panic!("want the will, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_second_connect_is_a_protocol_error() {
+    let broker = common::Broker::start();
+    let (mut c, _) = Raw::connect(broker.port, Connect::new(Protocol::V5, "twice"));
+    c.send(Packet::Connect(Box::new(Connect::new(
+        Protocol::V5,
+        "twice",
+    ))));
+    match c.recv() {
+        Some(Packet::Disconnect(d)) => assert_eq!(d.reason, ReasonCode::ProtocolError),
+        other => panic!("want DISCONNECT 0x82, got {other:?}"),
+    }
+    assert_eq!(c.recv(), None);
+}
+
+#[test]
+fn a_malformed_packet_closes_only_the_offending_connection() {
+    let broker = common::Broker::start();
+    let (mut good, _) = Raw::connect(broker.port, Connect::new(Protocol::V5, "good"));
+    good.subscribe("t", QoS::AtMostOnce);
+    let (mut bad, _) = Raw::connect(broker.port, Connect::new(Protocol::V5, "bad"));
+    bad.send_bytes(&[0x30, 0x05, 0x00, 0x02, b'+', b'x', 0x00]); // wildcard in a topic name
+    match bad.recv() {
+        Some(Packet::Disconnect(d)) => assert_eq!(d.reason, ReasonCode::TopicNameInvalid),
+        other => panic!("want DISCONNECT 0x90, got {other:?}"),
+    }
+    assert_eq!(bad.recv(), None);
+    publish(broker.port, "t", "still here", QoS::AtMostOnce);
+    let Some(Packet::Publish(p)) = good.recv() else {
+        panic!("the other client lost its message")
+    };
+    assert_eq!(&p.payload[..], b"still here");
+}
