@@ -86,7 +86,7 @@ pub async fn serve(listener: TcpListener, settings: Settings, shutdown: impl Fut
                 };
                 next += 1;
                 let conn = next;
-                tracing::debug!(conn, %peer, "accepted");
+                tracing::info!(conn, %peer, "accepted");
                 let _ = stream.set_nodelay(true);
                 tokio::spawn(connection(conn, stream, to_core.clone(), connect_timeout));
             }

@@ -70,3 +70,8 @@ fn empty_client_id_rules() {
 fn a_publisher_with_64_qos2_messages_in_flight_loses_nothing() {
     claim("a_publisher_with_64_qos2_messages_in_flight_loses_nothing");
 }
+
+#[test]
+fn clean_start_discards_the_session_and_its_queue() {
+    claim("clean_start_discards_the_session_and_its_queue");
+}

@@ -388,6 +388,7 @@ impl Broker {
                 Event::Control(Packet::Unsubscribe(u)) => self.unsubscribe(client_id, u),
                 Event::Control(_) | Event::Acknowledged { .. } | Event::Dropped { .. } => {}
                 Event::Closed { reason } => {
+                    tracing::info!(conn, client_id = %client_id, ?reason, "closing");
                     // A normal DISCONNECT discards the will, except 0x04 [MQTT-3.14.4-3].
                     if let Some(s) = self.sessions.get_mut(client_id)
                         && reason == ReasonCode::Success
