@@ -113,21 +113,10 @@ fn capture(level: &str) -> BTreeMap<String, Vec<u8>> {
                         properties: Default::default(),
                     };
                     reply(Packet::SubAck(ack), &mut replies);
-                    for (id, topic, qos_pid, payload) in [
-                        (
-                            1,
-                            "tern/a/s1",
-                            QosPid::AtLeastOnce(pid(1)),
-                            "from server q1",
-                        ),
-                        (
-                            2,
-                            "tern/b/s2",
-                            QosPid::ExactlyOnce(pid(2)),
-                            "from server q2",
-                        ),
+                    for (topic, qos_pid, payload) in [
+                        ("tern/a/s1", QosPid::AtLeastOnce(pid(1)), "from server q1"),
+                        ("tern/b/s2", QosPid::ExactlyOnce(pid(2)), "from server q2"),
                     ] {
-                        let _ = id;
                         let p = Publish::new(TopicName::new(topic).unwrap(), qos_pid, payload);
                         reply(Packet::Publish(p), &mut replies);
                     }

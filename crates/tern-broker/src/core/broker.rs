@@ -76,7 +76,6 @@ impl Default for Settings {
 }
 
 struct Session {
-    protocol: Protocol,
     /// The live connection, if any.
     conn: Option<(ConnId, Connection)>,
     /// The durable state while no connection is up.
@@ -344,7 +343,6 @@ impl Broker {
             .sessions
             .entry(client_id.clone())
             .or_insert_with(|| Session {
-                protocol: v,
                 conn: None,
                 stored: SessionState::new(),
                 subscriptions: BTreeMap::new(),
@@ -353,7 +351,6 @@ impl Broker {
                 will: None,
                 pending_will: None,
             });
-        session.protocol = v;
         session.expiry = expiry;
         session.expires_at = None;
         session.will = connect.will;
