@@ -7,10 +7,11 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::BytesMut;
 use tern_codec::{DecodeError, MAX_PACKET_SIZE, Packet, Protocol};
+use tern_store::{Store, StoreError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -44,12 +45,18 @@ fn protocol_from(code: u8) -> Option<Protocol> {
 }
 
 /// Serves MQTT on `listener` until `shutdown` completes; then tells every client (5.0:
-/// DISCONNECT 0x8B), flushes, and returns.
-pub async fn serve(listener: TcpListener, settings: Settings, shutdown: impl Future<Output = ()>) {
+/// DISCONNECT 0x8B), flushes, and returns. State is loaded from `store` first and written
+/// to it as it changes; an error here means the store could not be read.
+pub async fn serve(
+    listener: TcpListener,
+    settings: Settings,
+    store: Box<dyn Store>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), StoreError> {
     let (to_core, mut from_conns) = mpsc::unbounded_channel::<ToCore>();
     let connect_timeout = settings.connect_timeout;
+    let mut broker = Broker::new(settings, store, Instant::now(), SystemTime::now())?;
     let core = tokio::spawn(async move {
-        let mut broker = Broker::new(settings);
         let mut writers: HashMap<ConnId, mpsc::UnboundedSender<ToConn>> = HashMap::new();
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         loop {
@@ -100,6 +107,7 @@ pub async fn serve(listener: TcpListener, settings: Settings, shutdown: impl Fut
     let _ = core.await;
     // Give connection tasks a moment to flush the DISCONNECTs.
     tokio::time::sleep(Duration::from_millis(100)).await;
+    Ok(())
 }
 
 /// Sends each connection what the broker produced, grouped so a connection gets one

@@ -1,11 +1,11 @@
-//! The sans-IO broker core driven directly, with simulated time: offline-queue limits and
-//! the 5.0 Will Delay Interval.
+//! The sans-IO broker core driven directly, with simulated time: offline-queue limits, the
+//! 5.0 Will Delay Interval, and restarts on the same store.
 
 // A failed unwrap in a test is a failed test, with the value in the message.
 #![allow(clippy::unwrap_used)]
 
 use std::num::NonZeroU16;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use tern_broker::core::{Broker, ConnId, Output, QueuePolicy, Settings};
 use tern_codec::properties::{ConnectProperties, WillProperties};
@@ -13,22 +13,53 @@ use tern_codec::{
     Connect, LastWill, Packet, Protocol, Publish, QoS, QosPid, Subscribe, Subscription,
     SubscriptionOptions, TopicFilter, TopicName,
 };
+use tern_store::MemoryStore;
 
 struct Sim {
     broker: Broker,
+    settings: Settings,
     now: Instant,
+    /// The wall-clock time of `anchor.0`.
+    anchor: (Instant, SystemTime),
     outputs: Vec<Output>,
     next: ConnId,
 }
 
 impl Sim {
     fn new(settings: Settings) -> Sim {
+        let now = Instant::now();
+        let wall = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
         Sim {
-            broker: Broker::new(settings),
-            now: Instant::now(),
+            broker: Broker::new(settings.clone(), Box::new(MemoryStore::new()), now, wall).unwrap(),
+            settings,
+            now,
+            anchor: (now, wall),
             outputs: vec![],
             next: 0,
         }
+    }
+
+    /// The broker process ends (every connection with it) and a new one starts on the
+    /// same store `down_for` later. The new process's monotonic clock has nothing to do
+    /// with the old one's, so only wall-clock deadlines can carry over.
+    fn restart(&mut self, down_for: Duration) {
+        let wall = self.anchor.1 + (self.now - self.anchor.0) + down_for;
+        self.now += Duration::from_secs(100_000);
+        let fresh = Broker::new(
+            self.settings.clone(),
+            Box::new(MemoryStore::new()),
+            self.now,
+            wall,
+        )
+        .unwrap();
+        let store = std::mem::replace(&mut self.broker, fresh).into_store();
+        self.broker = Broker::new(self.settings.clone(), store, self.now, wall).unwrap();
+        self.anchor = (self.now, wall);
+        self.outputs.clear();
+    }
+
+    fn stored(&self) -> tern_store::Snapshot {
+        self.broker.store().load().unwrap()
     }
 
     fn pump(&mut self) {
@@ -223,4 +254,152 @@ fn a_delayed_will_is_published_when_the_session_ends_first() {
         1,
         "only the watcher's session is left"
     );
+}
+
+fn v5_persistent(id: &str, expiry: u32) -> Connect {
+    let mut c = Connect::new(Protocol::V5, id);
+    c.clean_start = false;
+    c.properties = ConnectProperties {
+        session_expiry_interval: Some(expiry),
+        ..Default::default()
+    }
+    .into();
+    c
+}
+
+fn connack_session_present(sim: &Sim, conn: ConnId) -> bool {
+    sim.outputs
+        .iter()
+        .find_map(|o| match o {
+            Output::Send(c, Packet::ConnAck(a)) if *c == conn => Some(a.session_present),
+            _ => None,
+        })
+        .unwrap()
+}
+
+#[test]
+fn a_broker_restarted_on_the_same_store_resumes_sessions_queues_and_retained_messages() {
+    let mut sim = Sim::new(Settings::default());
+    let a = sim.connect(v5_persistent("a", 3600));
+    sim.subscribe(a, "t/#", QoS::AtLeastOnce);
+    sim.close(a);
+    let b = sim.connect(Connect::new(Protocol::V3_1_1, "b"));
+    sim.publish(b, "t/1", "queued", 1);
+    let mut retained = Publish::new(
+        TopicName::new("r").unwrap(),
+        QosPid::AtLeastOnce(NonZeroU16::new(2).unwrap()),
+        "kept",
+    );
+    retained.retain = true;
+    sim.send(b, Packet::Publish(retained));
+
+    sim.restart(Duration::from_secs(60));
+
+    let a = sim.connect(v5_persistent("a", 3600));
+    assert!(connack_session_present(&sim, a));
+    assert_eq!(sim.received(a), ["queued"], "the offline queue survived");
+    let b = sim.connect(Connect::new(Protocol::V3_1_1, "b"));
+    sim.publish(b, "t/2", "after", 1);
+    assert_eq!(
+        sim.received(a),
+        ["queued", "after"],
+        "the subscription survived"
+    );
+    let c = sim.connect(Connect::new(Protocol::V3_1_1, "c"));
+    sim.subscribe(c, "r", QoS::AtLeastOnce);
+    assert_eq!(sim.received(c), ["kept"], "the retained message survived");
+}
+
+#[test]
+fn an_unacknowledged_qos1_message_is_resent_with_dup_after_a_restart() {
+    let mut sim = Sim::new(Settings::default());
+    let a = sim.connect(v5_persistent("a", 3600));
+    sim.subscribe(a, "t", QoS::AtLeastOnce);
+    let b = sim.connect(Connect::new(Protocol::V3_1_1, "b"));
+    sim.publish(b, "t", "m", 1);
+    let first = sim
+        .outputs
+        .iter()
+        .find_map(|o| match o {
+            Output::Send(c, Packet::Publish(p)) if *c == a => Some(p.clone()),
+            _ => None,
+        })
+        .unwrap();
+    assert!(!first.dup);
+    sim.close(a); // never acknowledged
+
+    sim.restart(Duration::from_secs(1));
+
+    let a = sim.connect(v5_persistent("a", 3600));
+    let again = sim
+        .outputs
+        .iter()
+        .find_map(|o| match o {
+            Output::Send(c, Packet::Publish(p)) if *c == a => Some(p.clone()),
+            _ => None,
+        })
+        .unwrap();
+    assert!(again.dup);
+    assert_eq!(again.qos_pid, first.qos_pid, "same packet id");
+    assert_eq!(again.payload, first.payload);
+}
+
+#[test]
+fn session_expiry_and_will_delay_count_in_wall_clock_time_across_a_restart() {
+    let mut sim = Sim::new(Settings::default());
+    let c = sim.connect(will_client(30, 60));
+    sim.close(c);
+    // Down for 20 s: 10 s of the will delay and 40 s of the session are left.
+    sim.restart(Duration::from_secs(20));
+    let watch = watcher(&mut sim);
+    sim.advance(9 * S);
+    assert!(sim.received(watch).is_empty(), "not before the delay");
+    sim.advance(2 * S);
+    assert_eq!(sim.received(watch), ["gone"]);
+    assert_eq!(sim.broker.session_count(), 2);
+    sim.advance(30 * S);
+    assert_eq!(sim.broker.session_count(), 1, "the session expired");
+    assert!(sim.stored().sessions.is_empty(), "and left the store");
+}
+
+#[test]
+fn a_session_that_ends_with_its_connection_is_never_written_to_the_store() {
+    let mut sim = Sim::new(Settings::default());
+    let clean = sim.connect(Connect::new(Protocol::V3_1_1, "clean"));
+    sim.subscribe(clean, "t", QoS::AtLeastOnce);
+    sim.publish(clean, "t", "m", 1);
+    assert!(sim.stored().sessions.is_empty());
+    sim.close(clean);
+    let kept = sim.connect(persistent("kept"));
+    sim.subscribe(kept, "t", QoS::AtLeastOnce);
+    assert_eq!(
+        sim.stored().sessions.keys().collect::<Vec<_>>(),
+        ["kept"],
+        "a persistent session is written"
+    );
+    assert_eq!(sim.stored().sessions["kept"].record.subscriptions.len(), 1);
+}
+
+#[test]
+fn a_restarted_broker_state_equals_the_state_it_stored() {
+    // Whatever the broker holds offline, the store holds too: a restart followed by
+    // another restart (with nothing in between) changes nothing stored.
+    let mut sim = Sim::new(Settings {
+        max_queued_messages: 3,
+        ..Settings::default()
+    });
+    let a = sim.connect(v5_persistent("a", 3600));
+    sim.subscribe(a, "t/+", QoS::ExactlyOnce);
+    sim.close(a);
+    let b = sim.connect(Connect::new(Protocol::V3_1_1, "b"));
+    for i in 0..5 {
+        sim.publish(b, &format!("t/{i}"), &format!("m{i}"), i + 1);
+    }
+    let before = sim.stored();
+    assert_eq!(before.sessions["a"].delivery.queued_len(), 3);
+    sim.restart(Duration::ZERO);
+    sim.restart(Duration::ZERO);
+    assert_eq!(sim.stored(), before);
+    let a = sim.connect(v5_persistent("a", 3600));
+    assert_eq!(sim.received(a), ["m2", "m3", "m4"]);
 }

@@ -77,7 +77,11 @@ fn main() -> ExitCode {
         };
         let addr = listener.local_addr().map_or(bind.clone(), |a| a.to_string());
         tracing::info!("tern broker listening on {addr} (state in memory; durability arrives with the storage issue)");
-        tern_broker::server::serve(listener, settings, shutdown).await;
+        let store = Box::new(tern_store::MemoryStore::new());
+        if let Err(e) = tern_broker::server::serve(listener, settings, store, shutdown).await {
+            eprintln!("tern broker: cannot load the stored state: {e}");
+            return ExitCode::FAILURE;
+        }
         tracing::info!("stopped");
         ExitCode::SUCCESS
     })

@@ -5,16 +5,23 @@
 //! One [`tern_proto::Connection`] per connected session runs the QoS flows; the broker does
 //! what is above them: the CONNECT handshake, sessions that outlive connections, routing
 //! through the [`SubscriptionTrie`], retained messages and wills.
+//!
+//! Every change to durable state (sessions, subscriptions, offline queues, delivery state
+//! at disconnect, delayed wills, retained messages) is written to a [`Store`] as one
+//! batch per input, committed before the outputs of that input are handed out; a new
+//! broker built on the same store resumes from it.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use tern_codec::properties::ConnAckProperties;
 use tern_codec::{
     ConnAck, Connect, DecodeError, LastWill, Packet, Protocol, QoS, ReasonCode, RetainHandling,
-    Str, SubAck, Subscribe, TopicFilter, TopicName, UnsubAck, Unsubscribe,
+    Str, SubAck, Subscribe, SubscriptionId, SubscriptionOptions, TopicFilter, TopicName, UnsubAck,
+    Unsubscribe,
 };
 use tern_proto::{AckMode, Config, Connection, Event, Message, Role, SessionState, effective_qos};
+use tern_store::{Op, PendingWill, SessionRecord, Store, StoreError, Subscription};
 
 use super::SubscriptionTrie;
 
@@ -80,7 +87,7 @@ struct Session {
     conn: Option<(ConnId, Connection)>,
     /// The durable state while no connection is up.
     stored: SessionState,
-    subscriptions: BTreeMap<TopicFilter, tern_codec::SubscriptionOptions>,
+    subscriptions: BTreeMap<TopicFilter, (SubscriptionOptions, Option<SubscriptionId>)>,
     /// How long the session outlives its connection; zero ends it with the connection.
     expiry: Duration,
     /// When an offline session ends.
@@ -88,11 +95,21 @@ struct Session {
     will: Option<LastWill>,
     /// A will waiting out its Will Delay Interval after the connection ended.
     pending_will: Option<(Instant, LastWill)>,
+    /// Whether the store holds this session. Sessions that end with their connection
+    /// (expiry zero) are never written.
+    persisted: bool,
 }
 
 /// The broker core.
 pub struct Broker {
     settings: Settings,
+    store: Box<dyn Store>,
+    /// Ops of the input being handled, committed as one batch when it is done.
+    batch: Vec<Op>,
+    store_failures: u64,
+    /// One instant and the wall-clock time it corresponds to, both passed in: stored
+    /// deadlines are wall-clock, the core's are monotonic.
+    anchor: (Instant, SystemTime),
     sessions: HashMap<Str, Session>,
     /// Connections that completed CONNECT, to their client id.
     conns: HashMap<ConnId, Str>,
@@ -104,18 +121,145 @@ pub struct Broker {
 }
 
 impl Broker {
-    /// An empty broker.
-    pub fn new(settings: Settings) -> Broker {
-        Broker {
+    /// A broker resuming whatever `store` holds: sessions (offline, their expiry and
+    /// delayed wills counting from their stored deadlines; a session whose connection was
+    /// up when the store was last written counts as disconnected `now`), subscriptions,
+    /// queues and retained messages. `now` and `wall` are the same moment on the
+    /// monotonic and the wall clock.
+    pub fn new(
+        settings: Settings,
+        store: Box<dyn Store>,
+        now: Instant,
+        wall: SystemTime,
+    ) -> Result<Broker, StoreError> {
+        let snapshot = store.load()?;
+        let mut broker = Broker {
             settings,
+            store,
+            batch: Vec::new(),
+            store_failures: 0,
+            anchor: (now, wall),
             sessions: HashMap::new(),
             conns: HashMap::new(),
             trie: SubscriptionTrie::new(),
-            retained: BTreeMap::new(),
+            retained: snapshot.retained,
             outputs: VecDeque::new(),
             next_assigned: 0,
             dropped: 0,
+        };
+        for (client_id, stored) in snapshot.sessions {
+            let r = stored.record;
+            let mut subscriptions = BTreeMap::new();
+            for sub in r.subscriptions {
+                broker
+                    .trie
+                    .subscribe(&sub.filter, client_id.clone(), sub.options, sub.id);
+                subscriptions.insert(sub.filter, (sub.options, sub.id));
+            }
+            let expires_at = match r.expires_at {
+                Some(at) => broker.instant(at),
+                None => now + r.expiry,
+            };
+            let pending_will = r.pending_will.map(|p| (broker.instant(p.at), p.will));
+            let session = Session {
+                conn: None,
+                stored: stored.delivery,
+                subscriptions,
+                expiry: r.expiry,
+                expires_at: Some(expires_at),
+                will: None,
+                pending_will,
+                persisted: true,
+            };
+            broker.sessions.insert(client_id, session);
         }
+        tracing::info!(
+            sessions = broker.sessions.len(),
+            retained = broker.retained.len(),
+            "state loaded from the store"
+        );
+        Ok(broker)
+    }
+
+    /// Stops the broker and hands back its store (a restart in tests).
+    pub fn into_store(self) -> Box<dyn Store> {
+        self.store
+    }
+
+    /// The store, for reading what it holds.
+    pub fn store(&self) -> &dyn Store {
+        &*self.store
+    }
+
+    /// Batches the store refused or failed (each is logged).
+    pub fn store_failures(&self) -> u64 {
+        self.store_failures
+    }
+
+    fn wall(&self, t: Instant) -> SystemTime {
+        match t.checked_duration_since(self.anchor.0) {
+            Some(d) => self.anchor.1 + d,
+            None => self.anchor.1 - self.anchor.0.duration_since(t),
+        }
+    }
+
+    fn instant(&self, t: SystemTime) -> Instant {
+        match t.duration_since(self.anchor.1) {
+            Ok(d) => self.anchor.0 + d,
+            // In the past: due now (an Instant cannot go before the process started).
+            Err(_) => self.anchor.0,
+        }
+    }
+
+    /// Commits what the input just handled changed, as one batch.
+    fn commit(&mut self) {
+        if self.batch.is_empty() {
+            return;
+        }
+        if let Err(error) = self.store.commit(&self.batch) {
+            self.store_failures += 1;
+            tracing::error!(%error, ops = self.batch.len(), "store commit failed");
+        }
+        self.batch.clear();
+    }
+
+    /// Writes the session's record (expiry, subscriptions, delayed will).
+    fn put_session(&mut self, client_id: &Str) {
+        let Some(s) = self.sessions.get_mut(client_id) else {
+            return;
+        };
+        if s.expiry.is_zero() {
+            if s.persisted {
+                s.persisted = false;
+                self.batch.push(Op::DeleteSession {
+                    client_id: client_id.clone(),
+                });
+            }
+            return;
+        }
+        s.persisted = true;
+        let s = &self.sessions[client_id];
+        let record = SessionRecord {
+            expiry: s.expiry,
+            expires_at: s.expires_at.map(|t| self.wall(t)),
+            subscriptions: s
+                .subscriptions
+                .iter()
+                .map(|(filter, (options, id))| Subscription {
+                    filter: filter.clone(),
+                    options: *options,
+                    id: *id,
+                })
+                .collect(),
+            pending_will: s.pending_will.as_ref().map(|(at, will)| PendingWill {
+                at: self.wall(*at),
+                will: will.clone(),
+            }),
+        };
+        self.batch.push(Op::PutSession {
+            client_id: client_id.clone(),
+            record,
+        });
     }
 
     /// The next thing the server must do.
@@ -146,6 +290,7 @@ impl Broker {
                 // [MQTT-3.1.0-1]: the first packet must be CONNECT.
                 _ => self.outputs.push_back(Output::Close(conn)),
             }
+            self.commit();
             return;
         };
         let Some(session) = self.sessions.get_mut(&client_id) else {
@@ -157,6 +302,7 @@ impl Broker {
         // Protocol errors close the connection; the engine queued the DISCONNECT already.
         let _ = connection.handle_packet(packet, now);
         self.drain(&client_id, now);
+        self.commit();
     }
 
     /// Bytes from `conn` that do not decode. Before CONNECT the version is unknown, so a
@@ -178,7 +324,7 @@ impl Broker {
                     c.disconnect(reason);
                 }
                 self.drain(&client_id, now);
-                self.handle_closed(conn, now);
+                self.close(conn, now);
             }
             None => {
                 match (protocol, error) {
@@ -202,11 +348,17 @@ impl Broker {
                 self.outputs.push_back(Output::Close(conn));
             }
         }
+        self.commit();
     }
 
     /// The socket of `conn` closed (or is being closed). Publishes the will unless the
     /// client disconnected normally, and ends or parks the session.
     pub fn handle_closed(&mut self, conn: ConnId, now: Instant) {
+        self.close(conn, now);
+        self.commit();
+    }
+
+    fn close(&mut self, conn: ConnId, now: Instant) {
         let Some(client_id) = self.conns.remove(&conn) else {
             return;
         };
@@ -234,26 +386,47 @@ impl Broker {
             self.end_session(&client_id, now);
         } else {
             session.expires_at = Some(now + session.expiry);
+            let state = session.stored.clone();
+            self.put_session(&client_id);
+            self.batch.push(Op::PutDelivery {
+                client_id: client_id.clone(),
+                state,
+            });
         }
     }
 
-    /// Server shutdown: every connection is told (5.0: DISCONNECT 0x8B) and closed.
+    /// Server shutdown: every connection is told (5.0: DISCONNECT 0x8B) and closed. Their
+    /// sessions are parked in the store as if disconnected now, without publishing wills
+    /// (the sessions live on; a restart resumes them).
     pub fn shutdown(&mut self, now: Instant) {
-        let online: Vec<Str> = self.conns.values().cloned().collect();
-        for client_id in online {
-            if let Some(Session {
-                conn: Some((conn, c)),
-                ..
-            }) = self.sessions.get_mut(&client_id)
-            {
-                let conn = *conn;
-                c.disconnect(ReasonCode::ServerShuttingDown);
-                while let Some(p) = c.poll_transmit(now) {
-                    self.outputs.push_back(Output::Send(conn, p));
-                }
-                self.outputs.push_back(Output::Close(conn));
+        let online: Vec<(ConnId, Str)> = self.conns.drain().collect();
+        for (conn, client_id) in online {
+            let Some(session) = self.sessions.get_mut(&client_id) else {
+                continue;
+            };
+            let Some((_, mut c)) = session.conn.take() else {
+                continue;
+            };
+            c.disconnect(ReasonCode::ServerShuttingDown);
+            while let Some(p) = c.poll_transmit(now) {
+                self.outputs.push_back(Output::Send(conn, p));
+            }
+            self.outputs.push_back(Output::Close(conn));
+            session.stored = c.into_session();
+            session.will = None;
+            if session.expiry.is_zero() {
+                self.end_session(&client_id, now);
+            } else {
+                session.expires_at = Some(now + session.expiry);
+                let state = session.stored.clone();
+                self.put_session(&client_id);
+                self.batch.push(Op::PutDelivery {
+                    client_id: client_id.clone(),
+                    state,
+                });
             }
         }
+        self.commit();
     }
 
     /// Timers: keepalive of every connection, expiry of offline sessions.
@@ -272,9 +445,11 @@ impl Broker {
                 .is_some_and(|(at, _)| now >= *at)
             {
                 let (_, will) = session.pending_will.take().expect("checked");
+                self.put_session(&client_id);
                 self.publish_will(will, now);
             }
         }
+        self.commit();
     }
 
     fn handle_connect(&mut self, conn: ConnId, connect: Connect, now: Instant) {
@@ -314,7 +489,7 @@ impl Broker {
             c.disconnect(ReasonCode::SessionTakenOver);
             self.drain(&client_id, now);
             self.outputs.push_back(Output::Close(old_conn));
-            self.handle_closed(old_conn, now);
+            self.close(old_conn, now);
         }
         if connect.clean_start {
             self.end_session(&client_id, now);
@@ -350,6 +525,7 @@ impl Broker {
                 expires_at: None,
                 will: None,
                 pending_will: None,
+                persisted: false,
             });
         session.expiry = expiry;
         session.expires_at = None;
@@ -359,6 +535,7 @@ impl Broker {
         tracing::info!(conn, client_id = %client_id, protocol = %v, session_present = present, "connected");
         let stored = std::mem::take(&mut session.stored);
         session.conn = Some((conn, Connection::new(config, stored, present, now)));
+        self.put_session(&client_id);
         self.conns.insert(conn, client_id.clone());
         self.outputs
             .push_back(Output::Send(conn, Packet::ConnAck(ack)));
@@ -400,7 +577,7 @@ impl Broker {
                         }
                     }
                     self.outputs.push_back(Output::Close(conn));
-                    self.handle_closed(conn, now);
+                    self.close(conn, now);
                     return;
                 }
             }
@@ -412,9 +589,16 @@ impl Broker {
     fn route(&mut self, message: Message, now: Instant) {
         if message.retain {
             if message.payload.is_empty() {
-                self.retained.remove(&message.topic);
+                if self.retained.remove(&message.topic).is_some() {
+                    self.batch.push(Op::DeleteRetained {
+                        topic: message.topic.clone(),
+                    });
+                }
             } else {
                 self.retained.insert(message.topic.clone(), message.clone());
+                self.batch.push(Op::PutRetained {
+                    message: message.clone(),
+                });
             }
         }
         let deliveries = self.trie.route(&message.topic);
@@ -451,21 +635,32 @@ impl Broker {
                 };
                 let size = message.payload.len();
                 let mut dropped = 0;
+                let mut enqueue = false;
                 match self.settings.queue_policy {
                     QueuePolicy::DropNewest if full(&session.stored, size) => dropped = 1,
-                    QueuePolicy::DropNewest => session.stored.enqueue(message),
+                    QueuePolicy::DropNewest => enqueue = true,
                     QueuePolicy::DropOldest => {
                         while full(&session.stored, size)
                             && session.stored.dequeue_oldest().is_some()
                         {
+                            self.batch.push(Op::DequeueOldest {
+                                client_id: client_id.clone(),
+                            });
                             dropped += 1;
                         }
                         if full(&session.stored, size) {
                             dropped += 1; // larger than the whole byte limit on its own
                         } else {
-                            session.stored.enqueue(message);
+                            enqueue = true;
                         }
                     }
+                }
+                if enqueue {
+                    session.stored.enqueue(message.clone());
+                    self.batch.push(Op::Enqueue {
+                        client_id: client_id.clone(),
+                        message,
+                    });
                 }
                 if dropped > 0 {
                     self.dropped += dropped;
@@ -493,9 +688,10 @@ impl Broker {
                 sub.options,
                 s.properties.subscription_identifier,
             );
-            session
-                .subscriptions
-                .insert(sub.filter.clone(), sub.options);
+            session.subscriptions.insert(
+                sub.filter.clone(),
+                (sub.options, s.properties.subscription_identifier),
+            );
             reasons.push(ReasonCode::granted(sub.options.qos));
             let send = match sub.options.retain_handling {
                 RetainHandling::SendAtSubscribe => true,
@@ -511,6 +707,7 @@ impl Broker {
             reasons,
             properties: Default::default(),
         };
+        self.put_session(client_id);
         self.send_control(client_id, Packet::SubAck(ack));
         // Retained messages for the new subscriptions, RETAIN set [MQTT-3.3.1-9].
         for (filter, granted) in retained_for {
@@ -542,6 +739,7 @@ impl Broker {
                 ReasonCode::NoSubscriptionExisted
             });
         }
+        self.put_session(client_id);
         let ack = UnsubAck {
             packet_id: u.packet_id,
             reasons,
@@ -568,6 +766,11 @@ impl Broker {
 
     fn end_session(&mut self, client_id: &Str, now: Instant) {
         if let Some(s) = self.sessions.remove(client_id) {
+            if s.persisted {
+                self.batch.push(Op::DeleteSession {
+                    client_id: client_id.clone(),
+                });
+            }
             for filter in s.subscriptions.keys() {
                 self.trie.unsubscribe(filter, client_id);
             }

@@ -30,10 +30,12 @@ impl Broker {
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 port_tx.send(listener.local_addr().unwrap().port()).unwrap();
-                tern_broker::server::serve(listener, settings, async {
+                let store = Box::new(tern_store::MemoryStore::new());
+                tern_broker::server::serve(listener, settings, store, async {
                     let _ = stopped.await;
                 })
-                .await;
+                .await
+                .unwrap();
             });
         });
         let port = port_rx.recv().unwrap();

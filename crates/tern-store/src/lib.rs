@@ -1,0 +1,261 @@
+//! The broker's durable state behind one small trait.
+//!
+//! tern-store decides nothing about MQTT: the broker core decides what changed and writes
+//! it here as a batch of [`Op`]s; a [`Store`] applies a batch atomically (all of it or none
+//! of it) and hands the whole state back with [`Store::load`] when the broker starts.
+//! [`MemoryStore`] keeps it in memory and is the reference model every other backend is
+//! tested against; it performs no I/O and reads no clock.
+//!
+//! What is durable: each session ([`SessionRecord`]: expiry, subscriptions, a will
+//! waiting out its delay) with its delivery state ([`SessionState`]: outbound inflight,
+//! offline queue, inbound QoS 2 ids, next packet id), and the retained messages.
+//! Deadlines are wall-clock ([`SystemTime`]) so they survive a restart; the core converts
+//! from its monotonic `Instant`.
+
+#![forbid(unsafe_code)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, SystemTime};
+
+use tern_codec::{LastWill, Str, SubscriptionId, SubscriptionOptions, TopicFilter, TopicName};
+pub use tern_proto::{Message, SessionState};
+
+/// One subscription of a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subscription {
+    /// The filter as subscribed.
+    pub filter: TopicFilter,
+    /// Its options (granted QoS, No Local, Retain As Published, Retain Handling).
+    pub options: SubscriptionOptions,
+    /// The 5.0 Subscription Identifier it was made with.
+    pub id: Option<SubscriptionId>,
+}
+
+/// A will whose Will Delay Interval is running after its connection ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingWill {
+    /// When it is published unless the client reconnects first.
+    pub at: SystemTime,
+    /// The will itself.
+    pub will: LastWill,
+}
+
+/// What a session is apart from its delivery state.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SessionRecord {
+    /// How long the session outlives its connection.
+    pub expiry: Duration,
+    /// When the session ends; `None` while a connection is up (it ends `expiry` after
+    /// that connection closes).
+    pub expires_at: Option<SystemTime>,
+    /// Subscriptions in filter order.
+    pub subscriptions: Vec<Subscription>,
+    /// A delayed will, if one is waiting.
+    pub pending_will: Option<PendingWill>,
+}
+
+/// One session as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StoredSession {
+    /// Expiry, subscriptions, pending will.
+    pub record: SessionRecord,
+    /// Inflight, queue, inbound QoS 2 ids, next packet id.
+    pub delivery: SessionState,
+}
+
+/// One change to the durable state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// Creates the session or replaces its record (its delivery state is kept; a new
+    /// session starts with an empty one).
+    PutSession {
+        /// Client identifier.
+        client_id: Str,
+        /// The record.
+        record: SessionRecord,
+    },
+    /// Removes the session with its delivery state. Removing a missing session is not an
+    /// error (clean start deletes whatever there was).
+    DeleteSession {
+        /// Client identifier.
+        client_id: Str,
+    },
+    /// Replaces the session's delivery state.
+    PutDelivery {
+        /// Client identifier.
+        client_id: Str,
+        /// The state.
+        state: SessionState,
+    },
+    /// Appends a message to the session's offline queue.
+    Enqueue {
+        /// Client identifier.
+        client_id: Str,
+        /// The message, at the QoS it will be delivered with.
+        message: Message,
+    },
+    /// Drops the oldest queued message of the session (queue full, drop-oldest policy).
+    DequeueOldest {
+        /// Client identifier.
+        client_id: Str,
+    },
+    /// Sets the retained message of `message.topic`.
+    PutRetained {
+        /// The message.
+        message: Message,
+    },
+    /// Clears the retained message of a topic, if any.
+    DeleteRetained {
+        /// The topic.
+        topic: TopicName,
+    },
+}
+
+impl Op {
+    /// The session this op needs to exist, if any.
+    fn needs_session(&self) -> Option<&Str> {
+        match self {
+            Op::PutDelivery { client_id, .. }
+            | Op::Enqueue { client_id, .. }
+            | Op::DequeueOldest { client_id } => Some(client_id),
+            _ => None,
+        }
+    }
+}
+
+/// Everything a store holds.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Snapshot {
+    /// Sessions by client identifier.
+    pub sessions: BTreeMap<Str, StoredSession>,
+    /// Retained messages by topic.
+    pub retained: BTreeMap<TopicName, Message>,
+}
+
+/// Why a store refused or failed a batch. A failed batch changed nothing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// An op names a session that neither exists nor is created earlier in the batch: a
+    /// bug in the caller, refused so it shows in tests.
+    #[error("op {index} of the batch names session {client_id:?}, which does not exist")]
+    NoSuchSession {
+        /// Position of the op in the batch.
+        index: usize,
+        /// The client identifier it named.
+        client_id: String,
+    },
+    /// The backend could not read or write its storage.
+    #[error("storage failed: {0}")]
+    Backend(String),
+}
+
+/// Durable broker state: batches in, the whole state out at startup.
+pub trait Store: Send {
+    /// Applies every op of `batch` in order, atomically: when this returns `Ok`, all of
+    /// it is durable (as durable as the backend promises); when it returns `Err`, none of
+    /// it was applied.
+    fn commit(&mut self, batch: &[Op]) -> Result<(), StoreError>;
+
+    /// The whole state, as of the last successful commit.
+    fn load(&self) -> Result<Snapshot, StoreError>;
+}
+
+/// The reference store: everything in memory, nothing survives the process.
+#[derive(Debug, Default, Clone)]
+pub struct MemoryStore {
+    state: Snapshot,
+    commits: u64,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> MemoryStore {
+        MemoryStore::default()
+    }
+
+    /// Batches committed so far.
+    pub fn commits(&self) -> u64 {
+        self.commits
+    }
+
+    /// The state, without copying it.
+    pub fn state(&self) -> &Snapshot {
+        &self.state
+    }
+
+    /// Refuses a batch that would touch a missing session, before anything is applied.
+    fn validate(&self, batch: &[Op]) -> Result<(), StoreError> {
+        let mut created = BTreeSet::new();
+        let mut deleted = BTreeSet::new();
+        for (index, op) in batch.iter().enumerate() {
+            match op {
+                Op::PutSession { client_id, .. } => {
+                    deleted.remove(client_id);
+                    created.insert(client_id);
+                }
+                Op::DeleteSession { client_id } => {
+                    created.remove(client_id);
+                    deleted.insert(client_id);
+                }
+                _ => {}
+            }
+            if let Some(client_id) = op.needs_session() {
+                let exists = created.contains(client_id)
+                    || (!deleted.contains(client_id)
+                        && self.state.sessions.contains_key(client_id));
+                if !exists {
+                    return Err(StoreError::NoSuchSession {
+                        index,
+                        client_id: client_id.to_string(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Store for MemoryStore {
+    fn commit(&mut self, batch: &[Op]) -> Result<(), StoreError> {
+        self.validate(batch)?;
+        let s = &mut self.state;
+        for op in batch {
+            match op {
+                Op::PutSession { client_id, record } => {
+                    s.sessions.entry(client_id.clone()).or_default().record = record.clone();
+                }
+                Op::DeleteSession { client_id } => {
+                    s.sessions.remove(client_id);
+                }
+                Op::PutDelivery { client_id, state } => {
+                    s.sessions.get_mut(client_id).expect("validated").delivery = state.clone();
+                }
+                Op::Enqueue { client_id, message } => s
+                    .sessions
+                    .get_mut(client_id)
+                    .expect("validated")
+                    .delivery
+                    .enqueue(message.clone()),
+                Op::DequeueOldest { client_id } => {
+                    s.sessions
+                        .get_mut(client_id)
+                        .expect("validated")
+                        .delivery
+                        .dequeue_oldest();
+                }
+                Op::PutRetained { message } => {
+                    s.retained.insert(message.topic.clone(), message.clone());
+                }
+                Op::DeleteRetained { topic } => {
+                    s.retained.remove(topic);
+                }
+            }
+        }
+        self.commits += 1;
+        Ok(())
+    }
+
+    fn load(&self) -> Result<Snapshot, StoreError> {
+        Ok(self.state.clone())
+    }
+}

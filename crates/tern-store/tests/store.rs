@@ -1,0 +1,228 @@
+//! Claims about the store contract, checked on [`MemoryStore`]. Each claim takes a
+//! constructor so the durable backend can be held to the same ones.
+
+// A failed unwrap in a test is a failed test, with the value in the message.
+#![allow(clippy::unwrap_used)]
+
+use std::time::{Duration, SystemTime};
+
+use proptest::prelude::*;
+use tern_codec::{QoS, Str, SubscriptionOptions, TopicFilter, TopicName};
+use tern_store::{
+    MemoryStore, Message, Op, SessionRecord, SessionState, Store, StoreError, Subscription,
+};
+
+fn message(topic: &str, payload: &str) -> Message {
+    Message::new(
+        TopicName::new(topic).unwrap(),
+        payload.to_string(),
+        QoS::AtLeastOnce,
+    )
+}
+
+fn record(expiry: u64) -> SessionRecord {
+    SessionRecord {
+        expiry: Duration::from_secs(expiry),
+        expires_at: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(expiry)),
+        subscriptions: vec![Subscription {
+            filter: TopicFilter::new("a/#").unwrap(),
+            options: SubscriptionOptions::default(),
+            id: None,
+        }],
+        pending_will: None,
+    }
+}
+
+fn put(id: &str, expiry: u64) -> Op {
+    Op::PutSession {
+        client_id: id.into(),
+        record: record(expiry),
+    }
+}
+
+fn enqueue(id: &str, payload: &str) -> Op {
+    Op::Enqueue {
+        client_id: id.into(),
+        message: message("a/b", payload),
+    }
+}
+
+fn queued(store: &dyn Store, id: &str) -> Vec<String> {
+    let snapshot = store.load().unwrap();
+    snapshot.sessions[&Str::from(id)]
+        .delivery
+        .queued()
+        .map(|m| String::from_utf8(m.payload.to_vec()).unwrap())
+        .collect()
+}
+
+fn load_returns_what_was_committed(store: &mut dyn Store) {
+    store.commit(&[put("a", 10), enqueue("a", "1")]).unwrap();
+    store
+        .commit(&[
+            enqueue("a", "2"),
+            Op::PutRetained {
+                message: message("r", "kept"),
+            },
+        ])
+        .unwrap();
+    let s = store.load().unwrap();
+    assert_eq!(s.sessions[&Str::from("a")].record, record(10));
+    assert_eq!(queued(store, "a"), ["1", "2"]);
+    assert_eq!(s.retained.len(), 1);
+}
+
+fn a_batch_naming_a_missing_session_changes_nothing(store: &mut dyn Store) {
+    store.commit(&[put("a", 10)]).unwrap();
+    let before = store.load().unwrap();
+    let err = store
+        .commit(&[
+            enqueue("a", "1"),
+            Op::PutRetained {
+                message: message("r", "x"),
+            },
+            enqueue("ghost", "2"),
+        ])
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NoSuchSession { index: 2, .. }));
+    assert_eq!(store.load().unwrap(), before);
+}
+
+fn a_session_created_earlier_in_the_batch_can_be_used_and_a_deleted_one_cannot(
+    store: &mut dyn Store,
+) {
+    store.commit(&[put("a", 10), enqueue("a", "1")]).unwrap();
+    assert!(
+        store
+            .commit(&[
+                Op::DeleteSession {
+                    client_id: "a".into()
+                },
+                enqueue("a", "2")
+            ])
+            .is_err()
+    );
+    assert_eq!(queued(store, "a"), ["1"]);
+}
+
+fn deleting_a_session_drops_its_queue(store: &mut dyn Store) {
+    store.commit(&[put("a", 10), enqueue("a", "1")]).unwrap();
+    store
+        .commit(&[
+            Op::DeleteSession {
+                client_id: "a".into(),
+            },
+            put("a", 5),
+        ])
+        .unwrap();
+    assert!(queued(store, "a").is_empty());
+    // Deleting what is not there is fine: clean start deletes whatever there was.
+    store
+        .commit(&[Op::DeleteSession {
+            client_id: "nobody".into(),
+        }])
+        .unwrap();
+}
+
+fn dequeue_oldest_and_put_delivery(store: &mut dyn Store) {
+    store
+        .commit(&[put("a", 10), enqueue("a", "1"), enqueue("a", "2")])
+        .unwrap();
+    store
+        .commit(&[Op::DequeueOldest {
+            client_id: "a".into(),
+        }])
+        .unwrap();
+    assert_eq!(queued(store, "a"), ["2"]);
+    store
+        .commit(&[Op::PutDelivery {
+            client_id: "a".into(),
+            state: SessionState::new(),
+        }])
+        .unwrap();
+    assert!(queued(store, "a").is_empty());
+    // Replacing the record keeps the delivery state.
+    store.commit(&[enqueue("a", "3"), put("a", 99)]).unwrap();
+    assert_eq!(queued(store, "a"), ["3"]);
+}
+
+fn retained_set_replaced_cleared(store: &mut dyn Store) {
+    store
+        .commit(&[Op::PutRetained {
+            message: message("r", "1"),
+        }])
+        .unwrap();
+    store
+        .commit(&[Op::PutRetained {
+            message: message("r", "2"),
+        }])
+        .unwrap();
+    let r = TopicName::new("r").unwrap();
+    assert_eq!(store.load().unwrap().retained[&r].payload, "2");
+    store
+        .commit(&[Op::DeleteRetained { topic: r.clone() }])
+        .unwrap();
+    assert!(store.load().unwrap().retained.is_empty());
+}
+
+macro_rules! claims {
+    ($make:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $name() {
+                let mut store = $make;
+                super::$name(&mut store);
+            }
+        )*
+    };
+}
+
+mod memory {
+    use tern_store::MemoryStore;
+    claims!(MemoryStore::new();
+        load_returns_what_was_committed,
+        a_batch_naming_a_missing_session_changes_nothing,
+        a_session_created_earlier_in_the_batch_can_be_used_and_a_deleted_one_cannot,
+        deleting_a_session_drops_its_queue,
+        dequeue_oldest_and_put_delivery,
+        retained_set_replaced_cleared,
+    );
+}
+
+fn arb_op() -> impl Strategy<Value = Op> {
+    let id = prop::sample::select(vec!["a", "b", "c"]);
+    prop_oneof![
+        (id.clone(), 1u64..100).prop_map(|(i, e)| put(i, e)),
+        id.clone().prop_map(|i| Op::DeleteSession {
+            client_id: i.into()
+        }),
+        (id.clone(), "[a-z]{0,3}").prop_map(|(i, p)| enqueue(i, &p)),
+        id.prop_map(|i| Op::DequeueOldest {
+            client_id: i.into()
+        }),
+        "[a-z]{1,3}".prop_map(|p| Op::PutRetained {
+            message: message("r", &p)
+        }),
+        Just(Op::DeleteRetained {
+            topic: TopicName::new("r").unwrap()
+        }),
+    ]
+}
+
+proptest! {
+    /// Committing ops one at a time (keeping the accepted ones) and committing the accepted
+    /// ones as one batch give the same state: batching never changes what a commit means.
+    #[test]
+    fn one_batch_equals_the_same_ops_one_by_one(ops in prop::collection::vec(arb_op(), 0..40)) {
+        let mut one_by_one = MemoryStore::new();
+        let mut accepted = vec![];
+        for op in ops {
+            if one_by_one.commit(std::slice::from_ref(&op)).is_ok() {
+                accepted.push(op);
+            }
+        }
+        let mut batched = MemoryStore::new();
+        batched.commit(&accepted).unwrap();
+        prop_assert_eq!(batched.load().unwrap(), one_by_one.load().unwrap());
+    }
+}
