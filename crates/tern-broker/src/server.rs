@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant, SystemTime};
@@ -19,7 +20,7 @@ use tokio::sync::mpsc;
 use crate::core::{Broker, ConnId, Output, Settings};
 
 enum ToCore {
-    Accepted(ConnId, mpsc::UnboundedSender<ToConn>),
+    Accepted(ConnId, SocketAddr, mpsc::UnboundedSender<ToConn>),
     Packet(ConnId, Packet),
     DecodeError(ConnId, Option<Protocol>, DecodeError),
     Closed(ConnId),
@@ -65,7 +66,10 @@ pub async fn serve(
                     let Some(msg) = msg else { break };
                     let now = Instant::now();
                     match msg {
-                        ToCore::Accepted(conn, tx) => { writers.insert(conn, tx); }
+                        ToCore::Accepted(conn, peer, tx) => {
+                            writers.insert(conn, tx);
+                            broker.handle_accepted(conn, peer);
+                        }
                         ToCore::Packet(conn, p) => broker.handle_packet(conn, p, now),
                         ToCore::DecodeError(conn, v, e) => broker.handle_decode_error(conn, v, &e, now),
                         ToCore::Closed(conn) => {
@@ -95,7 +99,13 @@ pub async fn serve(
                 let conn = next;
                 tracing::info!(conn, %peer, "accepted");
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(connection(conn, stream, to_core.clone(), connect_timeout));
+                tokio::spawn(connection(
+                    conn,
+                    stream,
+                    peer,
+                    to_core.clone(),
+                    connect_timeout,
+                ));
             }
         }
     };
@@ -136,11 +146,12 @@ fn dispatch(broker: &mut Broker, writers: &mut HashMap<ConnId, mpsc::UnboundedSe
 async fn connection(
     conn: ConnId,
     stream: TcpStream,
+    peer: SocketAddr,
     to_core: mpsc::UnboundedSender<ToCore>,
     connect_timeout: Duration,
 ) {
     let (tx, mut rx) = mpsc::unbounded_channel::<ToConn>();
-    if to_core.send(ToCore::Accepted(conn, tx)).is_err() {
+    if to_core.send(ToCore::Accepted(conn, peer, tx)).is_err() {
         return;
     }
     let (mut reader, mut writer) = stream.into_split();

@@ -12,6 +12,8 @@
 //! broker built on the same store resumes from it.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::fmt::Display;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime};
 
 use tern_codec::properties::ConnAckProperties;
@@ -113,6 +115,8 @@ pub struct Broker {
     sessions: HashMap<Str, Session>,
     /// Connections that completed CONNECT, to their client id.
     conns: HashMap<ConnId, Str>,
+    /// Peer address of each open connection, for the logs.
+    peers: HashMap<ConnId, SocketAddr>,
     trie: SubscriptionTrie<Str>,
     retained: BTreeMap<TopicName, Message>,
     outputs: VecDeque<Output>,
@@ -141,6 +145,7 @@ impl Broker {
             anchor: (now, wall),
             sessions: HashMap::new(),
             conns: HashMap::new(),
+            peers: HashMap::new(),
             trie: SubscriptionTrie::new(),
             retained: snapshot.retained,
             outputs: VecDeque::new(),
@@ -282,6 +287,17 @@ impl Broker {
         self.retained.len()
     }
 
+    /// A new connection from `peer` (used in logs; optional).
+    pub fn handle_accepted(&mut self, conn: ConnId, peer: SocketAddr) {
+        self.peers.insert(conn, peer);
+    }
+
+    fn peer(&self, conn: ConnId) -> String {
+        self.peers
+            .get(&conn)
+            .map_or_else(|| "-".to_string(), ToString::to_string)
+    }
+
     /// A packet decoded from `conn`.
     pub fn handle_packet(&mut self, conn: ConnId, packet: Packet, now: Instant) {
         let Some(client_id) = self.conns.get(&conn).cloned() else {
@@ -324,9 +340,10 @@ impl Broker {
                     c.disconnect(reason);
                 }
                 self.drain(&client_id, now);
-                self.close(conn, now);
+                self.close(conn, now, &format_args!("malformed packet: {error}"));
             }
             None => {
+                tracing::info!(conn, peer = %self.peer(conn), %error, "refused before CONNECT");
                 match (protocol, error) {
                     (
                         _,
@@ -354,11 +371,13 @@ impl Broker {
     /// The socket of `conn` closed (or is being closed). Publishes the will unless the
     /// client disconnected normally, and ends or parks the session.
     pub fn handle_closed(&mut self, conn: ConnId, now: Instant) {
-        self.close(conn, now);
+        self.close(conn, now, &"connection closed by the peer or lost");
+        self.peers.remove(&conn);
         self.commit();
     }
 
-    fn close(&mut self, conn: ConnId, now: Instant) {
+    /// Ends the connection's part in its session; `why` goes to the log.
+    fn close(&mut self, conn: ConnId, now: Instant, why: &dyn Display) {
         let Some(client_id) = self.conns.remove(&conn) else {
             return;
         };
@@ -369,8 +388,12 @@ impl Broker {
             return;
         };
         debug_assert_eq!(id, conn);
+        let protocol = connection.config().protocol;
         session.stored = connection.into_session();
-        tracing::info!(conn, client_id = %client_id, "disconnected");
+        tracing::info!(conn, peer = %self.peer(conn), client_id = %client_id, %protocol, reason = %why, "disconnected");
+        let Some(session) = self.sessions.get_mut(&client_id) else {
+            return;
+        };
         if let Some(will) = session.will.take() {
             let delay = u64::from(will.properties.will_delay_interval.unwrap_or(0));
             if delay == 0 || session.expiry.is_zero() {
@@ -489,7 +512,7 @@ impl Broker {
             c.disconnect(ReasonCode::SessionTakenOver);
             self.drain(&client_id, now);
             self.outputs.push_back(Output::Close(old_conn));
-            self.close(old_conn, now);
+            self.close(old_conn, now, &"session taken over by a new connection");
         }
         if connect.clean_start {
             self.end_session(&client_id, now);
@@ -507,6 +530,7 @@ impl Broker {
             }
             .into();
         }
+        tracing::info!(conn, peer = %self.peer(conn), client_id = %client_id, protocol = %v, session_present = present, "connected");
         let config = Config::negotiate(
             Role::Server,
             &connect,
@@ -532,7 +556,7 @@ impl Broker {
         session.will = connect.will;
         // Back in time: a delayed will from the last connection is not sent.
         session.pending_will = None;
-        tracing::info!(conn, client_id = %client_id, protocol = %v, session_present = present, "connected");
+
         let stored = std::mem::take(&mut session.stored);
         session.conn = Some((conn, Connection::new(config, stored, present, now)));
         self.put_session(&client_id);
@@ -562,7 +586,6 @@ impl Broker {
                 Event::Control(Packet::Unsubscribe(u)) => self.unsubscribe(client_id, u),
                 Event::Control(_) | Event::Acknowledged { .. } | Event::Dropped { .. } => {}
                 Event::Closed { reason } => {
-                    tracing::info!(conn, client_id = %client_id, ?reason, "closing");
                     // A normal DISCONNECT discards the will, except 0x04 [MQTT-3.14.4-3].
                     if let Some(s) = self.sessions.get_mut(client_id)
                         && reason == ReasonCode::Success
@@ -577,7 +600,14 @@ impl Broker {
                         }
                     }
                     self.outputs.push_back(Output::Close(conn));
-                    self.close(conn, now);
+                    let why = match reason {
+                        ReasonCode::Success => "DISCONNECT from the client".to_string(),
+                        ReasonCode::DisconnectWithWill => {
+                            "DISCONNECT from the client, with will (0x04)".to_string()
+                        }
+                        r => format!("{r:?} (0x{:02X})", r as u8),
+                    };
+                    self.close(conn, now, &why);
                     return;
                 }
             }
