@@ -403,3 +403,36 @@ fn a_restarted_broker_state_equals_the_state_it_stored() {
     let a = sim.connect(v5_persistent("a", 3600));
     assert_eq!(sim.received(a), ["m2", "m3", "m4"]);
 }
+
+fn qos0_case(queue_qos0: bool) -> Vec<String> {
+    let mut sim = Sim::new(Settings {
+        queue_qos0,
+        ..Settings::default()
+    });
+    let a = sim.connect(persistent("a"));
+    sim.subscribe(a, "t", QoS::ExactlyOnce);
+    sim.close(a);
+    let b = sim.connect(Connect::new(Protocol::V3_1_1, "b"));
+    sim.publish(b, "t", "one", 1);
+    sim.send(
+        b,
+        Packet::Publish(Publish::new(
+            TopicName::new("t").unwrap(),
+            QosPid::AtMostOnce,
+            "zero",
+        )),
+    );
+    sim.publish(b, "t", "two", 2);
+    let a = sim.connect(persistent("a"));
+    sim.received(a)
+}
+
+#[test]
+fn qos0_is_not_queued_for_an_offline_session_by_default() {
+    assert_eq!(qos0_case(false), ["one", "two"]);
+}
+
+#[test]
+fn qos0_is_queued_in_order_for_an_offline_session_when_configured() {
+    assert_eq!(qos0_case(true), ["one", "zero", "two"]);
+}

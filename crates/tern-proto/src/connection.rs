@@ -625,7 +625,8 @@ impl Connection {
         self.events.push_back(Event::Closed { reason });
     }
 
-    /// Moves queued QoS 1/2 messages into flight while the window has room.
+    /// Moves queued messages into flight while the window has room (QoS 0 ones go out
+    /// without taking a place in it).
     fn pump(&mut self, now: Instant) {
         let window = usize::from(self.config.peer_receive_maximum.max(1));
         while self.open && self.session.inflight_len() < window {
@@ -637,6 +638,18 @@ impl Connection {
                     message,
                     reason: DropReason::Expired,
                 });
+                continue;
+            }
+            if message.qos == QoS::AtMostOnce {
+                // Queued while the session was offline (a broker may keep QoS 0 then): sent
+                // in its place in the order, with no packet id and nothing to wait for.
+                let publish = message.to_publish(QosPid::AtMostOnce, false, now);
+                if self.send_publish(publish).is_err() {
+                    self.events.push_back(Event::Dropped {
+                        message,
+                        reason: DropReason::TooLarge,
+                    });
+                }
                 continue;
             }
             let Ok(id) = self.session.allocate_id() else {

@@ -499,3 +499,31 @@ fn a_client_must_not_send_subscription_identifiers() {
     p.properties.subscription_identifiers = vec![tern_codec::SubscriptionId::new(1).unwrap()];
     assert!(s.handle_packet(Packet::Publish(p), now).is_err());
 }
+
+#[test]
+fn a_qos0_message_queued_while_offline_is_sent_in_order_without_a_packet_id() {
+    let mut pair = Pair::new(Protocol::V5);
+    pair.cut();
+    // A broker that queues QoS 0 for offline sessions puts it in the stored session.
+    pair.server.stored.enqueue(msg("first", QoS::AtLeastOnce));
+    pair.server.stored.enqueue(msg("zero", QoS::AtMostOnce));
+    pair.server.stored.enqueue(msg("last", QoS::ExactlyOnce));
+    pair.reconnect(true);
+    pair.drive();
+    assert_eq!(pair.client.delivered_payloads(), ["first", "zero", "last"]);
+    let zero = pair
+        .sent(Dir::ToClient, PacketType::Publish)
+        .into_iter()
+        .find_map(|p| match p {
+            Packet::Publish(p) if p.payload == "zero" => Some(p.qos_pid),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(zero, QosPid::AtMostOnce);
+    assert_eq!(
+        pair.server.session().inflight_len(),
+        0,
+        "nothing waits on it"
+    );
+    assert_quiet(&pair);
+}

@@ -37,6 +37,7 @@ pub(crate) struct Sessions {
     max_queued_messages: usize,
     max_queued_bytes: usize,
     queue_policy: Policy,
+    queue_qos0: bool,
     max_session_expiry_3x_secs: u32,
 }
 
@@ -47,6 +48,7 @@ impl Default for Sessions {
             max_queued_messages: s.max_queued_messages,
             max_queued_bytes: s.max_queued_bytes,
             queue_policy: Policy::DropOldest,
+            queue_qos0: s.queue_qos0,
             max_session_expiry_3x_secs: u32::MAX,
         }
     }
@@ -65,6 +67,7 @@ pub(crate) struct Limits {
     receive_maximum: u16,
     topic_alias_maximum: u16,
     inflight_3x: u16,
+    connect_timeout_secs: u32,
 }
 
 impl Default for Limits {
@@ -74,6 +77,7 @@ impl Default for Limits {
             receive_maximum: s.receive_maximum,
             topic_alias_maximum: s.topic_alias_maximum,
             inflight_3x: s.window_3x,
+            connect_timeout_secs: s.connect_timeout.as_secs() as u32,
         }
     }
 }
@@ -84,6 +88,9 @@ impl File {
         let file: File = toml::from_str(text).map_err(|e| e.to_string())?;
         if file.limits.receive_maximum == 0 {
             return Err("limits.receive_maximum must be at least 1".into());
+        }
+        if file.limits.connect_timeout_secs == 0 {
+            return Err("limits.connect_timeout_secs must be at least 1".into());
         }
         if file.limits.inflight_3x == 0 {
             return Err("limits.inflight_3x must be at least 1".into());
@@ -109,6 +116,8 @@ impl File {
             receive_maximum: self.limits.receive_maximum,
             topic_alias_maximum: self.limits.topic_alias_maximum,
             window_3x: self.limits.inflight_3x,
+            queue_qos0: self.sessions.queue_qos0,
+            connect_timeout: Duration::from_secs(u64::from(self.limits.connect_timeout_secs)),
             max_session_expiry_3x: Duration::from_secs(u64::from(
                 self.sessions.max_session_expiry_3x_secs,
             )),
@@ -132,13 +141,23 @@ mod tests {
                 s.max_queued_messages,
                 s.max_queued_bytes,
                 s.queue_policy,
-                s.receive_maximum
+                s.queue_qos0,
+                s.receive_maximum,
+                s.topic_alias_maximum,
+                s.window_3x,
+                s.max_session_expiry_3x,
+                s.connect_timeout,
             ),
             (
                 d.max_queued_messages,
                 d.max_queued_bytes,
                 d.queue_policy,
-                d.receive_maximum
+                d.queue_qos0,
+                d.receive_maximum,
+                d.topic_alias_maximum,
+                d.window_3x,
+                d.max_session_expiry_3x,
+                d.connect_timeout,
             )
         );
     }
@@ -146,14 +165,20 @@ mod tests {
     #[test]
     fn settings_are_read() {
         let f = File::parse(
-            "[listener]\nbind = \"0.0.0.0:1884\"\n[sessions]\nqueue_policy = \"drop-newest\"\nmax_queued_messages = 5\n[limits]\nreceive_maximum = 7\n",
+            "[listener]\nbind = \"0.0.0.0:1884\"\n[sessions]\nqueue_policy = \"drop-newest\"\nmax_queued_messages = 5\nqueue_qos0 = true\n[limits]\nreceive_maximum = 7\nconnect_timeout_secs = 3\n",
         )
         .unwrap();
         let s = f.settings();
         assert_eq!(f.listener.bind, "0.0.0.0:1884");
         assert_eq!(
-            (s.queue_policy, s.max_queued_messages, s.receive_maximum),
-            (QueuePolicy::DropNewest, 5, 7)
+            (
+                s.queue_policy,
+                s.max_queued_messages,
+                s.queue_qos0,
+                s.receive_maximum,
+                s.connect_timeout
+            ),
+            (QueuePolicy::DropNewest, 5, true, 7, Duration::from_secs(3))
         );
     }
 

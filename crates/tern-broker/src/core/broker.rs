@@ -57,6 +57,9 @@ pub struct Settings {
     pub max_queued_bytes: usize,
     /// Which message goes when a queue is full.
     pub queue_policy: QueuePolicy,
+    /// Whether QoS 0 messages are queued for offline sessions too (within the same
+    /// limits). Off by default, like Mosquitto's `queue_qos0_messages`.
+    pub queue_qos0: bool,
     /// QoS 1/2 messages a client may have unacknowledged towards us (5.0 Receive Maximum).
     pub receive_maximum: u16,
     /// Topic aliases a client may use towards us.
@@ -75,6 +78,7 @@ impl Default for Settings {
             max_queued_messages: 1000,
             max_queued_bytes: 16 << 20,
             queue_policy: QueuePolicy::DropOldest,
+            queue_qos0: false,
             receive_maximum: 100,
             topic_alias_maximum: 10,
             window_3x: 32,
@@ -653,9 +657,9 @@ impl Broker {
                 c.publish(message, now);
                 self.drain(client_id, now);
             }
-            // Offline persistent session: QoS 1/2 wait in order, within the limits; QoS 0
-            // is dropped.
-            None if message.qos != QoS::AtMostOnce => {
+            // Offline persistent session: QoS 1/2 (and QoS 0 if configured) wait in order,
+            // within the limits; otherwise QoS 0 is dropped.
+            None if message.qos != QoS::AtMostOnce || self.settings.queue_qos0 => {
                 let limits = (
                     self.settings.max_queued_messages,
                     self.settings.max_queued_bytes,
