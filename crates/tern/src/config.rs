@@ -121,7 +121,6 @@ impl File {
             max_session_expiry_3x: Duration::from_secs(u64::from(
                 self.sessions.max_session_expiry_3x_secs,
             )),
-            ..Settings::default()
         }
     }
 }
