@@ -1,6 +1,6 @@
 """Claims about the Tern broker, checked with paho-mqtt (PyPI) as the client.
 
-usage: paho_broker.py PORT {4,5} CLAIM
+usage: paho_broker.py PORT {3,4,5} CLAIM
 
 Exits 0 if the claim holds; prints what went wrong and exits 1 otherwise.
 """
@@ -16,7 +16,7 @@ from paho.mqtt.properties import Properties
 
 PORT, LEVEL, CLAIM = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 V5 = LEVEL == "5"
-PROTO = mqtt.MQTTv5 if V5 else mqtt.MQTTv311
+PROTO = {"3": mqtt.MQTTv31, "4": mqtt.MQTTv311, "5": mqtt.MQTTv5}[LEVEL]
 TIMEOUT = 10
 _seq = [0]
 
@@ -29,22 +29,27 @@ def fail(msg):
 class C:
     """A paho client with blocking helpers."""
 
-    def __init__(self, client_id=None, clean=True, expiry=None, will=None):
+    def __init__(self, client_id=None, clean=True, expiry=None, will=None, will_props=None):
         _seq[0] += 1
         self.id = client_id if client_id is not None else f"{CLAIM}-{LEVEL}-{_seq[0]}"
         kw = {} if V5 else {"clean_session": clean}
-        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.id, protocol=PROTO, **kw)
+        # No automatic reconnect: a claim that drops a connection means it to stay dropped.
+        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.id, protocol=PROTO,
+                             reconnect_on_failure=False, **kw)
         self.clean, self.expiry = clean, expiry
         self.messages, self.connected, self.subscribed = [], threading.Event(), threading.Event()
         self.disconnected = threading.Event()
         self.session_present, self.rc, self.disconnect_rc, self.granted = None, None, None, None
         self.assigned = None
         self.c.on_connect = self._on_connect
-        self.c.on_message = lambda c, u, m: self.messages.append((m.topic, m.payload, m.qos, m.retain))
+        self.arrivals = []
+        self.c.on_message = self._on_message
         self.c.on_subscribe = self._on_subscribe
         self.c.on_disconnect = self._on_disconnect
+        self.unsubscribed, self.unsub_rcs = threading.Event(), None
+        self.c.on_unsubscribe = self._on_unsubscribe
         if will:
-            self.c.will_set(*will)
+            self.c.will_set(*will, properties=will_props)
 
     def _on_connect(self, c, u, flags, rc, props):
         self.session_present, self.rc = flags.session_present, rc
@@ -55,6 +60,14 @@ class C:
     def _on_subscribe(self, c, u, mid, rcs, props):
         self.granted = [int(getattr(r, "value", r)) for r in rcs]
         self.subscribed.set()
+
+    def _on_message(self, c, u, m):
+        self.arrivals.append(time.monotonic())
+        self.messages.append((m.topic, m.payload, m.qos, m.retain))
+
+    def _on_unsubscribe(self, c, u, mid, rcs, props):
+        self.unsub_rcs = [int(getattr(r, "value", r)) for r in rcs]
+        self.unsubscribed.set()
 
     def _on_disconnect(self, c, u, flags, rc, props):
         self.disconnect_rc = rc
@@ -89,9 +102,29 @@ class C:
             if not info.is_published():
                 fail(f"publish to {topic} at QoS {qos} not acknowledged")
 
-    def stop(self):
-        self.c.disconnect()
+    def unsub(self, topic):
+        self.unsubscribed.clear()
+        self.c.unsubscribe(topic)
+        if not self.unsubscribed.wait(TIMEOUT):
+            fail(f"no UNSUBACK for {topic}")
+        return self.unsub_rcs
+
+    def stop(self, reason=None):
+        if reason is None:
+            self.c.disconnect()
+        else:
+            from paho.mqtt.reasoncodes import ReasonCode
+            self.c.disconnect(reasoncode=ReasonCode(PacketTypes.DISCONNECT, identifier=reason))
+        if not self.disconnected.wait(TIMEOUT):
+            fail(f"{self.id}: DISCONNECT not completed")
         self.c.loop_stop()
+
+    def drop(self):
+        """The network connection ends without DISCONNECT. Returns when it did."""
+        self.c.socket().shutdown(socket.SHUT_RDWR)
+        at = time.monotonic()
+        self.c.loop_stop()
+        return at
 
     def expect_none(self, settle=0.5):
         """Nothing arrives within `settle` seconds (the broker is local: anything routed
@@ -273,6 +306,90 @@ def claim_a_publisher_with_64_qos2_messages_in_flight_loses_nothing():
     got = [int(p) for _, p, _, _ in sub.wait_messages(64)]
     if got != list(range(64)):
         fail(f"got {len(got)} messages: {got[:10]}...")
+
+
+def claim_unsubscribe_stops_delivery():
+    sub = C().connect()
+    sub.sub("u/+", 1)
+    pub = C().connect()
+    pub.pub("u/a", "before", 1)
+    sub.wait_messages(1, settle=0)
+    rcs = sub.unsub("u/+")
+    if V5 and rcs != [0]:
+        fail(f"UNSUBACK reasons {rcs}, want [0]")
+    pub.pub("u/a", "after", 1)
+    got = [p for _, p, _, _ in sub.expect_none()]
+    if got != [b"before"]:
+        fail(f"got {got}")
+    if V5:
+        rcs = sub.unsub("never/subscribed")
+        if rcs != [0x11]:
+            fail(f"UNSUBACK for an unknown filter {rcs}, want [0x11] No subscription existed")
+
+
+def claim_disconnect_with_will_0x04_publishes_the_will():
+    watcher = C().connect()
+    watcher.sub("will/#", 0)
+    c = C(will=("will/on-purpose", "asked", 0)).connect()
+    c.stop(reason=0x04)
+    got = watcher.wait_messages(1)
+    if [(t, p) for t, p, _, _ in got] != [("will/on-purpose", b"asked")]:
+        fail(f"got {got}")
+
+
+def delayed_will(cid, delay):
+    props = Properties(PacketTypes.WILLMESSAGE)
+    props.WillDelayInterval = delay
+    return C(cid, clean=True, expiry=60, will=(f"will/{cid}", "late", 0), will_props=props)
+
+
+def claim_will_delay_holds_the_will_and_a_reconnect_in_time_cancels_it():
+    watcher = C().connect()
+    watcher.sub("will/#", 0)
+    back = delayed_will("back", 2).connect()
+    slow = delayed_will("slow", 2).connect()
+    back.drop()
+    dropped = slow.drop()
+    back = C("back", clean=False, expiry=60).connect()
+    if not back.session_present:
+        fail("the session did not wait for its client")
+    got = watcher.wait_messages(1, settle=2.5)  # the will of "back" would be due in here
+    if [t for t, _, _, _ in got] != ["will/slow"]:
+        fail(f"want only the will of the client that stayed away, got {got}")
+    waited = watcher.arrivals[0] - dropped
+    if waited < 1.9:
+        fail(f"the will came {waited:.2f} s after the connection ended, before its 2 s delay")
+
+
+def claim_session_expiry_ends_an_offline_session():
+    a = C("short", clean=True, expiry=1).connect()
+    a.sub("se/#", 1)
+    a.stop()
+    b = C("long", clean=True, expiry=60).connect()
+    b.sub("se/#", 1)
+    b.stop()
+    time.sleep(2.0)  # past 1 s of expiry, and the broker's 0.5 s timer
+    a = C("short", clean=False, expiry=60).connect()
+    if a.session_present:
+        fail("the session outlived its expiry interval")
+    b = C("long", clean=False, expiry=60).connect()
+    if not b.session_present:
+        fail("the other session should still exist")
+
+
+def claim_offline_queue_is_bounded_and_drops_the_oldest():
+    # The broker runs with max_queued_messages = 3.
+    cid = f"bounded-{LEVEL}"
+    a = C(cid, clean=V5, expiry=300).connect()
+    a.sub("b/#", 1)
+    a.stop()
+    pub = C().connect()
+    for i in range(5):
+        pub.pub("b/x", f"m{i}", 1)
+    b = C(cid, clean=False, expiry=300).connect()
+    got = [p.decode() for _, p, _, _ in b.wait_messages(3)]
+    if got != ["m2", "m3", "m4"]:
+        fail(f"got {got}, want the newest three")
 
 
 globals()[f"claim_{CLAIM}"]()

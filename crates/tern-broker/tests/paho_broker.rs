@@ -8,8 +8,13 @@
 mod common;
 
 fn claim(name: &str) {
-    for level in ["4", "5"] {
-        let broker = common::Broker::start();
+    claim_at(name, &["4", "5"], tern_broker::core::Settings::default());
+}
+
+/// Runs the claim at each protocol level, each against a fresh broker with `settings`.
+fn claim_at(name: &str, levels: &[&str], settings: tern_broker::core::Settings) {
+    for level in levels {
+        let broker = common::Broker::with(settings.clone());
         let out = std::process::Command::new("python3")
             .arg(common::repo_root().join("tests/interop/paho_broker.py"))
             .arg(broker.port.to_string())
@@ -28,7 +33,12 @@ fn claim(name: &str) {
 
 #[test]
 fn qos_is_delivered_at_the_lower_of_publisher_and_subscriber_qos_for_all_nine_combinations() {
-    claim("qos_downgrade_table");
+    // MQTT 3.1 ("MQIsdp") too.
+    claim_at(
+        "qos_downgrade_table",
+        &["3", "4", "5"],
+        tern_broker::core::Settings::default(),
+    );
 }
 
 #[test]
@@ -74,4 +84,48 @@ fn a_publisher_with_64_qos2_messages_in_flight_loses_nothing() {
 #[test]
 fn clean_start_discards_the_session_and_its_queue() {
     claim("clean_start_discards_the_session_and_its_queue");
+}
+
+#[test]
+fn unsubscribe_stops_delivery() {
+    claim("unsubscribe_stops_delivery");
+}
+
+#[test]
+fn a_v5_disconnect_with_reason_0x04_publishes_the_will() {
+    claim_at(
+        "disconnect_with_will_0x04_publishes_the_will",
+        &["5"],
+        tern_broker::core::Settings::default(),
+    );
+}
+
+#[test]
+fn will_delay_holds_the_will_and_a_reconnect_in_time_cancels_it() {
+    claim_at(
+        "will_delay_holds_the_will_and_a_reconnect_in_time_cancels_it",
+        &["5"],
+        tern_broker::core::Settings::default(),
+    );
+}
+
+#[test]
+fn session_expiry_ends_an_offline_session() {
+    claim_at(
+        "session_expiry_ends_an_offline_session",
+        &["5"],
+        tern_broker::core::Settings::default(),
+    );
+}
+
+#[test]
+fn the_offline_queue_is_bounded_and_drops_the_oldest() {
+    claim_at(
+        "offline_queue_is_bounded_and_drops_the_oldest",
+        &["4", "5"],
+        tern_broker::core::Settings {
+            max_queued_messages: 3,
+            ..Default::default()
+        },
+    );
 }
