@@ -73,14 +73,14 @@ class C:
         self.disconnect_rc = rc
         self.disconnected.set()
 
-    def connect(self, expect_ok=True):
+    def connect(self, expect_ok=True, keepalive=30):
         props = None
         if V5:
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = self.expiry if self.expiry is not None else 0
-            self.c.connect("127.0.0.1", PORT, keepalive=30, clean_start=self.clean, properties=props)
+            self.c.connect("127.0.0.1", PORT, keepalive=keepalive, clean_start=self.clean, properties=props)
         else:
-            self.c.connect("127.0.0.1", PORT, keepalive=30)
+            self.c.connect("127.0.0.1", PORT, keepalive=keepalive)
         self.c.loop_start()
         if not self.connected.wait(TIMEOUT):
             fail(f"{self.id}: no CONNACK")
@@ -390,6 +390,32 @@ def claim_offline_queue_is_bounded_and_drops_the_oldest():
     got = [p.decode() for _, p, _, _ in b.wait_messages(3)]
     if got != ["m2", "m3", "m4"]:
         fail(f"got {got}, want the newest three")
+
+
+def claim_will_is_published_when_keepalive_expires():
+    watcher = C().connect()
+    watcher.sub("will/#", 0)
+    silent = C(will=("will/silent", "timed out", 0)).connect(keepalive=1)
+    silent.c.loop_stop()  # the socket stays open, but no PINGREQ is ever sent again
+    stopped = time.monotonic()
+    got = watcher.wait_messages(1, settle=0)
+    if [(t, p) for t, p, _, _ in got] != [("will/silent", b"timed out")]:
+        fail(f"got {got}")
+    waited = watcher.arrivals[0] - stopped
+    # 1.5 x the 1 s keep alive after the last packet, checked on the broker's 0.5 s timer.
+    if not 1.0 <= waited <= 4.0:
+        fail(f"the will came {waited:.2f} s after the client went silent")
+
+
+def claim_stopping_the_broker_sends_0x8b():
+    """Run by the test, which stops the broker when this prints 'ready'."""
+    c = C().connect()
+    print("ready", flush=True)
+    if not c.disconnected.wait(TIMEOUT):
+        fail("no disconnect when the broker stopped")
+    rc = int(getattr(c.disconnect_rc, "value", c.disconnect_rc))
+    if V5 and rc != 0x8B:
+        fail(f"DISCONNECT reason 0x{rc:02X}, want 0x8B Server shutting down")
 
 
 globals()[f"claim_{CLAIM}"]()

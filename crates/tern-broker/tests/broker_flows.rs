@@ -142,3 +142,31 @@ fn a_malformed_packet_closes_only_the_offending_connection() {
     };
     assert_eq!(&p.payload[..], b"still here");
 }
+
+#[test]
+fn the_will_is_published_when_the_client_breaks_the_protocol() {
+    let broker = common::Broker::start();
+    let (mut watcher, _) = Raw::connect(broker.port, Connect::new(Protocol::V3_1_1, "watch"));
+    watcher.subscribe("wills/#", QoS::AtMostOnce);
+    let mut rude = Connect::new(Protocol::V5, "rude");
+    rude.will = Some(LastWill {
+        topic: TopicName::new("wills/rude").unwrap(),
+        payload: "broke the rules".into(),
+        qos: QoS::AtMostOnce,
+        retain: false,
+        properties: Default::default(),
+    });
+    let (mut rude, _) = Raw::connect(broker.port, rude);
+    rude.send(Packet::Connect(Box::new(Connect::new(
+        Protocol::V5,
+        "rude",
+    ))));
+    match rude.recv() {
+        Some(Packet::Disconnect(d)) => assert_eq!(d.reason, ReasonCode::ProtocolError),
+        other => panic!("want DISCONNECT 0x82, got {other:?}"),
+    }
+    match watcher.recv() {
+        Some(Packet::Publish(p)) => assert_eq!(&p.payload[..], b"broke the rules"),
+        other => panic!("want the will, got {other:?}"),
+    }
+}

@@ -129,3 +129,37 @@ fn the_offline_queue_is_bounded_and_drops_the_oldest() {
         },
     );
 }
+
+#[test]
+fn the_will_is_published_when_keepalive_expires() {
+    claim("will_is_published_when_keepalive_expires");
+}
+
+#[test]
+fn stopping_the_broker_disconnects_clients_with_0x8b_in_v5() {
+    use std::io::BufRead;
+    for level in ["4", "5"] {
+        let broker = common::Broker::start();
+        let mut child = std::process::Command::new("python3")
+            .arg(common::repo_root().join("tests/interop/paho_broker.py"))
+            .arg(broker.port.to_string())
+            .arg(level)
+            .arg("stopping_the_broker_sends_0x8b")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 with paho-mqtt (scripts/test installs it)");
+        let mut line = String::new();
+        // Kept open until the script exits: it prints its verdict on it.
+        let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        stdout.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "ready", "the client connected (level {level})");
+        drop(broker); // SIGINT/SIGTERM take this same path in `tern broker`
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "level {level}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
