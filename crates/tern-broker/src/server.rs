@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::BytesMut;
-use tern_codec::{DecodeError, MAX_PACKET_SIZE, Packet, Protocol};
+use tern_codec::{DecodeError, Packet, Protocol};
 use tern_store::{Store, StoreError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -56,6 +56,7 @@ pub async fn serve(
 ) -> Result<(), StoreError> {
     let (to_core, mut from_conns) = mpsc::unbounded_channel::<ToCore>();
     let connect_timeout = settings.connect_timeout;
+    let max_packet_size = settings.max_packet_size;
     let mut broker = Broker::new(settings, store, Instant::now(), SystemTime::now())?;
     let core = tokio::spawn(async move {
         let mut writers: HashMap<ConnId, mpsc::UnboundedSender<ToConn>> = HashMap::new();
@@ -105,6 +106,7 @@ pub async fn serve(
                     peer,
                     to_core.clone(),
                     connect_timeout,
+                    max_packet_size,
                 ));
             }
         }
@@ -149,6 +151,7 @@ async fn connection(
     peer: SocketAddr,
     to_core: mpsc::UnboundedSender<ToCore>,
     connect_timeout: Duration,
+    max_packet_size: u32,
 ) {
     let (tx, mut rx) = mpsc::unbounded_channel::<ToConn>();
     if to_core.send(ToCore::Accepted(conn, peer, tx)).is_err() {
@@ -207,7 +210,7 @@ async fn connection(
         }
         loop {
             let v = protocol_from(version.load(Ordering::Acquire));
-            match tern_codec::decode(&mut buf, v.unwrap_or(Protocol::V3_1_1), MAX_PACKET_SIZE) {
+            match tern_codec::decode(&mut buf, v.unwrap_or(Protocol::V3_1_1), max_packet_size) {
                 Ok(Some(packet)) => {
                     if let Packet::Connect(c) = &packet {
                         if connected {

@@ -84,7 +84,7 @@ proptest! {
             prop_assert_eq!(trie.len(), model.len());
             for t in &topics {
                 let got: HashMap<u8, QoS> =
-                    trie.route(t).into_iter().map(|(k, d)| (k, d.qos)).collect();
+                    trie.route(t, None).into_iter().map(|(k, d)| (k, d.qos)).collect();
                 prop_assert_eq!(got, expected(&model, t), "topic {}", t);
             }
         }

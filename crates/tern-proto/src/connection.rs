@@ -8,8 +8,9 @@
 use std::collections::{BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
+use tern_codec::properties::AckProperties;
 use tern_codec::{
-    Ack, ConnAck, Connect, Disconnect, Packet, PacketId, PacketType, Protocol, Publish, QoS,
+    Ack, ConnAck, Connect, Disconnect, Packet, PacketId, PacketType, Props, Protocol, Publish, QoS,
     QosPid, ReasonCode, TopicName, encoded_len,
 };
 
@@ -174,6 +175,9 @@ pub enum Event {
     Closed {
         /// Why: the peer's DISCONNECT reason, Keep Alive timeout, or our protocol error.
         reason: ReasonCode,
+        /// The Session Expiry Interval the peer's 5.0 DISCONNECT set, if it set one (the
+        /// broker applies it, or refuses 0 -> non-zero [MQTT-3.14.2-2]).
+        session_expiry: Option<u32>,
     },
 }
 
@@ -334,7 +338,10 @@ impl Connection {
             }
             Packet::Disconnect(d) => {
                 self.open = false;
-                self.events.push_back(Event::Closed { reason: d.reason });
+                self.events.push_back(Event::Closed {
+                    reason: d.reason,
+                    session_expiry: d.properties.session_expiry_interval,
+                });
             }
             Packet::Connect(_) | Packet::ConnAck(_) => {
                 return Err(ProtocolError::UnexpectedPacket(packet.packet_type()));
@@ -558,7 +565,19 @@ impl Connection {
     /// As [`Connection::ack`] with a reason code; an error code (for example 0x97 Quota
     /// exceeded) refuses the message and, for QoS 2, ends the flow.
     pub fn ack_with(&mut self, id: PacketId, reason: ReasonCode) -> bool {
-        let ack = Ack::with_reason(id, reason);
+        self.ack_with_properties(id, reason, Props::NONE)
+    }
+
+    /// As [`Connection::ack_with`], with 5.0 properties on the PUBACK/PUBREC (a Reason
+    /// String, User Properties).
+    pub fn ack_with_properties(
+        &mut self,
+        id: PacketId,
+        reason: ReasonCode,
+        properties: Props<AckProperties>,
+    ) -> bool {
+        let mut ack = Ack::with_reason(id, reason);
+        ack.properties = properties;
         if self.pending_puback.remove(&id) {
             self.transmit.push_back(Packet::PubAck(ack));
             return true;
@@ -575,11 +594,14 @@ impl Connection {
         false
     }
 
-    /// Ends the connection from our side with a DISCONNECT (5.0 carries `reason`).
+    /// Ends the connection from our side: a DISCONNECT with `reason` in 5.0; in 3.x, where
+    /// only a client sends DISCONNECT, a server just closes.
     pub fn disconnect(&mut self, reason: ReasonCode) {
         if self.open {
-            self.transmit
-                .push_back(Packet::Disconnect(Disconnect::new(reason)));
+            if self.config.protocol.is_v5() || self.config.role == Role::Client {
+                self.transmit
+                    .push_back(Packet::Disconnect(Disconnect::new(reason)));
+            }
             self.open = false;
         }
     }
@@ -622,7 +644,10 @@ impl Connection {
                 .push_back(Packet::Disconnect(Disconnect::new(reason)));
         }
         self.open = false;
-        self.events.push_back(Event::Closed { reason });
+        self.events.push_back(Event::Closed {
+            reason,
+            session_expiry: None,
+        });
     }
 
     /// Moves queued messages into flight while the window has room (QoS 0 ones go out

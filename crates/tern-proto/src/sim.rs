@@ -81,7 +81,7 @@ impl Side {
                     reason,
                 } => self.acknowledged.push((id, message, reason)),
                 Event::Dropped { message, reason } => self.dropped.push((message, reason)),
-                Event::Closed { reason } => self.closed.push(reason),
+                Event::Closed { reason, .. } => self.closed.push(reason),
                 Event::Control(p) => self.control.push(p),
             }
         }

@@ -481,7 +481,8 @@ fn a_second_connect_is_a_protocol_error() {
     assert!(matches!(
         s.poll_event(),
         Some(Event::Closed {
-            reason: ReasonCode::ProtocolError
+            reason: ReasonCode::ProtocolError,
+            ..
         })
     ));
 }

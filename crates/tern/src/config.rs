@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use tern_broker::core::{QueuePolicy, Settings};
+use tern_codec::QoS;
 
 /// The whole file.
 #[derive(Debug, Default, Deserialize)]
@@ -14,6 +15,25 @@ pub(crate) struct File {
     pub(crate) listener: Listener,
     pub(crate) sessions: Sessions,
     pub(crate) limits: Limits,
+    pub(crate) mqtt: Mqtt,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct Mqtt {
+    maximum_qos: u8,
+    retain_available: bool,
+    response_information: Option<String>,
+}
+
+impl Default for Mqtt {
+    fn default() -> Self {
+        Mqtt {
+            maximum_qos: 2,
+            retain_available: true,
+            response_information: None,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -68,6 +88,8 @@ pub(crate) struct Limits {
     topic_alias_maximum: u16,
     inflight_3x: u16,
     connect_timeout_secs: u32,
+    max_packet_size: u32,
+    max_keep_alive: u16,
 }
 
 impl Default for Limits {
@@ -78,6 +100,8 @@ impl Default for Limits {
             topic_alias_maximum: s.topic_alias_maximum,
             inflight_3x: s.window_3x,
             connect_timeout_secs: s.connect_timeout.as_secs() as u32,
+            max_packet_size: s.max_packet_size,
+            max_keep_alive: s.max_keep_alive,
         }
     }
 }
@@ -91,6 +115,19 @@ impl File {
         }
         if file.limits.connect_timeout_secs == 0 {
             return Err("limits.connect_timeout_secs must be at least 1".into());
+        }
+        if file.mqtt.maximum_qos > 2 {
+            return Err(format!(
+                "mqtt.maximum_qos: {} is not a QoS (0, 1 or 2)",
+                file.mqtt.maximum_qos
+            ));
+        }
+        if !(16..=tern_codec::MAX_PACKET_SIZE).contains(&file.limits.max_packet_size) {
+            return Err(format!(
+                "limits.max_packet_size: {} is outside 16..={}",
+                file.limits.max_packet_size,
+                tern_codec::MAX_PACKET_SIZE
+            ));
         }
         if file.limits.inflight_3x == 0 {
             return Err("limits.inflight_3x must be at least 1".into());
@@ -118,6 +155,15 @@ impl File {
             window_3x: self.limits.inflight_3x,
             queue_qos0: self.sessions.queue_qos0,
             connect_timeout: Duration::from_secs(u64::from(self.limits.connect_timeout_secs)),
+            maximum_qos: match self.mqtt.maximum_qos {
+                0 => QoS::AtMostOnce,
+                1 => QoS::AtLeastOnce,
+                _ => QoS::ExactlyOnce,
+            },
+            retain_available: self.mqtt.retain_available,
+            max_packet_size: self.limits.max_packet_size,
+            max_keep_alive: self.limits.max_keep_alive,
+            response_information: self.mqtt.response_information.clone(),
             max_session_expiry_3x: Duration::from_secs(u64::from(
                 self.sessions.max_session_expiry_3x_secs,
             )),
@@ -133,32 +179,7 @@ mod tests {
     fn an_empty_file_gives_every_default() {
         let f = File::parse("").unwrap();
         assert_eq!(f.listener.bind, "127.0.0.1:1883");
-        let s = f.settings();
-        let d = Settings::default();
-        assert_eq!(
-            (
-                s.max_queued_messages,
-                s.max_queued_bytes,
-                s.queue_policy,
-                s.queue_qos0,
-                s.receive_maximum,
-                s.topic_alias_maximum,
-                s.window_3x,
-                s.max_session_expiry_3x,
-                s.connect_timeout,
-            ),
-            (
-                d.max_queued_messages,
-                d.max_queued_bytes,
-                d.queue_policy,
-                d.queue_qos0,
-                d.receive_maximum,
-                d.topic_alias_maximum,
-                d.window_3x,
-                d.max_session_expiry_3x,
-                d.connect_timeout,
-            )
-        );
+        assert_eq!(f.settings(), Settings::default());
     }
 
     #[test]

@@ -49,7 +49,7 @@ pub enum QueuePolicy {
 }
 
 /// Broker settings the core needs.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
     /// Most QoS 1/2 messages queued for one offline session.
     pub max_queued_messages: usize,
@@ -70,6 +70,18 @@ pub struct Settings {
     pub max_session_expiry_3x: Duration,
     /// How long a new connection may take to send CONNECT before it is closed.
     pub connect_timeout: Duration,
+    /// Highest QoS clients may publish at and be granted (5.0 Maximum QoS).
+    pub maximum_qos: QoS,
+    /// Whether retained messages are supported (5.0 Retain Available).
+    pub retain_available: bool,
+    /// Largest packet a client may send us (5.0 Maximum Packet Size); larger is 0x95.
+    pub max_packet_size: u32,
+    /// Longest keep alive a client may ask for: 5.0 clients asking more (or 0) are told
+    /// this as Server Keep Alive; 3.x clients asking more are refused (return code 2),
+    /// as Mosquitto does.
+    pub max_keep_alive: u16,
+    /// Response Information sent to 5.0 clients that request it.
+    pub response_information: Option<String>,
 }
 
 impl Default for Settings {
@@ -84,6 +96,11 @@ impl Default for Settings {
             window_3x: 32,
             max_session_expiry_3x: Duration::from_secs(u64::from(u32::MAX)),
             connect_timeout: Duration::from_secs(10),
+            maximum_qos: QoS::ExactlyOnce,
+            retain_available: true,
+            max_packet_size: tern_codec::MAX_PACKET_SIZE,
+            max_keep_alive: u16::MAX,
+            response_information: None,
         }
     }
 }
@@ -104,6 +121,8 @@ struct Session {
     /// Whether the store holds this session. Sessions that end with their connection
     /// (expiry zero) are never written.
     persisted: bool,
+    /// 5.0 Request Problem Information: whether Reason Strings may go on acknowledgements.
+    problem_info: bool,
 }
 
 /// The broker core.
@@ -179,6 +198,7 @@ impl Broker {
                 will: None,
                 pending_will,
                 persisted: true,
+                problem_info: true,
             };
             broker.sessions.insert(client_id, session);
         }
@@ -498,6 +518,14 @@ impl Broker {
                 return;
             }
         }
+        // 3.x has no way to tell a client to ping more often: refuse, as Mosquitto does.
+        if !v.is_v5() && connect.keep_alive > self.settings.max_keep_alive {
+            let ack = ConnAck::new(false, ReasonCode::ClientIdentifierNotValid);
+            self.outputs
+                .push_back(Output::Send(conn, Packet::ConnAck(ack)));
+            self.outputs.push_back(Output::Close(conn));
+            return;
+        }
         let expiry = if v.is_v5() {
             Duration::from_secs(u64::from(
                 connect.properties.session_expiry_interval.unwrap_or(0),
@@ -525,10 +553,28 @@ impl Broker {
 
         let mut ack = ConnAck::new(present, ReasonCode::Success);
         if v.is_v5() {
+            let st = &self.settings;
+            let ka = connect.keep_alive;
+            let server_keep_alive = (ka > st.max_keep_alive
+                || (ka == 0 && st.max_keep_alive < u16::MAX))
+                .then_some(st.max_keep_alive);
+            let response_information = match connect.properties.request_response_information {
+                Some(true) => st.response_information.as_deref().map(Str::from),
+                _ => None,
+            };
             ack.properties = ConnAckProperties {
-                receive_maximum: std::num::NonZeroU16::new(self.settings.receive_maximum),
-                topic_alias_maximum: Some(self.settings.topic_alias_maximum),
+                receive_maximum: std::num::NonZeroU16::new(st.receive_maximum),
+                topic_alias_maximum: Some(st.topic_alias_maximum),
                 assigned_client_identifier: assigned,
+                server_keep_alive,
+                response_information,
+                maximum_qos: (st.maximum_qos < QoS::ExactlyOnce).then_some(st.maximum_qos),
+                retain_available: (!st.retain_available).then_some(false),
+                maximum_packet_size: (st.max_packet_size < tern_codec::MAX_PACKET_SIZE)
+                    .then(|| std::num::NonZeroU32::new(st.max_packet_size))
+                    .flatten(),
+                wildcard_subscription_available: Some(true),
+                subscription_identifiers_available: Some(true),
                 shared_subscription_available: Some(false),
                 ..Default::default()
             }
@@ -539,7 +585,8 @@ impl Broker {
             Role::Server,
             &connect,
             &ack,
-            AckMode::Immediate,
+            // Acknowledged by the broker once the message is checked and routed.
+            AckMode::Manual,
             self.settings.window_3x,
         );
         let session = self
@@ -554,13 +601,17 @@ impl Broker {
                 will: None,
                 pending_will: None,
                 persisted: false,
+                problem_info: true,
             });
         session.expiry = expiry;
         session.expires_at = None;
         session.will = connect.will;
         // Back in time: a delayed will from the last connection is not sent.
         session.pending_will = None;
-
+        session.problem_info = connect
+            .properties
+            .request_problem_information
+            .unwrap_or(true);
         let stored = std::mem::take(&mut session.stored);
         session.conn = Some((conn, Connection::new(config, stored, present, now)));
         self.put_session(&client_id);
@@ -585,11 +636,40 @@ impl Broker {
             }
             let Some(event) = c.poll_event() else { return };
             match event {
-                Event::Message { message, .. } => self.route(message, now),
+                Event::Message { message, ack } => {
+                    if !self.accept(client_id, message, ack, now) {
+                        return;
+                    }
+                }
                 Event::Control(Packet::Subscribe(s)) => self.subscribe(client_id, s, now),
                 Event::Control(Packet::Unsubscribe(u)) => self.unsubscribe(client_id, u),
                 Event::Control(_) | Event::Acknowledged { .. } | Event::Dropped { .. } => {}
-                Event::Closed { reason } => {
+                Event::Closed {
+                    reason,
+                    session_expiry,
+                } => {
+                    if let Some(secs) = session_expiry
+                        && let Some(s) = self.sessions.get_mut(client_id)
+                    {
+                        if s.expiry.is_zero() && secs > 0 {
+                            // [MQTT-3.14.2-2]: 0 at CONNECT cannot become non-zero. A
+                            // protocol error, so the will is published.
+                            self.outputs.push_back(Output::Send(
+                                conn,
+                                Packet::Disconnect(tern_codec::Disconnect::new(
+                                    ReasonCode::ProtocolError,
+                                )),
+                            ));
+                            self.outputs.push_back(Output::Close(conn));
+                            self.close(
+                                conn,
+                                now,
+                                &"DISCONNECT set a Session Expiry Interval after CONNECT said 0 (0x82)",
+                            );
+                            return;
+                        }
+                        s.expiry = Duration::from_secs(u64::from(secs));
+                    }
                     // A normal DISCONNECT discards the will, except 0x04 [MQTT-3.14.4-3].
                     if let Some(s) = self.sessions.get_mut(client_id)
                         && reason == ReasonCode::Success
@@ -620,7 +700,7 @@ impl Broker {
 
     /// Delivers a message to every matching subscriber at the effective QoS, and keeps it
     /// if retained (an empty retained payload clears the topic).
-    fn route(&mut self, message: Message, now: Instant) {
+    fn route(&mut self, message: Message, publisher: Option<&Str>, now: Instant) -> usize {
         if message.retain {
             if message.payload.is_empty() {
                 if self.retained.remove(&message.topic).is_some() {
@@ -635,7 +715,8 @@ impl Broker {
                 });
             }
         }
-        let deliveries = self.trie.route(&message.topic);
+        let deliveries = self.trie.route(&message.topic, publisher);
+        let matched = deliveries.len();
         for (client_id, delivery) in deliveries {
             let mut copy = message.clone();
             copy.qos = effective_qos(message.qos, delivery.qos, QoS::ExactlyOnce);
@@ -646,6 +727,111 @@ impl Broker {
             }
             self.deliver(&client_id, copy, now);
         }
+        matched
+    }
+
+    /// Checks a client's message against what the broker allows, routes it and releases
+    /// its acknowledgement. Returns false if the connection was closed for it.
+    fn accept(
+        &mut self,
+        client_id: &Str,
+        message: Message,
+        ack: Option<tern_codec::PacketId>,
+        now: Instant,
+    ) -> bool {
+        let Some(session) = self.sessions.get(client_id) else {
+            return false;
+        };
+        let problem_info = session.problem_info;
+        let v5 = session
+            .conn
+            .as_ref()
+            .is_some_and(|(_, c)| c.config().protocol.is_v5());
+        // Above what CONNACK advertised: a protocol error [MQTT-3.2.2-11] [MQTT-3.2.2-14].
+        if message.qos > self.settings.maximum_qos {
+            self.kick(client_id, ReasonCode::QosNotSupported, now);
+            return false;
+        }
+        if message.retain && !self.settings.retain_available {
+            self.kick(client_id, ReasonCode::RetainNotSupported, now);
+            return false;
+        }
+        // A payload that says it is UTF-8 and is not [MQTT-3.3.2-4]: refused with 0x99 in
+        // the acknowledgement (5.0), or the connection closed where there is none.
+        if message.properties.payload_format_indicator == Some(tern_codec::PayloadFormat::Utf8)
+            && std::str::from_utf8(&message.payload).is_err()
+        {
+            match ack {
+                Some(id) if v5 => {
+                    let text = "the Payload Format Indicator says UTF-8 but the payload is not";
+                    self.release(
+                        client_id,
+                        id,
+                        ReasonCode::PayloadFormatInvalid,
+                        text,
+                        problem_info,
+                    );
+                }
+                _ => {
+                    self.kick(client_id, ReasonCode::PayloadFormatInvalid, now);
+                    return false;
+                }
+            }
+            return true;
+        }
+        let matched = self.route(message, Some(client_id), now);
+        if let Some(id) = ack {
+            let reason = if matched == 0 && v5 {
+                ReasonCode::NoMatchingSubscribers
+            } else {
+                ReasonCode::Success
+            };
+            self.release(client_id, id, reason, "", problem_info);
+        }
+        true
+    }
+
+    /// Sends the PUBACK/PUBREC that waited on `id`, with a Reason String if the client
+    /// wants them.
+    fn release(
+        &mut self,
+        client_id: &Str,
+        id: tern_codec::PacketId,
+        reason: ReasonCode,
+        text: &str,
+        problem_info: bool,
+    ) {
+        let Some(Session {
+            conn: Some((_, c)), ..
+        }) = self.sessions.get_mut(client_id)
+        else {
+            return;
+        };
+        let mut properties = tern_codec::properties::AckProperties::default();
+        if problem_info && !text.is_empty() {
+            properties.reason_string = Some(Str::from(text));
+        }
+        c.ack_with_properties(id, reason, properties.into());
+    }
+
+    /// Ends the client's connection for breaking a rule: DISCONNECT with `reason` (5.0),
+    /// then close; the will is published (not a normal disconnect).
+    fn kick(&mut self, client_id: &Str, reason: ReasonCode, now: Instant) {
+        let Some(Session {
+            conn: Some((conn, c)),
+            ..
+        }) = self.sessions.get_mut(client_id)
+        else {
+            return;
+        };
+        let conn = *conn;
+        c.disconnect(reason);
+        while let Some(p) = c.poll_transmit(now) {
+            self.outputs.push_back(Output::Send(conn, p));
+        }
+        self.outputs.push_back(Output::Close(conn));
+        let why = format!("{reason:?} (0x{:02X})", reason as u8);
+        self.close(conn, now, &why);
     }
 
     fn deliver(&mut self, client_id: &Str, message: Message, now: Instant) {
@@ -711,35 +897,44 @@ impl Broker {
         };
         let mut reasons = Vec::with_capacity(s.subscriptions.len());
         let mut retained_for = vec![];
+        let mut refused = None;
         for sub in &s.subscriptions {
             if sub.filter.share_group().is_some() {
                 reasons.push(ReasonCode::SharedSubscriptionsNotSupported);
+                refused = Some("shared subscriptions are not supported yet");
                 continue;
             }
+            // Granted at most the server's Maximum QoS [MQTT-3.2.2-9].
+            let mut options = sub.options;
+            options.qos = options.qos.min(self.settings.maximum_qos);
             let new = self.trie.subscribe(
                 &sub.filter,
                 client_id.clone(),
-                sub.options,
+                options,
                 s.properties.subscription_identifier,
             );
             session.subscriptions.insert(
                 sub.filter.clone(),
-                (sub.options, s.properties.subscription_identifier),
+                (options, s.properties.subscription_identifier),
             );
-            reasons.push(ReasonCode::granted(sub.options.qos));
+            reasons.push(ReasonCode::granted(options.qos));
             let send = match sub.options.retain_handling {
                 RetainHandling::SendAtSubscribe => true,
                 RetainHandling::SendIfNew => new,
                 RetainHandling::DoNotSend => false,
             };
             if send {
-                retained_for.push((sub.filter.clone(), sub.options.qos));
+                retained_for.push((sub.filter.clone(), options.qos));
             }
+        }
+        let mut properties = tern_codec::properties::AckProperties::default();
+        if session.problem_info {
+            properties.reason_string = refused.map(Str::from);
         }
         let ack = SubAck {
             packet_id: s.packet_id,
             reasons,
-            properties: Default::default(),
+            properties: properties.into(),
         };
         self.put_session(client_id);
         self.send_control(client_id, Packet::SubAck(ack));
@@ -795,7 +990,7 @@ impl Broker {
     fn publish_will(&mut self, will: LastWill, now: Instant) {
         let mut m = Message::new(will.topic, will.payload, will.qos);
         m.retain = will.retain;
-        self.route(m, now);
+        self.route(m, None, now);
     }
 
     fn end_session(&mut self, client_id: &Str, now: Instant) {

@@ -174,37 +174,48 @@ impl<K: Clone + Eq + Hash> SubscriptionTrie<K> {
     }
 
     /// Every client with a subscription matching `topic`, each once, with what it gets.
-    pub fn route(&self, topic: &TopicName) -> HashMap<K, Delivery> {
+    /// Subscriptions with No Local do not match messages `publisher` sent
+    /// [MQTT-3.8.3-3].
+    pub fn route(&self, topic: &TopicName, publisher: Option<&K>) -> HashMap<K, Delivery> {
         let levels: Vec<&str> = topic.as_str().split('/').collect();
         let mut out: HashMap<K, Delivery> = HashMap::new();
         // [MQTT-4.7.2-1]: no leading wildcard matches a topic starting with '$'.
         let dollar = topic.as_str().starts_with('$');
-        Self::walk(&self.root, &levels, dollar, &mut out);
+        Self::walk(&self.root, &levels, dollar, publisher, &mut out);
         for d in out.values_mut() {
             d.subscription_ids.sort_unstable();
         }
         out
     }
 
-    fn walk(node: &Node<K>, levels: &[&str], shield: bool, out: &mut HashMap<K, Delivery>) {
+    fn walk(
+        node: &Node<K>,
+        levels: &[&str],
+        shield: bool,
+        publisher: Option<&K>,
+        out: &mut HashMap<K, Delivery>,
+    ) {
         if !shield {
             // `path/#` matches the path itself and everything below it.
-            Self::collect(&node.rest, out);
+            Self::collect(&node.rest, publisher, out);
         }
         let Some((level, rest)) = levels.split_first() else {
-            Self::collect(&node.exact, out);
+            Self::collect(&node.exact, publisher, out);
             return;
         };
         if let Some(child) = node.children.get(*level) {
-            Self::walk(child, rest, false, out);
+            Self::walk(child, rest, false, publisher, out);
         }
         if !shield && let Some(plus) = &node.plus {
-            Self::walk(plus, rest, false, out);
+            Self::walk(plus, rest, false, publisher, out);
         }
     }
 
-    fn collect(entries: &HashMap<K, Entry>, out: &mut HashMap<K, Delivery>) {
+    fn collect(entries: &HashMap<K, Entry>, publisher: Option<&K>, out: &mut HashMap<K, Delivery>) {
         for (client, entry) in entries {
+            if entry.options.no_local && publisher == Some(client) {
+                continue;
+            }
             let d = out.entry(client.clone()).or_insert(Delivery {
                 qos: QoS::AtMostOnce,
                 retain_as_published: false,
@@ -236,7 +247,7 @@ mod tests {
 
     fn route(trie: &SubscriptionTrie<&'static str>, topic: &str) -> Vec<(&'static str, QoS)> {
         let mut v: Vec<_> = trie
-            .route(&TopicName::new(topic).unwrap())
+            .route(&TopicName::new(topic).unwrap(), None)
             .into_iter()
             .map(|(k, d)| (k, d.qos))
             .collect();
@@ -312,7 +323,7 @@ mod tests {
             SubscriptionId::new(3),
         );
         t.subscribe(&TopicFilter::new("+/b").unwrap(), "c", opts, None);
-        let d = &t.route(&TopicName::new("a/b").unwrap())["c"];
+        let d = &t.route(&TopicName::new("a/b").unwrap(), None)["c"];
         assert_eq!(
             d.subscription_ids,
             [
@@ -320,5 +331,23 @@ mod tests {
                 SubscriptionId::new(7).unwrap()
             ]
         );
+    }
+
+    #[test]
+    fn no_local_subscriptions_skip_the_publisher_but_its_other_subscriptions_match() {
+        let mut t = SubscriptionTrie::new();
+        let local = SubscriptionOptions {
+            qos: QoS::ExactlyOnce,
+            no_local: true,
+            ..Default::default()
+        };
+        t.subscribe(&TopicFilter::new("a/+").unwrap(), "me", local, None);
+        sub(&mut t, "a/b", "other", QoS::AtLeastOnce);
+        let a_b = TopicName::new("a/b").unwrap();
+        assert!(!t.route(&a_b, Some(&"me")).contains_key("me"));
+        assert!(t.route(&a_b, Some(&"you")).contains_key("me"));
+        // A second, ordinary subscription of the publisher still matches, at its own QoS.
+        sub(&mut t, "a/#", "me", QoS::AtMostOnce);
+        assert_eq!(t.route(&a_b, Some(&"me"))["me"].qos, QoS::AtMostOnce);
     }
 }
