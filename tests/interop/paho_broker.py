@@ -29,13 +29,18 @@ def fail(msg):
 class C:
     """A paho client with blocking helpers."""
 
-    def __init__(self, client_id=None, clean=True, expiry=None, will=None, will_props=None):
+    def __init__(self, client_id=None, clean=True, expiry=None, will=None, will_props=None,
+                 connect_props=None, manual_ack=False):
         _seq[0] += 1
         self.id = client_id if client_id is not None else f"{CLAIM}-{LEVEL}-{_seq[0]}"
         kw = {} if V5 else {"clean_session": clean}
         # No automatic reconnect: a claim that drops a connection means it to stay dropped.
         self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.id, protocol=PROTO,
-                             reconnect_on_failure=False, **kw)
+                             reconnect_on_failure=False, manual_ack=manual_ack, **kw)
+        self.connect_props = connect_props or {}
+        self.connack_props, self.suback_props, self.raw_messages = None, None, []
+        self.pub_results = {}
+        self.c.on_publish = self._on_publish
         self.clean, self.expiry = clean, expiry
         self.messages, self.connected, self.subscribed = [], threading.Event(), threading.Event()
         self.disconnected = threading.Event()
@@ -51,18 +56,24 @@ class C:
         if will:
             self.c.will_set(*will, properties=will_props)
 
+    def _on_publish(self, c, u, mid, rc, props):
+        self.pub_results[mid] = int(getattr(rc, "value", rc))
+
     def _on_connect(self, c, u, flags, rc, props):
         self.session_present, self.rc = flags.session_present, rc
+        self.connack_props = props
         if props is not None and hasattr(props, "AssignedClientIdentifier"):
             self.assigned = props.AssignedClientIdentifier
         self.connected.set()
 
     def _on_subscribe(self, c, u, mid, rcs, props):
+        self.suback_props = props
         self.granted = [int(getattr(r, "value", r)) for r in rcs]
         self.subscribed.set()
 
     def _on_message(self, c, u, m):
         self.arrivals.append(time.monotonic())
+        self.raw_messages.append(m)
         self.messages.append((m.topic, m.payload, m.qos, m.retain))
 
     def _on_unsubscribe(self, c, u, mid, rcs, props):
@@ -78,6 +89,8 @@ class C:
         if V5:
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = self.expiry if self.expiry is not None else 0
+            for k, v in self.connect_props.items():
+                setattr(props, k, v)
             self.c.connect("127.0.0.1", PORT, keepalive=keepalive, clean_start=self.clean, properties=props)
         else:
             self.c.connect("127.0.0.1", PORT, keepalive=keepalive)
@@ -88,19 +101,38 @@ class C:
             fail(f"{self.id}: refused {self.rc}")
         return self
 
-    def sub(self, topic, qos):
+    def sub(self, topic, qos, options=None, sub_id=None):
         self.subscribed.clear()
-        self.c.subscribe(topic, qos)
+        if options is not None or sub_id is not None:
+            from paho.mqtt.subscribeoptions import SubscribeOptions
+            props = None
+            if sub_id is not None:
+                props = Properties(PacketTypes.SUBSCRIBE)
+                props.SubscriptionIdentifier = sub_id
+            self.c.subscribe(topic, options=SubscribeOptions(qos=qos, **(options or {})), properties=props)
+        else:
+            self.c.subscribe(topic, qos)
         if not self.subscribed.wait(TIMEOUT):
             fail(f"no SUBACK for {topic}")
         return self.granted
 
-    def pub(self, topic, payload, qos, retain=False):
-        info = self.c.publish(topic, payload, qos, retain)
+    def pub(self, topic, payload, qos, retain=False, props=None):
+        """Publishes; for QoS 1/2 waits for the acknowledgement and returns its reason code."""
+        p = None
+        if props:
+            p = Properties(PacketTypes.PUBLISH)
+            for k, v in props.items():
+                setattr(p, k, v)
+        info = self.c.publish(topic, payload, qos, retain, properties=p)
         if qos > 0:
             info.wait_for_publish(TIMEOUT)
             if not info.is_published():
                 fail(f"publish to {topic} at QoS {qos} not acknowledged")
+            deadline = time.monotonic() + TIMEOUT
+            while info.mid not in self.pub_results and time.monotonic() < deadline:
+                time.sleep(0.01)
+            return self.pub_results.get(info.mid)
+        return None
 
     def unsub(self, topic):
         self.unsubscribed.clear()
@@ -416,6 +448,223 @@ def claim_stopping_the_broker_sends_0x8b():
     rc = int(getattr(c.disconnect_rc, "value", c.disconnect_rc))
     if V5 and rc != 0x8B:
         fail(f"DISCONNECT reason 0x{rc:02X}, want 0x8B Server shutting down")
+
+
+# ---- MQTT 5.0 only -------------------------------------------------------------------
+
+def claim_no_local_skips_the_publishers_own_messages():
+    me = C().connect()
+    me.sub("nl/t", 1, options={"noLocal": True})
+    other = C().connect()
+    other.sub("nl/t", 1)
+    me.pub("nl/t", "mine", 1)
+    if [p for _, p, _, _ in other.wait_messages(1)] != [b"mine"]:
+        fail(f"the other subscriber got {other.messages}")
+    if me.expect_none(0.3):
+        fail(f"No Local delivered the publisher's own message: {me.messages}")
+    other.pub("nl/t", "theirs", 1)
+    if [p for _, p, _, _ in me.wait_messages(1)] != [b"theirs"]:
+        fail(f"got {me.messages}")
+
+
+def claim_retain_as_published_and_retain_handling():
+    pub = C().connect()
+    pub.pub("rh/a", "kept", 1, retain=True)
+    rap = C().connect()
+    rap.sub("rh/#", 1, options={"retainAsPublished": True, "retainHandling": 2})
+    plain = C().connect()
+    plain.sub("rh/#", 1, options={"retainHandling": 1})
+    if [(p, r) for _, p, _, r in plain.wait_messages(1)] != [(b"kept", True)]:
+        fail(f"Retain Handling 1, first subscribe: {plain.messages}")
+    plain.sub("rh/#", 1, options={"retainHandling": 1})
+    if rap.expect_none(0.3) or len(plain.messages) != 1:
+        fail(f"Retain Handling 2 got {rap.messages}; a repeated RH 1 subscribe got {plain.messages}")
+    pub.pub("rh/b", "live", 1, retain=True)
+    if [r for _, _, _, r in rap.wait_messages(1)] != [True]:
+        fail(f"Retain As Published forwarded {rap.messages}")
+    if [r for _, p, _, r in plain.wait_messages(2) if p == b"live"] != [False]:
+        fail(f"without Retain As Published: {plain.messages}")
+
+
+def claim_message_expiry_drops_expired_messages_and_forwards_the_remaining_time():
+    cid = "expiry-5"
+    a = C(cid, clean=True, expiry=300).connect()
+    a.sub("ex/#", 1)
+    a.stop()
+    pub = C().connect()
+    pub.pub("ex/short", "gone", 1, props={"MessageExpiryInterval": 1})
+    pub.pub("ex/long", "kept", 1, props={"MessageExpiryInterval": 100})
+    time.sleep(2.2)
+    b = C(cid, clean=False, expiry=300).connect()
+    got = b.wait_messages(1)
+    if [t for t, _, _, _ in got] != ["ex/long"]:
+        fail(f"want only the unexpired message, got {got}")
+    left = b.raw_messages[0].properties.MessageExpiryInterval
+    if not 95 <= left <= 98:
+        fail(f"forwarded Message Expiry Interval {left}, want the remaining ~97 s")
+
+
+def claim_request_response_and_user_properties_are_forwarded_unchanged():
+    sub = C().connect()
+    sub.sub("rr/#", 1)
+    props = {
+        "ResponseTopic": "rr/reply",
+        "CorrelationData": b"\x00\x01corr",
+        "UserProperty": [("k", "1"), ("a", "2"), ("k", "3")],
+        "ContentType": "text/plain",
+        "PayloadFormatIndicator": 1,
+    }
+    C().connect().pub("rr/req", "hello", 1, props=props)
+    sub.wait_messages(1)
+    m = sub.raw_messages[0].properties
+    got = (m.ResponseTopic, m.CorrelationData, m.UserProperty, m.ContentType, m.PayloadFormatIndicator)
+    want = ("rr/reply", b"\x00\x01corr", [("k", "1"), ("a", "2"), ("k", "3")], "text/plain", 1)
+    if got != want:
+        fail(f"forwarded {got}, want {want}")
+
+
+def claim_payload_format_invalid_and_no_matching_subscribers_reason_codes():
+    sub = C().connect()
+    sub.sub("pf/#", 1)
+    pub = C().connect()
+    rc = pub.pub("pf/x", b"\xff\xfe", 1, props={"PayloadFormatIndicator": 1})
+    if rc != 0x99:
+        fail(f"PUBACK reason {rc}, want 0x99 Payload format invalid")
+    if sub.expect_none(0.3):
+        fail(f"the invalid payload was delivered: {sub.messages}")
+    rc = pub.pub("nobody/listens", "x", 1)
+    if rc != 0x10:
+        fail(f"PUBACK reason {rc}, want 0x10 No matching subscribers")
+    rc = pub.pub("pf/x", "fine", 2)
+    if rc != 0:
+        fail(f"PUBREC reason {rc}, want 0")
+
+
+def claim_subscription_identifiers_are_delivered_with_every_matching_id():
+    sub = C().connect()
+    sub.sub("si/#", 1, sub_id=7)
+    sub.sub("si/+", 0, sub_id=9)
+    C().connect().pub("si/x", "m", 1)
+    got = sub.wait_messages(1)
+    ids = sorted(sub.raw_messages[0].properties.SubscriptionIdentifier)
+    if len(got) != 1 or ids != [7, 9] or got[0][2] != 1:
+        fail(f"got {got} with ids {ids}: want one copy at QoS 1 carrying [7, 9]")
+    caps = sub.connack_props
+    if getattr(caps, "SubscriptionIdentifierAvailable", 1) != 1:
+        fail("Subscription Identifier Available not advertised")
+
+
+def claim_inbound_topic_alias_is_resolved():
+    sub = C().connect()
+    sub.sub("ta/#", 1)
+    pub = C().connect()
+    pub.pub("ta/long/topic/name", "first", 1, props={"TopicAlias": 1})
+    pub.pub("", "second", 1, props={"TopicAlias": 1})
+    got = sub.wait_messages(2)
+    if [(t, p) for t, p, _, _ in got] != [("ta/long/topic/name", b"first"), ("ta/long/topic/name", b"second")]:
+        fail(f"got {got}")
+
+
+def claim_receive_maximum_is_advertised_and_the_clients_is_honoured():
+    sub = C(manual_ack=True, connect_props={"ReceiveMaximum": 2}).connect()
+    if sub.connack_props.ReceiveMaximum != 100:
+        fail(f"CONNACK Receive Maximum {sub.connack_props.ReceiveMaximum}, want 100")
+    sub.sub("rm/#", 1)
+    pub = C().connect()
+    for i in range(5):
+        pub.pub("rm/x", f"{i}", 1)
+    got = sub.expect_none(0.5)
+    if len(got) != 2:
+        fail(f"{len(got)} messages in flight to a client with Receive Maximum 2")
+    for m in list(sub.raw_messages):
+        sub.c.ack(m.mid, m.qos)
+    got = sub.wait_messages(4, settle=0.3)
+    if len(got) < 4:
+        fail(f"after two acks, {len(got)} delivered")
+
+
+def claim_maximum_packet_size_both_ways():
+    # The broker runs with max_packet_size = 1024.
+    big = C(connect_props={"MaximumPacketSize": 200}).connect()
+    if big.connack_props.MaximumPacketSize != 1024:
+        fail(f"CONNACK Maximum Packet Size {getattr(big.connack_props, 'MaximumPacketSize', None)}")
+    big.sub("mp/#", 1)
+    pub = C().connect()
+    pub.pub("mp/x", "y" * 500, 1)
+    pub.pub("mp/x", "small", 1)
+    got = big.wait_messages(1)
+    if [p for _, p, _, _ in got] != [b"small"]:
+        fail(f"a client with Maximum Packet Size 200 got {[len(p) for _, p, _, _ in got]} bytes")
+    rude = C().connect()
+    rude.c.publish("mp/x", "z" * 2000, 0)
+    if not rude.disconnected.wait(TIMEOUT):
+        fail("an oversized packet did not end the connection")
+    if int(getattr(rude.disconnect_rc, "value", rude.disconnect_rc)) != 0x95:
+        fail(f"DISCONNECT reason {rude.disconnect_rc}, want 0x95")
+
+
+def claim_server_keep_alive_and_response_information():
+    # The broker runs with max_keep_alive = 10 and response_information = "replies/".
+    c = C(connect_props={"RequestResponseInformation": 1}).connect()
+    p = c.connack_props
+    if getattr(p, "ServerKeepAlive", None) != 10:
+        fail(f"Server Keep Alive {getattr(p, 'ServerKeepAlive', None)}, want 10 for a client asking 30")
+    if getattr(p, "ResponseInformation", None) != "replies/":
+        fail(f"Response Information {getattr(p, 'ResponseInformation', None)}")
+    quiet = C().connect()
+    if getattr(quiet.connack_props, "ResponseInformation", None) is not None:
+        fail("Response Information sent to a client that did not ask")
+
+
+def claim_reason_strings_only_when_problem_information_is_wanted():
+    wants = C().connect()
+    wants.sub("$share/g/t", 1)
+    if wants.granted != [0x9E] or not getattr(wants.suback_props, "ReasonString", None):
+        fail(f"refused shared subscription: {wants.granted}, reason string {wants.suback_props}")
+    quiet = C(connect_props={"RequestProblemInformation": 0}).connect()
+    quiet.sub("$share/g/t", 1)
+    if getattr(quiet.suback_props, "ReasonString", None):
+        fail("a Reason String went to a client that set Request Problem Information 0")
+
+
+def claim_session_expiry_can_change_at_disconnect():
+    a = C("sx-a", clean=True, expiry=300).connect()
+    a.sub("sx/#", 1)
+    props = Properties(PacketTypes.DISCONNECT)
+    props.SessionExpiryInterval = 0
+    a.c.disconnect(properties=props)
+    a.disconnected.wait(TIMEOUT)
+    a.c.loop_stop()
+    again = C("sx-a", clean=False, expiry=300).connect()
+    if again.session_present:
+        fail("the session outlived a DISCONNECT that set its expiry to 0")
+    # 0 at CONNECT, non-zero at DISCONNECT: a protocol error, so the will is published.
+    watcher = C().connect()
+    watcher.sub("will/#", 0)
+    b = C("sx-b", clean=True, expiry=0, will=("will/sx-b", "bad", 0)).connect()
+    props = Properties(PacketTypes.DISCONNECT)
+    props.SessionExpiryInterval = 60
+    b.c.disconnect(properties=props)
+    if [t for t, _, _, _ in watcher.wait_messages(1)] != ["will/sx-b"]:
+        fail(f"want the will after the protocol error, got {watcher.messages}")
+
+
+def claim_maximum_qos_and_retain_available_are_enforced():
+    # The broker runs with maximum_qos = 1 and retain_available = false.
+    c = C().connect()
+    p = c.connack_props
+    if getattr(p, "MaximumQoS", None) != 1 or getattr(p, "RetainAvailable", None) != 0:
+        fail(f"CONNACK Maximum QoS {getattr(p, 'MaximumQoS', None)}, Retain Available {getattr(p, 'RetainAvailable', None)}")
+    if c.sub("mq/#", 2) != [1]:
+        fail(f"granted {c.granted}, want 1")
+    q2 = C().connect()
+    q2.c.publish("mq/x", "two", 2)
+    if not q2.disconnected.wait(TIMEOUT) or int(getattr(q2.disconnect_rc, "value", q2.disconnect_rc)) != 0x9B:
+        fail(f"QoS 2 publish: disconnect {q2.disconnect_rc}, want 0x9B")
+    r = C().connect()
+    r.c.publish("mq/x", "kept", 1, retain=True)
+    if not r.disconnected.wait(TIMEOUT) or int(getattr(r.disconnect_rc, "value", r.disconnect_rc)) != 0x9A:
+        fail(f"retained publish: disconnect {r.disconnect_rc}, want 0x9A")
 
 
 globals()[f"claim_{CLAIM}"]()

@@ -170,3 +170,38 @@ fn the_will_is_published_when_the_client_breaks_the_protocol() {
         other => panic!("want the will, got {other:?}"),
     }
 }
+
+#[test]
+fn outbound_topic_aliases_stay_within_the_clients_maximum_and_resolve_to_the_right_topics() {
+    let broker = common::Broker::start();
+    let mut connect = Connect::new(Protocol::V5, "aliased");
+    connect.properties.topic_alias_maximum = Some(2);
+    let (mut sub, _) = Raw::connect(broker.port, connect);
+    sub.subscribe("al/#", QoS::AtMostOnce);
+    let sent = ["al/a", "al/a", "al/b", "al/c", "al/a", "al/c"];
+    for t in sent {
+        publish(broker.port, t, t, QoS::AtMostOnce);
+    }
+    let mut table = std::collections::HashMap::new();
+    let mut empty_topics = 0;
+    for want in sent {
+        let Some(Packet::Publish(p)) = sub.recv() else {
+            panic!("want PUBLISH")
+        };
+        let topic = match p.properties.topic_alias {
+            Some(alias) => {
+                assert!(alias.get() <= 2, "alias {alias} above the client's maximum");
+                if p.topic.as_str().is_empty() {
+                    empty_topics += 1;
+                } else {
+                    table.insert(alias, p.topic.as_str().to_string());
+                }
+                table[&alias].clone()
+            }
+            None => p.topic.as_str().to_string(),
+        };
+        assert_eq!(topic, want);
+        assert_eq!(&p.payload[..], want.as_bytes(), "in order");
+    }
+    assert!(empty_topics >= 2, "aliases were used, not only bound");
+}
