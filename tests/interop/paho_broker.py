@@ -39,7 +39,7 @@ class C:
                              reconnect_on_failure=False, manual_ack=manual_ack, **kw)
         self.connect_props = connect_props or {}
         self.connack_props, self.suback_props, self.raw_messages = None, None, []
-        self.pub_results = {}
+        self.pub_results, self.pub_props = {}, None
         self.c.on_publish = self._on_publish
         self.clean, self.expiry = clean, expiry
         self.messages, self.connected, self.subscribed = [], threading.Event(), threading.Event()
@@ -57,6 +57,7 @@ class C:
             self.c.will_set(*will, properties=will_props)
 
     def _on_publish(self, c, u, mid, rc, props):
+        self.pub_props = props
         self.pub_results[mid] = int(getattr(rc, "value", rc))
 
     def _on_connect(self, c, u, flags, rc, props):
@@ -617,13 +618,16 @@ def claim_server_keep_alive_and_response_information():
 
 
 def claim_reason_strings_only_when_problem_information_is_wanted():
+    bad = {"PayloadFormatIndicator": 1}
     wants = C().connect()
-    wants.sub("$share/g/t", 1)
-    if wants.granted != [0x9E] or not getattr(wants.suback_props, "ReasonString", None):
-        fail(f"refused shared subscription: {wants.granted}, reason string {wants.suback_props}")
+    if wants.pub("rs/x", b"\xff", 1, props=bad) != 0x99:
+        fail("want PUBACK 0x99")
+    if not getattr(wants.pub_props, "ReasonString", None):
+        fail(f"no Reason String on PUBACK 0x99: {wants.pub_props}")
     quiet = C(connect_props={"RequestProblemInformation": 0}).connect()
-    quiet.sub("$share/g/t", 1)
-    if getattr(quiet.suback_props, "ReasonString", None):
+    if quiet.pub("rs/x", b"\xff", 1, props=bad) != 0x99:
+        fail("want PUBACK 0x99")
+    if getattr(quiet.pub_props, "ReasonString", None):
         fail("a Reason String went to a client that set Request Problem Information 0")
 
 
@@ -665,6 +669,91 @@ def claim_maximum_qos_and_retain_available_are_enforced():
     r.c.publish("mq/x", "kept", 1, retain=True)
     if not r.disconnected.wait(TIMEOUT) or int(getattr(r.disconnect_rc, "value", r.disconnect_rc)) != 0x9A:
         fail(f"retained publish: disconnect {r.disconnect_rc}, want 0x9A")
+
+
+# ---- shared subscriptions ------------------------------------------------------------
+
+def claim_a_shared_subscription_gives_each_message_to_one_member_in_turn():
+    a, b = C().connect(), C().connect()
+    a.sub("$share/g/sh/#", 1)
+    b.sub("$share/g/sh/#", 1)
+    if V5 and getattr(a.connack_props, "SharedSubscriptionAvailable", 1) != 1:
+        fail("Shared Subscription Available not advertised")
+    pub = C().connect()
+    for i in range(10):
+        pub.pub("sh/x", f"{i}", 1)
+    time.sleep(0.3)
+    got_a = [int(p) for _, p, _, _ in a.messages]
+    got_b = [int(p) for _, p, _, _ in b.messages]
+    if sorted(got_a + got_b) != list(range(10)):
+        fail(f"a got {got_a}, b got {got_b}: want every message exactly once")
+    if len(got_a) != 5 or len(got_b) != 5:
+        fail(f"round robin: a got {got_a}, b got {got_b}")
+
+
+def claim_a_shared_member_leaving_mid_stream_loses_nothing():
+    stuck = C(manual_ack=True).connect()  # receives, never acknowledges
+    stuck.sub("$share/g/ms/#", 1)
+    good = C().connect()
+    good.sub("$share/g/ms/#", 1)
+    pub = C().connect()
+    for i in range(10):
+        pub.pub("ms/x", f"{i}", 1)
+    time.sleep(0.3)
+    held = [int(p) for _, p, _, _ in stuck.messages]
+    if not held:
+        fail("the stuck member got nothing; the test needs it to hold messages")
+    stuck.drop()  # its unacknowledged QoS 1 messages must go to the other member
+    got = good.wait_messages(10)
+    ids = sorted(int(p) for _, p, _, _ in got)
+    if ids != list(range(10)):
+        fail(f"the stuck member held {held}; the other member got {ids}: want all 10, once")
+
+
+def claim_an_offline_shared_member_gets_its_share_when_it_returns():
+    cid = f"shared-offline-{LEVEL}"
+    a = C(cid, clean=V5, expiry=300).connect()
+    a.sub("$share/g/off/#", 1)
+    a.stop()
+    pub = C().connect()
+    for i in range(3):
+        pub.pub("off/x", f"{i}", 1)
+    back = C(cid, clean=False, expiry=300).connect()
+    got = [p.decode() for _, p, _, _ in back.wait_messages(3)]
+    if got != ["0", "1", "2"]:
+        fail(f"got {got}")
+    # With a member online, the online one takes them.
+    back.stop()
+    online = C().connect()
+    online.sub("$share/g/off/#", 1)
+    pub.pub("off/x", "3", 1)
+    if [p for _, p, _, _ in online.wait_messages(1)] != [b"3"]:
+        fail(f"the online member got {online.messages}")
+
+
+def claim_no_local_on_a_shared_subscription_is_a_protocol_error():
+    c = C().connect()
+    from paho.mqtt.subscribeoptions import SubscribeOptions
+    c.c.subscribe("$share/g/nl", options=SubscribeOptions(qos=1, noLocal=True))
+    if not c.disconnected.wait(TIMEOUT):
+        fail("not disconnected")
+    rc = int(getattr(c.disconnect_rc, "value", c.disconnect_rc))
+    if rc != 0x82:
+        fail(f"DISCONNECT reason 0x{rc:02X}, want 0x82")
+
+
+def claim_hash_topic_strategy_keeps_a_topic_on_one_member():
+    # The broker runs with shared_strategy = HashTopic.
+    a, b = C().connect(), C().connect()
+    a.sub("$share/g/ht/#", 1)
+    b.sub("$share/g/ht/#", 1)
+    pub = C().connect()
+    for i in range(6):
+        pub.pub("ht/one", f"{i}", 1)
+    time.sleep(0.3)
+    sizes = sorted([len(a.messages), len(b.messages)])
+    if sizes != [0, 6]:
+        fail(f"one topic split across members: {sizes}")
 
 
 globals()[f"claim_{CLAIM}"]()

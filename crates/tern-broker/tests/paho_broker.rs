@@ -163,3 +163,18 @@ fn stopping_the_broker_disconnects_clients_with_0x8b_in_v5() {
         );
     }
 }
+
+#[test]
+fn a_shared_subscription_gives_each_message_to_one_member_in_turn() {
+    claim("a_shared_subscription_gives_each_message_to_one_member_in_turn");
+}
+
+#[test]
+fn a_shared_member_leaving_mid_stream_loses_nothing() {
+    claim("a_shared_member_leaving_mid_stream_loses_nothing");
+}
+
+#[test]
+fn an_offline_shared_member_gets_its_share_when_it_returns() {
+    claim("an_offline_shared_member_gets_its_share_when_it_returns");
+}

@@ -138,3 +138,22 @@ fn maximum_qos_and_retain_available_are_enforced() {
         },
     );
 }
+
+#[test]
+fn no_local_on_a_shared_subscription_is_a_protocol_error() {
+    claim(
+        "no_local_on_a_shared_subscription_is_a_protocol_error",
+        Settings::default(),
+    );
+}
+
+#[test]
+fn hash_topic_strategy_keeps_a_topic_on_one_member() {
+    claim(
+        "hash_topic_strategy_keeps_a_topic_on_one_member",
+        Settings {
+            shared_strategy: tern_broker::core::SharedStrategy::HashTopic,
+            ..Settings::default()
+        },
+    );
+}

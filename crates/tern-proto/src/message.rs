@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tern_codec::properties::PublishProperties;
-use tern_codec::{Props, Publish, QoS, QosPid, TopicName};
+use tern_codec::{Props, Publish, QoS, QosPid, Str, TopicName};
 
 /// An application message: what a PUBLISH carries, minus what belongs to one transmission
 /// (packet id, DUP, topic alias).
@@ -24,6 +24,9 @@ pub struct Message {
     pub properties: Props<PublishProperties>,
     /// When the message expires, if it has a Message Expiry Interval.
     pub expires_at: Option<Instant>,
+    /// The shared subscription (`$share/{group}/{filter}`) this copy was delivered
+    /// through: broker bookkeeping, carried with the message and never sent.
+    pub shared: Option<Str>,
 }
 
 impl Message {
@@ -36,6 +39,7 @@ impl Message {
             retain: false,
             properties: Props::NONE,
             expires_at: None,
+            shared: None,
         }
     }
 
@@ -68,6 +72,7 @@ impl Message {
             retain: p.retain,
             properties: p.properties,
             expires_at,
+            shared: None,
         }
     }
 

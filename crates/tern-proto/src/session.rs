@@ -148,6 +148,37 @@ impl SessionState {
         self.queued_bytes
     }
 
+    /// Takes out the messages for which `pred` holds that can still go to someone else:
+    /// waiting ones, and QoS 1 ones in flight (their ids are freed; a late PUBACK for one
+    /// is an ack for an unknown id). QoS 2 messages in flight stay: the peer may already
+    /// hold one, and handing it to another receiver could deliver it twice (§4.8.2).
+    /// Returned in send order, in-flight first.
+    pub fn take_redeliverable(&mut self, pred: impl Fn(&Message) -> bool) -> Vec<Message> {
+        let mut flights: Vec<&Inflight> = self
+            .inflight
+            .values()
+            .filter(|f| {
+                f.message.qos == tern_codec::QoS::AtLeastOnce
+                    && f.state == OutboundState::Published
+                    && pred(&f.message)
+            })
+            .collect();
+        flights.sort_by_key(|f| f.seq);
+        let ids: Vec<PacketId> = flights.iter().map(|f| f.id).collect();
+        let mut out: Vec<Message> = ids
+            .iter()
+            .filter_map(|id| self.inflight.remove(id))
+            .map(|f| f.message)
+            .collect();
+        let (taken, kept): (VecDeque<Message>, VecDeque<Message>) = std::mem::take(&mut self.queue)
+            .into_iter()
+            .partition(|m| pred(m));
+        self.queue = kept;
+        self.queued_bytes = self.queue.iter().map(|m| m.payload.len()).sum();
+        out.extend(taken);
+        out
+    }
+
     /// Removes the oldest waiting message (for a drop-oldest queue limit).
     pub fn dequeue_oldest(&mut self) -> Option<Message> {
         self.pop_queue()

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use serde::Deserialize;
-use tern_broker::core::{QueuePolicy, Settings};
+use tern_broker::core::{QueuePolicy, Settings, SharedStrategy};
 use tern_codec::QoS;
 
 /// The whole file.
@@ -24,6 +24,17 @@ pub(crate) struct Mqtt {
     maximum_qos: u8,
     retain_available: bool,
     response_information: Option<String>,
+    shared_strategy: Strategy,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum Strategy {
+    RoundRobin,
+    Random,
+    Sticky,
+    HashClientId,
+    HashTopic,
 }
 
 impl Default for Mqtt {
@@ -32,6 +43,7 @@ impl Default for Mqtt {
             maximum_qos: 2,
             retain_available: true,
             response_information: None,
+            shared_strategy: Strategy::RoundRobin,
         }
     }
 }
@@ -164,6 +176,13 @@ impl File {
             max_packet_size: self.limits.max_packet_size,
             max_keep_alive: self.limits.max_keep_alive,
             response_information: self.mqtt.response_information.clone(),
+            shared_strategy: match self.mqtt.shared_strategy {
+                Strategy::RoundRobin => SharedStrategy::RoundRobin,
+                Strategy::Random => SharedStrategy::Random,
+                Strategy::Sticky => SharedStrategy::Sticky,
+                Strategy::HashClientId => SharedStrategy::HashClientId,
+                Strategy::HashTopic => SharedStrategy::HashTopic,
+            },
             max_session_expiry_3x: Duration::from_secs(u64::from(
                 self.sessions.max_session_expiry_3x_secs,
             )),
@@ -185,7 +204,7 @@ mod tests {
     #[test]
     fn settings_are_read() {
         let f = File::parse(
-            "[listener]\nbind = \"0.0.0.0:1884\"\n[sessions]\nqueue_policy = \"drop-newest\"\nmax_queued_messages = 5\nqueue_qos0 = true\n[limits]\nreceive_maximum = 7\nconnect_timeout_secs = 3\n",
+            "[listener]\nbind = \"0.0.0.0:1884\"\n[sessions]\nqueue_policy = \"drop-newest\"\nmax_queued_messages = 5\nqueue_qos0 = true\n[limits]\nreceive_maximum = 7\nconnect_timeout_secs = 3\nmax_keep_alive = 60\n[mqtt]\nmaximum_qos = 1\nshared_strategy = \"hash-topic\"\nresponse_information = \"replies/\"\n",
         )
         .unwrap();
         let s = f.settings();
@@ -199,6 +218,20 @@ mod tests {
                 s.connect_timeout
             ),
             (QueuePolicy::DropNewest, 5, true, 7, Duration::from_secs(3))
+        );
+        assert_eq!(
+            (
+                s.max_keep_alive,
+                s.maximum_qos,
+                s.shared_strategy,
+                s.response_information.as_deref()
+            ),
+            (
+                60,
+                QoS::AtLeastOnce,
+                SharedStrategy::HashTopic,
+                Some("replies/")
+            )
         );
     }
 

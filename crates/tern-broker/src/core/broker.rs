@@ -25,7 +25,7 @@ use tern_codec::{
 use tern_proto::{AckMode, Config, Connection, Event, Message, Role, SessionState, effective_qos};
 use tern_store::{Op, PendingWill, SessionRecord, Store, StoreError, Subscription};
 
-use super::SubscriptionTrie;
+use super::{Member, SharedStrategy, SharedSubscriptions, SubscriptionTrie};
 
 /// Identifies one network connection for the lifetime of the process.
 pub type ConnId = u64;
@@ -82,6 +82,8 @@ pub struct Settings {
     pub max_keep_alive: u16,
     /// Response Information sent to 5.0 clients that request it.
     pub response_information: Option<String>,
+    /// How a shared subscription group picks the member for a message.
+    pub shared_strategy: SharedStrategy,
 }
 
 impl Default for Settings {
@@ -101,6 +103,7 @@ impl Default for Settings {
             max_packet_size: tern_codec::MAX_PACKET_SIZE,
             max_keep_alive: u16::MAX,
             response_information: None,
+            shared_strategy: SharedStrategy::RoundRobin,
         }
     }
 }
@@ -141,6 +144,7 @@ pub struct Broker {
     /// Peer address of each open connection, for the logs.
     peers: HashMap<ConnId, SocketAddr>,
     trie: SubscriptionTrie<Str>,
+    shared: SharedSubscriptions,
     retained: BTreeMap<TopicName, Message>,
     outputs: VecDeque<Output>,
     next_assigned: u64,
@@ -160,6 +164,7 @@ impl Broker {
         wall: SystemTime,
     ) -> Result<Broker, StoreError> {
         let snapshot = store.load()?;
+        let strategy = settings.shared_strategy;
         let mut broker = Broker {
             settings,
             store,
@@ -170,6 +175,7 @@ impl Broker {
             conns: HashMap::new(),
             peers: HashMap::new(),
             trie: SubscriptionTrie::new(),
+            shared: SharedSubscriptions::new(strategy),
             retained: snapshot.retained,
             outputs: VecDeque::new(),
             next_assigned: 0,
@@ -179,9 +185,7 @@ impl Broker {
             let r = stored.record;
             let mut subscriptions = BTreeMap::new();
             for sub in r.subscriptions {
-                broker
-                    .trie
-                    .subscribe(&sub.filter, client_id.clone(), sub.options, sub.id);
+                broker.add_subscription(&client_id, &sub.filter, sub.options, sub.id);
                 subscriptions.insert(sub.filter, (sub.options, sub.id));
             }
             let expires_at = match r.expires_at {
@@ -414,7 +418,14 @@ impl Broker {
         debug_assert_eq!(id, conn);
         let protocol = connection.config().protocol;
         session.stored = connection.into_session();
+        // What this member of shared subscriptions has not acknowledged goes to another
+        // member now, rather than waiting for it to come back (§4.8.2).
+        let redeliver = session.stored.take_redeliverable(|m| m.shared.is_some());
         tracing::info!(conn, peer = %self.peer(conn), client_id = %client_id, %protocol, reason = %why, "disconnected");
+        for m in redeliver {
+            let key = m.shared.clone().expect("taken for having one");
+            self.deliver_shared(&key, m, None, Some(&client_id), now);
+        }
         let Some(session) = self.sessions.get_mut(&client_id) else {
             return;
         };
@@ -575,7 +586,7 @@ impl Broker {
                     .flatten(),
                 wildcard_subscription_available: Some(true),
                 subscription_identifiers_available: Some(true),
-                shared_subscription_available: Some(false),
+                shared_subscription_available: Some(true),
                 ..Default::default()
             }
             .into();
@@ -716,7 +727,7 @@ impl Broker {
             }
         }
         let deliveries = self.trie.route(&message.topic, publisher);
-        let matched = deliveries.len();
+        let mut matched = deliveries.len();
         for (client_id, delivery) in deliveries {
             let mut copy = message.clone();
             copy.qos = effective_qos(message.qos, delivery.qos, QoS::ExactlyOnce);
@@ -727,7 +738,67 @@ impl Broker {
             }
             self.deliver(&client_id, copy, now);
         }
+        for key in self.shared.matching(&message.topic) {
+            if self.deliver_shared(&key, message.clone(), publisher, None, now) {
+                matched += 1;
+            }
+        }
         matched
+    }
+
+    /// Gives a message to one member of the shared subscription `key`. Returns false if
+    /// the group no longer exists.
+    fn deliver_shared(
+        &mut self,
+        key: &Str,
+        mut message: Message,
+        publisher: Option<&Str>,
+        exclude: Option<&Str>,
+        now: Instant,
+    ) -> bool {
+        let sessions = &self.sessions;
+        let online = |c: &Str| sessions.get(c).is_some_and(|s| s.conn.is_some());
+        let Some((client, member)) =
+            self.shared
+                .choose(key, &message.topic.clone(), publisher, exclude, online)
+        else {
+            return false;
+        };
+        message.qos = effective_qos(message.qos, member.options.qos, QoS::ExactlyOnce);
+        message.retain = message.retain && member.options.retain_as_published;
+        if !message.properties.subscription_identifiers.is_empty() {
+            message.properties.subscription_identifiers = Vec::new();
+        }
+        if let Some(id) = member.id {
+            message.properties.subscription_identifiers = vec![id];
+        }
+        message.shared = Some(key.clone());
+        self.deliver(&client, message, now);
+        true
+    }
+
+    /// Adds a subscription to the trie or, for `$share/...`, to its group.
+    fn add_subscription(
+        &mut self,
+        client_id: &Str,
+        filter: &TopicFilter,
+        options: SubscriptionOptions,
+        id: Option<SubscriptionId>,
+    ) -> bool {
+        if filter.share_group().is_some() {
+            self.shared
+                .subscribe(filter, client_id.clone(), Member { options, id })
+        } else {
+            self.trie.subscribe(filter, client_id.clone(), options, id)
+        }
+    }
+
+    fn remove_subscription(&mut self, client_id: &Str, filter: &TopicFilter) -> bool {
+        if filter.share_group().is_some() {
+            self.shared.unsubscribe(filter, client_id)
+        } else {
+            self.trie.unsubscribe(filter, client_id)
+        }
     }
 
     /// Checks a client's message against what the broker allows, routes it and releases
@@ -892,33 +963,40 @@ impl Broker {
     }
 
     fn subscribe(&mut self, client_id: &Str, s: Subscribe, now: Instant) {
-        let Some(session) = self.sessions.get_mut(client_id) else {
+        if !self.sessions.contains_key(client_id) {
             return;
-        };
+        }
         let mut reasons = Vec::with_capacity(s.subscriptions.len());
         let mut retained_for = vec![];
-        let mut refused = None;
+        // [MQTT-3.8.3-4]: No Local on a shared subscription is a protocol error.
+        if s.subscriptions
+            .iter()
+            .any(|sub| sub.filter.share_group().is_some() && sub.options.no_local)
+        {
+            self.kick(client_id, ReasonCode::ProtocolError, now);
+            return;
+        }
         for sub in &s.subscriptions {
-            if sub.filter.share_group().is_some() {
-                reasons.push(ReasonCode::SharedSubscriptionsNotSupported);
-                refused = Some("shared subscriptions are not supported yet");
-                continue;
-            }
             // Granted at most the server's Maximum QoS [MQTT-3.2.2-9].
             let mut options = sub.options;
             options.qos = options.qos.min(self.settings.maximum_qos);
-            let new = self.trie.subscribe(
+            let new = self.add_subscription(
+                client_id,
                 &sub.filter,
-                client_id.clone(),
                 options,
                 s.properties.subscription_identifier,
             );
+            let Some(session) = self.sessions.get_mut(client_id) else {
+                return;
+            };
             session.subscriptions.insert(
                 sub.filter.clone(),
                 (options, s.properties.subscription_identifier),
             );
             reasons.push(ReasonCode::granted(options.qos));
             let send = match sub.options.retain_handling {
+                // Retained messages are not sent for shared subscriptions (§4.8.2).
+                _ if sub.filter.share_group().is_some() => false,
                 RetainHandling::SendAtSubscribe => true,
                 RetainHandling::SendIfNew => new,
                 RetainHandling::DoNotSend => false,
@@ -927,14 +1005,10 @@ impl Broker {
                 retained_for.push((sub.filter.clone(), options.qos));
             }
         }
-        let mut properties = tern_codec::properties::AckProperties::default();
-        if session.problem_info {
-            properties.reason_string = refused.map(Str::from);
-        }
         let ack = SubAck {
             packet_id: s.packet_id,
             reasons,
-            properties: properties.into(),
+            properties: Default::default(),
         };
         self.put_session(client_id);
         self.send_control(client_id, Packet::SubAck(ack));
@@ -958,7 +1032,7 @@ impl Broker {
     fn unsubscribe(&mut self, client_id: &Str, u: Unsubscribe) {
         let mut reasons = Vec::with_capacity(u.filters.len());
         for f in &u.filters {
-            let existed = self.trie.unsubscribe(f, client_id);
+            let existed = self.remove_subscription(client_id, f);
             if let Some(s) = self.sessions.get_mut(client_id) {
                 s.subscriptions.remove(f);
             }
@@ -1001,7 +1075,7 @@ impl Broker {
                 });
             }
             for filter in s.subscriptions.keys() {
-                self.trie.unsubscribe(filter, client_id);
+                self.remove_subscription(client_id, filter);
             }
             if let Some((_, will)) = s.pending_will {
                 self.publish_will(will, now);

@@ -1,8 +1,10 @@
 //! The broker's sans-IO core.
 
 mod broker;
+mod shared;
 mod trie;
 
 pub use broker::{Broker, ConnId, Output, QueuePolicy, Settings};
 
+pub use shared::{Member, SharedStrategy, SharedSubscriptions};
 pub use trie::{Delivery, SubscriptionTrie};
