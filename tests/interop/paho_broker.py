@@ -671,6 +671,19 @@ def claim_maximum_qos_and_retain_available_are_enforced():
         fail(f"retained publish: disconnect {r.disconnect_rc}, want 0x9A")
 
 
+def claim_a_configured_server_reference_sends_clients_elsewhere():
+    # The broker runs with server_reference = "elsewhere:1883".
+    c = C()
+    c.connect(expect_ok=False)
+    rc = int(getattr(c.rc, "value", c.rc))
+    if V5:
+        ref = getattr(c.connack_props, "ServerReference", None)
+        if rc != 0x9C or ref != "elsewhere:1883":
+            fail(f"CONNACK 0x{rc:02X} with Server Reference {ref}, want 0x9C and elsewhere:1883")
+    elif rc != 0x88:  # paho reports 3.1.1 return code 3 as 0x88, its 5.0 equivalent
+        fail(f"CONNACK {rc}, want return code 3 (server unavailable)")
+
+
 # ---- shared subscriptions ------------------------------------------------------------
 
 def claim_a_shared_subscription_gives_each_message_to_one_member_in_turn():

@@ -436,3 +436,49 @@ fn qos0_is_not_queued_for_an_offline_session_by_default() {
 fn qos0_is_queued_in_order_for_an_offline_session_when_configured() {
     assert_eq!(qos0_case(true), ["one", "zero", "two"]);
 }
+
+fn expiring(topic: &str, payload: &str, id: u16, expiry: u32, retain: bool) -> Packet {
+    let mut p = Publish::new(
+        TopicName::new(topic).unwrap(),
+        QosPid::AtLeastOnce(NonZeroU16::new(id).unwrap()),
+        payload.to_string(),
+    );
+    p.retain = retain;
+    p.properties.message_expiry_interval = Some(expiry);
+    Packet::Publish(p)
+}
+
+#[test]
+fn expired_messages_make_room_in_a_full_offline_queue_before_live_ones_are_dropped() {
+    let mut sim = Sim::new(Settings {
+        max_queued_messages: 2,
+        ..Settings::default()
+    });
+    let a = sim.connect(v5_persistent("a", 3600));
+    sim.subscribe(a, "t", QoS::AtLeastOnce);
+    sim.close(a);
+    let b = sim.connect(Connect::new(Protocol::V5, "b"));
+    sim.send(b, expiring("t", "short", 1, 1, false));
+    sim.publish(b, "t", "live", 2);
+    sim.advance(2 * S);
+    sim.publish(b, "t", "new", 3);
+    assert_eq!(sim.broker.dropped_count(), 0, "no live message dropped");
+    assert_eq!(sim.broker.dropped_expired(), 1);
+    assert_eq!(sim.stored().sessions["a"].delivery.queued_len(), 2);
+    let a = sim.connect(v5_persistent("a", 3600));
+    assert_eq!(sim.received(a), ["live", "new"]);
+}
+
+#[test]
+fn an_expired_retained_message_is_deleted_not_sent() {
+    let mut sim = Sim::new(Settings::default());
+    let b = sim.connect(Connect::new(Protocol::V5, "b"));
+    sim.send(b, expiring("r/short", "old", 1, 1, true));
+    sim.send(b, expiring("r/long", "fresh", 2, 100, true));
+    sim.advance(2 * S);
+    let c = sim.connect(Connect::new(Protocol::V5, "c"));
+    sim.subscribe(c, "r/#", QoS::AtLeastOnce);
+    assert_eq!(sim.received(c), ["fresh"]);
+    assert_eq!(sim.broker.retained_count(), 1);
+    assert_eq!(sim.stored().retained.len(), 1);
+}

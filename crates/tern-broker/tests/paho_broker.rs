@@ -178,3 +178,15 @@ fn a_shared_member_leaving_mid_stream_loses_nothing() {
 fn an_offline_shared_member_gets_its_share_when_it_returns() {
     claim("an_offline_shared_member_gets_its_share_when_it_returns");
 }
+
+#[test]
+fn a_configured_server_reference_sends_clients_elsewhere() {
+    claim_at(
+        "a_configured_server_reference_sends_clients_elsewhere",
+        &["4", "5"],
+        tern_broker::core::Settings {
+            server_reference: Some("elsewhere:1883".into()),
+            ..Default::default()
+        },
+    );
+}

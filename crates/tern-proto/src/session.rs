@@ -179,6 +179,14 @@ impl SessionState {
         out
     }
 
+    /// Drops waiting messages whose Message Expiry Interval has passed; returns how many.
+    pub fn remove_expired(&mut self, now: std::time::Instant) -> usize {
+        let before = self.queue.len();
+        self.queue.retain(|m| !m.is_expired(now));
+        self.queued_bytes = self.queue.iter().map(|m| m.payload.len()).sum();
+        before - self.queue.len()
+    }
+
     /// Removes the oldest waiting message (for a drop-oldest queue limit).
     pub fn dequeue_oldest(&mut self) -> Option<Message> {
         self.pop_queue()

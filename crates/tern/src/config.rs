@@ -25,6 +25,8 @@ pub(crate) struct Mqtt {
     retain_available: bool,
     response_information: Option<String>,
     shared_strategy: Strategy,
+    server_reference: Option<String>,
+    server_moved: bool,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -44,6 +46,8 @@ impl Default for Mqtt {
             retain_available: true,
             response_information: None,
             shared_strategy: Strategy::RoundRobin,
+            server_reference: None,
+            server_moved: false,
         }
     }
 }
@@ -183,6 +187,8 @@ impl File {
                 Strategy::HashClientId => SharedStrategy::HashClientId,
                 Strategy::HashTopic => SharedStrategy::HashTopic,
             },
+            server_reference: self.mqtt.server_reference.clone(),
+            server_moved: self.mqtt.server_moved,
             max_session_expiry_3x: Duration::from_secs(u64::from(
                 self.sessions.max_session_expiry_3x_secs,
             )),

@@ -84,6 +84,11 @@ pub struct Settings {
     pub response_information: Option<String>,
     /// How a shared subscription group picks the member for a message.
     pub shared_strategy: SharedStrategy,
+    /// Send every client elsewhere: 5.0 CONNACK 0x9C Use another server (0x9D Server
+    /// moved if `server_moved`) with this Server Reference; 3.x gets return code 3.
+    pub server_reference: Option<String>,
+    /// Whether [`Settings::server_reference`] is permanent (0x9D) or not (0x9C).
+    pub server_moved: bool,
 }
 
 impl Default for Settings {
@@ -104,6 +109,8 @@ impl Default for Settings {
             max_keep_alive: u16::MAX,
             response_information: None,
             shared_strategy: SharedStrategy::RoundRobin,
+            server_reference: None,
+            server_moved: false,
         }
     }
 }
@@ -149,6 +156,8 @@ pub struct Broker {
     outputs: VecDeque<Output>,
     next_assigned: u64,
     dropped: u64,
+    dropped_expired: u64,
+    dropped_too_large: u64,
 }
 
 impl Broker {
@@ -180,6 +189,8 @@ impl Broker {
             outputs: VecDeque::new(),
             next_assigned: 0,
             dropped: 0,
+            dropped_expired: 0,
+            dropped_too_large: 0,
         };
         for (client_id, stored) in snapshot.sessions {
             let r = stored.record;
@@ -308,6 +319,16 @@ impl Broker {
     /// Messages dropped because an offline queue was full.
     pub fn dropped_count(&self) -> u64 {
         self.dropped
+    }
+
+    /// Messages dropped because their Message Expiry Interval passed before delivery.
+    pub fn dropped_expired(&self) -> u64 {
+        self.dropped_expired
+    }
+
+    /// Messages not sent to a client because they exceed its Maximum Packet Size.
+    pub fn dropped_too_large(&self) -> u64 {
+        self.dropped_too_large
     }
 
     /// Retained messages held.
@@ -529,6 +550,28 @@ impl Broker {
                 return;
             }
         }
+        if let Some(reference) = &self.settings.server_reference {
+            let mut ack = ConnAck::new(
+                false,
+                match (v.is_v5(), self.settings.server_moved) {
+                    (false, _) => ReasonCode::ServerUnavailable,
+                    (true, false) => ReasonCode::UseAnotherServer,
+                    (true, true) => ReasonCode::ServerMoved,
+                },
+            );
+            if v.is_v5() {
+                ack.properties = ConnAckProperties {
+                    server_reference: Some(Str::from(reference.as_str())),
+                    ..Default::default()
+                }
+                .into();
+            }
+            tracing::info!(conn, peer = %self.peer(conn), client_id = %connect.client_id, %reference, "redirected");
+            self.outputs
+                .push_back(Output::Send(conn, Packet::ConnAck(ack)));
+            self.outputs.push_back(Output::Close(conn));
+            return;
+        }
         // 3.x has no way to tell a client to ping more often: refuse, as Mosquitto does.
         if !v.is_v5() && connect.keep_alive > self.settings.max_keep_alive {
             let ack = ConnAck::new(false, ReasonCode::ClientIdentifierNotValid);
@@ -654,7 +697,15 @@ impl Broker {
                 }
                 Event::Control(Packet::Subscribe(s)) => self.subscribe(client_id, s, now),
                 Event::Control(Packet::Unsubscribe(u)) => self.unsubscribe(client_id, u),
-                Event::Control(_) | Event::Acknowledged { .. } | Event::Dropped { .. } => {}
+                Event::Dropped { reason, message } => match reason {
+                    tern_proto::DropReason::Expired => self.dropped_expired += 1,
+                    tern_proto::DropReason::TooLarge => {
+                        self.dropped_too_large += 1;
+                        tracing::debug!(client_id = %client_id, topic = %message.topic.as_str(), "message larger than the client's Maximum Packet Size: dropped for it");
+                    }
+                    tern_proto::DropReason::NotConnected => {}
+                },
+                Event::Control(_) | Event::Acknowledged { .. } => {}
                 Event::Closed {
                     reason,
                     session_expiry,
@@ -925,6 +976,17 @@ impl Broker {
                     s.queued_len() + 1 > limits.0 || s.queued_bytes() + extra > limits.1
                 };
                 let size = message.payload.len();
+                // Expired messages make room before live ones are dropped.
+                if full(&session.stored, size) {
+                    let expired = session.stored.remove_expired(now);
+                    if expired > 0 {
+                        self.dropped_expired += expired as u64;
+                        self.batch.push(Op::PutDelivery {
+                            client_id: client_id.clone(),
+                            state: session.stored.clone(),
+                        });
+                    }
+                }
                 let mut dropped = 0;
                 let mut enqueue = false;
                 match self.settings.queue_policy {
@@ -1014,6 +1076,18 @@ impl Broker {
         self.send_control(client_id, Packet::SubAck(ack));
         // Retained messages for the new subscriptions, RETAIN set [MQTT-3.3.1-9].
         for (filter, granted) in retained_for {
+            // Expired retained messages are deleted, not sent [MQTT-3.3.2-5].
+            let expired: Vec<TopicName> = self
+                .retained
+                .values()
+                .filter(|m| m.is_expired(now))
+                .map(|m| m.topic.clone())
+                .collect();
+            for topic in expired {
+                self.retained.remove(&topic);
+                self.dropped_expired += 1;
+                self.batch.push(Op::DeleteRetained { topic });
+            }
             let matching: Vec<Message> = self
                 .retained
                 .values()
