@@ -705,13 +705,17 @@ def claim_a_shared_subscription_gives_each_message_to_one_member_in_turn():
 
 
 def claim_a_shared_member_leaving_mid_stream_loses_nothing():
+    shared_member_leaving(1)
+
+
+def shared_member_leaving(qos):
     stuck = C(manual_ack=True).connect()  # receives, never acknowledges
-    stuck.sub("$share/g/ms/#", 1)
+    stuck.sub("$share/g/ms/#", qos)
     good = C().connect()
-    good.sub("$share/g/ms/#", 1)
+    good.sub("$share/g/ms/#", qos)
     pub = C().connect()
     for i in range(10):
-        pub.pub("ms/x", f"{i}", 1)
+        pub.pub("ms/x", f"{i}", qos)
     time.sleep(0.3)
     held = [int(p) for _, p, _, _ in stuck.messages]
     if not held:

@@ -205,3 +205,98 @@ fn outbound_topic_aliases_stay_within_the_clients_maximum_and_resolve_to_the_rig
     }
     assert!(empty_topics >= 2, "aliases were used, not only bound");
 }
+
+/// Two members of one shared subscription; `stuck` never acknowledges and then leaves.
+/// Returns what `stuck` held, what `good` got, and (persistent `stuck` only) what `stuck`
+/// was sent again, with DUP, when it came back.
+fn shared_member_leaves_holding(
+    qos: QoS,
+    stuck_keeps_session: bool,
+) -> (Vec<String>, Vec<String>, Vec<String>) {
+    let broker = common::Broker::start();
+    let stuck_connect = if stuck_keeps_session {
+        persistent(Protocol::V5, "stuck")
+    } else {
+        Connect::new(Protocol::V5, "stuck")
+    };
+    let (mut stuck, _) = Raw::connect(broker.port, stuck_connect);
+    stuck.subscribe("$share/g/sq/#", qos);
+    let (mut good, _) = Raw::connect(broker.port, Connect::new(Protocol::V5, "good"));
+    good.subscribe("$share/g/sq/#", qos);
+    for i in 0..4 {
+        publish(broker.port, "sq/x", &i.to_string(), qos);
+    }
+    // `good` acknowledges everything (PUBACK, PUBREC then PUBCOMP) and reports payloads.
+    let payloads = |raw: &mut Raw, n: usize| -> Vec<String> {
+        let mut out = vec![];
+        while out.len() < n {
+            match raw.recv() {
+                Some(Packet::Publish(p)) => {
+                    match p.qos_pid {
+                        QosPid::AtMostOnce => {}
+                        QosPid::AtLeastOnce(id) => raw.send(Packet::PubAck(Ack::new(id))),
+                        QosPid::ExactlyOnce(id) => raw.send(Packet::PubRec(Ack::new(id))),
+                    }
+                    out.push(String::from_utf8(p.payload.to_vec()).unwrap());
+                }
+                Some(Packet::PubRel(r)) => raw.send(Packet::PubComp(Ack::new(r.packet_id))),
+                other => panic!("want PUBLISH, got {other:?}"),
+            }
+        }
+        out
+    };
+    // Round robin: two each. The stuck member reads its two and answers nothing.
+    let mut held = vec![];
+    for _ in 0..2 {
+        let Some(Packet::Publish(p)) = stuck.recv() else {
+            panic!("want PUBLISH")
+        };
+        held.push(String::from_utf8(p.payload.to_vec()).unwrap());
+    }
+    let mut got = payloads(&mut good, 2);
+    drop(stuck); // socket closed without DISCONNECT
+    let mut again = vec![];
+    if !stuck_keeps_session || qos == QoS::AtLeastOnce {
+        got.extend(payloads(&mut good, 2));
+    } else {
+        let (mut back, ack) = Raw::connect(broker.port, persistent(Protocol::V5, "stuck"));
+        assert!(ack.session_present);
+        for _ in 0..2 {
+            let Some(Packet::Publish(p)) = back.recv() else {
+                panic!("want the held PUBLISH again")
+            };
+            assert!(p.dup);
+            again.push(String::from_utf8(p.payload.to_vec()).unwrap());
+        }
+    }
+    got.sort();
+    (held, got, again)
+}
+
+#[test]
+fn a_shared_member_whose_session_ends_with_qos2_unacknowledged_has_them_given_to_another() {
+    let (held, got, _) = shared_member_leaves_holding(QoS::ExactlyOnce, false);
+    assert_eq!(held.len(), 2);
+    assert_eq!(
+        got,
+        ["0", "1", "2", "3"],
+        "the other member got all four once"
+    );
+}
+
+#[test]
+fn a_persistent_shared_member_keeps_its_qos2_in_flight_for_its_return() {
+    // The member may already hold them; exactly once forbids giving them to another while
+    // its session can still complete them (§4.8.2).
+    let (held, got, again) = shared_member_leaves_holding(QoS::ExactlyOnce, true);
+    assert_eq!(held.len(), 2);
+    assert_eq!(
+        got.len(),
+        2,
+        "the other member got only its own two: {got:?}"
+    );
+    assert_eq!(
+        again, held,
+        "the member gets its own two again when it returns"
+    );
+}

@@ -150,16 +150,22 @@ impl SessionState {
 
     /// Takes out the messages for which `pred` holds that can still go to someone else:
     /// waiting ones, and QoS 1 ones in flight (their ids are freed; a late PUBACK for one
-    /// is an ack for an unknown id). QoS 2 messages in flight stay: the peer may already
-    /// hold one, and handing it to another receiver could deliver it twice (§4.8.2).
-    /// Returned in send order, in-flight first.
-    pub fn take_redeliverable(&mut self, pred: impl Fn(&Message) -> bool) -> Vec<Message> {
+    /// is an ack for an unknown id). QoS 2 messages whose PUBREC has not arrived are taken
+    /// only when `session_ends`: while the session lives, the peer may hold one and will
+    /// complete it on its return (§4.8.2); once the session is gone that can no longer
+    /// happen, and another receiver should have it. QoS 2 messages the peer acknowledged
+    /// with PUBREC are never taken. Returned in send order, in-flight first.
+    pub fn take_redeliverable(
+        &mut self,
+        pred: impl Fn(&Message) -> bool,
+        session_ends: bool,
+    ) -> Vec<Message> {
         let mut flights: Vec<&Inflight> = self
             .inflight
             .values()
             .filter(|f| {
-                f.message.qos == tern_codec::QoS::AtLeastOnce
-                    && f.state == OutboundState::Published
+                f.state == OutboundState::Published
+                    && (f.message.qos == tern_codec::QoS::AtLeastOnce || session_ends)
                     && pred(&f.message)
             })
             .collect();
@@ -263,5 +269,59 @@ mod tests {
         assert_eq!(s.allocate_id(), Err(IdsExhausted));
         s.remove_inflight(PacketId::new(777).unwrap());
         assert_eq!(s.allocate_id().unwrap().get(), 777);
+    }
+
+    #[test]
+    fn redeliverable_messages_are_qos1_in_flight_waiting_ones_and_unreceived_qos2_only_when_the_session_ends()
+     {
+        let tagged = |payload: &'static str, qos: QoS| {
+            let mut m = Message::new(TopicName::new("t").unwrap(), payload, qos);
+            m.shared = Some("$share/g/t".into());
+            m
+        };
+        let build = || {
+            let mut s = SessionState::new();
+            for (p, q) in [
+                ("q1", QoS::AtLeastOnce),
+                ("q2-sent", QoS::ExactlyOnce),
+                ("q2-rec", QoS::ExactlyOnce),
+            ] {
+                let id = s.allocate_id().unwrap();
+                s.insert_inflight(id, tagged(p, q));
+            }
+            let rec = s
+                .inflight
+                .values()
+                .find(|f| f.message.payload == "q2-rec")
+                .unwrap()
+                .id;
+            s.inflight_mut(rec).unwrap().state = OutboundState::Released;
+            s.insert_inflight(s.clone().allocate_id().unwrap(), msg()); // not shared
+            s.enqueue(tagged("waiting", QoS::ExactlyOnce));
+            s.enqueue(msg());
+            s
+        };
+        let names = |v: Vec<Message>| -> Vec<String> {
+            v.iter()
+                .map(|m| String::from_utf8(m.payload.to_vec()).unwrap())
+                .collect()
+        };
+        let mut live = build();
+        assert_eq!(
+            names(live.take_redeliverable(|m| m.shared.is_some(), false)),
+            ["q1", "waiting"]
+        );
+        assert_eq!(
+            live.inflight_len(),
+            3,
+            "the QoS 2 flows and the unshared one stay"
+        );
+        assert_eq!(live.queued_len(), 1);
+        let mut ending = build();
+        assert_eq!(
+            names(ending.take_redeliverable(|m| m.shared.is_some(), true)),
+            ["q1", "q2-sent", "waiting"],
+            "PUBREC received: never given to anyone else"
+        );
     }
 }

@@ -441,7 +441,9 @@ impl Broker {
         session.stored = connection.into_session();
         // What this member of shared subscriptions has not acknowledged goes to another
         // member now, rather than waiting for it to come back (§4.8.2).
-        let redeliver = session.stored.take_redeliverable(|m| m.shared.is_some());
+        let redeliver = session
+            .stored
+            .take_redeliverable(|m| m.shared.is_some(), false);
         tracing::info!(conn, peer = %self.peer(conn), client_id = %client_id, %protocol, reason = %why, "disconnected");
         for m in redeliver {
             let key = m.shared.clone().expect("taken for having one");
@@ -1142,7 +1144,10 @@ impl Broker {
     }
 
     fn end_session(&mut self, client_id: &Str, now: Instant) {
-        if let Some(s) = self.sessions.remove(client_id) {
+        if let Some(mut s) = self.sessions.remove(client_id) {
+            // Shared-subscription messages the session still held go to another member
+            // (§4.8.2): with the session gone, nobody else can complete them.
+            let redeliver = s.stored.take_redeliverable(|m| m.shared.is_some(), true);
             if s.persisted {
                 self.batch.push(Op::DeleteSession {
                     client_id: client_id.clone(),
@@ -1150,6 +1155,10 @@ impl Broker {
             }
             for filter in s.subscriptions.keys() {
                 self.remove_subscription(client_id, filter);
+            }
+            for m in redeliver {
+                let key = m.shared.clone().expect("taken for having one");
+                self.deliver_shared(&key, m, None, None, now);
             }
             if let Some((_, will)) = s.pending_will {
                 self.publish_will(will, now);
