@@ -300,3 +300,37 @@ fn a_persistent_shared_member_keeps_its_qos2_in_flight_for_its_return() {
         "the member gets its own two again when it returns"
     );
 }
+
+#[test]
+fn an_authentication_method_is_refused_with_0x8c() {
+    let broker = common::Broker::start();
+    let mut connect = Connect::new(Protocol::V5, "auth");
+    connect.properties.authentication_method = Some("SCRAM-SHA-1".into());
+    let mut raw_bytes = bytes::BytesMut::new();
+    tern_codec::encode(
+        &Packet::Connect(Box::new(connect)),
+        Protocol::V5,
+        &mut raw_bytes,
+    )
+    .unwrap();
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", broker.port)).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    std::io::Write::write_all(&mut s, &raw_bytes).unwrap();
+    let mut buf = bytes::BytesMut::new();
+    let mut chunk = [0u8; 64];
+    let ack = loop {
+        if let Some(p) =
+            tern_codec::decode(&mut buf, Protocol::V5, tern_codec::MAX_PACKET_SIZE).unwrap()
+        {
+            break p;
+        }
+        let n = std::io::Read::read(&mut s, &mut chunk).unwrap();
+        assert!(n > 0, "closed without CONNACK");
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    match ack {
+        Packet::ConnAck(a) => assert_eq!(a.reason, ReasonCode::BadAuthenticationMethod),
+        other => panic!("want CONNACK 0x8C, got {other:?}"),
+    }
+}

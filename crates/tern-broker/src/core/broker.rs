@@ -574,6 +574,15 @@ impl Broker {
             self.outputs.push_back(Output::Close(conn));
             return;
         }
+        // No enhanced authentication methods are offered (§4.12): refuse rather than
+        // leave the client waiting for an AUTH exchange.
+        if v.is_v5() && connect.properties.authentication_method.is_some() {
+            let ack = ConnAck::new(false, ReasonCode::BadAuthenticationMethod);
+            self.outputs
+                .push_back(Output::Send(conn, Packet::ConnAck(ack)));
+            self.outputs.push_back(Output::Close(conn));
+            return;
+        }
         // 3.x has no way to tell a client to ping more often: refuse, as Mosquitto does.
         if !v.is_v5() && connect.keep_alive > self.settings.max_keep_alive {
             let ack = ConnAck::new(false, ReasonCode::ClientIdentifierNotValid);
