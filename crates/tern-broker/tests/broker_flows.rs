@@ -334,3 +334,28 @@ fn an_authentication_method_is_refused_with_0x8c() {
         other => panic!("want CONNACK 0x8C, got {other:?}"),
     }
 }
+
+#[test]
+fn a_client_exceeding_the_advertised_receive_maximum_gets_disconnect_0x93() {
+    let broker = common::Broker::with(tern_broker::core::Settings {
+        receive_maximum: 3,
+        ..Default::default()
+    });
+    let (mut c, ack) = Raw::connect(broker.port, Connect::new(Protocol::V5, "greedy"));
+    assert_eq!(ack.properties.receive_maximum.map(|n| n.get()), Some(3));
+    // QoS 2 flows count until PUBCOMP; withholding PUBREL keeps all of them open.
+    for i in 1..=4u16 {
+        c.send(Packet::Publish(Publish::new(
+            TopicName::new("rm").unwrap(),
+            QosPid::ExactlyOnce(NonZeroU16::new(i).unwrap()),
+            "x",
+        )));
+    }
+    for _ in 0..3 {
+        assert!(matches!(c.recv(), Some(Packet::PubRec(_))));
+    }
+    match c.recv() {
+        Some(Packet::Disconnect(d)) => assert_eq!(d.reason, ReasonCode::ReceiveMaximumExceeded),
+        other => panic!("want DISCONNECT 0x93, got {other:?}"),
+    }
+}
