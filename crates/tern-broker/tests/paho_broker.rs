@@ -14,20 +14,7 @@ fn claim(name: &str) {
 /// Runs the claim at each protocol level, each against a fresh broker with `settings`.
 fn claim_at(name: &str, levels: &[&str], settings: tern_broker::core::Settings) {
     for level in levels {
-        let broker = common::Broker::with(settings.clone());
-        let out = std::process::Command::new("python3")
-            .arg(common::repo_root().join("tests/interop/paho_broker.py"))
-            .arg(broker.port.to_string())
-            .arg(level)
-            .arg(name)
-            .output()
-            .expect("python3 with paho-mqtt (scripts/test installs it)");
-        assert!(
-            out.status.success(),
-            "{name} (protocol level {level}):\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        common::paho_claim(name, level, settings.clone());
     }
 }
 

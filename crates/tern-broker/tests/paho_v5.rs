@@ -11,20 +11,7 @@ use tern_broker::core::Settings;
 use tern_codec::QoS;
 
 fn claim(name: &str, settings: Settings) {
-    let broker = common::Broker::with(settings);
-    let out = std::process::Command::new("python3")
-        .arg(common::repo_root().join("tests/interop/paho_broker.py"))
-        .arg(broker.port.to_string())
-        .arg("5")
-        .arg(name)
-        .output()
-        .expect("python3 with paho-mqtt (scripts/test installs it)");
-    assert!(
-        out.status.success(),
-        "{name}:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::paho_claim(name, "5", settings);
 }
 
 #[test]

@@ -10,6 +10,50 @@ use std::time::Duration;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The same polling helpers for rumqttc's 3.1.1 and 5.0 modules, whose types differ only
+/// by module: `AsyncClient`, `EventLoop`, `Event`, `Packet`, `Publish` and `QoS` must be in
+/// scope where it is used.
+macro_rules! eventloop_helpers {
+    () => {
+        /// Polls until `f` picks something out of an event; fails on a connection error or
+        /// after the timeout.
+        async fn until<T>(el: &mut EventLoop, mut f: impl FnMut(&Packet) -> Option<T>) -> T {
+            tokio::time::timeout(TIMEOUT, async {
+                loop {
+                    if let Event::Incoming(p) = el.poll().await.unwrap()
+                        && let Some(t) = f(&p)
+                    {
+                        return t;
+                    }
+                }
+            })
+            .await
+            .expect("timed out waiting for the broker")
+        }
+
+        async fn connected(el: &mut EventLoop) -> bool {
+            until(el, |p| match p {
+                Packet::ConnAck(a) => Some(a.session_present),
+                _ => None,
+            })
+            .await
+        }
+
+        async fn subscribed(client: &AsyncClient, el: &mut EventLoop, filter: &str, qos: QoS) {
+            client.subscribe(filter, qos).await.unwrap();
+            until(el, |p| matches!(p, Packet::SubAck(_)).then_some(())).await;
+        }
+
+        async fn next_publish(el: &mut EventLoop) -> Publish {
+            until(el, |p| match p {
+                Packet::Publish(p) => Some(p.clone()),
+                _ => None,
+            })
+            .await
+        }
+    };
+}
+
 /// MQTT 3.1.1 (rumqttc's top-level module).
 mod v4 {
     use super::*;
@@ -21,42 +65,7 @@ mod v4 {
         o
     }
 
-    /// Polls until `f` picks something out of an event; fails on a connection error or
-    /// after the timeout.
-    async fn until<T>(el: &mut EventLoop, mut f: impl FnMut(&Packet) -> Option<T>) -> T {
-        tokio::time::timeout(TIMEOUT, async {
-            loop {
-                if let Event::Incoming(p) = el.poll().await.unwrap()
-                    && let Some(t) = f(&p)
-                {
-                    return t;
-                }
-            }
-        })
-        .await
-        .expect("timed out waiting for the broker")
-    }
-
-    async fn connected(el: &mut EventLoop) -> bool {
-        until(el, |p| match p {
-            Packet::ConnAck(a) => Some(a.session_present),
-            _ => None,
-        })
-        .await
-    }
-
-    async fn subscribed(client: &AsyncClient, el: &mut EventLoop, filter: &str, qos: QoS) {
-        client.subscribe(filter, qos).await.unwrap();
-        until(el, |p| matches!(p, Packet::SubAck(_)).then_some(())).await;
-    }
-
-    async fn next_publish(el: &mut EventLoop) -> Publish {
-        until(el, |p| match p {
-            Packet::Publish(p) => Some(p.clone()),
-            _ => None,
-        })
-        .await
-    }
+    eventloop_helpers!();
 
     /// Publishes and drives the publisher until its flow completes.
     async fn publish(port: u16, topic: &str, qos: QoS, retain: bool, payload: &str) {
@@ -191,40 +200,7 @@ mod v5 {
         o
     }
 
-    async fn until<T>(el: &mut EventLoop, mut f: impl FnMut(&Packet) -> Option<T>) -> T {
-        tokio::time::timeout(TIMEOUT, async {
-            loop {
-                if let Event::Incoming(p) = el.poll().await.unwrap()
-                    && let Some(t) = f(&p)
-                {
-                    return t;
-                }
-            }
-        })
-        .await
-        .expect("timed out waiting for the broker")
-    }
-
-    async fn connected(el: &mut EventLoop) -> bool {
-        until(el, |p| match p {
-            Packet::ConnAck(a) => Some(a.session_present),
-            _ => None,
-        })
-        .await
-    }
-
-    async fn subscribed(client: &AsyncClient, el: &mut EventLoop, filter: &str, qos: QoS) {
-        client.subscribe(filter, qos).await.unwrap();
-        until(el, |p| matches!(p, Packet::SubAck(_)).then_some(())).await;
-    }
-
-    async fn next_publish(el: &mut EventLoop) -> Publish {
-        until(el, |p| match p {
-            Packet::Publish(p) => Some(p.clone()),
-            _ => None,
-        })
-        .await
-    }
+    eventloop_helpers!();
 
     async fn publish_qos2(port: u16, topic: &str, retain: bool, payload: &str) {
         let (client, mut el) = AsyncClient::new(options("rumqttc5-pub", port), 10);

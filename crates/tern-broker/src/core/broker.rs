@@ -462,13 +462,21 @@ impl Broker {
                 session.pending_will = Some((now + Duration::from_secs(delay), will));
             }
         }
-        let session = self.sessions.get_mut(&client_id).expect("still there");
+        self.park(&client_id, now);
+    }
+
+    /// A session whose connection just ended: it ends too (expiry zero), or waits offline
+    /// with its deadline and delivery state written to the store.
+    fn park(&mut self, client_id: &Str, now: Instant) {
+        let Some(session) = self.sessions.get_mut(client_id) else {
+            return;
+        };
         if session.expiry.is_zero() {
-            self.end_session(&client_id, now);
+            self.end_session(client_id, now);
         } else {
             session.expires_at = Some(now + session.expiry);
             let state = session.stored.clone();
-            self.put_session(&client_id);
+            self.put_session(client_id);
             self.batch.push(Op::PutDelivery {
                 client_id: client_id.clone(),
                 state,
@@ -495,17 +503,7 @@ impl Broker {
             self.outputs.push_back(Output::Close(conn));
             session.stored = c.into_session();
             session.will = None;
-            if session.expiry.is_zero() {
-                self.end_session(&client_id, now);
-            } else {
-                session.expires_at = Some(now + session.expiry);
-                let state = session.stored.clone();
-                self.put_session(&client_id);
-                self.batch.push(Op::PutDelivery {
-                    client_id: client_id.clone(),
-                    state,
-                });
-            }
+            self.park(&client_id, now);
         }
         self.commit();
     }

@@ -7,6 +7,25 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
+/// Runs one claim of `tests/interop/paho_broker.py` at protocol `level` against a fresh
+/// broker with `settings`; fails the test with the script's output if the claim fails.
+pub fn paho_claim(name: &str, level: &str, settings: tern_broker::core::Settings) {
+    let broker = Broker::with(settings);
+    let out = std::process::Command::new("python3")
+        .arg(repo_root().join("tests/interop/paho_broker.py"))
+        .arg(broker.port.to_string())
+        .arg(level)
+        .arg(name)
+        .output()
+        .expect("python3 with paho-mqtt (scripts/test installs it)");
+    assert!(
+        out.status.success(),
+        "{name} (protocol level {level}):\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 pub struct Broker {
     pub port: u16,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
