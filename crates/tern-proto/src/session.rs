@@ -53,7 +53,7 @@ pub struct IdsExhausted;
 ///
 /// It is plain data: clone it, compare it, persist it, hand it to a new
 /// [`crate::Connection`] to resume.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 pub struct SessionState {
     last_id: u16,
     next_seq: u64,
@@ -63,6 +63,25 @@ pub struct SessionState {
     queued_bytes: usize,
     inbound_qos2: BTreeMap<PacketId, InboundState>,
 }
+
+/// Two sessions are equal when they would behave the same: the same flows in the same send
+/// order, the same waiting messages, inbound ids and last id. The internal send-order
+/// counters are not compared (a session read back from a store renumbers them).
+impl PartialEq for SessionState {
+    fn eq(&self, other: &Self) -> bool {
+        let flows = |s: &SessionState| -> Vec<(PacketId, Message, OutboundState)> {
+            s.inflight()
+                .map(|f| (f.id, f.message.clone(), f.state))
+                .collect()
+        };
+        self.last_id == other.last_id
+            && self.queue == other.queue
+            && self.inbound_qos2 == other.inbound_qos2
+            && flows(self) == flows(other)
+    }
+}
+
+impl Eq for SessionState {}
 
 impl SessionState {
     /// An empty session (clean start).
@@ -85,6 +104,36 @@ impl SessionState {
     /// Outbound messages waiting for the window, in order.
     pub fn queued(&self) -> impl Iterator<Item = &Message> {
         self.queue.iter()
+    }
+
+    /// The last packet id handed out (0 before the first).
+    pub fn last_id(&self) -> u16 {
+        self.last_id
+    }
+
+    /// Rebuilds a session from what its getters returned (a store reading it back):
+    /// in-flight flows in send order, waiting messages in order, inbound QoS 2 ids.
+    pub fn restore(
+        last_id: u16,
+        inflight: impl IntoIterator<Item = (PacketId, Message, OutboundState)>,
+        queue: impl IntoIterator<Item = Message>,
+        inbound_qos2: impl IntoIterator<Item = (PacketId, InboundState)>,
+    ) -> SessionState {
+        let mut s = SessionState {
+            last_id,
+            ..SessionState::default()
+        };
+        for (id, message, state) in inflight {
+            s.insert_inflight(id, message);
+            if let Some(f) = s.inflight.get_mut(&id) {
+                f.state = state;
+            }
+        }
+        for m in queue {
+            s.enqueue(m);
+        }
+        s.inbound_qos2.extend(inbound_qos2);
+        s
     }
 
     /// Inbound QoS 2 ids not yet released by PUBREL.

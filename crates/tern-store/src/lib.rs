@@ -14,6 +14,11 @@
 
 #![forbid(unsafe_code)]
 
+mod encoding;
+mod redb_store;
+
+pub use redb_store::RedbStore;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, SystemTime};
 

@@ -177,6 +177,56 @@ macro_rules! claims {
     };
 }
 
+/// A fresh file in the system temp directory, removed when dropped.
+struct TempFile(std::path::PathBuf);
+
+impl TempFile {
+    fn new() -> TempFile {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        TempFile(std::env::temp_dir().join(format!("tern-store-{}-{n}.redb", std::process::id())))
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn anchor() -> (std::time::Instant, SystemTime) {
+    (std::time::Instant::now(), SystemTime::now())
+}
+
+/// A redb store that keeps its file alive as long as it lives.
+struct Redb(tern_store::RedbStore, #[allow(dead_code)] TempFile);
+
+impl Store for Redb {
+    fn commit(&mut self, batch: &[Op]) -> Result<(), StoreError> {
+        self.0.commit(batch)
+    }
+    fn load(&self) -> Result<tern_store::Snapshot, StoreError> {
+        self.0.load()
+    }
+}
+
+fn redb() -> Redb {
+    let f = TempFile::new();
+    let (now, wall) = anchor();
+    Redb(tern_store::RedbStore::open(&f.0, now, wall).unwrap(), f)
+}
+
+mod redb_backend {
+    claims!(super::redb();
+        load_returns_what_was_committed,
+        a_batch_naming_a_missing_session_changes_nothing,
+        a_session_created_earlier_in_the_batch_can_be_used_and_a_deleted_one_cannot,
+        deleting_a_session_drops_its_queue,
+        dequeue_oldest_and_put_delivery,
+        retained_set_replaced_cleared,
+    );
+}
+
 mod memory {
     use tern_store::MemoryStore;
     claims!(MemoryStore::new();
@@ -225,4 +275,108 @@ proptest! {
         batched.commit(&accepted).unwrap();
         prop_assert_eq!(batched.load().unwrap(), one_by_one.load().unwrap());
     }
+}
+
+fn arb_rich_op() -> impl Strategy<Value = Op> {
+    // Messages with properties, expiry, a shared tag; records with subscriptions and a
+    // delayed will; delivery states with flows in every state.
+    let id = prop::sample::select(vec!["a", "b"]);
+    prop_oneof![
+        3 => arb_op(),
+        1 => (id.clone(), 1u64..1000, any::<bool>()).prop_map(|(i, e, will)| {
+            let mut r = record(e);
+            r.subscriptions.push(Subscription {
+                filter: TopicFilter::new("$share/g/x/+").unwrap(),
+                options: SubscriptionOptions {
+                    qos: QoS::ExactlyOnce,
+                    no_local: false,
+                    retain_as_published: true,
+                    retain_handling: tern_codec::RetainHandling::SendIfNew,
+                },
+                id: tern_codec::SubscriptionId::new(e as u32),
+            });
+            if will {
+                r.pending_will = Some(tern_store::PendingWill {
+                    at: SystemTime::UNIX_EPOCH + Duration::new(1_800_000_000, 123),
+                    will: tern_codec::LastWill {
+                        topic: TopicName::new("wills/x").unwrap(),
+                        payload: "bye".into(),
+                        qos: QoS::AtLeastOnce,
+                        retain: true,
+                        properties: tern_codec::properties::WillProperties {
+                            will_delay_interval: Some(30),
+                            content_type: Some("text/plain".into()),
+                            ..Default::default()
+                        }
+                        .into(),
+                    },
+                });
+            }
+            Op::PutSession { client_id: i.into(), record: r }
+        }),
+        1 => (id.clone(), 1u16..5, "[a-z]{0,4}").prop_map(|(i, n, p)| {
+            let flows = (1..=n).map(|k| {
+                let mut m = message("t/x", &p);
+                m.qos = if k % 2 == 0 { QoS::ExactlyOnce } else { QoS::AtLeastOnce };
+                m.properties.user_properties.push(("k".into(), format!("{k}").into()));
+                m.expires_at = Some(std::time::Instant::now() + Duration::from_secs(u64::from(k) * 10));
+                m.shared = (k == 1).then(|| "$share/g/t/x".into());
+                let state = if k == 2 {
+                    tern_proto::OutboundState::Released
+                } else {
+                    tern_proto::OutboundState::Published
+                };
+                (tern_codec::PacketId::new(k).unwrap(), m, state)
+            });
+            let inbound = [(tern_codec::PacketId::new(7).unwrap(), tern_proto::InboundState::Received)];
+            let queue = [message("t/q", "waiting")];
+            Op::PutDelivery {
+                client_id: i.into(),
+                state: SessionState::restore(n, flows, queue, inbound),
+            }
+        }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+    /// The durable store agrees with the reference model on every batch (accepted or
+    /// refused), and a reopened file holds exactly the last committed state.
+    #[test]
+    fn redb_agrees_with_the_memory_model_and_reopens_to_the_last_commit(
+        batches in prop::collection::vec(prop::collection::vec(arb_rich_op(), 1..6), 1..12)
+    ) {
+        let file = TempFile::new();
+        let (now, wall) = anchor();
+        let mut model = MemoryStore::new();
+        {
+            let mut real = tern_store::RedbStore::open(&file.0, now, wall).unwrap();
+            for batch in &batches {
+                let a = model.commit(batch).is_ok();
+                let b = real.commit(batch).is_ok();
+                prop_assert_eq!(a, b, "accepted by one store and not the other: {:?}", batch);
+                prop_assert_eq!(real.load().unwrap(), model.load().unwrap());
+            }
+        }
+        let reopened = tern_store::RedbStore::open(&file.0, now, wall).unwrap();
+        prop_assert_eq!(reopened.load().unwrap(), model.load().unwrap());
+    }
+}
+
+#[test]
+fn a_file_that_is_not_a_store_is_refused_not_replaced() {
+    let f = TempFile::new();
+    std::fs::write(
+        &f.0,
+        b"this is not a redb file, and it holds someone's data",
+    )
+    .unwrap();
+    let (now, wall) = anchor();
+    let err = tern_store::RedbStore::open(&f.0, now, wall).unwrap_err();
+    assert!(matches!(err, StoreError::Backend(_)), "{err}");
+    assert_eq!(
+        std::fs::read(&f.0).unwrap(),
+        b"this is not a redb file, and it holds someone's data",
+        "left as it was"
+    );
 }

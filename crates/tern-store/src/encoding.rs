@@ -1,0 +1,375 @@
+//! The byte form of stored records. Messages and wills reuse the MQTT 5.0 wire format
+//! (a PUBLISH, a CONNECT carrying the will), so every property survives without a second
+//! serializer; the rest is a small length-prefixed layout. Every record starts with a
+//! format version byte.
+
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::BytesMut;
+use tern_codec::{
+    Connect, LastWill, MAX_PACKET_SIZE, Packet, PacketId, Protocol, Publish, QoS, QosPid,
+    RetainHandling, Str, SubscriptionId, SubscriptionOptions, TopicFilter,
+};
+use tern_proto::{InboundState, Message, OutboundState, SessionState};
+
+use crate::{PendingWill, SessionRecord, StoreError, Subscription};
+
+const VERSION: u8 = 1;
+
+/// An `Instant` and the `SystemTime` of the same moment: messages carry monotonic expiry
+/// instants in memory and wall-clock ones on disk.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Anchor {
+    pub(crate) instant: Instant,
+    pub(crate) wall: SystemTime,
+}
+
+impl Anchor {
+    fn to_wall(self, t: Instant) -> SystemTime {
+        match t.checked_duration_since(self.instant) {
+            Some(d) => self.wall + d,
+            None => self.wall - self.instant.duration_since(t),
+        }
+    }
+
+    fn to_instant(self, t: SystemTime) -> Instant {
+        match t.duration_since(self.wall) {
+            Ok(d) => self.instant + d,
+            Err(e) => self
+                .instant
+                .checked_sub(e.duration())
+                .unwrap_or(self.instant),
+        }
+    }
+}
+
+fn corrupt(what: &str) -> StoreError {
+    StoreError::Backend(format!(
+        "stored {what} is unreadable (corrupt or from a newer Tern)"
+    ))
+}
+
+#[derive(Default)]
+pub(crate) struct Writer(Vec<u8>);
+
+impl Writer {
+    fn new() -> Writer {
+        Writer(vec![VERSION])
+    }
+    fn u8(&mut self, v: u8) {
+        self.0.push(v);
+    }
+    fn u16(&mut self, v: u16) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn bytes(&mut self, b: &[u8]) {
+        self.u32(b.len() as u32);
+        self.0.extend_from_slice(b);
+    }
+    fn duration(&mut self, d: Duration) {
+        self.u64(d.as_secs());
+        self.u32(d.subsec_nanos());
+    }
+    fn time(&mut self, t: SystemTime) {
+        // Before 1970 cannot happen for a deadline computed from a real clock.
+        self.duration(t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default());
+    }
+    fn opt_time(&mut self, t: Option<SystemTime>) {
+        match t {
+            Some(t) => {
+                self.u8(1);
+                self.time(t);
+            }
+            None => self.u8(0),
+        }
+    }
+    pub(crate) fn finish(self) -> Vec<u8> {
+        self.0
+    }
+}
+
+pub(crate) struct Reader<'a> {
+    buf: &'a [u8],
+    what: &'static str,
+}
+
+impl<'a> Reader<'a> {
+    fn new(buf: &'a [u8], what: &'static str) -> Result<Reader<'a>, StoreError> {
+        let mut r = Reader { buf, what };
+        if r.u8()? != VERSION {
+            return Err(corrupt(what));
+        }
+        Ok(r)
+    }
+    fn take(&mut self, n: usize) -> Result<&'a [u8], StoreError> {
+        if self.buf.len() < n {
+            return Err(corrupt(self.what));
+        }
+        let (head, rest) = self.buf.split_at(n);
+        self.buf = rest;
+        Ok(head)
+    }
+    fn u8(&mut self) -> Result<u8, StoreError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, StoreError> {
+        Ok(u16::from_le_bytes(
+            self.take(2)?.try_into().expect("2 bytes"),
+        ))
+    }
+    fn u32(&mut self) -> Result<u32, StoreError> {
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
+    }
+    fn u64(&mut self) -> Result<u64, StoreError> {
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
+    }
+    fn bytes(&mut self) -> Result<&'a [u8], StoreError> {
+        let n = self.u32()? as usize;
+        self.take(n)
+    }
+    fn str(&mut self) -> Result<&'a str, StoreError> {
+        std::str::from_utf8(self.bytes()?).map_err(|_| corrupt(self.what))
+    }
+    fn duration(&mut self) -> Result<Duration, StoreError> {
+        let secs = self.u64()?;
+        let nanos = self.u32()?;
+        if nanos >= 1_000_000_000 {
+            return Err(corrupt(self.what));
+        }
+        Ok(Duration::new(secs, nanos))
+    }
+    fn time(&mut self) -> Result<SystemTime, StoreError> {
+        Ok(SystemTime::UNIX_EPOCH + self.duration()?)
+    }
+    fn opt_time(&mut self) -> Result<Option<SystemTime>, StoreError> {
+        match self.u8()? {
+            0 => Ok(None),
+            1 => Ok(Some(self.time()?)),
+            _ => Err(corrupt(self.what)),
+        }
+    }
+    fn id(&mut self) -> Result<PacketId, StoreError> {
+        PacketId::new(self.u16()?).ok_or_else(|| corrupt(self.what))
+    }
+}
+
+fn qos_from(b: u8, what: &str) -> Result<QoS, StoreError> {
+    match b {
+        0 => Ok(QoS::AtMostOnce),
+        1 => Ok(QoS::AtLeastOnce),
+        2 => Ok(QoS::ExactlyOnce),
+        _ => Err(corrupt(what)),
+    }
+}
+
+// ---- messages ------------------------------------------------------------------------
+
+pub(crate) fn message(m: &Message, anchor: Anchor) -> Vec<u8> {
+    let one = PacketId::new(1).expect("non-zero");
+    let mut p = Publish::new(m.topic.clone(), QosPid::new(m.qos, one), m.payload.clone());
+    p.retain = m.retain;
+    p.properties = m.properties.clone();
+    let mut wire = BytesMut::new();
+    // A message that arrived as a PUBLISH always encodes as one.
+    tern_codec::encode(&Packet::Publish(p), Protocol::V5, &mut wire)
+        .expect("a received message re-encodes");
+    let mut w = Writer::new();
+    w.bytes(&wire);
+    w.opt_time(m.expires_at.map(|t| anchor.to_wall(t)));
+    match &m.shared {
+        Some(s) => {
+            w.u8(1);
+            w.bytes(s.as_bytes());
+        }
+        None => w.u8(0),
+    }
+    w.finish()
+}
+
+pub(crate) fn read_message(buf: &[u8], anchor: Anchor) -> Result<Message, StoreError> {
+    let mut r = Reader::new(buf, "message")?;
+    let mut wire = BytesMut::from(r.bytes()?);
+    let Ok(Some(Packet::Publish(p))) = tern_codec::decode(&mut wire, Protocol::V5, MAX_PACKET_SIZE)
+    else {
+        return Err(corrupt("message"));
+    };
+    let expires_at = r.opt_time()?.map(|t| anchor.to_instant(t));
+    let shared = match r.u8()? {
+        0 => None,
+        1 => Some(Str::from(r.str()?)),
+        _ => return Err(corrupt("message")),
+    };
+    Ok(Message {
+        topic: p.topic,
+        payload: p.payload,
+        qos: p.qos_pid.qos(),
+        retain: p.retain,
+        properties: p.properties,
+        expires_at,
+        shared,
+    })
+}
+
+// ---- session records -----------------------------------------------------------------
+
+fn will(w: &mut Writer, will: &LastWill) {
+    let mut c = Connect::new(Protocol::V5, "w");
+    c.will = Some(will.clone());
+    let mut wire = BytesMut::new();
+    tern_codec::encode(&Packet::Connect(Box::new(c)), Protocol::V5, &mut wire)
+        .expect("a received will re-encodes");
+    w.bytes(&wire);
+}
+
+fn read_will(r: &mut Reader<'_>) -> Result<LastWill, StoreError> {
+    let mut wire = BytesMut::from(r.bytes()?);
+    match tern_codec::decode(&mut wire, Protocol::V5, MAX_PACKET_SIZE) {
+        Ok(Some(Packet::Connect(c))) => c.will.ok_or_else(|| corrupt("will")),
+        _ => Err(corrupt("will")),
+    }
+}
+
+pub(crate) fn record(rec: &SessionRecord) -> Vec<u8> {
+    let mut w = Writer::new();
+    w.duration(rec.expiry);
+    w.opt_time(rec.expires_at);
+    w.u32(rec.subscriptions.len() as u32);
+    for s in &rec.subscriptions {
+        w.bytes(s.filter.as_str().as_bytes());
+        let o = s.options;
+        w.u8(o.qos as u8);
+        w.u8(u8::from(o.no_local));
+        w.u8(u8::from(o.retain_as_published));
+        w.u8(match o.retain_handling {
+            RetainHandling::SendAtSubscribe => 0,
+            RetainHandling::SendIfNew => 1,
+            RetainHandling::DoNotSend => 2,
+        });
+        w.u32(s.id.map_or(0, SubscriptionId::get));
+    }
+    match &rec.pending_will {
+        Some(p) => {
+            w.u8(1);
+            w.time(p.at);
+            will(&mut w, &p.will);
+        }
+        None => w.u8(0),
+    }
+    w.finish()
+}
+
+pub(crate) fn read_record(buf: &[u8]) -> Result<SessionRecord, StoreError> {
+    let what = "session";
+    let mut r = Reader::new(buf, what)?;
+    let expiry = r.duration()?;
+    let expires_at = r.opt_time()?;
+    let n = r.u32()?;
+    let mut subscriptions = Vec::new();
+    for _ in 0..n {
+        let filter = TopicFilter::new(r.str()?).map_err(|_| corrupt(what))?;
+        let qos = qos_from(r.u8()?, what)?;
+        let no_local = r.u8()? != 0;
+        let retain_as_published = r.u8()? != 0;
+        let retain_handling = match r.u8()? {
+            0 => RetainHandling::SendAtSubscribe,
+            1 => RetainHandling::SendIfNew,
+            2 => RetainHandling::DoNotSend,
+            _ => return Err(corrupt(what)),
+        };
+        let id = SubscriptionId::new(r.u32()?);
+        subscriptions.push(Subscription {
+            filter,
+            options: SubscriptionOptions {
+                qos,
+                no_local,
+                retain_as_published,
+                retain_handling,
+            },
+            id,
+        });
+    }
+    let pending_will = match r.u8()? {
+        0 => None,
+        1 => Some(PendingWill {
+            at: r.time()?,
+            will: read_will(&mut r)?,
+        }),
+        _ => return Err(corrupt(what)),
+    };
+    Ok(SessionRecord {
+        expiry,
+        expires_at,
+        subscriptions,
+        pending_will,
+    })
+}
+
+// ---- delivery state (without the queue, which has a table of its own) -----------------
+
+pub(crate) fn delivery(s: &SessionState, anchor: Anchor) -> Vec<u8> {
+    let mut w = Writer::new();
+    w.u16(s.last_id());
+    let flows: Vec<_> = s.inflight().collect();
+    w.u32(flows.len() as u32);
+    for f in flows {
+        w.u16(f.id.get());
+        w.u8(match f.state {
+            OutboundState::Published => 0,
+            OutboundState::Released => 1,
+        });
+        w.bytes(&message(&f.message, anchor));
+    }
+    let inbound: Vec<_> = s.inbound_qos2().collect();
+    w.u32(inbound.len() as u32);
+    for (id, state) in inbound {
+        w.u16(id.get());
+        w.u8(match state {
+            InboundState::Delivered => 0,
+            InboundState::Received => 1,
+        });
+    }
+    w.finish()
+}
+
+pub(crate) fn read_delivery(
+    buf: &[u8],
+    queue: Vec<Message>,
+    anchor: Anchor,
+) -> Result<SessionState, StoreError> {
+    let what = "delivery state";
+    let mut r = Reader::new(buf, what)?;
+    let last_id = r.u16()?;
+    let n = r.u32()?;
+    let mut flows = Vec::new();
+    for _ in 0..n {
+        let id = r.id()?;
+        let state = match r.u8()? {
+            0 => OutboundState::Published,
+            1 => OutboundState::Released,
+            _ => return Err(corrupt(what)),
+        };
+        flows.push((id, read_message(r.bytes()?, anchor)?, state));
+    }
+    let n = r.u32()?;
+    let mut inbound = Vec::new();
+    for _ in 0..n {
+        let id = r.id()?;
+        let state = match r.u8()? {
+            0 => InboundState::Delivered,
+            1 => InboundState::Received,
+            _ => return Err(corrupt(what)),
+        };
+        inbound.push((id, state));
+    }
+    Ok(SessionState::restore(last_id, flows, queue, inbound))
+}
