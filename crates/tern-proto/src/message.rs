@@ -57,7 +57,7 @@ impl Message {
 
     /// The message carried by a received PUBLISH (topic already resolved), its expiry
     /// counted from `now`.
-    pub(crate) fn from_publish(mut p: Publish, now: Instant) -> Message {
+    pub fn from_publish(mut p: Publish, now: Instant) -> Message {
         if p.properties.topic_alias.is_some() {
             p.properties.topic_alias = None;
         }

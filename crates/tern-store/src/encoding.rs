@@ -209,15 +209,10 @@ pub(crate) fn read_message(buf: &[u8], anchor: Anchor) -> Result<Message, StoreE
         1 => Some(Str::from(r.str()?)),
         _ => return Err(corrupt("message")),
     };
-    Ok(Message {
-        topic: p.topic,
-        payload: p.payload,
-        qos: p.qos_pid.qos(),
-        retain: p.retain,
-        properties: p.properties,
-        expires_at,
-        shared,
-    })
+    let mut m = Message::from_publish(p, anchor.instant);
+    m.expires_at = expires_at;
+    m.shared = shared;
+    Ok(m)
 }
 
 // ---- session records -----------------------------------------------------------------
