@@ -116,17 +116,31 @@ impl Sim {
         self.send(conn, Packet::Publish(p));
     }
 
-    /// Payloads of the PUBLISH packets sent to `conn`, in order.
-    fn received(&self, conn: ConnId) -> Vec<String> {
+    /// The PUBLISH packets sent to `conn`, in order.
+    fn publishes(&self, conn: ConnId) -> Vec<Publish> {
         self.outputs
             .iter()
             .filter_map(|o| match o {
-                Output::Send(c, Packet::Publish(p)) if *c == conn => {
-                    Some(String::from_utf8(p.payload.to_vec()).unwrap())
-                }
+                Output::Send(c, Packet::Publish(p)) if *c == conn => Some(p.clone()),
                 _ => None,
             })
             .collect()
+    }
+
+    /// Payloads of the PUBLISH packets sent to `conn`, in order.
+    fn received(&self, conn: ConnId) -> Vec<String> {
+        self.publishes(conn)
+            .iter()
+            .map(|p| String::from_utf8(p.payload.to_vec()).unwrap())
+            .collect()
+    }
+
+    /// Connects `connect`, subscribes it to `filter` and disconnects it: a persistent
+    /// session waiting offline.
+    fn offline_subscriber(&mut self, connect: Connect, filter: &str, qos: QoS) {
+        let c = self.connect(connect);
+        self.subscribe(c, filter, qos);
+        self.close(c);
     }
 }
 
@@ -143,9 +157,7 @@ fn queue_case(policy: QueuePolicy, max_messages: usize, max_bytes: usize) -> (Ve
         queue_policy: policy,
         ..Settings::default()
     });
-    let a = sim.connect(persistent("a"));
-    sim.subscribe(a, "t", QoS::AtLeastOnce);
-    sim.close(a);
+    sim.offline_subscriber(persistent("a"), "t", QoS::AtLeastOnce);
     let b = sim.connect(Connect::new(Protocol::V3_1_1, "b"));
     for i in 0..5 {
         sim.publish(b, "t", &format!("m{i}"), i + 1);
@@ -280,9 +292,7 @@ fn connack_session_present(sim: &Sim, conn: ConnId) -> bool {
 #[test]
 fn a_broker_restarted_on_the_same_store_resumes_sessions_queues_and_retained_messages() {
     let mut sim = Sim::new(Settings::default());
-    let a = sim.connect(v5_persistent("a", 3600));
-    sim.subscribe(a, "t/#", QoS::AtLeastOnce);
-    sim.close(a);
+    sim.offline_subscriber(v5_persistent("a", 3600), "t/#", QoS::AtLeastOnce);
     let b = sim.connect(Connect::new(Protocol::V3_1_1, "b"));
     sim.publish(b, "t/1", "queued", 1);
     let mut retained = Publish::new(
@@ -317,28 +327,14 @@ fn an_unacknowledged_qos1_message_is_resent_with_dup_after_a_restart() {
     sim.subscribe(a, "t", QoS::AtLeastOnce);
     let b = sim.connect(Connect::new(Protocol::V3_1_1, "b"));
     sim.publish(b, "t", "m", 1);
-    let first = sim
-        .outputs
-        .iter()
-        .find_map(|o| match o {
-            Output::Send(c, Packet::Publish(p)) if *c == a => Some(p.clone()),
-            _ => None,
-        })
-        .unwrap();
+    let first = sim.publishes(a)[0].clone();
     assert!(!first.dup);
     sim.close(a); // never acknowledged
 
     sim.restart(Duration::from_secs(1));
 
     let a = sim.connect(v5_persistent("a", 3600));
-    let again = sim
-        .outputs
-        .iter()
-        .find_map(|o| match o {
-            Output::Send(c, Packet::Publish(p)) if *c == a => Some(p.clone()),
-            _ => None,
-        })
-        .unwrap();
+    let again = sim.publishes(a)[0].clone();
     assert!(again.dup);
     assert_eq!(again.qos_pid, first.qos_pid, "same packet id");
     assert_eq!(again.payload, first.payload);
@@ -388,9 +384,7 @@ fn a_restarted_broker_state_equals_the_state_it_stored() {
         max_queued_messages: 3,
         ..Settings::default()
     });
-    let a = sim.connect(v5_persistent("a", 3600));
-    sim.subscribe(a, "t/+", QoS::ExactlyOnce);
-    sim.close(a);
+    sim.offline_subscriber(v5_persistent("a", 3600), "t/+", QoS::ExactlyOnce);
     let b = sim.connect(Connect::new(Protocol::V3_1_1, "b"));
     for i in 0..5 {
         sim.publish(b, &format!("t/{i}"), &format!("m{i}"), i + 1);
@@ -409,9 +403,7 @@ fn qos0_case(queue_qos0: bool) -> Vec<String> {
         queue_qos0,
         ..Settings::default()
     });
-    let a = sim.connect(persistent("a"));
-    sim.subscribe(a, "t", QoS::ExactlyOnce);
-    sim.close(a);
+    sim.offline_subscriber(persistent("a"), "t", QoS::ExactlyOnce);
     let b = sim.connect(Connect::new(Protocol::V3_1_1, "b"));
     sim.publish(b, "t", "one", 1);
     sim.send(
@@ -454,9 +446,7 @@ fn expired_messages_make_room_in_a_full_offline_queue_before_live_ones_are_dropp
         max_queued_messages: 2,
         ..Settings::default()
     });
-    let a = sim.connect(v5_persistent("a", 3600));
-    sim.subscribe(a, "t", QoS::AtLeastOnce);
-    sim.close(a);
+    sim.offline_subscriber(v5_persistent("a", 3600), "t", QoS::AtLeastOnce);
     let b = sim.connect(Connect::new(Protocol::V5, "b"));
     sim.send(b, expiring("t", "short", 1, 1, false));
     sim.publish(b, "t", "live", 2);

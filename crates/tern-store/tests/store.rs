@@ -216,27 +216,27 @@ fn redb() -> Redb {
     Redb(tern_store::RedbStore::open(&f.0, now, wall).unwrap(), f)
 }
 
+/// Every claim above, for one backend.
+macro_rules! every_claim {
+    ($make:expr) => {
+        claims!($make;
+            load_returns_what_was_committed,
+            a_batch_naming_a_missing_session_changes_nothing,
+            a_session_created_earlier_in_the_batch_can_be_used_and_a_deleted_one_cannot,
+            deleting_a_session_drops_its_queue,
+            dequeue_oldest_and_put_delivery,
+            retained_set_replaced_cleared,
+        );
+    };
+}
+
 mod redb_backend {
-    claims!(super::redb();
-        load_returns_what_was_committed,
-        a_batch_naming_a_missing_session_changes_nothing,
-        a_session_created_earlier_in_the_batch_can_be_used_and_a_deleted_one_cannot,
-        deleting_a_session_drops_its_queue,
-        dequeue_oldest_and_put_delivery,
-        retained_set_replaced_cleared,
-    );
+    every_claim!(super::redb());
 }
 
 mod memory {
     use tern_store::MemoryStore;
-    claims!(MemoryStore::new();
-        load_returns_what_was_committed,
-        a_batch_naming_a_missing_session_changes_nothing,
-        a_session_created_earlier_in_the_batch_can_be_used_and_a_deleted_one_cannot,
-        deleting_a_session_drops_its_queue,
-        dequeue_oldest_and_put_delivery,
-        retained_set_replaced_cleared,
-    );
+    every_claim!(MemoryStore::new());
 }
 
 fn arb_op() -> impl Strategy<Value = Op> {

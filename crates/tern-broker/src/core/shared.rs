@@ -97,6 +97,10 @@ impl SharedSubscriptions {
 
     /// The groups whose filter matches `topic`.
     pub fn matching(&self, topic: &TopicName) -> Vec<Str> {
+        // Most brokers have no shared groups: routing must not pay a trie walk for them.
+        if self.groups.is_empty() {
+            return Vec::new();
+        }
         let mut keys: Vec<Str> = self.trie.route(topic, None).into_keys().collect();
         keys.sort_unstable();
         keys
