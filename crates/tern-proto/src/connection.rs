@@ -251,7 +251,12 @@ impl Connection {
         now: Instant,
     ) -> Connection {
         if !resume {
+            let tracked = session.is_tracked();
             session = SessionState::new();
+            if tracked {
+                // A new session replaces the stored one whole.
+                session.track(false);
+            }
         }
         let mut conn = Connection {
             inbound_aliases: alias::Inbound::new(config.topic_alias_maximum),
@@ -292,6 +297,12 @@ impl Connection {
     /// The durable session state.
     pub fn session(&self) -> &SessionState {
         &self.session
+    }
+
+    /// The session state, for the owner to track or prune (see [`SessionState::track`],
+    /// [`SessionState::drop_unreleased_inbound`]).
+    pub fn session_mut(&mut self) -> &mut SessionState {
+        &mut self.session
     }
 
     /// False once the connection has ended (DISCONNECT, keepalive timeout, protocol error).
@@ -432,7 +443,7 @@ impl Connection {
     }
 
     fn handle_puback(&mut self, a: Ack, now: Instant) {
-        let matches = self.session.inflight_mut(a.packet_id).is_some_and(|f| {
+        let matches = self.session.inflight_ref(a.packet_id).is_some_and(|f| {
             f.message.qos == QoS::AtLeastOnce && f.state == OutboundState::Published
         });
         // A PUBACK for an id not in a QoS 1 flow is ignored.
@@ -443,14 +454,14 @@ impl Connection {
 
     fn handle_pubrec(&mut self, a: Ack, now: Instant) {
         let id = a.packet_id;
-        match self.session.inflight_mut(id) {
+        match self.session.inflight_ref(id) {
             Some(f) if f.message.qos == QoS::ExactlyOnce => {
                 if a.reason.is_error() {
                     // The flow ends here: no PUBREL [MQTT-4.3.3-4].
                     self.complete(id, a.reason, now);
                     return;
                 }
-                f.state = OutboundState::Released;
+                self.session.set_released(id);
                 self.transmit.push_back(Packet::PubRel(Ack::new(id)));
             }
             Some(_) => {}
@@ -471,7 +482,7 @@ impl Connection {
     fn handle_pubcomp(&mut self, a: Ack, now: Instant) {
         let released = self
             .session
-            .inflight_mut(a.packet_id)
+            .inflight_ref(a.packet_id)
             .is_some_and(|f| f.state == OutboundState::Released);
         if released {
             self.complete(a.packet_id, a.reason, now);
@@ -677,6 +688,7 @@ impl Connection {
                 }
                 continue;
             }
+            let previous = self.session.last_id();
             let Ok(id) = self.session.allocate_id() else {
                 self.session.unpop_queue(message);
                 break;
@@ -687,6 +699,7 @@ impl Connection {
             } else {
                 // Too large for this peer: discard it and behave as if it was sent
                 // [MQTT-3.1.2-25]; the id was never used.
+                self.session.unallocate(previous);
                 self.events.push_back(Event::Dropped {
                     message,
                     reason: DropReason::TooLarge,
@@ -698,7 +711,7 @@ impl Connection {
     /// Resends an inflight PUBLISH (session resume). It fitted when it was first sent and
     /// the peer's limit is fixed for the connection, so the size check cannot fail here.
     fn send_inflight_publish(&mut self, id: PacketId, dup: bool, now: Instant) {
-        let Some(f) = self.session.inflight_mut(id) else {
+        let Some(f) = self.session.inflight_ref(id) else {
             return;
         };
         let publish = f

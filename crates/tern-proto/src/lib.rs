@@ -51,7 +51,9 @@ pub mod sim;
 
 pub use connection::{AckMode, Config, Connection, DropReason, Event, ProtocolError, Role};
 pub use message::Message;
-pub use session::{IdsExhausted, InboundState, Inflight, OutboundState, SessionState};
+pub use session::{
+    Change, Changes, IdsExhausted, InboundState, Inflight, OutboundState, SessionState,
+};
 
 use tern_codec::QoS;
 

@@ -39,6 +39,47 @@ pub enum InboundState {
     Received,
 }
 
+/// One change to a [`SessionState`], recorded while the state is tracked
+/// ([`SessionState::track`]). A store keeps its copy of a session equal to the live one by
+/// applying the changes in order ([`SessionState::apply`]), instead of rewriting it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// A message joined the end of the waiting queue.
+    Queued(Message),
+    /// The oldest waiting message left the queue (sent, expired or dropped).
+    Unqueued,
+    /// A message went back to the front of the waiting queue.
+    Requeued(Message),
+    /// A message took packet id `id`, now the last id handed out, and is in flight.
+    Sent(PacketId, Message),
+    /// PUBREC arrived for the outbound flow `id`: it waits for PUBCOMP now.
+    Released(PacketId),
+    /// The outbound flow `id` ended.
+    Completed(PacketId),
+    /// The inbound QoS 2 id is held, in this state, until PUBREL.
+    Inbound(PacketId, InboundState),
+    /// The inbound QoS 2 id is free again.
+    InboundDone(PacketId),
+}
+
+/// What changed in a tracked session since the last [`SessionState::take_changes`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Changes {
+    /// These changes, in order (empty: nothing changed).
+    Some(Vec<Change>),
+    /// Too much to say one by one (tracking just began, or messages were taken out of the
+    /// middle of the queue): the store should replace its copy with this state.
+    All(SessionState),
+}
+
+#[derive(Debug, Clone, Default)]
+enum Journal {
+    #[default]
+    Off,
+    Changes(Vec<Change>),
+    Rewrite,
+}
+
 /// Packet ids are exhausted: 65,535 flows are in flight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("all 65,535 packet identifiers are in use")]
@@ -62,6 +103,7 @@ pub struct SessionState {
     /// Payload bytes in `queue`, kept so limits are cheap to check.
     queued_bytes: usize,
     inbound_qos2: BTreeMap<PacketId, InboundState>,
+    journal: Journal,
 }
 
 /// Two sessions are equal when they would behave the same: the same flows in the same send
@@ -87,6 +129,96 @@ impl SessionState {
     /// An empty session (clean start).
     pub fn new() -> SessionState {
         SessionState::default()
+    }
+
+    /// Starts recording changes for a store (see [`Change`]). If it was not on, the next
+    /// [`SessionState::take_changes`] returns the whole state; if `known` is set the store
+    /// already holds this state and only later changes are recorded.
+    pub fn track(&mut self, known: bool) {
+        if matches!(self.journal, Journal::Off) {
+            self.journal = if known {
+                Journal::Changes(Vec::new())
+            } else {
+                Journal::Rewrite
+            };
+        }
+    }
+
+    /// Stops recording changes (the session is no longer stored).
+    pub fn untrack(&mut self) {
+        self.journal = Journal::Off;
+    }
+
+    /// Whether changes are being recorded.
+    pub fn is_tracked(&self) -> bool {
+        !matches!(self.journal, Journal::Off)
+    }
+
+    /// The changes recorded since the last call; `None` if the session is not tracked.
+    pub fn take_changes(&mut self) -> Option<Changes> {
+        match &mut self.journal {
+            Journal::Off => None,
+            Journal::Changes(v) => Some(Changes::Some(std::mem::take(v))),
+            Journal::Rewrite => {
+                self.journal = Journal::Changes(Vec::new());
+                let mut all = self.clone();
+                all.journal = Journal::Off;
+                Some(Changes::All(all))
+            }
+        }
+    }
+
+    fn record(&mut self, change: Change) {
+        if let Journal::Changes(v) = &mut self.journal {
+            v.push(change);
+        }
+    }
+
+    fn rewrite(&mut self) {
+        if !matches!(self.journal, Journal::Off) {
+            self.journal = Journal::Rewrite;
+        }
+    }
+
+    /// Applies one recorded change (a store keeping its copy of the session).
+    pub fn apply(&mut self, change: &Change) {
+        match change {
+            Change::Queued(m) => self.enqueue(m.clone()),
+            Change::Unqueued => {
+                self.pop_queue();
+            }
+            Change::Requeued(m) => self.unpop_queue(m.clone()),
+            Change::Sent(id, m) => {
+                self.last_id = id.get();
+                self.insert_inflight(*id, m.clone());
+            }
+            Change::Released(id) => {
+                if let Some(f) = self.inflight.get_mut(id) {
+                    f.state = OutboundState::Released;
+                }
+            }
+            Change::Completed(id) => {
+                self.remove_inflight(*id);
+            }
+            Change::Inbound(id, state) => self.set_inbound(*id, *state),
+            Change::InboundDone(id) => {
+                self.remove_inbound(*id);
+            }
+        }
+    }
+
+    /// Forgets inbound QoS 2 ids whose PUBREC was never released (the application
+    /// refused or never acknowledged the message): a resend is then a new message.
+    pub fn drop_unreleased_inbound(&mut self) {
+        let unreleased: Vec<PacketId> = self
+            .inbound_qos2
+            .iter()
+            .filter(|(_, s)| **s == InboundState::Delivered)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in unreleased {
+            self.remove_inbound(id);
+        }
     }
 
     /// Outbound flows holding an id, in send order.
@@ -159,6 +291,9 @@ impl SessionState {
     }
 
     pub(crate) fn insert_inflight(&mut self, id: PacketId, message: Message) {
+        if matches!(self.journal, Journal::Changes(_)) {
+            self.record(Change::Sent(id, message.clone()));
+        }
         let seq = self.next_seq;
         self.next_seq += 1;
         self.inflight.insert(
@@ -172,17 +307,34 @@ impl SessionState {
         );
     }
 
-    pub(crate) fn inflight_mut(&mut self, id: PacketId) -> Option<&mut Inflight> {
-        self.inflight.get_mut(&id)
+    pub(crate) fn inflight_ref(&self, id: PacketId) -> Option<&Inflight> {
+        self.inflight.get(&id)
+    }
+
+    pub(crate) fn set_released(&mut self, id: PacketId) {
+        if let Some(f) = self.inflight.get_mut(&id) {
+            f.state = OutboundState::Released;
+            self.record(Change::Released(id));
+        }
+    }
+
+    /// Takes back an id allocated for a message that was then not sent.
+    pub(crate) fn unallocate(&mut self, previous: u16) {
+        self.last_id = previous;
     }
 
     pub(crate) fn remove_inflight(&mut self, id: PacketId) -> Option<Inflight> {
-        self.inflight.remove(&id)
+        let f = self.inflight.remove(&id)?;
+        self.record(Change::Completed(id));
+        Some(f)
     }
 
     /// Queues an outbound QoS 1/2 message while no connection is up (an offline
     /// persistent session); it is sent, in order, when a connection resumes the session.
     pub fn enqueue(&mut self, message: Message) {
+        if matches!(self.journal, Journal::Changes(_)) {
+            self.record(Change::Queued(message.clone()));
+        }
         self.queued_bytes += message.payload.len();
         self.queue.push_back(message);
     }
@@ -231,6 +383,9 @@ impl SessionState {
         self.queue = kept;
         self.queued_bytes = self.queue.iter().map(|m| m.payload.len()).sum();
         out.extend(taken);
+        if !out.is_empty() {
+            self.rewrite();
+        }
         out
     }
 
@@ -239,7 +394,11 @@ impl SessionState {
         let before = self.queue.len();
         self.queue.retain(|m| !m.is_expired(now));
         self.queued_bytes = self.queue.iter().map(|m| m.payload.len()).sum();
-        before - self.queue.len()
+        let removed = before - self.queue.len();
+        if removed > 0 {
+            self.rewrite();
+        }
+        removed
     }
 
     /// Removes the oldest waiting message (for a drop-oldest queue limit).
@@ -250,10 +409,21 @@ impl SessionState {
     pub(crate) fn pop_queue(&mut self) -> Option<Message> {
         let m = self.queue.pop_front()?;
         self.queued_bytes -= m.payload.len();
+        if let Journal::Changes(v) = &mut self.journal {
+            // Queued and sent on at once: the store need not see it queued.
+            if self.queue.is_empty() && matches!(v.last(), Some(Change::Queued(_))) {
+                v.pop();
+            } else {
+                v.push(Change::Unqueued);
+            }
+        }
         Some(m)
     }
 
     pub(crate) fn unpop_queue(&mut self, message: Message) {
+        if matches!(self.journal, Journal::Changes(_)) {
+            self.record(Change::Requeued(message.clone()));
+        }
         self.queued_bytes += message.payload.len();
         self.queue.push_front(message);
     }
@@ -264,10 +434,13 @@ impl SessionState {
 
     pub(crate) fn set_inbound(&mut self, id: PacketId, state: InboundState) {
         self.inbound_qos2.insert(id, state);
+        self.record(Change::Inbound(id, state));
     }
 
     pub(crate) fn remove_inbound(&mut self, id: PacketId) -> Option<InboundState> {
-        self.inbound_qos2.remove(&id)
+        let state = self.inbound_qos2.remove(&id)?;
+        self.record(Change::InboundDone(id));
+        Some(state)
     }
 
     pub(crate) fn inbound_len(&self) -> usize {
@@ -344,7 +517,7 @@ mod tests {
                 .find(|f| f.message.payload == "q2-rec")
                 .unwrap()
                 .id;
-            s.inflight_mut(rec).unwrap().state = OutboundState::Released;
+            s.set_released(rec);
             s.insert_inflight(s.clone().allocate_id().unwrap(), msg()); // not shared
             s.enqueue(tagged("waiting", QoS::ExactlyOnce));
             s.enqueue(msg());

@@ -372,6 +372,30 @@ pub enum Op {
     Advance { secs: u8 },
 }
 
+/// A store's copy of one side's session, kept by applying its recorded changes: after
+/// every step it must equal the live state.
+fn sync_copy(side: &mut Side, copy: &mut SessionState) -> Result<(), String> {
+    let changes = match side.conn.as_mut() {
+        Some(c) => c.session_mut().take_changes(),
+        None => side.stored.take_changes(),
+    };
+    match changes {
+        Some(crate::Changes::Some(list)) => {
+            for change in &list {
+                copy.apply(change);
+            }
+        }
+        Some(crate::Changes::All(all)) => *copy = all,
+        None => return Err("the session stopped being tracked".into()),
+    }
+    ensure!(
+        copy == side.session(),
+        "the copy kept from recorded changes differs from the session:\n{copy:?}\n{:?}",
+        side.session()
+    );
+    Ok(())
+}
+
 struct Published {
     payload: String,
     qos: QoS,
@@ -448,6 +472,10 @@ pub fn check_ops(protocol: Protocol, manual: bool, ops: &[Op]) -> Result<(), Str
         }
     }
     let mut pair = Pair::with(client, server);
+    for side in [&mut pair.client, &mut pair.server] {
+        side.conn().session_mut().track(false);
+    }
+    let mut copies = [SessionState::new(), SessionState::new()];
     let mut published: Vec<Published> = vec![];
     let mut epoch = 0;
     let mut steps = StepCheck {
@@ -504,6 +532,8 @@ pub fn check_ops(protocol: Protocol, manual: bool, ops: &[Op]) -> Result<(), Str
             Op::Advance { secs } => pair.advance(Duration::from_secs(u64::from(secs))),
         }
         steps.check(&pair, WINDOW)?;
+        sync_copy(&mut pair.client, &mut copies[0])?;
+        sync_copy(&mut pair.server, &mut copies[1])?;
     }
 
     pair.cut();

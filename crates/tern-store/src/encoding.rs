@@ -10,11 +10,11 @@ use tern_codec::{
     Connect, LastWill, MAX_PACKET_SIZE, Packet, PacketId, Protocol, Publish, QoS, QosPid,
     RetainHandling, Str, SubscriptionId, SubscriptionOptions, TopicFilter,
 };
-use tern_proto::{InboundState, Message, OutboundState, SessionState};
+use tern_proto::{InboundState, Message, OutboundState};
 
 use crate::{PendingWill, SessionRecord, StoreError, Subscription};
 
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
 
 /// An `Instant` and the `SystemTime` of the same moment: messages carry monotonic expiry
 /// instants in memory and wall-clock ones on disk.
@@ -157,9 +157,6 @@ impl<'a> Reader<'a> {
             1 => Ok(Some(self.time()?)),
             _ => Err(corrupt(self.what)),
         }
-    }
-    fn id(&mut self) -> Result<PacketId, StoreError> {
-        PacketId::new(self.u16()?).ok_or_else(|| corrupt(self.what))
     }
 }
 
@@ -309,62 +306,62 @@ pub(crate) fn read_record(buf: &[u8]) -> Result<SessionRecord, StoreError> {
     })
 }
 
-// ---- delivery state (without the queue, which has a table of its own) -----------------
+// ---- delivery state: one row per session, one per flow, one per inbound id -----------
 
-pub(crate) fn delivery(s: &SessionState, anchor: Anchor) -> Vec<u8> {
+/// The session's row: the last packet id handed out and the next flow sequence number.
+pub(crate) fn delivery_row(last_id: u16, next_seq: u64) -> Vec<u8> {
     let mut w = Writer::new();
-    w.u16(s.last_id());
-    let flows: Vec<_> = s.inflight().collect();
-    w.u32(flows.len() as u32);
-    for f in flows {
-        w.u16(f.id.get());
-        w.u8(match f.state {
-            OutboundState::Published => 0,
-            OutboundState::Released => 1,
-        });
-        w.bytes(&message(&f.message, anchor));
-    }
-    let inbound: Vec<_> = s.inbound_qos2().collect();
-    w.u32(inbound.len() as u32);
-    for (id, state) in inbound {
-        w.u16(id.get());
-        w.u8(match state {
-            InboundState::Delivered => 0,
-            InboundState::Received => 1,
-        });
-    }
+    w.u16(last_id);
+    w.u64(next_seq);
     w.finish()
 }
 
-pub(crate) fn read_delivery(
+pub(crate) fn read_delivery_row(buf: &[u8]) -> Result<(u16, u64), StoreError> {
+    let mut r = Reader::new(buf, "delivery state")?;
+    Ok((r.u16()?, r.u64()?))
+}
+
+/// One outbound flow: its send order, where it stands, the message.
+pub(crate) fn flow(seq: u64, state: OutboundState, m: &Message, anchor: Anchor) -> Vec<u8> {
+    let mut w = Writer::new();
+    w.u64(seq);
+    w.u8(match state {
+        OutboundState::Published => 0,
+        OutboundState::Released => 1,
+    });
+    w.bytes(&message(m, anchor));
+    w.finish()
+}
+
+pub(crate) fn read_flow(
     buf: &[u8],
-    queue: Vec<Message>,
     anchor: Anchor,
-) -> Result<SessionState, StoreError> {
-    let what = "delivery state";
+) -> Result<(u64, OutboundState, Message), StoreError> {
+    let what = "in-flight message";
     let mut r = Reader::new(buf, what)?;
-    let last_id = r.u16()?;
-    let n = r.u32()?;
-    let mut flows = Vec::new();
-    for _ in 0..n {
-        let id = r.id()?;
-        let state = match r.u8()? {
-            0 => OutboundState::Published,
-            1 => OutboundState::Released,
-            _ => return Err(corrupt(what)),
-        };
-        flows.push((id, read_message(r.bytes()?, anchor)?, state));
+    let seq = r.u64()?;
+    let state = match r.u8()? {
+        0 => OutboundState::Published,
+        1 => OutboundState::Released,
+        _ => return Err(corrupt(what)),
+    };
+    Ok((seq, state, read_message(r.bytes()?, anchor)?))
+}
+
+/// Released flows rewritten in place: the state byte follows the version and the sequence.
+pub(crate) const FLOW_STATE_OFFSET: usize = 1 + 8;
+
+pub(crate) fn inbound(state: InboundState) -> u8 {
+    match state {
+        InboundState::Delivered => 0,
+        InboundState::Received => 1,
     }
-    let n = r.u32()?;
-    let mut inbound = Vec::new();
-    for _ in 0..n {
-        let id = r.id()?;
-        let state = match r.u8()? {
-            0 => InboundState::Delivered,
-            1 => InboundState::Received,
-            _ => return Err(corrupt(what)),
-        };
-        inbound.push((id, state));
+}
+
+pub(crate) fn read_inbound(b: u8) -> Result<InboundState, StoreError> {
+    match b {
+        0 => Ok(InboundState::Delivered),
+        1 => Ok(InboundState::Received),
+        _ => Err(corrupt("inbound QoS 2 id")),
     }
-    Ok(SessionState::restore(last_id, flows, queue, inbound))
 }

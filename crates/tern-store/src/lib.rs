@@ -17,13 +17,13 @@
 mod encoding;
 mod redb_store;
 
-pub use redb_store::RedbStore;
+pub use redb_store::{RedbStore, Sync};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, SystemTime};
 
 use tern_codec::{LastWill, Str, SubscriptionId, SubscriptionOptions, TopicFilter, TopicName};
-pub use tern_proto::{Message, SessionState};
+pub use tern_proto::{Change, Message, SessionState};
 
 /// One subscription of a session.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,17 +92,13 @@ pub enum Op {
         /// The state.
         state: SessionState,
     },
-    /// Appends a message to the session's offline queue.
-    Enqueue {
+    /// One change to the session's delivery state (a message queued, sent, acknowledged;
+    /// an inbound QoS 2 id held or released), applied as [`SessionState::apply`] does.
+    Change {
         /// Client identifier.
         client_id: Str,
-        /// The message, at the QoS it will be delivered with.
-        message: Message,
-    },
-    /// Drops the oldest queued message of the session (queue full, drop-oldest policy).
-    DequeueOldest {
-        /// Client identifier.
-        client_id: Str,
+        /// The change.
+        change: Change,
     },
     /// Sets the retained message of `message.topic`.
     PutRetained {
@@ -120,9 +116,7 @@ impl Op {
     /// The session this op needs to exist, if any.
     fn needs_session(&self) -> Option<&Str> {
         match self {
-            Op::PutDelivery { client_id, .. }
-            | Op::Enqueue { client_id, .. }
-            | Op::DequeueOldest { client_id } => Some(client_id),
+            Op::PutDelivery { client_id, .. } | Op::Change { client_id, .. } => Some(client_id),
             _ => None,
         }
     }
@@ -235,19 +229,12 @@ impl Store for MemoryStore {
                 Op::PutDelivery { client_id, state } => {
                     s.sessions.get_mut(client_id).expect("validated").delivery = state.clone();
                 }
-                Op::Enqueue { client_id, message } => s
+                Op::Change { client_id, change } => s
                     .sessions
                     .get_mut(client_id)
                     .expect("validated")
                     .delivery
-                    .enqueue(message.clone()),
-                Op::DequeueOldest { client_id } => {
-                    s.sessions
-                        .get_mut(client_id)
-                        .expect("validated")
-                        .delivery
-                        .dequeue_oldest();
-                }
+                    .apply(change),
                 Op::PutRetained { message } => {
                     s.retained.insert(message.topic.clone(), message.clone());
                 }

@@ -1,40 +1,69 @@
 //! [`RedbStore`]: the durable backend, one redb file, one write transaction (one fsync)
 //! per committed batch.
 //!
-//! Tables: `sessions` (client id -> record), `delivery` (client id -> inflight flows,
-//! inbound QoS 2 ids, last packet id), `queue` ((client id, sequence) -> message, so
-//! enqueueing is one insert, not a rewrite of the whole queue), `retained` (topic ->
-//! message). A batch that names a missing session aborts its transaction: nothing of it
-//! is written, as with [`crate::MemoryStore`].
+//! Tables: `sessions` (client id -> record), `delivery` (client id -> last packet id and
+//! next flow number), `inflight` ((client id, packet id) -> send order, state, message),
+//! `inbound` ((client id, packet id) -> state), `queue` ((client id, sequence) ->
+//! message), `retained` (topic -> message). Each [`Change`] touches one or two rows, so a
+//! message sent or acknowledged costs a row, not a rewrite of the session. A batch that
+//! names a missing session aborts its transaction: nothing of it is written, as with
+//! [`crate::MemoryStore`].
 
 use std::path::Path;
 use std::time::{Instant, SystemTime};
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
-use tern_codec::{Str, TopicName};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, Table, TableDefinition};
+use tern_codec::{PacketId, Str, TopicName};
+use tern_proto::{Change, OutboundState, SessionState};
 
 use crate::encoding::{self, Anchor};
 use crate::{Op, Snapshot, Store, StoreError, StoredSession};
 
 const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
 const DELIVERY: TableDefinition<&str, &[u8]> = TableDefinition::new("delivery");
+const INFLIGHT: TableDefinition<(&str, u16), &[u8]> = TableDefinition::new("inflight");
+const INBOUND: TableDefinition<(&str, u16), u8> = TableDefinition::new("inbound");
 const QUEUE: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("queue");
 const RETAINED: TableDefinition<&str, &[u8]> = TableDefinition::new("retained");
 
+/// Queue keys start mid-range so messages can be put back in front of the first one.
+const QUEUE_START: u64 = 1 << 40;
+
 fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
+}
+
+/// When a commit is on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sync {
+    /// Every commit is flushed to disk (fsync) before `commit` returns.
+    Always,
+    /// Commits return once applied; the file is flushed by [`RedbStore::flush`]. What was
+    /// committed since the last flush is lost if the process dies.
+    OnFlush,
 }
 
 /// The durable store.
 pub struct RedbStore {
     db: Database,
     anchor: Anchor,
+    sync: Sync,
+    unflushed: bool,
 }
 
 impl std::fmt::Debug for RedbStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedbStore").finish_non_exhaustive()
     }
+}
+
+struct Tables<'t> {
+    sessions: Table<'t, &'static str, &'static [u8]>,
+    delivery: Table<'t, &'static str, &'static [u8]>,
+    inflight: Table<'t, (&'static str, u16), &'static [u8]>,
+    inbound: Table<'t, (&'static str, u16), u8>,
+    queue: Table<'t, (&'static str, u64), &'static [u8]>,
+    retained: Table<'t, &'static str, &'static [u8]>,
 }
 
 impl RedbStore {
@@ -49,106 +78,213 @@ impl RedbStore {
         for t in [SESSIONS, DELIVERY, RETAINED] {
             txn.open_table(t).map_err(backend)?;
         }
+        txn.open_table(INFLIGHT).map_err(backend)?;
+        txn.open_table(INBOUND).map_err(backend)?;
         txn.open_table(QUEUE).map_err(backend)?;
         txn.commit().map_err(backend)?;
         Ok(RedbStore {
             db,
             anchor: Anchor { instant: now, wall },
+            sync: Sync::Always,
+            unflushed: false,
         })
+    }
+
+    /// Chooses when commits reach the disk (default [`Sync::Always`]).
+    pub fn set_sync(&mut self, sync: Sync) {
+        self.sync = sync;
+    }
+
+    /// Makes every commit so far durable (an empty fsynced transaction); nothing to do if
+    /// every commit already was.
+    pub fn flush(&mut self) -> Result<(), StoreError> {
+        if !self.unflushed {
+            return Ok(());
+        }
+        let txn = self.db.begin_write().map_err(backend)?;
+        txn.commit().map_err(backend)?;
+        self.unflushed = false;
+        Ok(())
+    }
+}
+
+fn clear_delivery(t: &mut Tables<'_>, id: &str) -> Result<(), StoreError> {
+    t.inflight
+        .retain_in((id, 0)..=(id, u16::MAX), |_, _| false)
+        .map_err(backend)?;
+    t.inbound
+        .retain_in((id, 0)..=(id, u16::MAX), |_, _| false)
+        .map_err(backend)?;
+    t.queue
+        .retain_in((id, 0)..=(id, u64::MAX), |_, _| false)
+        .map_err(backend)?;
+    Ok(())
+}
+
+fn queue_end(t: &Tables<'_>, id: &str, back: bool) -> Result<Option<u64>, StoreError> {
+    let mut range = t.queue.range((id, 0)..=(id, u64::MAX)).map_err(backend)?;
+    let entry = if back {
+        range.next_back()
+    } else {
+        range.next()
+    };
+    match entry {
+        Some(e) => Ok(Some(e.map_err(backend)?.0.value().1)),
+        None => Ok(None),
+    }
+}
+
+impl RedbStore {
+    fn put_delivery(
+        &self,
+        t: &mut Tables<'_>,
+        id: &str,
+        state: &SessionState,
+    ) -> Result<(), StoreError> {
+        clear_delivery(t, id)?;
+        let mut seq = 0;
+        for f in state.inflight() {
+            let row = encoding::flow(seq, f.state, &f.message, self.anchor);
+            t.inflight
+                .insert((id, f.id.get()), row.as_slice())
+                .map_err(backend)?;
+            seq += 1;
+        }
+        for (pid, s) in state.inbound_qos2() {
+            t.inbound
+                .insert((id, pid.get()), encoding::inbound(s))
+                .map_err(backend)?;
+        }
+        for (k, m) in state.queued().enumerate() {
+            let row = encoding::message(m, self.anchor);
+            t.queue
+                .insert((id, QUEUE_START + k as u64), row.as_slice())
+                .map_err(backend)?;
+        }
+        t.delivery
+            .insert(id, encoding::delivery_row(state.last_id(), seq).as_slice())
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    fn apply(&self, t: &mut Tables<'_>, id: &str, change: &Change) -> Result<(), StoreError> {
+        match change {
+            Change::Queued(m) => {
+                let key = queue_end(t, id, true)?.map_or(QUEUE_START, |k| k + 1);
+                let row = encoding::message(m, self.anchor);
+                t.queue.insert((id, key), row.as_slice()).map_err(backend)?;
+            }
+            Change::Unqueued => {
+                if let Some(k) = queue_end(t, id, false)? {
+                    t.queue.remove((id, k)).map_err(backend)?;
+                }
+            }
+            Change::Requeued(m) => {
+                let key = queue_end(t, id, false)?.map_or(QUEUE_START, |k| k - 1);
+                let row = encoding::message(m, self.anchor);
+                t.queue.insert((id, key), row.as_slice()).map_err(backend)?;
+            }
+            Change::Sent(pid, m) => {
+                let (_, next_seq) = match t.delivery.get(id).map_err(backend)? {
+                    Some(row) => encoding::read_delivery_row(row.value())?,
+                    None => (0, 0),
+                };
+                let row = encoding::flow(next_seq, OutboundState::Published, m, self.anchor);
+                t.inflight
+                    .insert((id, pid.get()), row.as_slice())
+                    .map_err(backend)?;
+                t.delivery
+                    .insert(
+                        id,
+                        encoding::delivery_row(pid.get(), next_seq + 1).as_slice(),
+                    )
+                    .map_err(backend)?;
+            }
+            Change::Released(pid) => {
+                let row = match t.inflight.get((id, pid.get())).map_err(backend)? {
+                    Some(row) => {
+                        let mut row = row.value().to_vec();
+                        if row.len() <= encoding::FLOW_STATE_OFFSET {
+                            return Err(StoreError::Backend(
+                                "stored in-flight message is unreadable".into(),
+                            ));
+                        }
+                        row[encoding::FLOW_STATE_OFFSET] = 1;
+                        Some(row)
+                    }
+                    None => None,
+                };
+                if let Some(row) = row {
+                    t.inflight
+                        .insert((id, pid.get()), row.as_slice())
+                        .map_err(backend)?;
+                }
+            }
+            Change::Completed(pid) => {
+                t.inflight.remove((id, pid.get())).map_err(backend)?;
+            }
+            Change::Inbound(pid, state) => {
+                t.inbound
+                    .insert((id, pid.get()), encoding::inbound(*state))
+                    .map_err(backend)?;
+            }
+            Change::InboundDone(pid) => {
+                t.inbound.remove((id, pid.get())).map_err(backend)?;
+            }
+        }
+        Ok(())
     }
 }
 
 impl Store for RedbStore {
     fn commit(&mut self, batch: &[Op]) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(backend)?;
+        let mut txn = self.db.begin_write().map_err(backend)?;
+        if self.sync == Sync::OnFlush {
+            txn.set_durability(Durability::None).map_err(backend)?;
+        }
         {
-            let mut sessions = txn.open_table(SESSIONS).map_err(backend)?;
-            let mut delivery = txn.open_table(DELIVERY).map_err(backend)?;
-            let mut queue = txn.open_table(QUEUE).map_err(backend)?;
-            let mut retained = txn.open_table(RETAINED).map_err(backend)?;
+            let mut t = Tables {
+                sessions: txn.open_table(SESSIONS).map_err(backend)?,
+                delivery: txn.open_table(DELIVERY).map_err(backend)?,
+                inflight: txn.open_table(INFLIGHT).map_err(backend)?,
+                inbound: txn.open_table(INBOUND).map_err(backend)?,
+                queue: txn.open_table(QUEUE).map_err(backend)?,
+                retained: txn.open_table(RETAINED).map_err(backend)?,
+            };
             for (index, op) in batch.iter().enumerate() {
-                let missing = |client_id: &Str| StoreError::NoSuchSession {
-                    index,
-                    client_id: client_id.to_string(),
-                };
+                if let Some(client_id) = op.needs_session()
+                    && t.sessions.get(&**client_id).map_err(backend)?.is_none()
+                {
+                    // The transaction is dropped: nothing of the batch is written.
+                    return Err(StoreError::NoSuchSession {
+                        index,
+                        client_id: client_id.to_string(),
+                    });
+                }
                 match op {
                     Op::PutSession { client_id, record } => {
                         let id: &str = client_id;
-                        sessions
+                        t.sessions
                             .insert(id, encoding::record(record).as_slice())
                             .map_err(backend)?;
-                        if delivery.get(id).map_err(backend)?.is_none() {
-                            let empty = encoding::delivery(&Default::default(), self.anchor);
-                            delivery.insert(id, empty.as_slice()).map_err(backend)?;
+                        if t.delivery.get(id).map_err(backend)?.is_none() {
+                            t.delivery
+                                .insert(id, encoding::delivery_row(0, 0).as_slice())
+                                .map_err(backend)?;
                         }
                     }
                     Op::DeleteSession { client_id } => {
                         let id: &str = client_id;
-                        sessions.remove(id).map_err(backend)?;
-                        delivery.remove(id).map_err(backend)?;
-                        queue
-                            .retain_in((id, 0)..=(id, u64::MAX), |_, _| false)
-                            .map_err(backend)?;
+                        t.sessions.remove(id).map_err(backend)?;
+                        t.delivery.remove(id).map_err(backend)?;
+                        clear_delivery(&mut t, id)?;
                     }
                     Op::PutDelivery { client_id, state } => {
-                        let id: &str = client_id;
-                        if sessions.get(id).map_err(backend)?.is_none() {
-                            return Err(missing(client_id)); // the transaction is dropped
-                        }
-                        delivery
-                            .insert(id, encoding::delivery(state, self.anchor).as_slice())
-                            .map_err(backend)?;
-                        queue
-                            .retain_in((id, 0)..=(id, u64::MAX), |_, _| false)
-                            .map_err(backend)?;
-                        for (seq, m) in state.queued().enumerate() {
-                            queue
-                                .insert(
-                                    (id, seq as u64),
-                                    encoding::message(m, self.anchor).as_slice(),
-                                )
-                                .map_err(backend)?;
-                        }
+                        self.put_delivery(&mut t, client_id, state)?;
                     }
-                    Op::Enqueue { client_id, message } => {
-                        let id: &str = client_id;
-                        if sessions.get(id).map_err(backend)?.is_none() {
-                            return Err(missing(client_id));
-                        }
-                        let next = match queue
-                            .range((id, 0)..=(id, u64::MAX))
-                            .map_err(backend)?
-                            .next_back()
-                        {
-                            Some(last) => last.map_err(backend)?.0.value().1 + 1,
-                            None => 0,
-                        };
-                        queue
-                            .insert(
-                                (id, next),
-                                encoding::message(message, self.anchor).as_slice(),
-                            )
-                            .map_err(backend)?;
-                    }
-                    Op::DequeueOldest { client_id } => {
-                        let id: &str = client_id;
-                        if sessions.get(id).map_err(backend)?.is_none() {
-                            return Err(missing(client_id));
-                        }
-                        let first = match queue
-                            .range((id, 0)..=(id, u64::MAX))
-                            .map_err(backend)?
-                            .next()
-                        {
-                            Some(first) => Some(first.map_err(backend)?.0.value().1),
-                            None => None,
-                        };
-                        if let Some(seq) = first {
-                            queue.remove((id, seq)).map_err(backend)?;
-                        }
-                    }
+                    Op::Change { client_id, change } => self.apply(&mut t, client_id, change)?,
                     Op::PutRetained { message } => {
-                        retained
+                        t.retained
                             .insert(
                                 message.topic.as_str(),
                                 encoding::message(message, self.anchor).as_slice(),
@@ -156,18 +292,22 @@ impl Store for RedbStore {
                             .map_err(backend)?;
                     }
                     Op::DeleteRetained { topic } => {
-                        retained.remove(topic.as_str()).map_err(backend)?;
+                        t.retained.remove(topic.as_str()).map_err(backend)?;
                     }
                 }
             }
         }
-        txn.commit().map_err(backend)
+        txn.commit().map_err(backend)?;
+        self.unflushed = self.sync == Sync::OnFlush;
+        Ok(())
     }
 
     fn load(&self) -> Result<Snapshot, StoreError> {
         let txn = self.db.begin_read().map_err(backend)?;
         let sessions = txn.open_table(SESSIONS).map_err(backend)?;
         let delivery = txn.open_table(DELIVERY).map_err(backend)?;
+        let inflight = txn.open_table(INFLIGHT).map_err(backend)?;
+        let inbound = txn.open_table(INBOUND).map_err(backend)?;
         let queue = txn.open_table(QUEUE).map_err(backend)?;
         let retained = txn.open_table(RETAINED).map_err(backend)?;
         let mut snapshot = Snapshot::default();
@@ -175,6 +315,28 @@ impl Store for RedbStore {
             let (id, rec) = entry.map_err(backend)?;
             let id = id.value();
             let record = encoding::read_record(rec.value())?;
+            let Some(row) = delivery.get(id).map_err(backend)? else {
+                return Err(StoreError::Backend(format!(
+                    "session {id:?} has no delivery state"
+                )));
+            };
+            let (last_id, _) = encoding::read_delivery_row(row.value())?;
+            let mut flows = Vec::new();
+            for f in inflight.range((id, 0)..=(id, u16::MAX)).map_err(backend)? {
+                let (key, row) = f.map_err(backend)?;
+                let pid = PacketId::new(key.value().1)
+                    .ok_or_else(|| StoreError::Backend("stored in-flight packet id is 0".into()))?;
+                let (seq, state, m) = encoding::read_flow(row.value(), self.anchor)?;
+                flows.push((seq, pid, m, state));
+            }
+            flows.sort_by_key(|f| f.0);
+            let mut ids = Vec::new();
+            for i in inbound.range((id, 0)..=(id, u16::MAX)).map_err(backend)? {
+                let (key, state) = i.map_err(backend)?;
+                let pid = PacketId::new(key.value().1)
+                    .ok_or_else(|| StoreError::Backend("stored inbound packet id is 0".into()))?;
+                ids.push((pid, encoding::read_inbound(state.value())?));
+            }
             let mut queued = Vec::new();
             for q in queue.range((id, 0)..=(id, u64::MAX)).map_err(backend)? {
                 queued.push(encoding::read_message(
@@ -182,14 +344,12 @@ impl Store for RedbStore {
                     self.anchor,
                 )?);
             }
-            let state = match delivery.get(id).map_err(backend)? {
-                Some(d) => encoding::read_delivery(d.value(), queued, self.anchor)?,
-                None => {
-                    return Err(StoreError::Backend(format!(
-                        "session {id:?} has no delivery state"
-                    )));
-                }
-            };
+            let state = SessionState::restore(
+                last_id,
+                flows.into_iter().map(|(_, pid, m, s)| (pid, m, s)),
+                queued,
+                ids,
+            );
             snapshot.sessions.insert(
                 Str::from(id),
                 StoredSession {

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use proptest::prelude::*;
 use tern_codec::{QoS, Str, SubscriptionOptions, TopicFilter, TopicName};
 use tern_store::{
-    MemoryStore, Message, Op, SessionRecord, SessionState, Store, StoreError, Subscription,
+    Change, MemoryStore, Message, Op, SessionRecord, SessionState, Store, StoreError, Subscription,
 };
 
 fn message(topic: &str, payload: &str) -> Message {
@@ -40,11 +40,15 @@ fn put(id: &str, expiry: u64) -> Op {
     }
 }
 
-fn enqueue(id: &str, payload: &str) -> Op {
-    Op::Enqueue {
+fn change(id: &str, change: Change) -> Op {
+    Op::Change {
         client_id: id.into(),
-        message: message("a/b", payload),
+        change,
     }
+}
+
+fn enqueue(id: &str, payload: &str) -> Op {
+    change(id, Change::Queued(message("a/b", payload)))
 }
 
 fn queued(store: &dyn Store, id: &str) -> Vec<String> {
@@ -128,11 +132,7 @@ fn dequeue_oldest_and_put_delivery(store: &mut dyn Store) {
     store
         .commit(&[put("a", 10), enqueue("a", "1"), enqueue("a", "2")])
         .unwrap();
-    store
-        .commit(&[Op::DequeueOldest {
-            client_id: "a".into(),
-        }])
-        .unwrap();
+    store.commit(&[change("a", Change::Unqueued)]).unwrap();
     assert_eq!(queued(store, "a"), ["2"]);
     store
         .commit(&[Op::PutDelivery {
@@ -247,9 +247,7 @@ fn arb_op() -> impl Strategy<Value = Op> {
             client_id: i.into()
         }),
         (id.clone(), "[a-z]{0,3}").prop_map(|(i, p)| enqueue(i, &p)),
-        id.prop_map(|i| Op::DequeueOldest {
-            client_id: i.into()
-        }),
+        id.prop_map(|i| change(i, Change::Unqueued)),
         "[a-z]{1,3}".prop_map(|p| Op::PutRetained {
             message: message("r", &p)
         }),
@@ -277,12 +275,42 @@ proptest! {
     }
 }
 
+/// Every kind of [`Change`], on a few packet ids so they meet each other.
+fn arb_change() -> impl Strategy<Value = Change> {
+    let pid = (1u16..4).prop_map(|n| tern_codec::PacketId::new(n).unwrap());
+    let msg = ("[a-z]{0,3}", any::<bool>()).prop_map(|(p, two)| {
+        let mut m = message("t/c", &p);
+        if two {
+            m.qos = QoS::ExactlyOnce;
+        }
+        m
+    });
+    prop_oneof![
+        msg.clone().prop_map(Change::Queued),
+        Just(Change::Unqueued),
+        msg.clone().prop_map(Change::Requeued),
+        (pid.clone(), msg).prop_map(|(i, m)| Change::Sent(i, m)),
+        pid.clone().prop_map(Change::Released),
+        pid.clone().prop_map(Change::Completed),
+        (pid.clone(), any::<bool>()).prop_map(|(i, r)| Change::Inbound(
+            i,
+            if r {
+                tern_proto::InboundState::Received
+            } else {
+                tern_proto::InboundState::Delivered
+            }
+        )),
+        pid.prop_map(Change::InboundDone),
+    ]
+}
+
 fn arb_rich_op() -> impl Strategy<Value = Op> {
     // Messages with properties, expiry, a shared tag; records with subscriptions and a
     // delayed will; delivery states with flows in every state.
     let id = prop::sample::select(vec!["a", "b"]);
     prop_oneof![
         3 => arb_op(),
+        4 => (id.clone(), arb_change()).prop_map(|(i, c)| change(i, c)),
         1 => (id.clone(), 1u64..1000, any::<bool>()).prop_map(|(i, e, will)| {
             let mut r = record(e);
             r.subscriptions.push(Subscription {

@@ -22,7 +22,9 @@ use tern_codec::{
     Str, SubAck, Subscribe, SubscriptionId, SubscriptionOptions, TopicFilter, TopicName, UnsubAck,
     Unsubscribe,
 };
-use tern_proto::{AckMode, Config, Connection, Event, Message, Role, SessionState, effective_qos};
+use tern_proto::{
+    AckMode, Changes, Config, Connection, Event, Message, Role, SessionState, effective_qos,
+};
 use tern_store::{Op, PendingWill, SessionRecord, Store, StoreError, Subscription};
 
 use super::{Member, SharedStrategy, SharedSubscriptions, SubscriptionTrie};
@@ -133,14 +135,29 @@ struct Session {
     persisted: bool,
     /// 5.0 Request Problem Information: whether Reason Strings may go on acknowledgements.
     problem_info: bool,
+    /// Listed in `Broker::touched`: its delivery state may have changed in this input.
+    touched: bool,
+}
+
+impl Session {
+    fn state_mut(&mut self) -> &mut SessionState {
+        match &mut self.conn {
+            Some((_, c)) => c.session_mut(),
+            None => &mut self.stored,
+        }
+    }
 }
 
 /// The broker core.
 pub struct Broker {
     settings: Settings,
-    store: Box<dyn Store>,
-    /// Ops of the input being handled, committed as one batch when it is done.
+    /// Where batches go. Without one, they wait for [`Broker::take_ops`].
+    store: Option<Box<dyn Store>>,
+    /// Ops of the input being handled, committed as one batch when it is done (or, with
+    /// no store, of every input since the last [`Broker::take_ops`]).
     batch: Vec<Op>,
+    /// Sessions whose delivery state may have changed in this input.
+    touched: Vec<Str>,
     store_failures: u64,
     /// One instant and the wall-clock time it corresponds to, both passed in: stored
     /// deadlines are wall-clock, the core's are monotonic.
@@ -173,11 +190,26 @@ impl Broker {
         wall: SystemTime,
     ) -> Result<Broker, StoreError> {
         let snapshot = store.load()?;
+        let mut broker = Broker::resume(settings, snapshot, now, wall);
+        broker.store = Some(store);
+        Ok(broker)
+    }
+
+    /// A broker resuming `snapshot` (as [`Broker::new`]) that commits nothing itself: the
+    /// ops of each input wait for [`Broker::take_ops`], and the driver must write them
+    /// before it hands out the outputs produced with them (persist, then acknowledge).
+    pub fn resume(
+        settings: Settings,
+        snapshot: tern_store::Snapshot,
+        now: Instant,
+        wall: SystemTime,
+    ) -> Broker {
         let strategy = settings.shared_strategy;
         let mut broker = Broker {
             settings,
-            store,
+            store: None,
             batch: Vec::new(),
+            touched: Vec::new(),
             store_failures: 0,
             anchor: (now, wall),
             sessions: HashMap::new(),
@@ -204,9 +236,13 @@ impl Broker {
                 None => now + r.expiry,
             };
             let pending_will = r.pending_will.map(|p| (broker.instant(p.at), p.will));
+            let mut delivery = stored.delivery;
+            // Ids whose PUBREC was never released belong to messages not accepted.
+            delivery.drop_unreleased_inbound();
+            delivery.track(true);
             let session = Session {
                 conn: None,
-                stored: stored.delivery,
+                stored: delivery,
                 subscriptions,
                 expiry: r.expiry,
                 expires_at: Some(expires_at),
@@ -214,6 +250,7 @@ impl Broker {
                 pending_will,
                 persisted: true,
                 problem_info: true,
+                touched: false,
             };
             broker.sessions.insert(client_id, session);
         }
@@ -222,17 +259,25 @@ impl Broker {
             retained = broker.retained.len(),
             "state loaded from the store"
         );
-        Ok(broker)
+        broker
     }
 
-    /// Stops the broker and hands back its store (a restart in tests).
-    pub fn into_store(self) -> Box<dyn Store> {
+    /// Stops the broker and hands back its store (a restart in tests); `None` for a
+    /// broker made with [`Broker::resume`].
+    pub fn into_store(self) -> Option<Box<dyn Store>> {
         self.store
     }
 
     /// The store, for reading what it holds.
-    pub fn store(&self) -> &dyn Store {
-        &*self.store
+    pub fn store(&self) -> Option<&dyn Store> {
+        self.store.as_deref()
+    }
+
+    /// The durable changes made since the last call, in order, for a broker without a
+    /// store ([`Broker::resume`]). Outputs polled since then must not be written before
+    /// these ops are.
+    pub fn take_ops(&mut self) -> Vec<Op> {
+        std::mem::take(&mut self.batch)
     }
 
     /// Batches the store refused or failed (each is logged).
@@ -255,12 +300,51 @@ impl Broker {
         }
     }
 
-    /// Commits what the input just handled changed, as one batch.
+    /// Notes that the session's delivery state may change in this input.
+    fn touch(&mut self, client_id: &Str) {
+        if let Some(s) = self.sessions.get_mut(client_id)
+            && !s.touched
+        {
+            s.touched = true;
+            self.touched.push(client_id.clone());
+        }
+    }
+
+    /// Collects the recorded delivery changes of the sessions this input touched.
+    fn collect_changes(&mut self) {
+        for client_id in std::mem::take(&mut self.touched) {
+            let Some(s) = self.sessions.get_mut(&client_id) else {
+                continue;
+            };
+            s.touched = false;
+            match s.state_mut().take_changes() {
+                None => {}
+                Some(Changes::Some(changes)) => {
+                    self.batch
+                        .extend(changes.into_iter().map(|change| Op::Change {
+                            client_id: client_id.clone(),
+                            change,
+                        }));
+                }
+                Some(Changes::All(state)) => self.batch.push(Op::PutDelivery {
+                    client_id: client_id.clone(),
+                    state,
+                }),
+            }
+        }
+    }
+
+    /// Ends an input: what it changed becomes one batch, committed now if the broker has
+    /// a store.
     fn commit(&mut self) {
+        self.collect_changes();
         if self.batch.is_empty() {
             return;
         }
-        if let Err(error) = self.store.commit(&self.batch) {
+        let Some(store) = self.store.as_mut() else {
+            return;
+        };
+        if let Err(error) = store.commit(&self.batch) {
             self.store_failures += 1;
             tracing::error!(%error, ops = self.batch.len(), "store commit failed");
         }
@@ -275,13 +359,19 @@ impl Broker {
         if s.expiry.is_zero() {
             if s.persisted {
                 s.persisted = false;
+                s.state_mut().untrack();
                 self.batch.push(Op::DeleteSession {
                     client_id: client_id.clone(),
                 });
             }
             return;
         }
-        s.persisted = true;
+        if !s.persisted {
+            // From now on the store follows its delivery state, starting with all of it.
+            s.persisted = true;
+            s.state_mut().track(false);
+            self.touch(client_id);
+        }
         let s = &self.sessions[client_id];
         let record = SessionRecord {
             expiry: s.expiry,
@@ -309,6 +399,15 @@ impl Broker {
     /// The next thing the server must do.
     pub fn poll_output(&mut self) -> Option<Output> {
         self.outputs.pop_front()
+    }
+
+    /// The live delivery state of a session (in flight, queued, inbound QoS 2 ids).
+    pub fn session_state(&self, client_id: &str) -> Option<&SessionState> {
+        let s = self.sessions.get(client_id)?;
+        Some(match &s.conn {
+            Some((_, c)) => c.session(),
+            None => &s.stored,
+        })
     }
 
     /// How many sessions exist (online and offline).
@@ -366,6 +465,7 @@ impl Broker {
         };
         // Protocol errors close the connection; the engine queued the DISCONNECT already.
         let _ = connection.handle_packet(packet, now);
+        self.touch(&client_id);
         self.drain(&client_id, now);
         self.commit();
     }
@@ -430,6 +530,7 @@ impl Broker {
         let Some(client_id) = self.conns.remove(&conn) else {
             return;
         };
+        self.touch(&client_id);
         let Some(session) = self.sessions.get_mut(&client_id) else {
             return;
         };
@@ -439,6 +540,8 @@ impl Broker {
         debug_assert_eq!(id, conn);
         let protocol = connection.config().protocol;
         session.stored = connection.into_session();
+        // Messages refused without their PUBREC: a resend is a new message.
+        session.stored.drop_unreleased_inbound();
         // What this member of shared subscriptions has not acknowledged goes to another
         // member now, rather than waiting for it to come back (§4.8.2).
         let redeliver = session
@@ -475,12 +578,7 @@ impl Broker {
             self.end_session(client_id, now);
         } else {
             session.expires_at = Some(now + session.expiry);
-            let state = session.stored.clone();
             self.put_session(client_id);
-            self.batch.push(Op::PutDelivery {
-                client_id: client_id.clone(),
-                state,
-            });
         }
     }
 
@@ -502,7 +600,9 @@ impl Broker {
             }
             self.outputs.push_back(Output::Close(conn));
             session.stored = c.into_session();
+            session.stored.drop_unreleased_inbound();
             session.will = None;
+            self.touch(&client_id);
             self.park(&client_id, now);
         }
         self.commit();
@@ -665,6 +765,7 @@ impl Broker {
                 pending_will: None,
                 persisted: false,
                 problem_info: true,
+                touched: false,
             });
         session.expiry = expiry;
         session.expires_at = None;
@@ -677,6 +778,7 @@ impl Broker {
             .unwrap_or(true);
         let stored = std::mem::take(&mut session.stored);
         session.conn = Some((conn, Connection::new(config, stored, present, now)));
+        self.touch(&client_id);
         self.put_session(&client_id);
         self.conns.insert(conn, client_id.clone());
         self.outputs
@@ -943,6 +1045,7 @@ impl Broker {
             properties.reason_string = Some(Str::from(text));
         }
         c.ack_with_properties(id, reason, properties.into());
+        self.touch(client_id);
     }
 
     /// Ends the client's connection for breaking a rule: DISCONNECT with `reason` (5.0),
@@ -966,6 +1069,7 @@ impl Broker {
     }
 
     fn deliver(&mut self, client_id: &Str, message: Message, now: Instant) {
+        self.touch(client_id);
         let Some(session) = self.sessions.get_mut(client_id) else {
             return;
         };
@@ -988,13 +1092,7 @@ impl Broker {
                 // Expired messages make room before live ones are dropped.
                 if full(&session.stored, size) {
                     let expired = session.stored.remove_expired(now);
-                    if expired > 0 {
-                        self.dropped_expired += expired as u64;
-                        self.batch.push(Op::PutDelivery {
-                            client_id: client_id.clone(),
-                            state: session.stored.clone(),
-                        });
-                    }
+                    self.dropped_expired += expired as u64;
                 }
                 let mut dropped = 0;
                 let mut enqueue = false;
@@ -1005,9 +1103,6 @@ impl Broker {
                         while full(&session.stored, size)
                             && session.stored.dequeue_oldest().is_some()
                         {
-                            self.batch.push(Op::DequeueOldest {
-                                client_id: client_id.clone(),
-                            });
                             dropped += 1;
                         }
                         if full(&session.stored, size) {
@@ -1018,11 +1113,7 @@ impl Broker {
                     }
                 }
                 if enqueue {
-                    session.stored.enqueue(message.clone());
-                    self.batch.push(Op::Enqueue {
-                        client_id: client_id.clone(),
-                        message,
-                    });
+                    session.stored.enqueue(message);
                 }
                 if dropped > 0 {
                     self.dropped += dropped;
