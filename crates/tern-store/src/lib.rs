@@ -157,6 +157,12 @@ pub trait Store: Send {
 
     /// The whole state, as of the last successful commit.
     fn load(&self) -> Result<Snapshot, StoreError>;
+
+    /// Makes every commit so far durable, for a backend that acknowledges commits before
+    /// they reach the disk. Nothing to do for one that syncs each commit.
+    fn flush(&mut self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 /// The reference store: everything in memory, nothing survives the process.

@@ -94,18 +94,6 @@ impl RedbStore {
     pub fn set_sync(&mut self, sync: Sync) {
         self.sync = sync;
     }
-
-    /// Makes every commit so far durable (an empty fsynced transaction); nothing to do if
-    /// every commit already was.
-    pub fn flush(&mut self) -> Result<(), StoreError> {
-        if !self.unflushed {
-            return Ok(());
-        }
-        let txn = self.db.begin_write().map_err(backend)?;
-        txn.commit().map_err(backend)?;
-        self.unflushed = false;
-        Ok(())
-    }
 }
 
 fn clear_delivery(t: &mut Tables<'_>, id: &str) -> Result<(), StoreError> {
@@ -299,6 +287,18 @@ impl Store for RedbStore {
         }
         txn.commit().map_err(backend)?;
         self.unflushed = self.sync == Sync::OnFlush;
+        Ok(())
+    }
+
+    /// Makes every commit so far durable (an empty fsynced transaction); nothing to do if
+    /// every commit already was.
+    fn flush(&mut self) -> Result<(), StoreError> {
+        if !self.unflushed {
+            return Ok(());
+        }
+        let txn = self.db.begin_write().map_err(backend)?;
+        txn.commit().map_err(backend)?;
+        self.unflushed = false;
         Ok(())
     }
 

@@ -16,6 +16,39 @@ pub(crate) struct File {
     pub(crate) sessions: Sessions,
     pub(crate) limits: Limits,
     pub(crate) mqtt: Mqtt,
+    pub(crate) storage: Storage,
+}
+
+/// Where state is kept and when an acknowledgement may go.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct Storage {
+    /// The directory holding the store file.
+    pub(crate) data_dir: String,
+    pub(crate) durability: Durability,
+    /// With `durability = "batched"`: the longest an acknowledged message may wait for
+    /// its fsync.
+    pub(crate) flush_interval_ms: u64,
+}
+
+/// `sync`: fsync, then acknowledge. `batched`: acknowledge once written, fsync at most
+/// every `flush_interval_ms`. `none`: memory only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum Durability {
+    Sync,
+    Batched,
+    None,
+}
+
+impl Default for Storage {
+    fn default() -> Self {
+        Storage {
+            data_dir: "./tern-data".into(),
+            durability: Durability::Sync,
+            flush_interval_ms: 100,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -10,7 +10,8 @@ use std::process::{Command, Stdio};
 #[test]
 fn tern_broker_listens_and_exits_0_on_sigterm() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_tern"))
-        .args(["broker", "--bind", "127.0.0.1:0"])
+        .args(["broker", "--bind", "127.0.0.1:0", "--data-dir"])
+        .arg(std::env::temp_dir().join(format!("tern-cli-data-{}", std::process::id())))
         .env("NO_COLOR", "1")
         .env("RUST_LOG", "info")
         .stdout(Stdio::piped())

@@ -49,8 +49,11 @@ impl Broker {
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 port_tx.send(listener.local_addr().unwrap().port()).unwrap();
-                let store = Box::new(tern_store::MemoryStore::new());
-                tern_broker::server::serve(listener, settings, store, async {
+                let store = tern_broker::server::Persistence {
+                    store: Box::new(tern_store::MemoryStore::new()),
+                    flush_every: None,
+                };
+                tern_broker::server::serve(listener, settings, Some(store), async {
                     let _ = stopped.await;
                 })
                 .await

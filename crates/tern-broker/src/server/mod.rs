@@ -19,15 +19,20 @@ use tokio::sync::mpsc;
 
 use crate::core::{Broker, ConnId, Output, Settings};
 
+mod writer;
+
 enum ToCore {
     Accepted(ConnId, SocketAddr, mpsc::UnboundedSender<ToConn>),
     Packet(ConnId, Packet),
     DecodeError(ConnId, Option<Protocol>, DecodeError),
     Closed(ConnId),
+    /// The storage writer could not commit; see [`writer`].
+    StoreFailed,
     Shutdown,
 }
 
-enum ToConn {
+/// What a connection's writer task is told.
+pub(crate) enum ToConn {
     Packets(Vec<Packet>),
     Close,
 }
@@ -45,47 +50,120 @@ fn protocol_from(code: u8) -> Option<Protocol> {
     }
 }
 
+/// Where and how the server keeps its state.
+pub struct Persistence {
+    /// The store, loaded at start and written by the storage writer thread.
+    pub store: Box<dyn Store>,
+    /// `None`: every commit is durable before anything waiting on it is sent (the store
+    /// syncs each commit). `Some(every)`: acknowledgements go out once a commit is
+    /// applied, and the store is flushed at most this often (`durability = "batched"`).
+    pub flush_every: Option<Duration>,
+}
+
 /// Serves MQTT on `listener` until `shutdown` completes; then tells every client (5.0:
-/// DISCONNECT 0x8B), flushes, and returns. State is loaded from `store` first and written
-/// to it as it changes; an error here means the store could not be read.
+/// DISCONNECT 0x8B), flushes, and returns. With `persistence`, state is loaded from its
+/// store first, and every output of the core (acknowledgements, deliveries) is written
+/// only after the ops produced with it are committed, by one storage writer thread that
+/// commits everything queued at once (group commit). Without, state lives in memory only.
+/// An error here means the store could not be read.
 pub async fn serve(
     listener: TcpListener,
     settings: Settings,
-    store: Box<dyn Store>,
+    persistence: Option<Persistence>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), StoreError> {
     let (to_core, mut from_conns) = mpsc::unbounded_channel::<ToCore>();
     let connect_timeout = settings.connect_timeout;
     let max_packet_size = settings.max_packet_size;
-    let mut broker = Broker::new(settings, store, Instant::now(), SystemTime::now())?;
+    let snapshot = match &persistence {
+        Some(p) => p.store.load()?,
+        None => Default::default(),
+    };
+    let core_settings = settings.clone();
+    let mut broker = Broker::resume(settings, snapshot, Instant::now(), SystemTime::now());
+    let mut writer = persistence.map(|p| writer::Writer::spawn(p, to_core.clone()));
     let core = tokio::spawn(async move {
         let mut writers: HashMap<ConnId, mpsc::UnboundedSender<ToConn>> = HashMap::new();
         let mut tick = tokio::time::interval(Duration::from_millis(500));
-        loop {
+        'run: loop {
+            let mut first = None;
             tokio::select! {
-                msg = from_conns.recv() => {
-                    let Some(msg) = msg else { break };
-                    let now = Instant::now();
-                    match msg {
-                        ToCore::Accepted(conn, peer, tx) => {
-                            writers.insert(conn, tx);
-                            broker.handle_accepted(conn, peer);
-                        }
-                        ToCore::Packet(conn, p) => broker.handle_packet(conn, p, now),
-                        ToCore::DecodeError(conn, v, e) => broker.handle_decode_error(conn, v, &e, now),
-                        ToCore::Closed(conn) => {
-                            broker.handle_closed(conn, now);
-                            writers.remove(&conn);
-                        }
-                        ToCore::Shutdown => break,
-                    }
-                }
+                msg = from_conns.recv() => match msg {
+                    Some(msg) => first = Some(msg),
+                    None => break 'run,
+                },
                 _ = tick.tick() => broker.handle_timeout(Instant::now()),
             }
-            dispatch(&mut broker, &mut writers);
+            // Everything already waiting is handled before one batch goes to the writer.
+            let mut next = first;
+            let mut handled = 0;
+            let mut closed = Vec::new();
+            while let Some(msg) = next {
+                let now = Instant::now();
+                match msg {
+                    ToCore::Accepted(conn, peer, tx) => {
+                        writers.insert(conn, tx);
+                        broker.handle_accepted(conn, peer);
+                    }
+                    ToCore::Packet(conn, p) => broker.handle_packet(conn, p, now),
+                    ToCore::DecodeError(conn, v, e) => {
+                        broker.handle_decode_error(conn, v, &e, now);
+                    }
+                    ToCore::Closed(conn) => {
+                        broker.handle_closed(conn, now);
+                        // Its writer goes after this round's outputs: a DISCONNECT for
+                        // a bad packet comes in the same round as the close.
+                        closed.push(conn);
+                    }
+                    ToCore::StoreFailed => {
+                        // The store refused a commit: what the core holds is ahead of the
+                        // disk. Every connection goes (nothing they were owed was sent),
+                        // and the core starts again from the last commit.
+                        let Some(w) = writer.as_mut() else {
+                            unreachable!("only the storage writer reports store failures")
+                        };
+                        for (_, tx) in writers.drain() {
+                            let _ = tx.send(ToConn::Close);
+                        }
+                        let _ = broker.take_ops();
+                        while broker.poll_output().is_some() {}
+                        match w.reset().await {
+                            Some(snapshot) => {
+                                broker = Broker::resume(
+                                    core_settings.clone(),
+                                    snapshot,
+                                    Instant::now(),
+                                    SystemTime::now(),
+                                );
+                                tracing::warn!(
+                                    "state reloaded from the last commit; accepting connections again"
+                                );
+                            }
+                            None => {
+                                tracing::error!("the store cannot be read back; stopping");
+                                break 'run;
+                            }
+                        }
+                    }
+                    ToCore::Shutdown => break 'run,
+                }
+                handled += 1;
+                next = if handled < 256 {
+                    from_conns.try_recv().ok()
+                } else {
+                    None
+                };
+            }
+            dispatch(&mut broker, &mut writers, writer.as_ref());
+            for conn in closed {
+                writers.remove(&conn);
+            }
         }
         broker.shutdown(Instant::now());
-        dispatch(&mut broker, &mut writers);
+        dispatch(&mut broker, &mut writers, writer.as_ref());
+        if let Some(w) = writer.take() {
+            let _ = tokio::task::spawn_blocking(move || w.finish()).await;
+        }
     });
 
     let accept = {
@@ -123,8 +201,14 @@ pub async fn serve(
 }
 
 /// Sends each connection what the broker produced, grouped so a connection gets one
-/// message (one write) per round.
-fn dispatch(broker: &mut Broker, writers: &mut HashMap<ConnId, mpsc::UnboundedSender<ToConn>>) {
+/// message (one write) per round. With a storage writer, the round's ops go to it and the
+/// sends wait for their commit; they go straight out only when nothing is waiting for a
+/// commit (so nothing overtakes what was produced before it).
+fn dispatch(
+    broker: &mut Broker,
+    writers: &mut HashMap<ConnId, mpsc::UnboundedSender<ToConn>>,
+    writer: Option<&writer::Writer>,
+) {
     let mut batches: HashMap<ConnId, Vec<Packet>> = HashMap::new();
     let mut closes = vec![];
     while let Some(out) = broker.poll_output() {
@@ -133,14 +217,25 @@ fn dispatch(broker: &mut Broker, writers: &mut HashMap<ConnId, mpsc::UnboundedSe
             Output::Close(conn) => closes.push(conn),
         }
     }
+    let ops = broker.take_ops();
+    let mut sends = Vec::with_capacity(batches.len() + closes.len());
     for (conn, packets) in batches {
         if let Some(w) = writers.get(&conn) {
-            let _ = w.send(ToConn::Packets(packets));
+            sends.push((w.clone(), ToConn::Packets(packets)));
         }
     }
     for conn in closes {
         if let Some(w) = writers.get(&conn) {
-            let _ = w.send(ToConn::Close);
+            sends.push((w.clone(), ToConn::Close));
+        }
+    }
+    match writer {
+        Some(w) if !ops.is_empty() || w.busy() => w.submit(ops, sends),
+        // Memory only, or nothing to write and nothing ahead: straight out.
+        _ => {
+            for (tx, msg) in sends {
+                let _ = tx.send(msg);
+            }
         }
     }
 }

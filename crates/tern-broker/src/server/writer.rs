@@ -1,0 +1,210 @@
+//! The storage writer: one thread owns the store. It takes every batch waiting for it,
+//! commits them as ONE transaction (one fsync), and only then hands the connections what
+//! was waiting on that commit: acknowledgements, deliveries with packet ids, SUBACKs
+//! (group commit: the cost of a sync is shared by everything that arrived meanwhile).
+//!
+//! When a commit fails (disk full, I/O error) nothing that waited on it is sent: those
+//! connections are closed, later batches are dropped the same way, and the core is told
+//! ([`ToCore::StoreFailed`]); it closes every connection and starts again from the last
+//! commit ([`Writer::reset`]), so memory never runs ahead of the disk.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use tern_store::{Op, Snapshot};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Persistence, ToConn, ToCore};
+
+/// Sends waiting on a commit: each to its connection, in order.
+type Sends = Vec<(mpsc::UnboundedSender<ToConn>, ToConn)>;
+
+enum Job {
+    Commit { ops: Vec<Op>, sends: Sends },
+    Reset(oneshot::Sender<Option<Snapshot>>),
+}
+
+/// Most batches folded into one commit; bounds the latency of the first one.
+const MAX_GROUP: usize = 1024;
+
+pub(crate) struct Writer {
+    tx: Sender<Job>,
+    /// Batches submitted and not yet committed and sent.
+    pending: Arc<AtomicUsize>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Writer {
+    pub(crate) fn spawn(p: Persistence, to_core: mpsc::UnboundedSender<ToCore>) -> Writer {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let pending = Arc::new(AtomicUsize::new(0));
+        let count = pending.clone();
+        let thread = std::thread::Builder::new()
+            .name("tern-store".into())
+            .spawn(move || run(p, &rx, &count, &to_core))
+            .expect("the storage writer thread starts");
+        Writer {
+            tx,
+            pending,
+            thread: Some(thread),
+        }
+    }
+
+    /// Whether batches are waiting for a commit (anything sent now must queue behind).
+    pub(crate) fn busy(&self) -> bool {
+        self.pending.load(Ordering::Acquire) > 0
+    }
+
+    /// Commits `ops`, then sends `sends`.
+    pub(crate) fn submit(&self, ops: Vec<Op>, sends: Sends) {
+        self.pending.fetch_add(1, Ordering::AcqRel);
+        if self.tx.send(Job::Commit { ops, sends }).is_err() {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// After a failed commit: drops what is queued, then reads back the last committed
+    /// state (`None` if even that fails).
+    pub(crate) async fn reset(&mut self) -> Option<Snapshot> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Job::Reset(tx)).ok()?;
+        rx.await.ok().flatten()
+    }
+
+    /// Commits what is queued, flushes, and stops the thread.
+    pub(crate) fn finish(mut self) {
+        let (tx, _) = std::sync::mpsc::channel();
+        drop(std::mem::replace(&mut self.tx, tx));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn send_all(sends: Sends) {
+    for (tx, msg) in sends {
+        let _ = tx.send(msg);
+    }
+}
+
+/// Nothing that waited on a failed commit may be sent: its connections are closed.
+fn close_all(sends: Sends) {
+    for (tx, _) in sends {
+        let _ = tx.send(ToConn::Close);
+    }
+}
+
+fn run(
+    mut p: Persistence,
+    rx: &Receiver<Job>,
+    pending: &AtomicUsize,
+    to_core: &mpsc::UnboundedSender<ToCore>,
+) {
+    let mut failed = false;
+    let mut unflushed_since: Option<Instant> = None;
+    let (mut commits, mut ops_written) = (0u64, 0u64);
+    let mut group: Vec<(Vec<Op>, Sends)> = Vec::new();
+    loop {
+        let first = match (p.flush_every, unflushed_since) {
+            (Some(every), Some(since)) => {
+                match rx.recv_timeout((since + every).saturating_duration_since(Instant::now())) {
+                    Ok(job) => Some(job),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
+            }
+            _ => match rx.recv() {
+                Ok(job) => Some(job),
+                Err(_) => break,
+            },
+        };
+        if let (Some(every), Some(since)) = (p.flush_every, unflushed_since)
+            && since.elapsed() >= every
+        {
+            if let Err(error) = p.store.flush() {
+                tracing::error!(%error, "store flush failed");
+            }
+            unflushed_since = None;
+        }
+        let mut next = first;
+        let mut reset = None;
+        while let Some(job) = next {
+            match job {
+                Job::Commit { ops, sends } => group.push((ops, sends)),
+                Job::Reset(reply) => {
+                    reset = Some(reply);
+                    break;
+                }
+            }
+            next = if group.len() < MAX_GROUP {
+                rx.try_recv().ok()
+            } else {
+                None
+            };
+        }
+        if !group.is_empty() {
+            let n = group.len();
+            let mut ops = Vec::new();
+            let mut sends = Vec::new();
+            for (o, s) in group.drain(..) {
+                ops.extend(o);
+                sends.push(s);
+            }
+            let result = if failed || ops.is_empty() {
+                Ok(())
+            } else {
+                p.store.commit(&ops)
+            };
+            match result {
+                Ok(()) if !failed => {
+                    if !ops.is_empty() {
+                        commits += 1;
+                        ops_written += ops.len() as u64;
+                        if p.flush_every.is_some() && unflushed_since.is_none() {
+                            unflushed_since = Some(Instant::now());
+                        }
+                    }
+                    sends.into_iter().for_each(send_all);
+                }
+                Ok(()) => sends.into_iter().for_each(close_all),
+                Err(error) => {
+                    tracing::error!(%error, ops = ops.len(), "store commit failed: closing the connections that waited on it and reloading the last committed state");
+                    failed = true;
+                    sends.into_iter().for_each(close_all);
+                    let _ = to_core.send(ToCore::StoreFailed);
+                }
+            }
+            pending.fetch_sub(n, Ordering::AcqRel);
+        }
+        if let Some(reply) = reset {
+            failed = false;
+            let snapshot = match p.store.load() {
+                Ok(s) => Some(s),
+                Err(error) => {
+                    tracing::error!(%error, "the store cannot be read back");
+                    None
+                }
+            };
+            let _ = reply.send(snapshot);
+        }
+    }
+    if unflushed_since.is_some()
+        && let Err(error) = p.store.flush()
+    {
+        tracing::error!(%error, "store flush failed");
+    }
+    let per_commit = if commits == 0 {
+        0.0
+    } else {
+        ops_written as f64 / commits as f64
+    };
+    tracing::info!(
+        commits,
+        ops = ops_written,
+        ops_per_commit = format!("{per_commit:.1}"),
+        "storage writer stopped"
+    );
+}
