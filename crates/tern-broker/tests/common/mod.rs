@@ -38,6 +38,14 @@ impl Broker {
     }
 
     pub fn with(settings: tern_broker::core::Settings) -> Broker {
+        Broker::with_store(settings, Box::new(tern_store::MemoryStore::new()))
+    }
+
+    /// A broker persisting to `store` (group commit through the storage writer).
+    pub fn with_store(
+        settings: tern_broker::core::Settings,
+        store: Box<dyn tern_store::Store>,
+    ) -> Broker {
         let (port_tx, port_rx) = std::sync::mpsc::channel();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
@@ -50,7 +58,7 @@ impl Broker {
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 port_tx.send(listener.local_addr().unwrap().port()).unwrap();
                 let store = tern_broker::server::Persistence {
-                    store: Box::new(tern_store::MemoryStore::new()),
+                    store,
                     flush_every: None,
                 };
                 tern_broker::server::serve(listener, settings, Some(store), async {
