@@ -658,3 +658,63 @@ proptest::proptest! {
         }
     }
 }
+
+// ---- offline queue: reject policy and age limit -----------------------------------
+
+fn puback_reasons(sim: &Sim, conn: ConnId) -> Vec<tern_codec::ReasonCode> {
+    sim.outputs
+        .iter()
+        .filter_map(|o| match o {
+            Output::Send(c, Packet::PubAck(a)) if *c == conn => Some(a.reason),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_full_offline_queue_refuses_the_publish_with_0x97_under_reject() {
+    let mut sim = Sim::new(Settings {
+        max_queued_messages: 2,
+        queue_policy: QueuePolicy::Reject,
+        ..Settings::default()
+    });
+    sim.offline_subscriber(persistent("a"), "t", QoS::AtLeastOnce);
+    let other = sim.connect(Connect::new(Protocol::V3_1_1, "online"));
+    sim.subscribe(other, "t", QoS::AtLeastOnce);
+    let b = sim.connect(Connect::new(Protocol::V5, "b"));
+    for i in 0..3 {
+        sim.publish(b, "t", &format!("m{i}"), i + 1);
+    }
+    use tern_codec::ReasonCode::{QuotaExceeded, Success};
+    assert_eq!(puback_reasons(&sim, b), [Success, Success, QuotaExceeded]);
+    assert_eq!(
+        sim.received(other),
+        ["m0", "m1"],
+        "a refused message goes to nobody, so a retry cannot duplicate it"
+    );
+    assert_eq!(sim.broker.dropped_count(), 1);
+    // A 3.x publisher has no reason code to read: its connection is closed instead.
+    let old = sim.connect(Connect::new(Protocol::V3_1_1, "old"));
+    sim.publish(old, "t", "m3", 1);
+    assert!(puback_reasons(&sim, old).is_empty());
+    assert!(sim.outputs.contains(&Output::Close(old)));
+    let a = sim.connect(persistent("a"));
+    assert_eq!(sim.received(a), ["m0", "m1"]);
+}
+
+#[test]
+fn messages_older_than_the_queue_age_limit_are_not_delivered() {
+    let mut sim = Sim::new(Settings {
+        max_queued_age: Some(Duration::from_secs(10)),
+        ..Settings::default()
+    });
+    sim.offline_subscriber(persistent("a"), "t", QoS::AtLeastOnce);
+    let b = sim.connect(Connect::new(Protocol::V3_1_1, "b"));
+    sim.publish(b, "t", "old", 1);
+    sim.advance(6 * S);
+    sim.publish(b, "t", "young", 2);
+    sim.advance(5 * S);
+    let a = sim.connect(persistent("a"));
+    assert_eq!(sim.received(a), ["young"]);
+    assert_eq!(sim.broker.dropped_expired(), 1);
+}

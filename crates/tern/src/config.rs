@@ -106,6 +106,8 @@ pub(crate) struct Sessions {
     max_queued_messages: usize,
     max_queued_bytes: usize,
     queue_policy: Policy,
+    /// 0: no age limit.
+    max_queued_age_secs: u64,
     queue_qos0: bool,
     max_session_expiry_3x_secs: u32,
 }
@@ -117,6 +119,7 @@ impl Default for Sessions {
             max_queued_messages: s.max_queued_messages,
             max_queued_bytes: s.max_queued_bytes,
             queue_policy: Policy::DropOldest,
+            max_queued_age_secs: 0,
             queue_qos0: s.queue_qos0,
             max_session_expiry_3x_secs: u32::MAX,
         }
@@ -128,6 +131,7 @@ impl Default for Sessions {
 enum Policy {
     DropOldest,
     DropNewest,
+    Reject,
 }
 
 #[derive(Debug, Deserialize)]
@@ -198,7 +202,10 @@ impl File {
             queue_policy: match self.sessions.queue_policy {
                 Policy::DropOldest => QueuePolicy::DropOldest,
                 Policy::DropNewest => QueuePolicy::DropNewest,
+                Policy::Reject => QueuePolicy::Reject,
             },
+            max_queued_age: (self.sessions.max_queued_age_secs > 0)
+                .then(|| Duration::from_secs(self.sessions.max_queued_age_secs)),
             receive_maximum: self.limits.receive_maximum,
             topic_alias_maximum: self.limits.topic_alias_maximum,
             window_3x: self.limits.inflight_3x,

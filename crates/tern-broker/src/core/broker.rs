@@ -48,6 +48,11 @@ pub enum QueuePolicy {
     DropOldest,
     /// Drop the message that does not fit.
     DropNewest,
+    /// Refuse the publish: a QoS 1/2 message that would not fit in the queue of an
+    /// offline session it matches is routed nowhere, and its publisher gets PUBACK/PUBREC
+    /// 0x97 Quota exceeded (5.0) or has its connection closed (3.x, which has no reason
+    /// codes), so it can try again later. QoS 0 that does not fit is dropped.
+    Reject,
 }
 
 /// Broker settings the core needs.
@@ -59,6 +64,10 @@ pub struct Settings {
     pub max_queued_bytes: usize,
     /// Which message goes when a queue is full.
     pub queue_policy: QueuePolicy,
+    /// Longest a message waits in an offline queue; older ones are dropped (as expired)
+    /// instead of delivered. Applied as a Message Expiry Interval when the message is
+    /// queued, so a 5.0 subscriber sees the time it had left.
+    pub max_queued_age: Option<Duration>,
     /// Whether QoS 0 messages are queued for offline sessions too (within the same
     /// limits). Off by default, like Mosquitto's `queue_qos0_messages`.
     pub queue_qos0: bool,
@@ -99,6 +108,7 @@ impl Default for Settings {
             max_queued_messages: 1000,
             max_queued_bytes: 16 << 20,
             queue_policy: QueuePolicy::DropOldest,
+            max_queued_age: None,
             queue_qos0: false,
             receive_maximum: 100,
             topic_alias_maximum: 10,
@@ -1012,6 +1022,24 @@ impl Broker {
             }
             return true;
         }
+        if self.settings.queue_policy == QueuePolicy::Reject
+            && message.qos != QoS::AtMostOnce
+            && let Some(full) = self.full_queue_for(&message, client_id, now)
+        {
+            self.dropped += 1;
+            tracing::warn!(publisher = %client_id, subscriber = %full, topic = %message.topic.as_str(), "offline queue full: publish refused (quota exceeded)");
+            match ack {
+                Some(id) if v5 => {
+                    let text = "an offline subscriber's queue is full";
+                    self.release(client_id, id, ReasonCode::QuotaExceeded, text, problem_info);
+                }
+                _ => {
+                    self.kick(client_id, ReasonCode::QuotaExceeded, now);
+                    return false;
+                }
+            }
+            return true;
+        }
         let matched = self.route(message, Some(client_id), now);
         if let Some(id) = ack {
             let reason = if matched == 0 && v5 {
@@ -1022,6 +1050,43 @@ impl Broker {
             self.release(client_id, id, reason, "", problem_info);
         }
         true
+    }
+
+    /// An offline session whose queue `message` would overflow, if any (shared
+    /// subscriptions are not checked: their member is chosen later, online first).
+    fn full_queue_for(&mut self, message: &Message, publisher: &Str, now: Instant) -> Option<Str> {
+        let size = message.payload.len();
+        let limits = (
+            self.settings.max_queued_messages,
+            self.settings.max_queued_bytes,
+        );
+        for (client_id, delivery) in self.trie.route(&message.topic, Some(publisher)) {
+            let qos = effective_qos(message.qos, delivery.qos, QoS::ExactlyOnce);
+            if qos == QoS::AtMostOnce && !self.settings.queue_qos0 {
+                continue;
+            }
+            let Some(s) = self.sessions.get_mut(&client_id) else {
+                continue;
+            };
+            if s.conn.is_some() {
+                continue;
+            }
+            let full = |s: &SessionState| {
+                s.queued_len() + 1 > limits.0 || s.queued_bytes() + size > limits.1
+            };
+            if full(&s.stored) {
+                let expired = s.stored.remove_expired(now);
+                if expired > 0 {
+                    self.dropped_expired += expired as u64;
+                    self.touch(&client_id);
+                }
+                let s = self.sessions.get(&client_id).expect("just seen");
+                if full(&s.stored) {
+                    return Some(client_id);
+                }
+            }
+        }
+        None
     }
 
     /// Sends the PUBACK/PUBREC that waited on `id`, with a Reason String if the client
@@ -1068,7 +1133,7 @@ impl Broker {
         self.close(conn, now, &why);
     }
 
-    fn deliver(&mut self, client_id: &Str, message: Message, now: Instant) {
+    fn deliver(&mut self, client_id: &Str, mut message: Message, now: Instant) {
         self.touch(client_id);
         let Some(session) = self.sessions.get_mut(client_id) else {
             return;
@@ -1089,6 +1154,10 @@ impl Broker {
                     s.queued_len() + 1 > limits.0 || s.queued_bytes() + extra > limits.1
                 };
                 let size = message.payload.len();
+                if let Some(age) = self.settings.max_queued_age {
+                    let limit = now + age;
+                    message.expires_at = Some(message.expires_at.map_or(limit, |t| t.min(limit)));
+                }
                 // Expired messages make room before live ones are dropped.
                 if full(&session.stored, size) {
                     let expired = session.stored.remove_expired(now);
@@ -1097,8 +1166,12 @@ impl Broker {
                 let mut dropped = 0;
                 let mut enqueue = false;
                 match self.settings.queue_policy {
-                    QueuePolicy::DropNewest if full(&session.stored, size) => dropped = 1,
-                    QueuePolicy::DropNewest => enqueue = true,
+                    QueuePolicy::DropNewest | QueuePolicy::Reject
+                        if full(&session.stored, size) =>
+                    {
+                        dropped = 1;
+                    }
+                    QueuePolicy::DropNewest | QueuePolicy::Reject => enqueue = true,
                     QueuePolicy::DropOldest => {
                         while full(&session.stored, size)
                             && session.stored.dequeue_oldest().is_some()
