@@ -321,33 +321,6 @@ pub(crate) fn read_delivery_row(buf: &[u8]) -> Result<(u16, u64), StoreError> {
     Ok((r.u16()?, r.u64()?))
 }
 
-/// One outbound flow: its send order, where it stands, the message.
-pub(crate) fn flow(seq: u64, state: OutboundState, m: &Message, anchor: Anchor) -> Vec<u8> {
-    let mut w = Writer::new();
-    w.u64(seq);
-    w.u8(match state {
-        OutboundState::Published => 0,
-        OutboundState::Released => 1,
-    });
-    w.bytes(&message(m, anchor));
-    w.finish()
-}
-
-pub(crate) fn read_flow(
-    buf: &[u8],
-    anchor: Anchor,
-) -> Result<(u64, OutboundState, Message), StoreError> {
-    let what = "in-flight message";
-    let mut r = Reader::new(buf, what)?;
-    let seq = r.u64()?;
-    let state = match r.u8()? {
-        0 => OutboundState::Published,
-        1 => OutboundState::Released,
-        _ => return Err(corrupt(what)),
-    };
-    Ok((seq, state, read_message(r.bytes()?, anchor)?))
-}
-
 /// Released flows rewritten in place: the state byte follows the version and the sequence.
 pub(crate) const FLOW_STATE_OFFSET: usize = 1 + 8;
 
@@ -364,4 +337,121 @@ pub(crate) fn read_inbound(b: u8) -> Result<InboundState, StoreError> {
         1 => Ok(InboundState::Received),
         _ => Err(corrupt("inbound QoS 2 id")),
     }
+}
+
+// ---- a message held by a queue or a flow: its stored body, and what differs per session --
+
+/// What a queued or in-flight copy adds to the stored body it shares with the other copies
+/// of the same message: the QoS it goes out at, its RETAIN flag, its Subscription
+/// Identifiers and its shared-subscription tag.
+pub(crate) fn reference(key: u64, m: &Message) -> Vec<u8> {
+    let mut w = Writer::new();
+    w.u64(key);
+    w.u8(m.qos as u8);
+    w.u8(u8::from(m.retain));
+    let ids = &m.properties.subscription_identifiers;
+    w.u32(ids.len() as u32);
+    for id in ids {
+        w.u32(id.get());
+    }
+    match &m.shared {
+        Some(s) => {
+            w.u8(1);
+            w.bytes(s.as_bytes());
+        }
+        None => w.u8(0),
+    }
+    w.finish()
+}
+
+/// Reads a reference: the body's key, and a function making this copy from the body.
+pub(crate) fn read_reference(buf: &[u8]) -> Result<(u64, Copy), StoreError> {
+    let what = "queued message";
+    let mut r = Reader::new(buf, what)?;
+    let key = r.u64()?;
+    let qos = qos_from(r.u8()?, what)?;
+    let retain = match r.u8()? {
+        0 => false,
+        1 => true,
+        _ => return Err(corrupt(what)),
+    };
+    let n = r.u32()?;
+    let mut ids = Vec::new();
+    for _ in 0..n {
+        ids.push(SubscriptionId::new(r.u32()?).ok_or_else(|| corrupt(what))?);
+    }
+    let shared = match r.u8()? {
+        0 => None,
+        1 => Some(Str::from(r.str()?)),
+        _ => return Err(corrupt(what)),
+    };
+    Ok((
+        key,
+        Copy {
+            qos,
+            retain,
+            ids,
+            shared,
+        },
+    ))
+}
+
+/// The per-session part of a stored copy.
+pub(crate) struct Copy {
+    qos: QoS,
+    retain: bool,
+    ids: Vec<SubscriptionId>,
+    shared: Option<Str>,
+}
+
+impl Copy {
+    pub(crate) fn of(self, body: &Message) -> Message {
+        let mut m = body.clone();
+        m.qos = self.qos;
+        m.retain = self.retain;
+        if m.properties.subscription_identifiers != self.ids {
+            m.properties.subscription_identifiers = self.ids;
+        }
+        m.shared = self.shared;
+        m
+    }
+}
+
+/// Whether two copies share a body: the same message, whatever their per-session parts.
+pub(crate) fn same_body(a: &Message, b: &Message) -> bool {
+    if a.topic != b.topic || a.payload != b.payload || a.expires_at != b.expires_at {
+        return false;
+    }
+    if a.properties.subscription_identifiers == b.properties.subscription_identifiers {
+        return a.properties == b.properties;
+    }
+    let mut pa = a.properties.clone();
+    let mut pb = b.properties.clone();
+    pa.subscription_identifiers.clear();
+    pb.subscription_identifiers.clear();
+    pa == pb
+}
+
+/// One outbound flow row: send order, state, then the reference to its message.
+pub(crate) fn flow_ref(seq: u64, state: OutboundState, reference: &[u8]) -> Vec<u8> {
+    let mut w = Writer::new();
+    w.u64(seq);
+    w.u8(match state {
+        OutboundState::Published => 0,
+        OutboundState::Released => 1,
+    });
+    w.0.extend_from_slice(reference);
+    w.finish()
+}
+
+pub(crate) fn read_flow_ref(buf: &[u8]) -> Result<(u64, OutboundState, &[u8]), StoreError> {
+    let what = "in-flight message";
+    let mut r = Reader::new(buf, what)?;
+    let seq = r.u64()?;
+    let state = match r.u8()? {
+        0 => OutboundState::Published,
+        1 => OutboundState::Released,
+        _ => return Err(corrupt(what)),
+    };
+    Ok((seq, state, r.buf))
 }

@@ -2,17 +2,25 @@
 //! per committed batch.
 //!
 //! Tables: `sessions` (client id -> record), `delivery` (client id -> last packet id and
-//! next flow number), `inflight` ((client id, packet id) -> send order, state, message),
+//! next flow number), `inflight` ((client id, packet id) -> send order, state, reference),
 //! `inbound` ((client id, packet id) -> state), `queue` ((client id, sequence) ->
-//! message), `retained` (topic -> message). Each [`Change`] touches one or two rows, so a
-//! message sent or acknowledged costs a row, not a rewrite of the session. A batch that
+//! reference), `messages` (key -> message body) with `message_refs` (key -> how many
+//! references), `retained` (topic -> message). A message is stored once: the copies a
+//! batch queues or sends for several sessions (a fan-out) share one body, each reference
+//! adding only what differs per session (QoS, RETAIN, Subscription Identifiers, shared
+//! group); the body goes with its last reference. Each [`Change`] touches a few rows, so
+//! a message sent or acknowledged costs a row, not a rewrite of the session. A batch that
 //! names a missing session aborts its transaction: nothing of it is written, as with
 //! [`crate::MemoryStore`].
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Instant, SystemTime};
 
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, Table, TableDefinition};
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table,
+    TableDefinition,
+};
 use tern_codec::{PacketId, Str, TopicName};
 use tern_proto::{Change, OutboundState, SessionState};
 
@@ -25,6 +33,8 @@ const INFLIGHT: TableDefinition<(&str, u16), &[u8]> = TableDefinition::new("infl
 const INBOUND: TableDefinition<(&str, u16), u8> = TableDefinition::new("inbound");
 const QUEUE: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("queue");
 const RETAINED: TableDefinition<&str, &[u8]> = TableDefinition::new("retained");
+const MESSAGES: TableDefinition<u64, &[u8]> = TableDefinition::new("messages");
+const REFS: TableDefinition<u64, u32> = TableDefinition::new("message_refs");
 
 /// Queue keys start mid-range so messages can be put back in front of the first one.
 const QUEUE_START: u64 = 1 << 40;
@@ -47,6 +57,8 @@ pub enum Sync {
 pub struct RedbStore {
     db: Database,
     anchor: Anchor,
+    /// Key of the next message body.
+    next_key: u64,
     sync: Sync,
     unflushed: bool,
 }
@@ -64,6 +76,11 @@ struct Tables<'t> {
     inbound: Table<'t, (&'static str, u16), u8>,
     queue: Table<'t, (&'static str, u64), &'static [u8]>,
     retained: Table<'t, &'static str, &'static [u8]>,
+    messages: Table<'t, u64, &'static [u8]>,
+    refs: Table<'t, u64, u32>,
+    /// Bodies written in this batch, by payload address and length, for the copies of a
+    /// fan-out to find.
+    bodies: HashMap<(usize, usize), Vec<(tern_proto::Message, u64)>>,
 }
 
 impl RedbStore {
@@ -81,13 +98,30 @@ impl RedbStore {
         txn.open_table(INFLIGHT).map_err(backend)?;
         txn.open_table(INBOUND).map_err(backend)?;
         txn.open_table(QUEUE).map_err(backend)?;
+        txn.open_table(REFS).map_err(backend)?;
+        let next_key = {
+            let messages = txn.open_table(MESSAGES).map_err(backend)?;
+            match messages.last().map_err(backend)? {
+                Some((k, _)) => k.value() + 1,
+                None => 0,
+            }
+        };
         txn.commit().map_err(backend)?;
         Ok(RedbStore {
             db,
+            next_key,
             anchor: Anchor { instant: now, wall },
             sync: Sync::Always,
             unflushed: false,
         })
+    }
+
+    /// How many message bodies are stored (each shared by every queue and flow holding a
+    /// copy of that message).
+    pub fn stored_messages(&self) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read().map_err(backend)?;
+        let messages = txn.open_table(MESSAGES).map_err(backend)?;
+        messages.len().map_err(backend)
     }
 
     /// Chooses when commits reach the disk (default [`Sync::Always`]).
@@ -97,15 +131,43 @@ impl RedbStore {
 }
 
 fn clear_delivery(t: &mut Tables<'_>, id: &str) -> Result<(), StoreError> {
+    let mut held = Vec::new();
     t.inflight
-        .retain_in((id, 0)..=(id, u16::MAX), |_, _| false)
+        .retain_in((id, 0)..=(id, u16::MAX), |_, row| {
+            held.push(row.to_vec());
+            false
+        })
         .map_err(backend)?;
     t.inbound
         .retain_in((id, 0)..=(id, u16::MAX), |_, _| false)
         .map_err(backend)?;
+    for row in held {
+        let (_, _, reference) = encoding::read_flow_ref(&row)?;
+        release(t, reference)?;
+    }
+    let mut held = Vec::new();
     t.queue
-        .retain_in((id, 0)..=(id, u64::MAX), |_, _| false)
+        .retain_in((id, 0)..=(id, u64::MAX), |_, row| {
+            held.push(row.to_vec());
+            false
+        })
         .map_err(backend)?;
+    for row in held {
+        release(t, &row)?;
+    }
+    Ok(())
+}
+
+/// Drops one reference to a stored body, and the body with the last one.
+fn release(t: &mut Tables<'_>, reference: &[u8]) -> Result<(), StoreError> {
+    let (key, _) = encoding::read_reference(reference)?;
+    let n = t.refs.get(key).map_err(backend)?.map_or(0, |n| n.value());
+    if n <= 1 {
+        t.refs.remove(key).map_err(backend)?;
+        t.messages.remove(key).map_err(backend)?;
+    } else {
+        t.refs.insert(key, n - 1).map_err(backend)?;
+    }
     Ok(())
 }
 
@@ -123,8 +185,41 @@ fn queue_end(t: &Tables<'_>, id: &str, back: bool) -> Result<Option<u64>, StoreE
 }
 
 impl RedbStore {
+    /// A reference to `m`'s body for one more holder: the body another copy in this batch
+    /// stored, or a new one.
+    fn hold(&mut self, t: &mut Tables<'_>, m: &tern_proto::Message) -> Result<Vec<u8>, StoreError> {
+        let slot = (m.payload.as_ptr() as usize, m.payload.len());
+        let mut found = None;
+        if let Some(candidates) = t.bodies.get(&slot) {
+            for (body, key) in candidates {
+                if encoding::same_body(body, m) && t.refs.get(*key).map_err(backend)?.is_some() {
+                    found = Some(*key);
+                    break;
+                }
+            }
+        }
+        let key = match found {
+            Some(key) => {
+                let n = t.refs.get(key).map_err(backend)?.map_or(0, |n| n.value());
+                t.refs.insert(key, n + 1).map_err(backend)?;
+                key
+            }
+            None => {
+                let key = self.next_key;
+                self.next_key += 1;
+                t.messages
+                    .insert(key, encoding::message(m, self.anchor).as_slice())
+                    .map_err(backend)?;
+                t.refs.insert(key, 1).map_err(backend)?;
+                t.bodies.entry(slot).or_default().push((m.clone(), key));
+                key
+            }
+        };
+        Ok(encoding::reference(key, m))
+    }
+
     fn put_delivery(
-        &self,
+        &mut self,
         t: &mut Tables<'_>,
         id: &str,
         state: &SessionState,
@@ -132,7 +227,8 @@ impl RedbStore {
         clear_delivery(t, id)?;
         let mut seq = 0;
         for f in state.inflight() {
-            let row = encoding::flow(seq, f.state, &f.message, self.anchor);
+            let reference = self.hold(t, &f.message)?;
+            let row = encoding::flow_ref(seq, f.state, &reference);
             t.inflight
                 .insert((id, f.id.get()), row.as_slice())
                 .map_err(backend)?;
@@ -144,7 +240,7 @@ impl RedbStore {
                 .map_err(backend)?;
         }
         for (k, m) in state.queued().enumerate() {
-            let row = encoding::message(m, self.anchor);
+            let row = self.hold(t, m)?;
             t.queue
                 .insert((id, QUEUE_START + k as u64), row.as_slice())
                 .map_err(backend)?;
@@ -155,21 +251,28 @@ impl RedbStore {
         Ok(())
     }
 
-    fn apply(&self, t: &mut Tables<'_>, id: &str, change: &Change) -> Result<(), StoreError> {
+    fn apply(&mut self, t: &mut Tables<'_>, id: &str, change: &Change) -> Result<(), StoreError> {
         match change {
             Change::Queued(m) => {
                 let key = queue_end(t, id, true)?.map_or(QUEUE_START, |k| k + 1);
-                let row = encoding::message(m, self.anchor);
+                let row = self.hold(t, m)?;
                 t.queue.insert((id, key), row.as_slice()).map_err(backend)?;
             }
             Change::Unqueued => {
                 if let Some(k) = queue_end(t, id, false)? {
-                    t.queue.remove((id, k)).map_err(backend)?;
+                    let row = t
+                        .queue
+                        .remove((id, k))
+                        .map_err(backend)?
+                        .map(|r| r.value().to_vec());
+                    if let Some(row) = row {
+                        release(t, &row)?;
+                    }
                 }
             }
             Change::Requeued(m) => {
                 let key = queue_end(t, id, false)?.map_or(QUEUE_START, |k| k - 1);
-                let row = encoding::message(m, self.anchor);
+                let row = self.hold(t, m)?;
                 t.queue.insert((id, key), row.as_slice()).map_err(backend)?;
             }
             Change::Sent(pid, m) => {
@@ -177,10 +280,16 @@ impl RedbStore {
                     Some(row) => encoding::read_delivery_row(row.value())?,
                     None => (0, 0),
                 };
-                let row = encoding::flow(next_seq, OutboundState::Published, m, self.anchor);
-                t.inflight
+                let reference = self.hold(t, m)?;
+                let row = encoding::flow_ref(next_seq, OutboundState::Published, &reference);
+                let old = t
+                    .inflight
                     .insert((id, pid.get()), row.as_slice())
-                    .map_err(backend)?;
+                    .map_err(backend)?
+                    .map(|r| r.value().to_vec());
+                if let Some(old) = old {
+                    release(t, encoding::read_flow_ref(&old)?.2)?;
+                }
                 t.delivery
                     .insert(
                         id,
@@ -209,7 +318,14 @@ impl RedbStore {
                 }
             }
             Change::Completed(pid) => {
-                t.inflight.remove((id, pid.get())).map_err(backend)?;
+                let row = t
+                    .inflight
+                    .remove((id, pid.get()))
+                    .map_err(backend)?
+                    .map(|r| r.value().to_vec());
+                if let Some(row) = row {
+                    release(t, encoding::read_flow_ref(&row)?.2)?;
+                }
             }
             Change::Inbound(pid, state) => {
                 t.inbound
@@ -238,6 +354,9 @@ impl Store for RedbStore {
                 inbound: txn.open_table(INBOUND).map_err(backend)?,
                 queue: txn.open_table(QUEUE).map_err(backend)?,
                 retained: txn.open_table(RETAINED).map_err(backend)?,
+                messages: txn.open_table(MESSAGES).map_err(backend)?,
+                refs: txn.open_table(REFS).map_err(backend)?,
+                bodies: HashMap::new(),
             };
             for (index, op) in batch.iter().enumerate() {
                 if let Some(client_id) = op.needs_session()
@@ -310,6 +429,21 @@ impl Store for RedbStore {
         let inbound = txn.open_table(INBOUND).map_err(backend)?;
         let queue = txn.open_table(QUEUE).map_err(backend)?;
         let retained = txn.open_table(RETAINED).map_err(backend)?;
+        let messages = txn.open_table(MESSAGES).map_err(backend)?;
+        // Each body decoded once, its copies sharing topic, payload and properties.
+        let mut bodies: HashMap<u64, tern_proto::Message> = HashMap::new();
+        let mut copy_of = |reference: &[u8]| -> Result<tern_proto::Message, StoreError> {
+            let (key, copy) = encoding::read_reference(reference)?;
+            if let std::collections::hash_map::Entry::Vacant(slot) = bodies.entry(key) {
+                let Some(body) = messages.get(key).map_err(backend)? else {
+                    return Err(StoreError::Backend(format!(
+                        "stored message {key} is missing"
+                    )));
+                };
+                slot.insert(encoding::read_message(body.value(), self.anchor)?);
+            }
+            Ok(copy.of(&bodies[&key]))
+        };
         let mut snapshot = Snapshot::default();
         for entry in sessions.iter().map_err(backend)? {
             let (id, rec) = entry.map_err(backend)?;
@@ -326,8 +460,8 @@ impl Store for RedbStore {
                 let (key, row) = f.map_err(backend)?;
                 let pid = PacketId::new(key.value().1)
                     .ok_or_else(|| StoreError::Backend("stored in-flight packet id is 0".into()))?;
-                let (seq, state, m) = encoding::read_flow(row.value(), self.anchor)?;
-                flows.push((seq, pid, m, state));
+                let (seq, state, reference) = encoding::read_flow_ref(row.value())?;
+                flows.push((seq, pid, copy_of(reference)?, state));
             }
             flows.sort_by_key(|f| f.0);
             let mut ids = Vec::new();
@@ -339,10 +473,7 @@ impl Store for RedbStore {
             }
             let mut queued = Vec::new();
             for q in queue.range((id, 0)..=(id, u64::MAX)).map_err(backend)? {
-                queued.push(encoding::read_message(
-                    q.map_err(backend)?.1.value(),
-                    self.anchor,
-                )?);
+                queued.push(copy_of(q.map_err(backend)?.1.value())?);
             }
             let state = SessionState::restore(
                 last_id,
