@@ -232,7 +232,6 @@ fn restart(sessions: usize, messages: usize) {
         let mut store = RedbStore::open(&path, Instant::now(), SystemTime::now()).unwrap();
         let fill = Instant::now();
         let topic = TopicName::new("bench/queued").unwrap();
-        let payload = bytes::Bytes::from_static(&[b'x'; 64]);
         for chunk in (0..sessions).collect::<Vec<_>>().chunks(100) {
             let mut batch = Vec::new();
             for s in chunk {
@@ -253,12 +252,16 @@ fn restart(sessions: usize, messages: usize) {
                         pending_will: None,
                     },
                 });
-                for _ in 0..per {
+                for k in 0..per {
+                    // Every message distinct (no fan-out sharing a stored body): the
+                    // heavier case for the store.
+                    let mut p = format!("s{s}-m{k}-").into_bytes();
+                    p.resize(64, b'x');
                     batch.push(Op::Change {
                         client_id: client_id.clone(),
                         change: Change::Queued(Message::new(
                             topic.clone(),
-                            payload.clone(),
+                            bytes::Bytes::from(p),
                             QoS::AtLeastOnce,
                         )),
                     });
