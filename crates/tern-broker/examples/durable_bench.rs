@@ -72,6 +72,7 @@ async fn client(
     publish: Option<(QoS, u64, usize)>,
     received: Arc<AtomicU64>,
     expect: u64,
+    start: Option<Arc<tokio::sync::Barrier>>,
 ) {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     stream.set_nodelay(true).unwrap();
@@ -107,6 +108,10 @@ async fn client(
         }
         stream.read_buf(&mut buf).await.unwrap();
     };
+    // Everyone connected before the clock starts: connection setup is not the subject.
+    if let Some(b) = start {
+        b.wait().await;
+    }
     let config = Config::negotiate(Role::Client, &connect, &ack, AckMode::Immediate, 32);
     let mut conn = Connection::new(config, SessionState::new(), false, Instant::now());
     let topic = TopicName::new(format!("bench/{id}")).unwrap();
@@ -191,10 +196,10 @@ fn throughput(rt: &tokio::runtime::Runtime, qos: QoS, publishers: usize, total: 
         None,
         received.clone(),
         expect,
+        None,
     ));
     std::thread::sleep(Duration::from_millis(200));
-    let before = commits.load(Ordering::Relaxed);
-    let start = Instant::now();
+    let barrier = Arc::new(tokio::sync::Barrier::new(publishers + 1));
     let pubs: Vec<_> = (0..publishers)
         .map(|i| {
             rt.spawn(client(
@@ -204,9 +209,13 @@ fn throughput(rt: &tokio::runtime::Runtime, qos: QoS, publishers: usize, total: 
                 Some((qos, per, 16)),
                 received.clone(),
                 0,
+                Some(barrier.clone()),
             ))
         })
         .collect();
+    rt.block_on(barrier.wait());
+    let before = commits.load(Ordering::Relaxed);
+    let start = Instant::now();
     for p in pubs {
         rt.block_on(p).unwrap();
     }

@@ -67,3 +67,28 @@ fn a_config_file_with_an_unknown_key_stops_startup_naming_key_and_line() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("bnid") && err.contains("line 3"), "{err}");
 }
+
+#[test]
+fn a_data_directory_holding_something_that_is_not_a_store_stops_startup_and_is_left_alone() {
+    let dir = std::env::temp_dir().join(format!("tern-cli-corrupt-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("tern.redb");
+    std::fs::write(&file, b"not a store: someone's data").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args(["broker", "--bind", "127.0.0.1:0", "--data-dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot open the store") && err.contains("tern.redb"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(&file).unwrap(),
+        b"not a store: someone's data",
+        "never replaced"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -114,6 +114,8 @@ struct Shared {
     drain: AtomicBool,
     /// Everyone stops.
     stop: AtomicBool,
+    /// Most messages one publisher had unacknowledged at once.
+    max_in_flight: AtomicUsize,
     /// A session the broker should have kept was not there.
     errors: Mutex<Vec<String>>,
 }
@@ -237,7 +239,7 @@ async fn client(name: String, port: u16, kind: Kind, shared: Arc<Shared>) {
                 continue;
             }
         }
-        let mut tick = tokio::time::interval(Duration::from_millis(10));
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
         'conn: loop {
             tokio::select! {
                 read = stream.read_buf(&mut buf) => {
@@ -265,9 +267,10 @@ async fn client(name: String, port: u16, kind: Kind, shared: Arc<Shared>) {
                         return;
                     }
                     if let Kind::Publisher { qos, count } = kind {
-                        // About 1,000 messages a second, up to 60 unacknowledged.
+                        // Bursts of 30 every 20 ms (about 1,500 messages a second), up to
+                        // 60 unacknowledged: more than 20 in flight at every burst.
                         let open = conn.session().inflight_len() + conn.session().queued_len();
-                        for _ in 0..10 {
+                        for _ in 0..30 {
                             if next_seq >= count || open >= 60 {
                                 break;
                             }
@@ -275,6 +278,9 @@ async fn client(name: String, port: u16, kind: Kind, shared: Arc<Shared>) {
                             conn.publish(m, Instant::now());
                             next_seq += 1;
                         }
+                        shared
+                            .max_in_flight
+                            .fetch_max(conn.session().inflight_len(), Ordering::AcqRel);
                     }
                 }
             }
@@ -420,7 +426,7 @@ fn acknowledged_messages_survive_kill_9_and_qos2_is_never_doubled() {
     let mut broker = start_broker(port, &dir);
 
     // Messages per publisher: enough to keep them busy through every cycle.
-    let count = 400 + cycles * 60;
+    let count = 200 + cycles * 300;
     let publishers = [
         ("p1", QoS::AtLeastOnce),
         ("p2", QoS::ExactlyOnce),
@@ -498,6 +504,8 @@ fn acknowledged_messages_survive_kill_9_and_qos2_is_never_doubled() {
     let _ = std::fs::remove_file(dir.with_extension("toml"));
 
     let errors = shared.errors.lock().unwrap().clone();
+    let in_flight = shared.max_in_flight.load(Ordering::Acquire);
+    assert!(in_flight > 20, "the load kept only {in_flight} in flight");
     assert!(errors.is_empty(), "{errors:?}");
     let acked = shared.acked.lock().unwrap();
     for (p, _) in publishers {
@@ -520,8 +528,7 @@ fn acknowledged_messages_survive_kill_9_and_qos2_is_never_doubled() {
         }
     }
     println!(
-        "crash suite: {cycles} kills in {crash_time:?}, {} messages per publisher, {duplicates} QoS 1 duplicates (allowed), drained: {drained}",
-        count
+        "crash suite: {cycles} kills in {crash_time:?}, {count} messages per publisher (up to {in_flight} in flight), {duplicates} QoS 1 duplicates (allowed), drained: {drained}"
     );
     assert!(problems.is_empty(), "seed {seed}: {problems:#?}");
 }

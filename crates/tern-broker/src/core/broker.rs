@@ -819,7 +819,10 @@ impl Broker {
                 Event::Control(Packet::Subscribe(s)) => self.subscribe(client_id, s, now),
                 Event::Control(Packet::Unsubscribe(u)) => self.unsubscribe(client_id, u),
                 Event::Dropped { reason, message } => match reason {
-                    tern_proto::DropReason::Expired => self.dropped_expired += 1,
+                    tern_proto::DropReason::Expired => {
+                        self.dropped_expired += 1;
+                        tracing::info!(client_id = %client_id, topic = %message.topic.as_str(), "message expired before delivery: dropped");
+                    }
                     tern_proto::DropReason::TooLarge => {
                         self.dropped_too_large += 1;
                         tracing::debug!(client_id = %client_id, topic = %message.topic.as_str(), "message larger than the client's Maximum Packet Size: dropped for it");

@@ -173,8 +173,10 @@ fn run(
                 Err(error) => {
                     tracing::error!(%error, ops = ops.len(), "store commit failed: closing the connections that waited on it and reloading the last committed state");
                     failed = true;
-                    sends.into_iter().for_each(close_all);
+                    // The core hears of it before any client sees its connection close,
+                    // so a client that reconnects at once meets the reloaded core.
                     let _ = to_core.send(ToCore::StoreFailed);
+                    sends.into_iter().for_each(close_all);
                 }
             }
             pending.fetch_sub(n, Ordering::AcqRel);
