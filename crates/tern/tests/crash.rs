@@ -473,10 +473,14 @@ fn acknowledged_messages_survive_kill_9_and_qos2_is_never_doubled() {
         broker = start_broker(port, &dir);
     }
     let crash_time = started.elapsed();
-    wait_until(Duration::from_secs(120), "the publishers to finish", || {
-        shared.finished.load(Ordering::Acquire) == publishers.len()
-            || !shared.errors.lock().unwrap().is_empty()
-    });
+    wait_until(
+        Duration::from_secs(120 + u64::from(count) / 500),
+        "the publishers to finish",
+        || {
+            shared.finished.load(Ordering::Acquire) == publishers.len()
+                || !shared.errors.lock().unwrap().is_empty()
+        },
+    );
     shared.drain.store(true, Ordering::Release);
     let complete = || {
         let delivered = shared.delivered.lock().unwrap();
@@ -486,7 +490,7 @@ fn acknowledged_messages_survive_kill_9_and_qos2_is_never_doubled() {
         })
     };
     let drained = {
-        let until = Instant::now() + Duration::from_secs(60);
+        let until = Instant::now() + Duration::from_secs(60 + u64::from(count) / 500);
         while !complete() && Instant::now() < until && shared.errors.lock().unwrap().is_empty() {
             std::thread::sleep(Duration::from_millis(100));
         }
