@@ -455,3 +455,190 @@ pub(crate) fn read_flow_ref(buf: &[u8]) -> Result<(u64, OutboundState, &[u8]), S
     };
     Ok((seq, state, r.buf))
 }
+
+// ---- whole batches, for the write-ahead log ----------------------------------------------
+
+fn put_message(w: &mut Writer, m: &Message, anchor: Anchor) {
+    w.bytes(&message(m, anchor));
+}
+
+fn outbound(s: OutboundState) -> u8 {
+    match s {
+        OutboundState::Published => 0,
+        OutboundState::Released => 1,
+    }
+}
+
+fn read_outbound(b: u8) -> Result<OutboundState, StoreError> {
+    match b {
+        0 => Ok(OutboundState::Published),
+        1 => Ok(OutboundState::Released),
+        _ => Err(corrupt("logged batch")),
+    }
+}
+
+/// A batch of ops as one record of the write-ahead log.
+pub(crate) fn batch(ops: &[crate::Op], anchor: Anchor) -> Vec<u8> {
+    use crate::Op;
+    use tern_proto::Change;
+    let mut w = Writer::new();
+    for op in ops {
+        match op {
+            Op::PutSession {
+                client_id,
+                record: r,
+            } => {
+                w.u8(0);
+                w.bytes(client_id.as_bytes());
+                w.bytes(&record(r));
+            }
+            Op::DeleteSession { client_id } => {
+                w.u8(1);
+                w.bytes(client_id.as_bytes());
+            }
+            Op::PutDelivery { client_id, state } => {
+                w.u8(2);
+                w.bytes(client_id.as_bytes());
+                w.u16(state.last_id());
+                let flows: Vec<_> = state.inflight().collect();
+                w.u32(flows.len() as u32);
+                for f in flows {
+                    w.u16(f.id.get());
+                    w.u8(outbound(f.state));
+                    put_message(&mut w, &f.message, anchor);
+                }
+                w.u32(state.queued_len() as u32);
+                for m in state.queued() {
+                    put_message(&mut w, m, anchor);
+                }
+                let ids: Vec<_> = state.inbound_qos2().collect();
+                w.u32(ids.len() as u32);
+                for (id, s) in ids {
+                    w.u16(id.get());
+                    w.u8(inbound(s));
+                }
+            }
+            Op::Change { client_id, change } => {
+                w.u8(3);
+                w.bytes(client_id.as_bytes());
+                match change {
+                    Change::Queued(m) => {
+                        w.u8(0);
+                        put_message(&mut w, m, anchor);
+                    }
+                    Change::Unqueued => w.u8(1),
+                    Change::Requeued(m) => {
+                        w.u8(2);
+                        put_message(&mut w, m, anchor);
+                    }
+                    Change::Sent(id, m) => {
+                        w.u8(3);
+                        w.u16(id.get());
+                        put_message(&mut w, m, anchor);
+                    }
+                    Change::Released(id) => {
+                        w.u8(4);
+                        w.u16(id.get());
+                    }
+                    Change::Completed(id) => {
+                        w.u8(5);
+                        w.u16(id.get());
+                    }
+                    Change::Inbound(id, s) => {
+                        w.u8(6);
+                        w.u16(id.get());
+                        w.u8(inbound(*s));
+                    }
+                    Change::InboundDone(id) => {
+                        w.u8(7);
+                        w.u16(id.get());
+                    }
+                }
+            }
+            Op::PutRetained { message: m } => {
+                w.u8(4);
+                put_message(&mut w, m, anchor);
+            }
+            Op::DeleteRetained { topic } => {
+                w.u8(5);
+                w.bytes(topic.as_str().as_bytes());
+            }
+        }
+    }
+    w.finish()
+}
+
+pub(crate) fn read_batch(buf: &[u8], anchor: Anchor) -> Result<Vec<crate::Op>, StoreError> {
+    use crate::Op;
+    use tern_proto::{Change, SessionState};
+    let what = "logged batch";
+    let mut r = Reader::new(buf, what)?;
+    let mut ops = Vec::new();
+    let pid = |r: &mut Reader<'_>| -> Result<PacketId, StoreError> {
+        PacketId::new(r.u16()?).ok_or_else(|| corrupt(what))
+    };
+    while !r.buf.is_empty() {
+        let op = match r.u8()? {
+            0 => Op::PutSession {
+                client_id: Str::from(r.str()?),
+                record: read_record(r.bytes()?)?,
+            },
+            1 => Op::DeleteSession {
+                client_id: Str::from(r.str()?),
+            },
+            2 => {
+                let client_id = Str::from(r.str()?);
+                let last_id = r.u16()?;
+                let mut flows = Vec::new();
+                for _ in 0..r.u32()? {
+                    let id = pid(&mut r)?;
+                    let state = read_outbound(r.u8()?)?;
+                    flows.push((id, read_message(r.bytes()?, anchor)?, state));
+                }
+                let mut queue = Vec::new();
+                for _ in 0..r.u32()? {
+                    queue.push(read_message(r.bytes()?, anchor)?);
+                }
+                let mut ids = Vec::new();
+                for _ in 0..r.u32()? {
+                    let id = pid(&mut r)?;
+                    ids.push((id, read_inbound(r.u8()?)?));
+                }
+                Op::PutDelivery {
+                    client_id,
+                    state: SessionState::restore(last_id, flows, queue, ids),
+                }
+            }
+            3 => {
+                let client_id = Str::from(r.str()?);
+                let change = match r.u8()? {
+                    0 => Change::Queued(read_message(r.bytes()?, anchor)?),
+                    1 => Change::Unqueued,
+                    2 => Change::Requeued(read_message(r.bytes()?, anchor)?),
+                    3 => {
+                        let id = pid(&mut r)?;
+                        Change::Sent(id, read_message(r.bytes()?, anchor)?)
+                    }
+                    4 => Change::Released(pid(&mut r)?),
+                    5 => Change::Completed(pid(&mut r)?),
+                    6 => {
+                        let id = pid(&mut r)?;
+                        Change::Inbound(id, read_inbound(r.u8()?)?)
+                    }
+                    7 => Change::InboundDone(pid(&mut r)?),
+                    _ => return Err(corrupt(what)),
+                };
+                Op::Change { client_id, change }
+            }
+            4 => Op::PutRetained {
+                message: read_message(r.bytes()?, anchor)?,
+            },
+            5 => Op::DeleteRetained {
+                topic: tern_codec::TopicName::new(r.str()?).map_err(|_| corrupt(what))?,
+            },
+            _ => return Err(corrupt(what)),
+        };
+        ops.push(op);
+    }
+    Ok(ops)
+}

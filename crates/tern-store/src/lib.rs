@@ -16,6 +16,7 @@
 
 mod encoding;
 mod redb_store;
+mod wal;
 
 pub use redb_store::{RedbStore, Sync};
 

@@ -25,6 +25,7 @@ use tern_codec::{PacketId, Str, TopicName};
 use tern_proto::{Change, OutboundState, SessionState};
 
 use crate::encoding::{self, Anchor};
+use crate::wal::Wal;
 use crate::{Op, Snapshot, Store, StoreError, StoredSession};
 
 const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
@@ -35,6 +36,8 @@ const QUEUE: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("queue")
 const RETAINED: TableDefinition<&str, &[u8]> = TableDefinition::new("retained");
 const MESSAGES: TableDefinition<u64, &[u8]> = TableDefinition::new("messages");
 const REFS: TableDefinition<u64, u32> = TableDefinition::new("message_refs");
+/// `wal_seq`: the number of the last logged batch this state includes.
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 /// Queue keys start mid-range so messages can be put back in front of the first one.
 const QUEUE_START: u64 = 1 << 40;
@@ -59,6 +62,9 @@ pub struct RedbStore {
     anchor: Anchor,
     /// Key of the next message body.
     next_key: u64,
+    /// The log of batches committed without fsync, and the number of the last one.
+    wal: Wal,
+    seq: u64,
     sync: Sync,
     unflushed: bool,
 }
@@ -87,9 +93,12 @@ impl RedbStore {
     /// Opens the store file at `path`, creating it if it does not exist. A file that is
     /// not a readable store is an error, never silently replaced. `now` and `wall` are
     /// the same moment (message expiry instants are stored as wall-clock times).
+    /// Batches committed without fsync by an earlier process (`Sync::OnFlush`) that its log
+    /// holds and redb lost are applied again, durably, before this returns.
     pub fn open(path: &Path, now: Instant, wall: SystemTime) -> Result<RedbStore, StoreError> {
         let db = Database::create(path)
             .map_err(|e| StoreError::Backend(format!("{}: {e}", path.display())))?;
+        let (wal, records) = Wal::open(&path.with_extension("wal"))?;
         // Create the tables once, so reads never meet a missing one.
         let txn = db.begin_write().map_err(backend)?;
         for t in [SESSIONS, DELIVERY, RETAINED] {
@@ -99,6 +108,12 @@ impl RedbStore {
         txn.open_table(INBOUND).map_err(backend)?;
         txn.open_table(QUEUE).map_err(backend)?;
         txn.open_table(REFS).map_err(backend)?;
+        let durable_seq = txn
+            .open_table(META)
+            .map_err(backend)?
+            .get("wal_seq")
+            .map_err(backend)?
+            .map_or(0, |v| v.value());
         let next_key = {
             let messages = txn.open_table(MESSAGES).map_err(backend)?;
             match messages.last().map_err(backend)? {
@@ -107,13 +122,37 @@ impl RedbStore {
             }
         };
         txn.commit().map_err(backend)?;
-        Ok(RedbStore {
+        let mut store = RedbStore {
             db,
             next_key,
+            wal,
+            seq: durable_seq,
             anchor: Anchor { instant: now, wall },
             sync: Sync::Always,
             unflushed: false,
-        })
+        };
+        let pending: Vec<(u64, Vec<u8>)> = records
+            .into_iter()
+            .filter(|(seq, _)| *seq > durable_seq)
+            .collect();
+        if let Some((last, _)) = pending.last() {
+            let last = *last;
+            let txn = store.db.begin_write().map_err(backend)?;
+            for (seq, record) in &pending {
+                let batch = encoding::read_batch(record, store.anchor)?;
+                store.apply_batch(&txn, &batch).map_err(|e| {
+                    StoreError::Backend(format!("replaying logged batch {seq}: {e}"))
+                })?;
+            }
+            txn.open_table(META)
+                .map_err(backend)?
+                .insert("wal_seq", last)
+                .map_err(backend)?;
+            txn.commit().map_err(backend)?;
+            store.seq = last;
+        }
+        store.wal.clear()?;
+        Ok(store)
     }
 
     /// How many message bodies are stored (each shared by every queue and flow holding a
@@ -185,6 +224,71 @@ fn queue_end(t: &Tables<'_>, id: &str, back: bool) -> Result<Option<u64>, StoreE
 }
 
 impl RedbStore {
+    /// Applies `batch` inside `txn` (which the caller commits or drops).
+    fn apply_batch(
+        &mut self,
+        txn: &redb::WriteTransaction,
+        batch: &[Op],
+    ) -> Result<(), StoreError> {
+        let mut t = Tables {
+            sessions: txn.open_table(SESSIONS).map_err(backend)?,
+            delivery: txn.open_table(DELIVERY).map_err(backend)?,
+            inflight: txn.open_table(INFLIGHT).map_err(backend)?,
+            inbound: txn.open_table(INBOUND).map_err(backend)?,
+            queue: txn.open_table(QUEUE).map_err(backend)?,
+            retained: txn.open_table(RETAINED).map_err(backend)?,
+            messages: txn.open_table(MESSAGES).map_err(backend)?,
+            refs: txn.open_table(REFS).map_err(backend)?,
+            bodies: HashMap::new(),
+        };
+        for (index, op) in batch.iter().enumerate() {
+            if let Some(client_id) = op.needs_session()
+                && t.sessions.get(&**client_id).map_err(backend)?.is_none()
+            {
+                // The transaction is dropped: nothing of the batch is written.
+                return Err(StoreError::NoSuchSession {
+                    index,
+                    client_id: client_id.to_string(),
+                });
+            }
+            match op {
+                Op::PutSession { client_id, record } => {
+                    let id: &str = client_id;
+                    t.sessions
+                        .insert(id, encoding::record(record).as_slice())
+                        .map_err(backend)?;
+                    if t.delivery.get(id).map_err(backend)?.is_none() {
+                        t.delivery
+                            .insert(id, encoding::delivery_row(0, 0).as_slice())
+                            .map_err(backend)?;
+                    }
+                }
+                Op::DeleteSession { client_id } => {
+                    let id: &str = client_id;
+                    t.sessions.remove(id).map_err(backend)?;
+                    t.delivery.remove(id).map_err(backend)?;
+                    clear_delivery(&mut t, id)?;
+                }
+                Op::PutDelivery { client_id, state } => {
+                    self.put_delivery(&mut t, client_id, state)?;
+                }
+                Op::Change { client_id, change } => self.apply(&mut t, client_id, change)?,
+                Op::PutRetained { message } => {
+                    t.retained
+                        .insert(
+                            message.topic.as_str(),
+                            encoding::message(message, self.anchor).as_slice(),
+                        )
+                        .map_err(backend)?;
+                }
+                Op::DeleteRetained { topic } => {
+                    t.retained.remove(topic.as_str()).map_err(backend)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// A reference to `m`'s body for one more holder: the body another copy in this batch
     /// stored, or a new one.
     fn hold(&mut self, t: &mut Tables<'_>, m: &tern_proto::Message) -> Result<Vec<u8>, StoreError> {
@@ -346,66 +450,29 @@ impl Store for RedbStore {
         if self.sync == Sync::OnFlush {
             txn.set_durability(Durability::None).map_err(backend)?;
         }
-        {
-            let mut t = Tables {
-                sessions: txn.open_table(SESSIONS).map_err(backend)?,
-                delivery: txn.open_table(DELIVERY).map_err(backend)?,
-                inflight: txn.open_table(INFLIGHT).map_err(backend)?,
-                inbound: txn.open_table(INBOUND).map_err(backend)?,
-                queue: txn.open_table(QUEUE).map_err(backend)?,
-                retained: txn.open_table(RETAINED).map_err(backend)?,
-                messages: txn.open_table(MESSAGES).map_err(backend)?,
-                refs: txn.open_table(REFS).map_err(backend)?,
-                bodies: HashMap::new(),
-            };
-            for (index, op) in batch.iter().enumerate() {
-                if let Some(client_id) = op.needs_session()
-                    && t.sessions.get(&**client_id).map_err(backend)?.is_none()
-                {
-                    // The transaction is dropped: nothing of the batch is written.
-                    return Err(StoreError::NoSuchSession {
-                        index,
-                        client_id: client_id.to_string(),
-                    });
-                }
-                match op {
-                    Op::PutSession { client_id, record } => {
-                        let id: &str = client_id;
-                        t.sessions
-                            .insert(id, encoding::record(record).as_slice())
-                            .map_err(backend)?;
-                        if t.delivery.get(id).map_err(backend)?.is_none() {
-                            t.delivery
-                                .insert(id, encoding::delivery_row(0, 0).as_slice())
-                                .map_err(backend)?;
-                        }
-                    }
-                    Op::DeleteSession { client_id } => {
-                        let id: &str = client_id;
-                        t.sessions.remove(id).map_err(backend)?;
-                        t.delivery.remove(id).map_err(backend)?;
-                        clear_delivery(&mut t, id)?;
-                    }
-                    Op::PutDelivery { client_id, state } => {
-                        self.put_delivery(&mut t, client_id, state)?;
-                    }
-                    Op::Change { client_id, change } => self.apply(&mut t, client_id, change)?,
-                    Op::PutRetained { message } => {
-                        t.retained
-                            .insert(
-                                message.topic.as_str(),
-                                encoding::message(message, self.anchor).as_slice(),
-                            )
-                            .map_err(backend)?;
-                    }
-                    Op::DeleteRetained { topic } => {
-                        t.retained.remove(topic.as_str()).map_err(backend)?;
-                    }
-                }
-            }
+        self.apply_batch(&txn, batch)?;
+        if self.sync == Sync::Always {
+            return txn.commit().map_err(backend);
         }
-        txn.commit().map_err(backend)?;
-        self.unflushed = self.sync == Sync::OnFlush;
+        // Not fsynced: the batch reaches the OS through the log before it is committed,
+        // so a crash of the process (not of the machine) loses nothing; a failed commit
+        // takes its record back out.
+        // The batch's number goes into the same transaction, so whatever redb keeps after
+        // a crash (durable commits, or more if it persisted later ones on close) says
+        // exactly which logged batches it already holds.
+        self.seq += 1;
+        txn.open_table(META)
+            .map_err(backend)?
+            .insert("wal_seq", self.seq)
+            .map_err(backend)?;
+        let record = encoding::batch(batch, self.anchor);
+        let mark = self.wal.append(self.seq, &record)?;
+        if let Err(e) = txn.commit() {
+            self.seq -= 1;
+            self.wal.cut(mark)?;
+            return Err(backend(e));
+        }
+        self.unflushed = true;
         Ok(())
     }
 
@@ -416,7 +483,12 @@ impl Store for RedbStore {
             return Ok(());
         }
         let txn = self.db.begin_write().map_err(backend)?;
+        txn.open_table(META)
+            .map_err(backend)?
+            .insert("wal_seq", self.seq)
+            .map_err(backend)?;
         txn.commit().map_err(backend)?;
+        self.wal.clear()?;
         self.unflushed = false;
         Ok(())
     }

@@ -191,6 +191,7 @@ impl TempFile {
 impl Drop for TempFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
+        let _ = std::fs::remove_file(self.0.with_extension("wal"));
     }
 }
 
@@ -473,4 +474,78 @@ fn a_message_fanned_out_to_many_sessions_is_stored_once_and_goes_with_its_last_c
         0,
         "gone with its last copy"
     );
+}
+
+fn batched_session(
+    store: &mut tern_store::RedbStore,
+    model: &mut MemoryStore,
+    batches: &[Vec<Op>],
+) {
+    for b in batches {
+        store.commit(b).unwrap();
+        model.commit(b).unwrap();
+    }
+}
+
+#[test]
+fn a_store_without_fsync_per_commit_reopens_to_every_commit_applied_exactly_once() {
+    let file = TempFile::new();
+    let (now, wall) = anchor();
+    let mut model = MemoryStore::new();
+    {
+        let mut store = tern_store::RedbStore::open(&file.0, now, wall).unwrap();
+        store.set_sync(tern_store::Sync::OnFlush);
+        batched_session(
+            &mut store,
+            &mut model,
+            &[
+                vec![put("a", 10), enqueue("a", "1")],
+                vec![enqueue("a", "2")],
+            ],
+        );
+        store.flush().unwrap();
+        batched_session(
+            &mut store,
+            &mut model,
+            &[
+                vec![enqueue("a", "3")],
+                vec![change("a", Change::Unqueued), enqueue("a", "4")],
+            ],
+        );
+    }
+    let reopened = tern_store::RedbStore::open(&file.0, now, wall).unwrap();
+    assert_eq!(reopened.load().unwrap(), model.load().unwrap());
+    assert_eq!(queued(&reopened, "a"), ["2", "3", "4"]);
+    assert_eq!(
+        std::fs::metadata(file.0.with_extension("wal"))
+            .unwrap()
+            .len(),
+        0,
+        "the log is emptied once its batches are durable"
+    );
+}
+
+#[test]
+fn a_torn_record_at_the_end_of_the_log_is_cut_off() {
+    let file = TempFile::new();
+    let (now, wall) = anchor();
+    let mut model = MemoryStore::new();
+    {
+        let mut store = tern_store::RedbStore::open(&file.0, now, wall).unwrap();
+        store.set_sync(tern_store::Sync::OnFlush);
+        batched_session(
+            &mut store,
+            &mut model,
+            &[vec![put("a", 10), enqueue("a", "1")]],
+        );
+    }
+    // A process killed in the middle of appending its next record.
+    let mut log = std::fs::OpenOptions::new()
+        .append(true)
+        .open(file.0.with_extension("wal"))
+        .unwrap();
+    std::io::Write::write_all(&mut log, &[200, 0, 0, 0, 7, 7, 7]).unwrap();
+    drop(log);
+    let reopened = tern_store::RedbStore::open(&file.0, now, wall).unwrap();
+    assert_eq!(reopened.load().unwrap(), model.load().unwrap());
 }

@@ -59,11 +59,15 @@ fn free_port() -> u16 {
 
 /// Starts the broker and waits until it listens. Its output is drained by a thread (a
 /// full pipe would stall it).
-fn start_broker(port: u16, dir: &Path) -> Child {
+fn start_broker(port: u16, dir: &Path, durability: &str) -> Child {
     // Offline queues large enough for the whole run: a queue limit dropping messages is
     // another claim (tests/core.rs), not this one.
     let config = dir.with_extension("toml");
-    std::fs::write(&config, "[sessions]\nmax_queued_messages = 1000000\n").unwrap();
+    std::fs::write(
+        &config,
+        format!("[sessions]\nmax_queued_messages = 1000000\n[storage]\ndurability = \"{durability}\"\nflush_interval_ms = 200\n"),
+    )
+    .unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_tern"))
         .args([
             "broker",
@@ -407,6 +411,21 @@ fn acknowledged_messages_survive_kill_9_and_qos2_is_never_doubled() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(20);
+    run(cycles, "sync");
+}
+
+/// `durability = "batched"` acknowledges before the fsync; a crash of the process (not of
+/// the machine) must still lose nothing: the write-ahead log holds what redb forgot.
+#[test]
+fn with_batched_durability_a_process_crash_loses_nothing_acknowledged() {
+    let cycles: u32 = std::env::var("TERN_CRASH_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(10, |n: u32| n / 2);
+    run(cycles, "batched");
+}
+
+fn run(cycles: u32, durability: &str) {
     let seed = std::env::var("TERN_CRASH_SEED")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -417,13 +436,15 @@ fn acknowledged_messages_survive_kill_9_and_qos2_is_never_doubled() {
                 .as_nanos() as u64
                 | 1
         });
-    println!("crash suite: {cycles} cycles, seed {seed} (TERN_CRASH_SEED to repeat)");
+    println!(
+        "crash suite ({durability}): {cycles} cycles, seed {seed} (TERN_CRASH_SEED to repeat)"
+    );
     let mut rng = Rng(seed);
     let dir: PathBuf =
         std::env::temp_dir().join(format!("tern-crash-{}-{seed}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let port = free_port();
-    let mut broker = start_broker(port, &dir);
+    let mut broker = start_broker(port, &dir, durability);
 
     // Messages per publisher: enough to keep them busy through every cycle.
     let count = 200 + cycles * 300;
@@ -470,7 +491,7 @@ fn acknowledged_messages_survive_kill_9_and_qos2_is_never_doubled() {
         std::thread::sleep(Duration::from_millis(rng.between(100, 500)));
         broker.kill().unwrap(); // SIGKILL
         broker.wait().unwrap();
-        broker = start_broker(port, &dir);
+        broker = start_broker(port, &dir, durability);
     }
     let crash_time = started.elapsed();
     wait_until(
@@ -532,7 +553,7 @@ fn acknowledged_messages_survive_kill_9_and_qos2_is_never_doubled() {
         }
     }
     println!(
-        "crash suite: {cycles} kills in {crash_time:?}, {count} messages per publisher (up to {in_flight} in flight), {duplicates} QoS 1 duplicates (allowed), drained: {drained}"
+        "crash suite ({durability}): {cycles} kills in {crash_time:?}, {count} messages per publisher (up to {in_flight} in flight), {duplicates} QoS 1 duplicates (allowed), drained: {drained}"
     );
     assert!(problems.is_empty(), "seed {seed}: {problems:#?}");
 }
