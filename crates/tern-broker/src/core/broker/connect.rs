@@ -1,0 +1,161 @@
+//! The CONNECT handshake: client identifiers, redirection, keep alive, session
+//! takeover and resume, the CONNACK and what it advertises.
+
+use super::*;
+
+impl Broker {
+    pub(super) fn handle_connect(&mut self, conn: ConnId, connect: Connect, now: Instant) {
+        let v = connect.protocol;
+        let mut client_id = connect.client_id.clone();
+        let mut assigned = None;
+        if client_id.is_empty() {
+            // 3.1.1: only with clean session [MQTT-3.1.3-7]; 5.0: assign one [MQTT-3.1.3-6];
+            // 3.1 requires 1 to 23 characters.
+            if v == Protocol::V5 || (v == Protocol::V3_1_1 && connect.clean_start) {
+                self.next_assigned += 1;
+                client_id = Str::from(format!("tern-{}-{}", conn, self.next_assigned));
+                assigned = Some(client_id.clone());
+            } else {
+                let ack = ConnAck::new(false, ReasonCode::ClientIdentifierNotValid);
+                self.outputs
+                    .push_back(Output::Send(conn, Packet::ConnAck(ack)));
+                self.outputs.push_back(Output::Close(conn));
+                return;
+            }
+        }
+        if let Some(reference) = &self.settings.server_reference {
+            let mut ack = ConnAck::new(
+                false,
+                match (v.is_v5(), self.settings.server_moved) {
+                    (false, _) => ReasonCode::ServerUnavailable,
+                    (true, false) => ReasonCode::UseAnotherServer,
+                    (true, true) => ReasonCode::ServerMoved,
+                },
+            );
+            if v.is_v5() {
+                ack.properties = ConnAckProperties {
+                    server_reference: Some(Str::from(reference.as_str())),
+                    ..Default::default()
+                }
+                .into();
+            }
+            tracing::info!(conn, peer = %self.peer(conn), client_id = %connect.client_id, %reference, "redirected");
+            self.outputs
+                .push_back(Output::Send(conn, Packet::ConnAck(ack)));
+            self.outputs.push_back(Output::Close(conn));
+            return;
+        }
+        // No enhanced authentication methods are offered (§4.12): refuse rather than
+        // leave the client waiting for an AUTH exchange.
+        if v.is_v5() && connect.properties.authentication_method.is_some() {
+            let ack = ConnAck::new(false, ReasonCode::BadAuthenticationMethod);
+            self.outputs
+                .push_back(Output::Send(conn, Packet::ConnAck(ack)));
+            self.outputs.push_back(Output::Close(conn));
+            return;
+        }
+        // 3.x has no way to tell a client to ping more often: refuse, as Mosquitto does.
+        if !v.is_v5() && connect.keep_alive > self.settings.max_keep_alive {
+            let ack = ConnAck::new(false, ReasonCode::ClientIdentifierNotValid);
+            self.outputs
+                .push_back(Output::Send(conn, Packet::ConnAck(ack)));
+            self.outputs.push_back(Output::Close(conn));
+            return;
+        }
+        let expiry = if v.is_v5() {
+            Duration::from_secs(u64::from(
+                connect.properties.session_expiry_interval.unwrap_or(0),
+            ))
+        } else if connect.clean_start {
+            Duration::ZERO
+        } else {
+            self.settings.max_session_expiry_3x
+        };
+
+        // Session takeover [MQTT-3.1.4-3]: the older connection goes, with 0x8E in 5.0.
+        if let Some(old) = self.sessions.get_mut(&client_id)
+            && let Some((old_conn, c)) = old.conn.as_mut()
+        {
+            let old_conn = *old_conn;
+            c.disconnect(ReasonCode::SessionTakenOver);
+            self.drain(&client_id, now);
+            self.outputs.push_back(Output::Close(old_conn));
+            self.close(old_conn, now, &"session taken over by a new connection");
+        }
+        if connect.clean_start {
+            self.end_session(&client_id, now);
+        }
+        let present = self.sessions.contains_key(&client_id);
+
+        let mut ack = ConnAck::new(present, ReasonCode::Success);
+        if v.is_v5() {
+            let st = &self.settings;
+            let ka = connect.keep_alive;
+            let server_keep_alive = (ka > st.max_keep_alive
+                || (ka == 0 && st.max_keep_alive < u16::MAX))
+                .then_some(st.max_keep_alive);
+            let response_information = match connect.properties.request_response_information {
+                Some(true) => st.response_information.as_deref().map(Str::from),
+                _ => None,
+            };
+            ack.properties = ConnAckProperties {
+                receive_maximum: std::num::NonZeroU16::new(st.receive_maximum),
+                topic_alias_maximum: Some(st.topic_alias_maximum),
+                assigned_client_identifier: assigned,
+                server_keep_alive,
+                response_information,
+                maximum_qos: (st.maximum_qos < QoS::ExactlyOnce).then_some(st.maximum_qos),
+                retain_available: (!st.retain_available).then_some(false),
+                maximum_packet_size: (st.max_packet_size < tern_codec::MAX_PACKET_SIZE)
+                    .then(|| std::num::NonZeroU32::new(st.max_packet_size))
+                    .flatten(),
+                wildcard_subscription_available: Some(true),
+                subscription_identifiers_available: Some(true),
+                shared_subscription_available: Some(true),
+                ..Default::default()
+            }
+            .into();
+        }
+        tracing::info!(conn, peer = %self.peer(conn), client_id = %client_id, protocol = %v, session_present = present, "connected");
+        let config = Config::negotiate(
+            Role::Server,
+            &connect,
+            &ack,
+            // Acknowledged by the broker once the message is checked and routed.
+            AckMode::Manual,
+            self.settings.window_3x,
+        );
+        let session = self
+            .sessions
+            .entry(client_id.clone())
+            .or_insert_with(|| Session {
+                conn: None,
+                stored: SessionState::new(),
+                subscriptions: BTreeMap::new(),
+                expiry,
+                expires_at: None,
+                will: None,
+                pending_will: None,
+                persisted: false,
+                problem_info: true,
+                touched: false,
+            });
+        session.expiry = expiry;
+        session.expires_at = None;
+        session.will = connect.will;
+        // Back in time: a delayed will from the last connection is not sent.
+        session.pending_will = None;
+        session.problem_info = connect
+            .properties
+            .request_problem_information
+            .unwrap_or(true);
+        let stored = std::mem::take(&mut session.stored);
+        session.conn = Some((conn, Connection::new(config, stored, present, now)));
+        self.touch(&client_id);
+        self.put_session(&client_id);
+        self.conns.insert(conn, client_id.clone());
+        self.outputs
+            .push_back(Output::Send(conn, Packet::ConnAck(ack)));
+        self.drain(&client_id, now);
+    }
+}

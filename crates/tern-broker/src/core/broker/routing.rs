@@ -1,0 +1,319 @@
+//! Messages in and out: the checks a client's message passes, routing through the trie
+//! and shared groups, delivery to online sessions and offline queues (with their limits),
+//! wills.
+
+use super::*;
+
+impl Broker {
+    /// Delivers a message to every matching subscriber at the effective QoS, and keeps it
+    /// if retained (an empty retained payload clears the topic).
+    pub(super) fn route(
+        &mut self,
+        message: Message,
+        publisher: Option<&Str>,
+        now: Instant,
+    ) -> usize {
+        if message.retain {
+            if message.payload.is_empty() {
+                if self.retained.remove(&message.topic).is_some() {
+                    self.batch.push(Op::DeleteRetained {
+                        topic: message.topic.clone(),
+                    });
+                }
+            } else {
+                self.retained.insert(message.topic.clone(), message.clone());
+                self.batch.push(Op::PutRetained {
+                    message: message.clone(),
+                });
+            }
+        }
+        let deliveries = self.trie.route(&message.topic, publisher);
+        let mut matched = deliveries.len();
+        for (client_id, delivery) in deliveries {
+            let mut copy = message.clone();
+            copy.qos = effective_qos(message.qos, delivery.qos, QoS::ExactlyOnce);
+            // Forwarded normally, the RETAIN flag is cleared unless asked to keep it.
+            copy.retain = message.retain && delivery.retain_as_published;
+            if !delivery.subscription_ids.is_empty() {
+                copy.properties.subscription_identifiers = delivery.subscription_ids;
+            }
+            self.deliver(&client_id, copy, now);
+        }
+        for key in self.shared.matching(&message.topic) {
+            if self.deliver_shared(&key, message.clone(), publisher, None, now) {
+                matched += 1;
+            }
+        }
+        matched
+    }
+
+    /// Gives a message to one member of the shared subscription `key`. Returns false if
+    /// the group no longer exists.
+    pub(super) fn deliver_shared(
+        &mut self,
+        key: &Str,
+        mut message: Message,
+        publisher: Option<&Str>,
+        exclude: Option<&Str>,
+        now: Instant,
+    ) -> bool {
+        let sessions = &self.sessions;
+        let online = |c: &Str| sessions.get(c).is_some_and(|s| s.conn.is_some());
+        let Some((client, member)) =
+            self.shared
+                .choose(key, &message.topic.clone(), publisher, exclude, online)
+        else {
+            return false;
+        };
+        message.qos = effective_qos(message.qos, member.options.qos, QoS::ExactlyOnce);
+        message.retain = message.retain && member.options.retain_as_published;
+        if !message.properties.subscription_identifiers.is_empty() {
+            message.properties.subscription_identifiers = Vec::new();
+        }
+        if let Some(id) = member.id {
+            message.properties.subscription_identifiers = vec![id];
+        }
+        message.shared = Some(key.clone());
+        self.deliver(&client, message, now);
+        true
+    }
+
+    /// Adds a subscription to the trie or, for `$share/...`, to its group.
+    pub(super) fn add_subscription(
+        &mut self,
+        client_id: &Str,
+        filter: &TopicFilter,
+        options: SubscriptionOptions,
+        id: Option<SubscriptionId>,
+    ) -> bool {
+        if filter.share_group().is_some() {
+            self.shared
+                .subscribe(filter, client_id.clone(), Member { options, id })
+        } else {
+            self.trie.subscribe(filter, client_id.clone(), options, id)
+        }
+    }
+
+    pub(super) fn remove_subscription(&mut self, client_id: &Str, filter: &TopicFilter) -> bool {
+        if filter.share_group().is_some() {
+            self.shared.unsubscribe(filter, client_id)
+        } else {
+            self.trie.unsubscribe(filter, client_id)
+        }
+    }
+
+    /// Checks a client's message against what the broker allows, routes it and releases
+    /// its acknowledgement. Returns false if the connection was closed for it.
+    pub(super) fn accept(
+        &mut self,
+        client_id: &Str,
+        message: Message,
+        ack: Option<tern_codec::PacketId>,
+        now: Instant,
+    ) -> bool {
+        let Some(session) = self.sessions.get(client_id) else {
+            return false;
+        };
+        let problem_info = session.problem_info;
+        let v5 = session
+            .conn
+            .as_ref()
+            .is_some_and(|(_, c)| c.config().protocol.is_v5());
+        // Above what CONNACK advertised: a protocol error [MQTT-3.2.2-11] [MQTT-3.2.2-14].
+        if message.qos > self.settings.maximum_qos {
+            self.kick(client_id, ReasonCode::QosNotSupported, now);
+            return false;
+        }
+        if message.retain && !self.settings.retain_available {
+            self.kick(client_id, ReasonCode::RetainNotSupported, now);
+            return false;
+        }
+        // A payload that says it is UTF-8 and is not [MQTT-3.3.2-4]: refused with 0x99 in
+        // the acknowledgement (5.0), or the connection closed where there is none.
+        if message.properties.payload_format_indicator == Some(tern_codec::PayloadFormat::Utf8)
+            && std::str::from_utf8(&message.payload).is_err()
+        {
+            match ack {
+                Some(id) if v5 => {
+                    let text = "the Payload Format Indicator says UTF-8 but the payload is not";
+                    self.release(
+                        client_id,
+                        id,
+                        ReasonCode::PayloadFormatInvalid,
+                        text,
+                        problem_info,
+                    );
+                }
+                _ => {
+                    self.kick(client_id, ReasonCode::PayloadFormatInvalid, now);
+                    return false;
+                }
+            }
+            return true;
+        }
+        if self.settings.queue_policy == QueuePolicy::Reject
+            && message.qos != QoS::AtMostOnce
+            && let Some(full) = self.full_queue_for(&message, client_id, now)
+        {
+            self.dropped += 1;
+            tracing::warn!(publisher = %client_id, subscriber = %full, topic = %message.topic.as_str(), "offline queue full: publish refused (quota exceeded)");
+            match ack {
+                Some(id) if v5 => {
+                    let text = "an offline subscriber's queue is full";
+                    self.release(client_id, id, ReasonCode::QuotaExceeded, text, problem_info);
+                }
+                _ => {
+                    self.kick(client_id, ReasonCode::QuotaExceeded, now);
+                    return false;
+                }
+            }
+            return true;
+        }
+        let matched = self.route(message, Some(client_id), now);
+        if let Some(id) = ack {
+            let reason = if matched == 0 && v5 {
+                ReasonCode::NoMatchingSubscribers
+            } else {
+                ReasonCode::Success
+            };
+            self.release(client_id, id, reason, "", problem_info);
+        }
+        true
+    }
+
+    /// An offline session whose queue `message` would overflow, if any (shared
+    /// subscriptions are not checked: their member is chosen later, online first).
+    pub(super) fn full_queue_for(
+        &mut self,
+        message: &Message,
+        publisher: &Str,
+        now: Instant,
+    ) -> Option<Str> {
+        let size = message.payload.len();
+        let limits = (
+            self.settings.max_queued_messages,
+            self.settings.max_queued_bytes,
+        );
+        for (client_id, delivery) in self.trie.route(&message.topic, Some(publisher)) {
+            let qos = effective_qos(message.qos, delivery.qos, QoS::ExactlyOnce);
+            if qos == QoS::AtMostOnce && !self.settings.queue_qos0 {
+                continue;
+            }
+            let Some(s) = self.sessions.get_mut(&client_id) else {
+                continue;
+            };
+            if s.conn.is_some() {
+                continue;
+            }
+            let full = |s: &SessionState| {
+                s.queued_len() + 1 > limits.0 || s.queued_bytes() + size > limits.1
+            };
+            if full(&s.stored) {
+                let expired = s.stored.remove_expired(now);
+                if expired > 0 {
+                    self.dropped_expired += expired as u64;
+                    self.touch(&client_id);
+                }
+                let s = self.sessions.get(&client_id).expect("just seen");
+                if full(&s.stored) {
+                    return Some(client_id);
+                }
+            }
+        }
+        None
+    }
+
+    /// Sends the PUBACK/PUBREC that waited on `id`, with a Reason String if the client
+    /// wants them.
+    pub(super) fn release(
+        &mut self,
+        client_id: &Str,
+        id: tern_codec::PacketId,
+        reason: ReasonCode,
+        text: &str,
+        problem_info: bool,
+    ) {
+        let Some(Session {
+            conn: Some((_, c)), ..
+        }) = self.sessions.get_mut(client_id)
+        else {
+            return;
+        };
+        let mut properties = tern_codec::properties::AckProperties::default();
+        if problem_info && !text.is_empty() {
+            properties.reason_string = Some(Str::from(text));
+        }
+        c.ack_with_properties(id, reason, properties.into());
+        self.touch(client_id);
+    }
+
+    pub(super) fn deliver(&mut self, client_id: &Str, mut message: Message, now: Instant) {
+        self.touch(client_id);
+        let Some(session) = self.sessions.get_mut(client_id) else {
+            return;
+        };
+        match session.conn.as_mut() {
+            Some((_, c)) => {
+                c.publish(message, now);
+                self.drain(client_id, now);
+            }
+            // Offline persistent session: QoS 1/2 (and QoS 0 if configured) wait in order,
+            // within the limits; otherwise QoS 0 is dropped.
+            None if message.qos != QoS::AtMostOnce || self.settings.queue_qos0 => {
+                let limits = (
+                    self.settings.max_queued_messages,
+                    self.settings.max_queued_bytes,
+                );
+                let full = |s: &SessionState, extra: usize| {
+                    s.queued_len() + 1 > limits.0 || s.queued_bytes() + extra > limits.1
+                };
+                let size = message.payload.len();
+                if let Some(age) = self.settings.max_queued_age {
+                    let limit = now + age;
+                    message.expires_at = Some(message.expires_at.map_or(limit, |t| t.min(limit)));
+                }
+                // Expired messages make room before live ones are dropped.
+                if full(&session.stored, size) {
+                    let expired = session.stored.remove_expired(now);
+                    self.dropped_expired += expired as u64;
+                }
+                let mut dropped = 0;
+                let mut enqueue = false;
+                match self.settings.queue_policy {
+                    QueuePolicy::DropNewest | QueuePolicy::Reject
+                        if full(&session.stored, size) =>
+                    {
+                        dropped = 1;
+                    }
+                    QueuePolicy::DropNewest | QueuePolicy::Reject => enqueue = true,
+                    QueuePolicy::DropOldest => {
+                        while full(&session.stored, size)
+                            && session.stored.dequeue_oldest().is_some()
+                        {
+                            dropped += 1;
+                        }
+                        if full(&session.stored, size) {
+                            dropped += 1; // larger than the whole byte limit on its own
+                        } else {
+                            enqueue = true;
+                        }
+                    }
+                }
+                if enqueue {
+                    session.stored.enqueue(message);
+                }
+                if dropped > 0 {
+                    self.dropped += dropped;
+                    tracing::warn!(client_id = %client_id, dropped, policy = ?self.settings.queue_policy, "offline queue full: messages dropped");
+                }
+            }
+            None => {}
+        }
+    }
+
+    pub(super) fn publish_will(&mut self, will: LastWill, now: Instant) {
+        let mut m = Message::new(will.topic, will.payload, will.qos);
+        m.retain = will.retain;
+        self.route(m, None, now);
+    }
+}
