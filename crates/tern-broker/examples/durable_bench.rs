@@ -5,6 +5,8 @@
 //!   persistent sessions publishing QoS 1 or QoS 2 (each keeping up to 16 in flight) to one
 //!   persistent subscriber; prints delivered messages per second and messages per commit
 //!   (each commit is one fsync) for P = 1, 16, 256.
+//! `cargo run --release -p tern-broker --example durable_bench -- batched`
+//!   the same with `durability = "batched"` (log write per commit, fsync every 100 ms).
 //! `cargo run --release -p tern-broker --example durable_bench -- restart`
 //!   writes 1,000,000 queued messages across 10,000 offline sessions into a store, then
 //!   times opening it, loading it and rebuilding the broker (all sessions restored, ready
@@ -41,6 +43,9 @@ impl Store for Counting {
     }
     fn load(&self) -> Result<Snapshot, StoreError> {
         self.inner.load()
+    }
+    fn flush(&mut self) -> Result<(), StoreError> {
+        self.inner.flush()
     }
 }
 
@@ -159,11 +164,22 @@ async fn client(
     }
 }
 
-fn throughput(rt: &tokio::runtime::Runtime, qos: QoS, publishers: usize, total: u64) {
+fn throughput(
+    rt: &tokio::runtime::Runtime,
+    qos: QoS,
+    publishers: usize,
+    total: u64,
+    batched: bool,
+) {
     let dir = temp_dir("tp");
     let commits = Arc::new(AtomicU64::new(0));
+    let mut inner =
+        RedbStore::open(&dir.join("tern.redb"), Instant::now(), SystemTime::now()).unwrap();
+    if batched {
+        inner.set_sync(tern_store::Sync::OnFlush);
+    }
     let store = Counting {
-        inner: RedbStore::open(&dir.join("tern.redb"), Instant::now(), SystemTime::now()).unwrap(),
+        inner,
         commits: commits.clone(),
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -180,7 +196,7 @@ fn throughput(rt: &tokio::runtime::Runtime, qos: QoS, publishers: usize, total: 
         settings,
         Some(tern_broker::server::Persistence {
             store: Box::new(store),
-            flush_every: None,
+            flush_every: batched.then(|| Duration::from_millis(100)),
         }),
         async {
             let _ = stop_rx.await;
@@ -226,7 +242,8 @@ fn throughput(rt: &tokio::runtime::Runtime, qos: QoS, publishers: usize, total: 
     let _ = rt.block_on(server);
     let _ = std::fs::remove_dir_all(&dir);
     println!(
-        "durable {qos:?} publishers={publishers:>3}: {expect} messages in {:.2} s = {:>7.0} msg/s delivered, {n} commits (fsyncs), {:.1} messages per commit",
+        "{} {qos:?} publishers={publishers:>3}: {expect} messages in {:.2} s = {:>7.0} msg/s delivered, {n} commits, {:.1} messages per commit",
+        if batched { "batched" } else { "sync" },
         elapsed.as_secs_f64(),
         expect as f64 / elapsed.as_secs_f64(),
         expect as f64 / n.max(1) as f64
@@ -318,10 +335,12 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    if what == "throughput" || what == "all" {
-        for qos in [QoS::AtLeastOnce, QoS::ExactlyOnce] {
-            for publishers in [1, 16, 256] {
-                throughput(&rt, qos, publishers, 20_480);
+    for (name, batched) in [("throughput", false), ("batched", true)] {
+        if what == name || what == "all" {
+            for qos in [QoS::AtLeastOnce, QoS::ExactlyOnce] {
+                for publishers in [1, 16, 256] {
+                    throughput(&rt, qos, publishers, 20_480, batched);
+                }
             }
         }
     }
