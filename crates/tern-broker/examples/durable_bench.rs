@@ -198,6 +198,7 @@ fn throughput(
             store: Box::new(store),
             flush_every: batched.then(|| Duration::from_millis(100)),
         }),
+        tern_broker::auth::Access::open(),
         async {
             let _ = stop_rx.await;
         },

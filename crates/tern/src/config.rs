@@ -17,6 +17,17 @@ pub(crate) struct File {
     pub(crate) limits: Limits,
     pub(crate) mqtt: Mqtt,
     pub(crate) storage: Storage,
+    pub(crate) auth: Auth,
+}
+
+/// Who may connect.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct Auth {
+    /// `user:hash` lines made with `tern passwd`.
+    pub(crate) password_file: Option<String>,
+    /// Clients without a username; default: only when listening on a loopback address.
+    pub(crate) allow_anonymous: Option<bool>,
 }
 
 /// Where state is kept and when an acknowledgement may go.

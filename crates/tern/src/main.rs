@@ -1,10 +1,11 @@
-//! The `tern` command: `tern broker [--config FILE] [--bind ADDR] [--data-dir DIR]`.
+//! The `tern` command: `tern broker [--config FILE] [--bind ADDR] [--data-dir DIR]` and
+//! `tern passwd [-b | -D] FILE USER [PASSWORD]`.
 
 mod config;
 
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: tern broker [--config FILE] [--bind ADDR] [--data-dir DIR]\n  defaults: every setting's default, 127.0.0.1:1883, ./tern-data, durability sync";
+const USAGE: &str = "usage: tern broker [--config FILE] [--bind ADDR] [--data-dir DIR]\n  defaults: every setting's default, 127.0.0.1:1883, ./tern-data, durability sync\n       tern passwd FILE USER             add or change USER (password read from stdin)\n       tern passwd -b FILE USER PASSWORD add or change USER with PASSWORD\n       tern passwd -D FILE USER          delete USER";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -13,6 +14,7 @@ fn main() -> ExitCode {
     let mut data_dir = None;
     match args.first().map(String::as_str) {
         Some("broker") => {}
+        Some("passwd") => return passwd(&args[1..]),
         Some("-h" | "--help") | None => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;
@@ -51,6 +53,13 @@ fn main() -> ExitCode {
         },
     };
     let bind = bind.unwrap_or_else(|| file.listener.bind.clone());
+    let access = match access(&file.auth, &bind) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("tern broker: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let data_dir =
         std::path::PathBuf::from(data_dir.unwrap_or_else(|| file.storage.data_dir.clone()));
     let settings = file.settings();
@@ -102,7 +111,8 @@ fn main() -> ExitCode {
                 "tern broker listening on {addr} (state in memory only, durability none)"
             ),
         }
-        if let Err(e) = tern_broker::server::serve(listener, settings, persistence, shutdown).await
+        if let Err(e) =
+            tern_broker::server::serve(listener, settings, persistence, access, shutdown).await
         {
             eprintln!(
                 "tern broker: cannot load the stored state from {}: {e}",
@@ -113,6 +123,85 @@ fn main() -> ExitCode {
         tracing::info!("stopped");
         ExitCode::SUCCESS
     })
+}
+
+/// Who may connect: the password file, if any, and anonymous clients (by default only on a
+/// loopback address, like Mosquitto 2's local-only default).
+fn access(auth: &config::Auth, bind: &str) -> Result<tern_broker::auth::Access, String> {
+    let passwords = match &auth.password_file {
+        Some(path) => Some(tern_broker::auth::PasswordFile::load(
+            std::path::Path::new(path),
+        )?),
+        None => None,
+    };
+    let loopback = bind
+        .parse::<std::net::SocketAddr>()
+        .is_ok_and(|a| a.ip().is_loopback());
+    Ok(tern_broker::auth::Access {
+        passwords,
+        allow_anonymous: auth.allow_anonymous.unwrap_or(loopback),
+    })
+}
+
+/// `tern passwd`: adds, changes or deletes a user in a password file (created if missing),
+/// like `mosquitto_passwd`.
+fn passwd(args: &[String]) -> ExitCode {
+    use tern_broker::auth::PasswordFile;
+    let (mode, rest) = match args.first().map(String::as_str) {
+        Some("-b") => ("batch", &args[1..]),
+        Some("-D") => ("delete", &args[1..]),
+        _ => ("stdin", args),
+    };
+    let want = if mode == "batch" { 3 } else { 2 };
+    if rest.len() != want {
+        eprintln!("tern passwd: wrong arguments\n{USAGE}");
+        return ExitCode::from(2);
+    }
+    let (path, user) = (std::path::Path::new(&rest[0]), rest[1].as_str());
+    let mut file = if path.exists() {
+        match PasswordFile::load(path) {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("tern passwd: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        PasswordFile::default()
+    };
+    let result = match mode {
+        "delete" => {
+            if file.remove(user) {
+                Ok(())
+            } else {
+                Err(format!("no user {user:?} in {}", path.display()))
+            }
+        }
+        "batch" => file.set(user, rest[2].as_bytes()),
+        _ => {
+            eprint!("password for {user}: ");
+            let mut line = String::new();
+            match std::io::stdin().read_line(&mut line) {
+                Ok(n) if n > 0 => {
+                    let password = line.trim_end_matches(['\n', '\r']);
+                    file.set(user, password.as_bytes())
+                }
+                _ => Err("no password on stdin".to_string()),
+            }
+        }
+    };
+    if let Err(e) = result {
+        eprintln!("tern passwd: {e}");
+        return ExitCode::FAILURE;
+    }
+    // Written whole to a temporary file and renamed: a crash leaves the old file or the new.
+    let tmp = path.with_extension("tmp");
+    let written = std::fs::write(&tmp, file.to_text()).and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = written {
+        eprintln!("tern passwd: cannot write {}: {e}", path.display());
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
 }
 
 /// Opens (or creates) the store in `dir` as the storage settings say; `None` for

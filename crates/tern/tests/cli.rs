@@ -92,3 +92,97 @@ fn a_data_directory_holding_something_that_is_not_a_store_stops_startup_and_is_l
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Starts `tern broker` with `config` and returns it with the port it listens on.
+fn broker_with(config: &std::path::Path, data: &std::path::Path) -> (std::process::Child, u16) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args(["broker", "--config"])
+        .arg(config)
+        .arg("--data-dir")
+        .arg(data)
+        .env("NO_COLOR", "1")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let port = loop {
+        let line = lines
+            .next()
+            .expect("the broker said where it listens")
+            .unwrap();
+        if let Some(rest) = line.split("listening on ").nth(1) {
+            let addr = rest.split_whitespace().next().unwrap();
+            break addr.rsplit(':').next().unwrap().parse().unwrap();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    (child, port)
+}
+
+fn mosquitto_pub(port: u16, user: &str, password: &str) -> Option<i32> {
+    Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-t",
+            "t",
+            "-m",
+            "x",
+        ])
+        .args(["-u", user, "-P", password, "-q", "1"])
+        .output()
+        .expect("mosquitto_pub (scripts/test installs mosquitto-clients)")
+        .status
+        .code()
+}
+
+#[test]
+fn tern_passwd_manages_users_that_tern_broker_then_checks() {
+    let dir = std::env::temp_dir().join(format!("tern-cli-passwd-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("passwords");
+    let _ = std::fs::remove_file(&file);
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_tern"))
+            .arg("passwd")
+            .args(args)
+            .status()
+            .unwrap()
+            .code()
+    };
+    let f = file.to_str().unwrap();
+    assert_eq!(run(&["-b", f, "ann", "s3cret"]), Some(0));
+    assert_eq!(run(&["-b", f, "bob", "first"]), Some(0));
+    assert_eq!(run(&["-b", f, "bob", "second"]), Some(0), "changed");
+    assert_eq!(run(&["-b", f, "carl", "x"]), Some(0));
+    assert_eq!(run(&["-D", f, "carl"]), Some(0), "deleted");
+    assert_eq!(run(&["-D", f, "carl"]), Some(1), "not there any more");
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert_eq!(text.lines().count(), 2);
+    assert!(text.starts_with("ann:$argon2id$"), "{text}");
+    assert!(!text.contains("s3cret"), "only hashes are stored");
+
+    let config = dir.join("tern.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[listener]\nbind = \"127.0.0.1:0\"\n[auth]\npassword_file = \"{f}\"\nallow_anonymous = false\n"
+        ),
+    )
+    .unwrap();
+    let (mut broker, port) = broker_with(&config, &dir.join("data"));
+    assert_eq!(mosquitto_pub(port, "ann", "s3cret"), Some(0));
+    assert_eq!(mosquitto_pub(port, "bob", "second"), Some(0));
+    assert_ne!(
+        mosquitto_pub(port, "bob", "first"),
+        Some(0),
+        "the old password"
+    );
+    assert_ne!(mosquitto_pub(port, "carl", "x"), Some(0), "a deleted user");
+    broker.kill().unwrap();
+    broker.wait().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::BytesMut;
-use tern_codec::{DecodeError, Packet, Protocol};
+use tern_codec::{DecodeError, Packet, Protocol, ReasonCode};
 use tern_store::{Store, StoreError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -70,8 +70,10 @@ pub async fn serve(
     listener: TcpListener,
     settings: Settings,
     persistence: Option<Persistence>,
+    access: crate::auth::Access,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), StoreError> {
+    let access = Arc::new(access);
     let (to_core, mut from_conns) = mpsc::unbounded_channel::<ToCore>();
     let connect_timeout = settings.connect_timeout;
     let max_packet_size = settings.max_packet_size;
@@ -185,6 +187,7 @@ pub async fn serve(
                     to_core.clone(),
                     connect_timeout,
                     max_packet_size,
+                    access.clone(),
                 ));
             }
         }
@@ -247,8 +250,10 @@ async fn connection(
     to_core: mpsc::UnboundedSender<ToCore>,
     connect_timeout: Duration,
     max_packet_size: u32,
+    access: Arc<crate::auth::Access>,
 ) {
     let (tx, mut rx) = mpsc::unbounded_channel::<ToConn>();
+    let refuse = tx.clone();
     if to_core.send(ToCore::Accepted(conn, peer, tx)).is_err() {
         return;
     }
@@ -313,6 +318,22 @@ async fn connection(
                         } else {
                             version.store(protocol_code(c.protocol), Ordering::Release);
                             connected = true;
+                            let checked = if access.costly(c) {
+                                // Hashing takes milliseconds: off the runtime's threads.
+                                let (a, c) = (access.clone(), c.clone());
+                                tokio::task::spawn_blocking(move || a.check(&c))
+                                    .await
+                                    .unwrap_or(Err(ReasonCode::ServerUnavailable))
+                            } else {
+                                access.check(c)
+                            };
+                            if let Err(reason) = checked {
+                                tracing::info!(conn, %peer, client_id = %c.client_id, user = c.username.as_deref().unwrap_or("-"), ?reason, "refused at CONNECT");
+                                let ack = tern_codec::ConnAck::new(false, reason);
+                                let _ = refuse.send(ToConn::Packets(vec![Packet::ConnAck(ack)]));
+                                let _ = refuse.send(ToConn::Close);
+                                break 'read;
+                            }
                         }
                     }
                     if to_core.send(ToCore::Packet(conn, packet)).is_err() {
@@ -327,6 +348,8 @@ async fn connection(
             }
         }
     }
+    // The writer ends when every sender is gone (the core drops its own on Closed).
+    drop(refuse);
     let _ = to_core.send(ToCore::Closed(conn));
     let _ = write.await;
 }

@@ -46,6 +46,23 @@ impl Broker {
         settings: tern_broker::core::Settings,
         store: Box<dyn tern_store::Store>,
     ) -> Broker {
+        Broker::with_all(settings, store, tern_broker::auth::Access::open())
+    }
+
+    /// A broker letting in whom `access` says.
+    pub fn with_access(access: tern_broker::auth::Access) -> Broker {
+        Broker::with_all(
+            tern_broker::core::Settings::default(),
+            Box::new(tern_store::MemoryStore::new()),
+            access,
+        )
+    }
+
+    fn with_all(
+        settings: tern_broker::core::Settings,
+        store: Box<dyn tern_store::Store>,
+        access: tern_broker::auth::Access,
+    ) -> Broker {
         let (port_tx, port_rx) = std::sync::mpsc::channel();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
@@ -61,7 +78,7 @@ impl Broker {
                     store,
                     flush_every: None,
                 };
-                tern_broker::server::serve(listener, settings, Some(store), async {
+                tern_broker::server::serve(listener, settings, Some(store), access, async {
                     let _ = stopped.await;
                 })
                 .await
