@@ -183,14 +183,27 @@ pub(crate) fn message(m: &Message, anchor: Anchor) -> Vec<u8> {
     let mut w = Writer::new();
     w.bytes(&wire);
     w.opt_time(m.expires_at.map(|t| anchor.to_wall(t)));
-    match &m.shared {
+    shared_tag(&mut w, m.shared.as_ref());
+    w.finish()
+}
+
+/// The shared-subscription group a copy was delivered through, if any.
+fn shared_tag(w: &mut Writer, shared: Option<&Str>) {
+    match shared {
         Some(s) => {
             w.u8(1);
             w.bytes(s.as_bytes());
         }
         None => w.u8(0),
     }
-    w.finish()
+}
+
+fn read_shared_tag(r: &mut Reader<'_>) -> Result<Option<Str>, StoreError> {
+    match r.u8()? {
+        0 => Ok(None),
+        1 => Ok(Some(Str::from(r.str()?))),
+        _ => Err(corrupt(r.what)),
+    }
 }
 
 pub(crate) fn read_message(buf: &[u8], anchor: Anchor) -> Result<Message, StoreError> {
@@ -201,11 +214,7 @@ pub(crate) fn read_message(buf: &[u8], anchor: Anchor) -> Result<Message, StoreE
         return Err(corrupt("message"));
     };
     let expires_at = r.opt_time()?.map(|t| anchor.to_instant(t));
-    let shared = match r.u8()? {
-        0 => None,
-        1 => Some(Str::from(r.str()?)),
-        _ => return Err(corrupt("message")),
-    };
+    let shared = read_shared_tag(&mut r)?;
     let mut m = Message::from_publish(p, anchor.instant);
     m.expires_at = expires_at;
     m.shared = shared;
@@ -354,13 +363,7 @@ pub(crate) fn reference(key: u64, m: &Message) -> Vec<u8> {
     for id in ids {
         w.u32(id.get());
     }
-    match &m.shared {
-        Some(s) => {
-            w.u8(1);
-            w.bytes(s.as_bytes());
-        }
-        None => w.u8(0),
-    }
+    shared_tag(&mut w, m.shared.as_ref());
     w.finish()
 }
 
@@ -380,11 +383,7 @@ pub(crate) fn read_reference(buf: &[u8]) -> Result<(u64, Copy), StoreError> {
     for _ in 0..n {
         ids.push(SubscriptionId::new(r.u32()?).ok_or_else(|| corrupt(what))?);
     }
-    let shared = match r.u8()? {
-        0 => None,
-        1 => Some(Str::from(r.str()?)),
-        _ => return Err(corrupt(what)),
-    };
+    let shared = read_shared_tag(&mut r)?;
     Ok((
         key,
         Copy {

@@ -9,24 +9,13 @@ use std::process::{Command, Stdio};
 
 #[test]
 fn tern_broker_listens_and_exits_0_on_sigterm() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tern"))
-        .args(["broker", "--bind", "127.0.0.1:0", "--data-dir"])
-        .arg(std::env::temp_dir().join(format!("tern-cli-data-{}", std::process::id())))
-        .env("NO_COLOR", "1")
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines
-            .next()
-            .expect("the broker said where it listens")
-            .unwrap();
-        if let Some(rest) = line.split("listening on ").nth(1) {
-            break rest.split_whitespace().next().unwrap().to_string();
-        }
-    };
+    let data = std::env::temp_dir().join(format!("tern-cli-data-{}", std::process::id()));
+    let (mut child, addr) = spawn_broker(&[
+        "--bind",
+        "127.0.0.1:0",
+        "--data-dir",
+        data.to_str().unwrap(),
+    ]);
     TcpStream::connect(&addr).expect("the broker accepts connections");
     let killed = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
@@ -93,31 +82,29 @@ fn a_data_directory_holding_something_that_is_not_a_store_stops_startup_and_is_l
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Starts `tern broker` with `config` and returns it with the port it listens on.
-fn broker_with(config: &std::path::Path, data: &std::path::Path) -> (std::process::Child, u16) {
+/// Starts `tern broker` with `args`; returns it with the address it says it listens on
+/// (its further output is drained).
+fn spawn_broker(args: &[&str]) -> (std::process::Child, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_tern"))
-        .args(["broker", "--config"])
-        .arg(config)
-        .arg("--data-dir")
-        .arg(data)
+        .arg("broker")
+        .args(args)
         .env("NO_COLOR", "1")
         .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let port = loop {
+    let addr = loop {
         let line = lines
             .next()
             .expect("the broker said where it listens")
             .unwrap();
         if let Some(rest) = line.split("listening on ").nth(1) {
-            let addr = rest.split_whitespace().next().unwrap();
-            break addr.rsplit(':').next().unwrap().parse().unwrap();
+            break rest.split_whitespace().next().unwrap().to_string();
         }
     };
     std::thread::spawn(move || for _ in lines {});
-    (child, port)
+    (child, addr)
 }
 
 fn mosquitto_pub(port: u16, user: &str, password: &str) -> Option<i32> {
@@ -173,7 +160,14 @@ fn tern_passwd_manages_users_that_tern_broker_then_checks() {
         ),
     )
     .unwrap();
-    let (mut broker, port) = broker_with(&config, &dir.join("data"));
+    let data = dir.join("data");
+    let (mut broker, addr) = spawn_broker(&[
+        "--config",
+        config.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+    ]);
+    let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();
     assert_eq!(mosquitto_pub(port, "ann", "s3cret"), Some(0));
     assert_eq!(mosquitto_pub(port, "bob", "second"), Some(0));
     assert_ne!(
