@@ -487,14 +487,21 @@ fn batched_session(
     }
 }
 
+/// A store on `file` that does not fsync each commit (`durability = "batched"`).
+fn without_fsync(file: &TempFile) -> tern_store::RedbStore {
+    let (now, wall) = anchor();
+    let mut store = tern_store::RedbStore::open(&file.0, now, wall).unwrap();
+    store.set_sync(tern_store::Sync::OnFlush);
+    store
+}
+
 #[test]
 fn a_store_without_fsync_per_commit_reopens_to_every_commit_applied_exactly_once() {
     let file = TempFile::new();
     let (now, wall) = anchor();
     let mut model = MemoryStore::new();
     {
-        let mut store = tern_store::RedbStore::open(&file.0, now, wall).unwrap();
-        store.set_sync(tern_store::Sync::OnFlush);
+        let mut store = without_fsync(&file);
         batched_session(
             &mut store,
             &mut model,
@@ -531,8 +538,7 @@ fn a_torn_record_at_the_end_of_the_log_is_cut_off() {
     let (now, wall) = anchor();
     let mut model = MemoryStore::new();
     {
-        let mut store = tern_store::RedbStore::open(&file.0, now, wall).unwrap();
-        store.set_sync(tern_store::Sync::OnFlush);
+        let mut store = without_fsync(&file);
         batched_session(
             &mut store,
             &mut model,
