@@ -277,6 +277,7 @@ fn restart(sessions: usize, messages: usize) {
                             id: None,
                         }],
                         pending_will: None,
+                        username: None,
                     },
                 });
                 for k in 0..per {

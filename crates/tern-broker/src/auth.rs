@@ -115,8 +115,10 @@ fn getrandom_salt(out: &mut [u8]) -> Result<(), String> {
 pub struct Access {
     /// When set, a client giving a username must give that user's password.
     pub passwords: Option<PasswordFile>,
-    /// Whether clients without a username are let in.
+    /// Whether clients without a username are let in (listeners may say otherwise).
     pub allow_anonymous: bool,
+    /// What clients may publish, subscribe to and receive; `None`: everything.
+    pub acl: Option<std::sync::Arc<crate::acl::Acl>>,
 }
 
 impl Access {
@@ -125,6 +127,7 @@ impl Access {
         Access {
             passwords: None,
             allow_anonymous: true,
+            acl: None,
         }
     }
 
@@ -132,8 +135,13 @@ impl Access {
     /// Password (3.x return code 4) for credentials that do not check out, 0x87 Not
     /// authorized (return code 5) for an anonymous client where none are allowed.
     pub fn check(&self, connect: &Connect) -> Result<(), ReasonCode> {
+        self.check_as(connect, self.allow_anonymous)
+    }
+
+    /// [`Access::check`] on a listener that does (or does not) let anonymous clients in.
+    pub fn check_as(&self, connect: &Connect, allow_anonymous: bool) -> Result<(), ReasonCode> {
         match (&connect.username, &self.passwords) {
-            (None, _) if self.allow_anonymous => Ok(()),
+            (None, _) if allow_anonymous => Ok(()),
             (None, _) => Err(ReasonCode::NotAuthorized),
             (Some(user), Some(file)) => {
                 let password = connect.password.as_deref().unwrap_or(&[]);
@@ -144,7 +152,7 @@ impl Access {
                 }
             }
             // No password file: a username is only a name, as in Mosquitto.
-            (Some(_), None) if self.allow_anonymous => Ok(()),
+            (Some(_), None) if allow_anonymous => Ok(()),
             (Some(_), None) => Err(ReasonCode::BadUserNameOrPassword),
         }
     }

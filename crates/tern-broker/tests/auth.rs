@@ -16,6 +16,7 @@ fn access(allow_anonymous: bool) -> Access {
     Access {
         passwords: Some(file),
         allow_anonymous,
+        acl: None,
     }
 }
 

@@ -100,6 +100,10 @@ pub(crate) struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
+    fn at_end(&self) -> bool {
+        self.buf.is_empty()
+    }
+
     fn new(buf: &'a [u8], what: &'static str) -> Result<Reader<'a>, StoreError> {
         let mut r = Reader { buf, what };
         if r.u8()? != VERSION {
@@ -266,6 +270,10 @@ pub(crate) fn record(rec: &SessionRecord) -> Vec<u8> {
         }
         None => w.u8(0),
     }
+    // Added after version 2 shipped: a record that ends before it has no username.
+    if let Some(u) = &rec.username {
+        w.bytes(u.as_bytes());
+    }
     w.finish()
 }
 
@@ -307,11 +315,17 @@ pub(crate) fn read_record(buf: &[u8]) -> Result<SessionRecord, StoreError> {
         }),
         _ => return Err(corrupt(what)),
     };
+    let username = if r.at_end() {
+        None
+    } else {
+        Some(Str::from(r.str()?))
+    };
     Ok(SessionRecord {
         expiry,
         expires_at,
         subscriptions,
         pending_will,
+        username,
     })
 }
 

@@ -58,6 +58,9 @@ pub struct SessionRecord {
     pub subscriptions: Vec<Subscription>,
     /// A delayed will, if one is waiting.
     pub pending_will: Option<PendingWill>,
+    /// The username of the session's last connection (the ACL's `%u` while it is
+    /// offline).
+    pub username: Option<Str>,
 }
 
 /// One session as stored.

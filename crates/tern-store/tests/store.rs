@@ -30,6 +30,7 @@ fn record(expiry: u64) -> SessionRecord {
             id: None,
         }],
         pending_will: None,
+        username: expiry.is_multiple_of(2).then(|| "alice".into()),
     }
 }
 

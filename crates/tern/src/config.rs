@@ -9,10 +9,12 @@ use tern_broker::core::{QueuePolicy, Settings, SharedStrategy};
 use tern_codec::QoS;
 
 /// The whole file.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub(crate) struct File {
-    pub(crate) listener: Listener,
+    /// One `[listener]` table or any number of `[[listener]]` tables.
+    #[serde(deserialize_with = "one_or_many")]
+    pub(crate) listener: Vec<Listener>,
     pub(crate) sessions: Sessions,
     pub(crate) limits: Limits,
     pub(crate) mqtt: Mqtt,
@@ -21,13 +23,16 @@ pub(crate) struct File {
 }
 
 /// Who may connect.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub(crate) struct Auth {
     /// `user:hash` lines made with `tern passwd`.
     pub(crate) password_file: Option<String>,
-    /// Clients without a username; default: only when listening on a loopback address.
+    /// Clients without a username, on listeners that do not say; default: only on
+    /// listeners bound to a loopback address.
     pub(crate) allow_anonymous: Option<bool>,
+    /// Mosquitto-style ACL file (`user`, `topic`, `pattern` lines); none: all allowed.
+    pub(crate) acl_file: Option<String>,
 }
 
 /// Where state is kept and when an acknowledgement may go.
@@ -96,19 +101,88 @@ impl Default for Mqtt {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub(crate) struct Listener {
     /// Address to listen on.
     pub(crate) bind: String,
+    pub(crate) transport: TransportKind,
+    /// TLS (`tls`, `wss`): PEM certificate chain and private key.
+    pub(crate) cert_file: Option<String>,
+    pub(crate) key_file: Option<String>,
+    /// TLS: CA certificates (PEM) that client certificates are checked against.
+    pub(crate) ca_file: Option<String>,
+    /// With `ca_file`: refuse clients without a valid certificate (default true).
+    pub(crate) require_certificate: bool,
+    /// With `ca_file`: the certificate's CN is the username, no password asked.
+    pub(crate) use_identity_as_username: bool,
+    /// WebSocket (`ws`, `wss`): the upgrade path.
+    pub(crate) path: String,
+    /// 0: no limit of its own.
+    pub(crate) max_connections: usize,
+    /// Default: `[auth] allow_anonymous`, or else only on a loopback address.
+    pub(crate) allow_anonymous: Option<bool>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum TransportKind {
+    Tcp,
+    Tls,
+    Ws,
+    Wss,
 }
 
 impl Default for Listener {
     fn default() -> Self {
         Listener {
             bind: "127.0.0.1:1883".into(),
+            transport: TransportKind::Tcp,
+            cert_file: None,
+            key_file: None,
+            ca_file: None,
+            require_certificate: true,
+            use_identity_as_username: false,
+            path: "/mqtt".into(),
+            max_connections: 0,
+            allow_anonymous: None,
         }
     }
+}
+
+impl Default for File {
+    fn default() -> Self {
+        File {
+            listener: vec![Listener::default()],
+            sessions: Sessions::default(),
+            limits: Limits::default(),
+            mqtt: Mqtt::default(),
+            storage: Storage::default(),
+            auth: Auth::default(),
+        }
+    }
+}
+
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Listener>, D::Error> {
+    use serde::de::{MapAccess, SeqAccess, Visitor, value::MapAccessDeserializer};
+    struct V;
+    impl<'de> Visitor<'de> for V {
+        type Value = Vec<Listener>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a [listener] table or [[listener]] tables")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+            Listener::deserialize(MapAccessDeserializer::new(map)).map(|l| vec![l])
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut all = Vec::new();
+            while let Some(l) = seq.next_element()? {
+                all.push(l);
+            }
+            Ok(all)
+        }
+    }
+    d.deserialize_any(V)
 }
 
 #[derive(Debug, Deserialize)]
@@ -154,6 +228,13 @@ pub(crate) struct Limits {
     connect_timeout_secs: u32,
     max_packet_size: u32,
     max_keep_alive: u16,
+    /// Connections open at once over all listeners; 0: no limit.
+    pub(crate) max_connections: usize,
+    max_topic_length: usize,
+    max_topic_levels: usize,
+    max_subscriptions_per_client: usize,
+    /// PUBLISH packets per second per client; 0: no limit.
+    max_publish_rate: u32,
 }
 
 impl Default for Limits {
@@ -166,6 +247,11 @@ impl Default for Limits {
             connect_timeout_secs: s.connect_timeout.as_secs() as u32,
             max_packet_size: s.max_packet_size,
             max_keep_alive: s.max_keep_alive,
+            max_connections: 0,
+            max_topic_length: s.max_topic_length,
+            max_topic_levels: s.max_topic_levels,
+            max_subscriptions_per_client: s.max_subscriptions,
+            max_publish_rate: 0,
         }
     }
 }
@@ -196,11 +282,51 @@ impl File {
         if file.limits.inflight_3x == 0 {
             return Err("limits.inflight_3x must be at least 1".into());
         }
-        if file.listener.bind.parse::<std::net::SocketAddr>().is_err() {
-            return Err(format!(
-                "listener.bind: '{}' is not an address like 127.0.0.1:1883",
-                file.listener.bind
-            ));
+        if file.listener.is_empty() {
+            return Err("at least one [[listener]] is needed".into());
+        }
+        for (n, l) in file.listener.iter().enumerate() {
+            let at = if file.listener.len() == 1 {
+                "listener".to_string()
+            } else {
+                format!("listener {}", n + 1)
+            };
+            if l.bind.parse::<std::net::SocketAddr>().is_err() {
+                return Err(format!(
+                    "{at}.bind: '{}' is not an address like 127.0.0.1:1883",
+                    l.bind
+                ));
+            }
+            let tls = matches!(l.transport, TransportKind::Tls | TransportKind::Wss);
+            if tls && (l.cert_file.is_none() || l.key_file.is_none()) {
+                return Err(format!(
+                    "{at}: transport {:?} needs cert_file and key_file",
+                    l.transport
+                ));
+            }
+            if !tls && (l.cert_file.is_some() || l.key_file.is_some() || l.ca_file.is_some()) {
+                return Err(format!(
+                    "{at}: cert_file/key_file/ca_file need transport \"tls\" or \"wss\""
+                ));
+            }
+            if l.use_identity_as_username && l.ca_file.is_none() {
+                return Err(format!("{at}: use_identity_as_username needs ca_file"));
+            }
+            if !l.path.starts_with('/') {
+                return Err(format!("{at}.path: '{}' must start with /", l.path));
+            }
+        }
+        for (key, v) in [
+            ("max_topic_length", file.limits.max_topic_length),
+            ("max_topic_levels", file.limits.max_topic_levels),
+            (
+                "max_subscriptions_per_client",
+                file.limits.max_subscriptions_per_client,
+            ),
+        ] {
+            if v == 0 {
+                return Err(format!("limits.{key} must be at least 1"));
+            }
         }
         Ok(file)
     }
@@ -243,6 +369,11 @@ impl File {
             max_session_expiry_3x: Duration::from_secs(u64::from(
                 self.sessions.max_session_expiry_3x_secs,
             )),
+            max_topic_length: self.limits.max_topic_length,
+            max_topic_levels: self.limits.max_topic_levels,
+            max_subscriptions: self.limits.max_subscriptions_per_client,
+            max_publish_rate: (self.limits.max_publish_rate > 0)
+                .then_some(self.limits.max_publish_rate),
         }
     }
 }
@@ -254,7 +385,7 @@ mod tests {
     #[test]
     fn an_empty_file_gives_every_default() {
         let f = File::parse("").unwrap();
-        assert_eq!(f.listener.bind, "127.0.0.1:1883");
+        assert_eq!(f.listener[0].bind, "127.0.0.1:1883");
         assert_eq!(f.settings(), Settings::default());
     }
 
@@ -265,7 +396,7 @@ mod tests {
         )
         .unwrap();
         let s = f.settings();
-        assert_eq!(f.listener.bind, "0.0.0.0:1884");
+        assert_eq!(f.listener[0].bind, "0.0.0.0:1884");
         assert_eq!(
             (
                 s.queue_policy,
@@ -309,5 +440,20 @@ mod tests {
         assert!(e.contains("limits.receive_maximum"), "{e}");
         let e = File::parse("[listener]\nbind = \"localhost\"\n").unwrap_err();
         assert!(e.contains("listener.bind"), "{e}");
+        let e = File::parse("[[listener]]\nbind = \"127.0.0.1:1\"\n[[listener]]\nbind = \"127.0.0.1:2\"\ntransport = \"tls\"\n").unwrap_err();
+        assert!(e.contains("listener 2") && e.contains("cert_file"), "{e}");
+        let e = File::parse("[[listener]]\ntransport = \"quic\"\n").unwrap_err();
+        assert!(e.contains("quic") && e.contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn several_listeners_are_read() {
+        let f = File::parse("[[listener]]\nbind = \"127.0.0.1:1883\"\n[[listener]]\nbind = \"0.0.0.0:8883\"\ntransport = \"wss\"\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\npath = \"/ws\"\nmax_connections = 5\n").unwrap();
+        assert_eq!(f.listener.len(), 2);
+        let l = &f.listener[1];
+        assert_eq!(
+            (l.transport, l.path.as_str(), l.max_connections),
+            (TransportKind::Wss, "/ws", 5)
+        );
     }
 }

@@ -52,8 +52,12 @@ fn main() -> ExitCode {
             },
         },
     };
-    let bind = bind.unwrap_or_else(|| file.listener.bind.clone());
-    let access = match access(&file.auth, &bind) {
+    let mut file = file;
+    if let Some(bind) = bind {
+        // --bind: the first listener's address.
+        file.listener[0].bind = bind;
+    }
+    let access = match load_access(&file.auth) {
         Ok(a) => a,
         Err(e) => {
             eprintln!("tern broker: {e}");
@@ -81,15 +85,26 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let tls = match tls_configs(&file.listener) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("tern broker: {e}");
+            return ExitCode::from(2);
+        }
+    };
     runtime.block_on(async {
         let shutdown = shutdown_signal();
-        let listener = match tokio::net::TcpListener::bind(&bind).await {
-            Ok(l) => l,
-            Err(e) => {
-                eprintln!("tern broker: cannot listen on {bind}: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
+        let mut listeners = Vec::new();
+        for (l, tls) in file.listener.iter().zip(tls) {
+            let socket = match tokio::net::TcpListener::bind(&l.bind).await {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("tern broker: cannot listen on {}: {e}", l.bind);
+                    return ExitCode::FAILURE;
+                }
+            };
+            listeners.push(listener(l, socket, tls, file.auth.allow_anonymous));
+        }
         let persistence = match open_store(&data_dir, &file.storage) {
             Ok(p) => p,
             Err(e) => {
@@ -97,9 +112,14 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        let addr = listener
-            .local_addr()
-            .map_or(bind.clone(), |a| a.to_string());
+        let addrs: Vec<String> = listeners
+            .iter()
+            .map(|l| match l.socket.local_addr() {
+                Ok(a) => format!("{a} ({})", l.transport.name()),
+                Err(_) => l.transport.name().to_string(),
+            })
+            .collect();
+        let addr = addrs.join(", ");
         let durability = file.storage.durability;
         match &persistence {
             Some(_) => tracing::info!(
@@ -111,9 +131,17 @@ fn main() -> ExitCode {
                 "tern broker listening on {addr} (state in memory only, durability none)"
             ),
         }
-        if let Err(e) =
-            tern_broker::server::serve(listener, settings, persistence, access, shutdown).await
-        {
+        let control = tern_broker::server::AccessControl::new(access);
+        reload_on_hangup(control.clone(), file.auth.clone());
+        let server = tern_broker::server::Server {
+            listeners,
+            settings,
+            persistence,
+            access: control,
+            max_connections: (file.limits.max_connections > 0)
+                .then_some(file.limits.max_connections),
+        };
+        if let Err(e) = tern_broker::server::run(server, shutdown).await {
             eprintln!(
                 "tern broker: cannot load the stored state from {}: {e}",
                 data_dir.display()
@@ -125,22 +153,106 @@ fn main() -> ExitCode {
     })
 }
 
-/// Who may connect: the password file, if any, and anonymous clients (by default only on a
-/// loopback address, like Mosquitto 2's local-only default).
-fn access(auth: &config::Auth, bind: &str) -> Result<tern_broker::auth::Access, String> {
+/// Each TLS listener's certificates, loaded before anything starts.
+fn tls_configs(
+    listeners: &[config::Listener],
+) -> Result<Vec<Option<tern_broker::server::Tls>>, String> {
+    use std::path::Path;
+    listeners
+        .iter()
+        .map(|l| match (&l.cert_file, &l.key_file) {
+            (Some(cert), Some(key)) => {
+                let files = tern_broker::server::TlsFiles {
+                    cert: Path::new(cert),
+                    key: Path::new(key),
+                    client_ca: l.ca_file.as_deref().map(Path::new),
+                    require_client_cert: l.require_certificate,
+                };
+                tern_broker::server::Tls::load(&files)
+                    .map(Some)
+                    .map_err(|e| format!("listener {}: {e}", l.bind))
+            }
+            _ => Ok(None),
+        })
+        .collect()
+}
+
+/// One configured listener on its bound socket.
+fn listener(
+    l: &config::Listener,
+    socket: tokio::net::TcpListener,
+    tls: Option<tern_broker::server::Tls>,
+    anonymous: Option<bool>,
+) -> tern_broker::server::Listener {
+    use config::TransportKind;
+    use tern_broker::server::Transport;
+    let path = l.path.clone();
+    let transport = match (l.transport, tls) {
+        (TransportKind::Tls, Some(tls)) => Transport::Tls(tls),
+        (TransportKind::Wss, Some(tls)) => Transport::Wss { tls, path },
+        (TransportKind::Ws, _) => Transport::Ws { path },
+        // Checked when the file was parsed: TLS transports have their certificates.
+        _ => Transport::Tcp,
+    };
+    // Anonymous clients: as the listener says, else as [auth] says, else only on loopback
+    // (Mosquitto 2's local-only default).
+    let loopback = socket.local_addr().is_ok_and(|a| a.ip().is_loopback());
+    tern_broker::server::Listener {
+        socket,
+        transport,
+        max_connections: (l.max_connections > 0).then_some(l.max_connections),
+        allow_anonymous: Some(l.allow_anonymous.or(anonymous).unwrap_or(loopback)),
+        cert_username: l.use_identity_as_username,
+    }
+}
+
+/// The password file and ACL named in `[auth]`. Anonymous access is decided per listener.
+fn load_access(auth: &config::Auth) -> Result<tern_broker::auth::Access, String> {
     let passwords = match &auth.password_file {
         Some(path) => Some(tern_broker::auth::PasswordFile::load(
             std::path::Path::new(path),
         )?),
         None => None,
     };
-    let loopback = bind
-        .parse::<std::net::SocketAddr>()
-        .is_ok_and(|a| a.ip().is_loopback());
+    let acl = match &auth.acl_file {
+        Some(path) => Some(std::sync::Arc::new(tern_broker::acl::Acl::load(
+            std::path::Path::new(path),
+        )?)),
+        None => None,
+    };
     Ok(tern_broker::auth::Access {
         passwords,
-        allow_anonymous: auth.allow_anonymous.unwrap_or(loopback),
+        allow_anonymous: false,
+        acl,
     })
+}
+
+/// SIGHUP reads the password file and ACL again and puts them in force without dropping
+/// anyone; a file that no longer parses is reported and the old rules stay.
+fn reload_on_hangup(control: tern_broker::server::AccessControl, auth: config::Auth) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hangup) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot install the SIGHUP handler: no reload");
+            return;
+        };
+        tokio::spawn(async move {
+            while hangup.recv().await.is_some() {
+                match load_access(&auth) {
+                    Ok(access) => {
+                        tracing::info!(
+                            users = access.passwords.as_ref().map_or(0, |p| p.len()),
+                            acl = access.acl.is_some(),
+                            "SIGHUP: password file and ACL reloaded"
+                        );
+                        control.replace(access);
+                    }
+                    Err(e) => tracing::error!("SIGHUP: {e}; the previous files stay in force"),
+                }
+            }
+        });
+    }
 }
 
 /// `tern passwd`: adds, changes or deletes a user in a password file (created if missing),

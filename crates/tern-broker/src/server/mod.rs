@@ -1,25 +1,96 @@
-//! The tokio server around the sans-IO core: a listener, one task per connection that reads
-//! and decodes, and one core task that owns the [`Broker`] and tells connections what to
-//! write. Each connection writes everything queued for it in one buffer, one `write_all`
-//! per wakeup.
+//! The tokio server around the sans-IO core: listeners (TCP, TLS, WebSocket, both), one
+//! task per connection that reads and decodes, and one core task that owns the [`Broker`]
+//! and tells connections what to write. Each connection writes everything queued for it
+//! in one buffer, one write per wakeup.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::BytesMut;
 use tern_codec::{DecodeError, Packet, Protocol, ReasonCode};
 use tern_store::{Store, StoreError};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
+use crate::auth::Access;
 use crate::core::{Broker, ConnId, Output, Settings};
 
+mod transport;
 mod writer;
+
+pub use transport::{Tls, TlsFiles, Transport, common_name};
+
+/// One listening socket and how its connections are served.
+pub struct Listener {
+    /// The bound socket.
+    pub socket: TcpListener,
+    /// TCP, TLS, WebSocket or WebSocket over TLS.
+    pub transport: Transport,
+    /// Most connections open at once on this listener; the next ones are refused at
+    /// CONNECT (0x97 Quota exceeded, 3.x return code 3). `None`: no limit.
+    pub max_connections: Option<usize>,
+    /// Whether clients without a username are let in here; `None`: as [`Access`] says.
+    pub allow_anonymous: Option<bool>,
+    /// TLS with client certificates: the certificate's Common Name becomes the username
+    /// (and no password is asked for), as Mosquitto's `use_identity_as_username`. A
+    /// client without a certificate is anonymous.
+    pub cert_username: bool,
+}
+
+impl Listener {
+    /// Plain MQTT on TCP, no limits of its own.
+    pub fn tcp(socket: TcpListener) -> Listener {
+        Listener {
+            socket,
+            transport: Transport::Tcp,
+            max_connections: None,
+            allow_anonymous: None,
+            cert_username: false,
+        }
+    }
+}
+
+/// Who may connect and what they may do, replaceable while the server runs (SIGHUP):
+/// new connections check the new password file, and the core applies the new ACL from
+/// the next packet on. Nobody is disconnected.
+#[derive(Clone)]
+pub struct AccessControl(watch::Sender<Arc<Access>>);
+
+impl AccessControl {
+    /// Starts with `access`.
+    pub fn new(access: Access) -> AccessControl {
+        AccessControl(watch::Sender::new(Arc::new(access)))
+    }
+
+    /// Puts `access` in force.
+    pub fn replace(&self, access: Access) {
+        self.0.send_replace(Arc::new(access));
+    }
+
+    /// What is in force.
+    pub fn current(&self) -> Arc<Access> {
+        self.0.borrow().clone()
+    }
+}
+
+/// Everything [`run`] needs.
+pub struct Server {
+    /// Where to accept connections; at least one.
+    pub listeners: Vec<Listener>,
+    /// The core's settings.
+    pub settings: Settings,
+    /// The store, if state is kept.
+    pub persistence: Option<Persistence>,
+    /// Passwords and ACL.
+    pub access: AccessControl,
+    /// Most connections open at once over all listeners; `None`: no limit.
+    pub max_connections: Option<usize>,
+}
 
 enum ToCore {
     Accepted(ConnId, SocketAddr, mpsc::UnboundedSender<ToConn>),
@@ -70,10 +141,29 @@ pub async fn serve(
     listener: TcpListener,
     settings: Settings,
     persistence: Option<Persistence>,
-    access: crate::auth::Access,
+    access: Access,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), StoreError> {
-    let access = Arc::new(access);
+    let server = Server {
+        listeners: vec![Listener::tcp(listener)],
+        settings,
+        persistence,
+        access: AccessControl::new(access),
+        max_connections: None,
+    };
+    run(server, shutdown).await
+}
+
+/// Serves MQTT on every listener of `server` until `shutdown` completes, as [`serve`].
+pub async fn run(server: Server, shutdown: impl Future<Output = ()>) -> Result<(), StoreError> {
+    let Server {
+        listeners,
+        settings,
+        persistence,
+        access,
+        max_connections,
+    } = server;
+    let mut acl_changes = access.0.subscribe();
     let (to_core, mut from_conns) = mpsc::unbounded_channel::<ToCore>();
     let connect_timeout = settings.connect_timeout;
     let max_packet_size = settings.max_packet_size;
@@ -83,6 +173,7 @@ pub async fn serve(
     };
     let core_settings = settings.clone();
     let mut broker = Broker::resume(settings, snapshot, Instant::now(), SystemTime::now());
+    broker.set_acl(acl_changes.borrow_and_update().acl.clone());
     let mut writer = persistence.map(|p| writer::Writer::spawn(p, to_core.clone()));
     let core = tokio::spawn(async move {
         let mut writers: HashMap<ConnId, mpsc::UnboundedSender<ToConn>> = HashMap::new();
@@ -95,6 +186,10 @@ pub async fn serve(
                     None => break 'run,
                 },
                 _ = tick.tick() => broker.handle_timeout(Instant::now()),
+                Ok(()) = acl_changes.changed() => {
+                    broker.set_acl(acl_changes.borrow_and_update().acl.clone());
+                    tracing::info!("ACL reloaded");
+                }
             }
             // Everything already waiting is handled before one batch goes to the writer.
             let mut next = first;
@@ -137,6 +232,7 @@ pub async fn serve(
                                     Instant::now(),
                                     SystemTime::now(),
                                 );
+                                broker.set_acl(acl_changes.borrow().acl.clone());
                                 tracing::warn!(
                                     "state reloaded from the last commit; accepting connections again"
                                 );
@@ -168,33 +264,53 @@ pub async fn serve(
         }
     });
 
-    let accept = {
-        let to_core = to_core.clone();
-        async move {
-            let mut next: ConnId = 0;
+    let next_conn = Arc::new(AtomicU64::new(0));
+    let total = Arc::new(AtomicUsize::new(0));
+    let mut accepting = Vec::new();
+    for l in listeners {
+        let name = match l.socket.local_addr() {
+            Ok(a) => format!("{} {a}", l.transport.name()),
+            Err(_) => l.transport.name().to_string(),
+        };
+        let listener = Arc::new(ListenerCtx {
+            transport: l.transport,
+            allow_anonymous: l.allow_anonymous,
+            cert_username: l.cert_username,
+            access: access.0.subscribe(),
+            connect_timeout,
+            max_packet_size,
+            open: AtomicUsize::new(0),
+            max_connections: l.max_connections,
+            name,
+        });
+        let (to_core, next_conn, total) = (to_core.clone(), next_conn.clone(), total.clone());
+        let socket = l.socket;
+        accepting.push(tokio::spawn(async move {
             loop {
-                let Ok((stream, peer)) = listener.accept().await else {
-                    continue;
+                let (stream, peer) = match socket.accept().await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        // Out of file descriptors, mostly: wait rather than spin.
+                        tracing::warn!(listener = %listener.name, error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
                 };
-                next += 1;
-                let conn = next;
-                tracing::info!(conn, %peer, "accepted");
+                let conn = next_conn.fetch_add(1, Ordering::Relaxed) + 1;
+                let here = listener.open.fetch_add(1, Ordering::AcqRel) + 1;
+                let all = total.fetch_add(1, Ordering::AcqRel) + 1;
+                let slot = Slot(listener.clone(), total.clone());
+                let over = listener.max_connections.is_some_and(|m| here > m)
+                    || max_connections.is_some_and(|m| all > m);
+                tracing::info!(conn, %peer, listener = %listener.name, "accepted");
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(connection(
-                    conn,
-                    stream,
-                    peer,
-                    to_core.clone(),
-                    connect_timeout,
-                    max_packet_size,
-                    access.clone(),
-                ));
+                tokio::spawn(connection(conn, stream, peer, to_core.clone(), slot, over));
             }
-        }
-    };
-    tokio::select! {
-        _ = accept => {}
-        _ = shutdown => {}
+        }));
+    }
+    shutdown.await;
+    for a in &accepting {
+        a.abort();
     }
     let _ = to_core.send(ToCore::Shutdown);
     let _ = core.await;
@@ -243,21 +359,136 @@ fn dispatch(
     }
 }
 
+/// What connections of one listener share.
+struct ListenerCtx {
+    transport: Transport,
+    allow_anonymous: Option<bool>,
+    cert_username: bool,
+    access: watch::Receiver<Arc<Access>>,
+    connect_timeout: Duration,
+    max_packet_size: u32,
+    /// Connections open on this listener.
+    open: AtomicUsize,
+    max_connections: Option<usize>,
+    /// Transport and address, for the logs.
+    name: String,
+}
+
+/// A connection's place in the listener's and the server's counts, given back on drop.
+struct Slot(Arc<ListenerCtx>, Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+        self.1.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+type Reader = Box<dyn AsyncRead + Unpin + Send>;
+type Writer = Box<dyn AsyncWrite + Unpin + Send>;
+
+/// TLS and WebSocket handshakes, within the CONNECT timeout; then MQTT.
 async fn connection(
     conn: ConnId,
     stream: TcpStream,
     peer: SocketAddr,
     to_core: mpsc::UnboundedSender<ToCore>,
-    connect_timeout: Duration,
-    max_packet_size: u32,
-    access: Arc<crate::auth::Access>,
+    slot: Slot,
+    over_limit: bool,
 ) {
+    let l = slot.0.clone();
+    let handshake = async {
+        let mut identity = None;
+        let (reader, writer): (Reader, Writer) = match (&l.transport.tls(), l.transport.ws_path()) {
+            (None, None) => {
+                let (r, w) = stream.into_split();
+                (Box::new(r), Box::new(w))
+            }
+            (Some(tls), path) => {
+                let tls = tls
+                    .acceptor
+                    .accept(stream)
+                    .await
+                    .map_err(|e| format!("TLS handshake failed: {e}"))?;
+                if l.cert_username {
+                    identity = tls
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .and_then(|c| common_name(c));
+                }
+                match path {
+                    None => {
+                        let (r, w) = tokio::io::split(tls);
+                        (Box::new(r), Box::new(w))
+                    }
+                    Some(path) => ws_halves(tls, path, l.max_packet_size).await?,
+                }
+            }
+            (None, Some(path)) => ws_halves(stream, path, l.max_packet_size).await?,
+        };
+        Ok::<_, String>((reader, writer, identity))
+    };
+    let (reader, writer, identity) = match tokio::time::timeout(l.connect_timeout, handshake).await
+    {
+        Ok(Ok(halves)) => halves,
+        Ok(Err(e)) => {
+            tracing::info!(conn, %peer, listener = %l.name, "closed: {e}");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(conn, %peer, listener = %l.name, "closed: no handshake within the CONNECT timeout");
+            return;
+        }
+    };
+    mqtt(
+        conn, reader, writer, peer, to_core, &l, identity, over_limit,
+    )
+    .await;
+    drop(slot);
+}
+
+async fn ws_halves<S>(
+    stream: S,
+    path: &str,
+    max_packet_size: u32,
+) -> Result<(Reader, Writer), String>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    use futures_util::StreamExt;
+    let ws = transport::upgrade(stream, path, max_packet_size as usize + 8)
+        .await
+        .map_err(|e| format!("WebSocket upgrade failed: {e}"))?;
+    let (sink, frames) = ws.split();
+    Ok((
+        Box::new(transport::WsReader {
+            frames,
+            left: bytes::Bytes::new(),
+        }),
+        Box::new(transport::WsWriter { frames: sink }),
+    ))
+}
+
+/// MQTT on a connection: decodes what it reads for the core, writes what the core sends.
+#[allow(clippy::too_many_arguments)]
+async fn mqtt(
+    conn: ConnId,
+    mut reader: Reader,
+    mut writer: Writer,
+    peer: SocketAddr,
+    to_core: mpsc::UnboundedSender<ToCore>,
+    l: &ListenerCtx,
+    identity: Option<String>,
+    over_limit: bool,
+) {
+    let (connect_timeout, max_packet_size) = (l.connect_timeout, l.max_packet_size);
     let (tx, mut rx) = mpsc::unbounded_channel::<ToConn>();
     let refuse = tx.clone();
     if to_core.send(ToCore::Accepted(conn, peer, tx)).is_err() {
         return;
     }
-    let (mut reader, mut writer) = stream.into_split();
     let version = Arc::new(AtomicU8::new(0));
 
     let write_version = version.clone();
@@ -282,7 +513,9 @@ async fn connection(
                 }
                 next = if close { None } else { rx.try_recv().ok() };
             }
-            if !buf.is_empty() && writer.write_all(&buf).await.is_err() {
+            if !buf.is_empty()
+                && (writer.write_all(&buf).await.is_err() || writer.flush().await.is_err())
+            {
                 break;
             }
             buf.clear();
@@ -312,20 +545,32 @@ async fn connection(
             let v = protocol_from(version.load(Ordering::Acquire));
             match tern_codec::decode(&mut buf, v.unwrap_or(Protocol::V3_1_1), max_packet_size) {
                 Ok(Some(packet)) => {
-                    if let Packet::Connect(c) = &packet {
+                    let mut packet = packet;
+                    if let Packet::Connect(c) = &mut packet {
                         if connected {
                             // A second CONNECT: the engine reports the protocol error.
                         } else {
                             version.store(protocol_code(c.protocol), Ordering::Release);
                             connected = true;
-                            let checked = if access.costly(c) {
+                            let access = l.access.borrow().clone();
+                            let anonymous = l.allow_anonymous.unwrap_or(access.allow_anonymous);
+                            let checked = if over_limit {
+                                tracing::warn!(conn, %peer, listener = %l.name, "connection limit reached");
+                                Err(ReasonCode::QuotaExceeded)
+                            } else if let Some(name) = &identity {
+                                // The certificate vouches for the client: its CN is the
+                                // username, and no password is checked.
+                                c.username = Some(name.as_str().into());
+                                c.password = None;
+                                Ok(())
+                            } else if access.costly(c) {
                                 // Hashing takes milliseconds: off the runtime's threads.
-                                let (a, c) = (access.clone(), c.clone());
-                                tokio::task::spawn_blocking(move || a.check(&c))
+                                let c = c.clone();
+                                tokio::task::spawn_blocking(move || access.check_as(&c, anonymous))
                                     .await
                                     .unwrap_or(Err(ReasonCode::ServerUnavailable))
                             } else {
-                                access.check(c)
+                                access.check_as(c, anonymous)
                             };
                             if let Err(reason) = checked {
                                 tracing::info!(conn, %peer, client_id = %c.client_id, user = c.username.as_deref().unwrap_or("-"), ?reason, "refused at CONNECT");

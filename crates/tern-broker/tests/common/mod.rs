@@ -26,8 +26,34 @@ pub fn paho_claim(name: &str, level: &str, settings: tern_broker::core::Settings
     );
 }
 
+/// One listener of a test broker.
+pub struct Spec {
+    pub transport: tern_broker::server::Transport,
+    pub max_connections: Option<usize>,
+    pub allow_anonymous: Option<bool>,
+    pub cert_username: bool,
+}
+
+impl Spec {
+    pub fn new(transport: tern_broker::server::Transport) -> Spec {
+        Spec {
+            transport,
+            max_connections: None,
+            allow_anonymous: None,
+            cert_username: false,
+        }
+    }
+
+    pub fn tcp() -> Spec {
+        Spec::new(tern_broker::server::Transport::Tcp)
+    }
+}
+
 pub struct Broker {
+    /// The first listener's port.
     pub port: u16,
+    /// Every listener's port, in the order given.
+    pub ports: Vec<u16>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -63,6 +89,25 @@ impl Broker {
         store: Box<dyn tern_store::Store>,
         access: tern_broker::auth::Access,
     ) -> Broker {
+        Broker::run(
+            settings,
+            store,
+            tern_broker::server::AccessControl::new(access),
+            None,
+            vec![Spec::tcp()],
+        )
+    }
+
+    /// A broker with these listeners (each on an ephemeral loopback port), at most
+    /// `max_connections` connections over all of them, and `access` (kept by the caller
+    /// to replace it, as SIGHUP does).
+    pub fn run(
+        settings: tern_broker::core::Settings,
+        store: Box<dyn tern_store::Store>,
+        access: tern_broker::server::AccessControl,
+        max_connections: Option<usize>,
+        specs: Vec<Spec>,
+    ) -> Broker {
         let (port_tx, port_rx) = std::sync::mpsc::channel();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
@@ -72,22 +117,41 @@ impl Broker {
                 .build()
                 .unwrap();
             rt.block_on(async move {
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-                port_tx.send(listener.local_addr().unwrap().port()).unwrap();
-                let store = tern_broker::server::Persistence {
-                    store,
-                    flush_every: None,
+                let mut listeners = Vec::new();
+                let mut ports = Vec::new();
+                for spec in specs {
+                    let socket = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                    ports.push(socket.local_addr().unwrap().port());
+                    listeners.push(tern_broker::server::Listener {
+                        socket,
+                        transport: spec.transport,
+                        max_connections: spec.max_connections,
+                        allow_anonymous: spec.allow_anonymous,
+                        cert_username: spec.cert_username,
+                    });
+                }
+                port_tx.send(ports).unwrap();
+                let server = tern_broker::server::Server {
+                    listeners,
+                    settings,
+                    persistence: Some(tern_broker::server::Persistence {
+                        store,
+                        flush_every: None,
+                    }),
+                    access,
+                    max_connections,
                 };
-                tern_broker::server::serve(listener, settings, Some(store), access, async {
+                tern_broker::server::run(server, async {
                     let _ = stopped.await;
                 })
                 .await
                 .unwrap();
             });
         });
-        let port = port_rx.recv().unwrap();
+        let ports = port_rx.recv().unwrap();
         Broker {
-            port,
+            port: ports[0],
+            ports,
             stop: Some(stop),
             thread: Some(thread),
         }

@@ -139,8 +139,11 @@ impl Broker {
                 persisted: false,
                 problem_info: true,
                 touched: false,
+                username: None,
+                rate: (now, 0),
             });
         session.expiry = expiry;
+        session.username = connect.username.clone();
         session.expires_at = None;
         session.will = connect.will;
         // Back in time: a delayed will from the last connection is not sent.

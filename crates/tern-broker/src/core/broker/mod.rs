@@ -104,6 +104,16 @@ pub struct Settings {
     pub server_reference: Option<String>,
     /// Whether [`Settings::server_reference`] is permanent (0x9D) or not (0x9C).
     pub server_moved: bool,
+    /// Longest topic name or filter, in bytes, a client may use (the share name excluded).
+    pub max_topic_length: usize,
+    /// Most levels (`/`-separated) in a topic name or filter a client may use.
+    pub max_topic_levels: usize,
+    /// Most subscriptions one session may hold; more are refused (0x97 Quota exceeded).
+    pub max_subscriptions: usize,
+    /// Most PUBLISH packets a client may send per second; above it 5.0 clients get 0x96
+    /// Message rate too high (in the acknowledgement, or a DISCONNECT at QoS 0), 3.x
+    /// clients are disconnected. `None`: no limit.
+    pub max_publish_rate: Option<u32>,
 }
 
 impl Default for Settings {
@@ -127,6 +137,10 @@ impl Default for Settings {
             shared_strategy: SharedStrategy::RoundRobin,
             server_reference: None,
             server_moved: false,
+            max_topic_length: 65_535,
+            max_topic_levels: 128,
+            max_subscriptions: 10_000,
+            max_publish_rate: None,
         }
     }
 }
@@ -151,6 +165,10 @@ struct Session {
     problem_info: bool,
     /// Listed in `Broker::touched`: its delivery state may have changed in this input.
     touched: bool,
+    /// The username of its last connection, for the ACL.
+    username: Option<Str>,
+    /// Start of the current one-second publish-rate window and PUBLISH packets in it.
+    rate: (Instant, u32),
 }
 
 impl Session {
@@ -189,6 +207,9 @@ pub struct Broker {
     dropped: u64,
     dropped_expired: u64,
     dropped_too_large: u64,
+    /// Messages, subscriptions and wills the ACL refused.
+    denied: u64,
+    acl: Option<std::sync::Arc<crate::acl::Acl>>,
 }
 
 impl Broker {
@@ -237,6 +258,8 @@ impl Broker {
             dropped: 0,
             dropped_expired: 0,
             dropped_too_large: 0,
+            denied: 0,
+            acl: None,
         };
         for (client_id, stored) in snapshot.sessions {
             let r = stored.record;
@@ -265,6 +288,8 @@ impl Broker {
                 persisted: true,
                 problem_info: true,
                 touched: false,
+                username: r.username,
+                rate: (now, 0),
             };
             broker.sessions.insert(client_id, session);
         }
@@ -274,6 +299,32 @@ impl Broker {
             "state loaded from the store"
         );
         broker
+    }
+
+    /// Puts `acl` in force (`None`: everything allowed), from the next packet on; a
+    /// reload (SIGHUP) replaces it without touching connections or subscriptions.
+    pub fn set_acl(&mut self, acl: Option<std::sync::Arc<crate::acl::Acl>>) {
+        self.acl = acl;
+    }
+
+    /// Publishes, subscriptions, deliveries and wills the ACL refused so far.
+    pub fn denied(&self) -> u64 {
+        self.denied
+    }
+
+    /// Whether the session's client may do `permission` on `topic` (no ACL: yes).
+    fn permits(
+        &self,
+        client_id: &Str,
+        permission: crate::acl::Permission,
+        topic: &TopicName,
+    ) -> bool {
+        let Some(acl) = &self.acl else { return true };
+        let username = self
+            .sessions
+            .get(client_id)
+            .and_then(|s| s.username.as_deref());
+        acl.allows(client_id, username, permission, topic)
     }
 
     /// Stops the broker and hands back its store (a restart in tests); `None` for a
@@ -403,6 +454,7 @@ impl Broker {
                 at: self.wall(*at),
                 will: will.clone(),
             }),
+            username: s.username.clone(),
         };
         self.batch.push(Op::PutSession {
             client_id: client_id.clone(),
@@ -572,7 +624,8 @@ impl Broker {
         if let Some(will) = session.will.take() {
             let delay = u64::from(will.properties.will_delay_interval.unwrap_or(0));
             if delay == 0 || session.expiry.is_zero() {
-                self.publish_will(will, now);
+                let username = session.username.clone();
+                self.publish_will(&client_id, username.as_deref(), will, now);
             } else {
                 // Sent when the delay passes or the session ends, whichever comes first,
                 // unless the client reconnects in time [MQTT-3.1.3-9].
@@ -638,8 +691,9 @@ impl Broker {
                 .is_some_and(|(at, _)| now >= *at)
             {
                 let (_, will) = session.pending_will.take().expect("checked");
+                let username = session.username.clone();
                 self.put_session(&client_id);
-                self.publish_will(will, now);
+                self.publish_will(&client_id, username.as_deref(), will, now);
             }
         }
         self.commit();
@@ -771,7 +825,7 @@ impl Broker {
                 self.deliver_shared(&key, m, None, None, now);
             }
             if let Some((_, will)) = s.pending_will {
-                self.publish_will(will, now);
+                self.publish_will(client_id, s.username.as_deref(), will, now);
             }
         }
     }

@@ -128,6 +128,56 @@ impl Broker {
             self.kick(client_id, ReasonCode::RetainNotSupported, now);
             return false;
         }
+        // Over the publish rate: DISCONNECT 0x96 Message rate too high (5.0; 0x96 is not
+        // a PUBACK/PUBREC code), or just closed (3.x).
+        if !self.within_publish_rate(client_id, now) {
+            tracing::warn!(client_id = %client_id, limit = ?self.settings.max_publish_rate, "publish rate exceeded: disconnected");
+            self.kick(client_id, ReasonCode::MessageRateTooHigh, now);
+            return false;
+        }
+        // A topic beyond the limits: 0x90 in the 5.0 acknowledgement, otherwise closed.
+        if !self.topic_within_limits(message.topic.as_str()) {
+            tracing::warn!(client_id = %client_id, length = message.topic.as_str().len(), "topic beyond the limits: publish refused");
+            match ack {
+                Some(id) if v5 => {
+                    let text = "the topic is longer or deeper than the server allows";
+                    self.release(
+                        client_id,
+                        id,
+                        ReasonCode::TopicNameInvalid,
+                        text,
+                        problem_info,
+                    );
+                }
+                _ => {
+                    self.kick(client_id, ReasonCode::TopicNameInvalid, now);
+                    return false;
+                }
+            }
+            return true;
+        }
+        // The ACL: a denied message is routed nowhere. 5.0 QoS 1/2 is told 0x87; QoS 0,
+        // and 3.x (whose acknowledgements carry no reason), are acknowledged as usual
+        // and the message dropped, as Mosquitto does.
+        if !self.permits(client_id, crate::acl::Permission::Write, &message.topic) {
+            self.denied += 1;
+            tracing::info!(client_id = %client_id, topic = %message.topic.as_str(), "publish not authorized: dropped");
+            if let Some(id) = ack {
+                let reason = if v5 {
+                    ReasonCode::NotAuthorized
+                } else {
+                    ReasonCode::Success
+                };
+                self.release(
+                    client_id,
+                    id,
+                    reason,
+                    "not authorized to publish to this topic",
+                    problem_info,
+                );
+            }
+            return true;
+        }
         // A payload that says it is UTF-8 and is not [MQTT-3.3.2-4]: refused with 0x99 in
         // the acknowledgement (5.0), or the connection closed where there is none.
         if message.properties.payload_format_indicator == Some(tern_codec::PayloadFormat::Utf8)
@@ -179,6 +229,27 @@ impl Broker {
             self.release(client_id, id, reason, "", problem_info);
         }
         true
+    }
+
+    /// Whether a topic name or filter is within the configured length and depth.
+    pub(super) fn topic_within_limits(&self, topic: &str) -> bool {
+        topic.len() <= self.settings.max_topic_length
+            && topic.split('/').count() <= self.settings.max_topic_levels
+    }
+
+    /// Counts one PUBLISH against the client's rate; false if it is over.
+    fn within_publish_rate(&mut self, client_id: &Str, now: Instant) -> bool {
+        let Some(limit) = self.settings.max_publish_rate else {
+            return true;
+        };
+        let Some(s) = self.sessions.get_mut(client_id) else {
+            return true;
+        };
+        if now.duration_since(s.rate.0) >= Duration::from_secs(1) {
+            s.rate = (now, 0);
+        }
+        s.rate.1 += 1;
+        s.rate.1 <= limit
     }
 
     /// An offline session whose queue `message` would overflow, if any (shared
@@ -248,6 +319,11 @@ impl Broker {
     }
 
     pub(super) fn deliver(&mut self, client_id: &Str, mut message: Message, now: Instant) {
+        if !self.permits(client_id, crate::acl::Permission::Receive, &message.topic) {
+            self.denied += 1;
+            tracing::debug!(client_id = %client_id, topic = %message.topic.as_str(), "not authorized to receive: not delivered");
+            return;
+        }
         self.touch(client_id);
         let Some(session) = self.sessions.get_mut(client_id) else {
             return;
@@ -311,7 +387,21 @@ impl Broker {
         }
     }
 
-    pub(super) fn publish_will(&mut self, will: LastWill, now: Instant) {
+    /// Publishes `owner`'s will, if the ACL lets the owner publish to its topic now.
+    pub(super) fn publish_will(
+        &mut self,
+        owner: &Str,
+        username: Option<&str>,
+        will: LastWill,
+        now: Instant,
+    ) {
+        if let Some(acl) = &self.acl
+            && !acl.allows(owner, username, crate::acl::Permission::Write, &will.topic)
+        {
+            self.denied += 1;
+            tracing::info!(client_id = %owner, topic = %will.topic.as_str(), "will not authorized: not published");
+            return;
+        }
         let mut m = Message::new(will.topic, will.payload, will.qos);
         m.retain = will.retain;
         self.route(m, None, now);

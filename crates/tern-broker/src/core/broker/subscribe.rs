@@ -18,6 +18,10 @@ impl Broker {
             return;
         }
         for sub in &s.subscriptions {
+            if let Some(refused) = self.refuse_subscription(client_id, &sub.filter) {
+                reasons.push(refused);
+                continue;
+            }
             // Granted at most the server's Maximum QoS [MQTT-3.2.2-9].
             let mut options = sub.options;
             options.qos = options.qos.min(self.settings.maximum_qos);
@@ -80,6 +84,29 @@ impl Broker {
             }
         }
         self.drain(client_id, now);
+    }
+
+    /// Why a subscription is refused, if it is: its filter beyond the topic limits (0x8F),
+    /// the session at its subscription limit (0x97), or the ACL (0x87). 3.x clients see
+    /// 0x80 for any of them.
+    fn refuse_subscription(&mut self, client_id: &Str, filter: &TopicFilter) -> Option<ReasonCode> {
+        let session = self.sessions.get(client_id)?;
+        let reason = if !self.topic_within_limits(filter.filter()) {
+            ReasonCode::TopicFilterInvalid
+        } else if !session.subscriptions.contains_key(filter)
+            && session.subscriptions.len() >= self.settings.max_subscriptions
+        {
+            ReasonCode::QuotaExceeded
+        } else if self.acl.as_ref().is_some_and(|acl| {
+            !acl.allows_subscribe(client_id, session.username.as_deref(), filter)
+        }) {
+            self.denied += 1;
+            ReasonCode::NotAuthorized
+        } else {
+            return None;
+        };
+        tracing::info!(client_id = %client_id, filter = %filter.as_str(), ?reason, "subscription refused");
+        Some(reason)
     }
 
     pub(super) fn unsubscribe(&mut self, client_id: &Str, u: Unsubscribe) {

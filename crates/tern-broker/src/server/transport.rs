@@ -1,0 +1,319 @@
+//! What carries MQTT bytes: TCP, TLS (rustls), WebSocket and WebSocket over TLS. Each
+//! connection ends up as a byte reader and a byte writer, so the MQTT side does not know
+//! which: over WebSocket, binary frames are read as one stream (a packet may span frames,
+//! a frame may hold many packets) and each write of the connection goes out as one frame.
+
+use std::io;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, Bytes};
+use futures_util::{Sink, Stream};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_rustls::rustls;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::{self, Message};
+
+/// How a listener's connections are carried.
+#[derive(Clone)]
+pub enum Transport {
+    /// MQTT straight on TCP.
+    Tcp,
+    /// MQTT on TLS.
+    Tls(Tls),
+    /// MQTT in WebSocket binary frames; the upgrade must ask for this path.
+    Ws {
+        /// HTTP path of the upgrade request, `/mqtt` by default.
+        path: String,
+    },
+    /// MQTT in WebSocket binary frames, on TLS.
+    Wss {
+        /// The TLS side.
+        tls: Tls,
+        /// HTTP path of the upgrade request.
+        path: String,
+    },
+}
+
+impl Transport {
+    /// The name used in logs and config: `tcp`, `tls`, `ws` or `wss`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Tls(_) => "tls",
+            Transport::Ws { .. } => "ws",
+            Transport::Wss { .. } => "wss",
+        }
+    }
+
+    pub(super) fn tls(&self) -> Option<&Tls> {
+        match self {
+            Transport::Tls(t) | Transport::Wss { tls: t, .. } => Some(t),
+            _ => None,
+        }
+    }
+
+    pub(super) fn ws_path(&self) -> Option<&str> {
+        match self {
+            Transport::Ws { path } | Transport::Wss { path, .. } => Some(path),
+            _ => None,
+        }
+    }
+}
+
+/// A TLS server configuration.
+#[derive(Clone)]
+pub struct Tls {
+    pub(super) acceptor: tokio_rustls::TlsAcceptor,
+}
+
+/// Certificate files for a TLS listener, all PEM.
+#[derive(Debug, Clone)]
+pub struct TlsFiles<'a> {
+    /// The server's certificate chain, leaf first.
+    pub cert: &'a Path,
+    /// Its private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: &'a Path,
+    /// CA certificates client certificates are checked against; `None`: clients are not
+    /// asked for one.
+    pub client_ca: Option<&'a Path>,
+    /// With a `client_ca`: whether a client without a valid certificate is refused
+    /// (otherwise a certificate is optional, but checked if given).
+    pub require_client_cert: bool,
+}
+
+impl Tls {
+    /// Loads the files; an error names the file and what is wrong with it.
+    pub fn load(files: &TlsFiles<'_>) -> Result<Tls, String> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs = |path: &Path| -> Result<Vec<CertificateDer<'static>>, String> {
+            let certs = CertificateDer::pem_file_iter(path)
+                .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| format!("cannot read certificates from {}: {e}", path.display()))?;
+            if certs.is_empty() {
+                return Err(format!("no PEM certificate in {}", path.display()));
+            }
+            Ok(certs)
+        };
+        let chain = certs(files.cert)?;
+        let key = PrivateKeyDer::from_pem_file(files.key).map_err(|e| {
+            format!(
+                "cannot read a private key from {}: {e}",
+                files.key.display()
+            )
+        })?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS: {e}"))?;
+        let builder = match files.client_ca {
+            None => builder.with_no_client_auth(),
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for c in certs(ca)? {
+                    roots
+                        .add(c)
+                        .map_err(|e| format!("{}: not a CA certificate: {e}", ca.display()))?;
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider,
+                );
+                let verifier = if files.require_client_cert {
+                    verifier
+                } else {
+                    verifier.allow_unauthenticated()
+                };
+                let verifier = verifier
+                    .build()
+                    .map_err(|e| format!("{}: {e}", ca.display()))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let mut config = builder.with_single_cert(chain, key).map_err(|e| {
+            format!(
+                "{} and {} do not make a certificate and key: {e}",
+                files.cert.display(),
+                files.key.display()
+            )
+        })?;
+        config.alpn_protocols = vec![b"mqtt".to_vec()];
+        Ok(Tls {
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+        })
+    }
+}
+
+/// The Common Name of a DER certificate's subject, if it has one.
+pub fn common_name(der: &[u8]) -> Option<String> {
+    // Certificate ::= SEQUENCE { tbsCertificate SEQUENCE { [0] version OPTIONAL,
+    //   serialNumber, signature, issuer, validity, subject, ... } ... }
+    let (_, cert, _) = der_item(der)?;
+    let (_, mut tbs, _) = der_item(cert)?;
+    let mut skip = 4; // serial, signature algorithm, issuer, validity
+    let (tag, _, rest) = der_item(tbs)?;
+    if tag == 0xA0 {
+        tbs = rest;
+    }
+    while skip > 0 {
+        tbs = der_item(tbs)?.2;
+        skip -= 1;
+    }
+    // Name ::= SEQUENCE OF SET OF SEQUENCE { type OID, value ANY }
+    let (_, mut name, _) = der_item(tbs)?;
+    const CN: &[u8] = &[0x55, 0x04, 0x03]; // 2.5.4.3
+    while !name.is_empty() {
+        let (_, mut set, rest) = der_item(name)?;
+        name = rest;
+        while !set.is_empty() {
+            let (_, attr, rest) = der_item(set)?;
+            set = rest;
+            let (tag, oid, value) = der_item(attr)?;
+            if tag == 0x06 && oid == CN {
+                let (_, text, _) = der_item(value)?;
+                return String::from_utf8(text.to_vec()).ok();
+            }
+        }
+    }
+    None
+}
+
+/// One DER item: its tag, its contents and what follows it.
+fn der_item(buf: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = buf.split_first()?;
+    let (&first, mut rest) = rest.split_first()?;
+    let len = if first < 0x80 {
+        usize::from(first)
+    } else {
+        let n = usize::from(first & 0x7F);
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        let len = rest[..n]
+            .iter()
+            .fold(0usize, |acc, &b| (acc << 8) | usize::from(b));
+        rest = &rest[n..];
+        len
+    };
+    if rest.len() < len {
+        return None;
+    }
+    Some((tag, &rest[..len], &rest[len..]))
+}
+
+/// The WebSocket upgrade: the path must be the listener's (404 otherwise); the `mqtt`
+/// subprotocol is chosen when offered ([MQTT-6.0.0-3]; clients that offer none are let
+/// in, as most brokers do).
+// The callback's error type is tungstenite's.
+#[allow(clippy::result_large_err)]
+pub(super) async fn upgrade<S>(
+    stream: S,
+    path: &str,
+    max_message: usize,
+) -> Result<WebSocketStream<S>, String>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    use tungstenite::handshake::server::{ErrorResponse, Request, Response};
+    let path = path.to_string();
+    let check = move |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
+        if req.uri().path() != path {
+            let mut e = ErrorResponse::new(Some(format!("no MQTT endpoint at {}", req.uri())));
+            *e.status_mut() = tungstenite::http::StatusCode::NOT_FOUND;
+            return Err(e);
+        }
+        let offered = req
+            .headers()
+            .get_all("Sec-WebSocket-Protocol")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .find(|p| matches!(*p, "mqtt" | "mqttv3.1"))
+            .map(str::to_string);
+        if let Some(p) = offered
+            && let Ok(v) = p.parse()
+        {
+            resp.headers_mut().insert("Sec-WebSocket-Protocol", v);
+        }
+        Ok(resp)
+    };
+    let config = tungstenite::protocol::WebSocketConfig::default()
+        .max_message_size(Some(max_message))
+        .max_frame_size(Some(max_message));
+    tokio_tungstenite::accept_hdr_async_with_config(stream, check, Some(config))
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Reads the binary frames of a WebSocket as one byte stream.
+pub(super) struct WsReader<S> {
+    pub(super) frames: futures_util::stream::SplitStream<WebSocketStream<S>>,
+    pub(super) left: Bytes,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsReader<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            if !self.left.is_empty() {
+                let n = self.left.len().min(buf.remaining());
+                buf.put_slice(&self.left[..n]);
+                self.left.advance(n);
+                return Poll::Ready(Ok(()));
+            }
+            match ready!(Pin::new(&mut self.frames).poll_next(cx)) {
+                Some(Ok(Message::Binary(b))) => self.left = b,
+                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
+                // The peer closed: end of stream.
+                Some(Ok(Message::Close(_))) | None => return Poll::Ready(Ok(())),
+                // [MQTT-6.0.0-1]: anything but binary frames closes the connection.
+                Some(Ok(Message::Text(_))) => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "a text frame on an MQTT WebSocket",
+                    )));
+                }
+                Some(Err(e)) => return Poll::Ready(Err(io::Error::other(e))),
+            }
+        }
+    }
+}
+
+/// Writes each write as one binary frame.
+pub(super) struct WsWriter<S> {
+    pub(super) frames: futures_util::stream::SplitSink<WebSocketStream<S>, Message>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsWriter<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let mut sink = Pin::new(&mut self.frames);
+        ready!(sink.as_mut().poll_ready(cx)).map_err(io::Error::other)?;
+        // Sent by the flush that follows each batch.
+        sink.start_send(Message::Binary(Bytes::copy_from_slice(buf)))
+            .map_err(io::Error::other)?;
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.frames)
+            .poll_flush(cx)
+            .map_err(io::Error::other)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.frames)
+            .poll_close(cx)
+            .map_err(io::Error::other)
+    }
+}
