@@ -132,7 +132,7 @@ fn next_topic(raw: &mut Raw) -> String {
 fn a_denied_publish_gets_0x87_at_qos_1_and_2_is_dropped_at_qos_0_and_reaches_nobody() {
     let (broker, _) = broker();
     let mut root = client(broker.port, Protocol::V5, "root", Some("root"));
-    assert_eq!(subscribe(&mut root, "#"), ReasonCode::GrantedQoS1);
+    assert_eq!(subscribe(&mut root, "#"), ReasonCode::GrantedQos1);
     let mut alice = client(broker.port, Protocol::V5, "alice", Some("alice"));
     assert_eq!(publish(&mut alice, "bob/x", QoS::AtMostOnce), None);
     assert_eq!(
@@ -169,10 +169,10 @@ fn a_denied_subscription_gets_0x87_in_5_0_and_0x80_in_3_1_1() {
     let mut v5 = client(broker.port, Protocol::V5, "a5", Some("alice"));
     assert_eq!(subscribe(&mut v5, "bob/#"), ReasonCode::NotAuthorized);
     assert_eq!(subscribe(&mut v5, "#"), ReasonCode::NotAuthorized);
-    assert_eq!(subscribe(&mut v5, "alice/+"), ReasonCode::GrantedQoS1);
+    assert_eq!(subscribe(&mut v5, "alice/+"), ReasonCode::GrantedQos1);
     let mut v3 = client(broker.port, Protocol::V3_1_1, "a3", Some("alice"));
     assert_eq!(subscribe(&mut v3, "bob/#"), ReasonCode::UnspecifiedError);
-    assert_eq!(subscribe(&mut v3, "alice/#"), ReasonCode::GrantedQoS1);
+    assert_eq!(subscribe(&mut v3, "alice/#"), ReasonCode::GrantedQos1);
 }
 
 #[test]
@@ -180,7 +180,7 @@ fn subscribe_and_receive_are_separate_permissions() {
     let (broker, _) = broker();
     let mut alice = client(broker.port, Protocol::V5, "alice", Some("alice"));
     // `subscribe feed/#` allows the subscription; only `receive feed/news` delivers.
-    assert_eq!(subscribe(&mut alice, "feed/#"), ReasonCode::GrantedQoS1);
+    assert_eq!(subscribe(&mut alice, "feed/#"), ReasonCode::GrantedQos1);
     let mut root = client(broker.port, Protocol::V5, "root", Some("root"));
     publish(&mut root, "feed/sports", QoS::AtLeastOnce);
     publish(&mut root, "feed/news", QoS::AtLeastOnce);
@@ -195,7 +195,7 @@ fn deny_wins_over_a_grant_for_subscriptions_and_deliveries() {
         subscribe(&mut alice, "alice/secret/x"),
         ReasonCode::NotAuthorized
     );
-    assert_eq!(subscribe(&mut alice, "alice/#"), ReasonCode::GrantedQoS1);
+    assert_eq!(subscribe(&mut alice, "alice/#"), ReasonCode::GrantedQos1);
     assert_eq!(
         publish(&mut alice, "alice/secret/x", QoS::AtLeastOnce),
         Some(ReasonCode::NotAuthorized)
@@ -218,8 +218,14 @@ fn a_client_id_pattern_gives_each_device_its_own_subtree() {
         publish(&mut dev, "devices/dev2/temp", QoS::AtLeastOnce),
         Some(ReasonCode::NotAuthorized)
     );
-    assert_eq!(subscribe(&mut dev, "devices/dev1/#"), ReasonCode::GrantedQoS1);
-    assert_eq!(subscribe(&mut dev, "devices/+/temp"), ReasonCode::NotAuthorized);
+    assert_eq!(
+        subscribe(&mut dev, "devices/dev1/#"),
+        ReasonCode::GrantedQos1
+    );
+    assert_eq!(
+        subscribe(&mut dev, "devices/+/temp"),
+        ReasonCode::NotAuthorized
+    );
     // A client id that would widen the pattern does not get it.
     let mut sly = client(broker.port, Protocol::V5, "+", None);
     assert_eq!(
@@ -251,14 +257,15 @@ fn a_username_pattern_applies_to_that_user_and_not_to_anonymous_clients() {
 fn topic_lines_before_any_user_are_for_anonymous_clients_only() {
     let (broker, _) = broker();
     let mut anon = client(broker.port, Protocol::V5, "n", None);
-    assert_eq!(subscribe(&mut anon, "public/#"), ReasonCode::GrantedQoS1);
+    assert_eq!(subscribe(&mut anon, "public/#"), ReasonCode::GrantedQos1);
+    let mut writer = client(broker.port, Protocol::V5, "w", None);
     assert_eq!(
-        publish(&mut anon, "public/anon", QoS::AtLeastOnce),
+        publish(&mut writer, "public/anon", QoS::AtLeastOnce),
         Some(ReasonCode::Success)
     );
     assert_eq!(next_topic(&mut anon), "public/anon");
     assert_eq!(
-        publish(&mut anon, "public/other", QoS::AtLeastOnce),
+        publish(&mut writer, "public/other", QoS::AtLeastOnce),
         Some(ReasonCode::NotAuthorized)
     );
     // alice has her own rules; the anonymous ones are not hers.
@@ -286,7 +293,8 @@ fn a_will_is_published_only_where_its_owner_may_write() {
     }
     assert_eq!(next_topic(&mut root), "will/alice");
     // And nothing else came before the marker.
-    publish(&mut root, "marker", QoS::AtLeastOnce);
+    let mut other = client(broker.port, Protocol::V5, "root2", Some("root"));
+    publish(&mut other, "marker", QoS::AtLeastOnce);
     assert_eq!(next_topic(&mut root), "marker");
 }
 

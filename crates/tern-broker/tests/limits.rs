@@ -1,0 +1,210 @@
+//! A client that exceeds each limit gets the reason code the protocol has for it (or its
+//! connection closed where there is none), and only that client is affected.
+
+// A failed unwrap in a test is a failed test, with the value in the message.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::num::NonZeroU16;
+
+use common::{Broker, Raw, Spec};
+use tern_broker::auth::Access;
+use tern_broker::core::Settings;
+use tern_broker::server::AccessControl;
+use tern_codec::{
+    Connect, Packet, Protocol, Publish, QoS, QosPid, ReasonCode, Subscribe, Subscription,
+    SubscriptionOptions, TopicFilter, TopicName,
+};
+
+fn broker(settings: Settings, max_total: Option<usize>, specs: Vec<Spec>) -> Broker {
+    Broker::run(
+        settings,
+        Box::new(tern_store::MemoryStore::new()),
+        AccessControl::new(Access::open()),
+        max_total,
+        specs,
+    )
+}
+
+fn publish(raw: &mut Raw, topic: &str, qos: QoS) -> Option<Packet> {
+    raw.send(Packet::Publish(Publish::new(
+        TopicName::new(topic).unwrap(),
+        QosPid::new(qos, NonZeroU16::new(3).unwrap()),
+        "x",
+    )));
+    if qos == QoS::AtMostOnce {
+        None
+    } else {
+        raw.recv()
+    }
+}
+
+fn subscribe(raw: &mut Raw, filter: &str) -> ReasonCode {
+    raw.send(Packet::Subscribe(Subscribe {
+        packet_id: NonZeroU16::new(1).unwrap(),
+        subscriptions: vec![Subscription {
+            filter: TopicFilter::new(filter).unwrap(),
+            options: SubscriptionOptions::default(),
+        }],
+        properties: Default::default(),
+    }));
+    match raw.recv() {
+        Some(Packet::SubAck(a)) => a.reasons[0],
+        other => panic!("want SUBACK, got {other:?}"),
+    }
+}
+
+fn ack_reason(p: Option<Packet>) -> ReasonCode {
+    match p {
+        Some(Packet::PubAck(a)) => a.reason,
+        other => panic!("want PUBACK, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_topic_beyond_the_length_or_level_limits_is_refused() {
+    let settings = Settings {
+        max_topic_length: 16,
+        max_topic_levels: 3,
+        ..Default::default()
+    };
+    let b = broker(settings, None, vec![Spec::tcp()]);
+    let (mut c, _) = Raw::connect(b.port, Connect::new(Protocol::V5, "c"));
+    let long = "a".repeat(17);
+    assert_eq!(
+        ack_reason(publish(&mut c, &long, QoS::AtLeastOnce)),
+        ReasonCode::TopicNameInvalid
+    );
+    assert_eq!(
+        ack_reason(publish(&mut c, "a/b/c/d", QoS::AtLeastOnce)),
+        ReasonCode::TopicNameInvalid
+    );
+    assert_eq!(
+        ack_reason(publish(&mut c, "a/b/c", QoS::AtLeastOnce)),
+        ReasonCode::NoMatchingSubscribers
+    );
+    assert_eq!(subscribe(&mut c, &long), ReasonCode::TopicFilterInvalid);
+    assert_eq!(subscribe(&mut c, "a/+/c/#"), ReasonCode::TopicFilterInvalid);
+    assert_eq!(subscribe(&mut c, "a/+/c"), ReasonCode::Success);
+    // QoS 0 has no acknowledgement to carry the refusal: DISCONNECT 0x90.
+    publish(&mut c, &long, QoS::AtMostOnce);
+    match c.recv() {
+        Some(Packet::Disconnect(d)) => assert_eq!(d.reason, ReasonCode::TopicNameInvalid),
+        other => panic!("want DISCONNECT, got {other:?}"),
+    }
+    assert_eq!(c.recv(), None);
+    // 3.1.1: closed.
+    let (mut old, _) = Raw::connect(b.port, Connect::new(Protocol::V3_1_1, "o"));
+    assert_eq!(publish(&mut old, &long, QoS::AtLeastOnce), None);
+}
+
+#[test]
+fn subscriptions_beyond_the_per_client_limit_get_0x97() {
+    let settings = Settings {
+        max_subscriptions: 2,
+        ..Default::default()
+    };
+    let b = broker(settings, None, vec![Spec::tcp()]);
+    let (mut c, _) = Raw::connect(b.port, Connect::new(Protocol::V5, "c"));
+    assert_eq!(subscribe(&mut c, "a"), ReasonCode::Success);
+    assert_eq!(subscribe(&mut c, "b"), ReasonCode::Success);
+    assert_eq!(subscribe(&mut c, "c"), ReasonCode::QuotaExceeded);
+    // Replacing one it has is not a new one.
+    assert_eq!(subscribe(&mut c, "a"), ReasonCode::Success);
+    let (mut old, _) = Raw::connect(b.port, Connect::new(Protocol::V3_1_1, "o"));
+    subscribe(&mut old, "a");
+    subscribe(&mut old, "b");
+    assert_eq!(subscribe(&mut old, "c"), ReasonCode::UnspecifiedError);
+}
+
+#[test]
+fn a_client_over_the_publish_rate_is_disconnected_with_0x96_and_others_go_on() {
+    let settings = Settings {
+        max_publish_rate: Some(5),
+        ..Default::default()
+    };
+    let b = broker(settings, None, vec![Spec::tcp()]);
+    let (mut calm, _) = Raw::connect(b.port, Connect::new(Protocol::V5, "calm"));
+    let (mut fast, _) = Raw::connect(b.port, Connect::new(Protocol::V5, "fast"));
+    for _ in 0..20 {
+        publish(&mut fast, "t", QoS::AtMostOnce);
+    }
+    match fast.recv() {
+        Some(Packet::Disconnect(d)) => assert_eq!(d.reason, ReasonCode::MessageRateTooHigh),
+        other => panic!("want DISCONNECT 0x96, got {other:?}"),
+    }
+    assert_eq!(fast.recv(), None);
+    for _ in 0..3 {
+        assert_eq!(
+            ack_reason(publish(&mut calm, "t", QoS::AtLeastOnce)),
+            ReasonCode::NoMatchingSubscribers
+        );
+    }
+    let (mut old, _) = Raw::connect(b.port, Connect::new(Protocol::V3_1_1, "old"));
+    for _ in 0..20 {
+        publish(&mut old, "t", QoS::AtMostOnce);
+    }
+    assert_eq!(old.recv(), None, "3.1.1: closed");
+}
+
+/// Connects, and returns the CONNACK reason with the client (kept open while held).
+fn try_connect(port: u16, v: Protocol, id: &str) -> (ReasonCode, Raw) {
+    let (raw, ack) = Raw::connect(port, Connect::new(v, id));
+    (ack.reason, raw)
+}
+
+#[test]
+fn connections_beyond_a_listeners_limit_get_0x97_and_a_freed_slot_is_reused() {
+    let mut limited = Spec::tcp();
+    limited.max_connections = Some(2);
+    let b = broker(Settings::default(), None, vec![limited, Spec::tcp()]);
+    let (r1, c1) = try_connect(b.ports[0], Protocol::V5, "1");
+    let (r2, _c2) = try_connect(b.ports[0], Protocol::V5, "2");
+    assert_eq!((r1, r2), (ReasonCode::Success, ReasonCode::Success));
+    let (r3, mut c3) = try_connect(b.ports[0], Protocol::V5, "3");
+    assert_eq!(r3, ReasonCode::QuotaExceeded);
+    assert_eq!(c3.recv(), None, "closed after the refusal");
+    let (r, _) = try_connect(b.ports[0], Protocol::V3_1_1, "4");
+    assert_eq!(r, ReasonCode::ServerUnavailable, "3.1.1 return code 3");
+    // The other listener has no limit of its own.
+    let (r, _other) = try_connect(b.ports[1], Protocol::V5, "5");
+    assert_eq!(r, ReasonCode::Success);
+    drop(c1);
+    let mut reason = ReasonCode::QuotaExceeded;
+    for _ in 0..50 {
+        reason = try_connect(b.ports[0], Protocol::V5, "6").0;
+        if reason == ReasonCode::Success {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(reason, ReasonCode::Success, "the freed slot is given again");
+}
+
+#[test]
+fn the_total_connection_limit_spans_listeners() {
+    let b = broker(Settings::default(), Some(2), vec![Spec::tcp(), Spec::tcp()]);
+    let (r1, _c1) = try_connect(b.ports[0], Protocol::V5, "1");
+    let (r2, _c2) = try_connect(b.ports[1], Protocol::V5, "2");
+    let (r3, _c3) = try_connect(b.ports[1], Protocol::V5, "3");
+    assert_eq!(
+        (r1, r2, r3),
+        (
+            ReasonCode::Success,
+            ReasonCode::Success,
+            ReasonCode::QuotaExceeded
+        )
+    );
+}
+
+#[test]
+fn anonymous_access_is_per_listener() {
+    let mut closed = Spec::tcp();
+    closed.allow_anonymous = Some(false);
+    let b = broker(Settings::default(), None, vec![closed, Spec::tcp()]);
+    let (r, _) = try_connect(b.ports[0], Protocol::V5, "a");
+    assert_eq!(r, ReasonCode::NotAuthorized);
+    let (r, _) = try_connect(b.ports[1], Protocol::V5, "b");
+    assert_eq!(r, ReasonCode::Success);
+}
