@@ -180,3 +180,205 @@ fn tern_passwd_manages_users_that_tern_broker_then_checks() {
     broker.wait().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+fn mosquitto(tool: &str, args: &[&str]) -> std::process::Output {
+    Command::new(tool)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{tool} (scripts/test installs mosquitto-clients): {e}"))
+}
+
+/// A CA and a server certificate for localhost it signed: (ca.pem, server.pem, server.key).
+fn certificates(dir: &std::path::Path) -> [String; 3] {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "Tern CLI test CA");
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let paths =
+        ["ca.pem", "server.pem", "server.key"].map(|f| dir.join(f).to_str().unwrap().to_string());
+    std::fs::write(&paths[0], ca_cert.pem()).unwrap();
+    std::fs::write(&paths[1], cert.pem()).unwrap();
+    std::fs::write(&paths[2], key.serialize_pem()).unwrap();
+    paths
+}
+
+#[test]
+fn tls_passwords_and_an_acl_from_the_config_and_sighup_reloads_the_files() {
+    let dir = std::env::temp_dir().join(format!("tern-cli-tls-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let [ca, cert, key] = certificates(&dir);
+    let passwords = dir.join("passwords");
+    let acl = dir.join("acl");
+    let tern = env!("CARGO_BIN_EXE_tern");
+    let passwd = |user: &str, pw: &str| {
+        let ok = Command::new(tern)
+            .args(["passwd", "-b", passwords.to_str().unwrap(), user, pw])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    };
+    passwd("alice", "apw");
+    std::fs::write(&acl, "user alice\ntopic readwrite a/#\n").unwrap();
+    let config = dir.join("tern.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[listener]]\nbind = \"127.0.0.1:0\"\nallow_anonymous = false\n\n\
+             [[listener]]\nbind = \"127.0.0.1:0\"\ntransport = \"tls\"\n\
+             cert_file = \"{cert}\"\nkey_file = \"{key}\"\n\n\
+             [auth]\npassword_file = \"{}\"\nacl_file = \"{}\"\n\n\
+             [storage]\ndurability = \"none\"\n",
+            passwords.display(),
+            acl.display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(tern)
+        .args(["broker", "--config", config.to_str().unwrap()])
+        .env("NO_COLOR", "1")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let ports: Vec<String> = loop {
+        let line = lines
+            .next()
+            .expect("the broker says where it listens")
+            .unwrap();
+        if let Some(rest) = line.split("listening on ").nth(1) {
+            break rest
+                .split(", ")
+                .filter_map(|a| {
+                    let (_, port) = a.split_whitespace().next()?.rsplit_once(':')?;
+                    Some(port.to_string())
+                })
+                .collect();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    let (tcp, tls) = (ports[0].as_str(), ports[1].as_str());
+    let tls_args = ["-h", "localhost", "-p", tls, "--cafile", &ca];
+
+    // Over TLS, with the password, within the ACL: published (retained) and received.
+    let out = mosquitto(
+        "mosquitto_pub",
+        &[
+            &tls_args[..],
+            &[
+                "-u", "alice", "-P", "apw", "-t", "a/x", "-m", "hi", "-r", "-q", "1",
+            ],
+        ]
+        .concat(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = mosquitto(
+        "mosquitto_sub",
+        &[
+            &tls_args[..],
+            &[
+                "-u", "alice", "-P", "apw", "-t", "a/x", "-C", "1", "-W", "5",
+            ],
+        ]
+        .concat(),
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "hi");
+    // Outside the ACL: the subscription is refused.
+    let denied = |user: &str, pw: &str, topic: &str| {
+        let out = mosquitto(
+            "mosquitto_sub",
+            &[
+                "-V",
+                "5",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                tcp,
+                "-u",
+                user,
+                "-P",
+                pw,
+                "-t",
+                topic,
+                "-C",
+                "1",
+                "-W",
+                "3",
+            ],
+        );
+        String::from_utf8_lossy(&out.stderr).contains("denied")
+    };
+    assert!(denied("alice", "apw", "b/x"));
+    // Anonymous clients are not let in on this listener; bob is not a user yet.
+    let anonymous = mosquitto(
+        "mosquitto_pub",
+        &["-h", "127.0.0.1", "-p", tcp, "-t", "a/x", "-m", "x"],
+    );
+    assert!(!anonymous.status.success());
+    let bob = ["-h", "127.0.0.1", "-p", tcp, "-u", "bob", "-P", "bpw"];
+    let out = mosquitto(
+        "mosquitto_pub",
+        &[&bob[..], &["-t", "b/x", "-m", "yo", "-r"]].concat(),
+    );
+    assert!(!out.status.success(), "bob is not in the password file yet");
+
+    // New files, SIGHUP: bob exists, alice has b/# instead of a/#; the broker stays up.
+    passwd("bob", "bpw");
+    std::fs::write(
+        &acl,
+        "user alice\ntopic read b/#\nuser bob\ntopic readwrite b/#\n",
+    )
+    .unwrap();
+    let hup = Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    let mut published = false;
+    for _ in 0..50 {
+        let out = mosquitto(
+            "mosquitto_pub",
+            &[&bob[..], &["-t", "b/x", "-m", "yo", "-r", "-q", "1"]].concat(),
+        );
+        if out.status.success() {
+            published = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(published, "bob connects after the reload");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "SIGHUP did not stop the broker"
+    );
+    let out = mosquitto(
+        "mosquitto_sub",
+        &[
+            &tls_args[..],
+            &[
+                "-u", "alice", "-P", "apw", "-t", "b/x", "-C", "1", "-W", "5",
+            ],
+        ]
+        .concat(),
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "yo");
+    assert!(denied("alice", "apw", "a/x"), "the old ACL is gone");
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}
