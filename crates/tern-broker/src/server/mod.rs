@@ -493,7 +493,8 @@ async fn mqtt(
 
     let write_version = version.clone();
     let write = tokio::spawn(async move {
-        let mut buf = BytesMut::with_capacity(8 * 1024);
+        // Grows with what is written; an idle connection keeps only what it has needed.
+        let mut buf = BytesMut::new();
         while let Some(msg) = rx.recv().await {
             let mut close = false;
             let mut next = Some(msg);
@@ -526,9 +527,16 @@ async fn mqtt(
         }
     });
 
-    let mut buf = BytesMut::with_capacity(8 * 1024);
+    // Reads start small (most connections are idle most of the time) and double, up to
+    // 64 KiB, while each read fills the buffer; a short read brings them back down.
+    let mut chunk = 512;
+    let mut buf = BytesMut::new();
     let mut connected = false;
     'read: loop {
+        if buf.capacity() - buf.len() < chunk {
+            buf.reserve(chunk);
+        }
+        let spare = buf.capacity() - buf.len();
         let read = if connected {
             reader.read_buf(&mut buf).await
         } else {
@@ -539,6 +547,8 @@ async fn mqtt(
         };
         match read {
             Ok(0) | Err(_) => break 'read,
+            Ok(n) if n == spare => chunk = (chunk * 2).min(64 * 1024),
+            Ok(n) if n < spare / 4 => chunk = 512,
             Ok(_) => {}
         }
         loop {
