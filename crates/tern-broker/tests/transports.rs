@@ -215,3 +215,123 @@ fn the_common_name_is_read_from_a_certificate() {
         None
     );
 }
+
+/// A masked binary WebSocket frame from a client.
+fn ws_frame(payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![0x82];
+    match payload.len() {
+        n if n < 126 => f.push(0x80 | n as u8),
+        n => {
+            f.push(0x80 | 126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+    }
+    let mask = [9u8, 8, 7, 6];
+    f.extend_from_slice(&mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
+}
+
+#[test]
+fn packets_split_across_websocket_frames_and_packed_into_one_are_read() {
+    use std::io::{Read, Write};
+    use tern_codec::{Connect, Packet, Protocol, Publish, QoS, QosPid, TopicName};
+    let dir = temp_dir("wsframes");
+    let b = broker(&dir);
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", b.ports[3])).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    s.write_all(
+        b"GET /mqtt HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+          Sec-WebSocket-Protocol: mqtt\r\n\r\n",
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("sec-websocket-protocol: mqtt"),
+        "{head}"
+    );
+    let v = Protocol::V5;
+    let mut connect = bytes::BytesMut::new();
+    tern_codec::encode(
+        &Packet::Connect(Box::new(Connect::new(v, "framed"))),
+        v,
+        &mut connect,
+    )
+    .unwrap();
+    // CONNECT in three frames, cut inside the fixed header and inside the payload.
+    s.write_all(&ws_frame(&connect[..1])).unwrap();
+    s.write_all(&ws_frame(&connect[1..7])).unwrap();
+    s.write_all(&ws_frame(&connect[7..])).unwrap();
+    // SUBSCRIBE and two QoS 1 PUBLISHes to itself, all in one frame.
+    let mut packed = bytes::BytesMut::new();
+    let sub = tern_codec::Subscribe {
+        packet_id: std::num::NonZeroU16::new(1).unwrap(),
+        subscriptions: vec![tern_codec::Subscription {
+            filter: tern_codec::TopicFilter::new("t/#").unwrap(),
+            options: tern_codec::SubscriptionOptions {
+                qos: QoS::AtLeastOnce,
+                ..Default::default()
+            },
+        }],
+        properties: Default::default(),
+    };
+    tern_codec::encode(&Packet::Subscribe(sub), v, &mut packed).unwrap();
+    for i in 1..=2u16 {
+        let p = Publish::new(
+            TopicName::new(format!("t/{i}")).unwrap(),
+            QosPid::new(QoS::AtLeastOnce, std::num::NonZeroU16::new(10 + i).unwrap()),
+            "x",
+        );
+        tern_codec::encode(&Packet::Publish(p), v, &mut packed).unwrap();
+    }
+    s.write_all(&ws_frame(&packed)).unwrap();
+    // The broker's frames, unwrapped into one byte stream (server frames are unmasked).
+    let mut stream = bytes::BytesMut::new();
+    let mut packets = Vec::new();
+    while packets.len() < 6 {
+        let mut h = [0u8; 2];
+        s.read_exact(&mut h).unwrap();
+        assert_eq!(h[0], 0x82, "binary frames only");
+        let len = match h[1] {
+            126 => {
+                let mut l = [0u8; 2];
+                s.read_exact(&mut l).unwrap();
+                usize::from(u16::from_be_bytes(l))
+            }
+            n => usize::from(n),
+        };
+        let mut body = vec![0u8; len];
+        s.read_exact(&mut body).unwrap();
+        stream.extend_from_slice(&body);
+        while let Some(p) = tern_codec::decode(&mut stream, v, tern_codec::MAX_PACKET_SIZE).unwrap()
+        {
+            packets.push(p);
+        }
+    }
+    let kinds: Vec<&str> = packets
+        .iter()
+        .map(|p| match p {
+            Packet::ConnAck(_) => "CONNACK",
+            Packet::SubAck(_) => "SUBACK",
+            Packet::PubAck(_) => "PUBACK",
+            Packet::Publish(_) => "PUBLISH",
+            _ => "other",
+        })
+        .collect();
+    let count = |k: &str| kinds.iter().filter(|x| **x == k).count();
+    assert_eq!(
+        (kinds[0], kinds[1], count("PUBACK"), count("PUBLISH")),
+        ("CONNACK", "SUBACK", 2, 2),
+        "{kinds:?}"
+    );
+}
