@@ -8,8 +8,10 @@
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,16 +28,6 @@ fn env_or(name: &str, default: usize) -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap()
 }
 
 fn median(mut v: Vec<f64>) -> (f64, f64, f64) {
@@ -194,23 +186,8 @@ fn main() {
     let dir = std::env::temp_dir().join(format!("tern-bench-transports-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let ca_pem = {
-        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
-        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca.distinguished_name.push(DnType::CommonName, "bench CA");
-        let ca_key = KeyPair::generate().unwrap();
-        let ca_cert = ca.self_signed(&ca_key).unwrap();
-        let issuer = Issuer::new(ca, ca_key);
-        let key = KeyPair::generate().unwrap();
-        let cert = CertificateParams::new(vec!["localhost".to_string()])
-            .unwrap()
-            .signed_by(&key, &issuer)
-            .unwrap();
-        std::fs::write(dir.join("server.pem"), cert.pem()).unwrap();
-        std::fs::write(dir.join("server.key"), key.serialize_pem()).unwrap();
-        ca_cert.pem()
-    };
+    let [ca, _, _] = support::certificates(&dir);
+    let ca_pem = std::fs::read_to_string(ca).unwrap();
     let config = dir.join("tern.toml");
     std::fs::write(
         &config,
@@ -224,35 +201,16 @@ fn main() {
     )
     .unwrap();
     // The broker on core 0, the load on core 1 (when taskset is there).
-    let mut cmd = if Command::new("taskset").arg("-V").output().is_ok() {
+    let cmd = if Command::new("taskset").arg("-V").output().is_ok() {
         let mut c = Command::new("taskset");
         c.args(["-c", "0", env!("CARGO_BIN_EXE_tern")]);
         c
     } else {
         Command::new(env!("CARGO_BIN_EXE_tern"))
     };
-    let mut child = cmd
-        .args(["broker", "--config", config.to_str().unwrap()])
-        .env("NO_COLOR", "1")
-        .env("RUST_LOG", "warn,tern=info,tern_broker=warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let addrs: Vec<String> = loop {
-        let line = lines.next().unwrap().unwrap();
-        if let Some(rest) = line.split("listening on ").nth(1) {
-            break rest
-                .split(", ")
-                .filter_map(|a| {
-                    let a = a.split_whitespace().next()?;
-                    a.contains(':').then(|| a.to_string())
-                })
-                .collect();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
-    let pid = child.id();
+    let broker = support::BrokerProcess::spawn(cmd, &config, "warn,tern=info,tern_broker=warn");
+    let pid = broker.pid();
+    let addrs = &broker.addrs;
     let (tcp, tls, ws) = (addrs[0].clone(), addrs[1].clone(), addrs[2].clone());
     let _ = Command::new("taskset")
         .args(["-p", "-c", "1", &std::process::id().to_string()])
@@ -305,7 +263,7 @@ fn main() {
         let per: Vec<f64> = (0..3)
             .map(|run| {
                 std::thread::sleep(Duration::from_millis(300));
-                let before = rss_kib(pid);
+                let before = support::rss_kib(pid);
                 rt.block_on(async {
                     for i in 0..idle {
                         let id = format!("idle-{name}-{run}-{i}");
@@ -319,7 +277,7 @@ fn main() {
                     }
                 });
                 std::thread::sleep(Duration::from_millis(300));
-                let after = rss_kib(pid);
+                let after = support::rss_kib(pid);
                 (after.saturating_sub(before) as f64 * 1024.0) / idle as f64
             })
             .collect();
@@ -339,8 +297,5 @@ fn main() {
         let (m, lo, hi) = median(rates);
         println!("qos0_msgs_per_s_{name:<4}        {m:>10.0}   ({lo:.0}-{hi:.0})  [{n} messages]");
     }
-    let _ = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status();
-    let _ = child.wait();
+    broker.stop();
 }

@@ -9,9 +9,11 @@
 // A failed unwrap in a test is a failed test, with the value in the message.
 #![allow(clippy::unwrap_used)]
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod support;
+
+use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -35,16 +37,6 @@ impl Rng {
     fn below(&mut self, n: usize) -> usize {
         (self.next() % n as u64) as usize
     }
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap()
 }
 
 /// A bare client over TCP for the well-behaved pair.
@@ -196,39 +188,14 @@ fn hostile_input_closes_only_its_own_connection_and_memory_comes_back() {
          [storage]\ndurability = \"none\"\n",
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tern"))
-        .args(["broker", "--config", config.to_str().unwrap()])
-        .env("NO_COLOR", "1")
-        // The listening line, without a log line per hostile connection.
-        .env("RUST_LOG", "warn,tern=info,tern_broker=error")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let addrs: Vec<String> = loop {
-        let line = lines
-            .next()
-            .expect("the broker says where it listens")
-            .unwrap();
-        if let Some(rest) = line.split("listening on ").nth(1) {
-            break rest
-                .split(", ")
-                .map(|a| a.split_whitespace().next().unwrap().to_string())
-                .collect();
-        }
-    };
-    std::thread::spawn(move || while let Some(Ok(_)) = lines.next() {});
-    let (tcp, ws) = (addrs[0].clone(), addrs[1].clone());
-    // Killed however the test ends, so a failure does not leave the broker running.
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let pid = child.id();
-    let mut child = Kill(child);
+    // The listening line, without a log line per hostile connection.
+    let broker = support::BrokerProcess::spawn(
+        Command::new(env!("CARGO_BIN_EXE_tern")),
+        &config,
+        "warn,tern=info,tern_broker=error",
+    );
+    let (tcp, ws) = (broker.addrs[0].clone(), broker.addrs[1].clone());
+    let pid = broker.pid();
 
     // The well-behaved pair, throughout.
     let mut sub = Client::connect(&tcp, "good-sub");
@@ -294,12 +261,12 @@ fn hostile_input_closes_only_its_own_connection_and_memory_comes_back() {
     // Two identical rounds. The first grows the allocator's arenas to what the abuse
     // needs (kept for reuse, as glibc does); the second must leave memory where the first
     // did: nothing a connection held stays behind.
-    let cold = rss_kib(pid);
+    let cold = support::rss_kib(pid);
     let mut rounds = Vec::new();
     for _ in 0..2 {
         let (closed_in, peak) = round(&tcp, &ws, pid, &mut rng, streams / 2);
         std::thread::sleep(Duration::from_millis(500));
-        rounds.push((closed_in, peak, rss_kib(pid)));
+        rounds.push((closed_in, peak, support::rss_kib(pid)));
     }
     stop.store(true, Ordering::Relaxed);
     let sent = publisher.join().unwrap();
@@ -320,8 +287,9 @@ fn hostile_input_closes_only_its_own_connection_and_memory_comes_back() {
          {cold}, peak {} / {}, after round 1 {first}, after round 2 {second}",
         rounds[0].0, rounds[1].0, rounds[0].1, rounds[1].1
     );
+    let mut broker = broker;
     assert!(
-        child.0.try_wait().unwrap().is_none(),
+        broker.child.try_wait().unwrap().is_none(),
         "the broker is still running"
     );
     // Measured: +0.5 to +2 MiB in round 2 with 1,000 or 5,000 streams per round alike
@@ -331,10 +299,7 @@ fn hostile_input_closes_only_its_own_connection_and_memory_comes_back() {
         second <= first + 4 * 1024,
         "RSS {second} KiB after round 2 vs {first} KiB after round 1: memory was kept"
     );
-    let _ = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status();
-    let _ = child.0.wait();
+    broker.stop();
 }
 
 /// One round of abuse: 200 sockets that send nothing or half a CONNECT (all must be closed
@@ -362,7 +327,7 @@ fn round(tcp: &str, ws: &str, pid: u32, rng: &mut Rng, streams: usize) -> (Durat
             throw(TcpStream::connect(tcp).unwrap(), &bytes);
         }
         if i % 200 == 0 {
-            peak = peak.max(rss_kib(pid));
+            peak = peak.max(support::rss_kib(pid));
         }
     }
     for _ in 0..20 {

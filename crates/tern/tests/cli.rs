@@ -7,6 +7,8 @@ use std::io::{BufRead, BufReader};
 use std::net::TcpStream;
 use std::process::{Command, Stdio};
 
+mod support;
+
 #[test]
 fn tern_broker_listens_and_exits_0_on_sigterm() {
     let data = std::env::temp_dir().join(format!("tern-cli-data-{}", std::process::id()));
@@ -188,35 +190,12 @@ fn mosquitto(tool: &str, args: &[&str]) -> std::process::Output {
         .unwrap_or_else(|e| panic!("{tool} (scripts/test installs mosquitto-clients): {e}"))
 }
 
-/// A CA and a server certificate for localhost it signed: (ca.pem, server.pem, server.key).
-fn certificates(dir: &std::path::Path) -> [String; 3] {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(DnType::CommonName, "Tern CLI test CA");
-    let ca_key = KeyPair::generate().unwrap();
-    let ca_cert = ca.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca, ca_key);
-    let key = KeyPair::generate().unwrap();
-    let cert = CertificateParams::new(vec!["localhost".to_string()])
-        .unwrap()
-        .signed_by(&key, &issuer)
-        .unwrap();
-    let paths =
-        ["ca.pem", "server.pem", "server.key"].map(|f| dir.join(f).to_str().unwrap().to_string());
-    std::fs::write(&paths[0], ca_cert.pem()).unwrap();
-    std::fs::write(&paths[1], cert.pem()).unwrap();
-    std::fs::write(&paths[2], key.serialize_pem()).unwrap();
-    paths
-}
-
 #[test]
 fn tls_passwords_and_an_acl_from_the_config_and_sighup_reloads_the_files() {
     let dir = std::env::temp_dir().join(format!("tern-cli-tls-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let [ca, cert, key] = certificates(&dir);
+    let [ca, cert, key] = support::certificates(&dir);
     let passwords = dir.join("passwords");
     let acl = dir.join("acl");
     let tern = env!("CARGO_BIN_EXE_tern");
@@ -243,31 +222,9 @@ fn tls_passwords_and_an_acl_from_the_config_and_sighup_reloads_the_files() {
         ),
     )
     .unwrap();
-    let mut child = Command::new(tern)
-        .args(["broker", "--config", config.to_str().unwrap()])
-        .env("NO_COLOR", "1")
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let ports: Vec<String> = loop {
-        let line = lines
-            .next()
-            .expect("the broker says where it listens")
-            .unwrap();
-        if let Some(rest) = line.split("listening on ").nth(1) {
-            break rest
-                .split(", ")
-                .filter_map(|a| {
-                    let (_, port) = a.split_whitespace().next()?.rsplit_once(':')?;
-                    Some(port.to_string())
-                })
-                .collect();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
-    let (tcp, tls) = (ports[0].as_str(), ports[1].as_str());
+    let mut broker = support::BrokerProcess::spawn(Command::new(tern), &config, "info");
+    let (tcp, tls) = (broker.port(0).to_string(), broker.port(1).to_string());
+    let (tcp, tls) = (tcp.as_str(), tls.as_str());
     let tls_args = ["-h", "localhost", "-p", tls, "--cafile", &ca];
 
     // Over TLS, with the password, within the ACL: published (retained) and received.
@@ -344,7 +301,7 @@ fn tls_passwords_and_an_acl_from_the_config_and_sighup_reloads_the_files() {
     )
     .unwrap();
     let hup = Command::new("kill")
-        .args(["-HUP", &child.id().to_string()])
+        .args(["-HUP", &broker.pid().to_string()])
         .status()
         .unwrap();
     assert!(hup.success());
@@ -362,7 +319,7 @@ fn tls_passwords_and_an_acl_from_the_config_and_sighup_reloads_the_files() {
     }
     assert!(published, "bob connects after the reload");
     assert!(
-        child.try_wait().unwrap().is_none(),
+        broker.child.try_wait().unwrap().is_none(),
         "SIGHUP did not stop the broker"
     );
     let out = mosquitto(
@@ -377,8 +334,5 @@ fn tls_passwords_and_an_acl_from_the_config_and_sighup_reloads_the_files() {
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "yo");
     assert!(denied("alice", "apw", "a/x"), "the old ACL is gone");
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    assert_eq!(child.wait().unwrap().code(), Some(0));
+    assert_eq!(broker.stop(), Some(0));
 }

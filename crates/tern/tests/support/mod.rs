@@ -1,0 +1,106 @@
+//! What the `tern` binary's tests and benchmarks share: a broker process started from a
+//! config file (killed when dropped), certificates made with rcgen, the RSS of a process.
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+/// A `tern broker --config FILE` process; killed however the test ends.
+pub struct BrokerProcess {
+    pub child: Child,
+    /// Every listener's address, in config order (`127.0.0.1:PORT`).
+    pub addrs: Vec<String>,
+}
+
+impl BrokerProcess {
+    /// Starts `command` (the `tern` binary, maybe behind `taskset`) as `tern broker
+    /// --config config` with `RUST_LOG=log` and waits for its listening line (so `log`
+    /// must let `tern=info` through).
+    pub fn spawn(mut command: Command, config: &std::path::Path, log: &str) -> BrokerProcess {
+        let mut child = command
+            .args(["broker", "--config", config.to_str().unwrap()])
+            .env("NO_COLOR", "1")
+            .env("RUST_LOG", log)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let addrs = loop {
+            let line = lines
+                .next()
+                .expect("the broker says where it listens")
+                .unwrap();
+            if let Some(rest) = line.split("listening on ").nth(1) {
+                // "127.0.0.1:1883 (tcp), 127.0.0.1:8883 (tls) (state in ...)"
+                break rest
+                    .split(", ")
+                    .filter_map(|a| {
+                        let a = a.split_whitespace().next()?;
+                        a.contains(':').then(|| a.to_string())
+                    })
+                    .collect();
+            }
+        };
+        std::thread::spawn(move || for _ in lines {});
+        BrokerProcess { child, addrs }
+    }
+
+    /// The port of listener `n`.
+    pub fn port(&self, n: usize) -> &str {
+        self.addrs[n].rsplit_once(':').unwrap().1
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGTERM, and the exit code.
+    pub fn stop(mut self) -> Option<i32> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        self.child.wait().unwrap().code()
+    }
+}
+
+impl Drop for BrokerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A CA and a server certificate for localhost it signed, written to `dir` as ca.pem,
+/// server.pem and server.key; returns their paths in that order.
+pub fn certificates(dir: &std::path::Path) -> [String; 3] {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "Tern test CA");
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let paths =
+        ["ca.pem", "server.pem", "server.key"].map(|f| dir.join(f).to_str().unwrap().to_string());
+    std::fs::write(&paths[0], ca_cert.pem()).unwrap();
+    std::fs::write(&paths[1], cert.pem()).unwrap();
+    std::fs::write(&paths[2], key.serialize_pem()).unwrap();
+    paths
+}
+
+/// Resident memory of process `pid`, KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
