@@ -10,4 +10,5 @@
 pub mod acl;
 pub mod auth;
 pub mod core;
+pub mod metrics;
 pub mod server;

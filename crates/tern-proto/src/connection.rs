@@ -237,6 +237,8 @@ pub struct Connection {
     outbound_aliases: alias::Outbound,
     /// Inbound QoS 1 ids delivered but not yet acknowledged (acknowledge-later mode).
     pending_puback: BTreeSet<PacketId>,
+    /// Inbound QoS 2 PUBLISH packets answered without delivering them again.
+    duplicates: u64,
 }
 
 impl Connection {
@@ -274,6 +276,7 @@ impl Connection {
             last_sent: now,
             ping_sent_at: None,
             pending_puback: BTreeSet::new(),
+            duplicates: 0,
         };
         let resend: Vec<(PacketId, OutboundState)> =
             conn.session.inflight().map(|f| (f.id, f.state)).collect();
@@ -404,9 +407,10 @@ impl Connection {
             }
             QosPid::ExactlyOnce(id) => match self.session.inbound(id) {
                 // Delivered already; the application has yet to release the PUBREC.
-                Some(InboundState::Delivered) => {}
+                Some(InboundState::Delivered) => self.duplicates += 1,
                 // Delivered and PUBREC sent: answer again, deliver nothing [MQTT-4.3.3-9].
                 Some(InboundState::Received) => {
+                    self.duplicates += 1;
                     self.transmit.push_back(Packet::PubRec(Ack::new(id)));
                 }
                 None => {
@@ -536,6 +540,12 @@ impl Connection {
     }
 
     // ---- commands --------------------------------------------------------------------
+
+    /// Inbound QoS 2 PUBLISH packets (resends of a message already delivered) answered
+    /// without being delivered again, over the connection's life.
+    pub fn duplicates_suppressed(&self) -> u64 {
+        self.duplicates
+    }
 
     /// Sends a message. QoS 0 goes out now (or is dropped while closed); QoS 1/2 takes a
     /// packet id when the peer's Receive Maximum allows, otherwise waits in order.

@@ -27,6 +27,9 @@ pub struct Message {
     /// The shared subscription (`$share/{group}/{filter}`) this copy was delivered
     /// through: broker bookkeeping, carried with the message and never sent.
     pub shared: Option<Str>,
+    /// When the broker handed this copy to a session (for the age of queued messages);
+    /// never sent and not stored.
+    pub queued_at: Option<Instant>,
 }
 
 impl Message {
@@ -40,6 +43,7 @@ impl Message {
             properties: Props::NONE,
             expires_at: None,
             shared: None,
+            queued_at: None,
         }
     }
 
@@ -73,6 +77,7 @@ impl Message {
             properties: p.properties,
             expires_at,
             shared: None,
+            queued_at: None,
         }
     }
 

@@ -20,6 +20,67 @@ pub(crate) struct File {
     pub(crate) mqtt: Mqtt,
     pub(crate) storage: Storage,
     pub(crate) auth: Auth,
+    pub(crate) metrics: Metrics,
+    pub(crate) sys: Sys,
+    pub(crate) log: Log,
+}
+
+/// The HTTP endpoint: `/metrics`, `/healthz`, `/readyz`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct Metrics {
+    pub(crate) enabled: bool,
+    pub(crate) bind: String,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            enabled: true,
+            bind: "127.0.0.1:9090".into(),
+        }
+    }
+}
+
+/// `$SYS/broker/...` topics.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct Sys {
+    /// Seconds between updates; 0: no `$SYS` topics.
+    pub(crate) interval_secs: u64,
+}
+
+impl Default for Sys {
+    fn default() -> Self {
+        Sys { interval_secs: 10 }
+    }
+}
+
+/// What is logged and how.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct Log {
+    /// Level, or per-module directives: `"info,tern_broker::server=debug"` (RUST_LOG,
+    /// when set, wins).
+    pub(crate) level: String,
+    pub(crate) format: LogFormat,
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Log {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// `text`: one human-readable line per event. `json`: one JSON object per line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum LogFormat {
+    Text,
+    Json,
 }
 
 /// Who may connect.
@@ -159,6 +220,9 @@ impl Default for File {
             mqtt: Mqtt::default(),
             storage: Storage::default(),
             auth: Auth::default(),
+            metrics: Metrics::default(),
+            sys: Sys::default(),
+            log: Log::default(),
         }
     }
 }
@@ -315,6 +379,15 @@ impl File {
             if !l.path.starts_with('/') {
                 return Err(format!("{at}.path: '{}' must start with /", l.path));
             }
+        }
+        if file.metrics.bind.parse::<std::net::SocketAddr>().is_err() {
+            return Err(format!(
+                "metrics.bind: '{}' is not an address like 127.0.0.1:9090",
+                file.metrics.bind
+            ));
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&file.log.level) {
+            return Err(format!("log.level: '{}': {e}", file.log.level));
         }
         for (key, v) in [
             ("max_topic_length", file.limits.max_topic_length),

@@ -5,13 +5,14 @@ mod config;
 
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: tern broker [--config FILE] [--bind ADDR] [--data-dir DIR]\n  defaults: every setting's default, 127.0.0.1:1883, ./tern-data, durability sync\n       tern passwd FILE USER             add or change USER (password read from stdin)\n       tern passwd -b FILE USER PASSWORD add or change USER with PASSWORD\n       tern passwd -D FILE USER          delete USER";
+const USAGE: &str = "usage: tern broker [--config FILE] [--bind ADDR] [--data-dir DIR] [--metrics ADDR|off]\n  defaults: every setting's default, 127.0.0.1:1883, ./tern-data, durability sync, metrics on 127.0.0.1:9090\n       tern broker --check-config FILE  check FILE (and the files it names) and exit\n       tern passwd FILE USER             add or change USER (password read from stdin)\n       tern passwd -b FILE USER PASSWORD add or change USER with PASSWORD\n       tern passwd -D FILE USER          delete USER";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut bind = None;
     let mut config_path = None;
     let mut data_dir = None;
+    let mut metrics_bind = None;
     match args.first().map(String::as_str) {
         Some("broker") => {}
         Some("passwd") => return passwd(&args[1..]),
@@ -30,6 +31,8 @@ fn main() -> ExitCode {
             ("--bind", Some(addr)) => bind = Some(addr.clone()),
             ("--config", Some(path)) => config_path = Some(path.clone()),
             ("--data-dir", Some(dir)) => data_dir = Some(dir.clone()),
+            ("--metrics", Some(addr)) => metrics_bind = Some(addr.clone()),
+            ("--check-config", Some(path)) => return check_config(path),
             (flag, _) => {
                 eprintln!("tern broker: unknown or incomplete option '{flag}'\n{USAGE}");
                 return ExitCode::from(2);
@@ -38,24 +41,30 @@ fn main() -> ExitCode {
     }
     let file = match &config_path {
         None => config::File::default(),
-        Some(path) => match std::fs::read_to_string(path) {
+        Some(path) => match read_config(path) {
+            Ok(f) => f,
             Err(e) => {
-                eprintln!("tern broker: cannot read {path}: {e}");
+                eprintln!("tern broker: {e}");
                 return ExitCode::from(2);
             }
-            Ok(text) => match config::File::parse(&text) {
-                Ok(f) => f,
-                Err(e) => {
-                    eprintln!("tern broker: {path}: {e}");
-                    return ExitCode::from(2);
-                }
-            },
         },
     };
     let mut file = file;
     if let Some(bind) = bind {
         // --bind: the first listener's address.
         file.listener[0].bind = bind;
+    }
+    match metrics_bind.as_deref() {
+        None => {}
+        Some("off") => file.metrics.enabled = false,
+        Some(addr) if addr.parse::<std::net::SocketAddr>().is_ok() => {
+            file.metrics.enabled = true;
+            file.metrics.bind = addr.to_string();
+        }
+        Some(other) => {
+            eprintln!("tern broker: --metrics '{other}' is neither an address nor 'off'");
+            return ExitCode::from(2);
+        }
     }
     let access = match load_access(&file.auth) {
         Ok(a) => a,
@@ -67,14 +76,7 @@ fn main() -> ExitCode {
     let data_dir =
         std::path::PathBuf::from(data_dir.unwrap_or_else(|| file.storage.data_dir.clone()));
     let settings = file.settings();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        // Colours only for a terminal: log files and journald get plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-        .init();
+    let log_filter = init_logging(&file.log);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -94,6 +96,33 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async {
         let shutdown = shutdown_signal();
+        // The endpoint comes up first, so /readyz says "not ready" while the store loads.
+        let monitor = tern_broker::server::Monitor::new();
+        let (monitor_stop, monitor_stopped) = tokio::sync::oneshot::channel::<()>();
+        let monitor_task = if file.metrics.enabled {
+            let socket = match tokio::net::TcpListener::bind(&file.metrics.bind).await {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!(
+                        "tern broker: cannot listen on {} for metrics: {e} (set [metrics] bind, or --metrics off)",
+                        file.metrics.bind
+                    );
+                    return ExitCode::FAILURE;
+                }
+            };
+            if let Ok(a) = socket.local_addr() {
+                tracing::info!("tern broker metrics on http://{a}/metrics (health: /healthz, /readyz)");
+            }
+            Some(tokio::spawn(tern_broker::server::serve_monitor(
+                socket,
+                monitor.clone(),
+                async {
+                    let _ = monitor_stopped.await;
+                },
+            )))
+        } else {
+            None
+        };
         let mut listeners = Vec::new();
         for (l, tls) in file.listener.iter().zip(tls) {
             let socket = match tokio::net::TcpListener::bind(&l.bind).await {
@@ -132,7 +161,7 @@ fn main() -> ExitCode {
             ),
         }
         let control = tern_broker::server::AccessControl::new(access);
-        reload_on_hangup(control.clone(), file.auth.clone());
+        reload_on_hangup(control.clone(), file.auth.clone(), config_path.clone(), log_filter);
         let server = tern_broker::server::Server {
             listeners,
             settings,
@@ -140,8 +169,16 @@ fn main() -> ExitCode {
             access: control,
             max_connections: (file.limits.max_connections > 0)
                 .then_some(file.limits.max_connections),
+            monitor,
+            sys_interval: (file.sys.interval_secs > 0)
+                .then(|| std::time::Duration::from_secs(file.sys.interval_secs)),
         };
-        if let Err(e) = tern_broker::server::run(server, shutdown).await {
+        let result = tern_broker::server::run(server, shutdown).await;
+        let _ = monitor_stop.send(());
+        if let Some(task) = monitor_task {
+            let _ = task.await;
+        }
+        if let Err(e) = result {
             eprintln!(
                 "tern broker: cannot load the stored state from {}: {e}",
                 data_dir.display()
@@ -227,9 +264,93 @@ fn load_access(auth: &config::Auth) -> Result<tern_broker::auth::Access, String>
     })
 }
 
+/// The configuration file at `path`, checked; the error names the file.
+fn read_config(path: &str) -> Result<config::File, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {path}: {e}"))?;
+    config::File::parse(&text).map_err(|e| format!("{path}: {e}"))
+}
+
+/// `tern broker --check-config FILE`: everything startup reads (the file, certificates,
+/// password file, ACL) without starting; exit 0 if it would start, 2 with the problem.
+fn check_config(path: &str) -> ExitCode {
+    let checked = read_config(path).and_then(|file| {
+        tls_configs(&file.listener)?;
+        let access = load_access(&file.auth)?;
+        Ok((file, access))
+    });
+    match checked {
+        Ok((file, access)) => {
+            let listeners: Vec<String> = file
+                .listener
+                .iter()
+                .map(|l| {
+                    format!(
+                        "{} ({})",
+                        l.bind,
+                        format!("{:?}", l.transport).to_lowercase()
+                    )
+                })
+                .collect();
+            println!(
+                "{path}: OK: listeners {}; metrics {}; {} users; ACL {}",
+                listeners.join(", "),
+                if file.metrics.enabled {
+                    file.metrics.bind.as_str()
+                } else {
+                    "off"
+                },
+                access.passwords.as_ref().map_or(0, |p| p.len()),
+                if access.acl.is_some() {
+                    "loaded"
+                } else {
+                    "none"
+                }
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tern broker: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+type LogFilter =
+    tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>;
+
+/// Logs as `[log]` says (RUST_LOG, when set, chooses the levels instead); the handle
+/// changes the levels later (SIGHUP).
+fn init_logging(log: &config::Log) -> LogFilter {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&log.level));
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let registry = tracing_subscriber::registry().with(filter);
+    match log.format {
+        config::LogFormat::Json => registry
+            .with(tracing_subscriber::fmt::layer().json())
+            .init(),
+        // Colours only for a terminal: log files and journald get plain text.
+        config::LogFormat::Text => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout())),
+            )
+            .init(),
+    }
+    handle
+}
+
 /// SIGHUP reads the password file and ACL again and puts them in force without dropping
-/// anyone; a file that no longer parses is reported and the old rules stay.
-fn reload_on_hangup(control: tern_broker::server::AccessControl, auth: config::Auth) {
+/// anyone, and applies the config file's `[log] level` (unless RUST_LOG is set); a file
+/// that no longer parses is reported and the old rules stay.
+fn reload_on_hangup(
+    control: tern_broker::server::AccessControl,
+    auth: config::Auth,
+    config_path: Option<String>,
+    log_filter: LogFilter,
+) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
@@ -239,6 +360,22 @@ fn reload_on_hangup(control: tern_broker::server::AccessControl, auth: config::A
         };
         tokio::spawn(async move {
             while hangup.recv().await.is_some() {
+                if let Some(path) = &config_path
+                    && std::env::var_os("RUST_LOG").is_none()
+                {
+                    match read_config(path) {
+                        Ok(file) => {
+                            let filter = tracing_subscriber::EnvFilter::new(&file.log.level);
+                            match log_filter.reload(filter) {
+                                Ok(()) => {
+                                    tracing::info!(level = %file.log.level, "SIGHUP: log levels reloaded")
+                                }
+                                Err(e) => tracing::error!("SIGHUP: log levels not changed: {e}"),
+                            }
+                        }
+                        Err(e) => tracing::error!("SIGHUP: {e}; the log levels stay"),
+                    }
+                }
                 match load_access(&auth) {
                     Ok(access) => {
                         tracing::info!(

@@ -66,7 +66,14 @@ fn a_data_directory_holding_something_that_is_not_a_store_stops_startup_and_is_l
     let file = dir.join("tern.redb");
     std::fs::write(&file, b"not a store: someone's data").unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_tern"))
-        .args(["broker", "--bind", "127.0.0.1:0", "--data-dir"])
+        .args([
+            "broker",
+            "--bind",
+            "127.0.0.1:0",
+            "--metrics",
+            "off",
+            "--data-dir",
+        ])
         .arg(&dir)
         .output()
         .unwrap();
@@ -89,6 +96,7 @@ fn a_data_directory_holding_something_that_is_not_a_store_stops_startup_and_is_l
 fn spawn_broker(args: &[&str]) -> (std::process::Child, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_tern"))
         .arg("broker")
+        .args(["--metrics", "127.0.0.1:0"])
         .args(args)
         .env("NO_COLOR", "1")
         .env("RUST_LOG", "info")

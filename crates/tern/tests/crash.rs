@@ -73,6 +73,8 @@ fn start_broker(port: u16, dir: &Path, durability: &str) -> Child {
             "broker",
             "--bind",
             &format!("127.0.0.1:{port}"),
+            "--metrics",
+            "off",
             "--data-dir",
         ])
         .arg(dir)

@@ -20,10 +20,16 @@ use tokio::sync::{mpsc, watch};
 use crate::auth::Access;
 use crate::core::{Broker, ConnId, Output, Settings};
 
+mod monitor;
 mod transport;
 mod writer;
 
+pub use monitor::{Monitor, serve_monitor};
 pub use transport::{Tls, TlsFiles, Transport, common_name};
+
+use crate::core::Gauges;
+use crate::metrics::Metrics;
+use monitor::ConnCounts;
 
 /// One listening socket and how its connections are served.
 pub struct Listener {
@@ -90,21 +96,30 @@ pub struct Server {
     pub access: AccessControl,
     /// Most connections open at once over all listeners; `None`: no limit.
     pub max_connections: Option<usize>,
+    /// Where the server counts and reports readiness (see [`serve_monitor`]).
+    pub monitor: Monitor,
+    /// How often `$SYS/broker/...` is published; `None`: never.
+    pub sys_interval: Option<Duration>,
 }
 
-enum ToCore {
+pub(crate) enum ToCore {
     Accepted(ConnId, SocketAddr, mpsc::UnboundedSender<ToConn>),
-    Packet(ConnId, Packet),
+    /// A packet, and when the read that brought it completed.
+    Packet(ConnId, Packet, Instant),
     DecodeError(ConnId, Option<Protocol>, DecodeError),
     Closed(ConnId),
     /// The storage writer could not commit; see [`writer`].
     StoreFailed,
+    /// The metrics endpoint asks for the core's gauges.
+    Gauges(tokio::sync::oneshot::Sender<Gauges>),
     Shutdown,
 }
 
 /// What a connection's writer task is told.
 pub(crate) enum ToConn {
-    Packets(Vec<Packet>),
+    /// Packets to write, and when the earliest input of the core round that produced
+    /// them was read (for the latency histogram).
+    Packets(Vec<Packet>, Instant),
     Close,
 }
 
@@ -150,6 +165,8 @@ pub async fn serve(
         persistence,
         access: AccessControl::new(access),
         max_connections: None,
+        monitor: Monitor::new(),
+        sys_interval: None,
     };
     run(server, shutdown).await
 }
@@ -162,7 +179,10 @@ pub async fn run(server: Server, shutdown: impl Future<Output = ()>) -> Result<(
         persistence,
         access,
         max_connections,
+        monitor,
+        sys_interval,
     } = server;
+    let metrics = monitor.metrics().clone();
     let mut acl_changes = access.0.subscribe();
     let (to_core, mut from_conns) = mpsc::unbounded_channel::<ToCore>();
     let connect_timeout = settings.connect_timeout;
@@ -174,18 +194,24 @@ pub async fn run(server: Server, shutdown: impl Future<Output = ()>) -> Result<(
     let core_settings = settings.clone();
     let mut broker = Broker::resume(settings, snapshot, Instant::now(), SystemTime::now());
     broker.set_acl(acl_changes.borrow_and_update().acl.clone());
-    let mut writer = persistence.map(|p| writer::Writer::spawn(p, to_core.clone()));
+    broker.set_metrics(metrics.clone());
+    let mut writer =
+        persistence.map(|p| writer::Writer::spawn(p, to_core.clone(), metrics.clone()));
+    let core_metrics = metrics.clone();
     let core = tokio::spawn(async move {
         let mut writers: HashMap<ConnId, mpsc::UnboundedSender<ToConn>> = HashMap::new();
         let mut tick = tokio::time::interval(Duration::from_millis(500));
+        let mut sys_tick = tokio::time::interval(sys_interval.unwrap_or(Duration::MAX / 4));
         'run: loop {
             let mut first = None;
+            let mut since = Instant::now();
             tokio::select! {
                 msg = from_conns.recv() => match msg {
                     Some(msg) => first = Some(msg),
                     None => break 'run,
                 },
                 _ = tick.tick() => broker.handle_timeout(Instant::now()),
+                _ = sys_tick.tick(), if sys_interval.is_some() => broker.publish_sys(Instant::now()),
                 Ok(()) = acl_changes.changed() => {
                     broker.set_acl(acl_changes.borrow_and_update().acl.clone());
                     tracing::info!("ACL reloaded");
@@ -202,7 +228,13 @@ pub async fn run(server: Server, shutdown: impl Future<Output = ()>) -> Result<(
                         writers.insert(conn, tx);
                         broker.handle_accepted(conn, peer);
                     }
-                    ToCore::Packet(conn, p) => broker.handle_packet(conn, p, now),
+                    ToCore::Packet(conn, p, read_at) => {
+                        since = since.min(read_at);
+                        broker.handle_packet(conn, p, now);
+                    }
+                    ToCore::Gauges(reply) => {
+                        let _ = reply.send(broker.gauges(now, 10));
+                    }
                     ToCore::DecodeError(conn, v, e) => {
                         broker.handle_decode_error(conn, v, &e, now);
                     }
@@ -233,6 +265,7 @@ pub async fn run(server: Server, shutdown: impl Future<Output = ()>) -> Result<(
                                     SystemTime::now(),
                                 );
                                 broker.set_acl(acl_changes.borrow().acl.clone());
+                                broker.set_metrics(core_metrics.clone());
                                 tracing::warn!(
                                     "state reloaded from the last commit; accepting connections again"
                                 );
@@ -252,13 +285,13 @@ pub async fn run(server: Server, shutdown: impl Future<Output = ()>) -> Result<(
                     None
                 };
             }
-            dispatch(&mut broker, &mut writers, writer.as_ref());
+            dispatch(&mut broker, &mut writers, writer.as_ref(), since);
             for conn in closed {
                 writers.remove(&conn);
             }
         }
         broker.shutdown(Instant::now());
-        dispatch(&mut broker, &mut writers, writer.as_ref());
+        dispatch(&mut broker, &mut writers, writer.as_ref(), Instant::now());
         if let Some(w) = writer.take() {
             let _ = tokio::task::spawn_blocking(move || w.finish()).await;
         }
@@ -281,8 +314,11 @@ pub async fn run(server: Server, shutdown: impl Future<Output = ()>) -> Result<(
             max_packet_size,
             open: AtomicUsize::new(0),
             max_connections: l.max_connections,
-            name,
+            name: name.clone(),
+            counts: Arc::new(ConnCounts::default()),
+            metrics: metrics.clone(),
         });
+        monitor.add_listener(name, listener.counts.clone());
         let (to_core, next_conn, total) = (to_core.clone(), next_conn.clone(), total.clone());
         let socket = l.socket;
         accepting.push(tokio::spawn(async move {
@@ -297,6 +333,11 @@ pub async fn run(server: Server, shutdown: impl Future<Output = ()>) -> Result<(
                     }
                 };
                 let conn = next_conn.fetch_add(1, Ordering::Relaxed) + 1;
+                listener
+                    .metrics
+                    .connections_accepted
+                    .fetch_add(1, Ordering::Relaxed);
+                listener.counts.0[0].fetch_add(1, Ordering::Relaxed);
                 let here = listener.open.fetch_add(1, Ordering::AcqRel) + 1;
                 let all = total.fetch_add(1, Ordering::AcqRel) + 1;
                 let slot = Slot(listener.clone(), total.clone());
@@ -308,7 +349,12 @@ pub async fn run(server: Server, shutdown: impl Future<Output = ()>) -> Result<(
             }
         }));
     }
+    monitor.attach(Some(to_core.clone()));
+    monitor.set_ready(true);
     shutdown.await;
+    // Not ready from the moment shutdown begins: load balancers stop sending clients.
+    monitor.set_ready(false);
+    monitor.attach(None);
     for a in &accepting {
         a.abort();
     }
@@ -327,6 +373,7 @@ fn dispatch(
     broker: &mut Broker,
     writers: &mut HashMap<ConnId, mpsc::UnboundedSender<ToConn>>,
     writer: Option<&writer::Writer>,
+    since: Instant,
 ) {
     let mut batches: HashMap<ConnId, Vec<Packet>> = HashMap::new();
     let mut closes = vec![];
@@ -340,7 +387,7 @@ fn dispatch(
     let mut sends = Vec::with_capacity(batches.len() + closes.len());
     for (conn, packets) in batches {
         if let Some(w) = writers.get(&conn) {
-            sends.push((w.clone(), ToConn::Packets(packets)));
+            sends.push((w.clone(), ToConn::Packets(packets, since)));
         }
     }
     for conn in closes {
@@ -372,6 +419,9 @@ struct ListenerCtx {
     max_connections: Option<usize>,
     /// Transport and address, for the logs.
     name: String,
+    /// Its open connections by protocol version.
+    counts: Arc<ConnCounts>,
+    metrics: Arc<Metrics>,
 }
 
 /// A connection's place in the listener's and the server's counts, given back on drop.
@@ -380,6 +430,7 @@ struct Slot(Arc<ListenerCtx>, Arc<AtomicUsize>);
 impl Drop for Slot {
     fn drop(&mut self) {
         self.0.open.fetch_sub(1, Ordering::AcqRel);
+        self.0.counts.0[0].fetch_sub(1, Ordering::Relaxed);
         self.1.fetch_sub(1, Ordering::AcqRel);
     }
 }
@@ -492,23 +543,27 @@ async fn mqtt(
     let version = Arc::new(AtomicU8::new(0));
 
     let write_version = version.clone();
+    let metrics = l.metrics.clone();
     let write = tokio::spawn(async move {
         // Grows with what is written; an idle connection keeps only what it has needed.
         let mut buf = BytesMut::new();
         while let Some(msg) = rx.recv().await {
             let mut close = false;
             let mut next = Some(msg);
+            let now = Instant::now();
             // Everything already queued goes into the same buffer: one write per wakeup.
             while let Some(msg) = next {
                 match msg {
-                    ToConn::Packets(packets) => {
+                    ToConn::Packets(packets, since) => {
                         let v = protocol_from(write_version.load(Ordering::Acquire))
                             .unwrap_or(Protocol::V3_1_1);
+                        let before = buf.len();
                         for p in &packets {
                             if let Err(e) = tern_codec::encode(p, v, &mut buf) {
                                 tracing::warn!(conn, error = %e, "packet not sendable in {v}");
                             }
                         }
+                        metrics.written(&packets, buf.len() - before, since, now);
                     }
                     ToConn::Close => close = true,
                 }
@@ -532,6 +587,8 @@ async fn mqtt(
     let mut chunk = 512;
     let mut buf = BytesMut::new();
     let mut connected = false;
+    // Where this connection is counted in the listener's ConnCounts.
+    let mut counted = 0;
     'read: loop {
         if buf.capacity() - buf.len() < chunk {
             buf.reserve(chunk);
@@ -545,6 +602,15 @@ async fn mqtt(
                 Err(_) => break 'read,
             }
         };
+        let read_at = Instant::now();
+        match read {
+            Ok(0) | Err(_) => break 'read,
+            Ok(n) => {
+                l.metrics
+                    .bytes_received
+                    .fetch_add(n as u64, Ordering::Relaxed);
+            }
+        }
         match read {
             Ok(0) | Err(_) => break 'read,
             Ok(n) if n == spare => chunk = (chunk * 2).min(64 * 1024),
@@ -556,12 +622,19 @@ async fn mqtt(
             match tern_codec::decode(&mut buf, v.unwrap_or(Protocol::V3_1_1), max_packet_size) {
                 Ok(Some(packet)) => {
                     let mut packet = packet;
+                    l.metrics.packets_received.fetch_add(1, Ordering::Relaxed);
+                    if let Packet::Publish(p) = &packet {
+                        l.metrics.received[p.qos_pid.qos() as usize]
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
                     if let Packet::Connect(c) = &mut packet {
                         if connected {
                             // A second CONNECT: the engine reports the protocol error.
                         } else {
                             version.store(protocol_code(c.protocol), Ordering::Release);
                             connected = true;
+                            counted = ConnCounts::index(protocol_code(c.protocol));
+                            l.counts.shift(0, counted);
                             let access = l.access.borrow().clone();
                             let anonymous = l.allow_anonymous.unwrap_or(access.allow_anonymous);
                             let checked = if over_limit {
@@ -585,13 +658,16 @@ async fn mqtt(
                             if let Err(reason) = checked {
                                 tracing::info!(conn, %peer, client_id = %c.client_id, user = c.username.as_deref().unwrap_or("-"), ?reason, "refused at CONNECT");
                                 let ack = tern_codec::ConnAck::new(false, reason);
-                                let _ = refuse.send(ToConn::Packets(vec![Packet::ConnAck(ack)]));
+                                let _ = refuse.send(ToConn::Packets(
+                                    vec![Packet::ConnAck(ack)],
+                                    Instant::now(),
+                                ));
                                 let _ = refuse.send(ToConn::Close);
                                 break 'read;
                             }
                         }
                     }
-                    if to_core.send(ToCore::Packet(conn, packet)).is_err() {
+                    if to_core.send(ToCore::Packet(conn, packet, read_at)).is_err() {
                         break 'read;
                     }
                 }
@@ -603,6 +679,8 @@ async fn mqtt(
             }
         }
     }
+    // Back to "none", where the Slot uncounts it.
+    l.counts.shift(counted, 0);
     // The writer ends when every sender is gone (the core drops its own on Closed).
     drop(refuse);
     let _ = to_core.send(ToCore::Closed(conn));

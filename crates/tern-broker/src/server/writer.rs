@@ -18,6 +18,7 @@ use tern_store::{Op, Snapshot};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Persistence, ToConn, ToCore};
+use crate::metrics::Metrics;
 
 /// Sends waiting on a commit: each to its connection, in order.
 type Sends = Vec<(mpsc::UnboundedSender<ToConn>, ToConn)>;
@@ -38,13 +39,17 @@ pub(crate) struct Writer {
 }
 
 impl Writer {
-    pub(crate) fn spawn(p: Persistence, to_core: mpsc::UnboundedSender<ToCore>) -> Writer {
+    pub(crate) fn spawn(
+        p: Persistence,
+        to_core: mpsc::UnboundedSender<ToCore>,
+        metrics: Arc<Metrics>,
+    ) -> Writer {
         let (tx, rx) = std::sync::mpsc::channel();
         let pending = Arc::new(AtomicUsize::new(0));
         let count = pending.clone();
         let thread = std::thread::Builder::new()
             .name("tern-store".into())
-            .spawn(move || run(p, &rx, &count, &to_core))
+            .spawn(move || run(p, &rx, &count, &to_core, &metrics))
             .expect("the storage writer thread starts");
         Writer {
             tx,
@@ -102,6 +107,7 @@ fn run(
     rx: &Receiver<Job>,
     pending: &AtomicUsize,
     to_core: &mpsc::UnboundedSender<ToCore>,
+    metrics: &Metrics,
 ) {
     let mut failed = false;
     let mut unflushed_since: Option<Instant> = None;
@@ -156,13 +162,21 @@ fn run(
             let result = if failed || ops.is_empty() {
                 Ok(())
             } else {
-                p.store.commit(&ops)
+                let started = Instant::now();
+                let result = p.store.commit(&ops);
+                metrics.commit_latency.observe(started.elapsed());
+                result
             };
             match result {
                 Ok(()) if !failed => {
                     if !ops.is_empty() {
                         commits += 1;
                         ops_written += ops.len() as u64;
+                        metrics.store_commits.fetch_add(1, Ordering::Relaxed);
+                        metrics.store_batches.fetch_add(n as u64, Ordering::Relaxed);
+                        metrics
+                            .store_ops
+                            .fetch_add(ops.len() as u64, Ordering::Relaxed);
                         if p.flush_every.is_some() && unflushed_since.is_none() {
                             unflushed_since = Some(Instant::now());
                         }
@@ -171,6 +185,7 @@ fn run(
                 }
                 Ok(()) => sends.into_iter().for_each(close_all),
                 Err(error) => {
+                    metrics.store_failures.fetch_add(1, Ordering::Relaxed);
                     tracing::error!(%error, ops = ops.len(), "store commit failed: closing the connections that waited on it and reloading the last committed state");
                     failed = true;
                     // The core hears of it before any client sees its connection close,

@@ -54,6 +54,10 @@ pub struct Broker {
     pub port: u16,
     /// Every listener's port, in the order given.
     pub ports: Vec<u16>,
+    /// The metrics/health endpoint's port.
+    pub monitor_port: u16,
+    /// What the endpoint reports on.
+    pub monitor: tern_broker::server::Monitor,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -108,6 +112,20 @@ impl Broker {
         max_connections: Option<usize>,
         specs: Vec<Spec>,
     ) -> Broker {
+        Broker::run_with_sys(settings, store, access, max_connections, specs, None)
+    }
+
+    /// As [`Broker::run`], publishing `$SYS` every `sys_interval`.
+    pub fn run_with_sys(
+        settings: tern_broker::core::Settings,
+        store: Box<dyn tern_store::Store>,
+        access: tern_broker::server::AccessControl,
+        max_connections: Option<usize>,
+        specs: Vec<Spec>,
+        sys_interval: Option<std::time::Duration>,
+    ) -> Broker {
+        let monitor = tern_broker::server::Monitor::new();
+        let server_monitor = monitor.clone();
         let (port_tx, port_rx) = std::sync::mpsc::channel();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
@@ -130,7 +148,17 @@ impl Broker {
                         cert_username: spec.cert_username,
                     });
                 }
-                port_tx.send(ports).unwrap();
+                let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let monitor_port = http.local_addr().unwrap().port();
+                let (http_stop, http_stopped) = tokio::sync::oneshot::channel::<()>();
+                let http = tokio::spawn(tern_broker::server::serve_monitor(
+                    http,
+                    server_monitor.clone(),
+                    async {
+                        let _ = http_stopped.await;
+                    },
+                ));
+                port_tx.send((ports, monitor_port)).unwrap();
                 let server = tern_broker::server::Server {
                     listeners,
                     settings,
@@ -140,18 +168,24 @@ impl Broker {
                     }),
                     access,
                     max_connections,
+                    monitor: server_monitor,
+                    sys_interval,
                 };
                 tern_broker::server::run(server, async {
                     let _ = stopped.await;
                 })
                 .await
                 .unwrap();
+                let _ = http_stop.send(());
+                let _ = http.await;
             });
         });
-        let ports = port_rx.recv().unwrap();
+        let (ports, monitor_port) = port_rx.recv().unwrap();
         Broker {
             port: ports[0],
             ports,
+            monitor_port,
+            monitor,
             stop: Some(stop),
             thread: Some(thread),
         }

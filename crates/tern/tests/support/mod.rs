@@ -10,26 +10,39 @@ pub struct BrokerProcess {
     pub child: Child,
     /// Every listener's address, in config order (`127.0.0.1:PORT`).
     pub addrs: Vec<String>,
+    /// The metrics endpoint's address, if it has one.
+    pub metrics: Option<String>,
 }
 
 impl BrokerProcess {
     /// Starts `command` (the `tern` binary, maybe behind `taskset`) as `tern broker
     /// --config config` with `RUST_LOG=log` and waits for its listening line (so `log`
-    /// must let `tern=info` through).
+    /// must let `tern=info` through). Unless the file has a `[metrics]` table, the
+    /// metrics endpoint goes on an ephemeral port (tests run side by side).
     pub fn spawn(mut command: Command, config: &std::path::Path, log: &str) -> BrokerProcess {
+        command.args(["broker", "--config", config.to_str().unwrap()]);
+        if !std::fs::read_to_string(config)
+            .unwrap()
+            .contains("[metrics]")
+        {
+            command.args(["--metrics", "127.0.0.1:0"]);
+        }
         let mut child = command
-            .args(["broker", "--config", config.to_str().unwrap()])
             .env("NO_COLOR", "1")
             .env("RUST_LOG", log)
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut metrics = None;
         let addrs = loop {
             let line = lines
                 .next()
                 .expect("the broker says where it listens")
                 .unwrap();
+            if let Some(rest) = line.split("metrics on http://").nth(1) {
+                metrics = rest.split('/').next().map(str::to_string);
+            }
             if let Some(rest) = line.split("listening on ").nth(1) {
                 // "127.0.0.1:1883 (tcp), 127.0.0.1:8883 (tls) (state in ...)"
                 break rest
@@ -42,7 +55,11 @@ impl BrokerProcess {
             }
         };
         std::thread::spawn(move || for _ in lines {});
-        BrokerProcess { child, addrs }
+        BrokerProcess {
+            child,
+            addrs,
+            metrics,
+        }
     }
 
     /// The port of listener `n`.

@@ -14,6 +14,8 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt::Display;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use tern_codec::properties::ConnAckProperties;
@@ -28,10 +30,12 @@ use tern_proto::{
 use tern_store::{Op, PendingWill, SessionRecord, Store, StoreError, Subscription};
 
 use super::{Member, SharedStrategy, SharedSubscriptions, SubscriptionTrie};
+use crate::metrics::{DropReason, Metrics};
 
 mod connect;
 mod routing;
 mod subscribe;
+mod sys;
 
 /// Identifies one network connection for the lifetime of the process.
 pub type ConnId = u64;
@@ -180,6 +184,42 @@ impl Session {
     }
 }
 
+/// A snapshot of the broker's state for metrics ([`Broker::gauges`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Gauges {
+    /// Sessions with a connection up.
+    pub online: usize,
+    /// Sessions kept while their client is away.
+    pub offline: usize,
+    /// Subscriptions over all sessions.
+    pub subscriptions: usize,
+    /// Retained messages.
+    pub retained: usize,
+    /// Messages waiting in session queues.
+    pub queued: usize,
+    /// Their payload bytes.
+    pub queued_bytes: usize,
+    /// Age of the oldest queued message.
+    pub oldest: Duration,
+    /// Outbound QoS 1/2 flows not yet complete.
+    pub inflight_out: usize,
+    /// Inbound QoS 2 flows waiting for PUBREL.
+    pub inflight_in: usize,
+    /// The sessions with the deepest queues, deepest first.
+    pub largest: Vec<SessionGauge>,
+}
+
+/// One session's queue in [`Gauges`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionGauge {
+    /// Its client.
+    pub client_id: Str,
+    /// Messages queued.
+    pub queued: usize,
+    /// Age of the oldest.
+    pub oldest: Duration,
+}
+
 /// The broker core.
 pub struct Broker {
     settings: Settings,
@@ -204,11 +244,9 @@ pub struct Broker {
     retained: BTreeMap<TopicName, Message>,
     outputs: VecDeque<Output>,
     next_assigned: u64,
-    dropped: u64,
-    dropped_expired: u64,
-    dropped_too_large: u64,
-    /// Messages, subscriptions and wills the ACL refused.
-    denied: u64,
+    /// What was delivered, dropped and why; shared with the server.
+    metrics: Arc<Metrics>,
+    sys: sys::Sys,
     acl: Option<std::sync::Arc<crate::acl::Acl>>,
 }
 
@@ -255,10 +293,8 @@ impl Broker {
             retained: snapshot.retained,
             outputs: VecDeque::new(),
             next_assigned: 0,
-            dropped: 0,
-            dropped_expired: 0,
-            dropped_too_large: 0,
-            denied: 0,
+            metrics: Arc::new(Metrics::new()),
+            sys: sys::Sys::default(),
             acl: None,
         };
         for (client_id, stored) in snapshot.sessions {
@@ -309,7 +345,18 @@ impl Broker {
 
     /// Publishes, subscriptions, deliveries and wills the ACL refused so far.
     pub fn denied(&self) -> u64 {
-        self.denied
+        self.metrics.dropped(DropReason::NotAuthorized)
+            + self.metrics.subscriptions_denied.load(Ordering::Relaxed)
+    }
+
+    /// The counters this broker adds to.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Counts into `metrics` from now on (the server's, shared with its connections).
+    pub fn set_metrics(&mut self, metrics: Arc<Metrics>) {
+        self.metrics = metrics;
     }
 
     /// Whether the session's client may do `permission` on `topic` (no ACL: yes).
@@ -481,19 +528,65 @@ impl Broker {
         self.sessions.len()
     }
 
-    /// Messages dropped because an offline queue was full.
+    /// Messages dropped because an offline queue was full (or refused for it).
     pub fn dropped_count(&self) -> u64 {
-        self.dropped
+        self.metrics.dropped(DropReason::QueueFull) + self.metrics.dropped(DropReason::Quota)
     }
 
     /// Messages dropped because their Message Expiry Interval passed before delivery.
     pub fn dropped_expired(&self) -> u64 {
-        self.dropped_expired
+        self.metrics.dropped(DropReason::Expired)
     }
 
     /// Messages not sent to a client because they exceed its Maximum Packet Size.
     pub fn dropped_too_large(&self) -> u64 {
-        self.dropped_too_large
+        self.metrics.dropped(DropReason::TooLarge)
+    }
+
+    /// Sessions, subscriptions, queues and flows as they are at `now`, with the `top`
+    /// sessions whose queues are deepest.
+    pub fn gauges(&self, now: Instant, top: usize) -> Gauges {
+        let mut g = Gauges::default();
+        let mut largest: Vec<SessionGauge> = Vec::new();
+        for (client_id, s) in &self.sessions {
+            let state = match &s.conn {
+                Some((_, c)) => {
+                    g.online += 1;
+                    c.session()
+                }
+                None => {
+                    g.offline += 1;
+                    &s.stored
+                }
+            };
+            g.subscriptions += s.subscriptions.len();
+            g.inflight_out += state.inflight_len();
+            g.inflight_in += state.inbound_qos2().count();
+            let queued = state.queued_len();
+            if queued == 0 {
+                continue;
+            }
+            g.queued += queued;
+            g.queued_bytes += state.queued_bytes();
+            // The queue is in arrival order; messages loaded from the store count from
+            // the broker's start.
+            let oldest = state
+                .queued()
+                .next()
+                .map(|m| now.saturating_duration_since(m.queued_at.unwrap_or(self.anchor.0)))
+                .unwrap_or_default();
+            g.oldest = g.oldest.max(oldest);
+            largest.push(SessionGauge {
+                client_id: client_id.clone(),
+                queued,
+                oldest,
+            });
+        }
+        largest.sort_by(|a, b| b.queued.cmp(&a.queued).then(a.client_id.cmp(&b.client_id)));
+        largest.truncate(top);
+        g.largest = largest;
+        g.retained = self.retained.len();
+        g
     }
 
     /// Retained messages held.
@@ -516,7 +609,12 @@ impl Broker {
     pub fn handle_packet(&mut self, conn: ConnId, packet: Packet, now: Instant) {
         let Some(client_id) = self.conns.get(&conn).cloned() else {
             match packet {
-                Packet::Connect(c) => self.handle_connect(conn, *c, now),
+                Packet::Connect(c) => {
+                    self.handle_connect(conn, *c, now);
+                    self.metrics
+                        .clients_maximum
+                        .fetch_max(self.conns.len() as u64, Ordering::Relaxed);
+                }
                 // [MQTT-3.1.0-1]: the first packet must be CONNECT.
                 _ => self.outputs.push_back(Output::Close(conn)),
             }
@@ -530,7 +628,14 @@ impl Broker {
             return;
         };
         // Protocol errors close the connection; the engine queued the DISCONNECT already.
+        let duplicates = connection.duplicates_suppressed();
         let _ = connection.handle_packet(packet, now);
+        let suppressed = connection.duplicates_suppressed() - duplicates;
+        if suppressed > 0 {
+            self.metrics
+                .qos2_duplicates
+                .fetch_add(suppressed, Ordering::Relaxed);
+        }
         self.touch(&client_id);
         self.drain(&client_id, now);
         self.commit();
@@ -684,6 +789,9 @@ impl Broker {
                 c.handle_timeout(now);
                 self.drain(&client_id, now);
             } else if session.expires_at.is_some_and(|at| now >= at) {
+                self.metrics
+                    .sessions_expired
+                    .fetch_add(1, Ordering::Relaxed);
                 self.end_session(&client_id, now);
             } else if session
                 .pending_will
@@ -723,11 +831,11 @@ impl Broker {
                 Event::Control(Packet::Unsubscribe(u)) => self.unsubscribe(client_id, u),
                 Event::Dropped { reason, message } => match reason {
                     tern_proto::DropReason::Expired => {
-                        self.dropped_expired += 1;
+                        self.metrics.drop_n(DropReason::Expired, 1);
                         tracing::info!(client_id = %client_id, topic = %message.topic.as_str(), "message expired before delivery: dropped");
                     }
                     tern_proto::DropReason::TooLarge => {
-                        self.dropped_too_large += 1;
+                        self.metrics.drop_n(DropReason::TooLarge, 1);
                         tracing::debug!(client_id = %client_id, topic = %message.topic.as_str(), "message larger than the client's Maximum Packet Size: dropped for it");
                     }
                     tern_proto::DropReason::NotConnected => {}

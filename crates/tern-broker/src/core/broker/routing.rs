@@ -13,18 +13,22 @@ impl Broker {
         publisher: Option<&Str>,
         now: Instant,
     ) -> usize {
+        // $SYS messages are the broker's own, made again after a restart: never stored.
+        let durable = !is_sys(&message.topic);
         if message.retain {
             if message.payload.is_empty() {
-                if self.retained.remove(&message.topic).is_some() {
+                if self.retained.remove(&message.topic).is_some() && durable {
                     self.batch.push(Op::DeleteRetained {
                         topic: message.topic.clone(),
                     });
                 }
             } else {
                 self.retained.insert(message.topic.clone(), message.clone());
-                self.batch.push(Op::PutRetained {
-                    message: message.clone(),
-                });
+                if durable {
+                    self.batch.push(Op::PutRetained {
+                        message: message.clone(),
+                    });
+                }
             }
         }
         let deliveries = self.trie.route(&message.topic, publisher);
@@ -37,7 +41,7 @@ impl Broker {
             if !delivery.subscription_ids.is_empty() {
                 copy.properties.subscription_identifiers = delivery.subscription_ids;
             }
-            self.deliver(&client_id, copy, now);
+            self.deliver(&client_id, copy, message.qos, now);
         }
         for key in self.shared.matching(&message.topic) {
             if self.deliver_shared(&key, message.clone(), publisher, None, now) {
@@ -65,6 +69,7 @@ impl Broker {
         else {
             return false;
         };
+        let published = message.qos;
         message.qos = effective_qos(message.qos, member.options.qos, QoS::ExactlyOnce);
         message.retain = message.retain && member.options.retain_as_published;
         if !message.properties.subscription_identifiers.is_empty() {
@@ -74,7 +79,7 @@ impl Broker {
             message.properties.subscription_identifiers = vec![id];
         }
         message.shared = Some(key.clone());
-        self.deliver(&client, message, now);
+        self.deliver(&client, message, published, now);
         true
     }
 
@@ -121,22 +126,26 @@ impl Broker {
             .is_some_and(|(_, c)| c.config().protocol.is_v5());
         // Above what CONNACK advertised: a protocol error [MQTT-3.2.2-11] [MQTT-3.2.2-14].
         if message.qos > self.settings.maximum_qos {
+            self.metrics.drop_n(DropReason::Invalid, 1);
             self.kick(client_id, ReasonCode::QosNotSupported, now);
             return false;
         }
         if message.retain && !self.settings.retain_available {
+            self.metrics.drop_n(DropReason::Invalid, 1);
             self.kick(client_id, ReasonCode::RetainNotSupported, now);
             return false;
         }
         // Over the publish rate: DISCONNECT 0x96 Message rate too high (5.0; 0x96 is not
         // a PUBACK/PUBREC code), or just closed (3.x).
         if !self.within_publish_rate(client_id, now) {
+            self.metrics.drop_n(DropReason::RateLimited, 1);
             tracing::warn!(client_id = %client_id, limit = ?self.settings.max_publish_rate, "publish rate exceeded: disconnected");
             self.kick(client_id, ReasonCode::MessageRateTooHigh, now);
             return false;
         }
         // A topic beyond the limits: 0x90 in the 5.0 acknowledgement, otherwise closed.
         if !self.topic_within_limits(message.topic.as_str()) {
+            self.metrics.drop_n(DropReason::Invalid, 1);
             tracing::warn!(client_id = %client_id, length = message.topic.as_str().len(), "topic beyond the limits: publish refused");
             match ack {
                 Some(id) if v5 => {
@@ -158,9 +167,12 @@ impl Broker {
         }
         // The ACL: a denied message is routed nowhere. 5.0 QoS 1/2 is told 0x87; QoS 0,
         // and 3.x (whose acknowledgements carry no reason), are acknowledged as usual
-        // and the message dropped, as Mosquitto does.
-        if !self.permits(client_id, crate::acl::Permission::Write, &message.topic) {
-            self.denied += 1;
+        // and the message dropped, as Mosquitto does. `$SYS` topics are the broker's:
+        // no client may publish there.
+        if is_sys(&message.topic)
+            || !self.permits(client_id, crate::acl::Permission::Write, &message.topic)
+        {
+            self.metrics.drop_n(DropReason::NotAuthorized, 1);
             tracing::info!(client_id = %client_id, topic = %message.topic.as_str(), "publish not authorized: dropped");
             if let Some(id) = ack {
                 let reason = if v5 {
@@ -183,6 +195,7 @@ impl Broker {
         if message.properties.payload_format_indicator == Some(tern_codec::PayloadFormat::Utf8)
             && std::str::from_utf8(&message.payload).is_err()
         {
+            self.metrics.drop_n(DropReason::Invalid, 1);
             match ack {
                 Some(id) if v5 => {
                     let text = "the Payload Format Indicator says UTF-8 but the payload is not";
@@ -205,7 +218,7 @@ impl Broker {
             && message.qos != QoS::AtMostOnce
             && let Some(full) = self.full_queue_for(&message, client_id, now)
         {
-            self.dropped += 1;
+            self.metrics.drop_n(DropReason::Quota, 1);
             tracing::warn!(publisher = %client_id, subscriber = %full, topic = %message.topic.as_str(), "offline queue full: publish refused (quota exceeded)");
             match ack {
                 Some(id) if v5 => {
@@ -220,6 +233,9 @@ impl Broker {
             return true;
         }
         let matched = self.route(message, Some(client_id), now);
+        if matched == 0 {
+            self.metrics.drop_n(DropReason::NoSubscribers, 1);
+        }
         if let Some(id) = ack {
             let reason = if matched == 0 && v5 {
                 ReasonCode::NoMatchingSubscribers
@@ -282,7 +298,7 @@ impl Broker {
             if full(&s.stored) {
                 let expired = s.stored.remove_expired(now);
                 if expired > 0 {
-                    self.dropped_expired += expired as u64;
+                    self.metrics.drop_n(DropReason::Expired, expired as u64);
                     self.touch(&client_id);
                 }
                 let s = self.sessions.get(&client_id).expect("just seen");
@@ -318,9 +334,17 @@ impl Broker {
         self.touch(client_id);
     }
 
-    pub(super) fn deliver(&mut self, client_id: &Str, mut message: Message, now: Instant) {
+    /// Hands a copy (at its effective QoS; the publisher sent it at `published`) to a
+    /// session: sent if online, queued if offline and persistent.
+    pub(super) fn deliver(
+        &mut self,
+        client_id: &Str,
+        mut message: Message,
+        published: QoS,
+        now: Instant,
+    ) {
         if !self.permits(client_id, crate::acl::Permission::Receive, &message.topic) {
-            self.denied += 1;
+            self.metrics.drop_n(DropReason::NotAuthorized, 1);
             tracing::debug!(client_id = %client_id, topic = %message.topic.as_str(), "not authorized to receive: not delivered");
             return;
         }
@@ -328,8 +352,10 @@ impl Broker {
         let Some(session) = self.sessions.get_mut(client_id) else {
             return;
         };
+        message.queued_at = Some(now);
         match session.conn.as_mut() {
             Some((_, c)) => {
+                self.metrics.delivered(published, message.qos);
                 c.publish(message, now);
                 self.drain(client_id, now);
             }
@@ -351,7 +377,7 @@ impl Broker {
                 // Expired messages make room before live ones are dropped.
                 if full(&session.stored, size) {
                     let expired = session.stored.remove_expired(now);
-                    self.dropped_expired += expired as u64;
+                    self.metrics.drop_n(DropReason::Expired, expired as u64);
                 }
                 let mut dropped = 0;
                 let mut enqueue = false;
@@ -376,14 +402,15 @@ impl Broker {
                     }
                 }
                 if enqueue {
+                    self.metrics.delivered(published, message.qos);
                     session.stored.enqueue(message);
                 }
                 if dropped > 0 {
-                    self.dropped += dropped;
+                    self.metrics.drop_n(DropReason::QueueFull, dropped);
                     tracing::warn!(client_id = %client_id, dropped, policy = ?self.settings.queue_policy, "offline queue full: messages dropped");
                 }
             }
-            None => {}
+            None => self.metrics.drop_n(DropReason::Offline, 1),
         }
     }
 
@@ -395,10 +422,12 @@ impl Broker {
         will: LastWill,
         now: Instant,
     ) {
-        if let Some(acl) = &self.acl
-            && !acl.allows(owner, username, crate::acl::Permission::Write, &will.topic)
+        if is_sys(&will.topic)
+            || self.acl.as_ref().is_some_and(|acl| {
+                !acl.allows(owner, username, crate::acl::Permission::Write, &will.topic)
+            })
         {
-            self.denied += 1;
+            self.metrics.drop_n(DropReason::NotAuthorized, 1);
             tracing::info!(client_id = %owner, topic = %will.topic.as_str(), "will not authorized: not published");
             return;
         }
@@ -406,4 +435,10 @@ impl Broker {
         m.retain = will.retain;
         self.route(m, None, now);
     }
+}
+
+/// Whether `topic` is under `$SYS`, the broker's own topics.
+pub(super) fn is_sys(topic: &TopicName) -> bool {
+    let t = topic.as_str();
+    t == "$SYS" || t.starts_with("$SYS/")
 }

@@ -68,7 +68,7 @@ impl Broker {
                 .collect();
             for topic in expired {
                 self.retained.remove(&topic);
-                self.dropped_expired += 1;
+                self.metrics.drop_n(DropReason::Expired, 1);
                 self.batch.push(Op::DeleteRetained { topic });
             }
             let matching: Vec<Message> = self
@@ -78,9 +78,10 @@ impl Broker {
                 .cloned()
                 .collect();
             for mut m in matching {
+                let published = m.qos;
                 m.qos = effective_qos(m.qos, granted, QoS::ExactlyOnce);
                 m.retain = true;
-                self.deliver(client_id, m, now);
+                self.deliver(client_id, m, published, now);
             }
         }
         self.drain(client_id, now);
@@ -100,7 +101,9 @@ impl Broker {
         } else if self.acl.as_ref().is_some_and(|acl| {
             !acl.allows_subscribe(client_id, session.username.as_deref(), filter)
         }) {
-            self.denied += 1;
+            self.metrics
+                .subscriptions_denied
+                .fetch_add(1, Ordering::Relaxed);
             ReasonCode::NotAuthorized
         } else {
             return None;

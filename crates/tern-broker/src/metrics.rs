@@ -1,0 +1,639 @@
+//! Counters about what the broker did with messages, shared by the core, the connection
+//! tasks and the storage writer (relaxed atomics: each is exact on its own, a scrape is
+//! not one instant across all of them), and their Prometheus text rendering.
+//!
+//! Every metric is listed with its meaning in docs/observability.md.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tern_codec::{Packet, QoS};
+
+use crate::core::Gauges;
+
+/// Why a message (or one subscriber's copy of it) was not delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// An offline session's queue was full (its queue policy dropped a message).
+    QueueFull,
+    /// Its Message Expiry Interval (or the broker's queue age limit) passed first.
+    Expired,
+    /// Larger than the subscriber's Maximum Packet Size.
+    TooLarge,
+    /// A published message that matched no subscription.
+    NoSubscribers,
+    /// The ACL refused the publish, the delivery or the will.
+    NotAuthorized,
+    /// Refused at publish because an offline subscriber's queue is full
+    /// (`queue_policy = "reject"`: 0x97 Quota exceeded).
+    Quota,
+    /// Over the client's publish rate (the client is disconnected with 0x96).
+    RateLimited,
+    /// A topic beyond the length/depth limits, a payload that is not the UTF-8 it says,
+    /// a QoS or retain flag the server does not offer.
+    Invalid,
+    /// A QoS 0 message for an offline session (queued only with `queue_qos0`).
+    Offline,
+}
+
+impl DropReason {
+    /// Every reason, in label order.
+    pub const ALL: [DropReason; 9] = [
+        DropReason::QueueFull,
+        DropReason::Expired,
+        DropReason::TooLarge,
+        DropReason::NoSubscribers,
+        DropReason::NotAuthorized,
+        DropReason::Quota,
+        DropReason::RateLimited,
+        DropReason::Invalid,
+        DropReason::Offline,
+    ];
+
+    /// The `reason` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            DropReason::QueueFull => "queue_full",
+            DropReason::Expired => "expired",
+            DropReason::TooLarge => "too_large",
+            DropReason::NoSubscribers => "no_subscribers",
+            DropReason::NotAuthorized => "not_authorized",
+            DropReason::Quota => "quota",
+            DropReason::RateLimited => "rate_limited",
+            DropReason::Invalid => "invalid",
+            DropReason::Offline => "offline_qos0",
+        }
+    }
+}
+
+/// Upper bounds of the latency buckets, in seconds (the last bucket is +Inf).
+const LATENCY_BOUNDS: [f64; 14] = [
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0,
+];
+
+/// A Prometheus histogram of durations with fixed buckets ([`LATENCY_BOUNDS`]).
+#[derive(Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; 15],
+    sum_nanos: AtomicU64,
+}
+
+impl Histogram {
+    /// Records one observation.
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = LATENCY_BOUNDS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(LATENCY_BOUNDS.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_nanos
+            .fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let mut cumulative = 0;
+        let sep = if labels.is_empty() { "" } else { "," };
+        for (i, b) in self.buckets.iter().enumerate() {
+            cumulative += b.load(Ordering::Relaxed);
+            let le = LATENCY_BOUNDS
+                .get(i)
+                .map_or_else(|| "+Inf".to_string(), |b| b.to_string());
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {cumulative}"
+            );
+        }
+        let sum = self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        let braces = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
+        let _ = writeln!(out, "{name}_sum{braces} {sum}");
+        let _ = writeln!(out, "{name}_count{braces} {cumulative}");
+    }
+}
+
+/// Everything counted. One per server, shared by `Arc`.
+pub struct Metrics {
+    started: Instant,
+    /// PUBLISH packets received from clients, by QoS.
+    pub(crate) received: [AtomicU64; 3],
+    /// PUBLISH packets written to clients, by QoS (retransmissions included).
+    pub(crate) sent: [AtomicU64; 3],
+    /// MQTT packets of every kind received / written.
+    pub(crate) packets_received: AtomicU64,
+    pub(crate) packets_sent: AtomicU64,
+    pub(crate) bytes_received: AtomicU64,
+    pub(crate) bytes_sent: AtomicU64,
+    /// Copies handed to subscribers' sessions, by effective QoS.
+    pub(crate) deliveries: [AtomicU64; 3],
+    /// Copies delivered below the publisher's QoS: 1->0, 2->0, 2->1.
+    pub(crate) downgrades: [AtomicU64; 3],
+    /// PUBLISH written with DUP set (resent after a reconnect).
+    pub(crate) retransmissions: AtomicU64,
+    /// Inbound QoS 2 resends answered without delivering again.
+    pub(crate) qos2_duplicates: AtomicU64,
+    pub(crate) dropped: [AtomicU64; 9],
+    /// Subscriptions refused by the ACL.
+    pub(crate) subscriptions_denied: AtomicU64,
+    /// CONNACKs sent, by reason code (5.0 numbering whatever the version).
+    pub(crate) connacks: [AtomicU64; 256],
+    /// Offline sessions that reached their expiry and were removed.
+    pub(crate) sessions_expired: AtomicU64,
+    /// Network connections accepted, and the most online at once (for $SYS).
+    pub(crate) connections_accepted: AtomicU64,
+    pub(crate) clients_maximum: AtomicU64,
+    /// Storage writer: transactions, the core batches and ops in them, commit time.
+    pub(crate) store_commits: AtomicU64,
+    pub(crate) store_batches: AtomicU64,
+    pub(crate) store_ops: AtomicU64,
+    pub(crate) store_failures: AtomicU64,
+    pub(crate) commit_latency: Histogram,
+    /// From reading the input that produced a PUBLISH to writing it, by QoS.
+    pub(crate) latency: [Histogram; 3],
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+fn qos_index(q: QoS) -> usize {
+    q as usize
+}
+
+impl Metrics {
+    /// All zero; uptime counts from now.
+    pub fn new() -> Metrics {
+        Metrics {
+            started: Instant::now(),
+            received: Default::default(),
+            sent: Default::default(),
+            packets_received: AtomicU64::new(0),
+            packets_sent: AtomicU64::new(0),
+            bytes_received: AtomicU64::new(0),
+            bytes_sent: AtomicU64::new(0),
+            deliveries: Default::default(),
+            downgrades: Default::default(),
+            retransmissions: AtomicU64::new(0),
+            qos2_duplicates: AtomicU64::new(0),
+            dropped: Default::default(),
+            subscriptions_denied: AtomicU64::new(0),
+            connacks: std::array::from_fn(|_| AtomicU64::new(0)),
+            sessions_expired: AtomicU64::new(0),
+            connections_accepted: AtomicU64::new(0),
+            clients_maximum: AtomicU64::new(0),
+            store_commits: AtomicU64::new(0),
+            store_batches: AtomicU64::new(0),
+            store_ops: AtomicU64::new(0),
+            store_failures: AtomicU64::new(0),
+            commit_latency: Histogram::default(),
+            latency: Default::default(),
+        }
+    }
+
+    /// When these metrics started counting.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// Messages (or copies) dropped for `reason` so far.
+    pub fn dropped(&self, reason: DropReason) -> u64 {
+        self.dropped[reason as usize].load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn drop_n(&self, reason: DropReason, n: u64) {
+        self.dropped[reason as usize].fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts a delivery of a `from` message at `to`.
+    pub(crate) fn delivered(&self, from: QoS, to: QoS) {
+        self.deliveries[qos_index(to)].fetch_add(1, Ordering::Relaxed);
+        let downgrade = match (from, to) {
+            (QoS::AtLeastOnce, QoS::AtMostOnce) => Some(0),
+            (QoS::ExactlyOnce, QoS::AtMostOnce) => Some(1),
+            (QoS::ExactlyOnce, QoS::AtLeastOnce) => Some(2),
+            _ => None,
+        };
+        if let Some(i) = downgrade {
+            self.downgrades[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts the packets of one write to a client: `since` is when the input that
+    /// produced them was read.
+    pub(crate) fn written(&self, packets: &[Packet], bytes: usize, since: Instant, now: Instant) {
+        self.packets_sent
+            .fetch_add(packets.len() as u64, Ordering::Relaxed);
+        self.bytes_sent.fetch_add(bytes as u64, Ordering::Relaxed);
+        let waited = now.saturating_duration_since(since);
+        for p in packets {
+            match p {
+                Packet::Publish(p) => {
+                    let q = qos_index(p.qos_pid.qos());
+                    self.sent[q].fetch_add(1, Ordering::Relaxed);
+                    if p.dup {
+                        self.retransmissions.fetch_add(1, Ordering::Relaxed);
+                    }
+                    self.latency[q].observe(waited);
+                }
+                Packet::ConnAck(a) => {
+                    self.connacks[a.reason as usize].fetch_add(1, Ordering::Relaxed);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// A value by its Prometheus name and labels as rendered (`name{labels}`), for tests
+    /// and tools: parses [`Metrics::render`]'s output format.
+    pub fn find(rendered: &str, series: &str) -> Option<f64> {
+        rendered.lines().find_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            (name == series).then(|| value.parse().ok())?
+        })
+    }
+
+    /// The Prometheus text exposition of every metric, with the core's gauges when the
+    /// core answered.
+    pub fn render(
+        &self,
+        gauges: Option<&Gauges>,
+        connections: &[(String, &'static str, u64)],
+    ) -> String {
+        let mut out = String::with_capacity(8192);
+        let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let qos = ["0", "1", "2"];
+        let family = |out: &mut String, name: &str, kind: &str, help: &str| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        };
+
+        family(
+            &mut out,
+            "tern_build_info",
+            "gauge",
+            "Version of this broker.",
+        );
+        let _ = writeln!(
+            out,
+            "tern_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        );
+        family(
+            &mut out,
+            "tern_uptime_seconds",
+            "gauge",
+            "Seconds since the broker started.",
+        );
+        let _ = writeln!(
+            out,
+            "tern_uptime_seconds {}",
+            self.started.elapsed().as_secs()
+        );
+
+        family(
+            &mut out,
+            "tern_messages_received_total",
+            "counter",
+            "PUBLISH packets received from clients, by QoS.",
+        );
+        for (i, q) in qos.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "tern_messages_received_total{{qos=\"{q}\"}} {}",
+                r(&self.received[i])
+            );
+        }
+        family(
+            &mut out,
+            "tern_messages_sent_total",
+            "counter",
+            "PUBLISH packets written to clients, by QoS (retransmissions included).",
+        );
+        for (i, q) in qos.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "tern_messages_sent_total{{qos=\"{q}\"}} {}",
+                r(&self.sent[i])
+            );
+        }
+        family(
+            &mut out,
+            "tern_packets_received_total",
+            "counter",
+            "MQTT packets of every type received.",
+        );
+        let _ = writeln!(
+            out,
+            "tern_packets_received_total {}",
+            r(&self.packets_received)
+        );
+        family(
+            &mut out,
+            "tern_packets_sent_total",
+            "counter",
+            "MQTT packets of every type written.",
+        );
+        let _ = writeln!(out, "tern_packets_sent_total {}", r(&self.packets_sent));
+        family(
+            &mut out,
+            "tern_bytes_received_total",
+            "counter",
+            "Bytes read from client connections (MQTT bytes; TLS and WebSocket framing excluded).",
+        );
+        let _ = writeln!(out, "tern_bytes_received_total {}", r(&self.bytes_received));
+        family(
+            &mut out,
+            "tern_bytes_sent_total",
+            "counter",
+            "Bytes written to client connections (MQTT bytes).",
+        );
+        let _ = writeln!(out, "tern_bytes_sent_total {}", r(&self.bytes_sent));
+        family(
+            &mut out,
+            "tern_deliveries_total",
+            "counter",
+            "Message copies handed to subscribers' sessions (online or queued), by effective QoS.",
+        );
+        for (i, q) in qos.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "tern_deliveries_total{{qos=\"{q}\"}} {}",
+                r(&self.deliveries[i])
+            );
+        }
+        family(
+            &mut out,
+            "tern_qos_downgrades_total",
+            "counter",
+            "Copies delivered below the publisher's QoS (the subscriber was granted less).",
+        );
+        for (i, (from, to)) in [("1", "0"), ("2", "0"), ("2", "1")].iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "tern_qos_downgrades_total{{from=\"{from}\",to=\"{to}\"}} {}",
+                r(&self.downgrades[i])
+            );
+        }
+        family(
+            &mut out,
+            "tern_retransmissions_total",
+            "counter",
+            "PUBLISH packets resent with DUP set (unacknowledged when a connection ended).",
+        );
+        let _ = writeln!(
+            out,
+            "tern_retransmissions_total {}",
+            r(&self.retransmissions)
+        );
+        family(
+            &mut out,
+            "tern_qos2_duplicates_suppressed_total",
+            "counter",
+            "Inbound QoS 2 resends of a message already received, answered and not delivered again.",
+        );
+        let _ = writeln!(
+            out,
+            "tern_qos2_duplicates_suppressed_total {}",
+            r(&self.qos2_duplicates)
+        );
+        family(
+            &mut out,
+            "tern_dropped_total",
+            "counter",
+            "Messages (or one subscriber's copy) not delivered, by reason.",
+        );
+        for reason in DropReason::ALL {
+            let _ = writeln!(
+                out,
+                "tern_dropped_total{{reason=\"{}\"}} {}",
+                reason.label(),
+                self.dropped(reason)
+            );
+        }
+        family(
+            &mut out,
+            "tern_subscriptions_denied_total",
+            "counter",
+            "Subscriptions refused by the ACL.",
+        );
+        let _ = writeln!(
+            out,
+            "tern_subscriptions_denied_total {}",
+            r(&self.subscriptions_denied)
+        );
+        family(
+            &mut out,
+            "tern_connect_total",
+            "counter",
+            "CONNACKs sent, by reason code (5.0 codes; 3.x return codes counted as their 5.0 equivalent).",
+        );
+        for (code, n) in self.connacks.iter().enumerate() {
+            let n = r(n);
+            if n > 0 || code == 0 {
+                let name = tern_codec::ReasonCode::from_u8(code as u8)
+                    .map_or_else(|| "unknown".to_string(), |c| format!("{c:?}"));
+                let _ = writeln!(
+                    out,
+                    "tern_connect_total{{code=\"0x{code:02X}\",reason=\"{name}\"}} {n}"
+                );
+            }
+        }
+        family(
+            &mut out,
+            "tern_connections_accepted_total",
+            "counter",
+            "Network connections accepted, all listeners.",
+        );
+        let _ = writeln!(
+            out,
+            "tern_connections_accepted_total {}",
+            r(&self.connections_accepted)
+        );
+        family(
+            &mut out,
+            "tern_connections",
+            "gauge",
+            "Open network connections by listener and the protocol version their CONNECT asked for (none: no CONNECT yet).",
+        );
+        for (listener, protocol, n) in connections {
+            let _ = writeln!(
+                out,
+                "tern_connections{{listener=\"{listener}\",protocol=\"{protocol}\"}} {n}"
+            );
+        }
+        family(
+            &mut out,
+            "tern_sessions_expired_total",
+            "counter",
+            "Offline sessions removed when their expiry interval ran out.",
+        );
+        let _ = writeln!(
+            out,
+            "tern_sessions_expired_total {}",
+            r(&self.sessions_expired)
+        );
+
+        family(
+            &mut out,
+            "tern_store_commits_total",
+            "counter",
+            "Store transactions committed (one sync each with durability sync).",
+        );
+        let _ = writeln!(out, "tern_store_commits_total {}", r(&self.store_commits));
+        family(
+            &mut out,
+            "tern_store_batches_total",
+            "counter",
+            "Core batches (one per input round) folded into those commits.",
+        );
+        let _ = writeln!(out, "tern_store_batches_total {}", r(&self.store_batches));
+        family(
+            &mut out,
+            "tern_store_ops_total",
+            "counter",
+            "Store operations committed; divided by commits: operations per commit.",
+        );
+        let _ = writeln!(out, "tern_store_ops_total {}", r(&self.store_ops));
+        family(
+            &mut out,
+            "tern_store_failures_total",
+            "counter",
+            "Commits the store refused or failed.",
+        );
+        let _ = writeln!(out, "tern_store_failures_total {}", r(&self.store_failures));
+        family(
+            &mut out,
+            "tern_store_commit_seconds",
+            "histogram",
+            "Time to commit one group (write and sync).",
+        );
+        self.commit_latency
+            .render(&mut out, "tern_store_commit_seconds", "");
+        family(
+            &mut out,
+            "tern_internal_latency_seconds",
+            "histogram",
+            "From reading the input that produced a PUBLISH to writing it to the subscriber, by QoS (includes waiting for the commit).",
+        );
+        for (i, q) in qos.iter().enumerate() {
+            self.latency[i].render(
+                &mut out,
+                "tern_internal_latency_seconds",
+                &format!("qos=\"{q}\""),
+            );
+        }
+
+        if let Some(g) = gauges {
+            family(
+                &mut out,
+                "tern_sessions",
+                "gauge",
+                "Sessions by state: online (a connection is up) or offline (kept for a reconnect).",
+            );
+            let _ = writeln!(out, "tern_sessions{{state=\"online\"}} {}", g.online);
+            let _ = writeln!(out, "tern_sessions{{state=\"offline\"}} {}", g.offline);
+            family(
+                &mut out,
+                "tern_subscriptions",
+                "gauge",
+                "Subscriptions held by all sessions (shared ones included).",
+            );
+            let _ = writeln!(out, "tern_subscriptions {}", g.subscriptions);
+            family(
+                &mut out,
+                "tern_retained_messages",
+                "gauge",
+                "Retained messages held.",
+            );
+            let _ = writeln!(out, "tern_retained_messages {}", g.retained);
+            family(
+                &mut out,
+                "tern_queued_messages",
+                "gauge",
+                "Messages waiting in session queues (offline, or beyond the inflight window), all sessions.",
+            );
+            let _ = writeln!(out, "tern_queued_messages {}", g.queued);
+            family(
+                &mut out,
+                "tern_queued_bytes",
+                "gauge",
+                "Payload bytes of those messages.",
+            );
+            let _ = writeln!(out, "tern_queued_bytes {}", g.queued_bytes);
+            family(
+                &mut out,
+                "tern_queue_oldest_age_seconds",
+                "gauge",
+                "Age of the oldest queued message, all sessions (0 if none).",
+            );
+            let _ = writeln!(
+                out,
+                "tern_queue_oldest_age_seconds {}",
+                g.oldest.as_secs_f64()
+            );
+            family(
+                &mut out,
+                "tern_session_queued_messages",
+                "gauge",
+                "Queue depth of the sessions with the deepest queues.",
+            );
+            for s in &g.largest {
+                let _ = writeln!(
+                    out,
+                    "tern_session_queued_messages{{client_id=\"{}\"}} {}",
+                    escape(&s.client_id),
+                    s.queued
+                );
+            }
+            family(
+                &mut out,
+                "tern_session_queue_oldest_age_seconds",
+                "gauge",
+                "Age of the oldest queued message of those sessions.",
+            );
+            for s in &g.largest {
+                let _ = writeln!(
+                    out,
+                    "tern_session_queue_oldest_age_seconds{{client_id=\"{}\"}} {}",
+                    escape(&s.client_id),
+                    s.oldest.as_secs_f64()
+                );
+            }
+            family(
+                &mut out,
+                "tern_inflight_messages",
+                "gauge",
+                "QoS 1/2 flows not yet complete: out (to subscribers) and in (QoS 2 from publishers awaiting PUBREL).",
+            );
+            let _ = writeln!(
+                out,
+                "tern_inflight_messages{{direction=\"out\"}} {}",
+                g.inflight_out
+            );
+            let _ = writeln!(
+                out,
+                "tern_inflight_messages{{direction=\"in\"}} {}",
+                g.inflight_in
+            );
+        }
+        out
+    }
+}
+
+/// A label value with `\`, `"` and newlines escaped.
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
