@@ -544,6 +544,10 @@ async fn mqtt(
 
     let write_version = version.clone();
     let metrics = l.metrics.clone();
+    // The writer's end (the broker closed the connection, or writing failed) ends the
+    // reading too: a client that ignores the close keeps nothing open.
+    let ended = Arc::new(tokio::sync::Notify::new());
+    let write_ended = ended.clone();
     let write = tokio::spawn(async move {
         // Grows with what is written; an idle connection keeps only what it has needed.
         let mut buf = BytesMut::new();
@@ -580,6 +584,7 @@ async fn mqtt(
                 break;
             }
         }
+        write_ended.notify_one();
     });
 
     // Reads start small (most connections are idle most of the time) and double, up to
@@ -595,11 +600,17 @@ async fn mqtt(
         }
         let spare = buf.capacity() - buf.len();
         let read = if connected {
-            reader.read_buf(&mut buf).await
+            tokio::select! {
+                read = reader.read_buf(&mut buf) => read,
+                () = ended.notified() => break 'read,
+            }
         } else {
-            match tokio::time::timeout(connect_timeout, reader.read_buf(&mut buf)).await {
-                Ok(r) => r,
-                Err(_) => break 'read,
+            tokio::select! {
+                read = tokio::time::timeout(connect_timeout, reader.read_buf(&mut buf)) => match read {
+                    Ok(r) => r,
+                    Err(_) => break 'read,
+                },
+                () = ended.notified() => break 'read,
             }
         };
         let read_at = Instant::now();

@@ -193,7 +193,7 @@ pub struct Gauges {
     pub offline: usize,
     /// Subscriptions over all sessions.
     pub subscriptions: usize,
-    /// Retained messages.
+    /// Retained messages (`$SYS` excluded).
     pub retained: usize,
     /// Messages waiting in session queues.
     pub queued: usize,
@@ -585,7 +585,8 @@ impl Broker {
         largest.sort_by(|a, b| b.queued.cmp(&a.queued).then(a.client_id.cmp(&b.client_id)));
         largest.truncate(top);
         g.largest = largest;
-        g.retained = self.retained.len();
+        // The broker's own $SYS messages are not counted.
+        g.retained = self.retained.keys().filter(|t| !routing::is_sys(t)).count();
         g
     }
 

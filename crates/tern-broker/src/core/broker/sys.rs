@@ -59,7 +59,12 @@ impl Broker {
             }
         }
         self.sys.previous = Some((now, counters));
-        let retained_bytes: usize = self.retained.values().map(|m| m.payload.len()).sum();
+        let retained_bytes: usize = self
+            .retained
+            .values()
+            .filter(|m| !super::routing::is_sys(&m.topic))
+            .map(|m| m.payload.len())
+            .sum();
         let dropped: u64 = m.dropped.iter().map(r).sum();
         let mut values: Vec<(String, String)> = vec![
             (
