@@ -344,3 +344,114 @@ fn tls_passwords_and_an_acl_from_the_config_and_sighup_reloads_the_files() {
     assert!(denied("alice", "apw", "a/x"), "the old ACL is gone");
     assert_eq!(broker.stop(), Some(0));
 }
+
+#[test]
+fn check_config_accepts_a_good_file_and_names_the_problem_in_a_bad_one() {
+    let dir = std::env::temp_dir().join(format!("tern-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let acl = dir.join("acl");
+    std::fs::write(&acl, "topic readwrite #\n").unwrap();
+    let check = |text: String| {
+        let path = dir.join("tern.toml");
+        std::fs::write(&path, text).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_tern"))
+            .args(["broker", "--check-config", path.to_str().unwrap()])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let good = format!(
+        "[listener]\nbind = \"127.0.0.1:0\"\n[auth]\nacl_file = \"{}\"\n[metrics]\nbind = \"127.0.0.1:9999\"\n[log]\nlevel = \"info,tern_broker=debug\"\nformat = \"json\"\n",
+        acl.display()
+    );
+    let (code, out, err) = check(good);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("OK") && out.contains("ACL loaded") && out.contains("127.0.0.1:9999"),
+        "{out}"
+    );
+    let missing = dir.join("no-such-acl");
+    let (code, _, err) = check(format!("[auth]\nacl_file = \"{}\"\n", missing.display()));
+    assert_eq!(code, Some(2));
+    assert!(err.contains("no-such-acl"), "{err}");
+    let (code, _, err) = check("[metrics]\nbind = \"nowhere\"\n".into());
+    assert_eq!(code, Some(2));
+    assert!(err.contains("metrics.bind"), "{err}");
+    let (code, _, err) = check("[log]\nlevel = \"tern=loud\"\n".into());
+    assert_eq!(code, Some(2));
+    assert!(err.contains("log.level"), "{err}");
+    let (code, _, err) = check("[log]\nformat = \"xml\"\n".into());
+    assert_eq!(code, Some(2));
+    assert!(err.contains("format") && err.contains("line 2"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_broker_serves_metrics_and_health_logs_json_and_sighup_changes_the_log_levels() {
+    let dir = std::env::temp_dir().join(format!("tern-observe-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("tern.toml");
+    let write = |level: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "[listener]\nbind = \"127.0.0.1:0\"\n[storage]\ndata_dir = \"{}\"\n[metrics]\nbind = \"127.0.0.1:0\"\n[log]\nlevel = \"{level}\"\nformat = \"json\"\n",
+                dir.join("data").display()
+            ),
+        )
+        .unwrap();
+    };
+    write("warn,tern=info,tern_broker=warn");
+    let broker =
+        support::BrokerProcess::spawn(Command::new(env!("CARGO_BIN_EXE_tern")), &config, "");
+    let metrics = broker
+        .metrics
+        .clone()
+        .expect("the metrics address is logged");
+    assert_eq!(support::http_get(&metrics, "/healthz").0, 200);
+    // Ready once the store is loaded, which may come just after the listening line.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while support::http_get(&metrics, "/readyz").0 != 200 {
+        assert!(std::time::Instant::now() < deadline, "never ready");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let (status, body) = support::http_get(&metrics, "/metrics");
+    assert_eq!(status, 200);
+    assert!(
+        body.contains("tern_build_info{version=")
+            && body.contains("tern_sessions{state=\"online\"} 0"),
+        "{body}"
+    );
+
+    // tern_broker logs at info are off: a new connection's "accepted" is not printed.
+    let _first = TcpStream::connect(&broker.addrs[0]).unwrap();
+    assert_eq!(
+        broker.wait_for("accepted", std::time::Duration::from_millis(800)),
+        None
+    );
+    // SIGHUP with the file now saying "info": the next connection is logged, as JSON.
+    write("info");
+    let hup = Command::new("kill")
+        .args(["-HUP", &broker.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    let reloaded = broker
+        .wait_for("log levels reloaded", std::time::Duration::from_secs(10))
+        .expect("the reload is logged");
+    assert!(
+        reloaded.starts_with('{') && reloaded.contains("\"level\":\"INFO\""),
+        "JSON lines: {reloaded}"
+    );
+    let _second = TcpStream::connect(&broker.addrs[0]).unwrap();
+    broker
+        .wait_for("accepted", std::time::Duration::from_secs(10))
+        .expect("tern_broker's info lines are on after the reload");
+    assert_eq!(broker.stop(), Some(0));
+    let _ = std::fs::remove_dir_all(&dir);
+}

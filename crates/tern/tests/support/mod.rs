@@ -12,11 +12,13 @@ pub struct BrokerProcess {
     pub addrs: Vec<String>,
     /// The metrics endpoint's address, if it has one.
     pub metrics: Option<String>,
+    /// What it prints after its listening line, line by line.
+    pub lines: std::sync::mpsc::Receiver<String>,
 }
 
 impl BrokerProcess {
     /// Starts `command` (the `tern` binary, maybe behind `taskset`) as `tern broker
-    /// --config config` with `RUST_LOG=log` and waits for its listening line (so `log`
+    /// --config config` with `RUST_LOG=log` (unset if `log` is empty) and waits for its listening line (so `log`
     /// must let `tern=info` through). Unless the file has a `[metrics]` table, the
     /// metrics endpoint goes on an ephemeral port (tests run side by side).
     pub fn spawn(mut command: Command, config: &std::path::Path, log: &str) -> BrokerProcess {
@@ -27,9 +29,14 @@ impl BrokerProcess {
         {
             command.args(["--metrics", "127.0.0.1:0"]);
         }
+        if log.is_empty() {
+            // The config file's [log] level decides.
+            command.env_remove("RUST_LOG");
+        } else {
+            command.env("RUST_LOG", log);
+        }
         let mut child = command
             .env("NO_COLOR", "1")
-            .env("RUST_LOG", log)
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
@@ -54,17 +61,36 @@ impl BrokerProcess {
                     .collect();
             }
         };
-        std::thread::spawn(move || for _ in lines {});
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
         BrokerProcess {
             child,
             addrs,
             metrics,
+            lines: rx,
         }
     }
 
     /// The port of listener `n`.
     pub fn port(&self, n: usize) -> &str {
         self.addrs[n].rsplit_once(':').unwrap().1
+    }
+
+    /// Waits up to `within` for a line containing `text`; the lines before it are gone.
+    pub fn wait_for(&self, text: &str, within: std::time::Duration) -> Option<String> {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(text) => return Some(line),
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -120,4 +146,18 @@ pub fn rss_kib(pid: u32) -> u64 {
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
         .unwrap()
+}
+
+/// GET `path` from an HTTP server at `addr`: the status code and the body.
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out[9..12].parse().unwrap();
+    let body = out.split_once("\r\n\r\n").unwrap().1.to_string();
+    (status, body)
 }
