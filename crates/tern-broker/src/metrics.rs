@@ -129,6 +129,9 @@ pub struct Metrics {
     pub(crate) received: [AtomicU64; 3],
     /// PUBLISH packets written to clients, by QoS (retransmissions included).
     pub(crate) sent: [AtomicU64; 3],
+    /// Payload bytes of those PUBLISH packets, by QoS.
+    pub(crate) payload_received: [AtomicU64; 3],
+    pub(crate) payload_sent: [AtomicU64; 3],
     /// MQTT packets of every kind received / written.
     pub(crate) packets_received: AtomicU64,
     pub(crate) packets_sent: AtomicU64,
@@ -179,6 +182,8 @@ impl Metrics {
             started: Instant::now(),
             received: Default::default(),
             sent: Default::default(),
+            payload_received: Default::default(),
+            payload_sent: Default::default(),
             packets_received: AtomicU64::new(0),
             packets_sent: AtomicU64::new(0),
             bytes_received: AtomicU64::new(0),
@@ -242,6 +247,7 @@ impl Metrics {
                 Packet::Publish(p) => {
                     let q = qos_index(p.qos_pid.qos());
                     self.sent[q].fetch_add(1, Ordering::Relaxed);
+                    self.payload_sent[q].fetch_add(p.payload.len() as u64, Ordering::Relaxed);
                     if p.dup {
                         self.retransmissions.fetch_add(1, Ordering::Relaxed);
                     }
@@ -325,6 +331,32 @@ impl Metrics {
                 out,
                 "tern_messages_sent_total{{qos=\"{q}\"}} {}",
                 r(&self.sent[i])
+            );
+        }
+        family(
+            &mut out,
+            "tern_payload_bytes_received_total",
+            "counter",
+            "Payload bytes of the PUBLISH packets received, by QoS.",
+        );
+        for (i, q) in qos.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "tern_payload_bytes_received_total{{qos=\"{q}\"}} {}",
+                r(&self.payload_received[i])
+            );
+        }
+        family(
+            &mut out,
+            "tern_payload_bytes_sent_total",
+            "counter",
+            "Payload bytes of the PUBLISH packets written, by QoS.",
+        );
+        for (i, q) in qos.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "tern_payload_bytes_sent_total{{qos=\"{q}\"}} {}",
+                r(&self.payload_sent[i])
             );
         }
         family(

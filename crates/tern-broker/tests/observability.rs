@@ -9,7 +9,7 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::num::NonZeroU16;
+use std::num::{NonZeroU16, NonZeroU32};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -112,7 +112,7 @@ fn metrics_count_a_scripted_workload_exactly() {
         max_queued_messages: 2,
         ..Default::default()
     };
-    let acl = "topic readwrite w/#\ntopic readwrite d/#\ntopic readwrite nobody/#\n";
+    let acl = "topic readwrite w/#\ntopic readwrite d/#\ntopic readwrite nobody/#\ntopic readwrite big/#\n";
     let broker = Broker::run(
         settings,
         Box::new(tern_store::MemoryStore::new()),
@@ -125,6 +125,11 @@ fn metrics_count_a_scripted_workload_exactly() {
     sub.subscribe("w/#", QoS::ExactlyOnce);
     sub.subscribe("d/#", QoS::AtMostOnce);
     let mut publisher = connect(port, "pub", false);
+    // A subscriber that takes packets of at most 64 bytes.
+    let mut c = Connect::new(Protocol::V5, "tiny");
+    c.properties.maximum_packet_size = NonZeroU32::new(64);
+    let (mut tiny, _) = Raw::connect(port, c);
+    tiny.subscribe("big/#", QoS::AtLeastOnce);
 
     // One message at each QoS, online.
     publisher.send(Packet::Publish(publish("w/a", QoS::AtMostOnce, 1)));
@@ -158,6 +163,11 @@ fn metrics_count_a_scripted_workload_exactly() {
         ReasonCode::NotAuthorized
     );
     publisher.send(Packet::Publish(publish("$SYS/fake", QoS::AtMostOnce, 1)));
+    // Too large for tiny: dropped for it (the publisher still hears it matched).
+    let mut big = publish("big/x", QoS::AtLeastOnce, 9);
+    big.payload = vec![b'x'; 200].into();
+    publisher.send(Packet::Publish(big));
+    assert!(matches!(publisher.recv(), Some(Packet::PubAck(a)) if a.reason == ReasonCode::Success));
 
     // A delivery left unacknowledged when the subscriber's connection drops: resent with
     // DUP on the next connection.
@@ -188,7 +198,7 @@ fn metrics_count_a_scripted_workload_exactly() {
     let (status, offline) = get(broker.monitor_port, "/metrics");
     assert_eq!(status, 200);
     assert_eq!(value(&offline, "tern_sessions{state=\"offline\"}"), 1.0);
-    assert_eq!(value(&offline, "tern_sessions{state=\"online\"}"), 1.0);
+    assert_eq!(value(&offline, "tern_sessions{state=\"online\"}"), 2.0);
     assert_eq!(value(&offline, "tern_queued_messages"), 2.0);
     assert_eq!(
         value(&offline, "tern_session_queued_messages{client_id=\"sub\"}"),
@@ -210,17 +220,18 @@ fn metrics_count_a_scripted_workload_exactly() {
 
     let (_, m) = get(broker.monitor_port, "/metrics");
     let expect = [
-        // w/a, $SYS/fake, w/z | w/b, d/x, nobody, secret, w/r, w/e, w/q1-3 | w/c twice.
+        // w/a, $SYS/fake, w/z | w/b, d/x, nobody, secret, big, w/r, w/e, w/q1-3 | w/c
+        // twice.
         ("tern_messages_received_total{qos=\"0\"}", 3.0),
-        ("tern_messages_received_total{qos=\"1\"}", 9.0),
+        ("tern_messages_received_total{qos=\"1\"}", 10.0),
         ("tern_messages_received_total{qos=\"2\"}", 2.0),
         // w/a, d/x | w/b, w/r, w/r again, w/q2, w/q3 | w/c.
         ("tern_messages_sent_total{qos=\"0\"}", 2.0),
         ("tern_messages_sent_total{qos=\"1\"}", 5.0),
         ("tern_messages_sent_total{qos=\"2\"}", 1.0),
-        // Copies handed to the session: w/a, d/x | w/b, w/r, w/e, w/q1-3 | w/c.
+        // Copies handed to sessions: w/a, d/x | w/b, big, w/r, w/e, w/q1-3 | w/c.
         ("tern_deliveries_total{qos=\"0\"}", 2.0),
-        ("tern_deliveries_total{qos=\"1\"}", 6.0),
+        ("tern_deliveries_total{qos=\"1\"}", 7.0),
         ("tern_deliveries_total{qos=\"2\"}", 1.0),
         ("tern_qos_downgrades_total{from=\"1\",to=\"0\"}", 1.0),
         ("tern_qos_downgrades_total{from=\"2\",to=\"1\"}", 0.0),
@@ -231,22 +242,33 @@ fn metrics_count_a_scripted_workload_exactly() {
         ("tern_dropped_total{reason=\"no_subscribers\"}", 1.0),
         ("tern_dropped_total{reason=\"not_authorized\"}", 2.0),
         ("tern_dropped_total{reason=\"offline_qos0\"}", 1.0),
-        ("tern_dropped_total{reason=\"too_large\"}", 0.0),
+        ("tern_dropped_total{reason=\"too_large\"}", 1.0),
+        // Payloads are their topic names except big's 200 bytes: w/b + d/x + nobody/here
+        // + secret/x + big + w/r + w/e + w/q1..3.
+        (
+            "tern_payload_bytes_received_total{qos=\"1\"}",
+            (3 + 3 + 11 + 8 + 200 + 3 + 3 + 4 * 3) as f64,
+        ),
+        // w/b, w/r twice, w/q2, w/q3.
+        (
+            "tern_payload_bytes_sent_total{qos=\"1\"}",
+            (3 * 3 + 4 * 2) as f64,
+        ),
         ("tern_dropped_total{reason=\"quota\"}", 0.0),
         ("tern_dropped_total{reason=\"rate_limited\"}", 0.0),
         ("tern_dropped_total{reason=\"invalid\"}", 0.0),
-        // sub three times, pub once; the refused one.
-        ("tern_connect_total{code=\"0x00\",reason=\"Success\"}", 4.0),
+        // sub three times, pub and tiny once; the refused one.
+        ("tern_connect_total{code=\"0x00\",reason=\"Success\"}", 5.0),
         (
             "tern_connect_total{code=\"0x85\",reason=\"ClientIdentifierNotValid\"}",
             1.0,
         ),
-        ("tern_connections_accepted_total", 5.0),
+        ("tern_connections_accepted_total", 6.0),
         ("tern_sessions_expired_total", 0.0),
         ("tern_internal_latency_seconds_count{qos=\"1\"}", 5.0),
-        ("tern_sessions{state=\"online\"}", 2.0),
+        ("tern_sessions{state=\"online\"}", 3.0),
         ("tern_sessions{state=\"offline\"}", 0.0),
-        ("tern_subscriptions", 2.0),
+        ("tern_subscriptions", 3.0),
         ("tern_queued_messages", 0.0),
         ("tern_inflight_messages{direction=\"out\"}", 0.0),
         ("tern_inflight_messages{direction=\"in\"}", 0.0),
@@ -264,7 +286,7 @@ fn metrics_count_a_scripted_workload_exactly() {
     assert_eq!(value(&m, "tern_store_commit_seconds_count"), commits);
     assert!(value(&m, "tern_bytes_received_total") > 0.0);
     let open = format!("tern_connections{{listener=\"tcp 127.0.0.1:{port}\",protocol=\"5.0\"}}");
-    assert_eq!(value(&m, &open), 2.0, "sub and pub");
+    assert_eq!(value(&m, &open), 3.0, "sub, pub and tiny");
 }
 
 /// What paho_sys.py saw: the SUBACK codes, the last payload per topic, retained topics.

@@ -635,8 +635,10 @@ async fn mqtt(
                     let mut packet = packet;
                     l.metrics.packets_received.fetch_add(1, Ordering::Relaxed);
                     if let Packet::Publish(p) = &packet {
-                        l.metrics.received[p.qos_pid.qos() as usize]
-                            .fetch_add(1, Ordering::Relaxed);
+                        let q = p.qos_pid.qos() as usize;
+                        l.metrics.received[q].fetch_add(1, Ordering::Relaxed);
+                        l.metrics.payload_received[q]
+                            .fetch_add(p.payload.len() as u64, Ordering::Relaxed);
                     }
                     if let Packet::Connect(c) = &mut packet {
                         if connected {
