@@ -30,6 +30,10 @@ pub struct Message {
     /// When the broker handed this copy to a session (for the age of queued messages);
     /// never sent and not stored.
     pub queued_at: Option<Instant>,
+    /// The application's handle for this message (0: none), handed back with its
+    /// `Acknowledged` or `Dropped` event so a client can tell whose publish completed;
+    /// never sent and not stored.
+    pub tag: u64,
 }
 
 impl Message {
@@ -44,6 +48,7 @@ impl Message {
             expires_at: None,
             shared: None,
             queued_at: None,
+            tag: 0,
         }
     }
 
@@ -78,6 +83,7 @@ impl Message {
             expires_at,
             shared: None,
             queued_at: None,
+            tag: 0,
         }
     }
 

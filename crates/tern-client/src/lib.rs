@@ -1,0 +1,773 @@
+//! Tern's MQTT client (3.1.1 and 5.0, over TCP) on the sans-IO engine `tern-proto`.
+//!
+//! The application picks a QoS per message; the client does the acknowledgements, the
+//! retransmissions after a reconnect (DUP, same packet ids) and the QoS 2 deduplication.
+//! A publish resolves when its guarantee is met: QoS 0 once written to the socket, QoS 1 on
+//! PUBACK, QoS 2 on PUBCOMP, with the reason code the broker gave.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), tern_client::Error> {
+//! use tern_client::{Client, Event, Options, QoS};
+//!
+//! let (client, mut events) = Client::connect(Options::new("127.0.0.1", 1883, "meter-7")).await?;
+//! client.subscribe("prices/#", QoS::AtLeastOnce).await?;
+//! client.publish("telemetry/meter-7", "21.5").await?; // QoS 0
+//! client.publish("payments/42", "paid").qos(QoS::ExactlyOnce).await?; // once, and only once
+//! while let Some(event) = events.recv().await {
+//!     if let Event::Message(m) = event {
+//!         println!("{}: {:?}", m.topic.as_str(), m.payload);
+//!     }
+//! }
+//! # Ok(())
+//! # }
+//! ```
+
+use std::collections::HashMap;
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use tern_codec::{
+    Connect, Packet, PacketId, Subscribe, Subscription, SubscriptionOptions, TopicFilter,
+    TopicName, Unsubscribe,
+};
+use tern_proto::{AckMode, Config, Connection, Role, SessionState};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+
+pub use tern_codec::{Protocol, QoS, ReasonCode};
+pub use tern_proto::Message;
+
+/// How long a CONNECT may wait for its CONNACK.
+const CONNACK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Reconnection after a lost connection: waits start at `initial`, double up to `max`,
+/// each with up to 25 % random jitter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    /// The first wait.
+    pub initial: Duration,
+    /// The longest wait.
+    pub max: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Where and how to connect.
+///
+/// ```
+/// use std::time::Duration;
+/// use tern_client::{Options, Protocol};
+/// let options = Options::new("127.0.0.1", 1883, "sensor-1")
+///     .protocol(Protocol::V5)
+///     .persistent(Duration::from_secs(3600))
+///     .credentials("alice", "secret");
+/// assert!(!options.clean_start);
+/// ```
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Host name or address of the broker.
+    pub host: String,
+    /// Its port.
+    pub port: u16,
+    /// The client identifier (empty: the broker assigns one; 3.1.1 needs a clean start).
+    pub client_id: String,
+    /// MQTT 3.1.1 or 5.0 (default).
+    pub protocol: Protocol,
+    /// Start a new session (default) rather than resume the stored one.
+    pub clean_start: bool,
+    /// How long the broker keeps the session after a disconnect (5.0; in 3.1.1 any
+    /// non-zero value means a persistent session).
+    pub session_expiry: Duration,
+    /// Keep alive in seconds (0: none). Default 60.
+    pub keep_alive: u16,
+    /// Username.
+    pub username: Option<String>,
+    /// Password.
+    pub password: Option<Bytes>,
+    /// Reconnect after a lost connection (default), or end (`None`).
+    pub reconnect: Option<Backoff>,
+    /// QoS 1/2 publishes that may wait while the connection is down; beyond it a publish
+    /// fails at once with [`Error::Backlog`].
+    pub max_pending: usize,
+    /// QoS 1/2 messages in flight at once towards a 3.1.1 broker (5.0 brokers say theirs).
+    pub inflight: u16,
+    /// A will: topic, payload, QoS, retain.
+    pub will: Option<(String, Bytes, QoS, bool)>,
+}
+
+impl Options {
+    /// Defaults for a broker at `host:port`.
+    pub fn new(host: impl Into<String>, port: u16, client_id: impl Into<String>) -> Options {
+        Options {
+            host: host.into(),
+            port,
+            client_id: client_id.into(),
+            protocol: Protocol::V5,
+            clean_start: true,
+            session_expiry: Duration::ZERO,
+            keep_alive: 60,
+            username: None,
+            password: None,
+            reconnect: Some(Backoff::default()),
+            max_pending: 10_000,
+            inflight: 32,
+            will: None,
+        }
+    }
+
+    /// Uses MQTT `protocol` (3.1.1 or 5.0).
+    pub fn protocol(mut self, protocol: Protocol) -> Options {
+        self.protocol = protocol;
+        self
+    }
+
+    /// A persistent session the broker keeps for `expiry` after a disconnect, resumed on
+    /// every connection (no clean start).
+    pub fn persistent(mut self, expiry: Duration) -> Options {
+        self.clean_start = false;
+        self.session_expiry = expiry;
+        self
+    }
+
+    /// Username and password.
+    pub fn credentials(
+        mut self,
+        username: impl Into<String>,
+        password: impl Into<Bytes>,
+    ) -> Options {
+        self.username = Some(username.into());
+        self.password = Some(password.into());
+        self
+    }
+
+    /// Keep alive in seconds.
+    pub fn keep_alive(mut self, seconds: u16) -> Options {
+        self.keep_alive = seconds;
+        self
+    }
+
+    /// Reconnect policy (`None`: a lost connection ends the client).
+    pub fn reconnect(mut self, backoff: Option<Backoff>) -> Options {
+        self.reconnect = backoff;
+        self
+    }
+
+    fn connect_packet(&self, clean_start: bool) -> Connect {
+        let mut c = Connect::new(self.protocol, self.client_id.as_str());
+        c.clean_start = clean_start;
+        c.keep_alive = self.keep_alive;
+        c.username = self.username.as_deref().map(Into::into);
+        c.password = self.password.clone();
+        if self.protocol.is_v5() && !self.session_expiry.is_zero() {
+            c.properties.session_expiry_interval =
+                Some(self.session_expiry.as_secs().min(u64::from(u32::MAX)) as u32);
+        }
+        if let Some((topic, payload, qos, retain)) = &self.will
+            && let Ok(topic) = TopicName::new(topic.as_str())
+        {
+            c.will = Some(tern_codec::LastWill {
+                topic,
+                payload: payload.clone(),
+                qos: *qos,
+                retain: *retain,
+                properties: Default::default(),
+            });
+        }
+        c
+    }
+}
+
+/// What went wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The TCP connection could not be made.
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        /// `host:port`.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The broker refused the CONNECT.
+    #[error("the broker refused the connection: {}", describe(*.0))]
+    Refused(ReasonCode),
+    /// No CONNACK came in time, or the broker answered with something else.
+    #[error("no CONNACK from {0} within 10 s")]
+    NoConnAck(String),
+    /// The connection is down (and not coming back, or the message cannot wait).
+    #[error("the connection is closed")]
+    Closed,
+    /// Too many publishes are waiting for the connection ([`Options::max_pending`]).
+    #[error("too many publishes waiting for the connection")]
+    Backlog,
+    /// The message was not sent.
+    #[error("the message was dropped: {0}")]
+    Dropped(&'static str),
+    /// A topic or filter that MQTT does not allow.
+    #[error("invalid topic or filter '{0}'")]
+    Topic(String),
+}
+
+fn describe(r: ReasonCode) -> String {
+    let hint = match r {
+        ReasonCode::BadUserNameOrPassword => " (bad username or password)",
+        ReasonCode::NotAuthorized => " (not authorized)",
+        ReasonCode::ClientIdentifierNotValid => " (client identifier not valid)",
+        ReasonCode::ServerUnavailable => " (server unavailable)",
+        ReasonCode::UnsupportedProtocolVersion => " (protocol version not supported)",
+        _ => "",
+    };
+    format!("{r:?} (0x{:02X}){hint}", r as u8)
+}
+
+/// What the client tells the application.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A connection is up; `session_present`: the broker resumed the session.
+    Connected {
+        /// Whether the broker had the session.
+        session_present: bool,
+    },
+    /// A message from a subscription (acknowledged to the broker already).
+    Message(Message),
+    /// The connection was lost (the client reconnects if configured to).
+    Disconnected {
+        /// What happened.
+        reason: String,
+    },
+}
+
+/// The stream of [`Event`]s.
+pub struct Events(mpsc::UnboundedReceiver<Event>);
+
+impl Events {
+    /// The next event; `None` once the client has ended.
+    pub async fn recv(&mut self) -> Option<Event> {
+        self.0.recv().await
+    }
+}
+
+type Done<T> = oneshot::Sender<Result<T, Error>>;
+
+enum Command {
+    Publish(Message, Done<ReasonCode>),
+    Subscribe(Vec<Subscription>, Done<Vec<ReasonCode>>),
+    Unsubscribe(Vec<TopicFilter>, Done<Vec<ReasonCode>>),
+    Disconnect(oneshot::Sender<()>),
+}
+
+/// A handle on the connection; cheap to clone, usable from any task.
+#[derive(Clone)]
+pub struct Client {
+    commands: mpsc::UnboundedSender<Command>,
+}
+
+impl Client {
+    /// Connects, and keeps the connection (reconnecting as [`Options::reconnect`] says).
+    /// The first connection must succeed: its error is returned.
+    pub async fn connect(options: Options) -> Result<(Client, Events), Error> {
+        let mut state = SessionState::new();
+        let link = Link::open(&options, options.clean_start, &mut state, false).await?;
+        let (commands, rx) = mpsc::unbounded_channel();
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let _ = events_tx.send(Event::Connected {
+            session_present: link.session_present,
+        });
+        tokio::spawn(drive(options, link, rx, events_tx));
+        Ok((Client { commands }, Events(events)))
+    }
+
+    /// Publishes `payload` on `topic`: QoS 0 and no retain unless the returned builder
+    /// says otherwise; await it for the outcome.
+    pub fn publish(&self, topic: impl Into<String>, payload: impl Into<Bytes>) -> Publish<'_> {
+        Publish {
+            client: self,
+            topic: topic.into(),
+            payload: payload.into(),
+            qos: QoS::AtMostOnce,
+            retain: false,
+            properties: Default::default(),
+        }
+    }
+
+    /// Subscribes to `filter` at `qos`; the broker's answer (granted QoS or a refusal).
+    pub async fn subscribe(&self, filter: &str, qos: QoS) -> Result<ReasonCode, Error> {
+        let options = SubscriptionOptions {
+            qos,
+            ..Default::default()
+        };
+        let codes = self.subscribe_with(&[(filter, options)]).await?;
+        Ok(codes
+            .first()
+            .copied()
+            .unwrap_or(ReasonCode::UnspecifiedError))
+    }
+
+    /// Subscribes to several filters with full 5.0 options in one SUBSCRIBE.
+    pub async fn subscribe_with(
+        &self,
+        filters: &[(&str, SubscriptionOptions)],
+    ) -> Result<Vec<ReasonCode>, Error> {
+        let mut subscriptions = Vec::with_capacity(filters.len());
+        for (f, options) in filters {
+            let filter = TopicFilter::new(*f).map_err(|_| Error::Topic(f.to_string()))?;
+            subscriptions.push(Subscription {
+                filter,
+                options: *options,
+            });
+        }
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::Subscribe(subscriptions, tx))?;
+        rx.await.unwrap_or(Err(Error::Closed))
+    }
+
+    /// Unsubscribes from `filter`.
+    pub async fn unsubscribe(&self, filter: &str) -> Result<ReasonCode, Error> {
+        let f = TopicFilter::new(filter).map_err(|_| Error::Topic(filter.to_string()))?;
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::Unsubscribe(vec![f], tx))?;
+        let codes = rx.await.unwrap_or(Err(Error::Closed))?;
+        Ok(codes.first().copied().unwrap_or(ReasonCode::Success))
+    }
+
+    /// Sends DISCONNECT once everything before it is written, and ends the client.
+    pub async fn disconnect(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.send(Command::Disconnect(tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    fn send(&self, c: Command) -> Result<(), Error> {
+        self.commands.send(c).map_err(|_| Error::Closed)
+    }
+}
+
+/// A publish being built; `.await` it to send it and learn the outcome.
+pub struct Publish<'a> {
+    client: &'a Client,
+    topic: String,
+    payload: Bytes,
+    qos: QoS,
+    retain: bool,
+    properties: tern_codec::properties::PublishProperties,
+}
+
+impl Publish<'_> {
+    /// At this QoS.
+    pub fn qos(mut self, qos: QoS) -> Self {
+        self.qos = qos;
+        self
+    }
+
+    /// With the retain flag.
+    pub fn retain(mut self, retain: bool) -> Self {
+        self.retain = retain;
+        self
+    }
+
+    /// With these 5.0 properties (Message Expiry Interval, User Properties, ...).
+    pub fn properties(mut self, properties: tern_codec::properties::PublishProperties) -> Self {
+        self.properties = properties;
+        self
+    }
+}
+
+impl<'a> IntoFuture for Publish<'a> {
+    type Output = Result<ReasonCode, Error>;
+    type IntoFuture = Pin<Box<dyn Future<Output = Self::Output> + Send + 'a>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move {
+            let topic = TopicName::new(self.topic.as_str())
+                .map_err(|_| Error::Topic(self.topic.clone()))?;
+            let mut m = Message::new(topic, self.payload, self.qos);
+            m.retain = self.retain;
+            if self.properties != Default::default() {
+                m.properties = self.properties.into();
+            }
+            let (tx, rx) = oneshot::channel();
+            self.client.send(Command::Publish(m, tx))?;
+            rx.await.unwrap_or(Err(Error::Closed))
+        })
+    }
+}
+
+/// One TCP connection with its engine.
+struct Link {
+    stream: TcpStream,
+    conn: Connection,
+    read: BytesMut,
+    session_present: bool,
+    /// Messages of the previous session the broker no longer had: sent again as new.
+    orphans: Vec<Message>,
+}
+
+impl Link {
+    async fn open(
+        options: &Options,
+        clean_start: bool,
+        held: &mut SessionState,
+        established: bool,
+    ) -> Result<Link, Error> {
+        let addr = format!("{}:{}", options.host, options.port);
+        let mut stream = TcpStream::connect(&addr)
+            .await
+            .map_err(|source| Error::Connect {
+                addr: addr.clone(),
+                source,
+            })?;
+        let _ = stream.set_nodelay(true);
+        let connect = options.connect_packet(clean_start);
+        let mut out = BytesMut::new();
+        tern_codec::encode(
+            &Packet::Connect(Box::new(connect.clone())),
+            options.protocol,
+            &mut out,
+        )
+        .map_err(|_| Error::Closed)?;
+        stream
+            .write_all(&out)
+            .await
+            .map_err(|source| Error::Connect {
+                addr: addr.clone(),
+                source,
+            })?;
+        let mut read = BytesMut::with_capacity(4096);
+        let ack = tokio::time::timeout(CONNACK_TIMEOUT, async {
+            loop {
+                match tern_codec::decode(&mut read, options.protocol, tern_codec::MAX_PACKET_SIZE) {
+                    Ok(Some(Packet::ConnAck(a))) => return Some(a),
+                    Ok(Some(_)) | Err(_) => return None,
+                    Ok(None) => {}
+                }
+                match stream.read_buf(&mut read).await {
+                    Ok(n) if n > 0 => {}
+                    _ => return None,
+                }
+            }
+        })
+        .await
+        .ok()
+        .flatten()
+        .ok_or_else(|| Error::NoConnAck(addr.clone()))?;
+        if ack.reason.is_error() {
+            return Err(Error::Refused(ack.reason));
+        }
+        let config = Config::negotiate(
+            Role::Client,
+            &connect,
+            &ack,
+            AckMode::Immediate,
+            options.inflight,
+        );
+        // Connected: the engine takes over the session state.
+        let mut state = std::mem::replace(held, SessionState::new());
+        let mut orphans = Vec::new();
+        if established && !ack.session_present {
+            // The broker lost the session: what was in flight or queued goes again, as
+            // new messages (QoS 1: at least once still holds; QoS 2 may be doubled if
+            // the broker had it, which the broker's loss makes unknowable).
+            orphans = state.take_redeliverable(|_| true, true);
+            state = SessionState::new();
+        }
+        let conn = Connection::new(config, state, ack.session_present, Instant::now());
+        Ok(Link {
+            stream,
+            conn,
+            read,
+            session_present: ack.session_present,
+            orphans,
+        })
+    }
+}
+
+/// Waiting publishes and requests, across connections.
+#[derive(Default)]
+struct Pending {
+    /// QoS 1/2 publishes by tag.
+    publishes: HashMap<u64, Done<ReasonCode>>,
+    /// QoS 0 publishes queued to the socket, resolved after the next write.
+    written: Vec<Done<ReasonCode>>,
+    /// SUBSCRIBE / UNSUBSCRIBE by packet id.
+    requests: HashMap<PacketId, Done<Vec<ReasonCode>>>,
+    next_tag: u64,
+}
+
+async fn drive(
+    options: Options,
+    mut link: Link,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    events: mpsc::UnboundedSender<Event>,
+) {
+    let mut pending = Pending::default();
+    let mut out = BytesMut::new();
+    let mut attempt = 0u32;
+    loop {
+        for m in std::mem::take(&mut link.orphans) {
+            link.conn.publish(m, Instant::now());
+        }
+        let (reason, quit) = serve(
+            &options,
+            &mut link,
+            &mut commands,
+            &events,
+            &mut pending,
+            &mut out,
+        )
+        .await;
+        let _ = events.send(Event::Disconnected {
+            reason: reason.clone(),
+        });
+        for (_, done) in pending.requests.drain() {
+            let _ = done.send(Err(Error::Closed));
+        }
+        for done in pending.written.drain(..) {
+            let _ = done.send(Err(Error::Closed));
+        }
+        let mut state = link.conn.into_session();
+        let backoff = match (quit, options.reconnect) {
+            (false, Some(b)) => b,
+            _ => {
+                for (_, done) in pending.publishes.drain() {
+                    let _ = done.send(Err(Error::Closed));
+                }
+                return;
+            }
+        };
+        // Reconnect; publishes wait in the session's queue meanwhile (bounded).
+        link = loop {
+            let wait = delay(backoff, attempt);
+            attempt = attempt.saturating_add(1);
+            let sleep = tokio::time::sleep(wait);
+            tokio::pin!(sleep);
+            loop {
+                tokio::select! {
+                    () = &mut sleep => break,
+                    c = commands.recv() => match c {
+                        None => return,
+                        Some(Command::Disconnect(done)) => {
+                            for (_, d) in pending.publishes.drain() {
+                                let _ = d.send(Err(Error::Closed));
+                            }
+                            let _ = done.send(());
+                            return;
+                        }
+                        Some(Command::Publish(mut m, done)) => {
+                            if m.qos == QoS::AtMostOnce {
+                                let _ = done.send(Err(Error::Closed));
+                            } else if pending.publishes.len() >= options.max_pending {
+                                let _ = done.send(Err(Error::Backlog));
+                            } else {
+                                pending.next_tag += 1;
+                                m.tag = pending.next_tag;
+                                pending.publishes.insert(m.tag, done);
+                                state.enqueue(m);
+                            }
+                        }
+                        Some(Command::Subscribe(_, done) | Command::Unsubscribe(_, done)) => {
+                            let _ = done.send(Err(Error::Closed));
+                        }
+                    }
+                }
+            }
+            // A persistent session is resumed; otherwise each connection starts afresh
+            // (and what waited is sent as new).
+            let clean = options.session_expiry.is_zero();
+            match Link::open(&options, clean, &mut state, true).await {
+                Ok(l) => {
+                    attempt = 0;
+                    let _ = events.send(Event::Connected {
+                        session_present: l.session_present,
+                    });
+                    break l;
+                }
+                Err(e) => tracing::debug!(error = %e, "reconnect failed"),
+            }
+        };
+    }
+}
+
+fn delay(b: Backoff, attempt: u32) -> Duration {
+    let base = b
+        .initial
+        .saturating_mul(1u32.checked_shl(attempt.min(20)).unwrap_or(u32::MAX))
+        .min(b.max);
+    // Jitter without a random crate: the clock's nanoseconds.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    base + base.mul_f64(f64::from(nanos % 250) / 1000.0)
+}
+
+/// Runs one connection until it ends; the reason, and whether the application asked for
+/// the end.
+async fn serve(
+    options: &Options,
+    link: &mut Link,
+    commands: &mut mpsc::UnboundedReceiver<Command>,
+    events: &mpsc::UnboundedSender<Event>,
+    pending: &mut Pending,
+    out: &mut BytesMut,
+) -> (String, bool) {
+    let v = options.protocol;
+    loop {
+        // Events first: they may resolve publishes and requests.
+        while let Some(e) = link.conn.poll_event() {
+            match e {
+                tern_proto::Event::Message { message, .. } => {
+                    let _ = events.send(Event::Message(message));
+                }
+                tern_proto::Event::Acknowledged {
+                    message, reason, ..
+                } => {
+                    // PUBCOMP 0x92 answers a PUBREL resent after a cut: the broker had
+                    // completed the flow (the session is the one that took the PUBREC),
+                    // so the message was delivered, once.
+                    let reason = match (message.qos, reason) {
+                        (QoS::ExactlyOnce, ReasonCode::PacketIdentifierNotFound) => {
+                            ReasonCode::Success
+                        }
+                        (_, r) => r,
+                    };
+                    if let Some(done) = pending.publishes.remove(&message.tag) {
+                        let _ = done.send(Ok(reason));
+                    }
+                }
+                tern_proto::Event::Dropped { message, reason } => {
+                    let why = match reason {
+                        tern_proto::DropReason::Expired => "expired before it could be sent",
+                        tern_proto::DropReason::TooLarge => {
+                            "larger than the broker's Maximum Packet Size"
+                        }
+                        tern_proto::DropReason::NotConnected => "not connected",
+                    };
+                    if let Some(done) = pending.publishes.remove(&message.tag) {
+                        let _ = done.send(Err(Error::Dropped(why)));
+                    }
+                }
+                tern_proto::Event::Control(Packet::SubAck(a)) => {
+                    if let Some(done) = pending.requests.remove(&a.packet_id) {
+                        let _ = done.send(Ok(a.reasons));
+                    }
+                }
+                tern_proto::Event::Control(Packet::UnsubAck(a)) => {
+                    if let Some(done) = pending.requests.remove(&a.packet_id) {
+                        let _ = done.send(Ok(a.reasons));
+                    }
+                }
+                tern_proto::Event::Control(_) => {}
+                tern_proto::Event::Closed { reason, .. } => {
+                    let _ = flush(link, out, v).await;
+                    return (
+                        format!("closed by the broker: {reason:?} (0x{:02X})", reason as u8),
+                        false,
+                    );
+                }
+            }
+        }
+        if flush(link, out, v).await.is_err() {
+            return ("write failed: connection lost".into(), false);
+        }
+        for done in pending.written.drain(..) {
+            let _ = done.send(Ok(ReasonCode::Success));
+        }
+        let timeout = link.conn.poll_timeout();
+        let sleep = async {
+            match timeout {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            read = link.stream.read_buf(&mut link.read) => {
+                match read {
+                    Ok(n) if n > 0 => {}
+                    _ => return ("connection lost".into(), false),
+                }
+                loop {
+                    match tern_codec::decode(&mut link.read, v, tern_codec::MAX_PACKET_SIZE) {
+                        Ok(Some(p)) => {
+                            // A protocol error queues the DISCONNECT and a Closed event.
+                            let _ = link.conn.handle_packet(p, Instant::now());
+                        }
+                        Ok(None) => break,
+                        Err(e) => return (format!("malformed packet from the broker: {e}"), false),
+                    }
+                }
+            }
+            () = sleep => link.conn.handle_timeout(Instant::now()),
+            c = commands.recv() => match c {
+                None => {
+                    link.conn.disconnect(ReasonCode::Success);
+                    let _ = flush(link, out, v).await;
+                    return ("the client was dropped".into(), true);
+                }
+                Some(Command::Disconnect(done)) => {
+                    link.conn.disconnect(ReasonCode::Success);
+                    let _ = flush(link, out, v).await;
+                    let _ = link.stream.shutdown().await;
+                    for (_, d) in pending.publishes.drain() {
+                        let _ = d.send(Err(Error::Closed));
+                    }
+                    let _ = done.send(());
+                    return ("disconnected by the application".into(), true);
+                }
+                Some(Command::Publish(mut m, done)) => {
+                    if m.qos == QoS::AtMostOnce {
+                        link.conn.publish(m, Instant::now());
+                        pending.written.push(done);
+                    } else {
+                        pending.next_tag += 1;
+                        m.tag = pending.next_tag;
+                        pending.publishes.insert(m.tag, done);
+                        link.conn.publish(m, Instant::now());
+                    }
+                }
+                Some(Command::Subscribe(subscriptions, done)) => {
+                    match link.conn.session_mut().allocate_id() {
+                        Ok(id) => {
+                            pending.requests.insert(id, done);
+                            let s = Subscribe { packet_id: id, subscriptions, properties: Default::default() };
+                            let _ = tern_codec::encode(&Packet::Subscribe(s), v, out);
+                        }
+                        Err(_) => { let _ = done.send(Err(Error::Backlog)); }
+                    }
+                }
+                Some(Command::Unsubscribe(filters, done)) => {
+                    match link.conn.session_mut().allocate_id() {
+                        Ok(id) => {
+                            pending.requests.insert(id, done);
+                            let u = Unsubscribe { packet_id: id, filters, properties: Default::default() };
+                            let _ = tern_codec::encode(&Packet::Unsubscribe(u), v, out);
+                        }
+                        Err(_) => { let _ = done.send(Err(Error::Backlog)); }
+                    }
+                }
+            },
+        }
+    }
+}
+
+/// Writes what the engine has to send (after anything already in `out`) in one write.
+async fn flush(link: &mut Link, out: &mut BytesMut, v: Protocol) -> std::io::Result<()> {
+    while let Some(p) = link.conn.poll_transmit(Instant::now()) {
+        let _ = tern_codec::encode(&p, v, out);
+    }
+    if out.is_empty() {
+        return Ok(());
+    }
+    let result = link.stream.write_all(out).await;
+    out.clear();
+    result
+}

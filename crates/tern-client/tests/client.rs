@@ -1,0 +1,315 @@
+//! The client against Tern (in process) and Debian's Mosquitto (a child process): every
+//! QoS on one connection in 3.1.1 and 5.0, retained messages with wildcards, and
+//! reconnection with session resume through a proxy that keeps cutting the connection.
+
+// A failed unwrap in a test is a failed test, with the value in the message.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tern_client::{Backoff, Client, Event, Events, Options, Protocol, QoS, ReasonCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A broker for one test: Tern in this process, or Mosquitto as a child (killed on drop).
+enum Broker {
+    Tern(u16, Option<tokio::sync::oneshot::Sender<()>>),
+    Mosquitto(u16, std::process::Child, std::path::PathBuf),
+}
+
+impl Broker {
+    async fn tern() -> Broker {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(tern_broker::server::serve(
+            listener,
+            Default::default(),
+            None,
+            tern_broker::auth::Access::open(),
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        Broker::Tern(port, Some(stop))
+    }
+
+    async fn mosquitto() -> Broker {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let config = std::env::temp_dir().join(format!("tern-client-mosq-{port}.conf"));
+        std::fs::write(
+            &config,
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+        )
+        .unwrap();
+        let child = std::process::Command::new("/usr/sbin/mosquitto")
+            .arg("-c")
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("mosquitto (scripts/test installs Debian's mosquitto)");
+        for _ in 0..100 {
+            if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Broker::Mosquitto(port, child, config)
+    }
+
+    fn port(&self) -> u16 {
+        match self {
+            Broker::Tern(p, _) | Broker::Mosquitto(p, _, _) => *p,
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Broker::Tern(..) => "tern",
+            Broker::Mosquitto(..) => "mosquitto",
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        match self {
+            Broker::Tern(_, stop) => {
+                if let Some(s) = stop.take() {
+                    let _ = s.send(());
+                }
+            }
+            Broker::Mosquitto(_, child, config) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                let _ = std::fs::remove_file(config);
+            }
+        }
+    }
+}
+
+async fn next_message(events: &mut Events) -> tern_client::Message {
+    loop {
+        let e = tokio::time::timeout(Duration::from_secs(10), events.recv())
+            .await
+            .expect("a message within 10 s")
+            .expect("the client is running");
+        if let Event::Message(m) = e {
+            return m;
+        }
+    }
+}
+
+async fn every_qos_on_one_connection(broker: &Broker, v: Protocol) {
+    let what = format!("{} {v}", broker.name());
+    let id = |s: &str| format!("{s}-{}", broker.port());
+    let (sub, mut events) =
+        Client::connect(Options::new("127.0.0.1", broker.port(), id("sub")).protocol(v))
+            .await
+            .unwrap();
+    assert_eq!(
+        sub.subscribe("qos/#", QoS::ExactlyOnce).await.unwrap(),
+        ReasonCode::GrantedQos2,
+        "{what}"
+    );
+    let (publisher, _) =
+        Client::connect(Options::new("127.0.0.1", broker.port(), id("pub")).protocol(v))
+            .await
+            .unwrap();
+    for (topic, qos) in [
+        ("qos/telemetry", QoS::AtMostOnce),
+        ("qos/chat", QoS::AtLeastOnce),
+        ("qos/payment", QoS::ExactlyOnce),
+    ] {
+        let reason = publisher
+            .publish(topic, topic.as_bytes().to_vec())
+            .qos(qos)
+            .await;
+        assert_eq!(reason.unwrap(), ReasonCode::Success, "{what}: {topic}");
+        let m = next_message(&mut events).await;
+        assert_eq!(
+            (m.topic.as_str(), m.qos, &m.payload[..]),
+            (topic, qos, topic.as_bytes()),
+            "{what}"
+        );
+    }
+    // Retained, read through a wildcard by a client that subscribes afterwards.
+    publisher
+        .publish("state/lamp", "on")
+        .qos(QoS::AtLeastOnce)
+        .retain(true)
+        .await
+        .unwrap();
+    let (late, mut late_events) =
+        Client::connect(Options::new("127.0.0.1", broker.port(), id("late")).protocol(v))
+            .await
+            .unwrap();
+    late.subscribe("state/+", QoS::AtLeastOnce).await.unwrap();
+    let m = next_message(&mut late_events).await;
+    assert_eq!(
+        (m.topic.as_str(), &m.payload[..], m.retain),
+        ("state/lamp", &b"on"[..], true),
+        "{what}"
+    );
+    assert_eq!(
+        sub.unsubscribe("qos/#").await.unwrap(),
+        ReasonCode::Success,
+        "{what}"
+    );
+    publisher.disconnect().await;
+    sub.disconnect().await;
+    late.disconnect().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_qos_and_retained_against_tern_in_3_1_1_and_5() {
+    let broker = Broker::tern().await;
+    every_qos_on_one_connection(&broker, Protocol::V5).await;
+    every_qos_on_one_connection(&broker, Protocol::V3_1_1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_qos_and_retained_against_mosquitto_in_3_1_1_and_5() {
+    let broker = Broker::mosquitto().await;
+    every_qos_on_one_connection(&broker, Protocol::V5).await;
+    every_qos_on_one_connection(&broker, Protocol::V3_1_1).await;
+}
+
+/// Forwards connections to `port`, cutting each one after a number of forwarded chunks
+/// that cycles 1, 2, 3, ... `cycle` (so cuts land at every step of the handshakes).
+/// Returns its port and how many cuts it made.
+async fn cutting_proxy(port: u16, cycle: usize) -> (u16, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy_port = listener.local_addr().unwrap().port();
+    let cuts = Arc::new(AtomicUsize::new(0));
+    let counter = cuts.clone();
+    tokio::spawn(async move {
+        let mut n = 0usize;
+        loop {
+            let Ok((mut client, _)) = listener.accept().await else {
+                return;
+            };
+            n += 1;
+            let budget = 1 + n % cycle;
+            let cuts = counter.clone();
+            tokio::spawn(async move {
+                let Ok(mut server) = TcpStream::connect(("127.0.0.1", port)).await else {
+                    return;
+                };
+                let (mut a, mut b) = ([0u8; 4096], [0u8; 4096]);
+                // The CONNECT and CONNACK always pass: cuts fall after them.
+                let mut forwarded = 0usize;
+                loop {
+                    tokio::select! {
+                        r = client.read(&mut a) => match r {
+                            Ok(k) if k > 0 => { if server.write_all(&a[..k]).await.is_err() { return; } }
+                            _ => return,
+                        },
+                        r = server.read(&mut b) => match r {
+                            Ok(k) if k > 0 => { if client.write_all(&b[..k]).await.is_err() { return; } }
+                            _ => return,
+                        },
+                    }
+                    forwarded += 1;
+                    if forwarded >= budget + 2 {
+                        cuts.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (proxy_port, cuts)
+}
+
+async fn survives_cuts(broker: &Broker) {
+    let port = broker.port();
+    let (sub, mut events) = Client::connect(
+        Options::new("127.0.0.1", port, format!("cut-sub-{port}"))
+            .persistent(Duration::from_secs(600)),
+    )
+    .await
+    .unwrap();
+    sub.subscribe("cut/#", QoS::ExactlyOnce).await.unwrap();
+    let (proxy, cuts) = cutting_proxy(port, 5).await;
+    let backoff = Backoff {
+        initial: Duration::from_millis(5),
+        max: Duration::from_millis(50),
+    };
+    let (publisher, _) = Client::connect(
+        Options::new("127.0.0.1", proxy, format!("cut-pub-{port}"))
+            .persistent(Duration::from_secs(600))
+            .reconnect(Some(backoff)),
+    )
+    .await
+    .unwrap();
+    // Waves of 3 concurrent publishes (QoS 1 and 2 mixed), each awaited: many small
+    // exchanges, so the cuts land at every step of both handshakes.
+    let count = 60;
+    for wave in (0..count).step_by(3) {
+        let mut futures = Vec::new();
+        for i in wave..wave + 3 {
+            let qos = if i % 2 == 0 {
+                QoS::AtLeastOnce
+            } else {
+                QoS::ExactlyOnce
+            };
+            let p = publisher.clone();
+            futures.push(tokio::spawn(async move {
+                p.publish(format!("cut/{i}"), i.to_string()).qos(qos).await
+            }));
+        }
+        for f in futures {
+            let outcome = tokio::time::timeout(Duration::from_secs(60), f)
+                .await
+                .expect("every publish resolves")
+                .unwrap();
+            assert_eq!(outcome.unwrap(), ReasonCode::Success, "{}", broker.name());
+        }
+    }
+    // Every message arrives; QoS 2 exactly once, QoS 1 at least once.
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    while seen.len() < count {
+        let m = next_message(&mut events).await;
+        *seen.entry(m.topic.as_str().to_string()).or_default() += 1;
+    }
+    // Late duplicates of QoS 1 may still come; give them a moment, then count.
+    while let Ok(Some(Event::Message(m))) =
+        tokio::time::timeout(Duration::from_millis(300), events.recv()).await
+    {
+        *seen.entry(m.topic.as_str().to_string()).or_default() += 1;
+    }
+    for i in (1..count).step_by(2) {
+        assert_eq!(
+            seen[&format!("cut/{i}")],
+            1,
+            "{}: QoS 2 cut/{i} exactly once",
+            broker.name()
+        );
+    }
+    assert!(
+        cuts.load(Ordering::Relaxed) >= 5,
+        "{}: the proxy cut only {} times",
+        broker.name(),
+        cuts.load(Ordering::Relaxed)
+    );
+    publisher.disconnect().await;
+    sub.disconnect().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos_1_at_least_once_and_qos_2_exactly_once_through_a_cutting_proxy_with_tern() {
+    survives_cuts(&Broker::tern().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos_1_at_least_once_and_qos_2_exactly_once_through_a_cutting_proxy_with_mosquitto() {
+    survives_cuts(&Broker::mosquitto().await).await;
+}
