@@ -324,58 +324,30 @@ impl Metrics {
             self.started.elapsed().as_secs()
         );
 
-        family(
+        per_qos(
             &mut out,
             "tern_messages_received_total",
-            "counter",
             "PUBLISH packets received from clients, by QoS.",
+            &self.received,
         );
-        for (i, q) in qos.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "tern_messages_received_total{{qos=\"{q}\"}} {}",
-                r(&self.received[i])
-            );
-        }
-        family(
+        per_qos(
             &mut out,
             "tern_messages_sent_total",
-            "counter",
             "PUBLISH packets written to clients, by QoS (retransmissions included).",
+            &self.sent,
         );
-        for (i, q) in qos.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "tern_messages_sent_total{{qos=\"{q}\"}} {}",
-                r(&self.sent[i])
-            );
-        }
-        family(
+        per_qos(
             &mut out,
             "tern_payload_bytes_received_total",
-            "counter",
             "Payload bytes of the PUBLISH packets received, by QoS.",
+            &self.payload_received,
         );
-        for (i, q) in qos.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "tern_payload_bytes_received_total{{qos=\"{q}\"}} {}",
-                r(&self.payload_received[i])
-            );
-        }
-        family(
+        per_qos(
             &mut out,
             "tern_payload_bytes_sent_total",
-            "counter",
             "Payload bytes of the PUBLISH packets written, by QoS.",
+            &self.payload_sent,
         );
-        for (i, q) in qos.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "tern_payload_bytes_sent_total{{qos=\"{q}\"}} {}",
-                r(&self.payload_sent[i])
-            );
-        }
         family(
             &mut out,
             "tern_packets_received_total",
@@ -408,19 +380,12 @@ impl Metrics {
             "Bytes written to client connections (MQTT bytes).",
         );
         let _ = writeln!(out, "tern_bytes_sent_total {}", r(&self.bytes_sent));
-        family(
+        per_qos(
             &mut out,
             "tern_deliveries_total",
-            "counter",
             "Message copies handed to subscribers' sessions (online or queued), by effective QoS.",
+            &self.deliveries,
         );
-        for (i, q) in qos.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "tern_deliveries_total{{qos=\"{q}\"}} {}",
-                r(&self.deliveries[i])
-            );
-        }
         family(
             &mut out,
             "tern_qos_downgrades_total",
@@ -677,6 +642,14 @@ impl Metrics {
             );
         }
         out
+    }
+}
+
+/// One counter family with a series per QoS.
+fn per_qos(out: &mut String, name: &str, help: &str, values: &[AtomicU64; 3]) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+    for (q, v) in values.iter().enumerate() {
+        let _ = writeln!(out, "{name}{{qos=\"{q}\"}} {}", v.load(Ordering::Relaxed));
     }
 }
 
