@@ -22,23 +22,31 @@
 //! # }
 //! ```
 
+mod dedup;
+mod outbox;
+mod transport;
+
 use std::collections::HashMap;
 use std::future::{Future, IntoFuture};
+use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use tern_codec::{
-    Connect, Packet, PacketId, Subscribe, Subscription, SubscriptionOptions, TopicFilter,
-    TopicName, Unsubscribe,
+    Connect, Packet, PacketId, Str, Subscribe, Subscription, TopicFilter, Unsubscribe,
 };
 use tern_proto::{AckMode, Config, Connection, Role, SessionState};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
-pub use tern_codec::{Protocol, QoS, ReasonCode};
+pub use dedup::Dedup;
+pub use tern_codec::properties::PublishProperties;
+pub use tern_codec::{Protocol, QoS, ReasonCode, RetainHandling, SubscriptionOptions, TopicName};
 pub use tern_proto::Message;
+pub use transport::{TlsConfig, Transport};
 
 /// How long a CONNECT may wait for its CONNACK.
 const CONNACK_TIMEOUT: Duration = Duration::from_secs(10);
@@ -103,6 +111,14 @@ pub struct Options {
     pub inflight: u16,
     /// A will: topic, payload, QoS, retain.
     pub will: Option<(String, Bytes, QoS, bool)>,
+    /// What carries the bytes: TCP (default), TLS, WebSocket, WebSocket over TLS.
+    pub transport: Transport,
+    /// A file (redb) that keeps QoS 1/2 messages until the broker has acknowledged them,
+    /// so they survive a restart of the client process (see [`Options::outbox`]).
+    pub outbox: Option<PathBuf>,
+    /// A user property stamped on every published message with a value unique to it
+    /// (5.0 only), for a [`Dedup`] on the receiving side (see [`Options::stamp`]).
+    pub stamp: Option<String>,
 }
 
 impl Options {
@@ -122,7 +138,145 @@ impl Options {
             max_pending: 10_000,
             inflight: 32,
             will: None,
+            transport: Transport::Tcp,
+            outbox: None,
+            stamp: None,
         }
+    }
+
+    /// Options from a URL: `mqtt://`, `mqtts://`, `ws://` or `wss://`, with an optional
+    /// `user:password@`, port (default 1883, 8883, 80, 443) and, for WebSocket, path
+    /// (default `/mqtt`). TLS checks the broker against the system's CA bundle unless
+    /// [`Options::tls`] says otherwise.
+    ///
+    /// ```
+    /// use tern_client::{Options, Transport};
+    /// let o = Options::from_url("ws://alice:secret@127.0.0.1:8080/mqtt", "dash-1")?;
+    /// assert_eq!((o.host.as_str(), o.port), ("127.0.0.1", 8080));
+    /// assert_eq!(o.username.as_deref(), Some("alice"));
+    /// assert!(matches!(o.transport, Transport::Ws { ref path } if path == "/mqtt"));
+    /// assert!(Options::from_url("http://example.com", "x").is_err());
+    /// # Ok::<(), tern_client::Error>(())
+    /// ```
+    pub fn from_url(url: &str, client_id: impl Into<String>) -> Result<Options, Error> {
+        let bad = |why: &str| Error::Url(format!("{url}: {why}"));
+        let (scheme, rest) = url
+            .split_once("://")
+            .ok_or_else(|| bad("expected scheme://host[:port]"))?;
+        let (default_port, tls, ws) = match scheme {
+            "mqtt" | "tcp" => (1883, false, false),
+            "mqtts" | "ssl" | "tls" => (8883, true, false),
+            "ws" => (80, false, true),
+            "wss" => (443, true, true),
+            _ => return Err(bad("the scheme must be mqtt, mqtts, ws or wss")),
+        };
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, ""),
+        };
+        let (userinfo, hostport) = match authority.rsplit_once('@') {
+            Some((u, h)) => (Some(u), h),
+            None => (None, authority),
+        };
+        let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
+            let (h, after) = v6.split_once(']').ok_or_else(|| bad("unclosed '['"))?;
+            (h, after.strip_prefix(':'))
+        } else {
+            match hostport.rsplit_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (hostport, None),
+            }
+        };
+        if host.is_empty() {
+            return Err(bad("no host"));
+        }
+        let port = match port {
+            None => default_port,
+            Some(p) => p.parse().map_err(|_| bad("the port must be 1-65535"))?,
+        };
+        let mut options = Options::new(host, port, client_id);
+        if let Some(u) = userinfo {
+            let (user, password) = match u.split_once(':') {
+                Some((user, pw)) => (user, Some(pw)),
+                None => (u, None),
+            };
+            options.username = Some(user.to_string());
+            options.password = password.map(|p| Bytes::copy_from_slice(p.as_bytes()));
+        }
+        if tls {
+            options = options.tls(TlsConfig::from_files(None, None, None)?);
+        }
+        if ws {
+            options = options.websocket(if path.is_empty() { "/mqtt" } else { path });
+        }
+        Ok(options)
+    }
+
+    /// Connects over TLS checked with `tls` (keeping WebSocket if chosen).
+    ///
+    /// ```no_run
+    /// # use std::path::Path;
+    /// use tern_client::{Options, TlsConfig};
+    /// let tls = TlsConfig::from_files(Some(Path::new("ca.pem")), None, None)?;
+    /// let options = Options::new("broker.example", 8883, "meter-7").tls(tls);
+    /// # Ok::<(), tern_client::Error>(())
+    /// ```
+    pub fn tls(mut self, tls: TlsConfig) -> Options {
+        self.transport = match self.transport {
+            Transport::Ws { path } | Transport::Wss { path, .. } => Transport::Wss { tls, path },
+            Transport::Tcp | Transport::Tls(_) => Transport::Tls(tls),
+        };
+        self
+    }
+
+    /// Carries MQTT in WebSocket frames, upgrading at `path` (keeping TLS if chosen).
+    ///
+    /// ```
+    /// let o = tern_client::Options::new("127.0.0.1", 8080, "dash").websocket("/mqtt");
+    /// assert_eq!(o.transport.name(), "ws");
+    /// ```
+    pub fn websocket(mut self, path: impl Into<String>) -> Options {
+        let path = path.into();
+        self.transport = match self.transport {
+            Transport::Tls(tls) | Transport::Wss { tls, .. } => Transport::Wss { tls, path },
+            Transport::Tcp | Transport::Ws { .. } => Transport::Ws { path },
+        };
+        self
+    }
+
+    /// Keeps QoS 1/2 messages in the file at `path` (created if missing) until the broker
+    /// acknowledges them: each is written there before it is sent, and a client started
+    /// again with the same file and client identifier sends what the last process left
+    /// unacknowledged, with the original packet ids when the broker still has the session
+    /// (use [`Options::persistent`]), as new messages otherwise. Inbound QoS 2 ids are kept
+    /// too, so a message received just before a crash is not delivered twice. One process
+    /// at a time may use a file.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let o = tern_client::Options::new("127.0.0.1", 1883, "till-3")
+    ///     .persistent(Duration::from_secs(86_400))
+    ///     .outbox("till-3.outbox");
+    /// assert!(o.outbox.is_some());
+    /// ```
+    pub fn outbox(mut self, path: impl Into<PathBuf>) -> Options {
+        self.outbox = Some(path.into());
+        self
+    }
+
+    /// Stamps every published message with the user property `key` (often `msg-id`)
+    /// set to a value no other message of any client shares (client identifier, start
+    /// time, counter), unless the message already carries it. A [`Dedup`] on the
+    /// receiving side then drops QoS 1 redeliveries. MQTT 5.0 only: 3.1.1 has no
+    /// properties, and nothing is stamped.
+    ///
+    /// ```
+    /// let o = tern_client::Options::new("127.0.0.1", 1883, "chat-1").stamp("msg-id");
+    /// assert_eq!(o.stamp.as_deref(), Some("msg-id"));
+    /// ```
+    pub fn stamp(mut self, key: impl Into<String>) -> Options {
+        self.stamp = Some(key.into());
+        self
     }
 
     /// Uses MQTT `protocol` (3.1.1 or 5.0).
@@ -216,6 +370,15 @@ pub enum Error {
     /// A topic or filter that MQTT does not allow.
     #[error("invalid topic or filter '{0}'")]
     Topic(String),
+    /// TLS could not be set up (certificate files).
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// A URL that [`Options::from_url`] cannot use.
+    #[error("bad URL {0}")]
+    Url(String),
+    /// The outbox file could not be opened, read or written.
+    #[error("outbox: {0}")]
+    Outbox(String),
 }
 
 fn describe(r: ReasonCode) -> String {
@@ -264,27 +427,84 @@ enum Command {
     Subscribe(Vec<Subscription>, Done<Vec<ReasonCode>>),
     Unsubscribe(Vec<TopicFilter>, Done<Vec<ReasonCode>>),
     Disconnect(oneshot::Sender<()>),
+    Idle(oneshot::Sender<()>),
+}
+
+/// What [`Options::stamp`] writes.
+struct Stamp {
+    key: Str,
+    prefix: String,
+    next: AtomicU64,
 }
 
 /// A handle on the connection; cheap to clone, usable from any task.
 #[derive(Clone)]
 pub struct Client {
     commands: mpsc::UnboundedSender<Command>,
+    stamp: Option<Arc<Stamp>>,
 }
 
 impl Client {
     /// Connects, and keeps the connection (reconnecting as [`Options::reconnect`] says).
-    /// The first connection must succeed: its error is returned.
+    /// The first connection must succeed: its error is returned. With an
+    /// [`Options::outbox`], what the file holds is sent first.
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), tern_client::Error> {
+    /// use tern_client::{Client, Event, Options};
+    /// let (client, mut events) = Client::connect(Options::new("127.0.0.1", 1883, "a")).await?;
+    /// assert!(matches!(events.recv().await, Some(Event::Connected { .. })));
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn connect(options: Options) -> Result<(Client, Events), Error> {
-        let mut state = SessionState::new();
-        let link = Link::open(&options, options.clean_start, &mut state, false).await?;
+        let (outbox, mut state) = match &options.outbox {
+            Some(path) => {
+                let (o, s) = outbox::Outbox::open(path.clone(), &options.client_id).await?;
+                (Some(o), s)
+            }
+            None => (None, SessionState::new()),
+        };
+        // Messages left by an earlier process are handled like those of a connection that
+        // was lost: resumed if the broker kept the session, sent as new otherwise.
+        let restored = state.inflight_len() > 0 || state.queued_len() > 0;
+        let link = Link::open(&options, options.clean_start, &mut state, restored).await?;
         let (commands, rx) = mpsc::unbounded_channel();
         let (events_tx, events) = mpsc::unbounded_channel();
         let _ = events_tx.send(Event::Connected {
             session_present: link.session_present,
         });
-        tokio::spawn(drive(options, link, rx, events_tx));
-        Ok((Client { commands }, Events(events)))
+        let stamp = match (&options.stamp, options.protocol.is_v5()) {
+            (Some(key), true) => {
+                let boot = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos());
+                Some(Arc::new(Stamp {
+                    key: key.as_str().into(),
+                    prefix: format!("{}-{boot:x}-", options.client_id),
+                    next: AtomicU64::new(1),
+                }))
+            }
+            _ => None,
+        };
+        tokio::spawn(drive(options, link, outbox, rx, events_tx));
+        Ok((Client { commands, stamp }, Events(events)))
+    }
+
+    /// Waits until every QoS 1/2 message published so far (and any restored from the
+    /// outbox) is acknowledged: nothing in flight, nothing waiting. Fails with
+    /// [`Error::Closed`] if the client ends first.
+    ///
+    /// ```no_run
+    /// # async fn run(client: tern_client::Client) -> Result<(), tern_client::Error> {
+    /// client.wait_idle().await?; // safe to exit now
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn wait_idle(&self) -> Result<(), Error> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::Idle(tx))?;
+        rx.await.map_err(|_| Error::Closed)
     }
 
     /// Publishes `payload` on `topic`: QoS 0 and no retain unless the returned builder
@@ -393,8 +613,20 @@ impl<'a> IntoFuture for Publish<'a> {
                 .map_err(|_| Error::Topic(self.topic.clone()))?;
             let mut m = Message::new(topic, self.payload, self.qos);
             m.retain = self.retain;
-            if self.properties != Default::default() {
-                m.properties = self.properties.into();
+            let mut properties = self.properties;
+            if let Some(stamp) = &self.client.stamp
+                && !properties
+                    .user_properties
+                    .iter()
+                    .any(|(k, _)| *k == stamp.key)
+            {
+                let n = stamp.next.fetch_add(1, Ordering::Relaxed);
+                properties
+                    .user_properties
+                    .push((stamp.key.clone(), format!("{}{n}", stamp.prefix).into()));
+            }
+            if properties != Default::default() {
+                m.properties = properties.into();
             }
             let (tx, rx) = oneshot::channel();
             self.client.send(Command::Publish(m, tx))?;
@@ -403,9 +635,9 @@ impl<'a> IntoFuture for Publish<'a> {
     }
 }
 
-/// One TCP connection with its engine.
+/// One connection with its engine.
 struct Link {
-    stream: TcpStream,
+    stream: Box<dyn transport::Io>,
     conn: Connection,
     read: BytesMut,
     session_present: bool,
@@ -421,13 +653,7 @@ impl Link {
         established: bool,
     ) -> Result<Link, Error> {
         let addr = format!("{}:{}", options.host, options.port);
-        let mut stream = TcpStream::connect(&addr)
-            .await
-            .map_err(|source| Error::Connect {
-                addr: addr.clone(),
-                source,
-            })?;
-        let _ = stream.set_nodelay(true);
+        let mut stream = transport::open(&options.transport, &options.host, options.port).await?;
         let connect = options.connect_packet(clean_start);
         let mut out = BytesMut::new();
         tern_codec::encode(
@@ -436,13 +662,15 @@ impl Link {
             &mut out,
         )
         .map_err(|_| Error::Closed)?;
-        stream
-            .write_all(&out)
-            .await
-            .map_err(|source| Error::Connect {
-                addr: addr.clone(),
-                source,
-            })?;
+        async {
+            stream.write_all(&out).await?;
+            stream.flush().await
+        }
+        .await
+        .map_err(|source| Error::Connect {
+            addr: addr.clone(),
+            source,
+        })?;
         let mut read = BytesMut::with_capacity(4096);
         let ack = tokio::time::timeout(CONNACK_TIMEOUT, async {
             loop {
@@ -501,12 +729,26 @@ struct Pending {
     written: Vec<Done<ReasonCode>>,
     /// SUBSCRIBE / UNSUBSCRIBE by packet id.
     requests: HashMap<PacketId, Done<Vec<ReasonCode>>>,
+    /// [`Client::wait_idle`] callers.
+    idle: Vec<oneshot::Sender<()>>,
     next_tag: u64,
+}
+
+impl Pending {
+    /// Answers the idle waiters if `session` has nothing in flight or waiting.
+    fn check_idle(&mut self, session: &SessionState) {
+        if !self.idle.is_empty() && session.inflight_len() == 0 && session.queued_len() == 0 {
+            for done in self.idle.drain(..) {
+                let _ = done.send(());
+            }
+        }
+    }
 }
 
 async fn drive(
     options: Options,
     mut link: Link,
+    mut outbox: Option<outbox::Outbox>,
     mut commands: mpsc::UnboundedReceiver<Command>,
     events: mpsc::UnboundedSender<Event>,
 ) {
@@ -520,6 +762,7 @@ async fn drive(
         let (reason, quit) = serve(
             &options,
             &mut link,
+            &mut outbox,
             &mut commands,
             &events,
             &mut pending,
@@ -571,13 +814,23 @@ async fn drive(
                             } else {
                                 pending.next_tag += 1;
                                 m.tag = pending.next_tag;
-                                pending.publishes.insert(m.tag, done);
+                                let tag = m.tag;
                                 state.enqueue(m);
+                                // Kept before the caller learns it is waiting.
+                                if let Some(o) = &mut outbox
+                                    && let Err(e) = o.save(&mut state).await
+                                {
+                                    tracing::error!(error = %e, "the outbox cannot be written");
+                                    let _ = done.send(Err(e));
+                                    return;
+                                }
+                                pending.publishes.insert(tag, done);
                             }
                         }
                         Some(Command::Subscribe(_, done) | Command::Unsubscribe(_, done)) => {
                             let _ = done.send(Err(Error::Closed));
                         }
+                        Some(Command::Idle(done)) => pending.idle.push(done),
                     }
                 }
             }
@@ -615,12 +868,17 @@ fn delay(b: Backoff, attempt: u32) -> Duration {
 async fn serve(
     options: &Options,
     link: &mut Link,
+    outbox: &mut Option<outbox::Outbox>,
     commands: &mut mpsc::UnboundedReceiver<Command>,
     events: &mpsc::UnboundedSender<Event>,
     pending: &mut Pending,
     out: &mut BytesMut,
 ) -> (String, bool) {
     let v = options.protocol;
+    if outbox.is_some() {
+        // A session that replaced a lost one is written whole.
+        link.conn.session_mut().track(false);
+    }
     loop {
         // Events first: they may resolve publishes and requests.
         while let Some(e) = link.conn.poll_event() {
@@ -675,6 +933,14 @@ async fn serve(
                     );
                 }
             }
+        }
+        pending.check_idle(link.conn.session());
+        // Persist, then send: nothing goes out that a crash could forget.
+        if let Some(o) = outbox
+            && let Err(e) = o.save(link.conn.session_mut()).await
+        {
+            tracing::error!(error = %e, "the outbox cannot be written; the client stops");
+            return (e.to_string(), true);
         }
         if flush(link, out, v).await.is_err() {
             return ("write failed: connection lost".into(), false);
@@ -734,6 +1000,7 @@ async fn serve(
                         link.conn.publish(m, Instant::now());
                     }
                 }
+                Some(Command::Idle(done)) => pending.idle.push(done),
                 Some(Command::Subscribe(subscriptions, done)) => {
                     match link.conn.session_mut().allocate_id() {
                         Ok(id) => {
@@ -769,5 +1036,6 @@ async fn flush(link: &mut Link, out: &mut BytesMut, v: Protocol) -> std::io::Res
     }
     let result = link.stream.write_all(out).await;
     out.clear();
-    result
+    result?;
+    link.stream.flush().await
 }

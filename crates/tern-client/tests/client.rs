@@ -5,107 +5,17 @@
 // A failed unwrap in a test is a failed test, with the value in the message.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tern_client::{Backoff, Client, Event, Events, Options, Protocol, QoS, ReasonCode};
+use common::{Broker, next_message};
+use tern_client::{Backoff, Client, Event, Options, Protocol, QoS, ReasonCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-
-/// A broker for one test: Tern in this process, or Mosquitto as a child (killed on drop).
-enum Broker {
-    Tern(u16, Option<tokio::sync::oneshot::Sender<()>>),
-    Mosquitto(u16, std::process::Child, std::path::PathBuf),
-}
-
-impl Broker {
-    async fn tern() -> Broker {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(tern_broker::server::serve(
-            listener,
-            Default::default(),
-            None,
-            tern_broker::auth::Access::open(),
-            async {
-                let _ = stopped.await;
-            },
-        ));
-        Broker::Tern(port, Some(stop))
-    }
-
-    async fn mosquitto() -> Broker {
-        let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap().port()
-        };
-        let config = std::env::temp_dir().join(format!("tern-client-mosq-{port}.conf"));
-        std::fs::write(
-            &config,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
-        )
-        .unwrap();
-        let child = std::process::Command::new("/usr/sbin/mosquitto")
-            .arg("-c")
-            .arg(&config)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("mosquitto (scripts/test installs Debian's mosquitto)");
-        for _ in 0..100 {
-            if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Broker::Mosquitto(port, child, config)
-    }
-
-    fn port(&self) -> u16 {
-        match self {
-            Broker::Tern(p, _) | Broker::Mosquitto(p, _, _) => *p,
-        }
-    }
-
-    fn name(&self) -> &'static str {
-        match self {
-            Broker::Tern(..) => "tern",
-            Broker::Mosquitto(..) => "mosquitto",
-        }
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        match self {
-            Broker::Tern(_, stop) => {
-                if let Some(s) = stop.take() {
-                    let _ = s.send(());
-                }
-            }
-            Broker::Mosquitto(_, child, config) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                let _ = std::fs::remove_file(config);
-            }
-        }
-    }
-}
-
-async fn next_message(events: &mut Events) -> tern_client::Message {
-    loop {
-        let e = tokio::time::timeout(Duration::from_secs(10), events.recv())
-            .await
-            .expect("a message within 10 s")
-            .expect("the client is running");
-        if let Event::Message(m) = e {
-            return m;
-        }
-    }
-}
 
 async fn every_qos_on_one_connection(broker: &Broker, v: Protocol) {
     let what = format!("{} {v}", broker.name());

@@ -1,0 +1,102 @@
+//! The durable outbox: the client's session state (QoS 1/2 messages in flight and waiting,
+//! inbound QoS 2 ids, the last packet id) kept in a redb file by the same store the broker
+//! uses, updated change by change before anything is sent.
+
+use std::path::PathBuf;
+use std::time::{Instant, SystemTime};
+
+use tern_codec::Str;
+use tern_proto::{Changes, SessionState};
+use tern_store::{Op, RedbStore, SessionRecord, Store};
+
+use crate::Error;
+
+pub(crate) struct Outbox {
+    /// `None` only while a commit runs on the blocking pool.
+    store: Option<RedbStore>,
+    client_id: Str,
+    ops: Vec<Op>,
+}
+
+fn fail(path: &std::path::Path) -> impl Fn(String) -> Error + '_ {
+    move |e| Error::Outbox(format!("{}: {e}", path.display()))
+}
+
+impl Outbox {
+    /// Opens (or creates) the file and reads back the session kept for `client_id`.
+    pub(crate) async fn open(
+        path: PathBuf,
+        client_id: &str,
+    ) -> Result<(Outbox, SessionState), Error> {
+        if client_id.is_empty() {
+            return Err(Error::Outbox(
+                "an outbox needs a client identifier (it is kept per client)".into(),
+            ));
+        }
+        let id: Str = client_id.into();
+        let key = id.clone();
+        tokio::task::spawn_blocking(move || {
+            let fail = fail(&path);
+            let mut store = RedbStore::open(&path, Instant::now(), SystemTime::now())
+                .map_err(|e| fail(e.to_string()))?;
+            let mut snapshot = store.load().map_err(|e| fail(e.to_string()))?;
+            let mut state = match snapshot.sessions.remove(&key) {
+                Some(s) => s.delivery,
+                None => {
+                    store
+                        .commit(&[Op::PutSession {
+                            client_id: key.clone(),
+                            record: SessionRecord::default(),
+                        }])
+                        .map_err(|e| fail(e.to_string()))?;
+                    SessionState::new()
+                }
+            };
+            // The file holds this state: from now on only changes are written.
+            state.track(true);
+            let outbox = Outbox {
+                store: Some(store),
+                client_id: key,
+                ops: Vec::new(),
+            };
+            Ok((outbox, state))
+        })
+        .await
+        .map_err(|e| Error::Outbox(e.to_string()))?
+    }
+
+    /// Writes what changed in `state` since the last call, durably (fsync), in one commit.
+    pub(crate) async fn save(&mut self, state: &mut SessionState) -> Result<(), Error> {
+        match state.take_changes() {
+            None => return Ok(()),
+            Some(Changes::Some(changes)) => {
+                if changes.is_empty() {
+                    return Ok(());
+                }
+                self.ops
+                    .extend(changes.into_iter().map(|change| Op::Change {
+                        client_id: self.client_id.clone(),
+                        change,
+                    }));
+            }
+            Some(Changes::All(all)) => self.ops.push(Op::PutDelivery {
+                client_id: self.client_id.clone(),
+                state: all,
+            }),
+        }
+        let Some(mut store) = self.store.take() else {
+            return Err(Error::Outbox("an earlier write failed".into()));
+        };
+        let mut ops = std::mem::take(&mut self.ops);
+        let (store, ops, result) = tokio::task::spawn_blocking(move || {
+            let result = store.commit(&ops);
+            ops.clear();
+            (store, ops, result)
+        })
+        .await
+        .map_err(|e| Error::Outbox(e.to_string()))?;
+        self.store = Some(store);
+        self.ops = ops;
+        result.map_err(|e| Error::Outbox(e.to_string()))
+    }
+}
