@@ -603,35 +603,74 @@ impl Publish<'_> {
     }
 }
 
+impl Publish<'_> {
+    /// Hands the message to the client now, in call order, and returns its outcome to
+    /// await later: many publishes can be under way at once and still go out in the
+    /// order they were sent. (`.await` on the builder is `send()?.await`.)
+    ///
+    /// ```no_run
+    /// # async fn run(client: tern_client::Client) -> Result<(), tern_client::Error> {
+    /// use tern_client::QoS;
+    /// let mut outcomes = Vec::new();
+    /// for i in 0..100 {
+    ///     outcomes.push(client.publish("orders", format!("{i}")).qos(QoS::AtLeastOnce).send()?);
+    /// }
+    /// for o in outcomes {
+    ///     o.await?;
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn send(self) -> Result<Outcome, Error> {
+        let topic =
+            TopicName::new(self.topic.as_str()).map_err(|_| Error::Topic(self.topic.clone()))?;
+        let mut m = Message::new(topic, self.payload, self.qos);
+        m.retain = self.retain;
+        let mut properties = self.properties;
+        if let Some(stamp) = &self.client.stamp
+            && !properties
+                .user_properties
+                .iter()
+                .any(|(k, _)| *k == stamp.key)
+        {
+            let n = stamp.next.fetch_add(1, Ordering::Relaxed);
+            properties
+                .user_properties
+                .push((stamp.key.clone(), format!("{}{n}", stamp.prefix).into()));
+        }
+        if properties != Default::default() {
+            m.properties = properties.into();
+        }
+        let (tx, rx) = oneshot::channel();
+        self.client.send(Command::Publish(m, tx))?;
+        Ok(Outcome(rx))
+    }
+}
+
 impl<'a> IntoFuture for Publish<'a> {
     type Output = Result<ReasonCode, Error>;
     type IntoFuture = Pin<Box<dyn Future<Output = Self::Output> + Send + 'a>>;
 
     fn into_future(self) -> Self::IntoFuture {
-        Box::pin(async move {
-            let topic = TopicName::new(self.topic.as_str())
-                .map_err(|_| Error::Topic(self.topic.clone()))?;
-            let mut m = Message::new(topic, self.payload, self.qos);
-            m.retain = self.retain;
-            let mut properties = self.properties;
-            if let Some(stamp) = &self.client.stamp
-                && !properties
-                    .user_properties
-                    .iter()
-                    .any(|(k, _)| *k == stamp.key)
-            {
-                let n = stamp.next.fetch_add(1, Ordering::Relaxed);
-                properties
-                    .user_properties
-                    .push((stamp.key.clone(), format!("{}{n}", stamp.prefix).into()));
-            }
-            if properties != Default::default() {
-                m.properties = properties.into();
-            }
-            let (tx, rx) = oneshot::channel();
-            self.client.send(Command::Publish(m, tx))?;
-            rx.await.unwrap_or(Err(Error::Closed))
-        })
+        let outcome = self.send();
+        Box::pin(async move { outcome?.await })
+    }
+}
+
+/// The outcome of a publish handed over with [`Publish::send`]: resolves when the
+/// message's guarantee is met (or cannot be), with the broker's reason code.
+pub struct Outcome(oneshot::Receiver<Result<ReasonCode, Error>>);
+
+impl Future for Outcome {
+    type Output = Result<ReasonCode, Error>;
+
+    fn poll(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|r| r.unwrap_or(Err(Error::Closed)))
     }
 }
 

@@ -1,11 +1,14 @@
-//! The `tern` command: `tern broker [--config FILE] [--bind ADDR] [--data-dir DIR]` and
-//! `tern passwd [-b | -D] FILE USER [PASSWORD]`.
+//! The `tern` command: `tern broker [--config FILE] [--bind ADDR] [--data-dir DIR]`,
+//! `tern passwd [-b | -D] FILE USER [PASSWORD]`, `tern pub` and `tern sub`.
 
 mod config;
+mod pubsub;
 
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: tern broker [--config FILE] [--bind ADDR] [--data-dir DIR] [--metrics ADDR|off]\n  defaults: every setting's default, 127.0.0.1:1883, ./tern-data, durability sync, metrics on 127.0.0.1:9090\n       tern broker --check-config FILE  check FILE (and the files it names) and exit\n       tern passwd FILE USER             add or change USER (password read from stdin)\n       tern passwd -b FILE USER PASSWORD add or change USER with PASSWORD\n       tern passwd -D FILE USER          delete USER";
+const USAGE: &str = "usage: tern broker [--config FILE] [--bind ADDR] [--data-dir DIR] [--metrics ADDR|off]\n  defaults: every setting's default, 127.0.0.1:1883, ./tern-data, durability sync, metrics on 127.0.0.1:9090\n       tern broker --check-config FILE  check FILE (and the files it names) and exit\n       tern passwd FILE USER             add or change USER (password read from stdin)\n       tern passwd -b FILE USER PASSWORD add or change USER with PASSWORD\n       tern passwd -D FILE USER          delete USER
+       tern pub -t TOPIC -m MESSAGE [options]   publish (tern pub --help)
+       tern sub -t FILTER [options]             subscribe and print (tern sub --help)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -16,6 +19,8 @@ fn main() -> ExitCode {
     match args.first().map(String::as_str) {
         Some("broker") => {}
         Some("passwd") => return passwd(&args[1..]),
+        Some("pub") => return pubsub::publish(&args[1..]),
+        Some("sub") => return pubsub::subscribe(&args[1..]),
         Some("-h" | "--help") | None => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;

@@ -1,0 +1,715 @@
+//! `tern pub` and `tern sub`: Mosquitto's command-line clients' flags, on the Tern client
+//! SDK. Exit codes are listed in docs/cli.md and in [`Exit`].
+
+use std::collections::VecDeque;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tern_client::{
+    Backoff, Client, Dedup, Error, Event, Message, Options, Protocol, QoS, ReasonCode,
+    SubscriptionOptions, TlsConfig,
+};
+
+pub(crate) const PUB_USAGE: &str = "usage: tern pub [options] -t TOPIC (-m MESSAGE | -f FILE | -l | -s | -n)
+  -h HOST        broker host (default localhost)      -p PORT   port (1883; 8883 with TLS)
+  -t TOPIC       topic to publish on                   -q 0|1|2  QoS (default 0)
+  -m MESSAGE     the message                           -f FILE   the file's contents as the message
+  -l             one message per line of stdin         -s        all of stdin as one message
+  -n             an empty message                      -r        retain
+  -i ID          client id (default tern-pub-PID)      -c        persistent session (needs -i)
+  -x SECONDS     session expiry (5.0; default with -c: never)
+  -u USER -P PASSWORD                                  -k SECONDS keep alive (default 60)
+  -V 5|311       protocol version (default 5)          -W SECONDS give up after this long
+  -d             print what happens on stderr
+  --url URL      mqtt[s]://[user[:pass]@]host[:port]/topic or ws[s]://[user[:pass]@]host[:port]/path
+  --cafile FILE  CA certificates (PEM); turns TLS on   --cert FILE --key FILE  client certificate
+  --outbox FILE  keep QoS 1/2 messages in FILE until acknowledged; sends what an earlier
+                 run left there (then the message options are optional)
+  --stamp KEY    put a unique user property KEY on every message (5.0)
+exit codes: 0 all acknowledged, 1 connection failed or lost, 2 bad usage, 3 connection
+refused by the broker, 4 a message refused by the broker, 27 timed out (-W)";
+
+pub(crate) const SUB_USAGE: &str = "usage: tern sub [options] -t FILTER [-t FILTER ...]
+  -h HOST        broker host (default localhost)      -p PORT   port (1883; 8883 with TLS)
+  -t FILTER      topic filter to subscribe to          -q 0|1|2  QoS (default 0)
+  -C COUNT       exit after COUNT messages             -W SECONDS exit (code 27) after this long
+  -v             print the topic before the payload    -F FORMAT output format (see below)
+  -i ID          client id (default tern-sub-PID)      -c        persistent session (needs -i)
+  -x SECONDS     session expiry (5.0; default with -c: never)
+  -u USER -P PASSWORD                                  -k SECONDS keep alive (default 60)
+  -V 5|311       protocol version (default 5)          -d        print what happens on stderr
+  --url URL      mqtt[s]://[user[:pass]@]host[:port]/filter or ws[s]://[user[:pass]@]host[:port]/path
+  --cafile FILE  CA certificates (PEM); turns TLS on   --cert FILE --key FILE  client certificate
+  --dedup KEY    drop messages whose user property KEY was already seen (last 10,000)
+format (-F): %t topic, %p payload, %x payload in hex, %q QoS, %r retain (0/1), %l payload
+  length, %U Unix time, %I ISO 8601 time (UTC), %% a percent sign; \\n \\t \\\\ escapes
+exit codes: 0 done (-C reached, or stopped), 1 connection failed or lost, 2 bad usage,
+3 connection refused by the broker, 4 subscription refused, 27 timed out (-W)";
+
+/// Exit codes scripts can rely on (0: success).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Exit {
+    Connection = 1,
+    Usage = 2,
+    Refused = 3,
+    Rejected = 4,
+    Timeout = 27,
+}
+
+/// A failure: what to print and how to exit.
+struct Failure(Exit, String);
+
+impl Failure {
+    fn usage(msg: impl Into<String>) -> Failure {
+        Failure(Exit::Usage, msg.into())
+    }
+}
+
+/// Flags both commands share, and each one's own.
+#[derive(Default)]
+struct Args {
+    host: Option<String>,
+    port: Option<u16>,
+    topics: Vec<String>,
+    qos: u8,
+    id: Option<String>,
+    persistent: bool,
+    expiry: Option<u32>,
+    username: Option<String>,
+    password: Option<String>,
+    keep_alive: Option<u16>,
+    version: Option<Protocol>,
+    timeout: Option<Duration>,
+    debug: bool,
+    url: Option<String>,
+    cafile: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    // pub
+    message: Option<Bytes>,
+    file: Option<PathBuf>,
+    lines: bool,
+    stdin: bool,
+    null: bool,
+    retain: bool,
+    outbox: Option<PathBuf>,
+    stamp: Option<String>,
+    // sub
+    count: Option<u64>,
+    verbose: bool,
+    format: Option<String>,
+    dedup: Option<String>,
+}
+
+fn number<T: std::str::FromStr>(flag: &str, v: &str, what: &str) -> Result<T, Failure> {
+    v.parse()
+        .map_err(|_| Failure::usage(format!("{flag} '{v}': expected {what}")))
+}
+
+fn parse(args: &[String], publisher: bool) -> Result<Option<Args>, Failure> {
+    let mut a = Args::default();
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let flag = flag.as_str();
+        let mut value = || {
+            it.next()
+                .map(String::as_str)
+                .ok_or_else(|| Failure::usage(format!("{flag} needs a value")))
+        };
+        match flag {
+            "--help" => return Ok(None),
+            "-h" | "--host" => a.host = Some(value()?.to_string()),
+            "-p" | "--port" => a.port = Some(number(flag, value()?, "a port 1-65535")?),
+            "-t" | "--topic" => a.topics.push(value()?.to_string()),
+            "-q" | "--qos" => {
+                a.qos = match value()? {
+                    "0" => 0,
+                    "1" => 1,
+                    "2" => 2,
+                    v => return Err(Failure::usage(format!("{flag} '{v}': QoS is 0, 1 or 2"))),
+                }
+            }
+            "-i" | "--id" => a.id = Some(value()?.to_string()),
+            "-c" | "--disable-clean-session" => a.persistent = true,
+            "-x" | "--session-expiry-interval" => {
+                a.expiry = Some(number(flag, value()?, "seconds")?)
+            }
+            "-u" | "--username" => a.username = Some(value()?.to_string()),
+            "-P" | "--pw" => a.password = Some(value()?.to_string()),
+            "-k" | "--keepalive" => a.keep_alive = Some(number(flag, value()?, "seconds")?),
+            "-V" | "--protocol-version" => {
+                a.version = Some(match value()? {
+                    "5" | "mqttv5" => Protocol::V5,
+                    "311" | "mqttv311" => Protocol::V3_1_1,
+                    v => {
+                        return Err(Failure::usage(format!(
+                            "{flag} '{v}': the version is 5 or 311"
+                        )));
+                    }
+                })
+            }
+            "-W" => {
+                let secs: u64 = number(flag, value()?, "seconds")?;
+                a.timeout = Some(Duration::from_secs(secs));
+            }
+            "-d" | "--debug" => a.debug = true,
+            "-L" | "--url" => a.url = Some(value()?.to_string()),
+            "--cafile" => a.cafile = Some(value()?.into()),
+            "--cert" => a.cert = Some(value()?.into()),
+            "--key" => a.key = Some(value()?.into()),
+            "-m" | "--message" if publisher => {
+                a.message = Some(Bytes::copy_from_slice(value()?.as_bytes()))
+            }
+            "-f" | "--file" if publisher => a.file = Some(value()?.into()),
+            "-l" | "--stdin-line" if publisher => a.lines = true,
+            "-s" | "--stdin-file" if publisher => a.stdin = true,
+            "-n" | "--null-message" if publisher => a.null = true,
+            "-r" | "--retain" if publisher => a.retain = true,
+            "--outbox" if publisher => a.outbox = Some(value()?.into()),
+            "--stamp" if publisher => a.stamp = Some(value()?.to_string()),
+            "-C" if !publisher => a.count = Some(number(flag, value()?, "a count")?),
+            "-v" | "--verbose" if !publisher => a.verbose = true,
+            "-F" if !publisher => a.format = Some(value()?.to_string()),
+            "--dedup" if !publisher => a.dedup = Some(value()?.to_string()),
+            other => return Err(Failure::usage(format!("unknown option '{other}'"))),
+        }
+    }
+    Ok(Some(a))
+}
+
+/// The connection options the flags describe (and, from an `mqtt[s]://` URL, a topic).
+fn options(a: &mut Args, default_id: String) -> Result<Options, Failure> {
+    let id = a.id.clone().unwrap_or(default_id);
+    if a.persistent && a.id.is_none() {
+        return Err(Failure::usage(
+            "-c (a persistent session) needs a client id (-i)",
+        ));
+    }
+    let tls_files = a.cafile.is_some() || a.cert.is_some();
+    let mut o = match &a.url {
+        Some(url) => {
+            let (base, topic) = match url.split_once("://") {
+                Some((scheme @ ("mqtt" | "mqtts"), rest)) => match rest.split_once('/') {
+                    Some((authority, topic)) => (format!("{scheme}://{authority}"), topic),
+                    None => (url.clone(), ""),
+                },
+                _ => (url.clone(), ""),
+            };
+            if !topic.is_empty() {
+                a.topics.push(topic.to_string());
+            }
+            // TLS is set up below from --cafile (or the system's bundle): parse the URL
+            // without it, keeping the secure scheme's default port.
+            let secure = base.starts_with("mqtts://") || base.starts_with("wss://");
+            let plain = if secure {
+                base.replacen("s://", "://", 1)
+            } else {
+                base.clone()
+            };
+            let mut o =
+                Options::from_url(&plain, id.clone()).map_err(|e| Failure::usage(e.to_string()))?;
+            if secure {
+                let authority = plain.split("://").nth(1).unwrap_or("");
+                let authority = authority.split('/').next().unwrap_or("");
+                let hostport = authority.rsplit('@').next().unwrap_or("");
+                let hostport = hostport.rsplit(']').next().unwrap_or("");
+                if !hostport.contains(':') {
+                    o.port = if base.starts_with("wss://") { 443 } else { 8883 };
+                }
+                let tls = TlsConfig::from_files(
+                    a.cafile.as_deref(),
+                    a.cert.as_deref(),
+                    a.key.as_deref(),
+                )
+                .map_err(|e| Failure::usage(e.to_string()))?;
+                o = o.tls(tls);
+            }
+            o
+        }
+        None => Options::new("localhost", if tls_files { 8883 } else { 1883 }, id),
+    };
+    if !matches!(o.transport, tern_client::Transport::Tls(_) | tern_client::Transport::Wss { .. })
+        && tls_files
+    {
+        let tls = TlsConfig::from_files(a.cafile.as_deref(), a.cert.as_deref(), a.key.as_deref())
+            .map_err(|e| Failure::usage(e.to_string()))?;
+        o = o.tls(tls);
+    }
+    if let Some(h) = &a.host {
+        o.host = h.clone();
+    }
+    if let Some(p) = a.port {
+        o.port = p;
+    }
+    if let Some(u) = &a.username {
+        o.username = Some(u.clone());
+    }
+    if let Some(p) = &a.password {
+        o.password = Some(Bytes::copy_from_slice(p.as_bytes()));
+    }
+    if let Some(k) = a.keep_alive {
+        o.keep_alive = k;
+    }
+    o.protocol = a.version.unwrap_or(Protocol::V5);
+    if a.persistent {
+        o = o.persistent(Duration::from_secs(u64::from(a.expiry.unwrap_or(u32::MAX))));
+    } else if let Some(x) = a.expiry {
+        o.session_expiry = Duration::from_secs(u64::from(x));
+    }
+    Ok(o)
+}
+
+fn qos(n: u8) -> QoS {
+    match n {
+        2 => QoS::ExactlyOnce,
+        1 => QoS::AtLeastOnce,
+        _ => QoS::AtMostOnce,
+    }
+}
+
+fn hint(r: ReasonCode) -> String {
+    format!("{r:?} (0x{:02X})", r as u8)
+}
+
+/// How a failed connect is reported.
+fn connect_failure(e: Error) -> Failure {
+    match e {
+        Error::Refused(_) => Failure(Exit::Refused, e.to_string()),
+        Error::Tls(_) | Error::Url(_) | Error::Outbox(_) | Error::Topic(_) => {
+            Failure(Exit::Usage, e.to_string())
+        }
+        _ => Failure(Exit::Connection, e.to_string()),
+    }
+}
+
+fn finish(command: &str, result: Result<(), Failure>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure(code, msg)) => {
+            eprintln!("tern {command}: {msg}");
+            if code == Exit::Usage && msg.starts_with("unknown option") {
+                eprintln!(
+                    "{}",
+                    if command == "pub" {
+                        PUB_USAGE
+                    } else {
+                        SUB_USAGE
+                    }
+                );
+            }
+            ExitCode::from(code as u8)
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure(Exit::Connection, format!("cannot start the runtime: {e}")))
+}
+
+/// Runs `work`, giving up with [`Exit::Timeout`] after `timeout`.
+async fn within(
+    timeout: Option<Duration>,
+    work: impl std::future::Future<Output = Result<(), Failure>>,
+) -> Result<(), Failure> {
+    match timeout {
+        None => work.await,
+        Some(t) => tokio::time::timeout(t, work).await.unwrap_or_else(|_| {
+            Err(Failure(
+                Exit::Timeout,
+                format!("timed out after {} s (-W)", t.as_secs()),
+            ))
+        }),
+    }
+}
+
+/// `tern pub`.
+pub(crate) fn publish(args: &[String]) -> ExitCode {
+    finish("pub", publish_inner(args))
+}
+
+enum Source {
+    One(Bytes),
+    Lines,
+    Nothing,
+}
+
+fn publish_inner(args: &[String]) -> Result<(), Failure> {
+    let Some(mut a) = parse(args, true)? else {
+        println!("{PUB_USAGE}");
+        return Ok(());
+    };
+    let mut o = options(&mut a, format!("tern-pub-{}", std::process::id()))?;
+    let given = [
+        a.message.is_some(),
+        a.file.is_some(),
+        a.lines,
+        a.stdin,
+        a.null,
+    ]
+    .iter()
+    .filter(|x| **x)
+    .count();
+    if given > 1 {
+        return Err(Failure::usage(
+            "give only one of -m, -f, -l, -s and -n",
+        ));
+    }
+    if given == 0 && a.outbox.is_none() {
+        return Err(Failure::usage(
+            "no message: give -m MESSAGE, -f FILE, -l, -s or -n",
+        ));
+    }
+    let topic = match a.topics.as_slice() {
+        [] if given == 0 => String::new(),
+        [] => return Err(Failure::usage("no topic: give -t TOPIC")),
+        [t] => t.clone(),
+        _ => return Err(Failure::usage("give one topic (-t) to publish on")),
+    };
+    let source = if let Some(m) = a.message.take() {
+        Source::One(m)
+    } else if let Some(f) = &a.file {
+        let data = std::fs::read(f)
+            .map_err(|e| Failure::usage(format!("cannot read {}: {e}", f.display())))?;
+        Source::One(data.into())
+    } else if a.null {
+        Source::One(Bytes::new())
+    } else if a.stdin {
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut data)
+            .map_err(|e| Failure::usage(format!("cannot read stdin: {e}")))?;
+        Source::One(data.into())
+    } else if a.lines {
+        Source::Lines
+    } else {
+        Source::Nothing
+    };
+    if let Some(path) = &a.outbox {
+        o = o.outbox(path.clone());
+    } else {
+        // Nothing to keep the messages in across a lost connection: report it instead.
+        o = o.reconnect(None);
+    }
+    if let Some(key) = &a.stamp {
+        o = o.stamp(key.clone());
+    }
+    let (qos, retain, debug) = (qos(a.qos), a.retain, a.debug);
+    let rt = runtime()?;
+    rt.block_on(within(a.timeout, async move {
+        let (client, mut events) = Client::connect(o).await.map_err(connect_failure)?;
+        if debug {
+            tokio::spawn(async move {
+                while let Some(e) = events.recv().await {
+                    eprintln!("tern pub: {e:?}");
+                }
+            });
+        }
+        let mut outcomes = VecDeque::new();
+        let mut refused = None;
+        let mut sent = 0u64;
+        let mut settle = |r: Result<ReasonCode, Error>| -> Result<(), Failure> {
+            match r {
+                Ok(r) if r.is_error() => {
+                    let msg = format!("the broker refused a message on '{topic}': {}", hint(r));
+                    refused.get_or_insert(msg);
+                    Ok(())
+                }
+                Ok(_) => Ok(()),
+                Err(e) => Err(Failure(Exit::Connection, format!("a message was not acknowledged: {e}"))),
+            }
+        };
+        let send = |payload: Bytes| -> Result<tern_client::Outcome, Failure> {
+            client
+                .publish(topic.clone(), payload)
+                .qos(qos)
+                .retain(retain)
+                .send()
+                .map_err(|e| match e {
+                    Error::Topic(t) => Failure::usage(format!("'{t}' is not a topic one can publish on")),
+                    e => Failure(Exit::Connection, e.to_string()),
+                })
+        };
+        match source {
+            Source::Nothing => {}
+            Source::One(p) => {
+                outcomes.push_back(send(p)?);
+                sent += 1;
+            }
+            Source::Lines => {
+                let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(1024);
+                std::thread::spawn(move || {
+                    let stdin = std::io::stdin();
+                    let mut line = Vec::new();
+                    let mut lock = stdin.lock();
+                    loop {
+                        line.clear();
+                        match std::io::BufRead::read_until(&mut lock, b'\n', &mut line) {
+                            Ok(0) | Err(_) => return,
+                            Ok(_) => {
+                                if line.last() == Some(&b'\n') {
+                                    line.pop();
+                                    if line.last() == Some(&b'\r') {
+                                        line.pop();
+                                    }
+                                }
+                                if tx.blocking_send(line.clone()).is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                });
+                while let Some(line) = rx.recv().await {
+                    outcomes.push_back(send(line.into())?);
+                    sent += 1;
+                    // A bounded window of unacknowledged messages.
+                    if outcomes.len() >= 1024
+                        && let Some(o) = outcomes.pop_front()
+                    {
+                        settle(o.await)?;
+                    }
+                }
+            }
+        }
+        while let Some(o) = outcomes.pop_front() {
+            settle(o.await)?;
+        }
+        // What an earlier run left in the outbox is acknowledged too before we leave.
+        client
+            .wait_idle()
+            .await
+            .map_err(|e| Failure(Exit::Connection, format!("not every message was acknowledged: {e}")))?;
+        client.disconnect().await;
+        if debug {
+            eprintln!("tern pub: {sent} message(s) published");
+        }
+        match refused {
+            Some(msg) => Err(Failure(Exit::Rejected, msg)),
+            None => Ok(()),
+        }
+    }))
+}
+
+/// `tern sub`.
+pub(crate) fn subscribe(args: &[String]) -> ExitCode {
+    finish("sub", subscribe_inner(args))
+}
+
+fn subscribe_inner(args: &[String]) -> Result<(), Failure> {
+    let Some(mut a) = parse(args, false)? else {
+        println!("{SUB_USAGE}");
+        return Ok(());
+    };
+    let mut o = options(&mut a, format!("tern-sub-{}", std::process::id()))?;
+    if a.topics.is_empty() {
+        return Err(Failure::usage("no topic filter: give -t FILTER"));
+    }
+    let format = match (&a.format, a.verbose) {
+        (Some(f), _) => f.clone(),
+        (None, true) => "%t %p".to_string(),
+        (None, false) => "%p".to_string(),
+    };
+    check_format(&format)?;
+    o = o.reconnect(Some(Backoff::default()));
+    let q = qos(a.qos);
+    let filters = a.topics.clone();
+    let (count, debug) = (a.count, a.debug);
+    let mut dedup = a.dedup.as_ref().map(|k| Dedup::new(10_000).key(k.as_str()));
+    let rt = runtime()?;
+    rt.block_on(within(a.timeout, async move {
+        let (client, mut events) = Client::connect(o).await.map_err(connect_failure)?;
+        let subscribe = |client: Client| {
+            let filters = filters.clone();
+            async move {
+                let list: Vec<(&str, SubscriptionOptions)> = filters
+                    .iter()
+                    .map(|f| {
+                        (
+                            f.as_str(),
+                            SubscriptionOptions {
+                                qos: q,
+                                ..Default::default()
+                            },
+                        )
+                    })
+                    .collect();
+                let codes = client.subscribe_with(&list).await.map_err(|e| match e {
+                    Error::Topic(t) => Failure::usage(format!("'{t}' is not a valid topic filter")),
+                    e => Failure(Exit::Connection, e.to_string()),
+                })?;
+                for (f, c) in filters.iter().zip(&codes) {
+                    if c.is_error() {
+                        return Err(Failure(
+                            Exit::Rejected,
+                            format!("the broker refused the subscription to '{f}': {}", hint(*c)),
+                        ));
+                    }
+                    if debug {
+                        eprintln!("tern sub: subscribed to '{f}': {}", hint(*c));
+                    }
+                }
+                Ok(())
+            }
+        };
+        subscribe(client.clone()).await?;
+        let mut out = std::io::stdout().lock();
+        let mut received = 0u64;
+        let mut first = true;
+        while let Some(e) = events.recv().await {
+            match e {
+                Event::Message(m) => {
+                    if let Some(d) = &mut dedup
+                        && !d.is_new(&m)
+                    {
+                        if debug {
+                            eprintln!("tern sub: dropped a repeat on '{}'", m.topic.as_str());
+                        }
+                        continue;
+                    }
+                    let mut line = render(&format, &m);
+                    line.push(b'\n');
+                    if out.write_all(&line).and_then(|()| out.flush()).is_err() {
+                        // Whoever read our output has gone (a closed pipe): stop quietly.
+                        break;
+                    }
+                    received += 1;
+                    if count.is_some_and(|c| received >= c) {
+                        break;
+                    }
+                }
+                Event::Connected { session_present } => {
+                    if debug {
+                        eprintln!("tern sub: connected (session present: {session_present})");
+                    }
+                    if !first && !session_present {
+                        subscribe(client.clone()).await?;
+                    }
+                    first = false;
+                }
+                Event::Disconnected { reason } => {
+                    eprintln!("tern sub: connection lost ({reason}); reconnecting");
+                }
+            }
+        }
+        client.disconnect().await;
+        Ok(())
+    }))
+}
+
+fn check_format(f: &str) -> Result<(), Failure> {
+    let mut chars = f.chars();
+    while let Some(c) = chars.next() {
+        if c == '%' {
+            match chars.next() {
+                Some('t' | 'p' | 'x' | 'q' | 'r' | 'l' | 'U' | 'I' | '%') => {}
+                Some(other) => {
+                    return Err(Failure::usage(format!(
+                        "-F: unknown format '%{other}' (known: %t %p %x %q %r %l %U %I %%)"
+                    )));
+                }
+                None => return Err(Failure::usage("-F: a lone '%' at the end")),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One message as `-F` says.
+fn render(format: &str, m: &Message) -> Vec<u8> {
+    let mut out = Vec::with_capacity(m.payload.len() + 32);
+    let mut chars = format.chars();
+    let mut buf = [0u8; 4];
+    while let Some(c) = chars.next() {
+        match c {
+            '%' => match chars.next() {
+                Some('t') => out.extend_from_slice(m.topic.as_str().as_bytes()),
+                Some('p') => out.extend_from_slice(&m.payload),
+                Some('x') => {
+                    for b in m.payload.iter() {
+                        out.extend_from_slice(format!("{b:02x}").as_bytes());
+                    }
+                }
+                Some('q') => out.push(b'0' + m.qos as u8),
+                Some('r') => out.push(if m.retain { b'1' } else { b'0' }),
+                Some('l') => out.extend_from_slice(m.payload.len().to_string().as_bytes()),
+                Some('U') => {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap_or_default();
+                    out.extend_from_slice(
+                        format!("{}.{:09}", now.as_secs(), now.subsec_nanos()).as_bytes(),
+                    );
+                }
+                Some('I') => out.extend_from_slice(iso8601_now().as_bytes()),
+                Some(other) => {
+                    out.push(b'%');
+                    out.extend_from_slice(other.encode_utf8(&mut buf).as_bytes());
+                }
+                None => out.push(b'%'),
+            },
+            '\\' => match chars.next() {
+                Some('n') => out.push(b'\n'),
+                Some('t') => out.push(b'\t'),
+                Some('\\') => out.push(b'\\'),
+                Some(other) => {
+                    out.push(b'\\');
+                    out.extend_from_slice(other.encode_utf8(&mut buf).as_bytes());
+                }
+                None => out.push(b'\\'),
+            },
+            c => out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes()),
+        }
+    }
+    out
+}
+
+/// The current time as `2026-11-22T10:04:05Z`.
+fn iso8601_now() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Howard Hinnant's civil-from-days.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn the_format_renders_every_specifier_and_escape() {
+        let mut m = Message::new(
+            tern_client::TopicName::new("a/b").unwrap(),
+            "hi",
+            QoS::AtLeastOnce,
+        );
+        m.retain = true;
+        let out = render("%t|%p|%x|%q|%r|%l|%%\\t\\n", &m);
+        assert_eq!(out, b"a/b|hi|6869|1|1|2|%\t\n");
+        assert!(check_format("%z").is_err());
+        assert!(check_format("%t %p").is_ok());
+        let iso = iso8601_now();
+        assert_eq!((iso.len(), &iso[4..5], &iso[10..11]), (20, "-", "T"), "{iso}");
+    }
+}
