@@ -13,7 +13,8 @@ use tern_client::{
     SubscriptionOptions, TlsConfig,
 };
 
-pub(crate) const PUB_USAGE: &str = "usage: tern pub [options] -t TOPIC (-m MESSAGE | -f FILE | -l | -s | -n)
+pub(crate) const PUB_USAGE: &str =
+    "usage: tern pub [options] -t TOPIC (-m MESSAGE | -f FILE | -l | -s | -n)
   -h HOST        broker host (default localhost)      -p PORT   port (1883; 8883 with TLS)
   -t TOPIC       topic to publish on                   -q 0|1|2  QoS (default 0)
   -m MESSAGE     the message                           -f FILE   the file's contents as the message
@@ -217,22 +218,25 @@ fn options(a: &mut Args, default_id: String) -> Result<Options, Failure> {
                 let hostport = authority.rsplit('@').next().unwrap_or("");
                 let hostport = hostport.rsplit(']').next().unwrap_or("");
                 if !hostport.contains(':') {
-                    o.port = if base.starts_with("wss://") { 443 } else { 8883 };
+                    o.port = if base.starts_with("wss://") {
+                        443
+                    } else {
+                        8883
+                    };
                 }
-                let tls = TlsConfig::from_files(
-                    a.cafile.as_deref(),
-                    a.cert.as_deref(),
-                    a.key.as_deref(),
-                )
-                .map_err(|e| Failure::usage(e.to_string()))?;
+                let tls =
+                    TlsConfig::from_files(a.cafile.as_deref(), a.cert.as_deref(), a.key.as_deref())
+                        .map_err(|e| Failure::usage(e.to_string()))?;
                 o = o.tls(tls);
             }
             o
         }
         None => Options::new("localhost", if tls_files { 8883 } else { 1883 }, id),
     };
-    if !matches!(o.transport, tern_client::Transport::Tls(_) | tern_client::Transport::Wss { .. })
-        && tls_files
+    if !matches!(
+        o.transport,
+        tern_client::Transport::Tls(_) | tern_client::Transport::Wss { .. }
+    ) && tls_files
     {
         let tls = TlsConfig::from_files(a.cafile.as_deref(), a.cert.as_deref(), a.key.as_deref())
             .map_err(|e| Failure::usage(e.to_string()))?;
@@ -356,9 +360,7 @@ fn publish_inner(args: &[String]) -> Result<(), Failure> {
     .filter(|x| **x)
     .count();
     if given > 1 {
-        return Err(Failure::usage(
-            "give only one of -m, -f, -l, -s and -n",
-        ));
+        return Err(Failure::usage("give only one of -m, -f, -l, -s and -n"));
     }
     if given == 0 && a.outbox.is_none() {
         return Err(Failure::usage(
@@ -371,6 +373,11 @@ fn publish_inner(args: &[String]) -> Result<(), Failure> {
         [t] => t.clone(),
         _ => return Err(Failure::usage("give one topic (-t) to publish on")),
     };
+    if given > 0 && tern_client::TopicName::new(topic.as_str()).is_err() {
+        return Err(Failure::usage(format!(
+            "'{topic}' is not a topic one can publish on"
+        )));
+    }
     let source = if let Some(m) = a.message.take() {
         Source::One(m)
     } else if let Some(f) = &a.file {
@@ -420,7 +427,10 @@ fn publish_inner(args: &[String]) -> Result<(), Failure> {
                     Ok(())
                 }
                 Ok(_) => Ok(()),
-                Err(e) => Err(Failure(Exit::Connection, format!("a message was not acknowledged: {e}"))),
+                Err(e) => Err(Failure(
+                    Exit::Connection,
+                    format!("a message was not acknowledged: {e}"),
+                )),
             }
         };
         let send = |payload: Bytes| -> Result<tern_client::Outcome, Failure> {
@@ -430,7 +440,9 @@ fn publish_inner(args: &[String]) -> Result<(), Failure> {
                 .retain(retain)
                 .send()
                 .map_err(|e| match e {
-                    Error::Topic(t) => Failure::usage(format!("'{t}' is not a topic one can publish on")),
+                    Error::Topic(t) => {
+                        Failure::usage(format!("'{t}' is not a topic one can publish on"))
+                    }
                     e => Failure(Exit::Connection, e.to_string()),
                 })
         };
@@ -480,10 +492,12 @@ fn publish_inner(args: &[String]) -> Result<(), Failure> {
             settle(o.await)?;
         }
         // What an earlier run left in the outbox is acknowledged too before we leave.
-        client
-            .wait_idle()
-            .await
-            .map_err(|e| Failure(Exit::Connection, format!("not every message was acknowledged: {e}")))?;
+        client.wait_idle().await.map_err(|e| {
+            Failure(
+                Exit::Connection,
+                format!("not every message was acknowledged: {e}"),
+            )
+        })?;
         client.disconnect().await;
         if debug {
             eprintln!("tern pub: {sent} message(s) published");
@@ -515,6 +529,13 @@ fn subscribe_inner(args: &[String]) -> Result<(), Failure> {
         (None, false) => "%p".to_string(),
     };
     check_format(&format)?;
+    if let Some(f) = a
+        .topics
+        .iter()
+        .find(|f| tern_codec::TopicFilter::new(f.as_str()).is_err())
+    {
+        return Err(Failure::usage(format!("'{f}' is not a valid topic filter")));
+    }
     o = o.reconnect(Some(Backoff::default()));
     let q = qos(a.qos);
     let filters = a.topics.clone();
@@ -710,6 +731,10 @@ mod tests {
         assert!(check_format("%z").is_err());
         assert!(check_format("%t %p").is_ok());
         let iso = iso8601_now();
-        assert_eq!((iso.len(), &iso[4..5], &iso[10..11]), (20, "-", "T"), "{iso}");
+        assert_eq!(
+            (iso.len(), &iso[4..5], &iso[10..11]),
+            (20, "-", "T"),
+            "{iso}"
+        );
     }
 }
