@@ -76,7 +76,8 @@ fn finish(mut sub: Guard) -> (Option<i32>, String) {
     (sub.0.wait().unwrap().code(), out)
 }
 
-struct Mosquitto(Guard, std::path::PathBuf);
+/// The broker process (killed on drop, by its guard) and its config file.
+struct Mosquitto(#[allow(dead_code)] Guard, std::path::PathBuf);
 
 impl Drop for Mosquitto {
     fn drop(&mut self) {
