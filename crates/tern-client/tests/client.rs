@@ -223,3 +223,40 @@ async fn qos_1_at_least_once_and_qos_2_exactly_once_through_a_cutting_proxy_with
 async fn qos_1_at_least_once_and_qos_2_exactly_once_through_a_cutting_proxy_with_mosquitto() {
     survives_cuts(&Broker::mosquitto().await).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stamped_messages_carry_distinct_keys_that_dedup_reads() {
+    let broker = Broker::tern().await;
+    let (sub, mut events) = Client::connect(Options::new("127.0.0.1", broker.port(), "st-sub"))
+        .await
+        .unwrap();
+    sub.subscribe("st/#", QoS::AtLeastOnce).await.unwrap();
+    let (publisher, _) =
+        Client::connect(Options::new("127.0.0.1", broker.port(), "st-pub").stamp("msg-id"))
+            .await
+            .unwrap();
+    let mut dedup = tern_client::Dedup::new(100);
+    let mut keys = std::collections::HashSet::new();
+    for i in 0..5 {
+        publisher
+            .publish("st/x", format!("{i}"))
+            .qos(QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        let m = next_message(&mut events).await;
+        let key = m
+            .properties
+            .user_properties
+            .iter()
+            .find(|(k, _)| k == "msg-id")
+            .map(|(_, v)| v.to_string())
+            .expect("a stamped key");
+        assert!(key.starts_with("st-pub-"), "{key}");
+        keys.insert(key);
+        assert!(dedup.is_new(&m), "a new key");
+        assert!(!dedup.is_new(&m), "the same message again is a repeat");
+    }
+    assert_eq!(keys.len(), 5, "every key distinct");
+    publisher.disconnect().await;
+    sub.disconnect().await;
+}
