@@ -1,6 +1,6 @@
 //! The examples, run against Tern in this process: each does what its comment says.
 
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, unreachable_pub)]
 
 mod common;
 
