@@ -53,6 +53,11 @@ const CONNACK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Reconnection after a lost connection: waits start at `initial`, double up to `max`,
 /// each with up to 25 % random jitter.
+///
+/// ```
+/// let b = tern_client::Backoff::default();
+/// assert!(b.initial < b.max);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Backoff {
     /// The first wait.
@@ -123,6 +128,11 @@ pub struct Options {
 
 impl Options {
     /// Defaults for a broker at `host:port`.
+    ///
+    /// ```
+    /// let o = tern_client::Options::new("127.0.0.1", 1883, "sensor-1");
+    /// assert!(o.clean_start && o.protocol.is_v5());
+    /// ```
     pub fn new(host: impl Into<String>, port: u16, client_id: impl Into<String>) -> Options {
         Options {
             host: host.into(),
@@ -280,6 +290,12 @@ impl Options {
     }
 
     /// Uses MQTT `protocol` (3.1.1 or 5.0).
+    ///
+    /// ```
+    /// use tern_client::{Options, Protocol};
+    /// let o = Options::new("127.0.0.1", 1883, "old-device").protocol(Protocol::V3_1_1);
+    /// assert!(!o.protocol.is_v5());
+    /// ```
     pub fn protocol(mut self, protocol: Protocol) -> Options {
         self.protocol = protocol;
         self
@@ -287,6 +303,12 @@ impl Options {
 
     /// A persistent session the broker keeps for `expiry` after a disconnect, resumed on
     /// every connection (no clean start).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// let o = tern_client::Options::new("127.0.0.1", 1883, "ledger").persistent(Duration::from_secs(3600));
+    /// assert!(!o.clean_start);
+    /// ```
     pub fn persistent(mut self, expiry: Duration) -> Options {
         self.clean_start = false;
         self.session_expiry = expiry;
@@ -294,6 +316,11 @@ impl Options {
     }
 
     /// Username and password.
+    ///
+    /// ```
+    /// let o = tern_client::Options::new("127.0.0.1", 1883, "a").credentials("alice", "secret");
+    /// assert_eq!(o.username.as_deref(), Some("alice"));
+    /// ```
     pub fn credentials(
         mut self,
         username: impl Into<String>,
@@ -305,12 +332,25 @@ impl Options {
     }
 
     /// Keep alive in seconds.
+    ///
+    /// ```
+    /// let o = tern_client::Options::new("127.0.0.1", 1883, "a").keep_alive(30);
+    /// assert_eq!(o.keep_alive, 30);
+    /// ```
     pub fn keep_alive(mut self, seconds: u16) -> Options {
         self.keep_alive = seconds;
         self
     }
 
     /// Reconnect policy (`None`: a lost connection ends the client).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tern_client::{Backoff, Options};
+    /// let quick = Backoff { initial: Duration::from_millis(50), max: Duration::from_secs(5) };
+    /// let o = Options::new("127.0.0.1", 1883, "a").reconnect(Some(quick));
+    /// let once = Options::new("127.0.0.1", 1883, "b").reconnect(None); // a lost connection ends it
+    /// ```
     pub fn reconnect(mut self, backoff: Option<Backoff>) -> Options {
         self.reconnect = backoff;
         self
@@ -342,6 +382,17 @@ impl Options {
 }
 
 /// What went wrong.
+///
+/// ```no_run
+/// # async fn run() {
+/// use tern_client::{Client, Error, Options};
+/// match Client::connect(Options::new("127.0.0.1", 1883, "a")).await {
+///     Ok(_) => {}
+///     Err(Error::Refused(reason)) => eprintln!("refused: {reason:?}"),
+///     Err(e) => eprintln!("{e}"), // names the address, the file or the reason
+/// }
+/// # }
+/// ```
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The TCP connection could not be made.
@@ -393,7 +444,7 @@ fn describe(r: ReasonCode) -> String {
     format!("{r:?} (0x{:02X}){hint}", r as u8)
 }
 
-/// What the client tells the application.
+/// What the client tells the application (see [`Events::recv`] for a loop over them).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// A connection is up; `session_present`: the broker resumed the session.
@@ -410,11 +461,24 @@ pub enum Event {
     },
 }
 
-/// The stream of [`Event`]s.
+/// The stream of [`Event`]s, returned by [`Client::connect`] (see [`Events::recv`]).
 pub struct Events(mpsc::UnboundedReceiver<Event>);
 
 impl Events {
     /// The next event; `None` once the client has ended.
+    ///
+    /// ```no_run
+    /// # async fn run(mut events: tern_client::Events) {
+    /// use tern_client::Event;
+    /// while let Some(event) = events.recv().await {
+    ///     match event {
+    ///         Event::Message(m) => println!("{}", m.topic.as_str()),
+    ///         Event::Connected { session_present } => println!("up, resumed: {session_present}"),
+    ///         Event::Disconnected { reason } => println!("down: {reason}"),
+    ///     }
+    /// }
+    /// # }
+    /// ```
     pub async fn recv(&mut self) -> Option<Event> {
         self.0.recv().await
     }
@@ -438,6 +502,13 @@ struct Stamp {
 }
 
 /// A handle on the connection; cheap to clone, usable from any task.
+///
+/// ```no_run
+/// # async fn run(client: tern_client::Client) {
+/// let c = client.clone();
+/// tokio::spawn(async move { c.publish("from/another/task", "hi").await });
+/// # }
+/// ```
 #[derive(Clone)]
 pub struct Client {
     commands: mpsc::UnboundedSender<Command>,
@@ -509,6 +580,16 @@ impl Client {
 
     /// Publishes `payload` on `topic`: QoS 0 and no retain unless the returned builder
     /// says otherwise; await it for the outcome.
+    ///
+    /// ```no_run
+    /// # async fn run(client: tern_client::Client) -> Result<(), tern_client::Error> {
+    /// use tern_client::{QoS, ReasonCode};
+    /// client.publish("telemetry/t1", "21.5").await?; // QoS 0
+    /// let r = client.publish("orders/1", "paid").qos(QoS::ExactlyOnce).await?;
+    /// assert!(!r.is_error());
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn publish(&self, topic: impl Into<String>, payload: impl Into<Bytes>) -> Publish<'_> {
         Publish {
             client: self,
@@ -521,6 +602,15 @@ impl Client {
     }
 
     /// Subscribes to `filter` at `qos`; the broker's answer (granted QoS or a refusal).
+    ///
+    /// ```no_run
+    /// # async fn run(client: tern_client::Client) -> Result<(), tern_client::Error> {
+    /// use tern_client::{QoS, ReasonCode};
+    /// let granted = client.subscribe("sensors/+/temperature", QoS::AtLeastOnce).await?;
+    /// assert_eq!(granted, ReasonCode::GrantedQos1);
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn subscribe(&self, filter: &str, qos: QoS) -> Result<ReasonCode, Error> {
         let options = SubscriptionOptions {
             qos,
@@ -534,6 +624,20 @@ impl Client {
     }
 
     /// Subscribes to several filters with full 5.0 options in one SUBSCRIBE.
+    ///
+    /// ```no_run
+    /// # async fn run(client: tern_client::Client) -> Result<(), tern_client::Error> {
+    /// use tern_client::{QoS, RetainHandling, SubscriptionOptions};
+    /// let fresh = SubscriptionOptions {
+    ///     qos: QoS::ExactlyOnce,
+    ///     no_local: true,
+    ///     retain_handling: RetainHandling::DoNotSend,
+    ///     ..Default::default()
+    /// };
+    /// let codes = client.subscribe_with(&[("orders/#", fresh)]).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn subscribe_with(
         &self,
         filters: &[(&str, SubscriptionOptions)],
@@ -552,6 +656,13 @@ impl Client {
     }
 
     /// Unsubscribes from `filter`.
+    ///
+    /// ```no_run
+    /// # async fn run(client: tern_client::Client) -> Result<(), tern_client::Error> {
+    /// client.unsubscribe("sensors/+/temperature").await?;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn unsubscribe(&self, filter: &str) -> Result<ReasonCode, Error> {
         let f = TopicFilter::new(filter).map_err(|_| Error::Topic(filter.to_string()))?;
         let (tx, rx) = oneshot::channel();
@@ -561,6 +672,13 @@ impl Client {
     }
 
     /// Sends DISCONNECT once everything before it is written, and ends the client.
+    ///
+    /// ```no_run
+    /// # async fn run(client: tern_client::Client) -> Result<(), tern_client::Error> {
+    /// client.disconnect().await;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn disconnect(&self) {
         let (tx, rx) = oneshot::channel();
         if self.send(Command::Disconnect(tx)).is_ok() {
@@ -573,7 +691,8 @@ impl Client {
     }
 }
 
-/// A publish being built; `.await` it to send it and learn the outcome.
+/// A publish being built by [`Client::publish`]; `.await` it to send it and learn the
+/// outcome, or [`Publish::send`] it and await the [`Outcome`] later.
 pub struct Publish<'a> {
     client: &'a Client,
     topic: String,
@@ -585,18 +704,42 @@ pub struct Publish<'a> {
 
 impl Publish<'_> {
     /// At this QoS.
+    ///
+    /// ```no_run
+    /// # async fn run(client: tern_client::Client) -> Result<(), tern_client::Error> {
+    /// client.publish("chat/room-1", "hi").qos(tern_client::QoS::AtLeastOnce).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn qos(mut self, qos: QoS) -> Self {
         self.qos = qos;
         self
     }
 
     /// With the retain flag.
+    ///
+    /// ```no_run
+    /// # async fn run(client: tern_client::Client) -> Result<(), tern_client::Error> {
+    /// client.publish("lamp/state", "on").retain(true).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn retain(mut self, retain: bool) -> Self {
         self.retain = retain;
         self
     }
 
     /// With these 5.0 properties (Message Expiry Interval, User Properties, ...).
+    ///
+    /// ```no_run
+    /// # async fn run(client: tern_client::Client) -> Result<(), tern_client::Error> {
+    /// let mut p = tern_client::PublishProperties::default();
+    /// p.message_expiry_interval = Some(60); // gone if not delivered within a minute
+    /// p.user_properties.push(("trace".into(), "abc".into()));
+    /// client.publish("alerts/1", "smoke").properties(p).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn properties(mut self, properties: tern_codec::properties::PublishProperties) -> Self {
         self.properties = properties;
         self
@@ -659,6 +802,15 @@ impl<'a> IntoFuture for Publish<'a> {
 
 /// The outcome of a publish handed over with [`Publish::send`]: resolves when the
 /// message's guarantee is met (or cannot be), with the broker's reason code.
+///
+/// ```no_run
+/// # async fn run(client: tern_client::Client) -> Result<(), tern_client::Error> {
+/// let outcome = client.publish("a/b", "x").qos(tern_client::QoS::AtLeastOnce).send()?;
+/// // ... other work ...
+/// let reason = outcome.await?;
+/// # Ok(())
+/// # }
+/// ```
 pub struct Outcome(oneshot::Receiver<Result<ReasonCode, Error>>);
 
 impl Future for Outcome {
