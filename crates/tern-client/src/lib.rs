@@ -1164,57 +1164,98 @@ async fn serve(
                 }
             }
             () = sleep => link.conn.handle_timeout(Instant::now()),
-            c = commands.recv() => match c {
-                None => {
-                    link.conn.disconnect(ReasonCode::Success);
-                    let _ = flush(link, out, v).await;
-                    return ("the client was dropped".into(), true);
+            c = commands.recv() => {
+                if let Some(end) = command(c, link, outbox, pending, out, v).await {
+                    return end;
                 }
-                Some(Command::Disconnect(done)) => {
-                    link.conn.disconnect(ReasonCode::Success);
-                    let _ = flush(link, out, v).await;
-                    let _ = link.stream.shutdown().await;
-                    for (_, d) in pending.publishes.drain() {
-                        let _ = d.send(Err(Error::Closed));
-                    }
-                    let _ = done.send(());
-                    return ("disconnected by the application".into(), true);
-                }
-                Some(Command::Publish(mut m, done)) => {
-                    if m.qos == QoS::AtMostOnce {
-                        link.conn.publish(m, Instant::now());
-                        pending.written.push(done);
-                    } else {
-                        pending.next_tag += 1;
-                        m.tag = pending.next_tag;
-                        pending.publishes.insert(m.tag, done);
-                        link.conn.publish(m, Instant::now());
+                // Whatever else is already waiting goes into the same write.
+                for _ in 0..1024 {
+                    let Ok(c) = commands.try_recv() else { break };
+                    if let Some(end) = command(Some(c), link, outbox, pending, out, v).await {
+                        return end;
                     }
                 }
-                Some(Command::Idle(done)) => pending.idle.push(done),
-                Some(Command::Subscribe(subscriptions, done)) => {
-                    match link.conn.session_mut().allocate_id() {
-                        Ok(id) => {
-                            pending.requests.insert(id, done);
-                            let s = Subscribe { packet_id: id, subscriptions, properties: Default::default() };
-                            let _ = tern_codec::encode(&Packet::Subscribe(s), v, out);
-                        }
-                        Err(_) => { let _ = done.send(Err(Error::Backlog)); }
-                    }
-                }
-                Some(Command::Unsubscribe(filters, done)) => {
-                    match link.conn.session_mut().allocate_id() {
-                        Ok(id) => {
-                            pending.requests.insert(id, done);
-                            let u = Unsubscribe { packet_id: id, filters, properties: Default::default() };
-                            let _ = tern_codec::encode(&Packet::Unsubscribe(u), v, out);
-                        }
-                        Err(_) => { let _ = done.send(Err(Error::Backlog)); }
-                    }
-                }
-            },
+            }
         }
     }
+}
+
+/// Carries out one command of the application; `Some` when the connection is to end.
+async fn command(
+    c: Option<Command>,
+    link: &mut Link,
+    outbox: &mut Option<outbox::Outbox>,
+    pending: &mut Pending,
+    out: &mut BytesMut,
+    v: Protocol,
+) -> Option<(String, bool)> {
+    match c {
+        None => {
+            link.conn.disconnect(ReasonCode::Success);
+            if let Some(o) = outbox {
+                let _ = o.save(link.conn.session_mut()).await;
+            }
+            let _ = flush(link, out, v).await;
+            return Some(("the client was dropped".into(), true));
+        }
+        Some(Command::Disconnect(done)) => {
+            link.conn.disconnect(ReasonCode::Success);
+            // Publishes handed over in this same turn are kept before they are sent.
+            if let Some(o) = outbox {
+                let _ = o.save(link.conn.session_mut()).await;
+            }
+            let _ = flush(link, out, v).await;
+            let _ = link.stream.shutdown().await;
+            for (_, d) in pending.publishes.drain() {
+                let _ = d.send(Err(Error::Closed));
+            }
+            let _ = done.send(());
+            return Some(("disconnected by the application".into(), true));
+        }
+        Some(Command::Publish(mut m, done)) => {
+            if m.qos == QoS::AtMostOnce {
+                link.conn.publish(m, Instant::now());
+                pending.written.push(done);
+            } else {
+                pending.next_tag += 1;
+                m.tag = pending.next_tag;
+                pending.publishes.insert(m.tag, done);
+                link.conn.publish(m, Instant::now());
+            }
+        }
+        Some(Command::Idle(done)) => pending.idle.push(done),
+        Some(Command::Subscribe(subscriptions, done)) => {
+            match link.conn.session_mut().allocate_id() {
+                Ok(id) => {
+                    pending.requests.insert(id, done);
+                    let s = Subscribe {
+                        packet_id: id,
+                        subscriptions,
+                        properties: Default::default(),
+                    };
+                    let _ = tern_codec::encode(&Packet::Subscribe(s), v, out);
+                }
+                Err(_) => {
+                    let _ = done.send(Err(Error::Backlog));
+                }
+            }
+        }
+        Some(Command::Unsubscribe(filters, done)) => match link.conn.session_mut().allocate_id() {
+            Ok(id) => {
+                pending.requests.insert(id, done);
+                let u = Unsubscribe {
+                    packet_id: id,
+                    filters,
+                    properties: Default::default(),
+                };
+                let _ = tern_codec::encode(&Packet::Unsubscribe(u), v, out);
+            }
+            Err(_) => {
+                let _ = done.send(Err(Error::Backlog));
+            }
+        },
+    }
+    None
 }
 
 /// Writes what the engine has to send (after anything already in `out`) in one write.
