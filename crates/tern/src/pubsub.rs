@@ -667,6 +667,7 @@ fn render(format: &str, m: &Message) -> Vec<u8> {
                     );
                 }
                 Some('I') => out.extend_from_slice(iso8601_now().as_bytes()),
+                Some('%') => out.push(b'%'),
                 Some(other) => {
                     out.push(b'%');
                     out.extend_from_slice(other.encode_utf8(&mut buf).as_bytes());
