@@ -499,3 +499,51 @@ fn the_outbox_of_tern_pub_survives_kill_9_and_qos_2_arrives_exactly_once() {
     drop(broker);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn tern_pub_and_tern_sub_speak_tls_and_secure_websocket_with_a_ca_file() {
+    let dir = std::env::temp_dir().join(format!("tern-pubsub-tls-{}", free_port()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let [ca, cert, key] = support::certificates(&dir);
+    let broker = tern_broker(
+        &dir,
+        &format!(
+            "transport = \"tls\"\ncert_file = \"{cert}\"\nkey_file = \"{key}\"\n\
+             [[listener]]\nbind = \"127.0.0.1:0\"\ntransport = \"wss\"\ncert_file = \"{cert}\"\nkey_file = \"{key}\"\n"
+        ),
+    );
+    let (tls, wss) = (broker.port(0), broker.port(1));
+    let url = format!("wss://localhost:{wss}/mqtt");
+    let sub = subscriber(&[
+        "--url", &url, "--cafile", &ca, "-t", "secure/#", "-C", "1", "-v",
+    ]);
+    let o = run(&[
+        "pub",
+        "-h",
+        "localhost",
+        "-p",
+        tls,
+        "--cafile",
+        &ca,
+        "-t",
+        "secure/x",
+        "-m",
+        "s3",
+        "-q",
+        "1",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(finish(sub), (Some(0), "secure/x s3\n".to_string()));
+    // Without the CA the broker's certificate is not trusted: exit 1, saying why.
+    let o = run(&[
+        "pub",
+        "--url",
+        &format!("mqtts://localhost:{tls}/secure/x"),
+        "-m",
+        "no",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("certificate"), "{}", stderr(&o));
+    drop(broker);
+    let _ = std::fs::remove_dir_all(&dir);
+}
