@@ -1,6 +1,7 @@
 //! The `tern` command: `tern broker [--config FILE] [--bind ADDR] [--data-dir DIR]`,
 //! `tern passwd [-b | -D] FILE USER [PASSWORD]`, `tern pub` and `tern sub`.
 
+mod bench;
 mod config;
 mod pubsub;
 
@@ -8,7 +9,8 @@ use std::process::ExitCode;
 
 const USAGE: &str = "usage: tern broker [--config FILE] [--bind ADDR] [--data-dir DIR] [--metrics ADDR|off]\n  defaults: every setting's default, 127.0.0.1:1883, ./tern-data, durability sync, metrics on 127.0.0.1:9090\n       tern broker --check-config FILE  check FILE (and the files it names) and exit\n       tern passwd FILE USER             add or change USER (password read from stdin)\n       tern passwd -b FILE USER PASSWORD add or change USER with PASSWORD\n       tern passwd -D FILE USER          delete USER
        tern pub -t TOPIC -m MESSAGE [options]   publish (tern pub --help)
-       tern sub -t FILTER [options]             subscribe and print (tern sub --help)";
+       tern sub -t FILTER [options]             subscribe and print (tern sub --help)
+       tern bench SCENARIO [options]            load a broker (tern bench --help)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -21,6 +23,7 @@ fn main() -> ExitCode {
         Some("passwd") => return passwd(&args[1..]),
         Some("pub") => return pubsub::publish(&args[1..]),
         Some("sub") => return pubsub::subscribe(&args[1..]),
+        Some("bench") => return bench::run(&args[1..]),
         Some("-h" | "--help") | None => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;

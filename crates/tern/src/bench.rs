@@ -1,0 +1,749 @@
+//! `tern bench`: load scenarios against any MQTT broker, counting loss, duplicates and
+//! reordering in every run. Each payload starts with the publisher's number, a sequence
+//! number and the send time, so the subscribers can check every message they get.
+//! Output: a readable table and one JSON line per run.
+
+use std::collections::VecDeque;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use tern_client::{Client, Event, Events, Options, Protocol, QoS};
+
+pub(crate) const USAGE: &str = "usage: tern bench SCENARIO [options]
+scenarios:
+  fanin      P publishers -> 1 subscriber           (--publishers, default 8)
+  fanout     1 publisher -> S subscribers           (--subscribers, default 16)
+  pairs      N publisher/subscriber pairs           (--pairs, default 8)
+  latency    1 publisher at a fixed rate -> 1 subscriber: p50/p90/p99/p99.9 (--rate, default 1000)
+  idle       open N idle connections; broker memory per connection from /proc (--connections, --pid)
+  backlog    K messages queued for an offline persistent subscriber, then replayed (--count;
+             the broker's offline queue limit applies: raise it, or the excess counts as lost)
+options:
+  -h HOST -p PORT       the broker (default 127.0.0.1:1883)
+  -q 0|1|2              QoS of publishes and subscriptions (default 0)
+  -V 5|311              protocol version (default 5)
+  --size BYTES          payload size (default 64, at least 20)
+  --count N             messages per publisher (default 100000 at QoS 0, 20000 at QoS 1/2)
+  --duration SECS       latency: how long to send (default 10); others: give up after (default 60)
+  --warmup SECS         latency: seconds of sending not counted (default 1)
+  --inflight N          QoS 1/2 messages in flight per connection (3.1.1; 5.0 brokers say theirs; default 64)
+  --window N            publishes a publisher has under way at once (default 1024)
+  --rate N              latency: messages per second (default 1000)
+  --connections N       idle: how many (default 10000)
+  --pid PID             idle: the broker's process id, for its memory
+exit code: 0 when every QoS 1/2 message arrived once and in order per publisher, 1 otherwise";
+
+/// What one run measured.
+#[derive(Debug, Default)]
+struct Report {
+    scenario: String,
+    qos: u8,
+    version: String,
+    size: usize,
+    sent: u64,
+    expected: u64,
+    delivered: u64,
+    lost: u64,
+    duplicates: u64,
+    reordered: u64,
+    seconds: f64,
+    latency_us: Option<[f64; 4]>,
+    extra: Vec<(String, f64)>,
+}
+
+impl Report {
+    fn rate(&self) -> f64 {
+        if self.seconds > 0.0 {
+            self.delivered as f64 / self.seconds
+        } else {
+            0.0
+        }
+    }
+
+    fn print(&self) {
+        println!(
+            "{:<9} {:>3} {:>4} {:>6} {:>10} {:>10} {:>7} {:>7} {:>7} {:>9} {:>12}",
+            "scenario",
+            "qos",
+            "v",
+            "size",
+            "sent",
+            "delivered",
+            "lost",
+            "dup",
+            "reord",
+            "seconds",
+            "msg/s"
+        );
+        println!(
+            "{:<9} {:>3} {:>4} {:>6} {:>10} {:>10} {:>7} {:>7} {:>7} {:>9.3} {:>12.0}",
+            self.scenario,
+            self.qos,
+            self.version,
+            self.size,
+            self.sent,
+            self.delivered,
+            self.lost,
+            self.duplicates,
+            self.reordered,
+            self.seconds,
+            self.rate()
+        );
+        if let Some([p50, p90, p99, p999]) = self.latency_us {
+            println!("latency (us): p50 {p50:.0}  p90 {p90:.0}  p99 {p99:.0}  p99.9 {p999:.0}");
+        }
+        for (k, v) in &self.extra {
+            println!("{k}: {v:.1}");
+        }
+        let mut json = format!(
+            "{{\"scenario\":\"{}\",\"qos\":{},\"version\":\"{}\",\"size\":{},\"sent\":{},\"expected\":{},\"delivered\":{},\"lost\":{},\"duplicates\":{},\"reordered\":{},\"seconds\":{:.6},\"msgs_per_sec\":{:.1}",
+            self.scenario,
+            self.qos,
+            self.version,
+            self.size,
+            self.sent,
+            self.expected,
+            self.delivered,
+            self.lost,
+            self.duplicates,
+            self.reordered,
+            self.seconds,
+            self.rate()
+        );
+        if let Some([p50, p90, p99, p999]) = self.latency_us {
+            json.push_str(&format!(
+                ",\"p50_us\":{p50:.1},\"p90_us\":{p90:.1},\"p99_us\":{p99:.1},\"p999_us\":{p999:.1}"
+            ));
+        }
+        for (k, v) in &self.extra {
+            json.push_str(&format!(",\"{k}\":{v:.1}"));
+        }
+        json.push('}');
+        println!("{json}");
+    }
+}
+
+struct Args {
+    scenario: String,
+    host: String,
+    port: u16,
+    qos: u8,
+    version: Protocol,
+    size: usize,
+    count: Option<u64>,
+    duration: Option<Duration>,
+    warmup: Duration,
+    inflight: u16,
+    window: usize,
+    rate: u64,
+    publishers: usize,
+    subscribers: usize,
+    pairs: usize,
+    connections: usize,
+    pid: Option<u32>,
+}
+
+fn parse(args: &[String]) -> Result<Option<Args>, String> {
+    let mut it = args.iter();
+    let scenario = match it.next().map(String::as_str) {
+        None | Some("--help") => return Ok(None),
+        Some(s @ ("fanin" | "fanout" | "pairs" | "latency" | "idle" | "backlog")) => s.to_string(),
+        Some(other) => return Err(format!("unknown scenario '{other}'")),
+    };
+    let mut a = Args {
+        scenario,
+        host: "127.0.0.1".into(),
+        port: 1883,
+        qos: 0,
+        version: Protocol::V5,
+        size: 64,
+        count: None,
+        duration: None,
+        warmup: Duration::from_secs(1),
+        inflight: 64,
+        window: 1024,
+        rate: 1000,
+        publishers: 8,
+        subscribers: 16,
+        pairs: 8,
+        connections: 10_000,
+        pid: None,
+    };
+    fn num<T: std::str::FromStr>(flag: &str, v: Option<&String>) -> Result<T, String> {
+        let v = v.ok_or_else(|| format!("{flag} needs a value"))?;
+        v.parse()
+            .map_err(|_| format!("{flag} '{v}': expected a number"))
+    }
+    while let Some(flag) = it.next() {
+        match flag.as_str() {
+            "-h" | "--host" => a.host = it.next().ok_or("-h needs a value")?.clone(),
+            "-p" | "--port" => a.port = num(flag, it.next())?,
+            "-q" | "--qos" => {
+                a.qos = num(flag, it.next())?;
+                if a.qos > 2 {
+                    return Err("-q: QoS is 0, 1 or 2".into());
+                }
+            }
+            "-V" => {
+                a.version = match it.next().map(String::as_str) {
+                    Some("5") => Protocol::V5,
+                    Some("311") => Protocol::V3_1_1,
+                    _ => return Err("-V: the version is 5 or 311".into()),
+                }
+            }
+            "--size" => a.size = num::<usize>(flag, it.next())?.max(HEADER),
+            "--count" => a.count = Some(num(flag, it.next())?),
+            "--duration" => a.duration = Some(Duration::from_secs(num(flag, it.next())?)),
+            "--warmup" => a.warmup = Duration::from_secs(num(flag, it.next())?),
+            "--inflight" => a.inflight = num(flag, it.next())?,
+            "--window" => a.window = num::<usize>(flag, it.next())?.max(1),
+            "--rate" => a.rate = num::<u64>(flag, it.next())?.max(1),
+            "--publishers" => a.publishers = num::<usize>(flag, it.next())?.max(1),
+            "--subscribers" => a.subscribers = num::<usize>(flag, it.next())?.max(1),
+            "--pairs" => a.pairs = num::<usize>(flag, it.next())?.max(1),
+            "--connections" => a.connections = num(flag, it.next())?,
+            "--pid" => a.pid = Some(num(flag, it.next())?),
+            other => return Err(format!("unknown option '{other}'")),
+        }
+    }
+    Ok(Some(a))
+}
+
+/// `tern bench`.
+pub(crate) fn run(args: &[String]) -> ExitCode {
+    let a = match parse(args) {
+        Ok(Some(a)) => a,
+        Ok(None) => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("tern bench: {e}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tern bench: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async {
+        match a.scenario.as_str() {
+            "fanin" => flow(&a, a.publishers, 1, false).await,
+            "fanout" => flow(&a, 1, a.subscribers, false).await,
+            "pairs" => flow(&a, a.pairs, a.pairs, true).await,
+            "latency" => latency(&a).await,
+            "idle" => idle(&a).await,
+            _ => backlog(&a).await,
+        }
+    });
+    match result {
+        Ok(r) => {
+            r.print();
+            if r.qos > 0 && (r.lost > 0 || r.duplicates > 0 || r.reordered > 0) {
+                eprintln!(
+                    "tern bench: QoS {} broke its promise: {} lost, {} duplicated, {} out of order",
+                    r.qos, r.lost, r.duplicates, r.reordered
+                );
+                return ExitCode::FAILURE;
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tern bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Publisher number (u32), sequence number (u64), send time in ns since the run's epoch (u64).
+const HEADER: usize = 20;
+
+fn payload(publisher: u32, seq: u64, epoch: Instant, size: usize) -> Bytes {
+    let mut b = BytesMut::with_capacity(size);
+    b.put_u32(publisher);
+    b.put_u64(seq);
+    b.put_u64(epoch.elapsed().as_nanos() as u64);
+    b.resize(size, b'x');
+    b.freeze()
+}
+
+fn header(p: &[u8]) -> Option<(u32, u64, u64)> {
+    if p.len() < HEADER {
+        return None;
+    }
+    let publisher = u32::from_be_bytes(p[0..4].try_into().ok()?);
+    let seq = u64::from_be_bytes(p[4..12].try_into().ok()?);
+    let sent = u64::from_be_bytes(p[12..20].try_into().ok()?);
+    Some((publisher, seq, sent))
+}
+
+/// What one subscriber saw, per publisher: each sequence number once, in order.
+struct Tally {
+    seen: Vec<Vec<u64>>,
+    next: Vec<u64>,
+    delivered: u64,
+    duplicates: u64,
+    reordered: u64,
+    latencies: Vec<u64>,
+    last: Option<Instant>,
+}
+
+impl Tally {
+    fn new(publishers: usize, count: u64) -> Tally {
+        let words = (count as usize).div_ceil(64);
+        Tally {
+            seen: vec![vec![0; words]; publishers],
+            next: vec![0; publishers],
+            delivered: 0,
+            duplicates: 0,
+            reordered: 0,
+            latencies: Vec::new(),
+            last: None,
+        }
+    }
+
+    fn record(&mut self, payload: &[u8], epoch: Instant, keep_latency: bool) {
+        let Some((p, seq, sent)) = header(payload) else {
+            return;
+        };
+        let (p, i) = (p as usize, seq as usize);
+        let Some(bits) = self.seen.get_mut(p) else {
+            return;
+        };
+        let Some(word) = bits.get_mut(i / 64) else {
+            return;
+        };
+        self.last = Some(Instant::now());
+        if *word & (1 << (i % 64)) != 0 {
+            self.duplicates += 1;
+            return;
+        }
+        *word |= 1 << (i % 64);
+        self.delivered += 1;
+        if seq < self.next[p] {
+            self.reordered += 1;
+        } else {
+            self.next[p] = seq + 1;
+        }
+        if keep_latency {
+            let now = epoch.elapsed().as_nanos() as u64;
+            self.latencies.push(now.saturating_sub(sent));
+        }
+    }
+}
+
+fn qos_of(n: u8) -> QoS {
+    match n {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        _ => QoS::ExactlyOnce,
+    }
+}
+
+fn options(a: &Args, id: String) -> Options {
+    let mut o = Options::new(a.host.clone(), a.port, id).protocol(a.version);
+    o.inflight = a.inflight;
+    o.keep_alive = 60;
+    o
+}
+
+async fn connect(a: &Args, id: String) -> Result<(Client, Events), String> {
+    Client::connect(options(a, id))
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Publishes `count` messages as publisher `n` on `topic`, `window` under way at once.
+async fn publish_all(
+    client: Client,
+    topic: String,
+    n: u32,
+    count: u64,
+    a: (QoS, usize, usize),
+    epoch: Instant,
+    sent: Arc<AtomicU64>,
+) -> Result<(), String> {
+    let (qos, size, window) = a;
+    let mut outcomes = VecDeque::with_capacity(window);
+    for seq in 0..count {
+        let o = client
+            .publish(topic.clone(), payload(n, seq, epoch, size))
+            .qos(qos)
+            .send()
+            .map_err(|e| e.to_string())?;
+        outcomes.push_back(o);
+        if outcomes.len() >= window
+            && let Some(o) = outcomes.pop_front()
+        {
+            o.await.map_err(|e| e.to_string())?;
+        }
+        sent.fetch_add(1, Ordering::Relaxed);
+    }
+    for o in outcomes {
+        o.await.map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// Reads messages into a tally until `expected` arrived or nothing came for 5 s (or the
+/// deadline passed).
+async fn collect(
+    mut events: Events,
+    mut tally: Tally,
+    expected: u64,
+    epoch: Instant,
+    deadline: Instant,
+    latency: bool,
+) -> Tally {
+    let quiet = Duration::from_secs(5);
+    while tally.delivered < expected {
+        let wait = quiet.min(deadline.saturating_duration_since(Instant::now()));
+        match tokio::time::timeout(wait, events.recv()).await {
+            Ok(Some(Event::Message(m))) => tally.record(&m.payload, epoch, latency),
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => break,
+        }
+    }
+    // Late duplicates: a short look.
+    while let Ok(Some(e)) = tokio::time::timeout(Duration::from_millis(200), events.recv()).await {
+        if let Event::Message(m) = e {
+            tally.record(&m.payload, epoch, latency);
+        }
+    }
+    tally
+}
+
+fn default_count(a: &Args) -> u64 {
+    a.count.unwrap_or(if a.qos == 0 { 100_000 } else { 20_000 })
+}
+
+/// fanin, fanout and pairs: `publishers` publishers, `subscribers` subscribers; `paired`:
+/// subscriber i reads only publisher i's topic.
+async fn flow(
+    a: &Args,
+    publishers: usize,
+    subscribers: usize,
+    paired: bool,
+) -> Result<Report, String> {
+    let count = default_count(a);
+    let qos = qos_of(a.qos);
+    let epoch = Instant::now();
+    let deadline = Instant::now() + a.duration.unwrap_or(Duration::from_secs(60));
+    let run = format!(
+        "{:x}",
+        epoch.elapsed().as_nanos() ^ u128::from(std::process::id())
+    );
+    let topic = |i: usize| format!("bench/{run}/{i}");
+    let mut readers = Vec::new();
+    let mut subs = Vec::new();
+    for s in 0..subscribers {
+        let (client, events) = connect(a, format!("bench-sub-{run}-{s}")).await?;
+        let filter = if paired {
+            topic(s)
+        } else {
+            format!("bench/{run}/+")
+        };
+        let code = client
+            .subscribe(&filter, qos)
+            .await
+            .map_err(|e| e.to_string())?;
+        if code.is_error() {
+            return Err(format!("the broker refused the subscription: {code:?}"));
+        }
+        let expected = if paired {
+            count
+        } else {
+            count * publishers as u64
+        };
+        let tally = Tally::new(publishers, count);
+        readers.push(tokio::spawn(collect(
+            events, tally, expected, epoch, deadline, false,
+        )));
+        subs.push(client);
+    }
+    let mut pubs = Vec::new();
+    for p in 0..publishers {
+        let (client, _events) = connect(a, format!("bench-pub-{run}-{p}")).await?;
+        pubs.push(client);
+    }
+    let sent = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for (p, client) in pubs.iter().enumerate() {
+        tasks.push(tokio::spawn(publish_all(
+            client.clone(),
+            topic(p),
+            p as u32,
+            count,
+            (qos, a.size, a.window),
+            epoch,
+            sent.clone(),
+        )));
+    }
+    for t in tasks {
+        t.await.map_err(|e| e.to_string())??;
+    }
+    let mut report = Report {
+        scenario: a.scenario.clone(),
+        qos: a.qos,
+        version: version(a.version),
+        size: a.size,
+        sent: sent.load(Ordering::Relaxed),
+        ..Report::default()
+    };
+    let mut last = start;
+    for r in readers {
+        let tally = r.await.map_err(|e| e.to_string())?;
+        let expected = if paired {
+            count
+        } else {
+            count * publishers as u64
+        };
+        report.expected += expected;
+        report.delivered += tally.delivered;
+        report.lost += expected.saturating_sub(tally.delivered);
+        report.duplicates += tally.duplicates;
+        report.reordered += tally.reordered;
+        if let Some(l) = tally.last {
+            last = last.max(l);
+        }
+    }
+    report.seconds = (last - start).as_secs_f64();
+    for c in pubs.iter().chain(&subs) {
+        c.disconnect().await;
+    }
+    Ok(report)
+}
+
+fn version(v: Protocol) -> String {
+    if v.is_v5() { "5" } else { "311" }.to_string()
+}
+
+fn percentile(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)] as f64 / 1000.0
+}
+
+/// One publisher at a fixed rate, one subscriber; latency from the send time in the payload.
+async fn latency(a: &Args) -> Result<Report, String> {
+    let qos = qos_of(a.qos);
+    let epoch = Instant::now();
+    let run = format!("{:x}", std::process::id());
+    let topic = format!("bench/lat/{run}");
+    let duration = a.duration.unwrap_or(Duration::from_secs(10));
+    let total = a.rate * (duration + a.warmup).as_secs();
+    let warm = a.rate * a.warmup.as_secs();
+    let (sub, events) = connect(a, format!("bench-lat-sub-{run}")).await?;
+    sub.subscribe(&topic, qos)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (publisher, _e) = connect(a, format!("bench-lat-pub-{run}")).await?;
+    let tally = Tally::new(1, total);
+    let deadline = Instant::now() + duration + a.warmup + Duration::from_secs(30);
+    let reader = tokio::spawn(collect(events, tally, total, epoch, deadline, true));
+    let interval = Duration::from_nanos(1_000_000_000 / a.rate);
+    let start = tokio::time::Instant::now();
+    let mut outcomes = VecDeque::new();
+    for seq in 0..total {
+        tokio::time::sleep_until(start + interval * seq as u32).await;
+        outcomes.push_back(
+            publisher
+                .publish(topic.clone(), payload(0, seq, epoch, a.size))
+                .qos(qos)
+                .send()
+                .map_err(|e| e.to_string())?,
+        );
+        while outcomes.len() > a.window {
+            if let Some(o) = outcomes.pop_front() {
+                o.await.map_err(|e| e.to_string())?;
+            }
+        }
+    }
+    for o in outcomes {
+        o.await.map_err(|e| e.to_string())?;
+    }
+    let tally = reader.await.map_err(|e| e.to_string())?;
+    // Latencies are recorded in arrival order; the warm-up's come first, roughly.
+    let mut lat: Vec<u64> = tally
+        .latencies
+        .iter()
+        .skip(warm as usize)
+        .copied()
+        .collect();
+    lat.sort_unstable();
+    publisher.disconnect().await;
+    sub.disconnect().await;
+    Ok(Report {
+        scenario: "latency".into(),
+        qos: a.qos,
+        version: version(a.version),
+        size: a.size,
+        sent: total,
+        expected: total,
+        delivered: tally.delivered,
+        lost: total.saturating_sub(tally.delivered),
+        duplicates: tally.duplicates,
+        reordered: tally.reordered,
+        seconds: (duration + a.warmup).as_secs_f64(),
+        latency_us: Some([
+            percentile(&lat, 0.50),
+            percentile(&lat, 0.90),
+            percentile(&lat, 0.99),
+            percentile(&lat, 0.999),
+        ]),
+        extra: vec![("rate".into(), a.rate as f64)],
+    })
+}
+
+/// Resident memory of `pid` in KiB.
+fn rss_kib(pid: u32) -> Result<u64, String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_err(|e| format!("cannot read /proc/{pid}/status: {e}"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| format!("no VmRSS in /proc/{pid}/status"))
+}
+
+/// N idle 3.1.1 connections (keep alive 0), from 127.0.0.x source addresses when the
+/// host is loopback (50,000 per address); the broker's memory before and after.
+async fn idle(a: &Args) -> Result<Report, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pid = a
+        .pid
+        .ok_or("idle needs --pid PID (the broker's process id)")?;
+    let before = rss_kib(pid)?;
+    let start = Instant::now();
+    let target: std::net::SocketAddr = tokio::net::lookup_host((a.host.as_str(), a.port))
+        .await
+        .map_err(|e| e.to_string())?
+        .next()
+        .ok_or("the host has no address")?;
+    let loopback = target.ip().is_loopback() && target.is_ipv4();
+    let mut held = Vec::with_capacity(a.connections);
+    let run = std::process::id();
+    for i in 0..a.connections {
+        let socket = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
+        if loopback {
+            let ip = std::net::Ipv4Addr::new(127, 0, 0, 1 + (i / 50_000) as u8);
+            socket
+                .bind((ip, 0).into())
+                .map_err(|e| format!("bind {ip}: {e}"))?;
+        }
+        let mut s = socket
+            .connect(target)
+            .await
+            .map_err(|e| format!("connection {i}: {e}"))?;
+        let mut c = tern_codec::Connect::new(Protocol::V3_1_1, format!("idle-{run}-{i}").as_str());
+        c.keep_alive = 0;
+        let mut out = BytesMut::new();
+        tern_codec::encode(
+            &tern_codec::Packet::Connect(Box::new(c)),
+            Protocol::V3_1_1,
+            &mut out,
+        )
+        .map_err(|e| e.to_string())?;
+        s.write_all(&out).await.map_err(|e| e.to_string())?;
+        let mut ack = [0u8; 4];
+        s.read_exact(&mut ack)
+            .await
+            .map_err(|e| format!("connection {i}: no CONNACK: {e}"))?;
+        if ack[0] != 0x20 || ack[3] != 0 {
+            return Err(format!("connection {i}: refused (CONNACK {ack:02x?})"));
+        }
+        held.push(s);
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = rss_kib(pid)?;
+    let per = (after.saturating_sub(before) * 1024) as f64 / a.connections.max(1) as f64;
+    drop(held);
+    Ok(Report {
+        scenario: "idle".into(),
+        version: "311".into(),
+        sent: a.connections as u64,
+        expected: a.connections as u64,
+        delivered: a.connections as u64,
+        seconds,
+        extra: vec![
+            ("connections".into(), a.connections as f64),
+            ("broker_rss_before_kib".into(), before as f64),
+            ("broker_rss_after_kib".into(), after as f64),
+            ("bytes_per_connection".into(), per),
+        ],
+        ..Report::default()
+    })
+}
+
+/// A persistent subscriber goes offline, K messages are published, the subscriber comes
+/// back: how fast the broker replays them.
+async fn backlog(a: &Args) -> Result<Report, String> {
+    let count = default_count(a);
+    let qos = qos_of(a.qos.max(1));
+    let epoch = Instant::now();
+    let run = format!("{:x}", std::process::id());
+    let topic = format!("bench/backlog/{run}");
+    let id = format!("bench-backlog-sub-{run}");
+    let persistent = |o: Options| o.persistent(Duration::from_secs(3600));
+    let (sub, _events) = Client::connect(persistent(options(a, id.clone())))
+        .await
+        .map_err(|e| e.to_string())?;
+    sub.subscribe(&topic, qos)
+        .await
+        .map_err(|e| e.to_string())?;
+    sub.disconnect().await;
+    let (publisher, _e) = connect(a, format!("bench-backlog-pub-{run}")).await?;
+    let sent = Arc::new(AtomicU64::new(0));
+    publish_all(
+        publisher.clone(),
+        topic,
+        0,
+        count,
+        (qos, a.size, a.window),
+        epoch,
+        sent.clone(),
+    )
+    .await?;
+    publisher.disconnect().await;
+    let start = Instant::now();
+    let id_again = id.clone();
+    let (sub, events) = Client::connect(persistent(options(a, id)))
+        .await
+        .map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + a.duration.unwrap_or(Duration::from_secs(60));
+    let tally = collect(events, Tally::new(1, count), count, epoch, deadline, false).await;
+    let last = tally.last.unwrap_or(start);
+    sub.disconnect().await;
+    // Leave nothing behind on the broker: a clean start ends the stored session.
+    if let Ok((c, _)) = Client::connect(options(a, id_again)).await {
+        c.disconnect().await;
+    }
+    Ok(Report {
+        scenario: "backlog".into(),
+        qos: a.qos.max(1),
+        version: version(a.version),
+        size: a.size,
+        sent: sent.load(Ordering::Relaxed),
+        expected: count,
+        delivered: tally.delivered,
+        lost: count.saturating_sub(tally.delivered),
+        duplicates: tally.duplicates,
+        reordered: tally.reordered,
+        seconds: (last - start).as_secs_f64(),
+        ..Report::default()
+    })
+}
