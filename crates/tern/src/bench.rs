@@ -33,7 +33,8 @@ options:
   --window N            publishes a publisher has under way at once (default 1024)
   --rate N              latency: messages per second (default 1000)
   --connections N       idle: how many (default 10000)
-  --pid PID             idle: the broker's process id, for its memory
+  --pid PID             the broker's process id: idle reads its memory; the others add its CPU
+                        time per delivered message (from /proc/PID/stat)
 exit code: 0 when every QoS 1/2 message arrived once and in order per publisher, 1 otherwise";
 
 /// What one run measured.
@@ -476,6 +477,7 @@ async fn flow(
         pubs.push(client);
     }
     let sent = Arc::new(AtomicU64::new(0));
+    let cpu_before = a.pid.and_then(cpu_ticks);
     let start = Instant::now();
     let mut tasks = Vec::new();
     for (p, client) in pubs.iter().enumerate() {
@@ -518,6 +520,7 @@ async fn flow(
         }
     }
     report.seconds = (last - start).as_secs_f64();
+    add_cpu(&mut report, a.pid, cpu_before);
     for c in pubs.iter().chain(&subs) {
         c.disconnect().await;
     }
@@ -554,6 +557,7 @@ async fn latency(a: &Args) -> Result<Report, String> {
     let deadline = Instant::now() + duration + a.warmup + Duration::from_secs(30);
     let reader = tokio::spawn(collect(events, tally, total, epoch, deadline, true));
     let interval = Duration::from_nanos(1_000_000_000 / a.rate);
+    let cpu_before = a.pid.and_then(cpu_ticks);
     let start = tokio::time::Instant::now();
     let mut outcomes = VecDeque::new();
     for seq in 0..total {
@@ -585,7 +589,7 @@ async fn latency(a: &Args) -> Result<Report, String> {
     lat.sort_unstable();
     publisher.disconnect().await;
     sub.disconnect().await;
-    Ok(Report {
+    let mut report = Report {
         scenario: "latency".into(),
         qos: a.qos,
         version: version(a.version),
@@ -604,7 +608,36 @@ async fn latency(a: &Args) -> Result<Report, String> {
             percentile(&lat, 0.999),
         ]),
         extra: vec![("rate".into(), a.rate as f64)],
-    })
+    };
+    add_cpu(&mut report, a.pid, cpu_before);
+    Ok(report)
+}
+
+/// CPU time (user + system) `pid` has used, in clock ticks (1/100 s on Linux).
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command name in parentheses: state is field 3; utime, stime are 14, 15.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// Adds the broker's CPU per delivered message to `report`, from ticks before and after.
+fn add_cpu(report: &mut Report, pid: Option<u32>, before: Option<u64>) {
+    if let (Some(pid), Some(before)) = (pid, before)
+        && let Some(after) = cpu_ticks(pid)
+    {
+        let seconds = (after.saturating_sub(before)) as f64 / 100.0;
+        report.extra.push(("broker_cpu_seconds".into(), seconds));
+        if report.delivered > 0 {
+            report.extra.push((
+                "broker_cpu_us_per_msg".into(),
+                seconds * 1e6 / report.delivered as f64,
+            ));
+        }
+    }
 }
 
 /// Resident memory of `pid` in KiB.
