@@ -481,6 +481,10 @@ async fn connection(
         };
         Ok::<_, String>((reader, writer, identity))
     };
+    // The TLS and WebSocket handshake futures are large (about 12 KB, rustls' and
+    // tungstenite's state): boxed, they are freed once done instead of sizing every
+    // connection's task for the rest of its life.
+    let handshake = Box::pin(handshake);
     let (reader, writer, identity) = match tokio::time::timeout(l.connect_timeout, handshake).await
     {
         Ok(Ok(halves)) => halves,
