@@ -125,10 +125,8 @@ impl Broker {
             AckMode::Manual,
             self.settings.window_3x,
         );
-        let session = self
-            .sessions
-            .entry(client_id.clone())
-            .or_insert_with(|| Session {
+        let session = self.sessions.entry(client_id.clone()).or_insert_with(|| {
+            Box::new(Session {
                 conn: None,
                 stored: SessionState::new(),
                 subscriptions: BTreeMap::new(),
@@ -141,7 +139,8 @@ impl Broker {
                 touched: false,
                 username: None,
                 rate: (now, 0),
-            });
+            })
+        });
         session.expiry = expiry;
         session.username = connect.username.clone();
         session.expires_at = None;

@@ -234,7 +234,9 @@ pub struct Broker {
     /// One instant and the wall-clock time it corresponds to, both passed in: stored
     /// deadlines are wall-clock, the core's are monotonic.
     anchor: (Instant, SystemTime),
-    sessions: HashMap<Str, Session>,
+    /// Boxed: a `Session` is about 870 bytes, and the table's empty slots (up to half of
+    /// them after it grows) would otherwise each hold one.
+    sessions: HashMap<Str, Box<Session>>,
     /// Connections that completed CONNECT, to their client id.
     conns: HashMap<ConnId, Str>,
     /// Peer address of each open connection, for the logs.
@@ -327,7 +329,7 @@ impl Broker {
                 username: r.username,
                 rate: (now, 0),
             };
-            broker.sessions.insert(client_id, session);
+            broker.sessions.insert(client_id, Box::new(session));
         }
         tracing::info!(
             sessions = broker.sessions.len(),
@@ -656,7 +658,7 @@ impl Broker {
             Some(client_id) => {
                 if let Some(Session {
                     conn: Some((_, c)), ..
-                }) = self.sessions.get_mut(&client_id)
+                }) = self.sessions.get_mut(&client_id).map(|s| &mut **s)
                 {
                     c.disconnect(reason);
                 }
@@ -902,7 +904,7 @@ impl Broker {
         let Some(Session {
             conn: Some((conn, c)),
             ..
-        }) = self.sessions.get_mut(client_id)
+        }) = self.sessions.get_mut(client_id).map(|s| &mut **s)
         else {
             return;
         };

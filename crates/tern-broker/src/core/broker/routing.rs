@@ -322,7 +322,7 @@ impl Broker {
     ) {
         let Some(Session {
             conn: Some((_, c)), ..
-        }) = self.sessions.get_mut(client_id)
+        }) = self.sessions.get_mut(client_id).map(|s| &mut **s)
         else {
             return;
         };

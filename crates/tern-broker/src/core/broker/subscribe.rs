@@ -138,7 +138,7 @@ impl Broker {
         if let Some(Session {
             conn: Some((conn, _)),
             ..
-        }) = self.sessions.get(client_id)
+        }) = self.sessions.get(client_id).map(|s| &**s)
         {
             self.outputs.push_back(Output::Send(*conn, packet));
         }
