@@ -6,7 +6,9 @@ use super::*;
 impl Broker {
     pub(super) fn handle_connect(&mut self, conn: ConnId, connect: Connect, now: Instant) {
         let v = connect.protocol;
-        let mut client_id = connect.client_id.clone();
+        // Copied, not sliced: a slice would keep the whole read buffer the CONNECT came
+        // in (512 bytes or more) alive for as long as the session.
+        let mut client_id = Str::from(&*connect.client_id);
         let mut assigned = None;
         if client_id.is_empty() {
             // 3.1.1: only with clean session [MQTT-3.1.3-7]; 5.0: assign one [MQTT-3.1.3-6];
@@ -142,7 +144,7 @@ impl Broker {
             })
         });
         session.expiry = expiry;
-        session.username = connect.username.clone();
+        session.username = connect.username.as_deref().map(Str::from);
         session.expires_at = None;
         session.will = connect.will;
         // Back in time: a delayed will from the last connection is not sent.
