@@ -10,24 +10,6 @@ use std::process::Command;
 
 use support::BrokerProcess;
 
-fn broker(dir: &std::path::Path, extra: &str) -> BrokerProcess {
-    std::fs::create_dir_all(dir).unwrap();
-    let config = dir.join("tern.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[[listener]]\nbind = \"127.0.0.1:0\"\n[storage]\ndata_dir = \"{}\"\n{extra}",
-            dir.join("data").display()
-        ),
-    )
-    .unwrap();
-    BrokerProcess::spawn(
-        Command::new(env!("CARGO_BIN_EXE_tern")),
-        &config,
-        "tern=info",
-    )
-}
-
 /// Runs `tern bench ARGS -p PORT`: the exit code and the JSON line's fields.
 fn bench(port: &str, args: &[&str]) -> (Option<i32>, String, String) {
     let o = Command::new(env!("CARGO_BIN_EXE_tern"))
@@ -67,7 +49,7 @@ fn field(json: &str, name: &str) -> f64 {
 #[test]
 fn every_scenario_runs_and_counts_each_message_once() {
     let dir = std::env::temp_dir().join(format!("tern-bench-cli-{}", std::process::id()));
-    let b = broker(&dir, "");
+    let b = BrokerProcess::in_dir(&dir, "");
     let port = b.port(0).to_string();
     for args in [
         &["fanin", "-q", "1", "--count", "500", "--publishers", "2"][..],
@@ -126,7 +108,7 @@ fn every_scenario_runs_and_counts_each_message_once() {
 fn a_run_that_loses_messages_reports_them_and_exits_1() {
     // An offline queue of 100, drop-oldest: a backlog of 300 loses 200.
     let dir = std::env::temp_dir().join(format!("tern-bench-loss-{}", std::process::id()));
-    let b = broker(&dir, "[sessions]\nmax_queued_messages = 100\n");
+    let b = BrokerProcess::in_dir(&dir, "[sessions]\nmax_queued_messages = 100\n");
     let (code, json, err) = bench(b.port(0), &["backlog", "-q", "1", "--count", "300"]);
     assert_eq!(code, Some(1), "{json}");
     assert_eq!(field(&json, "lost"), 200.0, "{json}");

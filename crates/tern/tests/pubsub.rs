@@ -117,24 +117,6 @@ fn mosquitto_broker() -> (Mosquitto, u16) {
     (Mosquitto(Guard(child), config), port)
 }
 
-fn tern_broker(dir: &std::path::Path, auth: &str) -> BrokerProcess {
-    std::fs::create_dir_all(dir).unwrap();
-    let config = dir.join("tern.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[[listener]]\nbind = \"127.0.0.1:0\"\n{auth}\n[storage]\ndata_dir = \"{}\"\n",
-            dir.join("data").display()
-        ),
-    )
-    .unwrap();
-    BrokerProcess::spawn(
-        Command::new(env!("CARGO_BIN_EXE_tern")),
-        &config,
-        "tern=info",
-    )
-}
-
 /// Every QoS in both protocol versions, retained, formats, and the Mosquitto tools on the
 /// other end, through the broker at `port`.
 fn pub_and_sub_through(port: &str, name: &str) {
@@ -240,7 +222,7 @@ fn pub_and_sub_through(port: &str, name: &str) {
 #[test]
 fn tern_pub_and_tern_sub_carry_every_qos_retained_and_formats_through_tern_and_mosquitto() {
     let dir = std::env::temp_dir().join(format!("tern-pubsub-{}", free_port()));
-    let broker = tern_broker(&dir, "");
+    let broker = BrokerProcess::in_dir(&dir, "");
     pub_and_sub_through(broker.port(0), "tern");
     let (_mosquitto, port) = mosquitto_broker();
     pub_and_sub_through(&port.to_string(), "mosquitto");
@@ -265,7 +247,7 @@ fn tern_pub_and_tern_sub_exit_codes_and_messages_say_what_happened() {
         .success()
     );
     std::fs::write(&acl, "user alice\ntopic readwrite alice/#\n").unwrap();
-    let broker = tern_broker(
+    let broker = BrokerProcess::in_dir(
         &dir,
         &format!(
             "[auth]\npassword_file = \"{}\"\nacl_file = \"{}\"\nallow_anonymous = false\n",
@@ -430,7 +412,7 @@ fn withholding_proxy(port: u16, forward: usize) -> (u16, Arc<AtomicUsize>) {
 #[test]
 fn the_outbox_of_tern_pub_survives_kill_9_and_qos_2_arrives_exactly_once() {
     let dir = std::env::temp_dir().join(format!("tern-pubsub-outbox-{}", free_port()));
-    let broker = tern_broker(&dir, "");
+    let broker = BrokerProcess::in_dir(&dir, "");
     let port = broker.port(0).to_string();
     let outbox = dir.join("pub.outbox");
     let outbox = outbox.to_str().unwrap();
@@ -505,7 +487,7 @@ fn tern_pub_and_tern_sub_speak_tls_and_secure_websocket_with_a_ca_file() {
     let dir = std::env::temp_dir().join(format!("tern-pubsub-tls-{}", free_port()));
     std::fs::create_dir_all(&dir).unwrap();
     let [ca, cert, key] = support::certificates(&dir);
-    let broker = tern_broker(
+    let broker = BrokerProcess::in_dir(
         &dir,
         &format!(
             "transport = \"tls\"\ncert_file = \"{cert}\"\nkey_file = \"{key}\"\n\

@@ -75,6 +75,27 @@ impl BrokerProcess {
         }
     }
 
+    /// `tern broker` with a config written to `dir`: one TCP listener on an ephemeral
+    /// port, then `extra` (more keys for that listener, or more tables), state in
+    /// `dir/data`.
+    pub fn in_dir(dir: &std::path::Path, extra: &str) -> BrokerProcess {
+        std::fs::create_dir_all(dir).unwrap();
+        let config = dir.join("tern.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[[listener]]\nbind = \"127.0.0.1:0\"\n{extra}\n[storage]\ndata_dir = \"{}\"\n",
+                dir.join("data").display()
+            ),
+        )
+        .unwrap();
+        BrokerProcess::spawn(
+            Command::new(env!("CARGO_BIN_EXE_tern")),
+            &config,
+            "tern=info",
+        )
+    }
+
     /// The port of listener `n`.
     pub fn port(&self, n: usize) -> &str {
         self.addrs[n].rsplit_once(':').unwrap().1
