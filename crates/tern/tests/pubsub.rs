@@ -529,3 +529,53 @@ fn tern_pub_and_tern_sub_speak_tls_and_secure_websocket_with_a_ca_file() {
     drop(broker);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn file_stdin_and_null_payloads_and_dedup_by_a_user_property() {
+    let dir = std::env::temp_dir().join(format!("tern-pubsub-payloads-{}", free_port()));
+    let broker = BrokerProcess::in_dir(&dir, "");
+    let port = broker.port(0).to_string();
+    let file = dir.join("payload.bin");
+    std::fs::write(&file, b"from a file\nwith two lines").unwrap();
+    let sub = subscriber(&["-p", &port, "-t", "p/#", "-C", "3", "-F", "%t:%l:%p"]);
+    let o = run(&[
+        "pub",
+        "-p",
+        &port,
+        "-t",
+        "p/f",
+        "-f",
+        file.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let mut s = tern(&["pub", "-p", &port, "-t", "p/s", "-s"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    s.stdin.take().unwrap().write_all(b"all\nof stdin").unwrap();
+    assert_eq!(s.wait().unwrap().code(), Some(0));
+    let o = run(&["pub", "-p", &port, "-t", "p/n", "-n"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let (code, out) = finish(sub);
+    assert_eq!(code, Some(0));
+    assert_eq!(
+        out,
+        "p/f:26:from a file\nwith two lines\np/s:12:all\nof stdin\np/n:0:\n"
+    );
+
+    // The same msg-id twice (mosquitto_pub sets the user property): shown once.
+    let sub = subscriber(&[
+        "-p", &port, "-t", "d/#", "-q", "1", "--dedup", "msg-id", "-C", "2",
+    ]);
+    for (key, text) in [("k1", "first"), ("k1", "first again"), ("k2", "second")] {
+        let o = Command::new("mosquitto_pub")
+            .args(["-p", &port, "-V", "5", "-q", "1", "-t", "d/x", "-m", text])
+            .args(["-D", "publish", "user-property", "msg-id", key])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    assert_eq!(finish(sub), (Some(0), "first\nsecond\n".to_string()));
+    drop(broker);
+    let _ = std::fs::remove_dir_all(&dir);
+}
