@@ -1225,37 +1225,43 @@ async fn command(
         }
         Some(Command::Idle(done)) => pending.idle.push(done),
         Some(Command::Subscribe(subscriptions, done)) => {
-            match link.conn.session_mut().allocate_id() {
-                Ok(id) => {
-                    pending.requests.insert(id, done);
-                    let s = Subscribe {
-                        packet_id: id,
-                        subscriptions,
-                        properties: Default::default(),
-                    };
-                    let _ = tern_codec::encode(&Packet::Subscribe(s), v, out);
-                }
-                Err(_) => {
-                    let _ = done.send(Err(Error::Backlog));
-                }
-            }
-        }
-        Some(Command::Unsubscribe(filters, done)) => match link.conn.session_mut().allocate_id() {
-            Ok(id) => {
-                pending.requests.insert(id, done);
-                let u = Unsubscribe {
+            request(link, pending, out, v, done, |id| {
+                Packet::Subscribe(Subscribe {
                     packet_id: id,
-                    filters,
+                    subscriptions,
                     properties: Default::default(),
-                };
-                let _ = tern_codec::encode(&Packet::Unsubscribe(u), v, out);
-            }
-            Err(_) => {
-                let _ = done.send(Err(Error::Backlog));
-            }
-        },
+                })
+            })
+        }
+        Some(Command::Unsubscribe(filters, done)) => request(link, pending, out, v, done, |id| {
+            Packet::Unsubscribe(Unsubscribe {
+                packet_id: id,
+                filters,
+                properties: Default::default(),
+            })
+        }),
     }
     None
+}
+
+/// Sends a SUBSCRIBE or UNSUBSCRIBE under a fresh packet id; `done` gets the answer.
+fn request(
+    link: &mut Link,
+    pending: &mut Pending,
+    out: &mut BytesMut,
+    v: Protocol,
+    done: Done<Vec<ReasonCode>>,
+    packet: impl FnOnce(PacketId) -> Packet,
+) {
+    match link.conn.session_mut().allocate_id() {
+        Ok(id) => {
+            pending.requests.insert(id, done);
+            let _ = tern_codec::encode(&packet(id), v, out);
+        }
+        Err(_) => {
+            let _ = done.send(Err(Error::Backlog));
+        }
+    }
 }
 
 /// Writes what the engine has to send (after anything already in `out`) in one write.

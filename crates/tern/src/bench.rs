@@ -65,65 +65,50 @@ impl Report {
     }
 
     fn print(&self) {
-        println!(
-            "{:<9} {:>3} {:>4} {:>6} {:>10} {:>10} {:>7} {:>7} {:>7} {:>9} {:>12}",
-            "scenario",
-            "qos",
-            "v",
-            "size",
-            "sent",
-            "delivered",
-            "lost",
-            "dup",
-            "reord",
-            "seconds",
-            "msg/s"
-        );
-        println!(
-            "{:<9} {:>3} {:>4} {:>6} {:>10} {:>10} {:>7} {:>7} {:>7} {:>9.3} {:>12.0}",
-            self.scenario,
-            self.qos,
-            self.version,
-            self.size,
-            self.sent,
-            self.delivered,
-            self.lost,
-            self.duplicates,
-            self.reordered,
-            self.seconds,
-            self.rate()
-        );
+        // One list of fields feeds both the table and the JSON line.
+        let mut fields: Vec<(&str, String, bool)> = vec![
+            ("scenario", self.scenario.clone(), true),
+            ("qos", self.qos.to_string(), false),
+            ("version", self.version.clone(), true),
+            ("size", self.size.to_string(), false),
+            ("sent", self.sent.to_string(), false),
+            ("expected", self.expected.to_string(), false),
+            ("delivered", self.delivered.to_string(), false),
+            ("lost", self.lost.to_string(), false),
+            ("duplicates", self.duplicates.to_string(), false),
+            ("reordered", self.reordered.to_string(), false),
+            ("seconds", format!("{:.6}", self.seconds), false),
+            ("msgs_per_sec", format!("{:.1}", self.rate()), false),
+        ];
+        let header: Vec<String> = fields.iter().map(|(k, _, _)| format!("{k:>10}")).collect();
+        let row: Vec<String> = fields.iter().map(|(_, v, _)| format!("{v:>10}")).collect();
+        println!("{}\n{}", header.join(" "), row.join(" "));
         if let Some([p50, p90, p99, p999]) = self.latency_us {
             println!("latency (us): p50 {p50:.0}  p90 {p90:.0}  p99 {p99:.0}  p99.9 {p999:.0}");
+            for (k, v) in [
+                ("p50_us", p50),
+                ("p90_us", p90),
+                ("p99_us", p99),
+                ("p999_us", p999),
+            ] {
+                fields.push((k, format!("{v:.1}"), false));
+            }
         }
         for (k, v) in &self.extra {
             println!("{k}: {v:.1}");
+            fields.push((k, format!("{v:.1}"), false));
         }
-        let mut json = format!(
-            "{{\"scenario\":\"{}\",\"qos\":{},\"version\":\"{}\",\"size\":{},\"sent\":{},\"expected\":{},\"delivered\":{},\"lost\":{},\"duplicates\":{},\"reordered\":{},\"seconds\":{:.6},\"msgs_per_sec\":{:.1}",
-            self.scenario,
-            self.qos,
-            self.version,
-            self.size,
-            self.sent,
-            self.expected,
-            self.delivered,
-            self.lost,
-            self.duplicates,
-            self.reordered,
-            self.seconds,
-            self.rate()
-        );
-        if let Some([p50, p90, p99, p999]) = self.latency_us {
-            json.push_str(&format!(
-                ",\"p50_us\":{p50:.1},\"p90_us\":{p90:.1},\"p99_us\":{p99:.1},\"p999_us\":{p999:.1}"
-            ));
-        }
-        for (k, v) in &self.extra {
-            json.push_str(&format!(",\"{k}\":{v:.1}"));
-        }
-        json.push('}');
-        println!("{json}");
+        let json: Vec<String> = fields
+            .iter()
+            .map(|(k, v, quoted)| {
+                if *quoted {
+                    format!("\"{k}\":\"{v}\"")
+                } else {
+                    format!("\"{k}\":{v}")
+                }
+            })
+            .collect();
+        println!("{{{}}}", json.join(","));
     }
 }
 
