@@ -579,3 +579,35 @@ fn file_stdin_and_null_payloads_and_dedup_by_a_user_property() {
     drop(broker);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn tern_pub_exits_1_when_the_connection_is_lost_before_the_acknowledgement() {
+    let dir = std::env::temp_dir().join(format!("tern-pubsub-lost-{}", free_port()));
+    let broker = BrokerProcess::in_dir(&dir, "");
+    // The broker gets the PUBLISH, its PUBACK never comes back; then the broker dies.
+    let (proxy, publishes) = withholding_proxy(broker.port(0).parse().unwrap(), 1);
+    let publisher = tern(&[
+        "pub",
+        "-p",
+        &proxy.to_string(),
+        "-t",
+        "l/x",
+        "-m",
+        "x",
+        "-q",
+        "1",
+    ])
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while publishes.load(Ordering::SeqCst) < 1 {
+        assert!(Instant::now() < deadline, "the PUBLISH went out");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(broker);
+    let o = publisher.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("not acknowledged"), "{}", stderr(&o));
+    let _ = std::fs::remove_dir_all(&dir);
+}
