@@ -7,10 +7,10 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use tern_codec::{DecodeError, Packet, Protocol, ReasonCode};
 use tern_store::{Store, StoreError};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, watch};
 use crate::auth::Access;
 use crate::core::{Broker, ConnId, Output, Settings};
 
+mod line;
 mod monitor;
 mod transport;
 mod writer;
@@ -103,7 +104,7 @@ pub struct Server {
 }
 
 pub(crate) enum ToCore {
-    Accepted(ConnId, SocketAddr, mpsc::UnboundedSender<ToConn>),
+    Accepted(ConnId, SocketAddr, line::Sender<ToConn>),
     /// A packet, and when the read that brought it completed.
     Packet(ConnId, Packet, Instant),
     DecodeError(ConnId, Option<Protocol>, DecodeError),
@@ -115,27 +116,13 @@ pub(crate) enum ToCore {
     Shutdown,
 }
 
-/// What a connection's writer task is told. Kept to one pointer: the channel allocates
-/// its slots 32 at a time per connection, so each byte here costs 32 on every idle
-/// connection.
+/// What a connection task is told, through its [`line`]. Kept to one pointer, so a queue
+/// of them stays small.
 pub(crate) enum ToConn {
     /// Packets to write, and when the earliest input of the core round that produced
     /// them was read (for the latency histogram).
     Packets(Box<(Vec<Packet>, Instant)>),
     Close,
-}
-
-fn protocol_code(v: Protocol) -> u8 {
-    v.level()
-}
-
-fn protocol_from(code: u8) -> Option<Protocol> {
-    match code {
-        3 => Some(Protocol::V3_1),
-        4 => Some(Protocol::V3_1_1),
-        5 => Some(Protocol::V5),
-        _ => None,
-    }
 }
 
 /// Where and how the server keeps its state.
@@ -201,7 +188,7 @@ pub async fn run(server: Server, shutdown: impl Future<Output = ()>) -> Result<(
         persistence.map(|p| writer::Writer::spawn(p, to_core.clone(), metrics.clone()));
     let core_metrics = metrics.clone();
     let core = tokio::spawn(async move {
-        let mut writers: HashMap<ConnId, mpsc::UnboundedSender<ToConn>> = HashMap::new();
+        let mut writers: HashMap<ConnId, line::Sender<ToConn>> = HashMap::new();
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         let mut sys_tick = tokio::time::interval(sys_interval.unwrap_or(Duration::MAX / 4));
         'run: loop {
@@ -373,7 +360,7 @@ pub async fn run(server: Server, shutdown: impl Future<Output = ()>) -> Result<(
 /// commit (so nothing overtakes what was produced before it).
 fn dispatch(
     broker: &mut Broker,
-    writers: &mut HashMap<ConnId, mpsc::UnboundedSender<ToConn>>,
+    writers: &mut HashMap<ConnId, line::Sender<ToConn>>,
     writer: Option<&writer::Writer>,
     since: Instant,
 ) {
@@ -437,7 +424,47 @@ impl Drop for Slot {
     }
 }
 
-type Reader = Box<dyn AsyncRead + Unpin + Send>;
+/// A connection's reading half. Plain TCP is kept apart so that an idle connection can
+/// wait for readability without holding a read buffer.
+enum Reader {
+    Tcp(tokio::net::tcp::OwnedReadHalf),
+    Other(Box<dyn AsyncRead + Unpin + Send>),
+}
+
+impl Reader {
+    /// Reads what is available into `buf`, first making room for `chunk` more bytes. On
+    /// plain TCP an empty buffer is given back while the socket has nothing to read, and
+    /// room is made only once it has: an idle connection holds no read buffer.
+    async fn read_some(&mut self, buf: &mut BytesMut, chunk: usize) -> std::io::Result<usize> {
+        match self {
+            Reader::Tcp(r) => {
+                std::future::poll_fn(|cx| {
+                    if buf.is_empty() {
+                        // A read into nothing waits for readability and takes no data.
+                        let mut nothing = tokio::io::ReadBuf::new(&mut []);
+                        std::task::ready!(std::pin::Pin::new(&mut *r).poll_read(cx, &mut nothing))?;
+                    }
+                    if buf.capacity() - buf.len() < chunk {
+                        buf.reserve(chunk);
+                    }
+                    let read = std::pin::pin!(r.read_buf(&mut *buf)).poll(cx);
+                    if read.is_pending() && buf.is_empty() {
+                        *buf = BytesMut::new();
+                    }
+                    read
+                })
+                .await
+            }
+            Reader::Other(r) => {
+                if buf.capacity() - buf.len() < chunk {
+                    buf.reserve(chunk);
+                }
+                r.read_buf(buf).await
+            }
+        }
+    }
+}
+
 type Writer = Box<dyn AsyncWrite + Unpin + Send>;
 
 /// TLS and WebSocket handshakes, within the CONNECT timeout; then MQTT.
@@ -455,7 +482,7 @@ async fn connection(
         let (reader, writer): (Reader, Writer) = match (&l.transport.tls(), l.transport.ws_path()) {
             (None, None) => {
                 let (r, w) = stream.into_split();
-                (Box::new(r), Box::new(w))
+                (Reader::Tcp(r), Box::new(w))
             }
             (Some(tls), path) => {
                 let tls = tls
@@ -474,7 +501,7 @@ async fn connection(
                 match path {
                     None => {
                         let (r, w) = tokio::io::split(tls);
-                        (Box::new(r), Box::new(w))
+                        (Reader::Other(Box::new(r)), Box::new(w))
                     }
                     Some(path) => ws_halves(tls, path, l.max_packet_size).await?,
                 }
@@ -520,15 +547,19 @@ where
         .map_err(|e| format!("WebSocket upgrade failed: {e}"))?;
     let (sink, frames) = ws.split();
     Ok((
-        Box::new(transport::WsReader {
+        Reader::Other(Box::new(transport::WsReader {
             frames,
             left: bytes::Bytes::new(),
-        }),
+        })),
         Box::new(transport::WsWriter { frames: sink }),
     ))
 }
 
-/// MQTT on a connection: decodes what it reads for the core, writes what the core sends.
+/// MQTT on a connection, in one task: decodes what it reads for the core, and encodes and
+/// writes what the core sends, whichever is ready first. One task rather than a reader and
+/// a writer halves what an idle connection costs (see design.md, "What an idle connection
+/// costs"); reading goes on while a write waits on a slow client, so neither side can
+/// block the other.
 #[allow(clippy::too_many_arguments)]
 async fn mqtt(
     conn: ConnId,
@@ -540,106 +571,73 @@ async fn mqtt(
     identity: Option<String>,
     over_limit: bool,
 ) {
-    let (connect_timeout, max_packet_size) = (l.connect_timeout, l.max_packet_size);
-    let (tx, mut rx) = mpsc::unbounded_channel::<ToConn>();
-    let refuse = tx.clone();
+    let max_packet_size = l.max_packet_size;
+    let (tx, mut rx) = line::line::<ToConn>();
+    // For a refusal at CONNECT, which the connection sends itself.
+    let mut refuse = Some(tx.clone());
     if to_core.send(ToCore::Accepted(conn, peer, tx)).is_err() {
         return;
     }
-    let version = Arc::new(AtomicU8::new(0));
-
-    let write_version = version.clone();
-    let metrics = l.metrics.clone();
-    // The writer's end (the broker closed the connection, or writing failed) ends the
-    // reading too: a client that ignores the close keeps nothing open.
-    let ended = Arc::new(tokio::sync::Notify::new());
-    let write_ended = ended.clone();
-    let write = tokio::spawn(async move {
-        // Grows with what is written; an idle connection keeps only what it has needed.
-        let mut buf = BytesMut::new();
-        while let Some(msg) = rx.recv().await {
-            let mut close = false;
-            let mut next = Some(msg);
-            let now = Instant::now();
-            // Everything already queued goes into the same buffer: one write per wakeup.
-            while let Some(msg) = next {
-                match msg {
-                    ToConn::Packets(batch) => {
-                        let (packets, since) = *batch;
-                        let v = protocol_from(write_version.load(Ordering::Acquire))
-                            .unwrap_or(Protocol::V3_1_1);
-                        let before = buf.len();
-                        for p in &packets {
-                            if let Err(e) = tern_codec::encode(p, v, &mut buf) {
-                                tracing::warn!(conn, error = %e, "packet not sendable in {v}");
-                            }
-                        }
-                        metrics.written(&packets, buf.len() - before, since, now);
-                    }
-                    ToConn::Close => close = true,
-                }
-                next = if close { None } else { rx.try_recv().ok() };
-            }
-            if !buf.is_empty()
-                && (writer.write_all(&buf).await.is_err() || writer.flush().await.is_err())
-            {
-                break;
-            }
-            buf.clear();
-            if close {
-                let _ = writer.shutdown().await;
-                break;
-            }
-        }
-        write_ended.notify_one();
-    });
-
+    // The whole CONNECT must arrive within the CONNECT timeout. Boxed, and dropped once
+    // the CONNECT is in: it would otherwise size the task for the connection's life.
+    let mut connect_timer = Some(Box::pin(tokio::time::sleep(l.connect_timeout)));
+    let mut version: Option<Protocol> = None;
     // Reads start small (most connections are idle most of the time) and double, up to
-    // 64 KiB, while each read fills the buffer; a short read brings them back down.
+    // 64 KiB, while each read fills the buffer; a short read brings them back down. A
+    // buffer read to its end is given back, so an idle connection holds none.
     let mut chunk = 512;
-    let mut buf = BytesMut::new();
-    let mut connected = false;
+    let mut rbuf = BytesMut::new();
+    // Grows with what is written; an idle connection keeps only what it has needed.
+    let mut wbuf = BytesMut::new();
+    let mut unflushed = false;
+    let mut reading = true;
+    // A Close from the core, or the core gone: write what is left, then end.
+    let mut closing = false;
     // Where this connection is counted in the listener's ConnCounts.
     let mut counted = 0;
-    'read: loop {
-        if buf.capacity() - buf.len() < chunk {
-            buf.reserve(chunk);
+    // Ends the reading side: from then on the connection only writes what the core still
+    // sends, until the core lets go of it.
+    let stop_reading = |reading: &mut bool, refuse: &mut Option<_>, counted: usize| {
+        if std::mem::take(reading) {
+            // Back to "none", where the Slot uncounts it.
+            l.counts.shift(counted, 0);
+            *refuse = None;
+            let _ = to_core.send(ToCore::Closed(conn));
         }
-        let spare = buf.capacity() - buf.len();
-        let read = if connected {
-            tokio::select! {
-                read = reader.read_buf(&mut buf) => read,
-                () = ended.notified() => break 'read,
-            }
-        } else {
-            tokio::select! {
-                read = tokio::time::timeout(connect_timeout, reader.read_buf(&mut buf)) => match read {
-                    Ok(r) => r,
-                    Err(_) => break 'read,
-                },
-                () = ended.notified() => break 'read,
-            }
-        };
-        let read_at = Instant::now();
-        match read {
-            Ok(0) | Err(_) => break 'read,
-            Ok(n) => {
-                l.metrics
-                    .bytes_received
-                    .fetch_add(n as u64, Ordering::Relaxed);
-            }
+    };
+    loop {
+        let writing = !wbuf.is_empty() || unflushed;
+        if !reading && closing && !writing {
+            let _ = writer.shutdown().await;
+            break;
         }
-        match read {
-            Ok(0) | Err(_) => break 'read,
-            Ok(n) if n == spare => chunk = (chunk * 2).min(64 * 1024),
-            Ok(n) if n < spare / 4 => chunk = 512,
-            Ok(_) => {}
-        }
-        loop {
-            let v = protocol_from(version.load(Ordering::Acquire));
-            match tern_codec::decode(&mut buf, v.unwrap_or(Protocol::V3_1_1), max_packet_size) {
-                Ok(Some(packet)) => {
-                    let mut packet = packet;
+        tokio::select! {
+            read = reader.read_some(&mut rbuf, chunk), if reading => {
+                let read_at = Instant::now();
+                let spare = rbuf.capacity() + read.as_ref().map_or(0, |n| *n) - rbuf.len();
+                let n = match read {
+                    Ok(0) | Err(_) => {
+                        stop_reading(&mut reading, &mut refuse, counted);
+                        continue;
+                    }
+                    Ok(n) => n,
+                };
+                l.metrics.bytes_received.fetch_add(n as u64, Ordering::Relaxed);
+                if n == spare {
+                    chunk = (chunk * 2).min(64 * 1024);
+                } else if n < spare / 4 {
+                    chunk = 512;
+                }
+                let end = loop {
+                    let v = version.unwrap_or(Protocol::V3_1_1);
+                    let mut packet = match tern_codec::decode(&mut rbuf, v, max_packet_size) {
+                        Ok(Some(packet)) => packet,
+                        Ok(None) => break false,
+                        Err(e) => {
+                            let _ = to_core.send(ToCore::DecodeError(conn, version, e));
+                            break true;
+                        }
+                    };
                     l.metrics.packets_received.fetch_add(1, Ordering::Relaxed);
                     if let Packet::Publish(p) = &packet {
                         let q = p.qos_pid.qos() as usize;
@@ -647,62 +645,127 @@ async fn mqtt(
                         l.metrics.payload_received[q]
                             .fetch_add(p.payload.len() as u64, Ordering::Relaxed);
                     }
-                    if let Packet::Connect(c) = &mut packet {
-                        if connected {
-                            // A second CONNECT: the engine reports the protocol error.
-                        } else {
-                            version.store(protocol_code(c.protocol), Ordering::Release);
-                            connected = true;
-                            counted = ConnCounts::index(protocol_code(c.protocol));
-                            l.counts.shift(0, counted);
-                            let access = l.access.borrow().clone();
-                            let anonymous = l.allow_anonymous.unwrap_or(access.allow_anonymous);
-                            let checked = if over_limit {
-                                tracing::warn!(conn, %peer, listener = %l.name, "connection limit reached");
-                                Err(ReasonCode::QuotaExceeded)
-                            } else if let Some(name) = &identity {
-                                // The certificate vouches for the client: its CN is the
-                                // username, and no password is checked.
-                                c.username = Some(name.as_str().into());
-                                c.password = None;
-                                Ok(())
-                            } else if access.costly(c) {
-                                // Hashing takes milliseconds: off the runtime's threads.
-                                let c = c.clone();
-                                tokio::task::spawn_blocking(move || access.check_as(&c, anonymous))
-                                    .await
-                                    .unwrap_or(Err(ReasonCode::ServerUnavailable))
-                            } else {
-                                access.check_as(c, anonymous)
-                            };
-                            if let Err(reason) = checked {
-                                tracing::info!(conn, %peer, client_id = %c.client_id, user = c.username.as_deref().unwrap_or("-"), ?reason, "refused at CONNECT");
-                                let ack = tern_codec::ConnAck::new(false, reason);
+                    if let Packet::Connect(c) = &mut packet
+                        && version.is_none()
+                    {
+                        // (A second CONNECT goes to the engine, which reports the
+                        // protocol error.)
+                        version = Some(c.protocol);
+                        connect_timer = None;
+                        counted = ConnCounts::index(c.protocol.level());
+                        l.counts.shift(0, counted);
+                        // Boxed: a future needed once per connection does not size its task.
+                        let admitted = Box::pin(admit(c, l, identity.as_deref(), over_limit));
+                        if let Err(reason) = admitted.await {
+                            tracing::info!(conn, %peer, client_id = %c.client_id, user = c.username.as_deref().unwrap_or("-"), ?reason, "refused at CONNECT");
+                            let ack = tern_codec::ConnAck::new(false, reason);
+                            if let Some(refuse) = &refuse {
                                 let _ = refuse.send(ToConn::Packets(Box::new((
                                     vec![Packet::ConnAck(ack)],
                                     Instant::now(),
                                 ))));
                                 let _ = refuse.send(ToConn::Close);
-                                break 'read;
                             }
+                            break true;
                         }
                     }
                     if to_core.send(ToCore::Packet(conn, packet, read_at)).is_err() {
-                        break 'read;
+                        break true;
+                    }
+                };
+                if end {
+                    stop_reading(&mut reading, &mut refuse, counted);
+                } else if rbuf.is_empty() {
+                    rbuf = BytesMut::new();
+                }
+            }
+            written = write_some(&mut writer, &wbuf), if writing => match written {
+                Ok(0) if !wbuf.is_empty() => break,
+                Ok(n) if !wbuf.is_empty() => {
+                    wbuf.advance(n);
+                    if wbuf.is_empty() {
+                        wbuf.clear();
                     }
                 }
-                Ok(None) => break,
-                Err(e) => {
-                    let _ = to_core.send(ToCore::DecodeError(conn, v, e));
-                    break 'read;
+                Ok(_) => unflushed = false,
+                Err(_) => break,
+            },
+            msgs = rx.recv_all(), if !writing && !closing => {
+                let Some(msgs) = msgs else {
+                    closing = true;
+                    continue;
+                };
+                let now = Instant::now();
+                // Everything already queued goes into the same buffer: one write per wakeup.
+                for msg in msgs {
+                    match msg {
+                        ToConn::Packets(batch) => {
+                            let (packets, since) = *batch;
+                            let v = version.unwrap_or(Protocol::V3_1_1);
+                            let before = wbuf.len();
+                            for p in &packets {
+                                if let Err(e) = tern_codec::encode(p, v, &mut wbuf) {
+                                    tracing::warn!(conn, error = %e, "packet not sendable in {v}");
+                                }
+                            }
+                            l.metrics.written(&packets, wbuf.len() - before, since, now);
+                        }
+                        ToConn::Close => {
+                            closing = true;
+                            // Nothing read after the close is acted on.
+                            stop_reading(&mut reading, &mut refuse, counted);
+                        }
+                    }
+                    if closing {
+                        break;
+                    }
                 }
+                unflushed = !wbuf.is_empty();
+            }
+            () = async { connect_timer.as_mut().expect("enabled only while set").await }, if reading && connect_timer.is_some() => {
+                stop_reading(&mut reading, &mut refuse, counted);
             }
         }
     }
-    // Back to "none", where the Slot uncounts it.
-    l.counts.shift(counted, 0);
-    // The writer ends when every sender is gone (the core drops its own on Closed).
-    drop(refuse);
-    let _ = to_core.send(ToCore::Closed(conn));
-    let _ = write.await;
+    // Writing failed or ended: the client is gone, whatever the core still sends.
+    stop_reading(&mut reading, &mut refuse, counted);
+}
+
+/// Writes some of `buf`, or flushes once it is all written.
+async fn write_some(writer: &mut Writer, buf: &[u8]) -> std::io::Result<usize> {
+    if buf.is_empty() {
+        writer.flush().await.map(|()| 0)
+    } else {
+        writer.write(buf).await
+    }
+}
+
+/// Whether a CONNECT may go on to the core: the listener's connection limit, then the
+/// client certificate's identity or the password file.
+async fn admit(
+    c: &mut tern_codec::Connect,
+    l: &ListenerCtx,
+    identity: Option<&str>,
+    over_limit: bool,
+) -> Result<(), ReasonCode> {
+    let access = l.access.borrow().clone();
+    let anonymous = l.allow_anonymous.unwrap_or(access.allow_anonymous);
+    if over_limit {
+        tracing::warn!(listener = %l.name, "connection limit reached");
+        Err(ReasonCode::QuotaExceeded)
+    } else if let Some(name) = identity {
+        // The certificate vouches for the client: its CN is the username, and no
+        // password is checked.
+        c.username = Some(name.into());
+        c.password = None;
+        Ok(())
+    } else if access.costly(c) {
+        // Hashing takes milliseconds: off the runtime's threads.
+        let c = c.clone();
+        tokio::task::spawn_blocking(move || access.check_as(&c, anonymous))
+            .await
+            .unwrap_or(Err(ReasonCode::ServerUnavailable))
+    } else {
+        access.check_as(c, anonymous)
+    }
 }

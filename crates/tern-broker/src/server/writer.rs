@@ -21,7 +21,7 @@ use super::{Persistence, ToConn, ToCore};
 use crate::metrics::Metrics;
 
 /// Sends waiting on a commit: each to its connection, in order.
-type Sends = Vec<(mpsc::UnboundedSender<ToConn>, ToConn)>;
+type Sends = Vec<(super::line::Sender<ToConn>, ToConn)>;
 
 enum Job {
     Commit { ops: Vec<Op>, sends: Sends },
