@@ -1,4 +1,6 @@
-//! Topic aliases (5.0 section 3.3.2.3.4): per connection, one table each way.
+//! Topic aliases (5.0 section 3.3.2.3.4): per connection, one table each way. Every
+//! connection has both, most never use them: each takes no memory beyond a few words
+//! until the first alias is bound.
 
 use std::collections::HashMap;
 use std::num::NonZeroU16;
@@ -9,7 +11,9 @@ use tern_codec::TopicName;
 #[derive(Debug, Default)]
 pub(crate) struct Inbound {
     maximum: u16,
-    topics: HashMap<u16, TopicName>,
+    /// Topic bound to each alias, indexed by alias - 1 (empty: unbound). It grows to the
+    /// highest alias used, which our own maximum bounds.
+    topics: Vec<TopicName>,
 }
 
 /// Why an inbound alias could not be used.
@@ -25,7 +29,7 @@ impl Inbound {
     pub(crate) fn new(maximum: u16) -> Inbound {
         Inbound {
             maximum,
-            topics: HashMap::new(),
+            topics: Vec::new(),
         }
     }
 
@@ -38,14 +42,19 @@ impl Inbound {
         if alias.get() > self.maximum {
             return Err(AliasError::OutOfRange);
         }
+        let slot = usize::from(alias.get() - 1);
         if topic.is_empty() {
             return self
                 .topics
-                .get(&alias.get())
+                .get(slot)
+                .filter(|t| !t.is_empty())
                 .cloned()
                 .ok_or(AliasError::Unknown);
         }
-        self.topics.insert(alias.get(), topic.clone());
+        if self.topics.len() <= slot {
+            self.topics.resize(slot + 1, TopicName::empty());
+        }
+        self.topics[slot] = topic.clone();
         Ok(topic)
     }
 }
@@ -56,6 +65,12 @@ impl Inbound {
 #[derive(Debug, Default)]
 pub(crate) struct Outbound {
     maximum: u16,
+    /// Made at the first binding.
+    table: Option<Box<OutboundTable>>,
+}
+
+#[derive(Debug, Default)]
+struct OutboundTable {
     by_topic: HashMap<TopicName, u16>,
     /// Topic bound to each alias, indexed by alias - 1.
     slots: Vec<TopicName>,
@@ -87,13 +102,16 @@ impl Outbound {
         if self.maximum == 0 {
             return Choice::Plain;
         }
-        if let Some(&alias) = self.by_topic.get(topic) {
+        let Some(table) = &self.table else {
+            return Choice::Bind(NonZeroU16::MIN);
+        };
+        if let Some(&alias) = table.by_topic.get(topic) {
             return Choice::Use(NonZeroU16::new(alias).unwrap_or(NonZeroU16::MIN));
         }
-        let slot = if self.slots.len() < usize::from(self.maximum) {
-            self.slots.len()
+        let slot = if table.slots.len() < usize::from(self.maximum) {
+            table.slots.len()
         } else {
-            self.next_victim
+            table.next_victim
         };
         Choice::Bind(NonZeroU16::new(slot as u16 + 1).unwrap_or(NonZeroU16::MIN))
     }
@@ -101,15 +119,16 @@ impl Outbound {
     /// Records a [`Choice::Bind`] once the PUBLISH carrying it is really sent.
     pub(crate) fn commit(&mut self, topic: &TopicName, choice: Choice) {
         let Choice::Bind(alias) = choice else { return };
+        let table = self.table.get_or_insert_default();
         let slot = usize::from(alias.get() - 1);
-        if slot == self.slots.len() {
-            self.slots.push(topic.clone());
+        if slot == table.slots.len() {
+            table.slots.push(topic.clone());
         } else {
-            let old = std::mem::replace(&mut self.slots[slot], topic.clone());
-            self.by_topic.remove(&old);
-            self.next_victim = (slot + 1) % self.slots.len();
+            let old = std::mem::replace(&mut table.slots[slot], topic.clone());
+            table.by_topic.remove(&old);
+            table.next_victim = (slot + 1) % table.slots.len();
         }
-        self.by_topic.insert(topic.clone(), alias.get());
+        table.by_topic.insert(topic.clone(), alias.get());
     }
 }
 

@@ -96,7 +96,7 @@ pub(crate) struct Receiver<T>(Arc<Shared<T>>);
 impl<T> Receiver<T> {
     /// Everything queued, in order, waiting until there is something; `None` once every
     /// sender is gone and nothing is left. Cancel-safe: nothing is taken unless returned.
-    pub(crate) async fn recv_all(&mut self) -> Option<Vec<T>> {
+    pub(crate) fn recv_all(&mut self) -> impl Future<Output = Option<Vec<T>>> + '_ {
         poll_fn(|cx| {
             let mut state = self.0.lock();
             if !state.queue.is_empty() {
@@ -111,7 +111,6 @@ impl<T> Receiver<T> {
             }
             Poll::Pending
         })
-        .await
     }
 }
 

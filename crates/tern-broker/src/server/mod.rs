@@ -334,7 +334,14 @@ pub async fn run(server: Server, shutdown: impl Future<Output = ()>) -> Result<(
                     || max_connections.is_some_and(|m| all > m);
                 tracing::info!(conn, %peer, listener = %listener.name, "accepted");
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(connection(conn, stream, peer, to_core.clone(), slot, over));
+                tokio::spawn(connection(Box::new(Accepted {
+                    conn,
+                    stream,
+                    peer,
+                    to_core: to_core.clone(),
+                    slot,
+                    over_limit: over,
+                })));
             }
         }));
     }
@@ -435,54 +442,109 @@ impl Reader {
     /// Reads what is available into `buf`, first making room for `chunk` more bytes. On
     /// plain TCP an empty buffer is given back while the socket has nothing to read, and
     /// room is made only once it has: an idle connection holds no read buffer.
-    async fn read_some(&mut self, buf: &mut BytesMut, chunk: usize) -> std::io::Result<usize> {
-        match self {
-            Reader::Tcp(r) => {
-                std::future::poll_fn(|cx| {
+    /// A plain function over `poll_fn` rather than an `async fn`: the future is kept in
+    /// every connection's task, so its size counts.
+    fn read_some<'a>(
+        &'a mut self,
+        buf: &'a mut BytesMut,
+        chunk: usize,
+    ) -> impl Future<Output = std::io::Result<usize>> + 'a {
+        std::future::poll_fn(move |cx| {
+            let r: &mut (dyn AsyncRead + Unpin + Send) = match self {
+                Reader::Tcp(r) => {
                     if buf.is_empty() {
                         // A read into nothing waits for readability and takes no data.
                         let mut nothing = tokio::io::ReadBuf::new(&mut []);
                         std::task::ready!(std::pin::Pin::new(&mut *r).poll_read(cx, &mut nothing))?;
                     }
-                    if buf.capacity() - buf.len() < chunk {
-                        buf.reserve(chunk);
-                    }
-                    let read = std::pin::pin!(r.read_buf(&mut *buf)).poll(cx);
-                    if read.is_pending() && buf.is_empty() {
-                        *buf = BytesMut::new();
-                    }
-                    read
-                })
-                .await
-            }
-            Reader::Other(r) => {
-                if buf.capacity() - buf.len() < chunk {
-                    buf.reserve(chunk);
+                    r
                 }
-                r.read_buf(buf).await
+                Reader::Other(r) => r,
+            };
+            if buf.capacity() - buf.len() < chunk {
+                buf.reserve(chunk);
             }
+            let read = std::pin::pin!(r.read_buf(&mut *buf)).poll(cx);
+            if read.is_pending() && buf.is_empty() {
+                *buf = BytesMut::new();
+            }
+            read
+        })
+    }
+}
+
+/// A connection's writing half; plain TCP unboxed, like [`Reader`].
+enum Writer {
+    Tcp(tokio::net::tcp::OwnedWriteHalf),
+    Other(Box<dyn AsyncWrite + Unpin + Send>),
+}
+
+impl AsyncWrite for Writer {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Writer::Tcp(w) => std::pin::Pin::new(w).poll_write(cx, buf),
+            Writer::Other(w) => std::pin::Pin::new(w).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Writer::Tcp(w) => std::pin::Pin::new(w).poll_flush(cx),
+            Writer::Other(w) => std::pin::Pin::new(w).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Writer::Tcp(w) => std::pin::Pin::new(w).poll_shutdown(cx),
+            Writer::Other(w) => std::pin::Pin::new(w).poll_shutdown(cx),
         }
     }
 }
 
-type Writer = Box<dyn AsyncWrite + Unpin + Send>;
-
 /// TLS and WebSocket handshakes, within the CONNECT timeout; then MQTT.
-async fn connection(
+/// A connection just accepted: what its task starts from. Boxed, so that none of it is
+/// kept in the task for the connection's life (a future keeps its arguments throughout).
+struct Accepted {
     conn: ConnId,
     stream: TcpStream,
     peer: SocketAddr,
     to_core: mpsc::UnboundedSender<ToCore>,
     slot: Slot,
     over_limit: bool,
-) {
+}
+
+async fn connection(accepted: Box<Accepted>) {
+    let Accepted {
+        conn,
+        stream,
+        peer,
+        to_core,
+        slot,
+        over_limit,
+    } = {
+        // Moved out in a block of its own, so the box is freed now, not when the
+        // connection ends.
+        let accepted = accepted;
+        *accepted
+    };
     let l = slot.0.clone();
     let handshake = async {
         let mut identity = None;
         let (reader, writer): (Reader, Writer) = match (&l.transport.tls(), l.transport.ws_path()) {
             (None, None) => {
                 let (r, w) = stream.into_split();
-                (Reader::Tcp(r), Box::new(w))
+                (Reader::Tcp(r), Writer::Tcp(w))
             }
             (Some(tls), path) => {
                 let tls = tls
@@ -501,7 +563,7 @@ async fn connection(
                 match path {
                     None => {
                         let (r, w) = tokio::io::split(tls);
-                        (Reader::Other(Box::new(r)), Box::new(w))
+                        (Reader::Other(Box::new(r)), Writer::Other(Box::new(w)))
                     }
                     Some(path) => ws_halves(tls, path, l.max_packet_size).await?,
                 }
@@ -526,10 +588,12 @@ async fn connection(
             return;
         }
     };
-    mqtt(
-        conn, reader, writer, peer, to_core, &l, identity, over_limit,
-    )
-    .await;
+    let hello = Box::new(Hello {
+        peer,
+        identity,
+        over_limit,
+    });
+    session_io(conn, reader, writer, to_core, &l, hello).await;
     drop(slot);
 }
 
@@ -551,60 +615,76 @@ where
             frames,
             left: bytes::Bytes::new(),
         })),
-        Box::new(transport::WsWriter { frames: sink }),
+        Writer::Other(Box::new(transport::WsWriter { frames: sink })),
     ))
 }
 
-/// MQTT on a connection, in one task: decodes what it reads for the core, and encodes and
-/// writes what the core sends, whichever is ready first. One task rather than a reader and
-/// a writer halves what an idle connection costs (see design.md, "What an idle connection
-/// costs"); reading goes on while a write waits on a slow client, so neither side can
-/// block the other.
-#[allow(clippy::too_many_arguments)]
-async fn mqtt(
+/// MQTT on a connection, in one task: after the CONNECT phase, decodes what it reads for
+/// the core, and encodes and writes what the core sends, whichever is ready first. One
+/// task rather than a reader and a writer, and the CONNECT phase boxed apart, keep what
+/// an idle connection costs small (see design.md, "What an idle connection costs");
+/// reading goes on while a write waits on a slow client, so neither side can block the
+/// other.
+async fn session_io(
     conn: ConnId,
     mut reader: Reader,
     mut writer: Writer,
-    peer: SocketAddr,
     to_core: mpsc::UnboundedSender<ToCore>,
     l: &ListenerCtx,
-    identity: Option<String>,
-    over_limit: bool,
+    hello: Box<Hello>,
 ) {
-    let max_packet_size = l.max_packet_size;
     let (tx, mut rx) = line::line::<ToConn>();
-    // For a refusal at CONNECT, which the connection sends itself.
-    let mut refuse = Some(tx.clone());
-    if to_core.send(ToCore::Accepted(conn, peer, tx)).is_err() {
+    if to_core
+        .send(ToCore::Accepted(conn, hello.peer, tx))
+        .is_err()
+    {
         return;
     }
-    // The whole CONNECT must arrive within the CONNECT timeout. Boxed, and dropped once
-    // the CONNECT is in: it would otherwise size the task for the connection's life.
-    let mut connect_timer = Some(Box::pin(tokio::time::sleep(l.connect_timeout)));
-    let mut version: Option<Protocol> = None;
-    // Reads start small (most connections are idle most of the time) and double, up to
-    // 64 KiB, while each read fills the buffer; a short read brings them back down. A
-    // buffer read to its end is given back, so an idle connection holds none.
-    let mut chunk = 512;
     let mut rbuf = BytesMut::new();
+    // Boxed: it runs once, and would otherwise size the task for the connection's life.
+    let start = Box::pin(connect_phase(
+        conn,
+        &mut reader,
+        &mut rbuf,
+        &to_core,
+        l,
+        hello,
+    ))
+    .await;
     // Grows with what is written; an idle connection keeps only what it has needed.
     let mut wbuf = BytesMut::new();
-    let mut unflushed = false;
-    let mut reading = true;
+    let mut version = None;
     // A Close from the core, or the core gone: write what is left, then end.
     let mut closing = false;
-    // Where this connection is counted in the listener's ConnCounts.
-    let mut counted = 0;
-    // Ends the reading side: from then on the connection only writes what the core still
-    // sends, until the core lets go of it.
-    let stop_reading = |reading: &mut bool, refuse: &mut Option<_>, counted: usize| {
-        if std::mem::take(reading) {
-            // Back to "none", where the Slot uncounts it.
-            l.counts.shift(counted, 0);
-            *refuse = None;
-            let _ = to_core.send(ToCore::Closed(conn));
+    // False once reading has ended: from then on the connection only writes what the
+    // core still sends, until the core lets go of it.
+    let mut reading = match start {
+        Start::Connected(v) => {
+            version = Some(v);
+            // Whatever arrived along with the CONNECT.
+            !decode_all(conn, &mut rbuf, v, &to_core, l, Instant::now())
         }
+        Start::Refused(v, reason) => {
+            let ack = Packet::ConnAck(tern_codec::ConnAck::new(false, reason));
+            if let Err(e) = tern_codec::encode(&ack, v, &mut wbuf) {
+                tracing::warn!(conn, error = %e, "CONNACK not sendable in {v}");
+            }
+            closing = true;
+            false
+        }
+        Start::Ended => false,
     };
+    if !reading {
+        stop_reading(l, &to_core, conn, version);
+    }
+    if rbuf.is_empty() {
+        // Given back: an idle connection holds no read buffer.
+        rbuf = BytesMut::new();
+    }
+    // Reads start small (most connections are idle most of the time) and double, up to
+    // 64 KiB, while each read fills the buffer; a short read brings them back down.
+    let mut chunk = 512;
+    let mut unflushed = !wbuf.is_empty();
     loop {
         let writing = !wbuf.is_empty() || unflushed;
         if !reading && closing && !writing {
@@ -614,68 +694,27 @@ async fn mqtt(
         tokio::select! {
             read = reader.read_some(&mut rbuf, chunk), if reading => {
                 let read_at = Instant::now();
-                let spare = rbuf.capacity() + read.as_ref().map_or(0, |n| *n) - rbuf.len();
                 let n = match read {
-                    Ok(0) | Err(_) => {
-                        stop_reading(&mut reading, &mut refuse, counted);
+                    Ok(n) if n > 0 => n,
+                    _ => {
+                        reading = false;
+                        stop_reading(l, &to_core, conn, version);
                         continue;
                     }
-                    Ok(n) => n,
                 };
                 l.metrics.bytes_received.fetch_add(n as u64, Ordering::Relaxed);
+                let spare = rbuf.capacity() + n - rbuf.len();
                 if n == spare {
                     chunk = (chunk * 2).min(64 * 1024);
                 } else if n < spare / 4 {
                     chunk = 512;
                 }
-                let end = loop {
-                    let v = version.unwrap_or(Protocol::V3_1_1);
-                    let mut packet = match tern_codec::decode(&mut rbuf, v, max_packet_size) {
-                        Ok(Some(packet)) => packet,
-                        Ok(None) => break false,
-                        Err(e) => {
-                            let _ = to_core.send(ToCore::DecodeError(conn, version, e));
-                            break true;
-                        }
-                    };
-                    l.metrics.packets_received.fetch_add(1, Ordering::Relaxed);
-                    if let Packet::Publish(p) = &packet {
-                        let q = p.qos_pid.qos() as usize;
-                        l.metrics.received[q].fetch_add(1, Ordering::Relaxed);
-                        l.metrics.payload_received[q]
-                            .fetch_add(p.payload.len() as u64, Ordering::Relaxed);
-                    }
-                    if let Packet::Connect(c) = &mut packet
-                        && version.is_none()
-                    {
-                        // (A second CONNECT goes to the engine, which reports the
-                        // protocol error.)
-                        version = Some(c.protocol);
-                        connect_timer = None;
-                        counted = ConnCounts::index(c.protocol.level());
-                        l.counts.shift(0, counted);
-                        // Boxed: a future needed once per connection does not size its task.
-                        let admitted = Box::pin(admit(c, l, identity.as_deref(), over_limit));
-                        if let Err(reason) = admitted.await {
-                            tracing::info!(conn, %peer, client_id = %c.client_id, user = c.username.as_deref().unwrap_or("-"), ?reason, "refused at CONNECT");
-                            let ack = tern_codec::ConnAck::new(false, reason);
-                            if let Some(refuse) = &refuse {
-                                let _ = refuse.send(ToConn::Packets(Box::new((
-                                    vec![Packet::ConnAck(ack)],
-                                    Instant::now(),
-                                ))));
-                                let _ = refuse.send(ToConn::Close);
-                            }
-                            break true;
-                        }
-                    }
-                    if to_core.send(ToCore::Packet(conn, packet, read_at)).is_err() {
-                        break true;
-                    }
-                };
-                if end {
-                    stop_reading(&mut reading, &mut refuse, counted);
+                let v = version.unwrap_or(Protocol::V3_1_1);
+                if decode_all(conn, &mut rbuf, v, &to_core, l, read_at) {
+                    reading = false;
+                    stop_reading(l, &to_core, conn, version);
                 } else if rbuf.is_empty() {
+                    // Given back: an idle connection holds no read buffer.
                     rbuf = BytesMut::new();
                 }
             }
@@ -696,7 +735,7 @@ async fn mqtt(
                     continue;
                 };
                 let now = Instant::now();
-                // Everything already queued goes into the same buffer: one write per wakeup.
+                // Everything queued goes into the same buffer: one write per wakeup.
                 for msg in msgs {
                     match msg {
                         ToConn::Packets(batch) => {
@@ -713,31 +752,169 @@ async fn mqtt(
                         ToConn::Close => {
                             closing = true;
                             // Nothing read after the close is acted on.
-                            stop_reading(&mut reading, &mut refuse, counted);
+                            if std::mem::take(&mut reading) {
+                                stop_reading(l, &to_core, conn, version);
+                            }
+                            break;
                         }
-                    }
-                    if closing {
-                        break;
                     }
                 }
                 unflushed = !wbuf.is_empty();
             }
-            () = async { connect_timer.as_mut().expect("enabled only while set").await }, if reading && connect_timer.is_some() => {
-                stop_reading(&mut reading, &mut refuse, counted);
-            }
         }
     }
     // Writing failed or ended: the client is gone, whatever the core still sends.
-    stop_reading(&mut reading, &mut refuse, counted);
+    if reading {
+        stop_reading(l, &to_core, conn, version);
+    }
+}
+
+/// What only the CONNECT phase needs, boxed and dropped when it ends.
+struct Hello {
+    peer: SocketAddr,
+    /// The client certificate's common name, when it stands for the username.
+    identity: Option<String>,
+    /// Over the listener's or the server's connection limit: refused with 0x97.
+    over_limit: bool,
+}
+
+/// How the CONNECT phase ended.
+enum Start {
+    /// The CONNECT went to the core, in this version.
+    Connected(Protocol),
+    /// Refused before reaching the core: the CONNACK's version and reason.
+    Refused(Protocol, ReasonCode),
+    /// No CONNECT: closed, timed out, or malformed (the core was told).
+    Ended,
+}
+
+/// Reads the first packet, within the CONNECT timeout, and admits it: a CONNECT that the
+/// listener's limits and the password file let through goes to the core.
+async fn connect_phase(
+    conn: ConnId,
+    reader: &mut Reader,
+    rbuf: &mut BytesMut,
+    to_core: &mpsc::UnboundedSender<ToCore>,
+    l: &ListenerCtx,
+    hello: Box<Hello>,
+) -> Start {
+    let Hello {
+        peer,
+        identity,
+        over_limit,
+    } = *hello;
+    let first = async {
+        loop {
+            if let Some(packet) = tern_codec::decode(rbuf, Protocol::V3_1_1, l.max_packet_size)? {
+                return Ok(Some(packet));
+            }
+            match reader.read_some(rbuf, 512).await {
+                Ok(n) if n > 0 => {
+                    l.metrics
+                        .bytes_received
+                        .fetch_add(n as u64, Ordering::Relaxed);
+                }
+                _ => return Ok(None),
+            }
+        }
+    };
+    let mut packet = match tokio::time::timeout(l.connect_timeout, first).await {
+        Ok(Ok(Some(packet))) => packet,
+        Ok(Err(e)) => {
+            let _ = to_core.send(ToCore::DecodeError(conn, None, e));
+            return Start::Ended;
+        }
+        Ok(Ok(None)) | Err(_) => return Start::Ended,
+    };
+    count_received(&packet, l);
+    let mut start = Start::Ended;
+    if let Packet::Connect(c) = &mut packet {
+        let counted = ConnCounts::index(c.protocol.level());
+        l.counts.shift(0, counted);
+        if let Err(reason) = admit(c, l, identity.as_deref(), over_limit).await {
+            tracing::info!(conn, %peer, client_id = %c.client_id, user = c.username.as_deref().unwrap_or("-"), ?reason, "refused at CONNECT");
+            l.counts.shift(counted, 0);
+            return Start::Refused(c.protocol, reason);
+        }
+        start = Start::Connected(c.protocol);
+    }
+    // Anything else first is the core's to refuse (a protocol error).
+    if to_core
+        .send(ToCore::Packet(conn, packet, Instant::now()))
+        .is_err()
+    {
+        if let Start::Connected(v) = start {
+            l.counts.shift(ConnCounts::index(v.level()), 0);
+        }
+        return Start::Ended;
+    }
+    start
+}
+
+/// Ends a connection's reading side: it is uncounted from its protocol version's
+/// ConnCounts (back to "none", where the Slot uncounts it), and the core is told.
+fn stop_reading(
+    l: &ListenerCtx,
+    to_core: &mpsc::UnboundedSender<ToCore>,
+    conn: ConnId,
+    version: Option<Protocol>,
+) {
+    l.counts
+        .shift(version.map_or(0, |v| ConnCounts::index(v.level())), 0);
+    let _ = to_core.send(ToCore::Closed(conn));
+}
+
+/// Counts a packet read.
+fn count_received(packet: &Packet, l: &ListenerCtx) {
+    l.metrics.packets_received.fetch_add(1, Ordering::Relaxed);
+    if let Packet::Publish(p) = packet {
+        let q = p.qos_pid.qos() as usize;
+        l.metrics.received[q].fetch_add(1, Ordering::Relaxed);
+        l.metrics.payload_received[q].fetch_add(p.payload.len() as u64, Ordering::Relaxed);
+    }
+}
+
+/// Decodes every whole packet in `rbuf` and hands each to the core; true if the
+/// connection must stop reading (malformed input, or the core is gone).
+fn decode_all(
+    conn: ConnId,
+    rbuf: &mut BytesMut,
+    v: Protocol,
+    to_core: &mpsc::UnboundedSender<ToCore>,
+    l: &ListenerCtx,
+    read_at: Instant,
+) -> bool {
+    loop {
+        match tern_codec::decode(rbuf, v, l.max_packet_size) {
+            Ok(Some(packet)) => {
+                count_received(&packet, l);
+                // (A second CONNECT goes to the engine, which reports the protocol error.)
+                if to_core.send(ToCore::Packet(conn, packet, read_at)).is_err() {
+                    return true;
+                }
+            }
+            Ok(None) => return false,
+            Err(e) => {
+                let _ = to_core.send(ToCore::DecodeError(conn, Some(v), e));
+                return true;
+            }
+        }
+    }
 }
 
 /// Writes some of `buf`, or flushes once it is all written.
-async fn write_some(writer: &mut Writer, buf: &[u8]) -> std::io::Result<usize> {
-    if buf.is_empty() {
-        writer.flush().await.map(|()| 0)
-    } else {
-        writer.write(buf).await
-    }
+fn write_some<'a>(
+    writer: &'a mut Writer,
+    buf: &'a [u8],
+) -> impl Future<Output = std::io::Result<usize>> + 'a {
+    std::future::poll_fn(move |cx| {
+        let writer = std::pin::Pin::new(&mut *writer);
+        if buf.is_empty() {
+            writer.poll_flush(cx).map_ok(|()| 0)
+        } else {
+            writer.poll_write(cx, buf)
+        }
+    })
 }
 
 /// Whether a CONNECT may go on to the core: the listener's connection limit, then the

@@ -129,8 +129,7 @@ impl Broker {
         );
         let session = self.sessions.entry(client_id.clone()).or_insert_with(|| {
             Box::new(Session {
-                conn: None,
-                stored: SessionState::new(),
+                conn: Link::Offline(SessionState::new()),
                 subscriptions: BTreeMap::new(),
                 expiry,
                 expires_at: None,
@@ -146,15 +145,15 @@ impl Broker {
         session.expiry = expiry;
         session.username = connect.username.as_deref().map(Str::from);
         session.expires_at = None;
-        session.will = connect.will;
+        session.will = connect.will.map(Box::new);
         // Back in time: a delayed will from the last connection is not sent.
         session.pending_will = None;
         session.problem_info = connect
             .properties
             .request_problem_information
             .unwrap_or(true);
-        let stored = std::mem::take(&mut session.stored);
-        session.conn = Some((conn, Connection::new(config, stored, present, now)));
+        let stored = session.conn.take_stored();
+        session.conn = Link::Online((conn, Connection::new(config, stored, present, now)));
         self.touch(&client_id);
         self.put_session(&client_id);
         self.conns.insert(conn, client_id.clone());

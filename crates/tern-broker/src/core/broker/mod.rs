@@ -150,18 +150,16 @@ impl Default for Settings {
 }
 
 struct Session {
-    /// The live connection, if any.
-    conn: Option<(ConnId, Connection)>,
-    /// The durable state while no connection is up.
-    stored: SessionState,
+    /// The live connection, or the durable state while no connection is up.
+    conn: Link,
     subscriptions: BTreeMap<TopicFilter, (SubscriptionOptions, Option<SubscriptionId>)>,
     /// How long the session outlives its connection; zero ends it with the connection.
     expiry: Duration,
     /// When an offline session ends.
     expires_at: Option<Instant>,
-    will: Option<LastWill>,
+    will: Option<Box<LastWill>>,
     /// A will waiting out its Will Delay Interval after the connection ended.
-    pending_will: Option<(Instant, LastWill)>,
+    pending_will: Option<Box<(Instant, LastWill)>>,
     /// Whether the store holds this session. Sessions that end with their connection
     /// (expiry zero) are never written.
     persisted: bool,
@@ -178,8 +176,59 @@ struct Session {
 impl Session {
     fn state_mut(&mut self) -> &mut SessionState {
         match &mut self.conn {
-            Some((_, c)) => c.session_mut(),
-            None => &mut self.stored,
+            Link::Online((_, c)) => c.session_mut(),
+            Link::Offline(stored) => stored,
+        }
+    }
+}
+
+/// A session's live connection, whose engine holds the delivery state, or that state on
+/// its own while the client is away. One or the other, never both: an online session
+/// does not also carry an empty offline state (every idle connection would pay for it).
+/// The size difference is the point: the session itself is boxed, and boxing the
+/// connection too would cost every online session an allocation.
+#[allow(clippy::large_enum_variant)]
+enum Link {
+    Offline(SessionState),
+    Online((ConnId, Connection)),
+}
+
+impl Link {
+    fn is_some(&self) -> bool {
+        matches!(self, Link::Online(_))
+    }
+
+    fn as_ref(&self) -> Option<&(ConnId, Connection)> {
+        match self {
+            Link::Online(c) => Some(c),
+            Link::Offline(_) => None,
+        }
+    }
+
+    fn as_mut(&mut self) -> Option<&mut (ConnId, Connection)> {
+        match self {
+            Link::Online(c) => Some(c),
+            Link::Offline(_) => None,
+        }
+    }
+
+    /// Takes the connection, if any, leaving an empty offline state for the caller to
+    /// replace with the connection's.
+    fn take(&mut self) -> Option<(ConnId, Connection)> {
+        match std::mem::replace(self, Link::Offline(SessionState::new())) {
+            Link::Online(c) => Some(c),
+            offline => {
+                *self = offline;
+                None
+            }
+        }
+    }
+
+    /// The state kept while offline (empty while online).
+    fn take_stored(&mut self) -> SessionState {
+        match self {
+            Link::Offline(stored) => std::mem::take(stored),
+            Link::Online(_) => SessionState::new(),
         }
     }
 }
@@ -310,14 +359,15 @@ impl Broker {
                 Some(at) => broker.instant(at),
                 None => now + r.expiry,
             };
-            let pending_will = r.pending_will.map(|p| (broker.instant(p.at), p.will));
+            let pending_will = r
+                .pending_will
+                .map(|p| Box::new((broker.instant(p.at), p.will)));
             let mut delivery = stored.delivery;
             // Ids whose PUBREC was never released belong to messages not accepted.
             delivery.drop_unreleased_inbound();
             delivery.track(true);
             let session = Session {
-                conn: None,
-                stored: delivery,
+                conn: Link::Offline(delivery),
                 subscriptions,
                 expiry: r.expiry,
                 expires_at: Some(expires_at),
@@ -499,7 +549,7 @@ impl Broker {
                     id: *id,
                 })
                 .collect(),
-            pending_will: s.pending_will.as_ref().map(|(at, will)| PendingWill {
+            pending_will: s.pending_will.as_deref().map(|(at, will)| PendingWill {
                 at: self.wall(*at),
                 will: will.clone(),
             }),
@@ -520,8 +570,8 @@ impl Broker {
     pub fn session_state(&self, client_id: &str) -> Option<&SessionState> {
         let s = self.sessions.get(client_id)?;
         Some(match &s.conn {
-            Some((_, c)) => c.session(),
-            None => &s.stored,
+            Link::Online((_, c)) => c.session(),
+            Link::Offline(stored) => stored,
         })
     }
 
@@ -552,13 +602,13 @@ impl Broker {
         let mut largest: Vec<SessionGauge> = Vec::new();
         for (client_id, s) in &self.sessions {
             let state = match &s.conn {
-                Some((_, c)) => {
+                Link::Online((_, c)) => {
                     g.online += 1;
                     c.session()
                 }
-                None => {
+                Link::Offline(stored) => {
                     g.offline += 1;
-                    &s.stored
+                    stored
                 }
             };
             g.subscriptions += s.subscriptions.len();
@@ -657,7 +707,8 @@ impl Broker {
         match self.conns.get(&conn).cloned() {
             Some(client_id) => {
                 if let Some(Session {
-                    conn: Some((_, c)), ..
+                    conn: Link::Online((_, c)),
+                    ..
                 }) = self.sessions.get_mut(&client_id).map(|s| &mut **s)
                 {
                     c.disconnect(reason);
@@ -713,14 +764,13 @@ impl Broker {
         };
         debug_assert_eq!(id, conn);
         let protocol = connection.config().protocol;
-        session.stored = connection.into_session();
+        let mut stored = connection.into_session();
         // Messages refused without their PUBREC: a resend is a new message.
-        session.stored.drop_unreleased_inbound();
+        stored.drop_unreleased_inbound();
         // What this member of shared subscriptions has not acknowledged goes to another
         // member now, rather than waiting for it to come back (§4.8.2).
-        let redeliver = session
-            .stored
-            .take_redeliverable(|m| m.shared.is_some(), false);
+        let redeliver = stored.take_redeliverable(|m| m.shared.is_some(), false);
+        session.conn = Link::Offline(stored);
         tracing::info!(conn, peer = %self.peer(conn), client_id = %client_id, %protocol, reason = %why, "disconnected");
         for m in redeliver {
             let key = m.shared.clone().expect("taken for having one");
@@ -733,11 +783,11 @@ impl Broker {
             let delay = u64::from(will.properties.will_delay_interval.unwrap_or(0));
             if delay == 0 || session.expiry.is_zero() {
                 let username = session.username.clone();
-                self.publish_will(&client_id, username.as_deref(), will, now);
+                self.publish_will(&client_id, username.as_deref(), *will, now);
             } else {
                 // Sent when the delay passes or the session ends, whichever comes first,
                 // unless the client reconnects in time [MQTT-3.1.3-9].
-                session.pending_will = Some((now + Duration::from_secs(delay), will));
+                session.pending_will = Some(Box::new((now + Duration::from_secs(delay), *will)));
             }
         }
         self.park(&client_id, now);
@@ -774,8 +824,9 @@ impl Broker {
                 self.outputs.push_back(Output::Send(conn, p));
             }
             self.outputs.push_back(Output::Close(conn));
-            session.stored = c.into_session();
-            session.stored.drop_unreleased_inbound();
+            let mut stored = c.into_session();
+            stored.drop_unreleased_inbound();
+            session.conn = Link::Offline(stored);
             session.will = None;
             self.touch(&client_id);
             self.park(&client_id, now);
@@ -798,10 +849,10 @@ impl Broker {
                 self.end_session(&client_id, now);
             } else if session
                 .pending_will
-                .as_ref()
+                .as_deref()
                 .is_some_and(|(at, _)| now >= *at)
             {
-                let (_, will) = session.pending_will.take().expect("checked");
+                let (_, will) = *session.pending_will.take().expect("checked");
                 let username = session.username.clone();
                 self.put_session(&client_id);
                 self.publish_will(&client_id, username.as_deref(), will, now);
@@ -902,7 +953,7 @@ impl Broker {
     /// then close; the will is published (not a normal disconnect).
     fn kick(&mut self, client_id: &Str, reason: ReasonCode, now: Instant) {
         let Some(Session {
-            conn: Some((conn, c)),
+            conn: Link::Online((conn, c)),
             ..
         }) = self.sessions.get_mut(client_id).map(|s| &mut **s)
         else {
@@ -922,7 +973,10 @@ impl Broker {
         if let Some(mut s) = self.sessions.remove(client_id) {
             // Shared-subscription messages the session still held go to another member
             // (§4.8.2): with the session gone, nobody else can complete them.
-            let redeliver = s.stored.take_redeliverable(|m| m.shared.is_some(), true);
+            let redeliver = s
+                .conn
+                .take_stored()
+                .take_redeliverable(|m| m.shared.is_some(), true);
             if s.persisted {
                 self.batch.push(Op::DeleteSession {
                     client_id: client_id.clone(),
@@ -935,7 +989,7 @@ impl Broker {
                 let key = m.shared.clone().expect("taken for having one");
                 self.deliver_shared(&key, m, None, None, now);
             }
-            if let Some((_, will)) = s.pending_will {
+            if let Some((_, will)) = s.pending_will.map(|p| *p) {
                 self.publish_will(client_id, s.username.as_deref(), will, now);
             }
         }

@@ -289,20 +289,22 @@ impl Broker {
             let Some(s) = self.sessions.get_mut(&client_id) else {
                 continue;
             };
-            if s.conn.is_some() {
+            let Link::Offline(stored) = &mut s.conn else {
                 continue;
-            }
+            };
             let full = |s: &SessionState| {
                 s.queued_len() + 1 > limits.0 || s.queued_bytes() + size > limits.1
             };
-            if full(&s.stored) {
-                let expired = s.stored.remove_expired(now);
+            if full(stored) {
+                let expired = stored.remove_expired(now);
                 if expired > 0 {
                     self.metrics.drop_n(DropReason::Expired, expired as u64);
                     self.touch(&client_id);
                 }
                 let s = self.sessions.get(&client_id).expect("just seen");
-                if full(&s.stored) {
+                if let Link::Offline(stored) = &s.conn
+                    && full(stored)
+                {
                     return Some(client_id);
                 }
             }
@@ -321,7 +323,8 @@ impl Broker {
         problem_info: bool,
     ) {
         let Some(Session {
-            conn: Some((_, c)), ..
+            conn: Link::Online((_, c)),
+            ..
         }) = self.sessions.get_mut(client_id).map(|s| &mut **s)
         else {
             return;
@@ -353,15 +356,15 @@ impl Broker {
             return;
         };
         message.queued_at = Some(now);
-        match session.conn.as_mut() {
-            Some((_, c)) => {
+        match &mut session.conn {
+            Link::Online((_, c)) => {
                 self.metrics.delivered(published, message.qos);
                 c.publish(message, now);
                 self.drain(client_id, now);
             }
             // Offline persistent session: QoS 1/2 (and QoS 0 if configured) wait in order,
             // within the limits; otherwise QoS 0 is dropped.
-            None if message.qos != QoS::AtMostOnce || self.settings.queue_qos0 => {
+            Link::Offline(stored) if message.qos != QoS::AtMostOnce || self.settings.queue_qos0 => {
                 let limits = (
                     self.settings.max_queued_messages,
                     self.settings.max_queued_bytes,
@@ -375,26 +378,22 @@ impl Broker {
                     message.expires_at = Some(message.expires_at.map_or(limit, |t| t.min(limit)));
                 }
                 // Expired messages make room before live ones are dropped.
-                if full(&session.stored, size) {
-                    let expired = session.stored.remove_expired(now);
+                if full(stored, size) {
+                    let expired = stored.remove_expired(now);
                     self.metrics.drop_n(DropReason::Expired, expired as u64);
                 }
                 let mut dropped = 0;
                 let mut enqueue = false;
                 match self.settings.queue_policy {
-                    QueuePolicy::DropNewest | QueuePolicy::Reject
-                        if full(&session.stored, size) =>
-                    {
+                    QueuePolicy::DropNewest | QueuePolicy::Reject if full(stored, size) => {
                         dropped = 1;
                     }
                     QueuePolicy::DropNewest | QueuePolicy::Reject => enqueue = true,
                     QueuePolicy::DropOldest => {
-                        while full(&session.stored, size)
-                            && session.stored.dequeue_oldest().is_some()
-                        {
+                        while full(stored, size) && stored.dequeue_oldest().is_some() {
                             dropped += 1;
                         }
-                        if full(&session.stored, size) {
+                        if full(stored, size) {
                             dropped += 1; // larger than the whole byte limit on its own
                         } else {
                             enqueue = true;
@@ -403,14 +402,14 @@ impl Broker {
                 }
                 if enqueue {
                     self.metrics.delivered(published, message.qos);
-                    session.stored.enqueue(message);
+                    stored.enqueue(message);
                 }
                 if dropped > 0 {
                     self.metrics.drop_n(DropReason::QueueFull, dropped);
                     tracing::warn!(client_id = %client_id, dropped, policy = ?self.settings.queue_policy, "offline queue full: messages dropped");
                 }
             }
-            None => self.metrics.drop_n(DropReason::Offline, 1),
+            Link::Offline(_) => self.metrics.drop_n(DropReason::Offline, 1),
         }
     }
 

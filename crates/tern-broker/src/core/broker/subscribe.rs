@@ -136,7 +136,7 @@ impl Broker {
 
     pub(super) fn send_control(&mut self, client_id: &Str, packet: Packet) {
         if let Some(Session {
-            conn: Some((conn, _)),
+            conn: Link::Online((conn, _)),
             ..
         }) = self.sessions.get(client_id).map(|s| &**s)
         {
