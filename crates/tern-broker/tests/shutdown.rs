@@ -68,6 +68,38 @@ fn a_connection_that_never_sends_connect_is_closed_after_the_connect_timeout() {
 }
 
 #[test]
+fn a_connect_trickled_in_a_byte_at_a_time_is_still_bound_by_the_connect_timeout() {
+    let broker = common::Broker::with(tern_broker::core::Settings {
+        connect_timeout: Duration::from_millis(400),
+        ..Default::default()
+    });
+    let mut sock = TcpStream::connect(("127.0.0.1", broker.port)).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut trickle = sock.try_clone().unwrap();
+    // A CONNECT announcing 100 bytes, sent a byte every 50 ms: every read brings something,
+    // none completes the packet, and the whole would take 5 s.
+    let writer = std::thread::spawn(move || {
+        for b in [0x10u8, 100].into_iter().chain(std::iter::repeat_n(0, 100)) {
+            if trickle.write_all(&[b]).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    let started = std::time::Instant::now();
+    let mut byte = [0u8; 1];
+    let closed = matches!(sock.read(&mut byte), Ok(0) | Err(_));
+    let waited = started.elapsed();
+    assert!(closed, "the connection is closed");
+    assert!(
+        waited < Duration::from_secs(3),
+        "closed at the timeout, not when the trickle ends: {waited:?}"
+    );
+    writer.join().unwrap();
+}
+
+#[test]
 fn a_first_packet_other_than_connect_closes_the_connection() {
     let broker = common::Broker::start();
     let mut sock = TcpStream::connect(("127.0.0.1", broker.port)).unwrap();

@@ -441,7 +441,8 @@ enum Reader {
 impl Reader {
     /// Reads what is available into `buf`, first making room for `chunk` more bytes. On
     /// plain TCP an empty buffer is given back while the socket has nothing to read, and
-    /// room is made only once it has: an idle connection holds no read buffer.
+    /// room is made only once tokio reports it readable: an idle connection holds no read
+    /// buffer.
     /// A plain function over `poll_fn` rather than an `async fn`: the future is kept in
     /// every connection's task, so its size counts.
     fn read_some<'a>(
@@ -453,9 +454,9 @@ impl Reader {
             let r: &mut (dyn AsyncRead + Unpin + Send) = match self {
                 Reader::Tcp(r) => {
                     if buf.is_empty() {
-                        // A read into nothing waits for readability and takes no data.
-                        let mut nothing = tokio::io::ReadBuf::new(&mut []);
-                        std::task::ready!(std::pin::Pin::new(&mut *r).poll_read(cx, &mut nothing))?;
+                        // Waits for readability (no system call), without a buffer.
+                        let stream: &TcpStream = (*r).as_ref();
+                        std::task::ready!(stream.poll_read_ready(cx))?;
                     }
                     r
                 }
@@ -576,8 +577,9 @@ async fn connection(accepted: Box<Accepted>) {
     // tungstenite's state): boxed, they are freed once done instead of sizing every
     // connection's task for the rest of its life.
     let handshake = Box::pin(handshake);
-    let (reader, writer, identity) = match tokio::time::timeout(l.connect_timeout, handshake).await
-    {
+    // One deadline for the handshakes and the CONNECT together.
+    let deadline = tokio::time::Instant::now() + l.connect_timeout;
+    let (reader, writer, identity) = match tokio::time::timeout_at(deadline, handshake).await {
         Ok(Ok(halves)) => halves,
         Ok(Err(e)) => {
             tracing::info!(conn, %peer, listener = %l.name, "closed: {e}");
@@ -589,6 +591,7 @@ async fn connection(accepted: Box<Accepted>) {
         }
     };
     let hello = Box::new(Hello {
+        deadline,
         peer,
         identity,
         over_limit,
@@ -771,6 +774,8 @@ async fn session_io(
 
 /// What only the CONNECT phase needs, boxed and dropped when it ends.
 struct Hello {
+    /// When the CONNECT must be in by.
+    deadline: tokio::time::Instant,
     peer: SocketAddr,
     /// The client certificate's common name, when it stands for the username.
     identity: Option<String>,
@@ -799,6 +804,7 @@ async fn connect_phase(
     hello: Box<Hello>,
 ) -> Start {
     let Hello {
+        deadline,
         peer,
         identity,
         over_limit,
@@ -818,7 +824,7 @@ async fn connect_phase(
             }
         }
     };
-    let mut packet = match tokio::time::timeout(l.connect_timeout, first).await {
+    let mut packet = match tokio::time::timeout_at(deadline, first).await {
         Ok(Ok(Some(packet))) => packet,
         Ok(Err(e)) => {
             let _ = to_core.send(ToCore::DecodeError(conn, None, e));
