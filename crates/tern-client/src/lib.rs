@@ -915,17 +915,28 @@ impl Link {
 #[derive(Default)]
 struct Pending {
     /// QoS 1/2 publishes by tag.
-    publishes: HashMap<u64, Done<ReasonCode>>,
+    publishes: HashMap<u32, Done<ReasonCode>>,
     /// QoS 0 publishes queued to the socket, resolved after the next write.
     written: Vec<Done<ReasonCode>>,
     /// SUBSCRIBE / UNSUBSCRIBE by packet id.
     requests: HashMap<PacketId, Done<Vec<ReasonCode>>>,
     /// [`Client::wait_idle`] callers.
     idle: Vec<oneshot::Sender<()>>,
-    next_tag: u64,
+    next_tag: u32,
 }
 
 impl Pending {
+    /// A tag for the next QoS 1/2 publish: never 0 (no tag), never one still pending
+    /// (it wraps after 4 billion publishes).
+    fn tag(&mut self) -> u32 {
+        loop {
+            self.next_tag = self.next_tag.wrapping_add(1);
+            if self.next_tag != 0 && !self.publishes.contains_key(&self.next_tag) {
+                return self.next_tag;
+            }
+        }
+    }
+
     /// Answers the idle waiters if `session` has nothing in flight or waiting.
     fn check_idle(&mut self, session: &SessionState) {
         if !self.idle.is_empty() && session.inflight_len() == 0 && session.queued_len() == 0 {
@@ -1003,8 +1014,7 @@ async fn drive(
                             } else if pending.publishes.len() >= options.max_pending {
                                 let _ = done.send(Err(Error::Backlog));
                             } else {
-                                pending.next_tag += 1;
-                                m.tag = pending.next_tag;
+                                m.tag = pending.tag();
                                 let tag = m.tag;
                                 state.enqueue(m);
                                 // Kept before the caller learns it is waiting.
@@ -1217,8 +1227,7 @@ async fn command(
                 link.conn.publish(m, Instant::now());
                 pending.written.push(done);
             } else {
-                pending.next_tag += 1;
-                m.tag = pending.next_tag;
+                m.tag = pending.tag();
                 pending.publishes.insert(m.tag, done);
                 link.conn.publish(m, Instant::now());
             }

@@ -167,6 +167,20 @@ async fn tls_websocket_and_secure_websocket_against_mosquitto() {
         ports.tls, ports.ws, ports.wss
     ))
     .await;
+    // The helper waits for Mosquitto's first listener only; the others come up after it.
+    for port in [ports.tls, ports.ws, ports.wss] {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "Mosquitto never listened on {port}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
     every_transport(&ports, &certs[0], "mosquitto").await;
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -26,14 +26,14 @@ pub struct Message {
     pub expires_at: Option<Instant>,
     /// The shared subscription (`$share/{group}/{filter}`) this copy was delivered
     /// through: broker bookkeeping, carried with the message and never sent.
-    pub shared: Option<Str>,
+    pub shared: Option<Box<Str>>,
     /// When the broker handed this copy to a session (for the age of queued messages);
     /// never sent and not stored.
     pub queued_at: Option<Instant>,
     /// The application's handle for this message (0: none), handed back with its
     /// `Acknowledged` or `Dropped` event so a client can tell whose publish completed;
     /// never sent and not stored.
-    pub tag: u64,
+    pub tag: u32,
 }
 
 impl Message {

@@ -26,7 +26,7 @@ pub struct Inflight {
     /// Where the flow stands.
     pub state: OutboundState,
     /// Send order, for resending in the original order.
-    pub(crate) seq: u64,
+    pub(crate) seq: u32,
 }
 
 /// Where an inbound QoS 2 flow stands.
@@ -97,7 +97,7 @@ pub struct IdsExhausted;
 #[derive(Debug, Clone, Default)]
 pub struct SessionState {
     last_id: u16,
-    next_seq: u64,
+    next_seq: u32,
     inflight: BTreeMap<PacketId, Inflight>,
     queue: VecDeque<Message>,
     /// Payload bytes in `queue`, kept so limits are cheap to check.
@@ -294,6 +294,9 @@ impl SessionState {
         if matches!(self.journal, Journal::Changes(_)) {
             self.record(Change::Sent(id, message.clone()));
         }
+        if self.next_seq == u32::MAX {
+            self.renumber();
+        }
         let seq = self.next_seq;
         self.next_seq += 1;
         self.inflight.insert(
@@ -305,6 +308,21 @@ impl SessionState {
                 seq,
             },
         );
+    }
+
+    /// Numbers the flows in flight 0, 1, ... in send order, once the 32-bit send order
+    /// runs out (every 4 billion sends): kept to 32 bits, an `Inflight` stays small
+    /// enough to be moved without a `memcpy` call.
+    fn renumber(&mut self) {
+        let mut order: Vec<(u32, PacketId)> =
+            self.inflight.values().map(|f| (f.seq, f.id)).collect();
+        order.sort_unstable();
+        for (seq, (_, id)) in (0..).zip(order) {
+            if let Some(f) = self.inflight.get_mut(&id) {
+                f.seq = seq;
+            }
+        }
+        self.next_seq = self.inflight.len() as u32;
     }
 
     pub(crate) fn inflight_ref(&self, id: PacketId) -> Option<&Inflight> {
@@ -471,6 +489,22 @@ mod tests {
     }
 
     #[test]
+    fn send_order_survives_the_32_bit_send_counter_running_out() {
+        let mut s = SessionState::new();
+        s.next_seq = u32::MAX - 3;
+        let named = |t: &str| Message::new(TopicName::new(t).unwrap(), "x", QoS::AtLeastOnce);
+        // Ids deliberately out of send order, so the map's own order cannot pass for it.
+        for (id, topic) in [(9, "a"), (3, "b"), (7, "c"), (1, "d"), (5, "e"), (2, "f")] {
+            s.insert_inflight(PacketId::new(id).unwrap(), named(topic));
+        }
+        s.remove_inflight(PacketId::new(7).unwrap());
+        s.insert_inflight(PacketId::new(4).unwrap(), named("g"));
+        let order: Vec<String> = s.inflight().map(|f| f.message.topic.to_string()).collect();
+        assert_eq!(order, ["a", "b", "d", "e", "f", "g"]);
+        assert!(s.next_seq < 10, "renumbered from 0: {}", s.next_seq);
+    }
+
+    #[test]
     fn ids_in_flight_are_never_handed_out_again() {
         let mut s = SessionState::new();
         let mut held = std::collections::BTreeSet::new();
@@ -498,7 +532,7 @@ mod tests {
      {
         let tagged = |payload: &'static str, qos: QoS| {
             let mut m = Message::new(TopicName::new("t").unwrap(), payload, qos);
-            m.shared = Some("$share/g/t".into());
+            m.shared = Some(Box::new("$share/g/t".into()));
             m
         };
         let build = || {

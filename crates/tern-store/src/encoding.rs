@@ -187,7 +187,7 @@ pub(crate) fn message(m: &Message, anchor: Anchor) -> Vec<u8> {
     let mut w = Writer::new();
     w.bytes(&wire);
     w.opt_time(m.expires_at.map(|t| anchor.to_wall(t)));
-    shared_tag(&mut w, m.shared.as_ref());
+    shared_tag(&mut w, m.shared.as_deref());
     w.finish()
 }
 
@@ -221,7 +221,7 @@ pub(crate) fn read_message(buf: &[u8], anchor: Anchor) -> Result<Message, StoreE
     let shared = read_shared_tag(&mut r)?;
     let mut m = Message::from_publish(p, anchor.instant);
     m.expires_at = expires_at;
-    m.shared = shared;
+    m.shared = shared.map(Box::new);
     Ok(m)
 }
 
@@ -377,7 +377,7 @@ pub(crate) fn reference(key: u64, m: &Message) -> Vec<u8> {
     for id in ids {
         w.u32(id.get());
     }
-    shared_tag(&mut w, m.shared.as_ref());
+    shared_tag(&mut w, m.shared.as_deref());
     w.finish()
 }
 
@@ -425,7 +425,7 @@ impl Copy {
         if m.properties.subscription_identifiers != self.ids {
             m.properties.subscription_identifiers = self.ids;
         }
-        m.shared = self.shared;
+        m.shared = self.shared.map(Box::new);
         m
     }
 }

@@ -360,7 +360,7 @@ fn arb_rich_op() -> impl Strategy<Value = Op> {
                 m.qos = if k % 2 == 0 { QoS::ExactlyOnce } else { QoS::AtLeastOnce };
                 m.properties.user_properties.push(("k".into(), format!("{k}").into()));
                 m.expires_at = Some(std::time::Instant::now() + Duration::from_secs(u64::from(k) * 10));
-                m.shared = (k == 1).then(|| "$share/g/t/x".into());
+                m.shared = (k == 1).then(|| Box::new("$share/g/t/x".into()));
                 let state = if k == 2 {
                     tern_proto::OutboundState::Released
                 } else {

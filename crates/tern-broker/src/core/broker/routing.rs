@@ -78,7 +78,7 @@ impl Broker {
         if let Some(id) = member.id {
             message.properties.subscription_identifiers = vec![id];
         }
-        message.shared = Some(key.clone());
+        message.shared = Some(Box::new(key.clone()));
         self.deliver(&client, message, published, now);
         true
     }
