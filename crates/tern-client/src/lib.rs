@@ -1162,11 +1162,13 @@ async fn serve(
                     Ok(n) if n > 0 => {}
                     _ => return ("connection lost".into(), false),
                 }
+                // One clock reading per read, not per packet.
+                let now = Instant::now();
                 loop {
                     match tern_codec::decode(&mut link.read, v, tern_codec::MAX_PACKET_SIZE) {
                         Ok(Some(p)) => {
                             // A protocol error queues the DISCONNECT and a Closed event.
-                            let _ = link.conn.handle_packet(p, Instant::now());
+                            let _ = link.conn.handle_packet(p, now);
                         }
                         Ok(None) => break,
                         Err(e) => return (format!("malformed packet from the broker: {e}"), false),
@@ -1175,13 +1177,15 @@ async fn serve(
             }
             () = sleep => link.conn.handle_timeout(Instant::now()),
             c = commands.recv() => {
-                if let Some(end) = command(c, link, outbox, pending, out, v).await {
+                // One clock reading for the whole batch of commands.
+                let now = Instant::now();
+                if let Some(end) = command(c, link, outbox, pending, out, v, now).await {
                     return end;
                 }
                 // Whatever else is already waiting goes into the same write.
                 for _ in 0..1024 {
                     let Ok(c) = commands.try_recv() else { break };
-                    if let Some(end) = command(Some(c), link, outbox, pending, out, v).await {
+                    if let Some(end) = command(Some(c), link, outbox, pending, out, v, now).await {
                         return end;
                     }
                 }
@@ -1198,6 +1202,7 @@ async fn command(
     pending: &mut Pending,
     out: &mut BytesMut,
     v: Protocol,
+    now: Instant,
 ) -> Option<(String, bool)> {
     match c {
         None => {
@@ -1224,12 +1229,12 @@ async fn command(
         }
         Some(Command::Publish(mut m, done)) => {
             if m.qos == QoS::AtMostOnce {
-                link.conn.publish(m, Instant::now());
+                link.conn.publish(m, now);
                 pending.written.push(done);
             } else {
                 m.tag = pending.tag();
                 pending.publishes.insert(m.tag, done);
-                link.conn.publish(m, Instant::now());
+                link.conn.publish(m, now);
             }
         }
         Some(Command::Idle(done)) => pending.idle.push(done),
@@ -1275,7 +1280,8 @@ fn request(
 
 /// Writes what the engine has to send (after anything already in `out`) in one write.
 async fn flush(link: &mut Link, out: &mut BytesMut, v: Protocol) -> std::io::Result<()> {
-    while let Some(p) = link.conn.poll_transmit(Instant::now()) {
+    let now = Instant::now();
+    while let Some(p) = link.conn.poll_transmit(now) {
         let _ = tern_codec::encode(&p, v, out);
     }
     if out.is_empty() {
