@@ -4,7 +4,9 @@ mod broker;
 mod shared;
 mod trie;
 
-pub use broker::{Broker, ConnId, Gauges, Output, QueuePolicy, SessionGauge, Settings};
+pub use broker::{
+    Broker, ConnId, ConnIdHasher, ConnMap, Gauges, Output, QueuePolicy, SessionGauge, Settings,
+};
 
 pub use shared::{Member, SharedStrategy, SharedSubscriptions};
 pub use trie::{Delivery, SubscriptionTrie};

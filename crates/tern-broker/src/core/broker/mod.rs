@@ -13,6 +13,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt::Display;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -39,6 +40,33 @@ mod sys;
 
 /// Identifies one network connection for the lifetime of the process.
 pub type ConnId = u64;
+
+/// A map keyed by [`ConnId`]. Connection ids are handed out by the server in sequence,
+/// never chosen by a client, so they need no flood-resistant hash: a multiplication
+/// spreads them (SipHash, the default, was a visible share of each message's routing).
+/// Maps keyed by what clients send (client ids, topic levels) keep SipHash.
+pub type ConnMap<V> = HashMap<ConnId, V, BuildHasherDefault<ConnIdHasher>>;
+
+/// The hasher of [`ConnMap`]: Fibonacci hashing of the id.
+#[derive(Default)]
+pub struct ConnIdHasher(u64);
+
+impl Hasher for ConnIdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `u64` keys are hashed here; this keeps any other use correct.
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u64(&mut self, id: u64) {
+        self.0 = (self.0 ^ id).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
 
 /// What the server must do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -287,9 +315,9 @@ pub struct Broker {
     /// them after it grows) would otherwise each hold one.
     sessions: HashMap<Str, Box<Session>>,
     /// Connections that completed CONNECT, to their client id.
-    conns: HashMap<ConnId, Str>,
+    conns: ConnMap<Str>,
     /// Peer address of each open connection, for the logs.
-    peers: HashMap<ConnId, SocketAddr>,
+    peers: ConnMap<SocketAddr>,
     trie: SubscriptionTrie<Str>,
     shared: SharedSubscriptions,
     retained: BTreeMap<TopicName, Message>,
@@ -337,8 +365,8 @@ impl Broker {
             store_failures: 0,
             anchor: (now, wall),
             sessions: HashMap::new(),
-            conns: HashMap::new(),
-            peers: HashMap::new(),
+            conns: ConnMap::default(),
+            peers: ConnMap::default(),
             trie: SubscriptionTrie::new(),
             shared: SharedSubscriptions::new(strategy),
             retained: snapshot.retained,
