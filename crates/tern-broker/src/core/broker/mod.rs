@@ -1023,3 +1023,23 @@ impl Broker {
         }
     }
 }
+
+#[cfg(test)]
+mod conn_map_tests {
+    use std::hash::BuildHasher;
+
+    use super::*;
+
+    #[test]
+    fn sequential_connection_ids_hash_apart_in_both_the_bucket_and_the_tag_bits() {
+        let build = BuildHasherDefault::<ConnIdHasher>::default();
+        let hashes: Vec<u64> = (0..10_000u64).map(|id| build.hash_one(id)).collect();
+        let distinct: std::collections::HashSet<u64> = hashes.iter().copied().collect();
+        assert_eq!(distinct.len(), hashes.len(), "no two ids share a hash");
+        // hashbrown takes buckets from the low bits and its 7-bit tags from the top ones.
+        let buckets: std::collections::HashSet<u64> = hashes.iter().map(|h| h & 1023).collect();
+        let tags: std::collections::HashSet<u64> = hashes.iter().map(|h| h >> 57).collect();
+        assert!(buckets.len() > 900, "low bits spread: {}", buckets.len());
+        assert_eq!(tags.len(), 128, "every tag value is used");
+    }
+}
