@@ -106,6 +106,9 @@ pub(crate) enum ToCore {
     Accepted(ConnId, SocketAddr, line::Sender<ToConn>),
     /// A packet, and when the read that brought it completed.
     Packet(ConnId, Packet, Instant),
+    /// The packets of one read, in order, when it brought more than one: one message on
+    /// the core's channel per read rather than per packet.
+    Packets(ConnId, Vec<Packet>, Instant),
     DecodeError(ConnId, Option<Protocol>, DecodeError),
     Closed(ConnId),
     /// The storage writer could not commit; see [`writer`].
@@ -219,6 +222,13 @@ pub async fn run(server: Server, shutdown: impl Future<Output = ()>) -> Result<(
                     ToCore::Packet(conn, p, read_at) => {
                         since = since.min(read_at);
                         broker.handle_packet(conn, p, now);
+                    }
+                    ToCore::Packets(conn, packets, read_at) => {
+                        since = since.min(read_at);
+                        handled += packets.len().saturating_sub(1);
+                        for p in packets {
+                            broker.handle_packet(conn, p, now);
+                        }
                     }
                     ToCore::Gauges(reply) => {
                         let _ = reply.send(broker.gauges(now, 10));
@@ -898,21 +908,39 @@ fn decode_all(
     l: &ListenerCtx,
     read_at: Instant,
 ) -> bool {
-    loop {
+    // The first packet is held, and goes alone if it stays the only one.
+    let mut first = None;
+    let mut more = Vec::new();
+    let failed = loop {
         match tern_codec::decode(rbuf, v, l.max_packet_size) {
             Ok(Some(packet)) => {
                 count_received(&packet, l);
                 // (A second CONNECT goes to the engine, which reports the protocol error.)
-                if to_core.send(ToCore::Packet(conn, packet, read_at)).is_err() {
-                    return true;
+                match first.take() {
+                    None if more.is_empty() => first = Some(packet),
+                    None => more.push(packet),
+                    Some(held) => more.extend([held, packet]),
                 }
             }
-            Ok(None) => return false,
-            Err(e) => {
-                let _ = to_core.send(ToCore::DecodeError(conn, Some(v), e));
-                return true;
-            }
+            Ok(None) => break None,
+            Err(e) => break Some(e),
         }
+    };
+    let sent = match first {
+        Some(p) => to_core.send(ToCore::Packet(conn, p, read_at)),
+        None if more.is_empty() => Ok(()),
+        None => to_core.send(ToCore::Packets(conn, more, read_at)),
+    };
+    if sent.is_err() {
+        return true;
+    }
+    match failed {
+        // What decoded before the malformed packet is handled first, as it arrived.
+        Some(e) => {
+            let _ = to_core.send(ToCore::DecodeError(conn, Some(v), e));
+            true
+        }
+        None => false,
     }
 }
 
