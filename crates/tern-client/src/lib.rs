@@ -462,7 +462,16 @@ pub enum Event {
 }
 
 /// The stream of [`Event`]s, returned by [`Client::connect`] (see [`Events::recv`]).
-pub struct Events(mpsc::UnboundedReceiver<Event>);
+pub struct Events {
+    /// The client task hands over the messages of one read together: one channel
+    /// operation per read, not per message.
+    rx: mpsc::UnboundedReceiver<Vec<Event>>,
+    /// Handed over, not yet returned.
+    ready: std::collections::VecDeque<Event>,
+}
+
+/// The client task's end of [`Events`].
+type EventTx = mpsc::UnboundedSender<Vec<Event>>;
 
 impl Events {
     /// The next event; `None` once the client has ended.
@@ -480,7 +489,13 @@ impl Events {
     /// # }
     /// ```
     pub async fn recv(&mut self) -> Option<Event> {
-        self.0.recv().await
+        loop {
+            if let Some(e) = self.ready.pop_front() {
+                return Some(e);
+            }
+            let batch = self.rx.recv().await?;
+            self.ready.extend(batch);
+        }
     }
 }
 
@@ -541,10 +556,14 @@ impl Client {
         let restored = state.inflight_len() > 0 || state.queued_len() > 0;
         let link = Link::open(&options, options.clean_start, &mut state, restored).await?;
         let (commands, rx) = mpsc::unbounded_channel();
-        let (events_tx, events) = mpsc::unbounded_channel();
-        let _ = events_tx.send(Event::Connected {
+        let (events_tx, events_rx): (EventTx, _) = mpsc::unbounded_channel();
+        let _ = events_tx.send(vec![Event::Connected {
             session_present: link.session_present,
-        });
+        }]);
+        let events = Events {
+            rx: events_rx,
+            ready: Default::default(),
+        };
         let stamp = match (&options.stamp, options.protocol.is_v5()) {
             (Some(key), true) => {
                 let boot = std::time::SystemTime::now()
@@ -559,7 +578,7 @@ impl Client {
             _ => None,
         };
         tokio::spawn(drive(options, link, outbox, rx, events_tx));
-        Ok((Client { commands, stamp }, Events(events)))
+        Ok((Client { commands, stamp }, events))
     }
 
     /// Waits until every QoS 1/2 message published so far (and any restored from the
@@ -952,7 +971,7 @@ async fn drive(
     mut link: Link,
     mut outbox: Option<outbox::Outbox>,
     mut commands: mpsc::UnboundedReceiver<Command>,
-    events: mpsc::UnboundedSender<Event>,
+    events: EventTx,
 ) {
     let mut pending = Pending::default();
     let mut out = BytesMut::new();
@@ -971,9 +990,9 @@ async fn drive(
             &mut out,
         )
         .await;
-        let _ = events.send(Event::Disconnected {
+        let _ = events.send(vec![Event::Disconnected {
             reason: reason.clone(),
-        });
+        }]);
         for (_, done) in pending.requests.drain() {
             let _ = done.send(Err(Error::Closed));
         }
@@ -1041,9 +1060,9 @@ async fn drive(
             match Link::open(&options, clean, &mut state, true).await {
                 Ok(l) => {
                     attempt = 0;
-                    let _ = events.send(Event::Connected {
+                    let _ = events.send(vec![Event::Connected {
                         session_present: l.session_present,
-                    });
+                    }]);
                     break l;
                 }
                 Err(e) => tracing::debug!(error = %e, "reconnect failed"),
@@ -1071,7 +1090,7 @@ async fn serve(
     link: &mut Link,
     outbox: &mut Option<outbox::Outbox>,
     commands: &mut mpsc::UnboundedReceiver<Command>,
-    events: &mpsc::UnboundedSender<Event>,
+    events: &EventTx,
     pending: &mut Pending,
     out: &mut BytesMut,
 ) -> (String, bool) {
@@ -1081,11 +1100,13 @@ async fn serve(
         link.conn.session_mut().track(false);
     }
     loop {
-        // Events first: they may resolve publishes and requests.
+        // Events first: they may resolve publishes and requests. Messages go to the
+        // application together, once every event is seen.
+        let mut messages = Vec::new();
         while let Some(e) = link.conn.poll_event() {
             match e {
                 tern_proto::Event::Message { message, .. } => {
-                    let _ = events.send(Event::Message(message));
+                    messages.push(Event::Message(message));
                 }
                 tern_proto::Event::Acknowledged {
                     message, reason, ..
@@ -1127,6 +1148,9 @@ async fn serve(
                 }
                 tern_proto::Event::Control(_) => {}
                 tern_proto::Event::Closed { reason, .. } => {
+                    if !messages.is_empty() {
+                        let _ = events.send(messages);
+                    }
                     let _ = flush(link, out, v).await;
                     return (
                         format!("closed by the broker: {reason:?} (0x{:02X})", reason as u8),
@@ -1134,6 +1158,9 @@ async fn serve(
                     );
                 }
             }
+        }
+        if !messages.is_empty() {
+            let _ = events.send(messages);
         }
         pending.check_idle(link.conn.session());
         // Persist, then send: nothing goes out that a crash could forget.
