@@ -455,6 +455,7 @@ impl Reader {
     /// plain TCP an empty buffer is given back while the socket has nothing to read, and
     /// room is made only once tokio reports it readable: an idle connection holds no read
     /// buffer.
+    ///
     /// A plain function over `poll_fn` rather than an `async fn`: the future is kept in
     /// every connection's task, so its size counts.
     fn read_some<'a>(
@@ -534,7 +535,6 @@ impl AsyncWrite for Writer {
     }
 }
 
-/// TLS and WebSocket handshakes, within the CONNECT timeout; then MQTT.
 /// A connection just accepted: what its task starts from. Boxed, so that none of it is
 /// kept in the task for the connection's life (a future keeps its arguments throughout).
 struct Accepted {
@@ -546,6 +546,7 @@ struct Accepted {
     over_limit: bool,
 }
 
+/// TLS and WebSocket handshakes, within the CONNECT timeout; then MQTT.
 async fn connection(accepted: Box<Accepted>) {
     let Accepted {
         conn,
@@ -677,14 +678,16 @@ async fn session_io(
     .await;
     // Grows with what is written; an idle connection keeps only what it has needed.
     let mut wbuf = BytesMut::new();
-    let mut version = None;
+    let version = match start {
+        Start::Connected(v) => Some(v),
+        Start::Refused(..) | Start::Ended => None,
+    };
     // A Close from the core, or the core gone: write what is left, then end.
     let mut closing = false;
     // False once reading has ended: from then on the connection only writes what the
     // core still sends, until the core lets go of it.
     let mut reading = match start {
         Start::Connected(v) => {
-            version = Some(v);
             // Whatever arrived along with the CONNECT.
             !decode_all(conn, &mut rbuf, v, &to_core, l, Instant::now())
         }
