@@ -35,11 +35,14 @@ pub enum DropReason {
     Invalid,
     /// A QoS 0 message for an offline session (queued only with `queue_qos0`).
     Offline,
+    /// A QoS 0 copy for an online subscriber that is not reading: what already waits for
+    /// its socket is over `max_queued_bytes`.
+    SlowConsumer,
 }
 
 impl DropReason {
     /// Every reason, in label order.
-    pub const ALL: [DropReason; 9] = [
+    pub const ALL: [DropReason; 10] = [
         DropReason::QueueFull,
         DropReason::Expired,
         DropReason::TooLarge,
@@ -49,6 +52,7 @@ impl DropReason {
         DropReason::RateLimited,
         DropReason::Invalid,
         DropReason::Offline,
+        DropReason::SlowConsumer,
     ];
 
     /// The `reason` label.
@@ -63,6 +67,7 @@ impl DropReason {
             DropReason::RateLimited => "rate_limited",
             DropReason::Invalid => "invalid",
             DropReason::Offline => "offline_qos0",
+            DropReason::SlowConsumer => "slow_consumer",
         }
     }
 }
@@ -153,7 +158,7 @@ pub struct Metrics {
     pub(crate) retransmissions: AtomicU64,
     /// Inbound QoS 2 resends answered without delivering again.
     pub(crate) qos2_duplicates: AtomicU64,
-    pub(crate) dropped: [AtomicU64; 9],
+    pub(crate) dropped: [AtomicU64; 10],
     /// Subscriptions refused by the ACL.
     pub(crate) subscriptions_denied: AtomicU64,
     /// CONNACKs sent, by reason code (5.0 numbering whatever the version).

@@ -208,3 +208,69 @@ fn anonymous_access_is_per_listener() {
     let (r, _) = try_connect(b.ports[1], Protocol::V5, "b");
     assert_eq!(r, ReasonCode::Success);
 }
+
+#[test]
+fn a_subscriber_that_stops_reading_loses_only_its_own_qos0_copies() {
+    let settings = Settings {
+        max_queued_bytes: 2 << 20,
+        ..Default::default()
+    };
+    let b = broker(settings, None, vec![Spec::tcp()]);
+    let (mut stuck, _) = Raw::connect(b.port, Connect::new(Protocol::V5, "stuck"));
+    stuck.subscribe("flood/#", QoS::AtMostOnce);
+    let (mut reader, _) = Raw::connect(b.port, Connect::new(Protocol::V5, "reader"));
+    reader.subscribe("flood/#", QoS::AtMostOnce);
+    let (mut publisher, _) = Raw::connect(b.port, Connect::new(Protocol::V5, "pub"));
+    // The reader reports its count after every chunk; the publisher waits for it, so the
+    // reader is never far behind while "stuck" reads nothing at all.
+    const CHUNK: usize = 1024;
+    const CHUNKS: usize = 48; // 48 MiB of 1 KiB messages: far beyond the socket buffers
+    let (progress, counts) = std::sync::mpsc::channel();
+    let reading = std::thread::spawn(move || {
+        let mut got = 0;
+        while got < CHUNK * CHUNKS {
+            match reader.recv() {
+                Some(Packet::Publish(_)) => got += 1,
+                Some(_) => {}
+                None => break,
+            }
+            if got % CHUNK == 0 {
+                let _ = progress.send(got);
+            }
+        }
+        got
+    });
+    let payload = bytes::Bytes::from(vec![b'x'; 1024]);
+    for chunk in 1..=CHUNKS {
+        for _ in 0..CHUNK {
+            publisher.send(Packet::Publish(Publish::new(
+                TopicName::new("flood/a").unwrap(),
+                QosPid::AtMostOnce,
+                payload.clone(),
+            )));
+        }
+        while counts
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("the reading subscriber keeps up")
+            < chunk * CHUNK
+        {}
+    }
+    assert_eq!(
+        reading.join().unwrap(),
+        CHUNK * CHUNKS,
+        "the reader got every message"
+    );
+    let dropped = b
+        .monitor
+        .metrics()
+        .dropped(tern_broker::metrics::DropReason::SlowConsumer);
+    // Kernel buffers and the 2 MiB backlog hold some of the 48 MiB; the rest is dropped.
+    assert!(
+        dropped > (CHUNK * CHUNKS / 2) as u64,
+        "most copies for the stuck subscriber were dropped: {dropped}"
+    );
+    // The publisher was never held up or disconnected.
+    publisher.send(Packet::PingReq);
+    assert!(matches!(publisher.recv(), Some(Packet::PingResp)));
+    drop(stuck);
+}

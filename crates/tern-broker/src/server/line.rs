@@ -17,8 +17,15 @@ struct Shared<T> {
     senders: AtomicUsize,
 }
 
+/// What a queued message weighs, for [`Sender::backlog`].
+pub(crate) trait Weigh {
+    fn weight(&self) -> usize;
+}
+
 struct State<T> {
     queue: Vec<T>,
+    /// The weight of what is queued.
+    weight: usize,
     waker: Option<Waker>,
     /// The receiver is gone: sends fail.
     closed: bool,
@@ -34,10 +41,11 @@ impl<T> Shared<T> {
 }
 
 /// A new line: its sending and receiving ends.
-pub(crate) fn line<T>() -> (Sender<T>, Receiver<T>) {
+pub(crate) fn line<T: Weigh>() -> (Sender<T>, Receiver<T>) {
     let shared = Arc::new(Shared {
         state: Mutex::new(State {
             queue: Vec::new(),
+            weight: 0,
             waker: None,
             closed: false,
             ended: false,
@@ -50,7 +58,7 @@ pub(crate) fn line<T>() -> (Sender<T>, Receiver<T>) {
 /// A sending end; clones share the line.
 pub(crate) struct Sender<T>(Arc<Shared<T>>);
 
-impl<T> Sender<T> {
+impl<T: Weigh> Sender<T> {
     /// Queues `msg`, or hands it back if the receiver is gone.
     pub(crate) fn send(&self, msg: T) -> Result<(), T> {
         let waker = {
@@ -58,6 +66,7 @@ impl<T> Sender<T> {
             if state.closed {
                 return Err(msg);
             }
+            state.weight += msg.weight();
             state.queue.push(msg);
             state.waker.take()
         };
@@ -65,6 +74,12 @@ impl<T> Sender<T> {
             waker.wake();
         }
         Ok(())
+    }
+
+    /// The weight of what is queued and not yet taken by the receiver: for a connection,
+    /// what waits behind the write in progress.
+    pub(crate) fn backlog(&self) -> usize {
+        self.0.lock().weight
     }
 }
 
@@ -100,6 +115,7 @@ impl<T> Receiver<T> {
         poll_fn(|cx| {
             let mut state = self.0.lock();
             if !state.queue.is_empty() {
+                state.weight = 0;
                 return Poll::Ready(Some(std::mem::take(&mut state.queue)));
             }
             if state.ended {
@@ -129,6 +145,30 @@ impl<T> Drop for Receiver<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl Weigh for u8 {
+        fn weight(&self) -> usize {
+            usize::from(*self)
+        }
+    }
+
+    impl Weigh for i32 {
+        fn weight(&self) -> usize {
+            0
+        }
+    }
+
+    #[tokio::test]
+    async fn the_backlog_is_the_weight_queued_and_not_yet_taken() {
+        let (tx, mut rx) = line::<u8>();
+        tx.send(3).unwrap();
+        tx.send(4).unwrap();
+        assert_eq!(tx.backlog(), 7);
+        assert_eq!(rx.recv_all().await, Some(vec![3, 4]));
+        assert_eq!(tx.backlog(), 0);
+        tx.send(5).unwrap();
+        assert_eq!(tx.backlog(), 5);
+    }
 
     #[tokio::test]
     async fn messages_arrive_in_order_and_the_line_ends_when_every_sender_is_gone() {

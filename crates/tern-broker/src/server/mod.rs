@@ -121,10 +121,20 @@ pub(crate) enum ToCore {
 /// What a connection task is told, through its [`line`]. Kept to one pointer, so a queue
 /// of them stays small.
 pub(crate) enum ToConn {
-    /// Packets to write, and when the earliest input of the core round that produced
-    /// them was read (for the latency histogram).
-    Packets(Box<(Vec<Packet>, Instant)>),
+    /// Packets to write, when the earliest input of the core round that produced them
+    /// was read (for the latency histogram), and the bytes of their topics and payloads
+    /// (what they weigh in the connection's backlog).
+    Packets(Box<(Vec<Packet>, Instant, usize)>),
     Close,
+}
+
+impl line::Weigh for ToConn {
+    fn weight(&self) -> usize {
+        match self {
+            ToConn::Packets(batch) => batch.2,
+            ToConn::Close => 0,
+        }
+    }
 }
 
 /// Where and how the server keeps its state.
@@ -183,6 +193,7 @@ pub async fn run(server: Server, shutdown: impl Future<Output = ()>) -> Result<(
         None => Default::default(),
     };
     let core_settings = settings.clone();
+    let backlog_limit = settings.max_queued_bytes;
     let mut broker = Broker::resume(settings, snapshot, Instant::now(), SystemTime::now());
     broker.set_acl(acl_changes.borrow_and_update().acl.clone());
     broker.set_metrics(metrics.clone());
@@ -283,13 +294,27 @@ pub async fn run(server: Server, shutdown: impl Future<Output = ()>) -> Result<(
                     None
                 };
             }
-            dispatch(&mut broker, &mut writers, writer.as_ref(), since);
+            dispatch(
+                &mut broker,
+                &mut writers,
+                writer.as_ref(),
+                since,
+                backlog_limit,
+                &core_metrics,
+            );
             for conn in closed {
                 writers.remove(&conn);
             }
         }
         broker.shutdown(Instant::now());
-        dispatch(&mut broker, &mut writers, writer.as_ref(), Instant::now());
+        dispatch(
+            &mut broker,
+            &mut writers,
+            writer.as_ref(),
+            Instant::now(),
+            backlog_limit,
+            &core_metrics,
+        );
         if let Some(w) = writer.take() {
             let _ = tokio::task::spawn_blocking(move || w.finish()).await;
         }
@@ -374,11 +399,19 @@ pub async fn run(server: Server, shutdown: impl Future<Output = ()>) -> Result<(
 /// message (one write) per round. With a storage writer, the round's ops go to it and the
 /// sends wait for their commit; they go straight out only when nothing is waiting for a
 /// commit (so nothing overtakes what was produced before it).
+///
+/// A subscriber that does not read builds a backlog in its line. Once that backlog is over
+/// `backlog_limit` bytes, its QoS 0 PUBLISH packets are dropped (at most once allows it)
+/// and counted as `slow_consumer`. What reaches the line at QoS 1/2 is bounded by its
+/// inflight window (the rest waits in its session queue, which is not capped while it is
+/// online: see docs/conformance.md), acks by what it sends itself.
 fn dispatch(
     broker: &mut Broker,
     writers: &mut ConnMap<line::Sender<ToConn>>,
     writer: Option<&writer::Writer>,
     since: Instant,
+    backlog_limit: usize,
+    metrics: &Metrics,
 ) {
     let mut batches: ConnMap<Vec<Packet>> = ConnMap::default();
     let mut closes = vec![];
@@ -390,10 +423,39 @@ fn dispatch(
     }
     let ops = broker.take_ops();
     let mut sends = Vec::with_capacity(batches.len() + closes.len());
-    for (conn, packets) in batches {
-        if let Some(w) = writers.get(&conn) {
-            sends.push((w.clone(), ToConn::Packets(Box::new((packets, since)))));
+    for (conn, mut packets) in batches {
+        let Some(w) = writers.get(&conn) else {
+            continue;
+        };
+        if w.backlog() > backlog_limit {
+            let before = packets.len();
+            packets.retain(
+                |p| !matches!(p, Packet::Publish(p) if p.qos_pid == tern_codec::QosPid::AtMostOnce),
+            );
+            let dropped = (before - packets.len()) as u64;
+            if dropped > 0 {
+                metrics.drop_n(crate::metrics::DropReason::SlowConsumer, dropped);
+                tracing::debug!(
+                    conn,
+                    dropped,
+                    "subscriber not reading: QoS 0 dropped for it"
+                );
+            }
+            if packets.is_empty() {
+                continue;
+            }
         }
+        let weight = packets
+            .iter()
+            .map(|p| match p {
+                Packet::Publish(p) => p.topic.as_str().len() + p.payload.len(),
+                _ => 0,
+            })
+            .sum();
+        sends.push((
+            w.clone(),
+            ToConn::Packets(Box::new((packets, since, weight))),
+        ));
     }
     for conn in closes {
         if let Some(w) = writers.get(&conn) {
@@ -763,7 +825,7 @@ async fn session_io(
                 for msg in msgs {
                     match msg {
                         ToConn::Packets(batch) => {
-                            let (packets, since) = *batch;
+                            let (packets, since, _) = *batch;
                             let v = version.unwrap_or(Protocol::V3_1_1);
                             let before = wbuf.len();
                             for p in &packets {
