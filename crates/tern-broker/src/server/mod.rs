@@ -564,35 +564,12 @@ enum Writer {
     Other(Box<dyn AsyncWrite + Unpin + Send>),
 }
 
-impl AsyncWrite for Writer {
-    fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            Writer::Tcp(w) => std::pin::Pin::new(w).poll_write(cx, buf),
-            Writer::Other(w) => std::pin::Pin::new(w).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Writer::Tcp(w) => std::pin::Pin::new(w).poll_flush(cx),
-            Writer::Other(w) => std::pin::Pin::new(w).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Writer::Tcp(w) => std::pin::Pin::new(w).poll_shutdown(cx),
-            Writer::Other(w) => std::pin::Pin::new(w).poll_shutdown(cx),
+impl Writer {
+    /// The half to write to, whichever it is.
+    fn as_dyn(&mut self) -> &mut (dyn AsyncWrite + Unpin + Send) {
+        match self {
+            Writer::Tcp(w) => w,
+            Writer::Other(w) => w,
         }
     }
 }
@@ -777,7 +754,7 @@ async fn session_io(
     loop {
         let writing = !wbuf.is_empty() || unflushed;
         if !reading && closing && !writing {
-            let _ = writer.shutdown().await;
+            let _ = writer.as_dyn().shutdown().await;
             break;
         }
         tokio::select! {
@@ -1015,7 +992,7 @@ fn write_some<'a>(
     buf: &'a [u8],
 ) -> impl Future<Output = std::io::Result<usize>> + 'a {
     std::future::poll_fn(move |cx| {
-        let writer = std::pin::Pin::new(&mut *writer);
+        let writer = std::pin::Pin::new(writer.as_dyn());
         if buf.is_empty() {
             writer.poll_flush(cx).map_ok(|()| 0)
         } else {
