@@ -5,7 +5,7 @@
 //! timeouts); commands (`publish`, `ack`); `poll_*` for what the driver must do (packets
 //! to write, events for the application, the next deadline). Time is always passed in.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use tern_codec::properties::AckProperties;
@@ -16,7 +16,7 @@ use tern_codec::{
 
 use crate::Message;
 use crate::alias::{self, AliasError, Choice};
-use crate::session::{InboundState, OutboundState, SessionState};
+use crate::session::{IdMap, InboundState, OutboundState, SessionState, shrink_after_remove};
 
 /// Which side of the connection this engine plays.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -236,7 +236,7 @@ pub struct Connection {
     inbound_aliases: alias::Inbound,
     outbound_aliases: alias::Outbound,
     /// Inbound QoS 1 ids delivered but not yet acknowledged (acknowledge-later mode).
-    pending_puback: BTreeSet<PacketId>,
+    pending_puback: IdMap<()>,
     /// Inbound QoS 2 PUBLISH packets answered without delivering them again.
     duplicates: u64,
 }
@@ -275,7 +275,7 @@ impl Connection {
             last_received: now,
             last_sent: now,
             ping_sent_at: None,
-            pending_puback: BTreeSet::new(),
+            pending_puback: IdMap::default(),
             duplicates: 0,
         };
         let resend: Vec<(PacketId, OutboundState)> =
@@ -390,12 +390,12 @@ impl Connection {
                 self.events.push_back(Event::Message { message, ack: None });
             }
             QosPid::AtLeastOnce(id) => {
-                if !self.pending_puback.contains(&id) {
+                if !self.pending_puback.contains_key(&id) {
                     self.check_receive_maximum()?;
                 }
                 let message = Message::from_publish(p, now);
                 if manual {
-                    self.pending_puback.insert(id);
+                    self.pending_puback.insert(id, ());
                     self.events.push_back(Event::Message {
                         message,
                         ack: Some(id),
@@ -572,6 +572,16 @@ impl Connection {
             }
             return;
         }
+        if self.session.queued_len() == 0
+            && self.open
+            && self.session.inflight_len() < self.window()
+        {
+            // Nothing waits ahead of it and the window has room: straight into flight.
+            if let Err(message) = self.launch(message, now) {
+                self.session.enqueue(message);
+            }
+            return;
+        }
         self.session.enqueue(message);
         self.pump(now);
     }
@@ -599,7 +609,8 @@ impl Connection {
     ) -> bool {
         let mut ack = Ack::with_reason(id, reason);
         ack.properties = properties;
-        if self.pending_puback.remove(&id) {
+        if self.pending_puback.remove(&id).is_some() {
+            shrink_after_remove(&mut self.pending_puback);
             self.transmit.push_back(Packet::PubAck(ack));
             return true;
         }
@@ -671,51 +682,66 @@ impl Connection {
         });
     }
 
+    /// How many outbound QoS 1/2 flows may hold an id at once.
+    fn window(&self) -> usize {
+        usize::from(self.config.peer_receive_maximum.max(1))
+    }
+
     /// Moves queued messages into flight while the window has room (QoS 0 ones go out
     /// without taking a place in it).
     fn pump(&mut self, now: Instant) {
-        let window = usize::from(self.config.peer_receive_maximum.max(1));
+        let window = self.window();
         while self.open && self.session.inflight_len() < window {
             let Some(message) = self.session.pop_queue() else {
                 break;
             };
-            if message.is_expired(now) {
-                self.events.push_back(Event::Dropped {
-                    message,
-                    reason: DropReason::Expired,
-                });
-                continue;
-            }
-            if message.qos == QoS::AtMostOnce {
-                // Queued while the session was offline (a broker may keep QoS 0 then): sent
-                // in its place in the order, with no packet id and nothing to wait for.
-                let publish = message.to_publish(QosPid::AtMostOnce, false, now);
-                if self.send_publish(publish).is_err() {
-                    self.events.push_back(Event::Dropped {
-                        message,
-                        reason: DropReason::TooLarge,
-                    });
-                }
-                continue;
-            }
-            let previous = self.session.last_id();
-            let Ok(id) = self.session.allocate_id() else {
+            if let Err(message) = self.launch(message, now) {
                 self.session.unpop_queue(message);
                 break;
-            };
-            let publish = message.to_publish(QosPid::new(message.qos, id), false, now);
-            if self.send_publish(publish).is_ok() {
-                self.session.insert_inflight(id, message);
-            } else {
-                // Too large for this peer: discard it and behave as if it was sent
-                // [MQTT-3.1.2-25]; the id was never used.
-                self.session.unallocate(previous);
+            }
+        }
+    }
+
+    /// Sends a message whose turn has come, with room in the window: dropped if expired
+    /// or too large for the peer, QoS 0 out with no id, QoS 1/2 into flight with a fresh
+    /// id. Gives the message back if no id is free.
+    fn launch(&mut self, message: Message, now: Instant) -> Result<(), Message> {
+        if message.is_expired(now) {
+            self.events.push_back(Event::Dropped {
+                message,
+                reason: DropReason::Expired,
+            });
+            return Ok(());
+        }
+        if message.qos == QoS::AtMostOnce {
+            // Queued while the session was offline (a broker may keep QoS 0 then): sent
+            // in its place in the order, with no packet id and nothing to wait for.
+            let publish = message.to_publish(QosPid::AtMostOnce, false, now);
+            if self.send_publish(publish).is_err() {
                 self.events.push_back(Event::Dropped {
                     message,
                     reason: DropReason::TooLarge,
                 });
             }
+            return Ok(());
         }
+        let previous = self.session.last_id();
+        let Ok(id) = self.session.allocate_id() else {
+            return Err(message);
+        };
+        let publish = message.to_publish(QosPid::new(message.qos, id), false, now);
+        if self.send_publish(publish).is_ok() {
+            self.session.insert_inflight(id, message);
+        } else {
+            // Too large for this peer: discard it and behave as if it was sent
+            // [MQTT-3.1.2-25]; the id was never used.
+            self.session.unallocate(previous);
+            self.events.push_back(Event::Dropped {
+                message,
+                reason: DropReason::TooLarge,
+            });
+        }
+        Ok(())
     }
 
     /// Resends an inflight PUBLISH (session resume). It fitted when it was first sent and

@@ -1,7 +1,8 @@
 //! The durable part of a session: what must survive a reconnect (and, persisted by the
 //! caller, a restart) for QoS 1 and 2 to keep their promises.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 
 use tern_codec::PacketId;
 
@@ -80,6 +81,42 @@ enum Journal {
     Rewrite,
 }
 
+/// A map keyed by packet id. Hashed, not ordered: a hash table keeps its memory when it
+/// empties, so a session going from 0 to 1 flow in flight and back (every round trip at low
+/// rates) allocates nothing, where a `BTreeMap` allocated and freed a node each time. Order
+/// is never taken from the map: flows carry their send order, and the getters sort.
+pub(crate) type IdMap<V> = HashMap<PacketId, V, BuildHasherDefault<IdHasher>>;
+
+/// Packet ids are chosen by this side (outbound) or are at most Receive Maximum many
+/// (inbound), so a keyed hash buys nothing: one multiplication spreads them.
+#[derive(Default)]
+pub(crate) struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u16(u16::from(b));
+        }
+    }
+
+    fn write_u16(&mut self, id: u16) {
+        self.0 = (self.0 ^ u64::from(id)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+/// A table that emptied after a burst gives most of its memory back (a burst of 65,535
+/// flows would otherwise hold megabytes for the session's life); small tables are kept.
+pub(crate) fn shrink_after_remove<V>(map: &mut IdMap<V>) {
+    const KEEP: usize = 16;
+    if map.capacity() > KEEP && map.len() < map.capacity() / 8 {
+        map.shrink_to(KEEP.max(map.len() * 2));
+    }
+}
+
 /// Packet ids are exhausted: 65,535 flows are in flight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("all 65,535 packet identifiers are in use")]
@@ -98,11 +135,11 @@ pub struct IdsExhausted;
 pub struct SessionState {
     last_id: u16,
     next_seq: u32,
-    inflight: BTreeMap<PacketId, Inflight>,
+    inflight: IdMap<Inflight>,
     queue: VecDeque<Message>,
     /// Payload bytes in `queue`, kept so limits are cheap to check.
     queued_bytes: usize,
-    inbound_qos2: BTreeMap<PacketId, InboundState>,
+    inbound_qos2: IdMap<InboundState>,
     journal: Journal,
 }
 
@@ -268,9 +305,12 @@ impl SessionState {
         s
     }
 
-    /// Inbound QoS 2 ids not yet released by PUBREL.
+    /// Inbound QoS 2 ids not yet released by PUBREL, in id order.
     pub fn inbound_qos2(&self) -> impl Iterator<Item = (PacketId, InboundState)> + '_ {
-        self.inbound_qos2.iter().map(|(id, s)| (*id, *s))
+        let mut ids: Vec<(PacketId, InboundState)> =
+            self.inbound_qos2.iter().map(|(id, s)| (*id, *s)).collect();
+        ids.sort_unstable_by_key(|(id, _)| *id);
+        ids.into_iter()
     }
 
     /// The next free packet id after the last one handed out, wrapping from 65,535 to 1 and
@@ -343,6 +383,7 @@ impl SessionState {
 
     pub(crate) fn remove_inflight(&mut self, id: PacketId) -> Option<Inflight> {
         let f = self.inflight.remove(&id)?;
+        shrink_after_remove(&mut self.inflight);
         self.record(Change::Completed(id));
         Some(f)
     }
@@ -395,6 +436,7 @@ impl SessionState {
             .filter_map(|id| self.inflight.remove(id))
             .map(|f| f.message)
             .collect();
+        shrink_after_remove(&mut self.inflight);
         let (taken, kept): (VecDeque<Message>, VecDeque<Message>) = std::mem::take(&mut self.queue)
             .into_iter()
             .partition(|m| pred(m));
@@ -457,6 +499,7 @@ impl SessionState {
 
     pub(crate) fn remove_inbound(&mut self, id: PacketId) -> Option<InboundState> {
         let state = self.inbound_qos2.remove(&id)?;
+        shrink_after_remove(&mut self.inbound_qos2);
         self.record(Change::InboundDone(id));
         Some(state)
     }
