@@ -183,6 +183,9 @@ pub(crate) struct Listener {
     pub(crate) max_connections: usize,
     /// Default: `[auth] allow_anonymous`, or else only on a loopback address.
     pub(crate) allow_anonymous: Option<bool>,
+    /// 0: every write goes out at once; else a write within this many microseconds of a
+    /// small one waits to go out with what follows.
+    pub(crate) write_coalesce_us: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -207,6 +210,7 @@ impl Default for Listener {
             path: "/mqtt".into(),
             max_connections: 0,
             allow_anonymous: None,
+            write_coalesce_us: 0,
         }
     }
 }
@@ -320,6 +324,10 @@ impl Default for Limits {
     }
 }
 
+/// The longest write coalescing window: beyond it, added latency would be mistaken for a
+/// stalled broker.
+const MAX_WRITE_COALESCE_US: u32 = 100_000;
+
 impl File {
     /// Parses and checks a configuration file's text; the error names the key and line.
     pub(crate) fn parse(text: &str) -> Result<File, String> {
@@ -355,6 +363,12 @@ impl File {
             } else {
                 format!("listener {}", n + 1)
             };
+            if l.write_coalesce_us > MAX_WRITE_COALESCE_US {
+                return Err(format!(
+                    "{at}.write_coalesce_us: {} is over {MAX_WRITE_COALESCE_US} (100 ms)",
+                    l.write_coalesce_us
+                ));
+            }
             if l.bind.parse::<std::net::SocketAddr>().is_err() {
                 return Err(format!(
                     "{at}.bind: '{}' is not an address like 127.0.0.1:1883",
@@ -517,6 +531,13 @@ mod tests {
         assert!(e.contains("listener 2") && e.contains("cert_file"), "{e}");
         let e = File::parse("[[listener]]\ntransport = \"quic\"\n").unwrap_err();
         assert!(e.contains("quic") && e.contains("line 2"), "{e}");
+        let e = File::parse("[listener]\nwrite_coalesce_us = 200000\n").unwrap_err();
+        assert!(
+            e.contains("listener.write_coalesce_us") && e.contains("200000"),
+            "{e}"
+        );
+        let f = File::parse("[listener]\nwrite_coalesce_us = 500\n").unwrap();
+        assert_eq!(f.listener[0].write_coalesce_us, 500);
     }
 
     #[test]

@@ -248,6 +248,8 @@ fn listener(
         max_connections: (l.max_connections > 0).then_some(l.max_connections),
         allow_anonymous: Some(l.allow_anonymous.or(anonymous).unwrap_or(loopback)),
         cert_username: l.use_identity_as_username,
+        write_coalesce: (l.write_coalesce_us > 0)
+            .then(|| std::time::Duration::from_micros(u64::from(l.write_coalesce_us))),
     }
 }
 

@@ -32,6 +32,7 @@ pub struct Spec {
     pub max_connections: Option<usize>,
     pub allow_anonymous: Option<bool>,
     pub cert_username: bool,
+    pub write_coalesce: Option<std::time::Duration>,
 }
 
 impl Spec {
@@ -41,6 +42,7 @@ impl Spec {
             max_connections: None,
             allow_anonymous: None,
             cert_username: false,
+            write_coalesce: None,
         }
     }
 
@@ -146,6 +148,7 @@ impl Broker {
                         max_connections: spec.max_connections,
                         allow_anonymous: spec.allow_anonymous,
                         cert_username: spec.cert_username,
+                        write_coalesce: spec.write_coalesce,
                     });
                 }
                 let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
