@@ -16,7 +16,8 @@ use tern_codec::{
 
 use crate::Message;
 use crate::alias::{self, AliasError, Choice};
-use crate::session::{IdMap, InboundState, OutboundState, SessionState, shrink_after_remove};
+use crate::idmap::IdMap;
+use crate::session::{InboundState, OutboundState, SessionState};
 
 /// Which side of the connection this engine plays.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -610,7 +611,6 @@ impl Connection {
         let mut ack = Ack::with_reason(id, reason);
         ack.properties = properties;
         if self.pending_puback.remove(&id).is_some() {
-            shrink_after_remove(&mut self.pending_puback);
             self.transmit.push_back(Packet::PubAck(ack));
             return true;
         }

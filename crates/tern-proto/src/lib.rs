@@ -43,6 +43,7 @@
 
 mod alias;
 mod connection;
+mod idmap;
 mod message;
 mod session;
 

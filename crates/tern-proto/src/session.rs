@@ -1,12 +1,12 @@
 //! The durable part of a session: what must survive a reconnect (and, persisted by the
 //! caller, a restart) for QoS 1 and 2 to keep their promises.
 
-use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasherDefault, Hasher};
+use std::collections::VecDeque;
 
 use tern_codec::PacketId;
 
 use crate::Message;
+use crate::idmap::IdMap;
 
 /// Where an outbound QoS 1/2 flow stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -79,42 +79,6 @@ enum Journal {
     Off,
     Changes(Vec<Change>),
     Rewrite,
-}
-
-/// A map keyed by packet id. Hashed, not ordered: a hash table keeps its memory when it
-/// empties, so a session going from 0 to 1 flow in flight and back (every round trip at low
-/// rates) allocates nothing, where a `BTreeMap` allocated and freed a node each time. Order
-/// is never taken from the map: flows carry their send order, and the getters sort.
-pub(crate) type IdMap<V> = HashMap<PacketId, V, BuildHasherDefault<IdHasher>>;
-
-/// Packet ids are chosen by this side (outbound) or are at most Receive Maximum many
-/// (inbound), so a keyed hash buys nothing: one multiplication spreads them.
-#[derive(Default)]
-pub(crate) struct IdHasher(u64);
-
-impl Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.write_u16(u16::from(b));
-        }
-    }
-
-    fn write_u16(&mut self, id: u16) {
-        self.0 = (self.0 ^ u64::from(id)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
-}
-
-/// A table that emptied after a burst gives most of its memory back (a burst of 65,535
-/// flows would otherwise hold megabytes for the session's life); small tables are kept.
-pub(crate) fn shrink_after_remove<V>(map: &mut IdMap<V>) {
-    const KEEP: usize = 16;
-    if map.capacity() > KEEP && map.len() < map.capacity() / 8 {
-        map.shrink_to(KEEP.max(map.len() * 2));
-    }
 }
 
 /// Packet ids are exhausted: 65,535 flows are in flight.
@@ -383,7 +347,6 @@ impl SessionState {
 
     pub(crate) fn remove_inflight(&mut self, id: PacketId) -> Option<Inflight> {
         let f = self.inflight.remove(&id)?;
-        shrink_after_remove(&mut self.inflight);
         self.record(Change::Completed(id));
         Some(f)
     }
@@ -436,7 +399,6 @@ impl SessionState {
             .filter_map(|id| self.inflight.remove(id))
             .map(|f| f.message)
             .collect();
-        shrink_after_remove(&mut self.inflight);
         let (taken, kept): (VecDeque<Message>, VecDeque<Message>) = std::mem::take(&mut self.queue)
             .into_iter()
             .partition(|m| pred(m));
@@ -499,7 +461,6 @@ impl SessionState {
 
     pub(crate) fn remove_inbound(&mut self, id: PacketId) -> Option<InboundState> {
         let state = self.inbound_qos2.remove(&id)?;
-        shrink_after_remove(&mut self.inbound_qos2);
         self.record(Change::InboundDone(id));
         Some(state)
     }

@@ -349,9 +349,10 @@ pub async fn run(server: Server, shutdown: impl Future<Output = ()>) -> Result<(
             name: name.clone(),
             counts: Arc::new(ConnCounts::default()),
             metrics: metrics.clone(),
+            to_core: to_core.clone(),
         });
         monitor.add_listener(name, listener.counts.clone());
-        let (to_core, next_conn, total) = (to_core.clone(), next_conn.clone(), total.clone());
+        let (next_conn, total) = (next_conn.clone(), total.clone());
         let socket = l.socket;
         accepting.push(tokio::spawn(async move {
             loop {
@@ -381,7 +382,6 @@ pub async fn run(server: Server, shutdown: impl Future<Output = ()>) -> Result<(
                     conn,
                     stream,
                     peer,
-                    to_core: to_core.clone(),
                     slot,
                     over_limit: over,
                 })));
@@ -499,6 +499,9 @@ struct ListenerCtx {
     /// Its open connections by protocol version.
     counts: Arc<ConnCounts>,
     metrics: Arc<Metrics>,
+    /// The core's inbox, one for all connections (each task holding its own sender would
+    /// be one more pointer in every connection's task).
+    to_core: mpsc::UnboundedSender<ToCore>,
 }
 
 /// A connection's place in the listener's and the server's counts, given back on drop.
@@ -594,7 +597,6 @@ struct Accepted {
     conn: ConnId,
     stream: TcpStream,
     peer: SocketAddr,
-    to_core: mpsc::UnboundedSender<ToCore>,
     slot: Slot,
     over_limit: bool,
 }
@@ -605,7 +607,6 @@ async fn connection(accepted: Box<Accepted>) {
         conn,
         stream,
         peer,
-        to_core,
         slot,
         over_limit,
     } = {
@@ -671,7 +672,9 @@ async fn connection(accepted: Box<Accepted>) {
         identity,
         over_limit,
     });
-    session_io(conn, reader, writer, to_core, &l, hello).await;
+    // The slot's own reference serves from here on: one pointer fewer kept in the task.
+    drop(l);
+    session_io(conn, reader, writer, &slot.0, hello).await;
     drop(slot);
 }
 
@@ -707,12 +710,11 @@ async fn session_io(
     conn: ConnId,
     mut reader: Reader,
     mut writer: Writer,
-    to_core: mpsc::UnboundedSender<ToCore>,
     l: &ListenerCtx,
     hello: Box<Hello>,
 ) {
     let (tx, mut rx) = line::line::<ToConn>();
-    if to_core
+    if l.to_core
         .send(ToCore::Accepted(conn, hello.peer, tx))
         .is_err()
     {
@@ -720,15 +722,7 @@ async fn session_io(
     }
     let mut rbuf = BytesMut::new();
     // Boxed: it runs once, and would otherwise size the task for the connection's life.
-    let start = Box::pin(connect_phase(
-        conn,
-        &mut reader,
-        &mut rbuf,
-        &to_core,
-        l,
-        hello,
-    ))
-    .await;
+    let start = Box::pin(connect_phase(conn, &mut reader, &mut rbuf, l, hello)).await;
     // Grows with what is written; an idle connection keeps only what it has needed.
     let mut wbuf = BytesMut::new();
     let version = match start {
@@ -742,7 +736,7 @@ async fn session_io(
     let mut reading = match start {
         Start::Connected(v) => {
             // Whatever arrived along with the CONNECT.
-            !decode_all(conn, &mut rbuf, v, &to_core, l, Instant::now())
+            !decode_all(conn, &mut rbuf, v, l, Instant::now())
         }
         Start::Refused(v, reason) => {
             let ack = Packet::ConnAck(tern_codec::ConnAck::new(false, reason));
@@ -755,7 +749,7 @@ async fn session_io(
         Start::Ended => false,
     };
     if !reading {
-        stop_reading(l, &to_core, conn, version);
+        stop_reading(l, conn, version);
     }
     if rbuf.is_empty() {
         // Given back: an idle connection holds no read buffer.
@@ -763,49 +757,25 @@ async fn session_io(
     }
     // Reads start small (most connections are idle most of the time) and double, up to
     // 64 KiB, while each read fills the buffer; a short read brings them back down.
-    let mut chunk = READ_CHUNK_MIN;
+    let mut chunk: u32 = READ_CHUNK_MIN as u32;
     let mut unflushed = !wbuf.is_empty();
-    // Write coalescing (when the listener asks for it): when the last small write went
-    // out, and the timer holding the next one back until the window after it has passed
-    // (made on first use, then reset).
-    let mut small_write_at: Option<tokio::time::Instant> = None;
-    let mut hold: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+    // Out of line, and only where the listener asks for it: one pointer in every task.
+    let mut coalescer = l.write_coalesce.map(Coalescer::new);
     loop {
         let writing = !wbuf.is_empty() || unflushed;
         if !reading && closing && !writing {
             let _ = writer.as_dyn().shutdown().await;
             break;
         }
-        let held = match (l.write_coalesce, small_write_at) {
-            (Some(window), Some(at)) if !wbuf.is_empty() && !closing => {
-                let until = at + window;
-                let held = tokio::time::Instant::now() < until;
-                if !held {
-                    small_write_at = None;
-                } else if let Some(timer) = &mut hold {
-                    if timer.deadline() != until {
-                        timer.as_mut().reset(until);
-                    }
-                } else {
-                    hold = Some(Box::pin(tokio::time::sleep_until(until)));
-                }
-                held
-            }
-            _ => false,
-        };
+        let held = !wbuf.is_empty() && !closing && coalescer.as_mut().is_some_and(|c| c.holds());
         tokio::select! {
-            () = async {
-                if let Some(timer) = &mut hold {
-                    timer.as_mut().await;
-                }
-            }, if held => small_write_at = None,
-            read = reader.read_some(&mut rbuf, chunk), if reading => {
+            read = reader.read_some(&mut rbuf, chunk as usize), if reading => {
                 let read_at = Instant::now();
                 let n = match read {
                     Ok(n) if n > 0 => n,
                     _ => {
                         reading = false;
-                        stop_reading(l, &to_core, conn, version);
+                        stop_reading(l, conn, version);
                         continue;
                     }
                 };
@@ -814,19 +784,21 @@ async fn session_io(
                 if n == spare {
                     chunk = (chunk * 2).min(64 * 1024);
                 } else if n < spare / 4 {
-                    chunk = READ_CHUNK_MIN;
+                    chunk = READ_CHUNK_MIN as u32;
                 }
                 let v = version.unwrap_or(Protocol::V3_1_1);
-                if decode_all(conn, &mut rbuf, v, &to_core, l, read_at) {
+                if decode_all(conn, &mut rbuf, v, l, read_at) {
                     reading = false;
-                    stop_reading(l, &to_core, conn, version);
+                    stop_reading(l, conn, version);
                 }
             }
-            written = write_some(&mut writer, &wbuf), if writing && !held => match written {
+            // A write held back waits here for its window to pass (reading and receiving
+            // go on meanwhile).
+            written = write_some(&mut writer, &wbuf, held.then_some(&mut coalescer)), if writing => match written {
                 Ok(0) if !wbuf.is_empty() => break,
                 Ok(n) if !wbuf.is_empty() => {
-                    if l.write_coalesce.is_some() {
-                        small_write_at = (n < COALESCE_BELOW).then(tokio::time::Instant::now);
+                    if let Some(c) = &mut coalescer {
+                        c.wrote(n);
                     }
                     wbuf.advance(n);
                     if wbuf.is_empty() {
@@ -861,7 +833,7 @@ async fn session_io(
                             closing = true;
                             // Nothing read after the close is acted on.
                             if std::mem::take(&mut reading) {
-                                stop_reading(l, &to_core, conn, version);
+                                stop_reading(l, conn, version);
                             }
                             break;
                         }
@@ -873,7 +845,48 @@ async fn session_io(
     }
     // Writing failed or ended: the client is gone, whatever the core still sends.
     if reading {
-        stop_reading(l, &to_core, conn, version);
+        stop_reading(l, conn, version);
+    }
+}
+
+/// One connection's write coalescing (see [`Listener::write_coalesce`]).
+struct Coalescer {
+    window: Duration,
+    /// When the last small write went out, while its window may still be open.
+    small_write_at: Option<tokio::time::Instant>,
+    /// Set to the end of that window while a write waits for it.
+    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Coalescer {
+    fn new(window: Duration) -> Box<Coalescer> {
+        Box::new(Coalescer {
+            window,
+            small_write_at: None,
+            timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+        })
+    }
+
+    /// Whether a write due now waits for the window after the last small write (the timer
+    /// then set to its end).
+    fn holds(&mut self) -> bool {
+        let Some(at) = self.small_write_at else {
+            return false;
+        };
+        let until = at + self.window;
+        if tokio::time::Instant::now() >= until {
+            self.small_write_at = None;
+            return false;
+        }
+        if self.timer.deadline() != until {
+            self.timer.as_mut().reset(until);
+        }
+        true
+    }
+
+    /// A write of `n` bytes went out: a small one opens a window.
+    fn wrote(&mut self, n: usize) {
+        self.small_write_at = (n < COALESCE_BELOW).then(tokio::time::Instant::now);
     }
 }
 
@@ -904,7 +917,6 @@ async fn connect_phase(
     conn: ConnId,
     reader: &mut Reader,
     rbuf: &mut BytesMut,
-    to_core: &mpsc::UnboundedSender<ToCore>,
     l: &ListenerCtx,
     hello: Box<Hello>,
 ) -> Start {
@@ -932,7 +944,7 @@ async fn connect_phase(
     let mut packet = match tokio::time::timeout_at(deadline, first).await {
         Ok(Ok(Some(packet))) => packet,
         Ok(Err(e)) => {
-            let _ = to_core.send(ToCore::DecodeError(conn, None, e));
+            let _ = l.to_core.send(ToCore::DecodeError(conn, None, e));
             return Start::Ended;
         }
         Ok(Ok(None)) | Err(_) => return Start::Ended,
@@ -950,7 +962,7 @@ async fn connect_phase(
         start = Start::Connected(c.protocol);
     }
     // Anything else first is the core's to refuse (a protocol error).
-    if to_core
+    if l.to_core
         .send(ToCore::Packet(conn, packet, Instant::now()))
         .is_err()
     {
@@ -964,15 +976,10 @@ async fn connect_phase(
 
 /// Ends a connection's reading side: it is uncounted from its protocol version's
 /// ConnCounts (back to "none", where the Slot uncounts it), and the core is told.
-fn stop_reading(
-    l: &ListenerCtx,
-    to_core: &mpsc::UnboundedSender<ToCore>,
-    conn: ConnId,
-    version: Option<Protocol>,
-) {
+fn stop_reading(l: &ListenerCtx, conn: ConnId, version: Option<Protocol>) {
     l.counts
         .shift(version.map_or(0, |v| ConnCounts::index(v.level())), 0);
-    let _ = to_core.send(ToCore::Closed(conn));
+    let _ = l.to_core.send(ToCore::Closed(conn));
 }
 
 /// Counts a packet read.
@@ -991,7 +998,6 @@ fn decode_all(
     conn: ConnId,
     rbuf: &mut BytesMut,
     v: Protocol,
-    to_core: &mpsc::UnboundedSender<ToCore>,
     l: &ListenerCtx,
     read_at: Instant,
 ) -> bool {
@@ -1014,9 +1020,9 @@ fn decode_all(
         }
     };
     let sent = match first {
-        Some(p) => to_core.send(ToCore::Packet(conn, p, read_at)),
+        Some(p) => l.to_core.send(ToCore::Packet(conn, p, read_at)),
         None if more.is_empty() => Ok(()),
-        None => to_core.send(ToCore::Packets(conn, more, read_at)),
+        None => l.to_core.send(ToCore::Packets(conn, more, read_at)),
     };
     if sent.is_err() {
         return true;
@@ -1024,19 +1030,25 @@ fn decode_all(
     match failed {
         // What decoded before the malformed packet is handled first, as it arrived.
         Some(e) => {
-            let _ = to_core.send(ToCore::DecodeError(conn, Some(v), e));
+            let _ = l.to_core.send(ToCore::DecodeError(conn, Some(v), e));
             true
         }
         None => false,
     }
 }
 
-/// Writes some of `buf`, or flushes once it is all written.
+/// Writes some of `buf`, or flushes once it is all written; first, if `hold` is given, waits
+/// for the end of the coalescing window.
 fn write_some<'a>(
     writer: &'a mut Writer,
-    buf: &'a [u8],
+    buf: &'a BytesMut,
+    mut hold: Option<&'a mut Option<Box<Coalescer>>>,
 ) -> impl Future<Output = std::io::Result<usize>> + 'a {
     std::future::poll_fn(move |cx| {
+        if let Some(Some(c)) = hold.as_deref_mut() {
+            std::task::ready!(c.timer.as_mut().poll(cx));
+            hold = None;
+        }
         let writer = std::pin::Pin::new(writer.as_dyn());
         if buf.is_empty() {
             writer.poll_flush(cx).map_ok(|()| 0)
