@@ -18,7 +18,7 @@ use tern_broker::core::Settings;
 use tern_broker::server::AccessControl;
 use tern_codec::{Connect, Packet, Protocol, Publish, QoS, QosPid, TopicName};
 
-const WINDOW: Duration = Duration::from_millis(300);
+const WINDOW: Duration = Duration::from_millis(500);
 
 fn broker(coalesce: Option<Duration>) -> Broker {
     let mut spec = Spec::tcp();
