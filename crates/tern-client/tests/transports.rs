@@ -154,33 +154,52 @@ async fn tls_websocket_and_secure_websocket_against_mosquitto() {
     let dir = std::env::temp_dir().join(format!("tern-client-tls-{}", free_port()));
     std::fs::create_dir_all(&dir).unwrap();
     let certs = certificates(&dir);
-    let ports = Ports {
-        tls: free_port(),
-        ws: free_port(),
-        wss: free_port(),
-    };
     let (cert, key) = (certs[1].display(), certs[2].display());
-    let _broker = Broker::mosquitto_with(&format!(
-        "listener {} 127.0.0.1\ncertfile {cert}\nkeyfile {key}\n\
-         listener {} 127.0.0.1\nprotocol websockets\n\
-         listener {} 127.0.0.1\nprotocol websockets\ncertfile {cert}\nkeyfile {key}\n",
-        ports.tls, ports.ws, ports.wss
-    ))
-    .await;
-    // The helper waits for Mosquitto's first listener only; the others come up after it.
-    for port in [ports.tls, ports.ws, ports.wss] {
+    // A port found free can be taken by another test before Mosquitto binds it, and then
+    // Mosquitto exits ("Unable to create websockets listener"): start again on fresh ports.
+    let mut started = None;
+    for _attempt in 0..5 {
+        let ports = Ports {
+            tls: free_port(),
+            ws: free_port(),
+            wss: free_port(),
+        };
+        if ports.tls == ports.ws || ports.ws == ports.wss || ports.tls == ports.wss {
+            continue;
+        }
+        let mut broker = Broker::mosquitto_with(&format!(
+            "listener {} 127.0.0.1\ncertfile {cert}\nkeyfile {key}\n\
+             listener {} 127.0.0.1\nprotocol websockets\n\
+             listener {} 127.0.0.1\nprotocol websockets\ncertfile {cert}\nkeyfile {key}\n",
+            ports.tls, ports.ws, ports.wss
+        ))
+        .await;
+        // The helper waits for Mosquitto's first listener only; the others come up after
+        // it, or Mosquitto gives up on one and exits.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_err()
-        {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "Mosquitto never listened on {port}"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let mut up = true;
+        for port in [ports.tls, ports.ws, ports.wss] {
+            while tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_err()
+            {
+                let exited = match &mut broker {
+                    Broker::Mosquitto(_, child, _) => child.try_wait().unwrap().is_some(),
+                    Broker::Tern(..) => false,
+                };
+                if exited || std::time::Instant::now() >= deadline {
+                    up = false;
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
+        if up {
+            started = Some((ports, broker));
+            break;
         }
     }
+    let (ports, _broker) = started.expect("Mosquitto listening on TLS, WS and WSS ports");
     every_transport(&ports, &certs[0], "mosquitto").await;
     let _ = std::fs::remove_dir_all(&dir);
 }

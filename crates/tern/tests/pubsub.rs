@@ -93,28 +93,38 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// Mosquitto on a free port; started again on another if the port was taken before
+/// Mosquitto could bind it (it then exits).
 fn mosquitto_broker() -> (Mosquitto, u16) {
-    let port = free_port();
-    let config = std::env::temp_dir().join(format!("tern-pubsub-mosq-{port}.conf"));
-    std::fs::write(
-        &config,
-        format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
-    )
-    .unwrap();
-    let child = Command::new("/usr/sbin/mosquitto")
-        .arg("-c")
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("mosquitto (scripts/test installs it)");
-    for _ in 0..100 {
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            break;
+    for _attempt in 0..5 {
+        let port = free_port();
+        let config = std::env::temp_dir().join(format!("tern-pubsub-mosq-{port}.conf"));
+        std::fs::write(
+            &config,
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+        )
+        .unwrap();
+        let mut child = Command::new("/usr/sbin/mosquitto")
+            .arg("-c")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto (scripts/test installs it)");
+        for _ in 0..250 {
+            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return (Mosquitto(Guard(child), config), port);
+            }
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
-        std::thread::sleep(Duration::from_millis(20));
+        let _ = child.kill();
+        let _ = child.wait();
+        let _ = std::fs::remove_file(&config);
     }
-    (Mosquitto(Guard(child), config), port)
+    panic!("Mosquitto did not start listening in 5 attempts");
 }
 
 /// Every QoS in both protocol versions, retained, formats, and the Mosquitto tools on the

@@ -41,28 +41,46 @@ impl Broker {
     }
 
     /// Mosquitto with a plain listener on the returned port, then `extra` config lines.
+    /// Mosquitto listening on a free port, with `extra` configuration. A port found free can
+    /// be taken by another test before Mosquitto binds it (Mosquitto then exits): it is
+    /// started again on another.
     pub async fn mosquitto_with(extra: &str) -> Broker {
-        let port = free_port();
-        let config = std::env::temp_dir().join(format!("tern-client-mosq-{port}.conf"));
-        std::fs::write(
-            &config,
-            format!("allow_anonymous true\npersistence false\nlistener {port} 127.0.0.1\n{extra}"),
-        )
-        .unwrap();
-        let child = std::process::Command::new("/usr/sbin/mosquitto")
-            .arg("-c")
-            .arg(&config)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("mosquitto (scripts/test installs Debian's mosquitto)");
-        for _ in 0..100 {
-            if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
-                break;
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let port = free_port();
+            let config = std::env::temp_dir().join(format!("tern-client-mosq-{port}.conf"));
+            std::fs::write(
+                &config,
+                format!(
+                    "allow_anonymous true\npersistence false\nlistener {port} 127.0.0.1\n{extra}"
+                ),
+            )
+            .unwrap();
+            let mut child = std::process::Command::new("/usr/sbin/mosquitto")
+                .arg("-c")
+                .arg(&config)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("mosquitto (scripts/test installs Debian's mosquitto)");
+            for _ in 0..250 {
+                if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                    return Broker::Mosquitto(port, child, config);
+                }
+                if child.try_wait().unwrap().is_some() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = std::fs::remove_file(&config);
+            assert!(
+                attempts < 5,
+                "Mosquitto did not start listening in {attempts} attempts"
+            );
         }
-        Broker::Mosquitto(port, child, config)
     }
 
     pub fn port(&self) -> u16 {
