@@ -214,7 +214,6 @@ pub async fn run(server: Server, shutdown: impl Future<Output = ()>) -> Result<(
         let mut sys_tick = tokio::time::interval(sys_interval.unwrap_or(Duration::MAX / 4));
         'run: loop {
             let mut first = None;
-            let mut since = Instant::now();
             tokio::select! {
                 msg = from_conns.recv() => match msg {
                     Some(msg) => first = Some(msg),
@@ -227,6 +226,10 @@ pub async fn run(server: Server, shutdown: impl Future<Output = ()>) -> Result<(
                     tracing::info!("ACL reloaded");
                 }
             }
+            // What this round sends is timed from the earliest read it answers (lowered
+            // below), or from now for what the core does on its own (timers, $SYS). Not
+            // from before the wait above: that would count the idle time.
+            let mut since = Instant::now();
             // Everything already waiting is handled before one batch goes to the writer.
             let mut next = first;
             let mut handled = 0;
