@@ -274,3 +274,58 @@ fn a_subscriber_that_stops_reading_loses_only_its_own_qos0_copies() {
     assert!(matches!(publisher.recv(), Some(Packet::PingResp)));
     drop(stuck);
 }
+
+#[test]
+fn a_client_that_stops_sending_and_never_reads_is_let_go_after_the_connect_timeout() {
+    let settings = Settings {
+        connect_timeout: std::time::Duration::from_secs(1),
+        ..Default::default()
+    };
+    let b = broker(settings, None, vec![Spec::tcp()]);
+    // Connections the listener holds: a client whose reading side has ended counts under
+    // protocol "none" until its connection is let go.
+    let open = |b: &Broker| {
+        let (_, m) = common::get(b.monitor_port, "/metrics");
+        ["none", "5.0"]
+            .iter()
+            .map(|p| {
+                let series = format!(
+                    "tern_connections{{listener=\"tcp 127.0.0.1:{}\",protocol=\"{p}\"}}",
+                    b.port
+                );
+                tern_broker::metrics::Metrics::find(&m, &series).unwrap_or(0.0)
+            })
+            .sum::<f64>()
+    };
+    let (stuck, _) = Raw::connect(b.port, Connect::new(Protocol::V5, "stuck"));
+    let mut stuck = stuck;
+    stuck.subscribe("flood/#", QoS::AtMostOnce);
+    let (mut publisher, _) = Raw::connect(b.port, Connect::new(Protocol::V5, "pub"));
+    // 24 MiB for a subscriber that reads none of it: more than the socket buffers and the
+    // backlog hold, so the broker is left with a write it cannot finish.
+    let payload = bytes::Bytes::from(vec![b'x'; 64 * 1024]);
+    for _ in 0..384 {
+        publisher.send(Packet::Publish(Publish::new(
+            TopicName::new("flood/a").unwrap(),
+            QosPid::AtMostOnce,
+            payload.clone(),
+        )));
+    }
+    publisher.send(Packet::PingReq);
+    assert!(matches!(publisher.recv(), Some(Packet::PingResp)));
+    assert_eq!(open(&b), 2.0, "both clients connected");
+    // It stops sending, keeps its read side open and reads nothing.
+    stuck.shutdown_write();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while open(&b) > 1.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the half-closed client still holds its connection after 10 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // The publisher is unaffected.
+    publisher.send(Packet::PingReq);
+    assert!(matches!(publisher.recv(), Some(Packet::PingResp)));
+    drop(stuck);
+}

@@ -13,7 +13,7 @@ use std::num::{NonZeroU16, NonZeroU32};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Broker, Raw, Spec};
+use common::{Broker, Raw, Spec, get};
 use tern_broker::acl::Acl;
 use tern_broker::auth::Access;
 use tern_broker::metrics::Metrics;
@@ -21,18 +21,6 @@ use tern_broker::server::AccessControl;
 use tern_codec::{
     Ack, Connect, Disconnect, Packet, Protocol, Publish, QoS, QosPid, ReasonCode, TopicName,
 };
-
-/// GET `path` from the endpoint on `port`: the status code and the body.
-fn get(port: u16, path: &str) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let status = out[9..12].parse().unwrap();
-    let body = out.split_once("\r\n\r\n").unwrap().1.to_string();
-    (status, body)
-}
 
 /// The value of one series in a scrape, which must be there.
 fn value(scrape: &str, series: &str) -> f64 {
@@ -480,9 +468,15 @@ fn internal_latency_runs_from_the_read_not_from_the_idle_time_before_it() {
         assert_eq!(next(&mut sub).topic.as_str(), "lat/x");
     }
     let (_, m) = get(broker.monitor_port, "/metrics");
-    assert_eq!(value(&m, "tern_internal_latency_seconds_count{qos=\"0\"}"), 5.0);
+    assert_eq!(
+        value(&m, "tern_internal_latency_seconds_count{qos=\"0\"}"),
+        5.0
+    );
     let total = value(&m, "tern_internal_latency_seconds_sum{qos=\"0\"}");
     // Five reads, routes and writes take well under a millisecond; the idle time they
     // were preceded by adds up to about a second.
-    assert!(total < 0.1, "5 messages counted {total} s of internal latency");
+    assert!(
+        total < 0.1,
+        "5 messages counted {total} s of internal latency"
+    );
 }

@@ -762,15 +762,31 @@ async fn session_io(
     // 64 KiB, while each read fills the buffer; a short read brings them back down.
     let mut chunk: u32 = READ_CHUNK_MIN as u32;
     let mut unflushed = !wbuf.is_empty();
-    // Out of line, and only where the listener asks for it: one pointer in every task.
-    let mut coalescer = l.write_coalesce.map(Coalescer::new);
+    // The write timer, out of line (one pointer in every task) and made only when needed:
+    // on a listener that coalesces writes, or once reading has ended.
+    let mut timer = l.write_coalesce.map(|w| WriteTimer::new(Some(w)));
     loop {
         let writing = !wbuf.is_empty() || unflushed;
         if !reading && closing && !writing {
             let _ = writer.as_dyn().shutdown().await;
             break;
         }
-        let held = !wbuf.is_empty() && !closing && coalescer.as_mut().is_some_and(|c| c.holds());
+        if !reading {
+            // What is left to write gets at most the CONNECT timeout: a client that stopped
+            // sending and never reads would otherwise hold the task, its buffers and its
+            // place under the connection limits for good.
+            timer
+                .get_or_insert_with(|| WriteTimer::new(None))
+                .linger(l.connect_timeout);
+        }
+        let held = !wbuf.is_empty() && !closing && timer.as_mut().is_some_and(|t| t.holds());
+        // The write branch watches the timer: the end of a coalescing window, or the
+        // deadline for writing once reading has ended.
+        let watch = if held || !reading {
+            timer.as_deref_mut()
+        } else {
+            None
+        };
         tokio::select! {
             read = reader.read_some(&mut rbuf, chunk as usize), if reading => {
                 let read_at = Instant::now();
@@ -797,11 +813,11 @@ async fn session_io(
             }
             // A write held back waits here for its window to pass (reading and receiving
             // go on meanwhile).
-            written = write_some(&mut writer, &wbuf, held.then_some(&mut coalescer)), if writing => match written {
+            written = write_some(&mut writer, &wbuf, watch), if writing => match written {
                 Ok(0) if !wbuf.is_empty() => break,
                 Ok(n) if !wbuf.is_empty() => {
-                    if let Some(c) = &mut coalescer {
-                        c.wrote(n);
+                    if let Some(t) = &mut timer {
+                        t.wrote(n);
                     }
                     wbuf.advance(n);
                     if wbuf.is_empty() {
@@ -809,7 +825,16 @@ async fn session_io(
                     }
                 }
                 Ok(_) => unflushed = false,
-                Err(_) => break,
+                Err(e) => {
+                    if e.kind() == std::io::ErrorKind::TimedOut {
+                        tracing::info!(
+                            conn,
+                            unwritten = wbuf.len(),
+                            "closed: the client stopped sending and did not read what was left for it"
+                        );
+                    }
+                    break;
+                }
             },
             // While a write is held back, what the core sends joins it.
             msgs = rx.recv_all(), if (!writing || held) && !closing => {
@@ -852,20 +877,25 @@ async fn session_io(
     }
 }
 
-/// One connection's write coalescing (see [`Listener::write_coalesce`]).
-struct Coalescer {
-    window: Duration,
+/// One connection's write timer: the window of write coalescing (see
+/// [`Listener::write_coalesce`]) while the connection reads, the deadline for what is left
+/// to write once it has stopped.
+struct WriteTimer {
+    /// The coalescing window, if the listener asks for one.
+    window: Option<Duration>,
     /// When the last small write went out, while its window may still be open.
     small_write_at: Option<tokio::time::Instant>,
-    /// Set to the end of that window while a write waits for it.
+    /// Reading has ended: the timer is the deadline, and nothing is held back any more.
+    lingering: bool,
     timer: std::pin::Pin<Box<tokio::time::Sleep>>,
 }
 
-impl Coalescer {
-    fn new(window: Duration) -> Box<Coalescer> {
-        Box::new(Coalescer {
+impl WriteTimer {
+    fn new(window: Option<Duration>) -> Box<WriteTimer> {
+        Box::new(WriteTimer {
             window,
             small_write_at: None,
+            lingering: false,
             timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
         })
     }
@@ -873,10 +903,11 @@ impl Coalescer {
     /// Whether a write due now waits for the window after the last small write (the timer
     /// then set to its end).
     fn holds(&mut self) -> bool {
-        let Some(at) = self.small_write_at else {
+        let (Some(window), Some(at), false) = (self.window, self.small_write_at, self.lingering)
+        else {
             return false;
         };
-        let until = at + self.window;
+        let until = at + window;
         if tokio::time::Instant::now() >= until {
             self.small_write_at = None;
             return false;
@@ -889,7 +920,19 @@ impl Coalescer {
 
     /// A write of `n` bytes went out: a small one opens a window.
     fn wrote(&mut self, n: usize) {
-        self.small_write_at = (n < COALESCE_BELOW).then(tokio::time::Instant::now);
+        if self.window.is_some() {
+            self.small_write_at = (n < COALESCE_BELOW).then(tokio::time::Instant::now);
+        }
+    }
+
+    /// Reading has ended: writing must be done within `limit` from now (set once).
+    fn linger(&mut self, limit: Duration) {
+        if !self.lingering {
+            self.lingering = true;
+            self.timer
+                .as_mut()
+                .reset(tokio::time::Instant::now() + limit);
+        }
     }
 }
 
@@ -1040,17 +1083,26 @@ fn decode_all(
     }
 }
 
-/// Writes some of `buf`, or flushes once it is all written; first, if `hold` is given, waits
-/// for the end of the coalescing window.
+/// Writes some of `buf`, or flushes once it is all written. With `timer`: while it holds a
+/// write back for coalescing, first waits for the window to end; once reading has ended,
+/// gives up with `TimedOut` if the deadline passes first.
 fn write_some<'a>(
     writer: &'a mut Writer,
     buf: &'a BytesMut,
-    mut hold: Option<&'a mut Option<Box<Coalescer>>>,
+    mut timer: Option<&'a mut WriteTimer>,
 ) -> impl Future<Output = std::io::Result<usize>> + 'a {
     std::future::poll_fn(move |cx| {
-        if let Some(Some(c)) = hold.as_deref_mut() {
-            std::task::ready!(c.timer.as_mut().poll(cx));
-            hold = None;
+        if let Some(t) = timer.as_deref_mut() {
+            let fired = t.timer.as_mut().poll(cx).is_ready();
+            if t.lingering {
+                if fired {
+                    return std::task::Poll::Ready(Err(std::io::ErrorKind::TimedOut.into()));
+                }
+            } else if fired {
+                timer = None;
+            } else {
+                return std::task::Poll::Pending;
+            }
         }
         let writer = std::pin::Pin::new(writer.as_dyn());
         if buf.is_empty() {

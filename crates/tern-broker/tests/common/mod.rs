@@ -3,6 +3,20 @@
 
 use std::path::PathBuf;
 
+/// GET `path` from the metrics/health endpoint on `port`: the status code and the body.
+pub fn get(port: u16, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out[9..12].parse().unwrap();
+    let body = out.split_once("\r\n\r\n").unwrap().1.to_string();
+    (status, body)
+}
+
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
@@ -236,6 +250,11 @@ impl Raw {
         let mut out = bytes::BytesMut::new();
         tern_codec::encode(&p, self.v, &mut out).unwrap();
         self.sock.write_all(&out).unwrap();
+    }
+
+    /// Stops sending (TCP half-close); the read side stays open.
+    pub fn shutdown_write(&self) {
+        self.sock.shutdown(std::net::Shutdown::Write).unwrap();
     }
 
     pub fn send_bytes(&mut self, bytes: &[u8]) {
