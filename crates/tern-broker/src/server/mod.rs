@@ -675,9 +675,7 @@ async fn connection(accepted: Box<Accepted>) {
         identity,
         over_limit,
     });
-    // The slot's own reference serves from here on: one pointer fewer kept in the task.
-    drop(l);
-    session_io(conn, reader, writer, &slot.0, hello).await;
+    session_io(conn, reader, writer, &l, hello).await;
     drop(slot);
 }
 
@@ -760,7 +758,7 @@ async fn session_io(
     }
     // Reads start small (most connections are idle most of the time) and double, up to
     // 64 KiB, while each read fills the buffer; a short read brings them back down.
-    let mut chunk: u32 = READ_CHUNK_MIN as u32;
+    let mut chunk = READ_CHUNK_MIN;
     let mut unflushed = !wbuf.is_empty();
     // The write timer, out of line (one pointer in every task) and made only when needed:
     // on a listener that coalesces writes, or once reading has ended.
@@ -788,7 +786,7 @@ async fn session_io(
             None
         };
         tokio::select! {
-            read = reader.read_some(&mut rbuf, chunk as usize), if reading => {
+            read = reader.read_some(&mut rbuf, chunk), if reading => {
                 let read_at = Instant::now();
                 let n = match read {
                     Ok(n) if n > 0 => n,
@@ -803,7 +801,7 @@ async fn session_io(
                 if n == spare {
                     chunk = (chunk * 2).min(64 * 1024);
                 } else if n < spare / 4 {
-                    chunk = READ_CHUNK_MIN as u32;
+                    chunk = READ_CHUNK_MIN;
                 }
                 let v = version.unwrap_or(Protocol::V3_1_1);
                 if decode_all(conn, &mut rbuf, v, l, read_at) {
