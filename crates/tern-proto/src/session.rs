@@ -465,7 +465,8 @@ impl SessionState {
         Some(state)
     }
 
-    pub(crate) fn inbound_len(&self) -> usize {
+    /// How many inbound QoS 2 ids wait for PUBREL.
+    pub fn inbound_len(&self) -> usize {
         self.inbound_qos2.len()
     }
 }

@@ -641,7 +641,7 @@ impl Broker {
             };
             g.subscriptions += s.subscriptions.len();
             g.inflight_out += state.inflight_len();
-            g.inflight_in += state.inbound_qos2().count();
+            g.inflight_in += state.inbound_len();
             let queued = state.queued_len();
             if queued == 0 {
                 continue;
