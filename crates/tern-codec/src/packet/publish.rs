@@ -132,10 +132,13 @@ impl Publish {
             // Without properties there is no topic alias to stand in for it.
             return Err(DecodeError::EmptyTopic);
         }
-        buf.advance(header + 2);
-        let topic = TopicName::from_wire(buf.split_to(topic_len).freeze())?;
-        buf.advance(at - 2 - topic_len);
-        let payload = buf.split_to(body - at).freeze();
+        // One split off the read buffer; topic and payload are then cut from the frozen
+        // frame, which is cheaper than cutting each off the `BytesMut`.
+        let mut frame = buf.split_to(header + body).freeze();
+        frame.advance(header + 2);
+        let topic = TopicName::from_wire(frame.split_to(topic_len))?;
+        frame.advance(at - 2 - topic_len);
+        let payload = frame;
         Ok(Some(Publish {
             dup,
             qos_pid,
