@@ -12,7 +12,7 @@
 mod support;
 
 use std::collections::VecDeque;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::BrokerProcess;
@@ -139,24 +139,7 @@ fn main() {
         "tern=info",
     );
     let tern_port: u16 = tern.port(0).parse().unwrap();
-    let mosquitto_port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let mconf = dir.join("mosquitto.conf");
-    std::fs::write(
-        &mconf,
-        format!("listener {mosquitto_port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
-    )
-    .unwrap();
-    let mut mosquitto = Command::new("/usr/sbin/mosquitto")
-        .arg("-c")
-        .arg(&mconf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("/usr/sbin/mosquitto (apt-get install mosquitto)");
-    std::thread::sleep(Duration::from_millis(300));
+    let (mosquitto, mosquitto_port) = support::Mosquitto::start();
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -189,8 +172,7 @@ fn main() {
             );
         }
     }
-    let _ = mosquitto.kill();
-    let _ = mosquitto.wait();
+    drop(mosquitto);
     drop(tern);
     let _ = std::fs::remove_dir_all(&dir);
 }

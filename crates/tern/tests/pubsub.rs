@@ -77,54 +77,12 @@ fn finish(mut sub: Guard) -> (Option<i32>, String) {
 }
 
 /// The broker process (killed on drop, by its guard) and its config file.
-struct Mosquitto(#[allow(dead_code)] Guard, std::path::PathBuf);
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.1);
-    }
-}
-
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port()
-}
-
-/// Mosquitto on a free port; started again on another if the port was taken before
-/// Mosquitto could bind it (it then exits).
-fn mosquitto_broker() -> (Mosquitto, u16) {
-    for _attempt in 0..5 {
-        let port = free_port();
-        let config = std::env::temp_dir().join(format!("tern-pubsub-mosq-{port}.conf"));
-        std::fs::write(
-            &config,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
-        )
-        .unwrap();
-        let mut child = Command::new("/usr/sbin/mosquitto")
-            .arg("-c")
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("mosquitto (scripts/test installs it)");
-        for _ in 0..250 {
-            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return (Mosquitto(Guard(child), config), port);
-            }
-            if child.try_wait().unwrap().is_some() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        let _ = std::fs::remove_file(&config);
-    }
-    panic!("Mosquitto did not start listening in 5 attempts");
 }
 
 /// Every QoS in both protocol versions, retained, formats, and the Mosquitto tools on the
@@ -234,7 +192,7 @@ fn tern_pub_and_tern_sub_carry_every_qos_retained_and_formats_through_tern_and_m
     let dir = std::env::temp_dir().join(format!("tern-pubsub-{}", free_port()));
     let broker = BrokerProcess::in_dir(&dir, "");
     pub_and_sub_through(broker.port(0), "tern");
-    let (_mosquitto, port) = mosquitto_broker();
+    let (_mosquitto, port) = support::Mosquitto::start();
     pub_and_sub_through(&port.to_string(), "mosquitto");
     let _ = std::fs::remove_dir_all(&dir);
 }

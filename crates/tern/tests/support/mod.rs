@@ -1,5 +1,6 @@
 //! What the `tern` binary's tests and benchmarks share: a broker process started from a
-//! config file (killed when dropped), certificates made with rcgen, the RSS of a process.
+//! config file (killed when dropped), Debian's Mosquitto on a free port, certificates made
+//! with rcgen, the RSS of a process.
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
 use std::io::{BufRead, BufReader};
@@ -181,4 +182,56 @@ pub fn http_get(addr: &str, path: &str) -> (u16, String) {
     let status = out[9..12].parse().unwrap();
     let body = out.split_once("\r\n\r\n").unwrap().1.to_string();
     (status, body)
+}
+
+/// Debian's Mosquitto on a free port (anonymous, no persistence), killed when dropped.
+pub struct Mosquitto {
+    child: Child,
+    config: std::path::PathBuf,
+}
+
+impl Mosquitto {
+    /// Started, and listening: its port. A port found free can be taken before Mosquitto
+    /// binds it (Mosquitto then exits), so it is started again on another.
+    pub fn start() -> (Mosquitto, u16) {
+        for _attempt in 0..5 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let config = std::env::temp_dir().join(format!("tern-mosq-{port}.conf"));
+            std::fs::write(
+                &config,
+                format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+            )
+            .unwrap();
+            let child = Command::new("/usr/sbin/mosquitto")
+                .arg("-c")
+                .arg(&config)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("mosquitto (scripts/test installs it)");
+            let mut m = Mosquitto { child, config };
+            for _ in 0..250 {
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return (m, port);
+                }
+                if m.child.try_wait().unwrap().is_some() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
+        panic!("Mosquitto did not start listening in 5 attempts");
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.config);
+    }
 }
