@@ -12,7 +12,7 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use tern_codec::{Protocol, QoS, TopicName};
+use tern_codec::{Ack, Packet, PacketId, Props, Protocol, Publish, QoS, QosPid, TopicName};
 use tern_proto::{Config, Connection, Event, Message, Role, SessionState};
 
 fn pair(now: Instant) -> (Connection, Connection) {
@@ -95,5 +95,50 @@ fn round_trips(c: &mut Criterion) {
     }
 }
 
-criterion_group!(engine, round_trips);
+/// Each side of a QoS 1 round trip alone: the publishing engine (publish, the PUBLISH
+/// taken out and dropped, PUBACK handled, `Acknowledged` taken) and the receiving one
+/// (PUBLISH handled, PUBACK taken out, the message taken and dropped).
+fn sides(c: &mut Criterion) {
+    let now = Instant::now();
+    let topic = TopicName::new("sensors/kitchen/temperature").expect("valid");
+    let (mut client, mut server) = pair(now);
+    let mut message = Some(Message::new(
+        topic.clone(),
+        vec![0xA5; 64],
+        QoS::AtLeastOnce,
+    ));
+    c.bench_function("qos1_publisher_side", |b| {
+        b.iter(|| {
+            client.publish(message.take().expect("handed back"), now);
+            let Some(Packet::Publish(p)) = client.poll_transmit(now) else {
+                unreachable!("a PUBLISH")
+            };
+            let id = p.packet_id().expect("QoS 1");
+            black_box(p);
+            client
+                .handle_packet(Packet::PubAck(Ack::new(id)), now)
+                .expect("valid");
+            if let Some(Event::Acknowledged { message: m, .. }) = client.poll_event() {
+                message = Some(m);
+            }
+        })
+    });
+    let publish = Packet::Publish(Publish {
+        dup: false,
+        qos_pid: QosPid::new(QoS::AtLeastOnce, PacketId::new(1).expect("non-zero")),
+        retain: false,
+        topic,
+        payload: vec![0xA5; 64].into(),
+        properties: Props::NONE,
+    });
+    c.bench_function("qos1_receiver_side", |b| {
+        b.iter(|| {
+            server.handle_packet(publish.clone(), now).expect("valid");
+            black_box(server.poll_transmit(now));
+            black_box(server.poll_event());
+        })
+    });
+}
+
+criterion_group!(engine, round_trips, sides);
 criterion_main!(engine);
