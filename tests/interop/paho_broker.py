@@ -425,6 +425,34 @@ def claim_offline_queue_is_bounded_and_drops_the_oldest():
         fail(f"got {got}, want the newest three")
 
 
+def claim_online_queue_is_bounded_and_drops_the_oldest():
+    # The broker runs with max_queued_messages = 3 and a 3.x window of 2; the 5.0
+    # subscriber sets Receive Maximum 2. It acknowledges nothing until all eight are
+    # published: two are in flight, three wait, three are dropped, the oldest first.
+    props = {"ReceiveMaximum": 2} if V5 else None
+    sub = C(manual_ack=True, connect_props=props).connect()
+    sub.sub("oq/#", 1)
+    pub = C().connect()
+    for i in range(8):
+        pub.pub("oq/x", f"m{i}", 1)
+    got = [p.decode() for _, p, _, _ in sub.expect_none(0.3)]
+    if got != ["m0", "m1"]:
+        fail(f"before any ack: got {got}, want the two in flight")
+    acked = 0
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        while acked < len(sub.raw_messages):
+            m = sub.raw_messages[acked]
+            sub.c.ack(m.mid, m.qos)
+            acked += 1
+        if len(sub.messages) >= 5:
+            break
+        time.sleep(0.01)
+    got = [p.decode() for _, p, _, _ in sub.wait_messages(5)]
+    if got != ["m0", "m1", "m5", "m6", "m7"]:
+        fail(f"got {got}, want the two in flight and the newest three")
+
+
 def claim_will_is_published_when_keepalive_expires():
     watcher = C().connect()
     watcher.sub("will/#", 0)

@@ -25,8 +25,8 @@ pub enum DropReason {
     NoSubscribers,
     /// The ACL refused the publish, the delivery or the will.
     NotAuthorized,
-    /// Refused at publish because an offline subscriber's queue is full
-    /// (`queue_policy = "reject"`: 0x97 Quota exceeded).
+    /// Refused at publish because a subscriber's queue (offline, or online behind a full
+    /// window) is full (`queue_policy = "reject"`: 0x97 Quota exceeded).
     Quota,
     /// Over the client's publish rate (the client is disconnected with 0x96).
     RateLimited,

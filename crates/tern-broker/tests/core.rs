@@ -193,6 +193,74 @@ fn the_byte_limit_bounds_an_offline_queue_too() {
     );
 }
 
+/// An online 3.1.1 subscriber with a window of 2 that acknowledges nothing until seven
+/// messages were published, then everything: what it received, and the count dropped.
+fn online_queue_case(policy: QueuePolicy) -> (Vec<String>, u64) {
+    let mut sim = Sim::new(Settings {
+        max_queued_messages: 3,
+        window_3x: 2,
+        queue_policy: policy,
+        ..Settings::default()
+    });
+    let a = sim.connect(Connect::new(Protocol::V3_1_1, "slow"));
+    sim.subscribe(a, "t", QoS::AtLeastOnce);
+    let b = sim.connect(Connect::new(Protocol::V5, "b"));
+    for i in 0..7 {
+        sim.publish(b, "t", &format!("m{i}"), i + 1);
+    }
+    assert_eq!(
+        sim.received(a),
+        ["m0", "m1"],
+        "two in flight, the rest wait"
+    );
+    let mut acked = 0;
+    while acked < sim.publishes(a).len() {
+        let id = sim.publishes(a)[acked].packet_id().unwrap();
+        sim.send(a, Packet::PubAck(tern_codec::Ack::new(id)));
+        acked += 1;
+    }
+    (sim.received(a), sim.broker.dropped_count())
+}
+
+#[test]
+fn an_online_subscriber_behind_a_full_window_queues_at_most_the_limit_dropping_the_oldest() {
+    let (received, dropped) = online_queue_case(QueuePolicy::DropOldest);
+    assert_eq!(received, ["m0", "m1", "m4", "m5", "m6"]);
+    assert_eq!(dropped, 2);
+}
+
+#[test]
+fn an_online_subscriber_behind_a_full_window_queues_at_most_the_limit_dropping_the_newest() {
+    let (received, dropped) = online_queue_case(QueuePolicy::DropNewest);
+    assert_eq!(received, ["m0", "m1", "m2", "m3", "m4"]);
+    assert_eq!(dropped, 2);
+}
+
+#[test]
+fn a_full_online_queue_refuses_the_publish_with_0x97_under_reject() {
+    let mut sim = Sim::new(Settings {
+        max_queued_messages: 1,
+        window_3x: 1,
+        queue_policy: QueuePolicy::Reject,
+        ..Settings::default()
+    });
+    let a = sim.connect(Connect::new(Protocol::V3_1_1, "slow"));
+    sim.subscribe(a, "t", QoS::AtLeastOnce);
+    let b = sim.connect(Connect::new(Protocol::V5, "b"));
+    for i in 0..3 {
+        sim.publish(b, "t", &format!("m{i}"), i + 1);
+    }
+    use tern_codec::ReasonCode::{QuotaExceeded, Success};
+    // m0 in flight, m1 waits, m2 would exceed the queue.
+    assert_eq!(puback_reasons(&sim, b), [Success, Success, QuotaExceeded]);
+    for _ in 0..2 {
+        let last = sim.publishes(a).last().unwrap().packet_id().unwrap();
+        sim.send(a, Packet::PubAck(tern_codec::Ack::new(last)));
+    }
+    assert_eq!(sim.received(a), ["m0", "m1"]);
+    assert_eq!(sim.broker.dropped_count(), 1);
+}
+
 fn will_client(delay: u32, session_expiry: u32) -> Connect {
     let mut c = Connect::new(Protocol::V5, "w");
     c.clean_start = false;

@@ -118,6 +118,19 @@ fn the_offline_queue_is_bounded_and_drops_the_oldest() {
 }
 
 #[test]
+fn the_queue_behind_an_online_subscribers_full_window_is_bounded_and_drops_the_oldest() {
+    claim_at(
+        "online_queue_is_bounded_and_drops_the_oldest",
+        &["4", "5"],
+        tern_broker::core::Settings {
+            max_queued_messages: 3,
+            window_3x: 2,
+            ..Default::default()
+        },
+    );
+}
+
+#[test]
 fn the_will_is_published_when_keepalive_expires() {
     claim("will_is_published_when_keepalive_expires");
 }

@@ -309,6 +309,13 @@ impl Connection {
         &mut self.session
     }
 
+    /// Whether a QoS 1/2 message published now would wait in the session's queue: the
+    /// peer's Receive Maximum window is full, others wait ahead of it, or the connection
+    /// has ended. (A broker applies its queue limits to such a message.)
+    pub fn would_wait(&self) -> bool {
+        !self.open || self.session.queued_len() > 0 || self.session.inflight_len() >= self.window()
+    }
+
     /// False once the connection has ended (DISCONNECT, keepalive timeout, protocol error).
     pub fn is_open(&self) -> bool {
         self.open

@@ -219,10 +219,10 @@ impl Broker {
             && let Some(full) = self.full_queue_for(&message, client_id, now)
         {
             self.metrics.drop_n(DropReason::Quota, 1);
-            tracing::warn!(publisher = %client_id, subscriber = %full, topic = %message.topic.as_str(), "offline queue full: publish refused (quota exceeded)");
+            tracing::warn!(publisher = %client_id, subscriber = %full, topic = %message.topic.as_str(), "a subscriber's queue is full: publish refused (quota exceeded)");
             match ack {
                 Some(id) if v5 => {
-                    let text = "an offline subscriber's queue is full";
+                    let text = "a subscriber's queue is full";
                     self.release(client_id, id, ReasonCode::QuotaExceeded, text, problem_info);
                 }
                 _ => {
@@ -268,7 +268,8 @@ impl Broker {
         s.rate.1 <= limit
     }
 
-    /// An offline session whose queue `message` would overflow, if any (shared
+    /// A session whose queue `message` would overflow, if any: an offline one, or an online
+    /// one whose window is full so the message would wait (shared
     /// subscriptions are not checked: their member is chosen later, online first).
     pub(super) fn full_queue_for(
         &mut self,
@@ -289,22 +290,23 @@ impl Broker {
             let Some(s) = self.sessions.get_mut(&client_id) else {
                 continue;
             };
-            let Link::Offline(stored) = &mut s.conn else {
-                continue;
+            let queue = match &mut s.conn {
+                Link::Offline(stored) => stored,
+                // Online: only a message that would wait behind the window joins the queue.
+                Link::Online((_, c)) if c.would_wait() => c.session_mut(),
+                Link::Online(_) => continue,
             };
             let full = |s: &SessionState| {
                 s.queued_len() + 1 > limits.0 || s.queued_bytes() + size > limits.1
             };
-            if full(stored) {
-                let expired = stored.remove_expired(now);
+            if full(queue) {
+                let expired = queue.remove_expired(now);
+                let still_full = full(queue);
                 if expired > 0 {
                     self.metrics.drop_n(DropReason::Expired, expired as u64);
                     self.touch(&client_id);
                 }
-                let s = self.sessions.get(&client_id).expect("just seen");
-                if let Link::Offline(stored) = &s.conn
-                    && full(stored)
-                {
+                if still_full {
                     return Some(client_id);
                 }
             }
@@ -356,60 +358,48 @@ impl Broker {
             return;
         };
         message.queued_at = Some(now);
-        match &mut session.conn {
-            Link::Online((_, c)) => {
-                self.metrics.delivered(published, message.qos);
-                c.publish(message, now);
-                self.drain(client_id, now);
+        let queues = message.qos != QoS::AtMostOnce || self.settings.queue_qos0;
+        let queue = match &mut session.conn {
+            // Online: a QoS 1/2 message that would wait behind the peer's window joins the
+            // queue, under the same limits as an offline one (QoS 0 goes out at once).
+            Link::Online((_, c)) if message.qos != QoS::AtMostOnce && c.would_wait() => {
+                Some(c.session_mut())
             }
+            Link::Online(_) => None,
             // Offline persistent session: QoS 1/2 (and QoS 0 if configured) wait in order,
             // within the limits; otherwise QoS 0 is dropped.
-            Link::Offline(stored) if message.qos != QoS::AtMostOnce || self.settings.queue_qos0 => {
-                let limits = (
-                    self.settings.max_queued_messages,
-                    self.settings.max_queued_bytes,
-                );
-                let full = |s: &SessionState, extra: usize| {
-                    s.queued_len() + 1 > limits.0 || s.queued_bytes() + extra > limits.1
-                };
-                let size = message.payload.len();
+            Link::Offline(stored) if queues => {
                 if let Some(age) = self.settings.max_queued_age {
                     let limit = now + age;
                     message.expires_at = Some(message.expires_at.map_or(limit, |t| t.min(limit)));
                 }
-                // Expired messages make room before live ones are dropped.
-                if full(stored, size) {
-                    let expired = stored.remove_expired(now);
-                    self.metrics.drop_n(DropReason::Expired, expired as u64);
-                }
-                let mut dropped = 0;
-                let mut enqueue = false;
-                match self.settings.queue_policy {
-                    QueuePolicy::DropNewest | QueuePolicy::Reject if full(stored, size) => {
-                        dropped = 1;
-                    }
-                    QueuePolicy::DropNewest | QueuePolicy::Reject => enqueue = true,
-                    QueuePolicy::DropOldest => {
-                        while full(stored, size) && stored.dequeue_oldest().is_some() {
-                            dropped += 1;
-                        }
-                        if full(stored, size) {
-                            dropped += 1; // larger than the whole byte limit on its own
-                        } else {
-                            enqueue = true;
-                        }
-                    }
-                }
-                if enqueue {
-                    self.metrics.delivered(published, message.qos);
-                    stored.enqueue(message);
-                }
-                if dropped > 0 {
-                    self.metrics.drop_n(DropReason::QueueFull, dropped);
-                    tracing::warn!(client_id = %client_id, dropped, policy = ?self.settings.queue_policy, "offline queue full: messages dropped");
-                }
+                Some(stored)
             }
-            Link::Offline(_) => self.metrics.drop_n(DropReason::Offline, 1),
+            Link::Offline(_) => {
+                self.metrics.drop_n(DropReason::Offline, 1);
+                return;
+            }
+        };
+        if let Some(queue) = queue {
+            let (room, expired, dropped) =
+                make_room(queue, message.payload.len(), &self.settings, now);
+            self.metrics.drop_n(DropReason::Expired, expired);
+            if dropped > 0 {
+                self.metrics.drop_n(DropReason::QueueFull, dropped);
+                let online = matches!(session.conn, Link::Online(_));
+                tracing::warn!(client_id = %client_id, dropped, online, policy = ?self.settings.queue_policy, "queue full: messages dropped");
+            }
+            if !room {
+                return;
+            }
+        }
+        self.metrics.delivered(published, message.qos);
+        match &mut session.conn {
+            Link::Online((_, c)) => {
+                c.publish(message, now);
+                self.drain(client_id, now);
+            }
+            Link::Offline(stored) => stored.enqueue(message),
         }
     }
 
@@ -440,4 +430,35 @@ impl Broker {
 pub(super) fn is_sys(topic: &TopicName) -> bool {
     let t = topic.as_str();
     t == "$SYS" || t.starts_with("$SYS/")
+}
+
+/// Makes room in a session's queue for a message of `size` payload bytes, under the queue
+/// limits and policy: expired messages go first, then the oldest (drop-oldest), or the new
+/// one is turned away (drop-newest, reject). Returns whether it may join, how many expired
+/// messages were removed and how many live ones were dropped (the new one included).
+fn make_room(
+    queue: &mut SessionState,
+    size: usize,
+    settings: &Settings,
+    now: Instant,
+) -> (bool, u64, u64) {
+    let limits = (settings.max_queued_messages, settings.max_queued_bytes);
+    let full =
+        |s: &SessionState| s.queued_len() + 1 > limits.0 || s.queued_bytes() + size > limits.1;
+    let mut expired = 0;
+    if full(queue) {
+        expired = queue.remove_expired(now) as u64;
+    }
+    let mut dropped = 0;
+    let room = match settings.queue_policy {
+        QueuePolicy::DropNewest | QueuePolicy::Reject => !full(queue),
+        QueuePolicy::DropOldest => {
+            while full(queue) && queue.dequeue_oldest().is_some() {
+                dropped += 1;
+            }
+            // Still full: larger than the whole byte limit on its own.
+            !full(queue)
+        }
+    };
+    (room, expired, dropped + u64::from(!room))
 }
