@@ -31,7 +31,7 @@ use std::future::{Future, IntoFuture};
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -40,7 +40,7 @@ use tern_codec::{
 };
 use tern_proto::{AckMode, Config, Connection, Role, SessionState};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 
 pub use dedup::Dedup;
 pub use tern_codec::properties::PublishProperties;
@@ -114,6 +114,14 @@ pub struct Options {
     pub max_pending: usize,
     /// QoS 1/2 messages in flight at once towards a 3.1.1 broker (5.0 brokers say theirs).
     pub inflight: u16,
+    /// Received messages that may wait in [`Events`] for the application. At this many the
+    /// client stops reading from the broker until the application has taken half of them
+    /// (keep alive goes on): a slow application holds the broker back, as TCP does,
+    /// instead of growing without bound (the broker then holds or drops its copies by its
+    /// own limits). One read's worth may come on top. While a publish, subscribe or
+    /// unsubscribe of the application waits for the broker's answer, reading goes on, so
+    /// an application that publishes from its event loop cannot deadlock. Default 10,000.
+    pub max_unread: usize,
     /// A will: topic, payload, QoS, retain.
     pub will: Option<(String, Bytes, QoS, bool)>,
     /// What carries the bytes: TCP (default), TLS, WebSocket, WebSocket over TLS.
@@ -147,6 +155,7 @@ impl Options {
             reconnect: Some(Backoff::default()),
             max_pending: 10_000,
             inflight: 32,
+            max_unread: 10_000,
             will: None,
             transport: Transport::Tcp,
             outbox: None,
@@ -356,6 +365,18 @@ impl Options {
         self
     }
 
+    /// Received messages that may wait for the application before the client stops
+    /// reading from the broker ([`Options::max_unread`]).
+    ///
+    /// ```
+    /// let o = tern_client::Options::new("127.0.0.1", 1883, "a").max_unread(500);
+    /// assert_eq!(o.max_unread, 500);
+    /// ```
+    pub fn max_unread(mut self, messages: usize) -> Options {
+        self.max_unread = messages;
+        self
+    }
+
     fn connect_packet(&self, clean_start: bool) -> Connect {
         let mut c = Connect::new(self.protocol, self.client_id.as_str());
         c.clean_start = clean_start;
@@ -468,10 +489,43 @@ pub struct Events {
     rx: mpsc::UnboundedReceiver<Vec<Event>>,
     /// Handed over, not yet returned.
     ready: std::collections::VecDeque<Event>,
+    unread: Arc<Unread>,
 }
 
 /// The client task's end of [`Events`].
-type EventTx = mpsc::UnboundedSender<Vec<Event>>;
+struct EventTx {
+    tx: mpsc::UnboundedSender<Vec<Event>>,
+    unread: Arc<Unread>,
+}
+
+/// Messages handed to [`Events`] and not yet taken by the application
+/// ([`Options::max_unread`]).
+struct Unread {
+    count: AtomicUsize,
+    limit: usize,
+    /// Signalled when the count falls to half the limit.
+    drained: Notify,
+}
+
+impl EventTx {
+    /// Hands `batch` to the application (dropped if it has dropped [`Events`]).
+    fn send(&self, batch: Vec<Event>) {
+        let messages = batch
+            .iter()
+            .filter(|e| matches!(e, Event::Message(_)))
+            .count();
+        self.unread.count.fetch_add(messages, Ordering::Relaxed);
+        if self.tx.send(batch).is_err() {
+            // Nobody reads: nothing waits.
+            self.unread.count.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether the application has `max_unread` messages or more still to take.
+    fn full(&self) -> bool {
+        self.unread.count.load(Ordering::Relaxed) >= self.unread.limit && !self.tx.is_closed()
+    }
+}
 
 impl Events {
     /// The next event; `None` once the client has ended.
@@ -491,11 +545,23 @@ impl Events {
     pub async fn recv(&mut self) -> Option<Event> {
         loop {
             if let Some(e) = self.ready.pop_front() {
+                if matches!(e, Event::Message(_)) {
+                    let before = self.unread.count.fetch_sub(1, Ordering::Relaxed);
+                    if before.saturating_sub(1) == self.unread.limit / 2 {
+                        self.unread.drained.notify_one();
+                    }
+                }
                 return Some(e);
             }
             let batch = self.rx.recv().await?;
             self.ready.extend(batch);
         }
+    }
+
+    /// Messages received from the broker that the application has yet to take with
+    /// [`Events::recv`] (see [`Options::max_unread`]).
+    pub fn unread(&self) -> usize {
+        self.unread.count.load(Ordering::Relaxed)
     }
 }
 
@@ -556,13 +622,23 @@ impl Client {
         let restored = state.inflight_len() > 0 || state.queued_len() > 0;
         let link = Link::open(&options, options.clean_start, &mut state, restored).await?;
         let (commands, rx) = mpsc::unbounded_channel();
-        let (events_tx, events_rx): (EventTx, _) = mpsc::unbounded_channel();
-        let _ = events_tx.send(vec![Event::Connected {
+        let (tx, events_rx) = mpsc::unbounded_channel();
+        let unread = Arc::new(Unread {
+            count: AtomicUsize::new(0),
+            limit: options.max_unread.max(1),
+            drained: Notify::new(),
+        });
+        let events_tx = EventTx {
+            tx,
+            unread: unread.clone(),
+        };
+        events_tx.send(vec![Event::Connected {
             session_present: link.session_present,
         }]);
         let events = Events {
             rx: events_rx,
             ready: Default::default(),
+            unread,
         };
         let stamp = match (&options.stamp, options.protocol.is_v5()) {
             (Some(key), true) => {
@@ -990,7 +1066,7 @@ async fn drive(
             &mut out,
         )
         .await;
-        let _ = events.send(vec![Event::Disconnected {
+        events.send(vec![Event::Disconnected {
             reason: reason.clone(),
         }]);
         for (_, done) in pending.requests.drain() {
@@ -1060,7 +1136,7 @@ async fn drive(
             match Link::open(&options, clean, &mut state, true).await {
                 Ok(l) => {
                     attempt = 0;
-                    let _ = events.send(vec![Event::Connected {
+                    events.send(vec![Event::Connected {
                         session_present: l.session_present,
                     }]);
                     break l;
@@ -1149,7 +1225,7 @@ async fn serve(
                 tern_proto::Event::Control(_) => {}
                 tern_proto::Event::Closed { reason, .. } => {
                     if !messages.is_empty() {
-                        let _ = events.send(messages);
+                        events.send(messages);
                     }
                     let _ = flush(link, out, v).await;
                     return (
@@ -1160,7 +1236,7 @@ async fn serve(
             }
         }
         if !messages.is_empty() {
-            let _ = events.send(messages);
+            events.send(messages);
         }
         pending.check_idle(link.conn.session());
         // Persist, then send: nothing goes out that a crash could forget.
@@ -1183,8 +1259,15 @@ async fn serve(
                 None => std::future::pending().await,
             }
         };
+        // The application has max_unread messages to take: read nothing more until it has
+        // taken half (commands and keep alive go on), unless it waits for an answer.
+        let awaited = !pending.publishes.is_empty()
+            || !pending.requests.is_empty()
+            || link.conn.session().inflight_len() > 0;
+        let paused = !awaited && events.full();
         tokio::select! {
-            read = link.stream.read_buf(&mut link.read) => {
+            () = events.unread.drained.notified(), if paused => {}
+            read = link.stream.read_buf(&mut link.read), if !paused => {
                 match read {
                     Ok(n) if n > 0 => {}
                     _ => return ("connection lost".into(), false),

@@ -260,3 +260,112 @@ async fn stamped_messages_carry_distinct_keys_that_dedup_reads() {
     publisher.disconnect().await;
     sub.disconnect().await;
 }
+
+/// An application that does not take its events: the client stops reading at
+/// `max_unread` (and the broker holds the rest), then delivers everything, once and in
+/// order, when the application catches up.
+async fn holds_back_a_slow_application(broker: &Broker) {
+    const SENT: usize = 3000;
+    const LIMIT: usize = 50;
+    let what = broker.name();
+    let (sub, mut events) = Client::connect(
+        Options::new("127.0.0.1", broker.port(), format!("slow-{what}")).max_unread(LIMIT),
+    )
+    .await
+    .unwrap();
+    sub.subscribe("flood/#", QoS::AtMostOnce).await.unwrap();
+    let (publisher, _) = Client::connect(Options::new(
+        "127.0.0.1",
+        broker.port(),
+        format!("flooder-{what}"),
+    ))
+    .await
+    .unwrap();
+    let payload = vec![b'x'; 512];
+    for i in 0..SENT {
+        let mut p = payload.clone();
+        p[..8].copy_from_slice(&(i as u64).to_be_bytes());
+        publisher.publish("flood/a", p).await.unwrap();
+    }
+    // The broker answers this after routing everything before it.
+    publisher
+        .publish("flood/a", "end")
+        .qos(QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let unread = events.unread();
+    assert!(
+        unread < 1000,
+        "{what}: {unread} of {SENT} messages read for an application that takes none (limit {LIMIT})"
+    );
+    for i in 0..SENT {
+        let m = next_message(&mut events).await;
+        assert_eq!(
+            u64::from_be_bytes(m.payload[..8].try_into().unwrap()),
+            i as u64,
+            "{what}: every message, in order"
+        );
+    }
+    assert_eq!(&next_message(&mut events).await.payload[..], b"end");
+    assert_eq!(events.unread(), 0);
+    publisher.disconnect().await;
+    sub.disconnect().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_application_holds_the_broker_back_instead_of_filling_memory_tern() {
+    holds_back_a_slow_application(&Broker::tern().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_application_holds_the_broker_back_instead_of_filling_memory_mosquitto() {
+    holds_back_a_slow_application(&Broker::mosquitto().await).await;
+}
+
+/// A request/response handler that publishes (and waits for the PUBACK) from its event
+/// loop, with far more requests waiting than `max_unread`: reading goes on while it waits
+/// for an answer, so it never deadlocks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_application_that_publishes_from_its_event_loop_does_not_deadlock_at_max_unread() {
+    const REQUESTS: usize = 300;
+    let broker = Broker::tern().await;
+    let (handler, mut events) =
+        Client::connect(Options::new("127.0.0.1", broker.port(), "handler").max_unread(5))
+            .await
+            .unwrap();
+    handler.subscribe("req/#", QoS::AtLeastOnce).await.unwrap();
+    let (requester, mut replies) =
+        Client::connect(Options::new("127.0.0.1", broker.port(), "requester"))
+            .await
+            .unwrap();
+    requester
+        .subscribe("resp/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    for i in 0..REQUESTS {
+        requester
+            .publish("req/x", format!("{i}"))
+            .qos(QoS::AtLeastOnce)
+            .await
+            .unwrap();
+    }
+    let handled = tokio::time::timeout(Duration::from_secs(30), async {
+        for _ in 0..REQUESTS {
+            let m = next_message(&mut events).await;
+            handler
+                .publish("resp/x", m.payload)
+                .qos(QoS::AtLeastOnce)
+                .await
+                .unwrap();
+        }
+    })
+    .await;
+    assert!(handled.is_ok(), "the handler deadlocked");
+    for i in 0..REQUESTS {
+        let m = next_message(&mut replies).await;
+        assert_eq!(&m.payload[..], format!("{i}").as_bytes());
+    }
+    requester.disconnect().await;
+    handler.disconnect().await;
+}
