@@ -152,6 +152,20 @@ def claim_mtls_with_a_certificate_from_another_ca_is_refused():
         fail("connected with a certificate from another CA")
 
 
+def claim_mtls_with_a_revoked_certificate_is_refused():
+    c = C("eve", tls=True, client_cert="revoked")
+    rc = c.connect(timeout=3)
+    if rc == 0:
+        fail("connected with a revoked certificate")
+
+
+def claim_mtls_revoked_certificate_without_a_crl_is_accepted():
+    c = C("eve", tls=True, client_cert="revoked")
+    if c.connect() != 0:
+        fail(f"connect with eve's certificate on the listener without a CRL: {c.rc}")
+    c.close()
+
+
 claims = {n[len("claim_"):]: f for n, f in globals().items() if n.startswith("claim_")}
 if CLAIM not in claims:
     fail(f"no such claim; have {sorted(claims)}")

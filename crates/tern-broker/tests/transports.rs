@@ -11,7 +11,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use common::{Broker, Spec, repo_root};
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DnType, IsCa, Issuer,
+    KeyIdMethod, KeyPair, RevocationReason, RevokedCertParams, SerialNumber,
+};
 use tern_broker::acl::Acl;
 use tern_broker::auth::Access;
 use tern_broker::server::{AccessControl, Tls, TlsFiles, Transport};
@@ -46,6 +49,30 @@ fn certificates(dir: &Path) {
     leaf(vec![], "alice", &ca, "alice");
     let (_, rogue_ca) = new_ca("Someone else's CA");
     leaf(vec![], "mallory", &rogue_ca, "rogue");
+    // Eve's certificate is the CA's own, and revoked in the CA's CRL.
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.distinguished_name.push(DnType::CommonName, "eve");
+    p.serial_number = Some(SerialNumber::from(4242u64));
+    let key = KeyPair::generate().unwrap();
+    let cert = p.signed_by(&key, &ca).unwrap();
+    std::fs::write(dir.join("revoked.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("revoked.key"), key.serialize_pem()).unwrap();
+    let crl = CertificateRevocationListParams {
+        this_update: rcgen::date_time_ymd(2026, 1, 1),
+        next_update: rcgen::date_time_ymd(2036, 1, 1),
+        crl_number: SerialNumber::from(1u64),
+        issuing_distribution_point: None,
+        revoked_certs: vec![RevokedCertParams {
+            serial_number: SerialNumber::from(4242u64),
+            revocation_time: rcgen::date_time_ymd(2026, 6, 1),
+            reason_code: Some(RevocationReason::KeyCompromise),
+            invalidity_date: None,
+        }],
+        key_identifier_method: KeyIdMethod::Sha256,
+    }
+    .signed_by(&ca)
+    .unwrap();
+    std::fs::write(dir.join("crl.pem"), crl.pem().unwrap()).unwrap();
 }
 
 fn temp_dir(name: &str) -> PathBuf {
@@ -56,7 +83,8 @@ fn temp_dir(name: &str) -> PathBuf {
 }
 
 /// Listeners: 0 tcp, 1 tls, 2 tls requiring a client certificate (CN as username), 3 ws,
-/// 4 wss. Anonymous clients may use t/#, alice alice/#.
+/// 4 wss, 5 as 2 with the CA's revocation list. Anonymous clients may use t/#, alice
+/// alice/#.
 fn broker(dir: &Path) -> Broker {
     certificates(dir);
     let (cert, key, ca) = (
@@ -64,19 +92,22 @@ fn broker(dir: &Path) -> Broker {
         dir.join("server.key"),
         dir.join("ca.pem"),
     );
-    let files = |client_ca: Option<&Path>| {
+    let crl = dir.join("crl.pem");
+    let files = |client_ca: Option<&Path>, crl: Option<&Path>| {
         Tls::load(&TlsFiles {
             cert: &cert,
             key: &key,
             client_ca,
             require_client_cert: true,
+            crl,
         })
         .unwrap()
     };
-    let tls = files(None);
-    let mtls = files(Some(&ca));
-    let mut client_certs = Spec::new(Transport::Tls(mtls));
+    let tls = files(None, None);
+    let mut client_certs = Spec::new(Transport::Tls(files(Some(&ca), None)));
     client_certs.cert_username = true;
+    let mut checked_certs = Spec::new(Transport::Tls(files(Some(&ca), Some(&crl))));
+    checked_certs.cert_username = true;
     let acl = Acl::parse("topic readwrite t/#\nuser alice\ntopic readwrite alice/#\n").unwrap();
     Broker::run(
         Default::default(),
@@ -98,6 +129,7 @@ fn broker(dir: &Path) -> Broker {
                 tls,
                 path: "/mqtt".into(),
             }),
+            checked_certs,
         ],
     )
 }
@@ -139,6 +171,57 @@ fn client_certificates_are_required_checked_and_their_cn_is_the_username() {
         &dir,
         "5",
     );
+}
+
+#[test]
+fn a_revoked_client_certificate_is_refused_and_a_valid_one_accepted() {
+    let dir = temp_dir("crl");
+    let b = broker(&dir);
+    paho("mtls_accepted_with_cn_as_username", b.ports[5], &dir, "5");
+    paho(
+        "mtls_with_a_revoked_certificate_is_refused",
+        b.ports[5],
+        &dir,
+        "5",
+    );
+    paho(
+        "mtls_with_a_revoked_certificate_is_refused",
+        b.ports[5],
+        &dir,
+        "4",
+    );
+    // Without the list, the same certificate is good: the refusal is the CRL's doing.
+    paho(
+        "mtls_revoked_certificate_without_a_crl_is_accepted",
+        b.ports[2],
+        &dir,
+        "5",
+    );
+}
+
+#[test]
+fn a_revocation_list_file_that_is_not_one_is_named() {
+    let dir = temp_dir("crl-bad");
+    certificates(&dir);
+    let load = |crl: &Path| {
+        Tls::load(&TlsFiles {
+            cert: &dir.join("server.pem"),
+            key: &dir.join("server.key"),
+            client_ca: Some(&dir.join("ca.pem")),
+            require_client_cert: true,
+            crl: Some(crl),
+        })
+        .err()
+        .expect("refused")
+    };
+    // A certificate where a CRL should be.
+    let e = load(&dir.join("ca.pem"));
+    assert!(
+        e.contains("no PEM revocation list") && e.contains("ca.pem"),
+        "{e}"
+    );
+    let e = load(&dir.join("missing.pem"));
+    assert!(e.contains("missing.pem"), "{e}");
 }
 
 fn mqttjs(url: &str, version: &str, claim: &str) {

@@ -68,6 +68,7 @@ async fn tern(certs: &[PathBuf; 3]) -> (Ports, tokio::sync::oneshot::Sender<()>)
         key: &certs[2],
         client_ca: None,
         require_client_cert: false,
+        crl: None,
     })
     .unwrap();
     let mut listeners = Vec::new();

@@ -175,6 +175,8 @@ pub(crate) struct Listener {
     pub(crate) ca_file: Option<String>,
     /// With `ca_file`: refuse clients without a valid certificate (default true).
     pub(crate) require_certificate: bool,
+    /// With `ca_file`: certificate revocation lists (PEM).
+    pub(crate) crl_file: Option<String>,
     /// With `ca_file`: the certificate's CN is the username, no password asked.
     pub(crate) use_identity_as_username: bool,
     /// WebSocket (`ws`, `wss`): the upgrade path.
@@ -206,6 +208,7 @@ impl Default for Listener {
             key_file: None,
             ca_file: None,
             require_certificate: true,
+            crl_file: None,
             use_identity_as_username: false,
             path: "/mqtt".into(),
             max_connections: 0,
@@ -387,6 +390,9 @@ impl File {
                     "{at}: cert_file/key_file/ca_file need transport \"tls\" or \"wss\""
                 ));
             }
+            if l.crl_file.is_some() && l.ca_file.is_none() {
+                return Err(format!("{at}: crl_file needs ca_file"));
+            }
             if l.use_identity_as_username && l.ca_file.is_none() {
                 return Err(format!("{at}: use_identity_as_username needs ca_file"));
             }
@@ -549,5 +555,17 @@ mod tests {
             (l.transport, l.path.as_str(), l.max_connections),
             (TransportKind::Wss, "/ws", 5)
         );
+    }
+
+    #[test]
+    fn a_revocation_list_is_read_and_needs_the_client_ca() {
+        let tls = "[listener]\nbind = \"127.0.0.1:8883\"\ntransport = \"tls\"\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\n";
+        let f = File::parse(&format!(
+            "{tls}ca_file = \"ca.pem\"\ncrl_file = \"crl.pem\"\n"
+        ))
+        .unwrap();
+        assert_eq!(f.listener[0].crl_file.as_deref(), Some("crl.pem"));
+        let e = File::parse(&format!("{tls}crl_file = \"crl.pem\"\n")).unwrap_err();
+        assert!(e.contains("crl_file needs ca_file"), "{e}");
     }
 }

@@ -212,6 +212,7 @@ fn tls_configs(
                     key: Path::new(key),
                     client_ca: l.ca_file.as_deref().map(Path::new),
                     require_client_cert: l.require_certificate,
+                    crl: l.crl_file.as_deref().map(Path::new),
                 };
                 tern_broker::server::Tls::load(&files)
                     .map(Some)

@@ -82,6 +82,11 @@ pub struct TlsFiles<'a> {
     /// With a `client_ca`: whether a client without a valid certificate is refused
     /// (otherwise a certificate is optional, but checked if given).
     pub require_client_cert: bool,
+    /// With a `client_ca`: certificate revocation lists (PEM, one or more); a client
+    /// certificate listed in its issuer's CRL is refused, and so is one whose issuer has
+    /// no CRL here (as OpenSSL's CRL check in Mosquitto's `crlfile`). Only the client's
+    /// own certificate is checked, not the CAs above it.
+    pub crl: Option<&'a Path>,
 }
 
 impl Tls {
@@ -109,6 +114,11 @@ impl Tls {
         let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|e| format!("TLS: {e}"))?;
+        if files.crl.is_some() && files.client_ca.is_none() {
+            return Err(
+                "a revocation list needs the CA certificates of client certificates".into(),
+            );
+        }
         let builder = match files.client_ca {
             None => builder.with_no_client_auth(),
             Some(ca) => {
@@ -126,6 +136,24 @@ impl Tls {
                     verifier
                 } else {
                     verifier.allow_unauthenticated()
+                };
+                let verifier = match files.crl {
+                    None => verifier,
+                    Some(path) => {
+                        use rustls::pki_types::CertificateRevocationListDer;
+                        let crls = CertificateRevocationListDer::pem_file_iter(path)
+                            .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+                            .map_err(|e| {
+                                format!("cannot read revocation lists from {}: {e}", path.display())
+                            })?;
+                        if crls.is_empty() {
+                            return Err(format!(
+                                "no PEM revocation list (X509 CRL) in {}",
+                                path.display()
+                            ));
+                        }
+                        verifier.with_crls(crls).only_check_end_entity_revocation()
+                    }
                 };
                 let verifier = verifier
                     .build()
