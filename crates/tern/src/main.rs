@@ -102,6 +102,8 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Shared with the listeners: SIGHUP replaces what they hold.
+    let tls_in_force = tls.clone();
     runtime.block_on(async {
         let shutdown = shutdown_signal();
         // The endpoint comes up first, so /readyz says "not ready" while the store loads.
@@ -169,7 +171,19 @@ fn main() -> ExitCode {
             ),
         }
         let control = tern_broker::server::AccessControl::new(access);
-        reload_on_hangup(control.clone(), file.auth.clone(), config_path.clone(), log_filter);
+        let certificates = file
+            .listener
+            .iter()
+            .zip(&tls_in_force)
+            .filter_map(|(l, t)| t.clone().map(|t| (l.clone(), t)))
+            .collect();
+        reload_on_hangup(
+            control.clone(),
+            file.auth.clone(),
+            config_path.clone(),
+            log_filter,
+            certificates,
+        );
         let server = tern_broker::server::Server {
             listeners,
             settings,
@@ -354,13 +368,16 @@ fn init_logging(log: &config::Log) -> LogFilter {
 }
 
 /// SIGHUP reads the password file and ACL again and puts them in force without dropping
-/// anyone, and applies the config file's `[log] level` (unless RUST_LOG is set); a file
-/// that no longer parses is reported and the old rules stay.
+/// anyone, reads each TLS listener's certificate, key, CA and revocation list files again
+/// for the connections that come next (a renewed certificate needs no restart), and
+/// applies the config file's `[log] level` (unless RUST_LOG is set); a file that no longer
+/// parses or loads is reported and what was in force stays.
 fn reload_on_hangup(
     control: tern_broker::server::AccessControl,
     auth: config::Auth,
     config_path: Option<String>,
     log_filter: LogFilter,
+    certificates: Vec<(config::Listener, tern_broker::server::Tls)>,
 ) {
     #[cfg(unix)]
     {
@@ -397,6 +414,19 @@ fn reload_on_hangup(
                         control.replace(access);
                     }
                     Err(e) => tracing::error!("SIGHUP: {e}; the previous files stay in force"),
+                }
+                for (l, in_force) in &certificates {
+                    match tls_configs(std::slice::from_ref(l)) {
+                        Ok(loaded) => {
+                            if let Some(Some(new)) = loaded.first() {
+                                in_force.replace(new);
+                                tracing::info!(listener = %l.bind, "SIGHUP: TLS certificates reloaded");
+                            }
+                        }
+                        Err(e) => tracing::error!(
+                            "SIGHUP: {e}; the listener keeps the certificates it had"
+                        ),
+                    }
                 }
             }
         });

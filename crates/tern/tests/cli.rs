@@ -346,6 +346,99 @@ fn tls_passwords_and_an_acl_from_the_config_and_sighup_reloads_the_files() {
 }
 
 #[test]
+fn sighup_puts_a_renewed_certificate_in_force_and_keeps_connections_up() {
+    let dir = std::env::temp_dir().join(format!("tern-cli-renew-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let [ca, cert, key] = support::certificates(&dir);
+    let old_ca = dir.join("old-ca.pem");
+    std::fs::copy(&ca, &old_ca).unwrap();
+    let old_ca = old_ca.to_str().unwrap();
+    let config = dir.join("tern.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[listener]\nbind = \"127.0.0.1:0\"\ntransport = \"tls\"\n\
+             cert_file = \"{cert}\"\nkey_file = \"{key}\"\n\n\
+             [storage]\ndurability = \"none\"\n"
+        ),
+    )
+    .unwrap();
+    let tern = env!("CARGO_BIN_EXE_tern");
+    let broker = support::BrokerProcess::spawn(Command::new(tern), &config, "info");
+    let port = broker.port(0).to_string();
+    let tls = |cafile: &str| ["-h", "localhost", "-p", &port, "--cafile", cafile].map(String::from);
+    let publish = |cafile: &str, message: &str, retain: bool| {
+        let retain: &[&str] = if retain { &["-r"] } else { &[] };
+        mosquitto(
+            "mosquitto_pub",
+            &[
+                &tls(cafile).each_ref().map(String::as_str)[..],
+                &["-t", "r/x", "-m", message, "-q", "1"],
+                retain,
+            ]
+            .concat(),
+        )
+        .status
+        .success()
+    };
+    assert!(
+        publish(old_ca, "before", true),
+        "the first certificate works"
+    );
+    // A subscriber connected under the old certificate for the rest of the test: its
+    // first line (the retained message) says it is subscribed.
+    let mut subscriber = Command::new("mosquitto_sub")
+        .args(tls(old_ca))
+        .args(["-t", "r/x", "-C", "2", "-W", "30", "-q", "1"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("mosquitto_sub (scripts/test installs mosquitto-clients)");
+    let mut lines =
+        std::io::BufRead::lines(std::io::BufReader::new(subscriber.stdout.take().unwrap()));
+    assert_eq!(lines.next().unwrap().unwrap(), "before");
+    // Renewed: a new CA, certificate and key in the same files.
+    let _ = support::certificates(&dir);
+    let hup = Command::new("kill")
+        .args(["-HUP", &broker.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    let mut renewed = false;
+    for _ in 0..50 {
+        if publish(&ca, "after", false) {
+            renewed = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(renewed, "the renewed certificate is in force after SIGHUP");
+    assert!(
+        !publish(old_ca, "stale", false),
+        "the old certificate is not offered any more"
+    );
+    assert_eq!(
+        lines.next().unwrap().unwrap(),
+        "after",
+        "the subscriber connected before the reload is still served"
+    );
+    assert!(subscriber.wait().unwrap().success());
+    // A renewal gone wrong (a truncated certificate): reported, and what works stays.
+    std::fs::write(&cert, "-----BEGIN CERTIFICATE-----\n").unwrap();
+    let hup = Command::new("kill")
+        .args(["-HUP", &broker.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(
+        publish(&ca, "still", false),
+        "a certificate file that does not load leaves the one in force"
+    );
+    assert_eq!(broker.stop(), Some(0));
+}
+
+#[test]
 fn check_config_accepts_a_good_file_and_names_the_problem_in_a_bad_one() {
     let dir = std::env::temp_dir().join(format!("tern-check-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

@@ -628,7 +628,7 @@ async fn connection(accepted: Box<Accepted>) {
             }
             (Some(tls), path) => {
                 let tls = tls
-                    .acceptor
+                    .acceptor()
                     .accept(stream)
                     .await
                     .map_err(|e| format!("TLS handshake failed: {e}"))?;

@@ -63,10 +63,11 @@ impl Transport {
     }
 }
 
-/// A TLS server configuration.
+/// A TLS server configuration. Clones share it: [`Tls::replace`] on one puts new
+/// certificates in force for every listener holding a clone.
 #[derive(Clone)]
 pub struct Tls {
-    pub(super) acceptor: tokio_rustls::TlsAcceptor,
+    current: Arc<std::sync::RwLock<tokio_rustls::TlsAcceptor>>,
 }
 
 /// Certificate files for a TLS listener, all PEM.
@@ -170,8 +171,29 @@ impl Tls {
         })?;
         config.alpn_protocols = vec![b"mqtt".to_vec()];
         Ok(Tls {
-            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+            current: Arc::new(std::sync::RwLock::new(tokio_rustls::TlsAcceptor::from(
+                Arc::new(config),
+            ))),
         })
+    }
+
+    /// What handshakes starting now use.
+    pub(super) fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        self.current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Puts `other`'s certificates (and client CAs, revocation lists) in force for the
+    /// handshakes that start from now on; connections already up keep theirs. For a
+    /// certificate renewed on disk: [`Tls::load`] the files again and replace.
+    pub fn replace(&self, other: &Tls) {
+        let acceptor = other.acceptor();
+        *self
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = acceptor;
     }
 }
 
