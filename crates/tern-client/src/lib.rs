@@ -860,8 +860,11 @@ impl Publish<'_> {
     /// # }
     /// ```
     pub fn send(self) -> Result<Outcome, Error> {
-        let topic =
-            TopicName::new(self.topic.as_str()).map_err(|_| Error::Topic(self.topic.clone()))?;
+        // Checked on the borrowed string, then the String itself becomes the topic: no copy.
+        if TopicName::check(&self.topic).is_err() {
+            return Err(Error::Topic(self.topic));
+        }
+        let topic = TopicName::new(self.topic).map_err(|e| Error::Topic(e.to_string()))?;
         let mut m = Message::new(topic, self.payload, self.qos);
         m.retain = self.retain;
         let mut properties = self.properties;

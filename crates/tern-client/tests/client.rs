@@ -369,3 +369,27 @@ async fn an_application_that_publishes_from_its_event_loop_does_not_deadlock_at_
     requester.disconnect().await;
     handler.disconnect().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_to_an_invalid_topic_is_refused_naming_it_and_the_client_goes_on() {
+    let broker = Broker::tern().await;
+    let (client, mut events) =
+        Client::connect(Options::new("127.0.0.1", broker.port(), "bad-topic"))
+            .await
+            .unwrap();
+    for bad in ["a/+", "a/#", ""] {
+        match client.publish(bad, "x").send() {
+            Err(tern_client::Error::Topic(t)) => assert_eq!(t, bad),
+            Err(e) => panic!("{bad:?}: {e}"),
+            Ok(_) => panic!("{bad:?} accepted"),
+        }
+    }
+    client.subscribe("ok/#", QoS::AtLeastOnce).await.unwrap();
+    client
+        .publish("ok/1", "fine")
+        .qos(QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    assert_eq!(&next_message(&mut events).await.payload[..], b"fine");
+    client.disconnect().await;
+}

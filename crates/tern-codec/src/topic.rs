@@ -21,11 +21,17 @@ impl TopicName {
     /// Validates a topic name.
     pub fn new(name: impl Into<Str>) -> Result<TopicName, DecodeError> {
         let name = name.into();
+        TopicName::check(&name)?;
+        Ok(TopicName(name))
+    }
+
+    /// Whether `name` would make a valid topic name, without making one (for a caller that
+    /// wants to keep its string when it is refused).
+    pub fn check(name: &str) -> Result<(), DecodeError> {
         if name.is_empty() {
             return Err(DecodeError::EmptyTopic);
         }
-        forbidden_chars(name.as_bytes(), true)?;
-        Ok(TopicName(name))
+        forbidden_chars(name.as_bytes(), true)
     }
 
     /// The empty topic name of an MQTT 5 PUBLISH that relies on a Topic Alias.
