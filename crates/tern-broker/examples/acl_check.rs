@@ -9,7 +9,7 @@ fn main() {
          pattern readwrite devices/%c/#\npattern read users/%u/inbox\npattern write telemetry/%c/+\n\
          pattern read groups/%u/%c\npattern readwrite x/%c-%u/#\n",
     )
-    .unwrap();
+    .expect("a valid ACL");
     let topics: Vec<tern_codec::TopicName> = [
         "devices/dev-17/temp",
         "telemetry/dev-17/t",
@@ -17,7 +17,7 @@ fn main() {
         "other/x",
     ]
     .iter()
-    .map(|t| tern_codec::TopicName::new(*t).unwrap())
+    .map(|t| tern_codec::TopicName::new(*t).expect("valid"))
     .collect();
     let n = 2_000_000;
     let start = std::time::Instant::now();
