@@ -237,6 +237,41 @@ fn an_online_subscriber_behind_a_full_window_queues_at_most_the_limit_dropping_t
 }
 
 #[test]
+fn a_shared_group_passes_over_a_member_whose_window_is_full() {
+    let mut sim = Sim::new(Settings {
+        max_queued_messages: 3,
+        window_3x: 2,
+        ..Settings::default()
+    });
+    let slow = sim.connect(Connect::new(Protocol::V3_1_1, "slow"));
+    sim.subscribe(slow, "$share/g/t", QoS::AtLeastOnce);
+    let fast = sim.connect(Connect::new(Protocol::V3_1_1, "fast"));
+    sim.subscribe(fast, "$share/g/t", QoS::AtLeastOnce);
+    let b = sim.connect(Connect::new(Protocol::V5, "b"));
+    // "fast" acknowledges each message as it comes; "slow" never does.
+    let mut acked = 0;
+    for i in 0..12 {
+        sim.publish(b, "t", &format!("m{i}"), i + 1);
+        while let Some(id) = sim
+            .publishes(fast)
+            .get(acked)
+            .map(|p| p.packet_id().unwrap())
+        {
+            sim.send(fast, Packet::PubAck(tern_codec::Ack::new(id)));
+            acked += 1;
+        }
+    }
+    let (to_slow, to_fast) = (sim.received(slow), sim.received(fast));
+    assert_eq!(to_slow.len(), 2, "only what its window holds: {to_slow:?}");
+    assert_eq!(
+        to_slow.len() + to_fast.len(),
+        12,
+        "every message to one member"
+    );
+    assert_eq!(sim.broker.dropped_count(), 0, "nothing dropped");
+}
+
+#[test]
 fn a_full_online_queue_refuses_the_publish_with_0x97_under_reject() {
     let mut sim = Sim::new(Settings {
         max_queued_messages: 1,

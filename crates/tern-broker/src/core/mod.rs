@@ -8,5 +8,5 @@ pub use broker::{
     Broker, ConnId, ConnIdHasher, ConnMap, Gauges, Output, QueuePolicy, SessionGauge, Settings,
 };
 
-pub use shared::{Member, SharedStrategy, SharedSubscriptions};
+pub use shared::{Member, Readiness, SharedStrategy, SharedSubscriptions};
 pub use trie::{Delivery, SubscriptionTrie};

@@ -106,28 +106,37 @@ impl SharedSubscriptions {
         keys
     }
 
-    /// Picks the member of group `key` for one message: among members for which `online`
-    /// holds if there are any, otherwise among all (offline persistent members get it when
-    /// they return); never `exclude` unless it is the only member.
+    /// Picks the member of group `key` for one message: among the most ready members
+    /// (see [`Readiness`]: online before offline, whose persistent sessions get it when
+    /// they return; under round robin and random, an online member with room in its window
+    /// before one whose window is full, so a slow member is passed over rather than its
+    /// queue filled); never `exclude` unless it is the only member. The hash strategies and
+    /// sticky only tell online from offline, so a key keeps going to the same member.
     pub fn choose(
         &mut self,
         key: &Str,
         topic: &TopicName,
         publisher: Option<&Str>,
         exclude: Option<&Str>,
-        online: impl Fn(&Str) -> bool,
+        readiness: impl Fn(&Str) -> Readiness,
     ) -> Option<(Str, Member)> {
         let strategy = self.strategy;
         let group = self.groups.get_mut(key)?;
         let members: Vec<(&Str, &Member)> = group.members.iter().collect();
         let eligible = |i: &usize| Some(members[*i].0) != exclude;
+        let by_window = matches!(
+            strategy,
+            SharedStrategy::RoundRobin | SharedStrategy::Random
+        );
+        let tier = |i: usize| match readiness(members[i].0) {
+            Readiness::Busy if !by_window => Readiness::Ready,
+            r => r,
+        };
+        let best = (0..members.len()).filter(eligible).map(tier).max();
         let mut candidates: Vec<usize> = (0..members.len())
             .filter(eligible)
-            .filter(|i| online(members[*i].0))
+            .filter(|i| Some(tier(*i)) == best)
             .collect();
-        if candidates.is_empty() {
-            candidates = (0..members.len()).filter(eligible).collect();
-        }
         if candidates.is_empty() {
             candidates = (0..members.len()).collect();
         }
@@ -176,6 +185,17 @@ impl SharedSubscriptions {
     }
 }
 
+/// How ready a shared subscription's member is to take a message now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Readiness {
+    /// Its session is offline (persistent: the message waits for its return).
+    Offline,
+    /// Online, but its window of QoS 1/2 messages in flight is full: the message would wait.
+    Busy,
+    /// Online with room in its window.
+    Ready,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -200,7 +220,7 @@ mod tests {
         let t = TopicName::new(topic).unwrap();
         (0..n)
             .map(|_| {
-                s.choose(key, &t, None, None, |_| true)
+                s.choose(key, &t, None, None, |_| Readiness::Ready)
                     .unwrap()
                     .0
                     .to_string()
@@ -218,13 +238,80 @@ mod tests {
     fn online_members_are_preferred_and_exclude_is_honoured() {
         let (mut s, key) = setup(SharedStrategy::RoundRobin, &["a", "b", "c"]);
         let t = TopicName::new("t/1").unwrap();
-        let only_b = |m: &Str| m == "b";
+        let only_b = |m: &Str| {
+            if m == "b" {
+                Readiness::Ready
+            } else {
+                Readiness::Offline
+            }
+        };
         for _ in 0..3 {
             assert_eq!(s.choose(&key, &t, None, None, only_b).unwrap().0, "b");
         }
         let b = Str::from("b");
         let got = s.choose(&key, &t, None, Some(&b), only_b).unwrap().0;
         assert_ne!(got, "b", "an offline member rather than the excluded one");
+    }
+
+    #[test]
+    fn round_robin_passes_over_a_member_with_a_full_window_and_hash_topic_does_not() {
+        let busy_a = |m: &Str| {
+            if m == "a" {
+                Readiness::Busy
+            } else {
+                Readiness::Ready
+            }
+        };
+        let t = TopicName::new("t/1").unwrap();
+        let (mut s, key) = setup(SharedStrategy::RoundRobin, &["a", "b", "c"]);
+        let got: Vec<String> = (0..4)
+            .map(|_| {
+                s.choose(&key, &t, None, None, busy_a)
+                    .unwrap()
+                    .0
+                    .to_string()
+            })
+            .collect();
+        assert_eq!(got, ["b", "c", "b", "c"]);
+        // Everyone busy: turns as usual.
+        let all_busy = |_: &Str| Readiness::Busy;
+        let got: Vec<String> = (0..3)
+            .map(|_| {
+                s.choose(&key, &t, None, None, all_busy)
+                    .unwrap()
+                    .0
+                    .to_string()
+            })
+            .collect();
+        assert_eq!(got, ["a", "b", "c"]);
+        // A busy member is still online: preferred to an offline one.
+        let a_busy_rest_offline = |m: &Str| {
+            if m == "a" {
+                Readiness::Busy
+            } else {
+                Readiness::Offline
+            }
+        };
+        assert_eq!(
+            s.choose(&key, &t, None, None, a_busy_rest_offline)
+                .unwrap()
+                .0,
+            "a"
+        );
+        // Hash by topic keeps the topic's member, busy or not.
+        let (mut s, key) = setup(SharedStrategy::HashTopic, &["a", "b", "c"]);
+        let home = s
+            .choose(&key, &t, None, None, |_| Readiness::Ready)
+            .unwrap()
+            .0;
+        let home_busy = |m: &Str| {
+            if *m == home {
+                Readiness::Busy
+            } else {
+                Readiness::Ready
+            }
+        };
+        assert_eq!(s.choose(&key, &t, None, None, home_busy).unwrap().0, home);
     }
 
     #[test]

@@ -222,10 +222,6 @@ enum Link {
 }
 
 impl Link {
-    fn is_some(&self) -> bool {
-        matches!(self, Link::Online(_))
-    }
-
     fn as_ref(&self) -> Option<&(ConnId, Connection)> {
         match self {
             Link::Online(c) => Some(c),

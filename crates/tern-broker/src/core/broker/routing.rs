@@ -3,6 +3,7 @@
 //! wills.
 
 use super::*;
+use crate::core::Readiness;
 
 impl Broker {
     /// Delivers a message to every matching subscriber at the effective QoS, and keeps it
@@ -62,10 +63,14 @@ impl Broker {
         now: Instant,
     ) -> bool {
         let sessions = &self.sessions;
-        let online = |c: &Str| sessions.get(c).is_some_and(|s| s.conn.is_some());
+        let readiness = |c: &Str| match sessions.get(c).map(|s| &s.conn) {
+            Some(Link::Online((_, c))) if c.would_wait() => Readiness::Busy,
+            Some(Link::Online(_)) => Readiness::Ready,
+            _ => Readiness::Offline,
+        };
         let Some((client, member)) =
             self.shared
-                .choose(key, &message.topic.clone(), publisher, exclude, online)
+                .choose(key, &message.topic.clone(), publisher, exclude, readiness)
         else {
             return false;
         };
