@@ -426,7 +426,8 @@ def claim_offline_queue_is_bounded_and_drops_the_oldest():
 
 
 def claim_online_queue_is_bounded_and_drops_the_oldest():
-    # The broker runs with max_queued_messages = 3 and a 3.x window of 2; the 5.0
+    # The broker runs with max_queued_bytes = 6 (three of these payloads) and a 3.x window
+    # of 2; the 5.0
     # subscriber sets Receive Maximum 2. It acknowledges nothing until all eight are
     # published: two are in flight, three wait, three are dropped, the oldest first.
     props = {"ReceiveMaximum": 2} if V5 else None

@@ -195,9 +195,12 @@ fn the_byte_limit_bounds_an_offline_queue_too() {
 
 /// An online 3.1.1 subscriber with a window of 2 that acknowledges nothing until seven
 /// messages were published, then everything: what it received, and the count dropped.
+/// Online, only the byte limit applies: 6 bytes, three of the 2-byte payloads; the message
+/// limit of 1 would have dropped all but one.
 fn online_queue_case(policy: QueuePolicy) -> (Vec<String>, u64) {
     let mut sim = Sim::new(Settings {
-        max_queued_messages: 3,
+        max_queued_messages: 1,
+        max_queued_bytes: 6,
         window_3x: 2,
         queue_policy: policy,
         ..Settings::default()
@@ -239,7 +242,7 @@ fn an_online_subscriber_behind_a_full_window_queues_at_most_the_limit_dropping_t
 #[test]
 fn a_shared_group_passes_over_a_member_whose_window_is_full() {
     let mut sim = Sim::new(Settings {
-        max_queued_messages: 3,
+        max_queued_bytes: 6,
         window_3x: 2,
         ..Settings::default()
     });
@@ -274,7 +277,7 @@ fn a_shared_group_passes_over_a_member_whose_window_is_full() {
 #[test]
 fn a_full_online_queue_refuses_the_publish_with_0x97_under_reject() {
     let mut sim = Sim::new(Settings {
-        max_queued_messages: 1,
+        max_queued_bytes: 2,
         window_3x: 1,
         queue_policy: QueuePolicy::Reject,
         ..Settings::default()

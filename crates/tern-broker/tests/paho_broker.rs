@@ -123,7 +123,8 @@ fn the_queue_behind_an_online_subscribers_full_window_is_bounded_and_drops_the_o
         "online_queue_is_bounded_and_drops_the_oldest",
         &["4", "5"],
         tern_broker::core::Settings {
-            max_queued_messages: 3,
+            // Online, the byte limit bounds the queue: three 2-byte payloads.
+            max_queued_bytes: 6,
             window_3x: 2,
             ..Default::default()
         },

@@ -140,6 +140,7 @@ impl Broker {
                 touched: false,
                 username: None,
                 rate: (now, 0),
+                queue_full_logged: None,
             })
         });
         session.expiry = expiry;

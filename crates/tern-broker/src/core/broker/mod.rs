@@ -199,7 +199,13 @@ struct Session {
     username: Option<Str>,
     /// Start of the current one-second publish-rate window and PUBLISH packets in it.
     rate: (Instant, u32),
+    /// When a full queue was last logged for this session (drops are counted always,
+    /// logged at most every [`QUEUE_FULL_LOG_EVERY`]).
+    queue_full_logged: Option<Instant>,
 }
+
+/// How often a session's full queue is logged while it keeps dropping messages.
+const QUEUE_FULL_LOG_EVERY: Duration = Duration::from_secs(10);
 
 impl Session {
     fn state_mut(&mut self) -> &mut SessionState {
@@ -402,6 +408,7 @@ impl Broker {
                 touched: false,
                 username: r.username,
                 rate: (now, 0),
+                queue_full_logged: None,
             };
             broker.sessions.insert(client_id, Box::new(session));
         }

@@ -283,10 +283,6 @@ impl Broker {
         now: Instant,
     ) -> Option<Str> {
         let size = message.payload.len();
-        let limits = (
-            self.settings.max_queued_messages,
-            self.settings.max_queued_bytes,
-        );
         for (client_id, delivery) in self.trie.route(&message.topic, Some(publisher)) {
             let qos = effective_qos(message.qos, delivery.qos, QoS::ExactlyOnce);
             if qos == QoS::AtMostOnce && !self.settings.queue_qos0 {
@@ -295,14 +291,16 @@ impl Broker {
             let Some(s) = self.sessions.get_mut(&client_id) else {
                 continue;
             };
-            let queue = match &mut s.conn {
-                Link::Offline(stored) => stored,
-                // Online: only a message that would wait behind the window joins the queue.
-                Link::Online((_, c)) if c.would_wait() => c.session_mut(),
+            let (queue, max_messages) = match &mut s.conn {
+                Link::Offline(stored) => (stored, self.settings.max_queued_messages),
+                // Online: only a message that would wait behind the window joins the queue,
+                // bounded by bytes only.
+                Link::Online((_, c)) if c.would_wait() => (c.session_mut(), usize::MAX),
                 Link::Online(_) => continue,
             };
+            let max_bytes = self.settings.max_queued_bytes;
             let full = |s: &SessionState| {
-                s.queued_len() + 1 > limits.0 || s.queued_bytes() + size > limits.1
+                s.queued_len() + 1 > max_messages || s.queued_bytes() + size > max_bytes
             };
             if full(queue) {
                 let expired = queue.remove_expired(now);
@@ -366,9 +364,11 @@ impl Broker {
         let queues = message.qos != QoS::AtMostOnce || self.settings.queue_qos0;
         let queue = match &mut session.conn {
             // Online: a QoS 1/2 message that would wait behind the peer's window joins the
-            // queue, under the same limits as an offline one (QoS 0 goes out at once).
+            // queue, bounded by `max_queued_bytes` only (a subscriber that is merely slower
+            // than its publishers for a while loses nothing; one that stops acknowledging
+            // cannot take all memory). QoS 0 goes out at once.
             Link::Online((_, c)) if message.qos != QoS::AtMostOnce && c.would_wait() => {
-                Some(c.session_mut())
+                Some((c.session_mut(), usize::MAX))
             }
             Link::Online(_) => None,
             // Offline persistent session: QoS 1/2 (and QoS 0 if configured) wait in order,
@@ -378,21 +378,32 @@ impl Broker {
                     let limit = now + age;
                     message.expires_at = Some(message.expires_at.map_or(limit, |t| t.min(limit)));
                 }
-                Some(stored)
+                Some((stored, self.settings.max_queued_messages))
             }
             Link::Offline(_) => {
                 self.metrics.drop_n(DropReason::Offline, 1);
                 return;
             }
         };
-        if let Some(queue) = queue {
-            let (room, expired, dropped) =
-                make_room(queue, message.payload.len(), &self.settings, now);
+        if let Some((queue, max_messages)) = queue {
+            let (room, expired, dropped) = make_room(
+                queue,
+                message.payload.len(),
+                max_messages,
+                &self.settings,
+                now,
+            );
             self.metrics.drop_n(DropReason::Expired, expired);
             if dropped > 0 {
                 self.metrics.drop_n(DropReason::QueueFull, dropped);
-                let online = matches!(session.conn, Link::Online(_));
-                tracing::warn!(client_id = %client_id, dropped, online, policy = ?self.settings.queue_policy, "queue full: messages dropped");
+                let quiet = session
+                    .queue_full_logged
+                    .is_some_and(|at| now.saturating_duration_since(at) < QUEUE_FULL_LOG_EVERY);
+                if !quiet {
+                    session.queue_full_logged = Some(now);
+                    let online = matches!(session.conn, Link::Online(_));
+                    tracing::warn!(client_id = %client_id, dropped, online, policy = ?self.settings.queue_policy, "queue full: messages dropped (counted in tern_dropped_total{{reason=\"queue_full\"}}; logged at most every 10 s per session)");
+                }
             }
             if !room {
                 return;
@@ -438,16 +449,17 @@ pub(super) fn is_sys(topic: &TopicName) -> bool {
 }
 
 /// Makes room in a session's queue for a message of `size` payload bytes, under the queue
-/// limits and policy: expired messages go first, then the oldest (drop-oldest), or the new
+/// limits (`max_messages`, and `max_queued_bytes`) and policy: expired messages go first, then the oldest (drop-oldest), or the new
 /// one is turned away (drop-newest, reject). Returns whether it may join, how many expired
 /// messages were removed and how many live ones were dropped (the new one included).
 fn make_room(
     queue: &mut SessionState,
     size: usize,
+    max_messages: usize,
     settings: &Settings,
     now: Instant,
 ) -> (bool, u64, u64) {
-    let limits = (settings.max_queued_messages, settings.max_queued_bytes);
+    let limits = (max_messages, settings.max_queued_bytes);
     let full =
         |s: &SessionState| s.queued_len() + 1 > limits.0 || s.queued_bytes() + size > limits.1;
     let mut expired = 0;
