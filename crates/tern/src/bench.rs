@@ -239,6 +239,13 @@ pub(crate) fn run(args: &[String]) -> ExitCode {
                     "tern bench: QoS {} broke its promise: {} lost, {} duplicated, {} out of order",
                     r.qos, r.lost, r.duplicates, r.reordered
                 );
+                if r.lost > 0 && r.duplicates == 0 && r.reordered == 0 {
+                    eprintln!(
+                        "tern bench: (a broker drops what its queue limits do not hold, and says so: \
+                         Tern in tern_dropped_total{{reason=\"queue_full\"}} and its log; raise \
+                         [sessions] max_queued_bytes / max_queued_messages to measure without them)"
+                    );
+                }
                 return ExitCode::FAILURE;
             }
             ExitCode::SUCCESS
