@@ -116,7 +116,8 @@ pub struct Options {
     pub inflight: u16,
     /// Received messages that may wait in [`Events`] for the application. At this many the
     /// client stops reading from the broker until the application has taken half of them
-    /// (keep alive goes on): a slow application holds the broker back, as TCP does,
+    /// (keep alive goes on, with one read per keep alive for the PINGRESP): a slow
+    /// application holds the broker back, as TCP does,
     /// instead of growing without bound (the broker then holds or drops its copies by its
     /// own limits). One read's worth may come on top. While a publish, subscribe or
     /// unsubscribe of the application waits for the broker's answer, reading goes on, so
@@ -1263,10 +1264,13 @@ async fn serve(
             }
         };
         // The application has max_unread messages to take: read nothing more until it has
-        // taken half (commands and keep alive go on), unless it waits for an answer.
+        // taken half (commands and keep alive go on), unless it waits for an answer, or the
+        // PINGRESP is due (one read per keep alive, or the connection would be declared
+        // dead).
         let awaited = !pending.publishes.is_empty()
             || !pending.requests.is_empty()
-            || link.conn.session().inflight_len() > 0;
+            || link.conn.session().inflight_len() > 0
+            || link.conn.awaits_ping_response();
         let paused = !awaited && events.full();
         tokio::select! {
             () = events.unread.drained.notified(), if paused => {}

@@ -393,3 +393,42 @@ async fn a_publish_to_an_invalid_topic_is_refused_naming_it_and_the_client_goes_
     assert_eq!(&next_message(&mut events).await.payload[..], b"fine");
     client.disconnect().await;
 }
+
+/// An application that takes nothing for several keep-alive periods while messages keep
+/// coming: the client stays connected (it still reads the PINGRESP), and everything arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_client_still_reads_its_ping_responses_and_stays_connected() {
+    let broker = Broker::tern().await;
+    let (sub, mut events) = Client::connect(
+        Options::new("127.0.0.1", broker.port(), "paused")
+            .keep_alive(1)
+            .max_unread(5),
+    )
+    .await
+    .unwrap();
+    sub.subscribe("p/#", QoS::AtMostOnce).await.unwrap();
+    let (publisher, _) = Client::connect(Options::new("127.0.0.1", broker.port(), "p-pub"))
+        .await
+        .unwrap();
+    for i in 0..40u32 {
+        publisher
+            .publish("p/x", i.to_be_bytes().to_vec())
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut got = 0u32;
+    while let Ok(Some(e)) = tokio::time::timeout(Duration::from_millis(500), events.recv()).await {
+        match e {
+            Event::Message(m) => {
+                assert_eq!(&m.payload[..], got.to_be_bytes(), "in order, none lost");
+                got += 1;
+            }
+            Event::Disconnected { reason } => panic!("disconnected while paused: {reason}"),
+            Event::Connected { .. } => {}
+        }
+    }
+    assert_eq!(got, 40);
+    publisher.disconnect().await;
+    sub.disconnect().await;
+}

@@ -316,6 +316,12 @@ impl Connection {
         !self.open || self.session.queued_len() > 0 || self.session.inflight_len() >= self.window()
     }
 
+    /// Client side: a PINGREQ went out and nothing has come from the peer since (the driver
+    /// must read, or the connection is declared dead a keep alive later).
+    pub fn awaits_ping_response(&self) -> bool {
+        self.ping_sent_at.is_some()
+    }
+
     /// False once the connection has ended (DISCONNECT, keepalive timeout, protocol error).
     pub fn is_open(&self) -> bool {
         self.open
