@@ -228,20 +228,9 @@ fn pattern_matches(filter: &str, topic: &str, client_id: &str, username: Option<
         return false;
     }
     // Substitutions contain no `/` or wildcard: the levels and wildcards are the filter's.
-    if topic.starts_with('$') && filter.starts_with(['+', '#']) {
-        return false;
-    }
-    let mut f = filter.split('/');
-    let mut t = topic.split('/');
-    loop {
-        match (f.next(), t.next()) {
-            (Some("#"), _) => return true,
-            (Some("+"), Some(_)) => {}
-            (Some(a), Some(b)) if level_matches(a, b, client_id, username) => {}
-            (None, None) => return true,
-            _ => return false,
-        }
-    }
+    tern_codec::matches_with(filter, topic, |f, t| {
+        level_matches(f, t, client_id, username)
+    })
 }
 
 /// Whether the topic level `topic` equals the filter level `level` with `%c` and `%u`

@@ -146,21 +146,27 @@ impl TopicFilter {
     /// `#` the parent level and everything below, and no leading wildcard matching a topic
     /// that starts with `$` [MQTT-4.7.2-1].
     pub fn matches(&self, topic: &TopicName) -> bool {
-        let filter = self.filter();
-        let topic = topic.as_str();
-        if topic.starts_with('$') && filter.starts_with(['+', '#']) {
-            return false;
-        }
-        let mut f = filter.split('/');
-        let mut t = topic.split('/');
-        loop {
-            match (f.next(), t.next()) {
-                (Some("#"), _) => return true,
-                (Some("+"), Some(_)) => {}
-                (Some(a), Some(b)) if a == b => {}
-                (None, None) => return true,
-                _ => return false,
-            }
+        matches_with(self.filter(), topic.as_str(), |f, t| f == t)
+    }
+}
+
+/// Whether `topic` matches the filter text `filter` as [`TopicFilter::matches`] says, with
+/// `level_eq(filter_level, topic_level)` deciding whether a level that is not a wildcard
+/// matches (a caller with placeholders in its levels, such as an ACL pattern, substitutes
+/// there). The wildcards and the `$` rule are this function's.
+pub fn matches_with(filter: &str, topic: &str, level_eq: impl Fn(&str, &str) -> bool) -> bool {
+    if topic.starts_with('$') && filter.starts_with(['+', '#']) {
+        return false;
+    }
+    let mut f = filter.split('/');
+    let mut t = topic.split('/');
+    loop {
+        match (f.next(), t.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(_)) => {}
+            (Some(a), Some(b)) if level_eq(a, b) => {}
+            (None, None) => return true,
+            _ => return false,
         }
     }
 }
