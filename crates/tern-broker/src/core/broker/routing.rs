@@ -298,10 +298,7 @@ impl Broker {
                 Link::Online((_, c)) if c.would_wait() => (c.session_mut(), usize::MAX),
                 Link::Online(_) => continue,
             };
-            let max_bytes = self.settings.max_queued_bytes;
-            let full = |s: &SessionState| {
-                s.queued_len() + 1 > max_messages || s.queued_bytes() + size > max_bytes
-            };
+            let full = |s: &SessionState| queue_full(s, size, max_messages, &self.settings);
             if full(queue) {
                 let expired = queue.remove_expired(now);
                 let still_full = full(queue);
@@ -448,6 +445,12 @@ pub(super) fn is_sys(topic: &TopicName) -> bool {
     t == "$SYS" || t.starts_with("$SYS/")
 }
 
+/// Whether a message of `size` payload bytes would take `queue` over `max_messages` or
+/// `max_queued_bytes`.
+fn queue_full(queue: &SessionState, size: usize, max_messages: usize, settings: &Settings) -> bool {
+    queue.queued_len() + 1 > max_messages || queue.queued_bytes() + size > settings.max_queued_bytes
+}
+
 /// Makes room in a session's queue for a message of `size` payload bytes, under the queue
 /// limits (`max_messages`, and `max_queued_bytes`) and policy: expired messages go first, then the oldest (drop-oldest), or the new
 /// one is turned away (drop-newest, reject). Returns whether it may join, how many expired
@@ -459,9 +462,7 @@ fn make_room(
     settings: &Settings,
     now: Instant,
 ) -> (bool, u64, u64) {
-    let limits = (max_messages, settings.max_queued_bytes);
-    let full =
-        |s: &SessionState| s.queued_len() + 1 > limits.0 || s.queued_bytes() + size > limits.1;
+    let full = |s: &SessionState| queue_full(s, size, max_messages, settings);
     let mut expired = 0;
     if full(queue) {
         expired = queue.remove_expired(now) as u64;
