@@ -117,11 +117,11 @@ pub struct Options {
     /// Received messages that may wait in [`Events`] for the application. At this many the
     /// client stops reading from the broker until the application has taken half of them
     /// (keep alive goes on, with one read per keep alive for the PINGRESP): a slow
-    /// application holds the broker back, as TCP does,
-    /// instead of growing without bound (the broker then holds or drops its copies by its
-    /// own limits). One read's worth may come on top. While a publish, subscribe or
-    /// unsubscribe of the application waits for the broker's answer, reading goes on, so
-    /// an application that publishes from its event loop cannot deadlock. Default 10,000.
+    /// application holds the broker back, as TCP does, instead of growing without bound
+    /// (the broker then holds or drops its copies by its own limits). One read's worth may
+    /// come on top. While a publish, subscribe or unsubscribe of the application waits for
+    /// the broker's answer, reading goes on, so an application that publishes from its
+    /// event loop cannot deadlock. Default 10,000.
     pub max_unread: usize,
     /// A will: topic, payload, QoS, retain.
     pub will: Option<(String, Bytes, QoS, bool)>,
