@@ -28,7 +28,7 @@ pub struct Message {
     /// through: broker bookkeeping, carried with the message and never sent.
     pub shared: Option<Box<Str>>,
     /// When the broker handed this copy to a session (for the age of queued messages);
-    /// never sent and not stored.
+    /// never sent (the broker's store keeps it).
     pub queued_at: Option<Instant>,
     /// The application's handle for this message (0: none), handed back with its
     /// `Acknowledged` or `Dropped` event so a client can tell whose publish completed;

@@ -188,6 +188,10 @@ pub(crate) fn message(m: &Message, anchor: Anchor) -> Vec<u8> {
     w.bytes(&wire);
     w.opt_time(m.expires_at.map(|t| anchor.to_wall(t)));
     shared_tag(&mut w, m.shared.as_deref());
+    // Added after version 2 shipped: a message that ends before it has no queue time.
+    if let Some(q) = m.queued_at {
+        w.time(anchor.to_wall(q));
+    }
     w.finish()
 }
 
@@ -219,9 +223,15 @@ pub(crate) fn read_message(buf: &[u8], anchor: Anchor) -> Result<Message, StoreE
     };
     let expires_at = r.opt_time()?.map(|t| anchor.to_instant(t));
     let shared = read_shared_tag(&mut r)?;
+    let queued_at = if r.at_end() {
+        None
+    } else {
+        Some(anchor.to_instant(r.time()?))
+    };
     let mut m = Message::from_publish(p, anchor.instant);
     m.expires_at = expires_at;
     m.shared = shared.map(Box::new);
+    m.queued_at = queued_at;
     Ok(m)
 }
 

@@ -556,3 +556,36 @@ fn a_torn_record_at_the_end_of_the_log_is_cut_off() {
     let reopened = tern_store::RedbStore::open(&file.0, now, wall).unwrap();
     assert_eq!(reopened.load().unwrap(), model.load().unwrap());
 }
+
+#[test]
+fn a_queued_message_keeps_the_time_it_was_queued_across_a_reopen() {
+    let file = TempFile::new();
+    let (now, wall) = anchor();
+    let mut store = tern_store::RedbStore::open(&file.0, now, wall).unwrap();
+    let mut m = message("a/b", "waiting");
+    m.queued_at = Some(now - Duration::from_secs(90));
+    let plain = message("a/b", "no time");
+    store
+        .commit(&[
+            put("s", 10),
+            change("s", Change::Queued(m)),
+            change("s", Change::Queued(plain)),
+        ])
+        .unwrap();
+    drop(store);
+    // The next process: its clock's instant for the same wall time is another one.
+    let later = now + Duration::from_secs(1000);
+    let store =
+        tern_store::RedbStore::open(&file.0, later, wall + Duration::from_secs(1000)).unwrap();
+    let snapshot = store.load().unwrap();
+    let queued: Vec<_> = snapshot.sessions[&Str::from("s")]
+        .delivery
+        .queued()
+        .map(|m| m.queued_at)
+        .collect();
+    assert_eq!(
+        queued,
+        [Some(later - Duration::from_secs(1090)), None],
+        "queued 1,090 s before the reopened store's now; a message without a time has none"
+    );
+}
