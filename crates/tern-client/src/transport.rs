@@ -3,17 +3,13 @@
 
 use std::io;
 use std::path::Path;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, ready};
 
-use bytes::{Buf, Bytes};
-use futures_util::{Sink, Stream};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_rustls::rustls;
 use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::{self, Message as Frame};
+use tokio_tungstenite::tungstenite;
 
 use crate::Error;
 
@@ -230,7 +226,7 @@ pub(crate) async fn open(
 async fn websocket<S: AsyncRead + AsyncWrite + Unpin>(
     url: &str,
     stream: S,
-) -> io::Result<WsStream<S>> {
+) -> io::Result<tern_ws::WsBytes<WebSocketStream<S>>> {
     use tungstenite::client::IntoClientRequest;
     let mut request = url
         .into_client_request()
@@ -242,70 +238,5 @@ async fn websocket<S: AsyncRead + AsyncWrite + Unpin>(
     let (ws, _) = tokio_tungstenite::client_async(request, stream)
         .await
         .map_err(|e| io::Error::other(format!("WebSocket upgrade failed: {e}")))?;
-    Ok(WsStream {
-        ws,
-        left: Bytes::new(),
-    })
-}
-
-/// A WebSocket read as one byte stream (binary frames, which a packet may span) and
-/// written one frame per write.
-struct WsStream<S> {
-    ws: WebSocketStream<S>,
-    left: Bytes,
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsStream<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        loop {
-            if !self.left.is_empty() {
-                let n = self.left.len().min(buf.remaining());
-                buf.put_slice(&self.left[..n]);
-                self.left.advance(n);
-                return Poll::Ready(Ok(()));
-            }
-            match ready!(Pin::new(&mut self.ws).poll_next(cx)) {
-                Some(Ok(Frame::Binary(b))) => self.left = b,
-                Some(Ok(Frame::Ping(_) | Frame::Pong(_) | Frame::Frame(_))) => {}
-                Some(Ok(Frame::Close(_))) | None => return Poll::Ready(Ok(())),
-                Some(Ok(Frame::Text(_))) => {
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "a text frame on an MQTT WebSocket",
-                    )));
-                }
-                Some(Err(e)) => return Poll::Ready(Err(io::Error::other(e))),
-            }
-        }
-    }
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsStream<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let mut sink = Pin::new(&mut self.ws);
-        ready!(sink.as_mut().poll_ready(cx)).map_err(io::Error::other)?;
-        sink.start_send(Frame::Binary(Bytes::copy_from_slice(buf)))
-            .map_err(io::Error::other)?;
-        Poll::Ready(Ok(buf.len()))
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.ws)
-            .poll_flush(cx)
-            .map_err(io::Error::other)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.ws)
-            .poll_close(cx)
-            .map_err(io::Error::other)
-    }
+    Ok(tern_ws::WsBytes::new(ws))
 }

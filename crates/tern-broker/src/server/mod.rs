@@ -693,11 +693,8 @@ where
         .map_err(|e| format!("WebSocket upgrade failed: {e}"))?;
     let (sink, frames) = ws.split();
     Ok((
-        Reader::Other(Box::new(transport::WsReader {
-            frames,
-            left: bytes::Bytes::new(),
-        })),
-        Writer::Other(Box::new(transport::WsWriter { frames: sink })),
+        Reader::Other(Box::new(tern_ws::WsBytes::new(frames))),
+        Writer::Other(Box::new(tern_ws::WsBytes::new(sink))),
     ))
 }
 

@@ -3,18 +3,13 @@
 //! which: over WebSocket, binary frames are read as one stream (a packet may span frames,
 //! a frame may hold many packets) and each write of the connection goes out as one frame.
 
-use std::io;
 use std::path::Path;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, ready};
 
-use bytes::{Buf, Bytes};
-use futures_util::{Sink, Stream};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::rustls;
 use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::tungstenite;
 
 /// How a listener's connections are carried.
 #[derive(Clone)]
@@ -297,73 +292,4 @@ where
     tokio_tungstenite::accept_hdr_async_with_config(stream, check, Some(config))
         .await
         .map_err(|e| e.to_string())
-}
-
-/// Reads the binary frames of a WebSocket as one byte stream.
-pub(super) struct WsReader<S> {
-    pub(super) frames: futures_util::stream::SplitStream<WebSocketStream<S>>,
-    pub(super) left: Bytes,
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsReader<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        loop {
-            if !self.left.is_empty() {
-                let n = self.left.len().min(buf.remaining());
-                buf.put_slice(&self.left[..n]);
-                self.left.advance(n);
-                return Poll::Ready(Ok(()));
-            }
-            match ready!(Pin::new(&mut self.frames).poll_next(cx)) {
-                Some(Ok(Message::Binary(b))) => self.left = b,
-                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
-                // The peer closed: end of stream.
-                Some(Ok(Message::Close(_))) | None => return Poll::Ready(Ok(())),
-                // [MQTT-6.0.0-1]: anything but binary frames closes the connection.
-                Some(Ok(Message::Text(_))) => {
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "a text frame on an MQTT WebSocket",
-                    )));
-                }
-                Some(Err(e)) => return Poll::Ready(Err(io::Error::other(e))),
-            }
-        }
-    }
-}
-
-/// Writes each write as one binary frame.
-pub(super) struct WsWriter<S> {
-    pub(super) frames: futures_util::stream::SplitSink<WebSocketStream<S>, Message>,
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsWriter<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let mut sink = Pin::new(&mut self.frames);
-        ready!(sink.as_mut().poll_ready(cx)).map_err(io::Error::other)?;
-        // Sent by the flush that follows each batch.
-        sink.start_send(Message::Binary(Bytes::copy_from_slice(buf)))
-            .map_err(io::Error::other)?;
-        Poll::Ready(Ok(buf.len()))
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.frames)
-            .poll_flush(cx)
-            .map_err(io::Error::other)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.frames)
-            .poll_close(cx)
-            .map_err(io::Error::other)
-    }
 }
