@@ -122,20 +122,30 @@ impl SharedSubscriptions {
     ) -> Option<(Str, Member)> {
         let strategy = self.strategy;
         let group = self.groups.get_mut(key)?;
-        let members: Vec<(&Str, &Member)> = group.members.iter().collect();
-        let eligible = |i: &usize| Some(members[*i].0) != exclude;
         let by_window = matches!(
             strategy,
             SharedStrategy::RoundRobin | SharedStrategy::Random
         );
-        let tier = |i: usize| match readiness(members[i].0) {
-            Readiness::Busy if !by_window => Readiness::Ready,
-            r => r,
-        };
-        let best = (0..members.len()).filter(eligible).map(tier).max();
+        // Each member with its readiness, asked once.
+        let members: Vec<(&Str, &Member, Readiness)> = group
+            .members
+            .iter()
+            .map(|(client, member)| {
+                let tier = match readiness(client) {
+                    Readiness::Busy if !by_window => Readiness::Ready,
+                    r => r,
+                };
+                (client, member, tier)
+            })
+            .collect();
+        let eligible = |i: &usize| Some(members[*i].0) != exclude;
+        let best = (0..members.len())
+            .filter(eligible)
+            .map(|i| members[i].2)
+            .max();
         let mut candidates: Vec<usize> = (0..members.len())
             .filter(eligible)
-            .filter(|i| Some(tier(*i)) == best)
+            .filter(|i| Some(members[*i].2) == best)
             .collect();
         if candidates.is_empty() {
             candidates = (0..members.len()).collect();
@@ -217,15 +227,30 @@ mod tests {
     }
 
     fn picks(s: &mut SharedSubscriptions, key: &Str, topic: &str, n: usize) -> Vec<String> {
+        picks_with(s, key, topic, n, |_| Readiness::Ready)
+    }
+
+    fn picks_with(
+        s: &mut SharedSubscriptions,
+        key: &Str,
+        topic: &str,
+        n: usize,
+        readiness: impl Fn(&Str) -> Readiness + Copy,
+    ) -> Vec<String> {
         let t = TopicName::new(topic).unwrap();
         (0..n)
             .map(|_| {
-                s.choose(key, &t, None, None, |_| Readiness::Ready)
+                s.choose(key, &t, None, None, readiness)
                     .unwrap()
                     .0
                     .to_string()
             })
             .collect()
+    }
+
+    /// `member` is `it`, every other member `rest`.
+    fn one(member: &str, it: Readiness, rest: Readiness) -> impl Fn(&Str) -> Readiness + Copy {
+        move |m: &Str| if m == member { it } else { rest }
     }
 
     #[test]
@@ -238,13 +263,7 @@ mod tests {
     fn online_members_are_preferred_and_exclude_is_honoured() {
         let (mut s, key) = setup(SharedStrategy::RoundRobin, &["a", "b", "c"]);
         let t = TopicName::new("t/1").unwrap();
-        let only_b = |m: &Str| {
-            if m == "b" {
-                Readiness::Ready
-            } else {
-                Readiness::Offline
-            }
-        };
+        let only_b = one("b", Readiness::Ready, Readiness::Offline);
         for _ in 0..3 {
             assert_eq!(s.choose(&key, &t, None, None, only_b).unwrap().0, "b");
         }
@@ -255,63 +274,32 @@ mod tests {
 
     #[test]
     fn round_robin_passes_over_a_member_with_a_full_window_and_hash_topic_does_not() {
-        let busy_a = |m: &Str| {
-            if m == "a" {
-                Readiness::Busy
-            } else {
-                Readiness::Ready
-            }
-        };
-        let t = TopicName::new("t/1").unwrap();
+        use Readiness::{Busy, Offline, Ready};
         let (mut s, key) = setup(SharedStrategy::RoundRobin, &["a", "b", "c"]);
-        let got: Vec<String> = (0..4)
-            .map(|_| {
-                s.choose(&key, &t, None, None, busy_a)
-                    .unwrap()
-                    .0
-                    .to_string()
-            })
-            .collect();
-        assert_eq!(got, ["b", "c", "b", "c"]);
-        // Everyone busy: turns as usual.
-        let all_busy = |_: &Str| Readiness::Busy;
-        let got: Vec<String> = (0..3)
-            .map(|_| {
-                s.choose(&key, &t, None, None, all_busy)
-                    .unwrap()
-                    .0
-                    .to_string()
-            })
-            .collect();
-        assert_eq!(got, ["a", "b", "c"]);
-        // A busy member is still online: preferred to an offline one.
-        let a_busy_rest_offline = |m: &Str| {
-            if m == "a" {
-                Readiness::Busy
-            } else {
-                Readiness::Offline
-            }
-        };
+        let busy_a = one("a", Busy, Ready);
         assert_eq!(
-            s.choose(&key, &t, None, None, a_busy_rest_offline)
-                .unwrap()
-                .0,
-            "a"
+            picks_with(&mut s, &key, "t/1", 4, busy_a),
+            ["b", "c", "b", "c"]
+        );
+        // Everyone busy: turns as usual.
+        assert_eq!(
+            picks_with(&mut s, &key, "t/1", 3, |_| Busy),
+            ["a", "b", "c"]
+        );
+        // A busy member is still online: preferred to an offline one.
+        let a_busy_rest_offline = one("a", Busy, Offline);
+        assert_eq!(
+            picks_with(&mut s, &key, "t/1", 1, a_busy_rest_offline),
+            ["a"]
         );
         // Hash by topic keeps the topic's member, busy or not.
         let (mut s, key) = setup(SharedStrategy::HashTopic, &["a", "b", "c"]);
-        let home = s
-            .choose(&key, &t, None, None, |_| Readiness::Ready)
-            .unwrap()
-            .0;
-        let home_busy = |m: &Str| {
-            if *m == home {
-                Readiness::Busy
-            } else {
-                Readiness::Ready
-            }
-        };
-        assert_eq!(s.choose(&key, &t, None, None, home_busy).unwrap().0, home);
+        let home = picks(&mut s, &key, "t/1", 1).remove(0);
+        let home_busy = one(&home, Busy, Ready);
+        assert_eq!(
+            picks_with(&mut s, &key, "t/1", 1, home_busy),
+            [home.clone()]
+        );
     }
 
     #[test]
