@@ -298,7 +298,7 @@ mod tests {
         let home_busy = one(&home, Busy, Ready);
         assert_eq!(
             picks_with(&mut s, &key, "t/1", 1, home_busy),
-            [home.clone()]
+            std::slice::from_ref(&home)
         );
     }
 
