@@ -10,67 +10,8 @@ use std::time::{Duration, Instant};
 
 use tern_codec::{Packet, QoS};
 
-use crate::core::Gauges;
-
-/// Why a message (or one subscriber's copy of it) was not delivered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DropReason {
-    /// An offline session's queue was full (its queue policy dropped a message).
-    QueueFull,
-    /// Its Message Expiry Interval (or the broker's queue age limit) passed first.
-    Expired,
-    /// Larger than the subscriber's Maximum Packet Size.
-    TooLarge,
-    /// A published message that matched no subscription.
-    NoSubscribers,
-    /// The ACL refused the publish, the delivery or the will.
-    NotAuthorized,
-    /// Refused at publish because a subscriber's queue (offline, or online behind a full
-    /// window) is full (`queue_policy = "reject"`: 0x97 Quota exceeded).
-    Quota,
-    /// Over the client's publish rate (the client is disconnected with 0x96).
-    RateLimited,
-    /// A topic beyond the length/depth limits, a payload that is not the UTF-8 it says,
-    /// a QoS or retain flag the server does not offer.
-    Invalid,
-    /// A QoS 0 message for an offline session (queued only with `queue_qos0`).
-    Offline,
-    /// A QoS 0 copy for an online subscriber that is not reading: what already waits for
-    /// its socket is over `max_queued_bytes`.
-    SlowConsumer,
-}
-
-impl DropReason {
-    /// Every reason, in label order.
-    pub const ALL: [DropReason; 10] = [
-        DropReason::QueueFull,
-        DropReason::Expired,
-        DropReason::TooLarge,
-        DropReason::NoSubscribers,
-        DropReason::NotAuthorized,
-        DropReason::Quota,
-        DropReason::RateLimited,
-        DropReason::Invalid,
-        DropReason::Offline,
-        DropReason::SlowConsumer,
-    ];
-
-    /// The `reason` label.
-    pub fn label(self) -> &'static str {
-        match self {
-            DropReason::QueueFull => "queue_full",
-            DropReason::Expired => "expired",
-            DropReason::TooLarge => "too_large",
-            DropReason::NoSubscribers => "no_subscribers",
-            DropReason::NotAuthorized => "not_authorized",
-            DropReason::Quota => "quota",
-            DropReason::RateLimited => "rate_limited",
-            DropReason::Invalid => "invalid",
-            DropReason::Offline => "offline_qos0",
-            DropReason::SlowConsumer => "slow_consumer",
-        }
-    }
-}
+pub use crate::core::DropReason;
+use crate::core::{Counters, Gauges};
 
 /// Upper bounds of the latency buckets, in seconds (the last bucket is +Inf).
 const LATENCY_BOUNDS: [f64; 14] = [
@@ -150,24 +91,15 @@ pub struct Metrics {
     pub(crate) packets_sent: AtomicU64,
     pub(crate) bytes_received: AtomicU64,
     pub(crate) bytes_sent: AtomicU64,
-    /// Copies handed to subscribers' sessions, by effective QoS.
-    pub(crate) deliveries: [AtomicU64; 3],
-    /// Copies delivered below the publisher's QoS: 1->0, 2->0, 2->1.
-    pub(crate) downgrades: [AtomicU64; 3],
     /// PUBLISH written with DUP set (resent after a reconnect).
     pub(crate) retransmissions: AtomicU64,
-    /// Inbound QoS 2 resends answered without delivering again.
-    pub(crate) qos2_duplicates: AtomicU64,
-    pub(crate) dropped: [AtomicU64; 10],
-    /// Subscriptions refused by the ACL.
-    pub(crate) subscriptions_denied: AtomicU64,
+    /// Messages the server dropped itself (only [`DropReason::SlowConsumer`]; the core
+    /// counts the rest in its [`Counters`]).
+    pub(crate) dropped: [AtomicU64; DropReason::ALL.len()],
     /// CONNACKs sent, by reason code (5.0 numbering whatever the version).
     pub(crate) connacks: [AtomicU64; 256],
-    /// Offline sessions that reached their expiry and were removed.
-    pub(crate) sessions_expired: AtomicU64,
-    /// Network connections accepted, and the most online at once (for $SYS).
+    /// Network connections accepted.
     pub(crate) connections_accepted: AtomicU64,
-    pub(crate) clients_maximum: AtomicU64,
     /// Storage writer: transactions, the core batches and ops in them, commit time.
     pub(crate) store_commits: AtomicU64,
     pub(crate) store_batches: AtomicU64,
@@ -201,16 +133,10 @@ impl Metrics {
             packets_sent: AtomicU64::new(0),
             bytes_received: AtomicU64::new(0),
             bytes_sent: AtomicU64::new(0),
-            deliveries: Default::default(),
-            downgrades: Default::default(),
             retransmissions: AtomicU64::new(0),
-            qos2_duplicates: AtomicU64::new(0),
             dropped: Default::default(),
-            subscriptions_denied: AtomicU64::new(0),
             connacks: std::array::from_fn(|_| AtomicU64::new(0)),
-            sessions_expired: AtomicU64::new(0),
             connections_accepted: AtomicU64::new(0),
-            clients_maximum: AtomicU64::new(0),
             store_commits: AtomicU64::new(0),
             store_batches: AtomicU64::new(0),
             store_ops: AtomicU64::new(0),
@@ -225,27 +151,14 @@ impl Metrics {
         self.started
     }
 
-    /// Messages (or copies) dropped for `reason` so far.
+    /// Messages (or copies) the server dropped for `reason` so far (the core's drops are
+    /// in its [`Counters`]).
     pub fn dropped(&self, reason: DropReason) -> u64 {
         self.dropped[reason as usize].load(Ordering::Relaxed)
     }
 
     pub(crate) fn drop_n(&self, reason: DropReason, n: u64) {
         self.dropped[reason as usize].fetch_add(n, Ordering::Relaxed);
-    }
-
-    /// Counts a delivery of a `from` message at `to`.
-    pub(crate) fn delivered(&self, from: QoS, to: QoS) {
-        self.deliveries[qos_index(to)].fetch_add(1, Ordering::Relaxed);
-        let downgrade = match (from, to) {
-            (QoS::AtLeastOnce, QoS::AtMostOnce) => Some(0),
-            (QoS::ExactlyOnce, QoS::AtMostOnce) => Some(1),
-            (QoS::ExactlyOnce, QoS::AtLeastOnce) => Some(2),
-            _ => None,
-        };
-        if let Some(i) = downgrade {
-            self.downgrades[i].fetch_add(1, Ordering::Relaxed);
-        }
     }
 
     /// Counts the packets of one write to a client: `since` is when the input that
@@ -280,6 +193,22 @@ impl Metrics {
         }
         if dup > 0 {
             self.retransmissions.fetch_add(dup, Ordering::Relaxed);
+        }
+    }
+
+    /// What `$SYS` reports of the connections' traffic, as counted so far.
+    pub fn traffic(&self) -> crate::core::Traffic {
+        let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        crate::core::Traffic {
+            uptime: self.started.elapsed(),
+            packets_received: r(&self.packets_received),
+            packets_sent: r(&self.packets_sent),
+            bytes_received: r(&self.bytes_received),
+            bytes_sent: r(&self.bytes_sent),
+            publish_received: load3(&self.received).iter().sum(),
+            publish_sent: load3(&self.sent).iter().sum(),
+            connections_accepted: r(&self.connections_accepted),
+            dropped: self.dropped.iter().map(r).sum(),
         }
     }
 
@@ -333,25 +262,25 @@ impl Metrics {
             &mut out,
             "tern_messages_received_total",
             "PUBLISH packets received from clients, by QoS.",
-            &self.received,
+            &load3(&self.received),
         );
         per_qos(
             &mut out,
             "tern_messages_sent_total",
             "PUBLISH packets written to clients, by QoS (retransmissions included).",
-            &self.sent,
+            &load3(&self.sent),
         );
         per_qos(
             &mut out,
             "tern_payload_bytes_received_total",
             "Payload bytes of the PUBLISH packets received, by QoS.",
-            &self.payload_received,
+            &load3(&self.payload_received),
         );
         per_qos(
             &mut out,
             "tern_payload_bytes_sent_total",
             "Payload bytes of the PUBLISH packets written, by QoS.",
-            &self.payload_sent,
+            &load3(&self.payload_sent),
         );
         family(
             &mut out,
@@ -385,25 +314,6 @@ impl Metrics {
             "Bytes written to client connections (MQTT bytes).",
         );
         let _ = writeln!(out, "tern_bytes_sent_total {}", r(&self.bytes_sent));
-        per_qos(
-            &mut out,
-            "tern_deliveries_total",
-            "Message copies handed to subscribers' sessions (online or queued), by effective QoS.",
-            &self.deliveries,
-        );
-        family(
-            &mut out,
-            "tern_qos_downgrades_total",
-            "counter",
-            "Copies delivered below the publisher's QoS (the subscriber was granted less).",
-        );
-        for (i, (from, to)) in [("1", "0"), ("2", "0"), ("2", "1")].iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "tern_qos_downgrades_total{{from=\"{from}\",to=\"{to}\"}} {}",
-                r(&self.downgrades[i])
-            );
-        }
         family(
             &mut out,
             "tern_retransmissions_total",
@@ -415,42 +325,9 @@ impl Metrics {
             "tern_retransmissions_total {}",
             r(&self.retransmissions)
         );
-        family(
-            &mut out,
-            "tern_qos2_duplicates_suppressed_total",
-            "counter",
-            "Inbound QoS 2 resends of a message already received, answered and not delivered again.",
-        );
-        let _ = writeln!(
-            out,
-            "tern_qos2_duplicates_suppressed_total {}",
-            r(&self.qos2_duplicates)
-        );
-        family(
-            &mut out,
-            "tern_dropped_total",
-            "counter",
-            "Messages (or one subscriber's copy) not delivered, by reason.",
-        );
-        for reason in DropReason::ALL {
-            let _ = writeln!(
-                out,
-                "tern_dropped_total{{reason=\"{}\"}} {}",
-                reason.label(),
-                self.dropped(reason)
-            );
+        if let Some(c) = gauges.map(|g| &g.counters) {
+            self.render_core(&mut out, c);
         }
-        family(
-            &mut out,
-            "tern_subscriptions_denied_total",
-            "counter",
-            "Subscriptions refused by the ACL.",
-        );
-        let _ = writeln!(
-            out,
-            "tern_subscriptions_denied_total {}",
-            r(&self.subscriptions_denied)
-        );
         family(
             &mut out,
             "tern_connect_total",
@@ -491,18 +368,6 @@ impl Metrics {
                 "tern_connections{{listener=\"{listener}\",protocol=\"{protocol}\"}} {n}"
             );
         }
-        family(
-            &mut out,
-            "tern_sessions_expired_total",
-            "counter",
-            "Offline sessions removed when their expiry interval ran out.",
-        );
-        let _ = writeln!(
-            out,
-            "tern_sessions_expired_total {}",
-            r(&self.sessions_expired)
-        );
-
         family(
             &mut out,
             "tern_store_commits_total",
@@ -648,13 +513,88 @@ impl Metrics {
         }
         out
     }
+
+    /// The families the core counts (omitted from a scrape the core did not answer: a
+    /// counter that is missing is better than one that goes back to zero).
+    fn render_core(&self, out: &mut String, c: &Counters) {
+        let family = |out: &mut String, name: &str, kind: &str, help: &str| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        };
+        per_qos(
+            out,
+            "tern_deliveries_total",
+            "Message copies handed to subscribers' sessions (online or queued), by effective QoS.",
+            &c.deliveries,
+        );
+        family(
+            out,
+            "tern_qos_downgrades_total",
+            "counter",
+            "Copies delivered below the publisher's QoS (the subscriber was granted less).",
+        );
+        for (i, (from, to)) in [("1", "0"), ("2", "0"), ("2", "1")].iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "tern_qos_downgrades_total{{from=\"{from}\",to=\"{to}\"}} {}",
+                c.downgrades[i]
+            );
+        }
+        family(
+            out,
+            "tern_qos2_duplicates_suppressed_total",
+            "counter",
+            "Inbound QoS 2 resends of a message already received, answered and not delivered again.",
+        );
+        let _ = writeln!(
+            out,
+            "tern_qos2_duplicates_suppressed_total {}",
+            c.qos2_duplicates
+        );
+        family(
+            out,
+            "tern_dropped_total",
+            "counter",
+            "Messages (or one subscriber's copy) not delivered, by reason.",
+        );
+        for reason in DropReason::ALL {
+            let _ = writeln!(
+                out,
+                "tern_dropped_total{{reason=\"{}\"}} {}",
+                reason.label(),
+                c.dropped(reason) + self.dropped(reason)
+            );
+        }
+        family(
+            out,
+            "tern_subscriptions_denied_total",
+            "counter",
+            "Subscriptions refused by the ACL.",
+        );
+        let _ = writeln!(
+            out,
+            "tern_subscriptions_denied_total {}",
+            c.subscriptions_denied
+        );
+        family(
+            out,
+            "tern_sessions_expired_total",
+            "counter",
+            "Offline sessions removed when their expiry interval ran out.",
+        );
+        let _ = writeln!(out, "tern_sessions_expired_total {}", c.sessions_expired);
+    }
+}
+
+/// The values of three counters.
+fn load3(a: &[AtomicU64; 3]) -> [u64; 3] {
+    a.each_ref().map(|a| a.load(Ordering::Relaxed))
 }
 
 /// One counter family with a series per QoS.
-fn per_qos(out: &mut String, name: &str, help: &str, values: &[AtomicU64; 3]) {
+fn per_qos(out: &mut String, name: &str, help: &str, values: &[u64; 3]) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
     for (q, v) in values.iter().enumerate() {
-        let _ = writeln!(out, "{name}{{qos=\"{q}\"}} {}", v.load(Ordering::Relaxed));
+        let _ = writeln!(out, "{name}{{qos=\"{q}\"}} {v}");
     }
 }
 

@@ -277,7 +277,7 @@ fn load_access(auth: &config::Auth) -> Result<tern_broker::auth::Access, String>
         None => None,
     };
     let acl = match &auth.acl_file {
-        Some(path) => Some(std::sync::Arc::new(tern_broker::acl::Acl::load(
+        Some(path) => Some(std::sync::Arc::new(tern_broker::acl::load(
             std::path::Path::new(path),
         )?)),
         None => None,

@@ -204,23 +204,35 @@ pub async fn run(server: Server, shutdown: impl Future<Output = ()>) -> Result<(
     let backlog_limit = settings.max_queued_bytes;
     let mut broker = Broker::resume(settings, snapshot, Instant::now(), SystemTime::now());
     broker.set_acl(acl_changes.borrow_and_update().acl.clone());
-    broker.set_metrics(metrics.clone());
     let mut writer =
         persistence.map(|p| writer::Writer::spawn(p, to_core.clone(), metrics.clone()));
     let core_metrics = metrics.clone();
     let core = tokio::spawn(async move {
         let mut writers: ConnMap<line::Sender<ToConn>> = ConnMap::default();
-        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        // One timer, moved to whatever the core says is due next (keep alive, session
+        // expiry, will delay): nothing wakes the core while nothing is due.
+        let mut timer = std::pin::pin!(tokio::time::sleep(Duration::from_secs(3600)));
+        let mut armed: Option<Instant> = None;
         let mut sys_tick = tokio::time::interval(sys_interval.unwrap_or(Duration::MAX / 4));
         'run: loop {
             let mut first = None;
+            let due = broker.poll_timeout();
+            if due != armed {
+                if let Some(at) = due {
+                    timer.as_mut().reset(tokio::time::Instant::from_std(at));
+                }
+                armed = due;
+            }
             tokio::select! {
                 msg = from_conns.recv() => match msg {
                     Some(msg) => first = Some(msg),
                     None => break 'run,
                 },
-                _ = tick.tick() => broker.handle_timeout(Instant::now()),
-                _ = sys_tick.tick(), if sys_interval.is_some() => broker.publish_sys(Instant::now()),
+                () = &mut timer, if armed.is_some() => {
+                    armed = None;
+                    broker.handle_timeout(Instant::now());
+                }
+                _ = sys_tick.tick(), if sys_interval.is_some() => broker.publish_sys(Instant::now(), &core_metrics.traffic()),
                 Ok(()) = acl_changes.changed() => {
                     broker.set_acl(acl_changes.borrow_and_update().acl.clone());
                     tracing::info!("ACL reloaded");
@@ -239,7 +251,7 @@ pub async fn run(server: Server, shutdown: impl Future<Output = ()>) -> Result<(
                 match msg {
                     ToCore::Accepted(conn, peer, tx) => {
                         writers.insert(conn, tx);
-                        broker.handle_accepted(conn, peer);
+                        broker.handle_accepted(conn, &peer);
                     }
                     ToCore::Packet(conn, p, read_at) => {
                         since = since.min(read_at);
@@ -278,6 +290,7 @@ pub async fn run(server: Server, shutdown: impl Future<Output = ()>) -> Result<(
                         while broker.poll_output().is_some() {}
                         match w.reset().await {
                             Some(snapshot) => {
+                                let counters = broker.counters().clone();
                                 broker = Broker::resume(
                                     core_settings.clone(),
                                     snapshot,
@@ -285,7 +298,7 @@ pub async fn run(server: Server, shutdown: impl Future<Output = ()>) -> Result<(
                                     SystemTime::now(),
                                 );
                                 broker.set_acl(acl_changes.borrow().acl.clone());
-                                broker.set_metrics(core_metrics.clone());
+                                broker.set_counters(counters);
                                 tracing::warn!(
                                     "state reloaded from the last commit; accepting connections again"
                                 );

@@ -68,7 +68,7 @@ impl Broker {
                 .collect();
             for topic in expired {
                 self.retained.remove(&topic);
-                self.metrics.drop_n(DropReason::Expired, 1);
+                self.counters.drop_n(DropReason::Expired, 1);
                 self.batch.push(Op::DeleteRetained { topic });
             }
             let matching: Vec<Message> = self
@@ -101,9 +101,7 @@ impl Broker {
         } else if self.acl.as_ref().is_some_and(|acl| {
             !acl.allows_subscribe(client_id, session.username.as_deref(), filter)
         }) {
-            self.metrics
-                .subscriptions_denied
-                .fetch_add(1, Ordering::Relaxed);
+            self.counters.subscriptions_denied += 1;
             ReasonCode::NotAuthorized
         } else {
             return None;

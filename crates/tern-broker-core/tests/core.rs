@@ -1,150 +1,17 @@
 //! The sans-IO broker core driven directly, with simulated time: offline-queue limits, the
-//! 5.0 Will Delay Interval, and restarts on the same store.
+//! 5.0 Will Delay Interval, and restarts on the same store. On the simulated host
+//! (`tern_broker_core::sim`), whose store is written as the server writes it.
 
 // A failed unwrap in a test is a failed test, with the value in the message.
 #![allow(clippy::unwrap_used)]
 
 use std::num::NonZeroU16;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Duration;
 
-use tern_broker::core::{Broker, ConnId, Output, QueuePolicy, Settings};
+use tern_broker_core::sim::Sim;
+use tern_broker_core::{ConnId, Output, QueuePolicy, Settings};
 use tern_codec::properties::{ConnectProperties, WillProperties};
-use tern_codec::{
-    Connect, LastWill, Packet, Protocol, Publish, QoS, QosPid, Subscribe, Subscription,
-    SubscriptionOptions, TopicFilter, TopicName,
-};
-use tern_store::MemoryStore;
-
-struct Sim {
-    broker: Broker,
-    settings: Settings,
-    now: Instant,
-    /// The wall-clock time of `anchor.0`.
-    anchor: (Instant, SystemTime),
-    outputs: Vec<Output>,
-    next: ConnId,
-}
-
-impl Sim {
-    fn new(settings: Settings) -> Sim {
-        let now = Instant::now();
-        let wall = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
-        Sim {
-            broker: Broker::new(settings.clone(), Box::new(MemoryStore::new()), now, wall).unwrap(),
-            settings,
-            now,
-            anchor: (now, wall),
-            outputs: vec![],
-            next: 0,
-        }
-    }
-
-    /// The broker process ends (every connection with it) and a new one starts on the
-    /// same store `down_for` later. The new process's monotonic clock has nothing to do
-    /// with the old one's, so only wall-clock deadlines can carry over.
-    fn restart(&mut self, down_for: Duration) {
-        let wall = self.anchor.1 + (self.now - self.anchor.0) + down_for;
-        self.now += Duration::from_secs(100_000);
-        let fresh = Broker::new(
-            self.settings.clone(),
-            Box::new(MemoryStore::new()),
-            self.now,
-            wall,
-        )
-        .unwrap();
-        let store = std::mem::replace(&mut self.broker, fresh)
-            .into_store()
-            .unwrap();
-        self.broker = Broker::new(self.settings.clone(), store, self.now, wall).unwrap();
-        self.anchor = (self.now, wall);
-        self.outputs.clear();
-    }
-
-    fn stored(&self) -> tern_store::Snapshot {
-        self.broker.store().unwrap().load().unwrap()
-    }
-
-    fn pump(&mut self) {
-        while let Some(o) = self.broker.poll_output() {
-            self.outputs.push(o);
-        }
-    }
-
-    fn connect(&mut self, connect: Connect) -> ConnId {
-        self.next += 1;
-        self.broker
-            .handle_packet(self.next, Packet::Connect(Box::new(connect)), self.now);
-        self.pump();
-        self.next
-    }
-
-    fn send(&mut self, conn: ConnId, p: Packet) {
-        self.broker.handle_packet(conn, p, self.now);
-        self.pump();
-    }
-
-    fn close(&mut self, conn: ConnId) {
-        self.broker.handle_closed(conn, self.now);
-        self.pump();
-    }
-
-    fn advance(&mut self, by: Duration) {
-        self.now += by;
-        self.broker.handle_timeout(self.now);
-        self.pump();
-    }
-
-    fn subscribe(&mut self, conn: ConnId, filter: &str, qos: QoS) {
-        let s = Subscribe {
-            packet_id: NonZeroU16::new(1).unwrap(),
-            subscriptions: vec![Subscription {
-                filter: TopicFilter::new(filter).unwrap(),
-                options: SubscriptionOptions {
-                    qos,
-                    ..Default::default()
-                },
-            }],
-            properties: Default::default(),
-        };
-        self.send(conn, Packet::Subscribe(s));
-    }
-
-    fn publish(&mut self, conn: ConnId, topic: &str, payload: &str, id: u16) {
-        let p = Publish::new(
-            TopicName::new(topic).unwrap(),
-            QosPid::AtLeastOnce(NonZeroU16::new(id).unwrap()),
-            payload.to_string(),
-        );
-        self.send(conn, Packet::Publish(p));
-    }
-
-    /// The PUBLISH packets sent to `conn`, in order.
-    fn publishes(&self, conn: ConnId) -> Vec<Publish> {
-        self.outputs
-            .iter()
-            .filter_map(|o| match o {
-                Output::Send(c, Packet::Publish(p)) if *c == conn => Some(p.clone()),
-                _ => None,
-            })
-            .collect()
-    }
-
-    /// Payloads of the PUBLISH packets sent to `conn`, in order.
-    fn received(&self, conn: ConnId) -> Vec<String> {
-        self.publishes(conn)
-            .iter()
-            .map(|p| String::from_utf8(p.payload.to_vec()).unwrap())
-            .collect()
-    }
-
-    /// Connects `connect`, subscribes it to `filter` and disconnects it: a persistent
-    /// session waiting offline.
-    fn offline_subscriber(&mut self, connect: Connect, filter: &str, qos: QoS) {
-        let c = self.connect(connect);
-        self.subscribe(c, filter, qos);
-        self.close(c);
-    }
-}
+use tern_codec::{Connect, LastWill, Packet, Protocol, Publish, QoS, QosPid, TopicName};
 
 fn persistent(id: &str) -> Connect {
     let mut c = Connect::new(Protocol::V3_1_1, id);

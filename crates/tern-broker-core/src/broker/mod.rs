@@ -7,16 +7,15 @@
 //! through the [`SubscriptionTrie`], retained messages and wills.
 //!
 //! Every change to durable state (sessions, subscriptions, offline queues, delivery state
-//! at disconnect, delayed wills, retained messages) is written to a [`Store`] as one
-//! batch per input, committed before the outputs of that input are handed out; a new
-//! broker built on the same store resumes from it.
+//! at disconnect, delayed wills, retained messages) becomes a [`tern_store::Op`]; the
+//! driver takes them with [`Broker::take_ops`] and commits them before it writes the
+//! outputs produced with them. A new broker resumed from what the store holds
+//! ([`Broker::resume`]) carries on from there.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
 use std::fmt::Display;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use tern_codec::properties::ConnAckProperties;
@@ -28,15 +27,17 @@ use tern_codec::{
 use tern_proto::{
     AckMode, Changes, Config, Connection, Event, Message, Role, SessionState, effective_qos,
 };
-use tern_store::{Op, PendingWill, SessionRecord, Store, StoreError, Subscription};
+use tern_store::{Op, PendingWill, SessionRecord, Subscription};
 
 use super::{Member, SharedStrategy, SharedSubscriptions, SubscriptionTrie};
-use crate::metrics::{DropReason, Metrics};
+use crate::counters::{Counters, DropReason};
 
 mod connect;
 mod routing;
 mod subscribe;
 mod sys;
+
+pub use sys::Traffic;
 
 /// Identifies one network connection for the lifetime of the process.
 pub type ConnId = u64;
@@ -202,12 +203,29 @@ struct Session {
     /// When a full queue was last logged for this session (drops are counted always,
     /// logged at most every [`QUEUE_FULL_LOG_EVERY`]).
     queue_full_logged: Option<Instant>,
+    /// The time of this session's live entry in [`Broker::timers`], if it has one.
+    scheduled: Option<Instant>,
 }
 
 /// How often a session's full queue is logged while it keeps dropping messages.
 const QUEUE_FULL_LOG_EVERY: Duration = Duration::from_secs(10);
 
 impl Session {
+    /// When something of this session is next due: its connection's keep alive while
+    /// online; its expiry or its delayed will while offline.
+    fn deadline(&self) -> Option<Instant> {
+        match &self.conn {
+            Link::Online((_, c)) => c.poll_timeout(),
+            Link::Offline(_) => {
+                let will = self.pending_will.as_deref().map(|(at, _)| *at);
+                match (self.expires_at, will) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                }
+            }
+        }
+    }
+
     fn state_mut(&mut self) -> &mut SessionState {
         match &mut self.conn {
             Link::Online((_, c)) => c.session_mut(),
@@ -286,6 +304,8 @@ pub struct Gauges {
     pub inflight_in: usize,
     /// The sessions with the deepest queues, deepest first.
     pub largest: Vec<SessionGauge>,
+    /// The core's counters at the same moment.
+    pub counters: Counters,
 }
 
 /// One session's queue in [`Gauges`].
@@ -302,14 +322,10 @@ pub struct SessionGauge {
 /// The broker core.
 pub struct Broker {
     settings: Settings,
-    /// Where batches go. Without one, they wait for [`Broker::take_ops`].
-    store: Option<Box<dyn Store>>,
-    /// Ops of the input being handled, committed as one batch when it is done (or, with
-    /// no store, of every input since the last [`Broker::take_ops`]).
+    /// Durable changes of every input since the last [`Broker::take_ops`], in order.
     batch: Vec<Op>,
     /// Sessions whose delivery state may have changed in this input.
     touched: Vec<Str>,
-    store_failures: u64,
     /// One instant and the wall-clock time it corresponds to, both passed in: stored
     /// deadlines are wall-clock, the core's are monotonic.
     anchor: (Instant, SystemTime),
@@ -319,39 +335,34 @@ pub struct Broker {
     /// Connections that completed CONNECT, to their client id.
     conns: ConnMap<Str>,
     /// Peer address of each open connection, for the logs.
-    peers: ConnMap<SocketAddr>,
+    peers: ConnMap<Box<str>>,
     trie: SubscriptionTrie<Str>,
     shared: SharedSubscriptions,
     retained: BTreeMap<TopicName, Message>,
     outputs: VecDeque<Output>,
+    /// Sessions by when something of theirs is due, earliest first. Lazy: a deadline
+    /// that moves later (a keep alive renewed by every packet) is not updated here; its
+    /// entry fires, finds nothing due and is put back at the new time. An entry whose
+    /// time is not its session's `scheduled` was replaced by an earlier one and is
+    /// skipped. Only due sessions are touched, whatever the number of sessions.
+    timers: BinaryHeap<Reverse<(Instant, Str)>>,
     next_assigned: u64,
-    /// What was delivered, dropped and why; shared with the server.
-    metrics: Arc<Metrics>,
+    /// What was delivered, dropped and why; the server reads them with the gauges.
+    counters: Counters,
     sys: sys::Sys,
     acl: Option<std::sync::Arc<crate::acl::Acl>>,
 }
 
 impl Broker {
-    /// A broker resuming whatever `store` holds: sessions (offline, their expiry and
-    /// delayed wills counting from their stored deadlines; a session whose connection was
-    /// up when the store was last written counts as disconnected `now`), subscriptions,
-    /// queues and retained messages. `now` and `wall` are the same moment on the
-    /// monotonic and the wall clock.
-    pub fn new(
-        settings: Settings,
-        store: Box<dyn Store>,
-        now: Instant,
-        wall: SystemTime,
-    ) -> Result<Broker, StoreError> {
-        let snapshot = store.load()?;
-        let mut broker = Broker::resume(settings, snapshot, now, wall);
-        broker.store = Some(store);
-        Ok(broker)
-    }
-
-    /// A broker resuming `snapshot` (as [`Broker::new`]) that commits nothing itself: the
-    /// ops of each input wait for [`Broker::take_ops`], and the driver must write them
-    /// before it hands out the outputs produced with them (persist, then acknowledge).
+    /// A broker resuming what a store held (`snapshot`): sessions (offline, their expiry
+    /// and delayed wills counting from their stored deadlines; a session whose connection
+    /// was up when the store was last written counts as disconnected `now`),
+    /// subscriptions, queues and retained messages. `now` and `wall` are the same moment
+    /// on the monotonic and the wall clock.
+    ///
+    /// The broker commits nothing itself: the ops of each input wait for
+    /// [`Broker::take_ops`], and the driver must write them before it hands out the
+    /// outputs produced with them (persist, then acknowledge).
     pub fn resume(
         settings: Settings,
         snapshot: tern_store::Snapshot,
@@ -361,10 +372,8 @@ impl Broker {
         let strategy = settings.shared_strategy;
         let mut broker = Broker {
             settings,
-            store: None,
             batch: Vec::new(),
             touched: Vec::new(),
-            store_failures: 0,
             anchor: (now, wall),
             sessions: HashMap::new(),
             conns: ConnMap::default(),
@@ -373,8 +382,9 @@ impl Broker {
             shared: SharedSubscriptions::new(strategy),
             retained: snapshot.retained,
             outputs: VecDeque::new(),
+            timers: BinaryHeap::new(),
             next_assigned: 0,
-            metrics: Arc::new(Metrics::new()),
+            counters: Counters::default(),
             sys: sys::Sys::default(),
             acl: None,
         };
@@ -409,8 +419,10 @@ impl Broker {
                 username: r.username,
                 rate: (now, 0),
                 queue_full_logged: None,
+                scheduled: None,
             };
-            broker.sessions.insert(client_id, Box::new(session));
+            broker.sessions.insert(client_id.clone(), Box::new(session));
+            broker.schedule(&client_id);
         }
         tracing::info!(
             sessions = broker.sessions.len(),
@@ -428,18 +440,18 @@ impl Broker {
 
     /// Publishes, subscriptions, deliveries and wills the ACL refused so far.
     pub fn denied(&self) -> u64 {
-        self.metrics.dropped(DropReason::NotAuthorized)
-            + self.metrics.subscriptions_denied.load(Ordering::Relaxed)
+        self.counters.dropped(DropReason::NotAuthorized) + self.counters.subscriptions_denied
     }
 
-    /// The counters this broker adds to.
-    pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.metrics
+    /// What this broker has counted.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
     }
 
-    /// Counts into `metrics` from now on (the server's, shared with its connections).
-    pub fn set_metrics(&mut self, metrics: Arc<Metrics>) {
-        self.metrics = metrics;
+    /// Counts on from `counters` (those of the broker this one replaces, so that the
+    /// exported counters never go back).
+    pub fn set_counters(&mut self, counters: Counters) {
+        self.counters = counters;
     }
 
     /// Whether the session's client may do `permission` on `topic` (no ACL: yes).
@@ -457,27 +469,10 @@ impl Broker {
         acl.allows(client_id, username, permission, topic)
     }
 
-    /// Stops the broker and hands back its store (a restart in tests); `None` for a
-    /// broker made with [`Broker::resume`].
-    pub fn into_store(self) -> Option<Box<dyn Store>> {
-        self.store
-    }
-
-    /// The store, for reading what it holds.
-    pub fn store(&self) -> Option<&dyn Store> {
-        self.store.as_deref()
-    }
-
-    /// The durable changes made since the last call, in order, for a broker without a
-    /// store ([`Broker::resume`]). Outputs polled since then must not be written before
-    /// these ops are.
+    /// The durable changes made since the last call, in order, as one batch. Outputs
+    /// polled since then must not be written before these ops are committed.
     pub fn take_ops(&mut self) -> Vec<Op> {
         std::mem::take(&mut self.batch)
-    }
-
-    /// Batches the store refused or failed (each is logged).
-    pub fn store_failures(&self) -> u64 {
-        self.store_failures
     }
 
     fn wall(&self, t: Instant) -> SystemTime {
@@ -529,21 +524,9 @@ impl Broker {
         }
     }
 
-    /// Ends an input: what it changed becomes one batch, committed now if the broker has
-    /// a store.
+    /// Ends an input: the delivery changes it made join its ops.
     fn commit(&mut self) {
         self.collect_changes();
-        if self.batch.is_empty() {
-            return;
-        }
-        let Some(store) = self.store.as_mut() else {
-            return;
-        };
-        if let Err(error) = store.commit(&self.batch) {
-            self.store_failures += 1;
-            tracing::error!(%error, ops = self.batch.len(), "store commit failed");
-        }
-        self.batch.clear();
     }
 
     /// Writes the session's record (expiry, subscriptions, delayed will).
@@ -613,17 +596,17 @@ impl Broker {
 
     /// Messages dropped because an offline queue was full (or refused for it).
     pub fn dropped_count(&self) -> u64 {
-        self.metrics.dropped(DropReason::QueueFull) + self.metrics.dropped(DropReason::Quota)
+        self.counters.dropped(DropReason::QueueFull) + self.counters.dropped(DropReason::Quota)
     }
 
     /// Messages dropped because their Message Expiry Interval passed before delivery.
     pub fn dropped_expired(&self) -> u64 {
-        self.metrics.dropped(DropReason::Expired)
+        self.counters.dropped(DropReason::Expired)
     }
 
     /// Messages not sent to a client because they exceed its Maximum Packet Size.
     pub fn dropped_too_large(&self) -> u64 {
-        self.metrics.dropped(DropReason::TooLarge)
+        self.counters.dropped(DropReason::TooLarge)
     }
 
     /// Sessions, subscriptions, queues and flows as they are at `now`, with the `top`
@@ -668,6 +651,7 @@ impl Broker {
         largest.sort_by(|a, b| b.queued.cmp(&a.queued).then(a.client_id.cmp(&b.client_id)));
         largest.truncate(top);
         g.largest = largest;
+        g.counters = self.counters.clone();
         // The broker's own $SYS messages are not counted.
         g.retained = self.retained.keys().filter(|t| !routing::is_sys(t)).count();
         g
@@ -678,15 +662,13 @@ impl Broker {
         self.retained.len()
     }
 
-    /// A new connection from `peer` (used in logs; optional).
-    pub fn handle_accepted(&mut self, conn: ConnId, peer: SocketAddr) {
-        self.peers.insert(conn, peer);
+    /// A new connection from `peer` (its address, for the logs; optional).
+    pub fn handle_accepted(&mut self, conn: ConnId, peer: &dyn Display) {
+        self.peers.insert(conn, peer.to_string().into_boxed_str());
     }
 
-    fn peer(&self, conn: ConnId) -> String {
-        self.peers
-            .get(&conn)
-            .map_or_else(|| "-".to_string(), ToString::to_string)
+    fn peer(&self, conn: ConnId) -> &str {
+        self.peers.get(&conn).map_or("-", |p| p)
     }
 
     /// A packet decoded from `conn`.
@@ -695,9 +677,8 @@ impl Broker {
             match packet {
                 Packet::Connect(c) => {
                     self.handle_connect(conn, *c, now);
-                    self.metrics
-                        .clients_maximum
-                        .fetch_max(self.conns.len() as u64, Ordering::Relaxed);
+                    let online = self.conns.len() as u64;
+                    self.counters.clients_maximum = self.counters.clients_maximum.max(online);
                 }
                 // [MQTT-3.1.0-1]: the first packet must be CONNECT.
                 _ => self.outputs.push_back(Output::Close(conn)),
@@ -716,9 +697,7 @@ impl Broker {
         let _ = connection.handle_packet(packet, now);
         let suppressed = connection.duplicates_suppressed() - duplicates;
         if suppressed > 0 {
-            self.metrics
-                .qos2_duplicates
-                .fetch_add(suppressed, Ordering::Relaxed);
+            self.counters.qos2_duplicates += suppressed;
         }
         self.touch(&client_id);
         self.drain(&client_id, now);
@@ -835,6 +814,7 @@ impl Broker {
         } else {
             session.expires_at = Some(now + session.expiry);
             self.put_session(client_id);
+            self.schedule(client_id);
         }
     }
 
@@ -865,31 +845,77 @@ impl Broker {
         self.commit();
     }
 
-    /// Timers: keepalive of every connection, expiry of offline sessions.
-    pub fn handle_timeout(&mut self, now: Instant) {
-        let ids: Vec<Str> = self.sessions.keys().cloned().collect();
-        for client_id in ids {
-            let session = self.sessions.get_mut(&client_id).expect("listed");
-            if let Some((_, c)) = session.conn.as_mut() {
-                c.handle_timeout(now);
-                self.drain(&client_id, now);
-            } else if session.expires_at.is_some_and(|at| now >= at) {
-                self.metrics
-                    .sessions_expired
-                    .fetch_add(1, Ordering::Relaxed);
-                self.end_session(&client_id, now);
-            } else if session
-                .pending_will
-                .as_deref()
-                .is_some_and(|(at, _)| now >= *at)
-            {
-                let (_, will) = *session.pending_will.take().expect("checked");
-                let username = session.username.clone();
-                self.put_session(&client_id);
-                self.publish_will(&client_id, username.as_deref(), will, now);
+    /// When [`Broker::handle_timeout`] must next be called, if ever: the earliest keep
+    /// alive, session expiry or will delay of any session.
+    pub fn poll_timeout(&mut self) -> Option<Instant> {
+        // Entries replaced by earlier ones would only wake the driver for nothing.
+        while let Some(Reverse((at, client_id))) = self.timers.peek() {
+            match self.sessions.get(client_id) {
+                Some(s) if s.scheduled == Some(*at) => return Some(*at),
+                _ => {
+                    self.timers.pop();
+                }
             }
         }
+        None
+    }
+
+    /// Timers: whatever is due at `now` (keep alive of connections, expiry of offline
+    /// sessions, delayed wills); sessions with nothing due are not looked at.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        while let Some(Reverse((at, _))) = self.timers.peek()
+            && *at <= now
+        {
+            let Some(Reverse((at, client_id))) = self.timers.pop() else {
+                break;
+            };
+            match self.sessions.get_mut(&client_id) {
+                Some(s) if s.scheduled == Some(at) => s.scheduled = None,
+                _ => continue,
+            }
+            self.session_timeout(&client_id, now);
+            self.schedule(&client_id);
+        }
         self.commit();
+    }
+
+    /// Puts the session in [`Broker::timers`] if what it has due is earlier than its
+    /// entry there (or it has none).
+    fn schedule(&mut self, client_id: &Str) {
+        let Some(s) = self.sessions.get_mut(client_id) else {
+            return;
+        };
+        let Some(due) = s.deadline() else { return };
+        if s.scheduled.is_some_and(|at| at <= due) {
+            return;
+        }
+        s.scheduled = Some(due);
+        self.timers.push(Reverse((due, client_id.clone())));
+    }
+
+    /// One session's timers at `now`.
+    fn session_timeout(&mut self, client_id: &Str, now: Instant) {
+        let Some(session) = self.sessions.get_mut(client_id) else {
+            return;
+        };
+        if let Some((_, c)) = session.conn.as_mut() {
+            c.handle_timeout(now);
+            self.drain(client_id, now);
+        } else if session.expires_at.is_some_and(|at| now >= at) {
+            self.counters.sessions_expired += 1;
+            self.end_session(client_id, now);
+        } else if session
+            .pending_will
+            .as_deref()
+            .is_some_and(|(at, _)| now >= *at)
+        {
+            let Some((_, will)) = session.pending_will.take().map(|p| *p) else {
+                return;
+            };
+            let username = session.username.clone();
+            self.put_session(client_id);
+            self.publish_will(client_id, username.as_deref(), will, now);
+        }
     }
 
     /// Moves what the session's engine produced into outputs and acts on its events.
@@ -916,11 +942,11 @@ impl Broker {
                 Event::Control(Packet::Unsubscribe(u)) => self.unsubscribe(client_id, u),
                 Event::Dropped { reason, message } => match reason {
                     tern_proto::DropReason::Expired => {
-                        self.metrics.drop_n(DropReason::Expired, 1);
+                        self.counters.drop_n(DropReason::Expired, 1);
                         tracing::info!(client_id = %client_id, topic = %message.topic.as_str(), "message expired before delivery: dropped");
                     }
                     tern_proto::DropReason::TooLarge => {
-                        self.metrics.drop_n(DropReason::TooLarge, 1);
+                        self.counters.drop_n(DropReason::TooLarge, 1);
                         tracing::debug!(client_id = %client_id, topic = %message.topic.as_str(), "message larger than the client's Maximum Packet Size: dropped for it");
                     }
                     tern_proto::DropReason::NotConnected => {}

@@ -27,23 +27,45 @@ pub(super) struct Sys {
     load: [[f64; 3]; 7],
 }
 
+/// What the server counts and `$SYS` reports: the traffic its connections read and
+/// wrote, passed in with each [`Broker::publish_sys`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Traffic {
+    /// How long the server has been up.
+    pub uptime: Duration,
+    /// MQTT packets of every kind received / written.
+    pub packets_received: u64,
+    /// See `packets_received`.
+    pub packets_sent: u64,
+    /// Bytes received / written.
+    pub bytes_received: u64,
+    /// See `bytes_received`.
+    pub bytes_sent: u64,
+    /// PUBLISH packets received / written.
+    pub publish_received: u64,
+    /// See `publish_received`.
+    pub publish_sent: u64,
+    /// Network connections accepted.
+    pub connections_accepted: u64,
+    /// Messages the server dropped itself (slow consumers), besides the core's drops.
+    pub dropped: u64,
+}
+
 impl Broker {
-    /// Publishes what changed under `$SYS/broker/` since the last call.
-    pub fn publish_sys(&mut self, now: Instant) {
-        let m = self.metrics.clone();
-        let r = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-        let sum = |a: &[std::sync::atomic::AtomicU64]| a.iter().map(r).sum::<u64>();
+    /// Publishes what changed under `$SYS/broker/` since the last call; `traffic` is what
+    /// the server counted up to `now`.
+    pub fn publish_sys(&mut self, now: Instant, traffic: &Traffic) {
         let g = self.gauges(now, 0);
-        let publish_received = sum(&m.received);
-        let publish_sent = sum(&m.sent);
+        let publish_received = traffic.publish_received;
+        let publish_sent = traffic.publish_sent;
         let counters = [
-            r(&m.packets_received),
-            r(&m.packets_sent),
-            r(&m.bytes_received),
-            r(&m.bytes_sent),
+            traffic.packets_received,
+            traffic.packets_sent,
+            traffic.bytes_received,
+            traffic.bytes_sent,
             publish_received,
             publish_sent,
-            r(&m.connections_accepted),
+            traffic.connections_accepted,
         ];
         if let Some((at, before)) = self.sys.previous {
             let interval = now.saturating_duration_since(at).as_secs_f64();
@@ -65,7 +87,7 @@ impl Broker {
             .filter(|m| !super::routing::is_sys(&m.topic))
             .map(|m| m.payload.len())
             .sum();
-        let dropped: u64 = m.dropped.iter().map(r).sum();
+        let dropped: u64 = self.counters.dropped.iter().sum::<u64>() + traffic.dropped;
         let mut values: Vec<(String, String)> = vec![
             (
                 "version".into(),
@@ -73,16 +95,19 @@ impl Broker {
             ),
             (
                 "uptime".into(),
-                format!(
-                    "{} seconds",
-                    now.saturating_duration_since(m.started()).as_secs()
-                ),
+                format!("{} seconds", traffic.uptime.as_secs()),
             ),
             ("clients/connected".into(), g.online.to_string()),
             ("clients/disconnected".into(), g.offline.to_string()),
             ("clients/total".into(), (g.online + g.offline).to_string()),
-            ("clients/maximum".into(), r(&m.clients_maximum).to_string()),
-            ("clients/expired".into(), r(&m.sessions_expired).to_string()),
+            (
+                "clients/maximum".into(),
+                self.counters.clients_maximum.to_string(),
+            ),
+            (
+                "clients/expired".into(),
+                self.counters.sessions_expired.to_string(),
+            ),
             ("messages/received".into(), counters[0].to_string()),
             ("messages/sent".into(), counters[1].to_string()),
             ("messages/inflight".into(), g.inflight_out.to_string()),

@@ -3,7 +3,7 @@
 //! wills.
 
 use super::*;
-use crate::core::Readiness;
+use crate::Readiness;
 
 impl Broker {
     /// Delivers a message to every matching subscriber at the effective QoS, and keeps it
@@ -131,26 +131,26 @@ impl Broker {
             .is_some_and(|(_, c)| c.config().protocol.is_v5());
         // Above what CONNACK advertised: a protocol error [MQTT-3.2.2-11] [MQTT-3.2.2-14].
         if message.qos > self.settings.maximum_qos {
-            self.metrics.drop_n(DropReason::Invalid, 1);
+            self.counters.drop_n(DropReason::Invalid, 1);
             self.kick(client_id, ReasonCode::QosNotSupported, now);
             return false;
         }
         if message.retain && !self.settings.retain_available {
-            self.metrics.drop_n(DropReason::Invalid, 1);
+            self.counters.drop_n(DropReason::Invalid, 1);
             self.kick(client_id, ReasonCode::RetainNotSupported, now);
             return false;
         }
         // Over the publish rate: DISCONNECT 0x96 Message rate too high (5.0; 0x96 is not
         // a PUBACK/PUBREC code), or just closed (3.x).
         if !self.within_publish_rate(client_id, now) {
-            self.metrics.drop_n(DropReason::RateLimited, 1);
+            self.counters.drop_n(DropReason::RateLimited, 1);
             tracing::warn!(client_id = %client_id, limit = ?self.settings.max_publish_rate, "publish rate exceeded: disconnected");
             self.kick(client_id, ReasonCode::MessageRateTooHigh, now);
             return false;
         }
         // A topic beyond the limits: 0x90 in the 5.0 acknowledgement, otherwise closed.
         if !self.topic_within_limits(message.topic.as_str()) {
-            self.metrics.drop_n(DropReason::Invalid, 1);
+            self.counters.drop_n(DropReason::Invalid, 1);
             tracing::warn!(client_id = %client_id, length = message.topic.as_str().len(), "topic beyond the limits: publish refused");
             match ack {
                 Some(id) if v5 => {
@@ -177,7 +177,7 @@ impl Broker {
         if is_sys(&message.topic)
             || !self.permits(client_id, crate::acl::Permission::Write, &message.topic)
         {
-            self.metrics.drop_n(DropReason::NotAuthorized, 1);
+            self.counters.drop_n(DropReason::NotAuthorized, 1);
             tracing::info!(client_id = %client_id, topic = %message.topic.as_str(), "publish not authorized: dropped");
             if let Some(id) = ack {
                 let reason = if v5 {
@@ -200,7 +200,7 @@ impl Broker {
         if message.properties.payload_format_indicator == Some(tern_codec::PayloadFormat::Utf8)
             && std::str::from_utf8(&message.payload).is_err()
         {
-            self.metrics.drop_n(DropReason::Invalid, 1);
+            self.counters.drop_n(DropReason::Invalid, 1);
             match ack {
                 Some(id) if v5 => {
                     let text = "the Payload Format Indicator says UTF-8 but the payload is not";
@@ -223,7 +223,7 @@ impl Broker {
             && message.qos != QoS::AtMostOnce
             && let Some(full) = self.full_queue_for(&message, client_id, now)
         {
-            self.metrics.drop_n(DropReason::Quota, 1);
+            self.counters.drop_n(DropReason::Quota, 1);
             tracing::warn!(publisher = %client_id, subscriber = %full, topic = %message.topic.as_str(), "a subscriber's queue is full: publish refused (quota exceeded)");
             match ack {
                 Some(id) if v5 => {
@@ -239,7 +239,7 @@ impl Broker {
         }
         let matched = self.route(message, Some(client_id), now);
         if matched == 0 {
-            self.metrics.drop_n(DropReason::NoSubscribers, 1);
+            self.counters.drop_n(DropReason::NoSubscribers, 1);
         }
         if let Some(id) = ack {
             let reason = if matched == 0 && v5 {
@@ -303,7 +303,7 @@ impl Broker {
                 let expired = queue.remove_expired(now);
                 let still_full = full(queue);
                 if expired > 0 {
-                    self.metrics.drop_n(DropReason::Expired, expired as u64);
+                    self.counters.drop_n(DropReason::Expired, expired as u64);
                     self.touch(&client_id);
                 }
                 if still_full {
@@ -349,7 +349,7 @@ impl Broker {
         now: Instant,
     ) {
         if !self.permits(client_id, crate::acl::Permission::Receive, &message.topic) {
-            self.metrics.drop_n(DropReason::NotAuthorized, 1);
+            self.counters.drop_n(DropReason::NotAuthorized, 1);
             tracing::debug!(client_id = %client_id, topic = %message.topic.as_str(), "not authorized to receive: not delivered");
             return;
         }
@@ -378,7 +378,7 @@ impl Broker {
                 Some((stored, self.settings.max_queued_messages))
             }
             Link::Offline(_) => {
-                self.metrics.drop_n(DropReason::Offline, 1);
+                self.counters.drop_n(DropReason::Offline, 1);
                 return;
             }
         };
@@ -390,9 +390,9 @@ impl Broker {
                 &self.settings,
                 now,
             );
-            self.metrics.drop_n(DropReason::Expired, expired);
+            self.counters.drop_n(DropReason::Expired, expired);
             if dropped > 0 {
-                self.metrics.drop_n(DropReason::QueueFull, dropped);
+                self.counters.drop_n(DropReason::QueueFull, dropped);
                 let quiet = session
                     .queue_full_logged
                     .is_some_and(|at| now.saturating_duration_since(at) < QUEUE_FULL_LOG_EVERY);
@@ -406,7 +406,7 @@ impl Broker {
                 return;
             }
         }
-        self.metrics.delivered(published, message.qos);
+        self.counters.delivered(published, message.qos);
         match &mut session.conn {
             Link::Online((_, c)) => {
                 c.publish(message, now);
@@ -429,7 +429,7 @@ impl Broker {
                 !acl.allows(owner, username, crate::acl::Permission::Write, &will.topic)
             })
         {
-            self.metrics.drop_n(DropReason::NotAuthorized, 1);
+            self.counters.drop_n(DropReason::NotAuthorized, 1);
             tracing::info!(client_id = %owner, topic = %will.topic.as_str(), "will not authorized: not published");
             return;
         }

@@ -141,6 +141,7 @@ impl Broker {
                 username: None,
                 rate: (now, 0),
                 queue_full_logged: None,
+                scheduled: None,
             })
         });
         session.expiry = expiry;
@@ -161,5 +162,6 @@ impl Broker {
         self.outputs
             .push_back(Output::Send(conn, Packet::ConnAck(ack)));
         self.drain(&client_id, now);
+        self.schedule(&client_id);
     }
 }
