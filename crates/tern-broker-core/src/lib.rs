@@ -22,6 +22,7 @@
 pub mod acl;
 mod broker;
 mod counters;
+mod refusal;
 mod shared;
 #[cfg(feature = "testing")]
 pub mod sim;
@@ -32,6 +33,7 @@ pub use broker::{
     Traffic,
 };
 pub use counters::{Counters, DropReason};
+pub use refusal::{Admission, Refusal};
 
 pub use shared::{Member, Readiness, SharedStrategy, SharedSubscriptions};
 pub use trie::{Delivery, SubscriptionTrie};

@@ -8,7 +8,9 @@ use std::path::Path;
 
 use argon2::Argon2;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use tern_codec::{Connect, ReasonCode};
+use tern_codec::Connect;
+
+use crate::core::Refusal;
 
 /// Users and their password hashes, in file order by name.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -131,29 +133,30 @@ impl Access {
         }
     }
 
-    /// Whether `connect` may go on; the CONNACK reason if not: 0x86 Bad User Name or
-    /// Password (3.x return code 4) for credentials that do not check out, 0x87 Not
-    /// authorized (return code 5) for an anonymous client where none are allowed.
-    pub fn check(&self, connect: &Connect) -> Result<(), ReasonCode> {
+    /// Whether `connect` may go on; the refusal if not: [`Refusal::BadUserNameOrPassword`]
+    /// (0x86, 3.x return code 4) for credentials that do not check out,
+    /// [`Refusal::NotAuthorized`] (0x87, return code 5) for an anonymous client where none
+    /// are allowed.
+    pub fn check(&self, connect: &Connect) -> Result<(), Refusal> {
         self.check_as(connect, self.allow_anonymous)
     }
 
     /// [`Access::check`] on a listener that does (or does not) let anonymous clients in.
-    pub fn check_as(&self, connect: &Connect, allow_anonymous: bool) -> Result<(), ReasonCode> {
+    pub fn check_as(&self, connect: &Connect, allow_anonymous: bool) -> Result<(), Refusal> {
         match (&connect.username, &self.passwords) {
             (None, _) if allow_anonymous => Ok(()),
-            (None, _) => Err(ReasonCode::NotAuthorized),
+            (None, _) => Err(Refusal::NotAuthorized),
             (Some(user), Some(file)) => {
                 let password = connect.password.as_deref().unwrap_or(&[]);
                 if file.verify(user, password) {
                     Ok(())
                 } else {
-                    Err(ReasonCode::BadUserNameOrPassword)
+                    Err(Refusal::BadUserNameOrPassword)
                 }
             }
             // No password file: a username is only a name, as in Mosquitto.
             (Some(_), None) if allow_anonymous => Ok(()),
-            (Some(_), None) => Err(ReasonCode::BadUserNameOrPassword),
+            (Some(_), None) => Err(Refusal::BadUserNameOrPassword),
         }
     }
 

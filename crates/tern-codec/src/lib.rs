@@ -48,7 +48,8 @@ mod topic;
 mod types;
 mod wire;
 
-#[doc(hidden)]
+/// Fuzz target bodies (feature `testing`; never in a default build).
+#[cfg(feature = "testing")]
 pub mod fuzzing;
 
 pub use error::{DecodeError, EncodeError};

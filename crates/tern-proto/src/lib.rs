@@ -47,7 +47,9 @@ mod idmap;
 mod message;
 mod session;
 
-#[doc(hidden)]
+/// The simulated link and clock for two engines (feature `testing`; never in a default
+/// build): the tests, the property test and the fuzz target share it.
+#[cfg(feature = "testing")]
 pub mod sim;
 
 pub use connection::{AckMode, Config, Connection, DropReason, Event, ProtocolError, Role};

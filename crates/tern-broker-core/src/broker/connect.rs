@@ -4,6 +4,56 @@
 use super::*;
 
 impl Broker {
+    /// The server's answer on a CONNECT it read (connection limits, the password file):
+    /// granted, it goes on as [`Broker::handle_packet`] would take it; refused, the core
+    /// answers. A CONNECT given straight to `handle_packet` counts as granted.
+    pub fn handle_admission(&mut self, conn: ConnId, admission: Admission, now: Instant) {
+        match admission {
+            Admission::Granted(connect) => self.handle_packet(conn, Packet::Connect(connect), now),
+            Admission::Refused(protocol, refusal) => {
+                self.refuse_before_connect(conn, protocol, refusal);
+                self.commit();
+            }
+        }
+    }
+
+    /// Refuses the CONNECT of `conn` (which the core has not taken), in `protocol`.
+    pub(super) fn refuse_before_connect(
+        &mut self,
+        conn: ConnId,
+        protocol: Protocol,
+        refusal: Refusal,
+    ) {
+        let connect = Connect::new(protocol, "");
+        self.refuse(conn, refusal, Some(&connect));
+    }
+
+    /// The one place a refusal CONNACK is built: its reason code (the codec writes the 3.x
+    /// return code, or closes without one where 3.x has none), a 5.0 redirection's Server
+    /// Reference, the log line; then the connection is closed. `connect`: what the client
+    /// asked, when it was read.
+    pub(super) fn refuse(&mut self, conn: ConnId, refusal: Refusal, connect: Option<&Connect>) {
+        let v5 = connect.is_some_and(|c| c.protocol.is_v5());
+        let mut ack = ConnAck::new(false, refusal.reason_code());
+        match refusal {
+            Refusal::Redirected { .. } if !v5 => ack.reason = ReasonCode::ServerUnavailable,
+            Refusal::Redirected { .. } => {
+                let reference = self.settings.server_reference.as_deref().unwrap_or("");
+                ack.properties = ConnAckProperties {
+                    server_reference: Some(Str::from(reference)),
+                    ..Default::default()
+                }
+                .into();
+            }
+            _ => {}
+        }
+        let client_id = connect.map_or("", |c| &*c.client_id);
+        tracing::info!(conn, peer = %self.peer(conn), client_id, %refusal, "refused at CONNECT");
+        self.outputs
+            .push_back(Output::Send(conn, Packet::ConnAck(ack)));
+        self.outputs.push_back(Output::Close(conn));
+    }
+
     pub(super) fn handle_connect(&mut self, conn: ConnId, connect: Connect, now: Instant) {
         let v = connect.protocol;
         // Copied, not sliced: a slice would keep the whole read buffer the CONNECT came
@@ -18,51 +68,21 @@ impl Broker {
                 client_id = Str::from(format!("tern-{}-{}", conn, self.next_assigned));
                 assigned = Some(client_id.clone());
             } else {
-                let ack = ConnAck::new(false, ReasonCode::ClientIdentifierNotValid);
-                self.outputs
-                    .push_back(Output::Send(conn, Packet::ConnAck(ack)));
-                self.outputs.push_back(Output::Close(conn));
-                return;
+                return self.refuse(conn, Refusal::ClientIdNotValid, Some(&connect));
             }
         }
-        if let Some(reference) = &self.settings.server_reference {
-            let mut ack = ConnAck::new(
-                false,
-                match (v.is_v5(), self.settings.server_moved) {
-                    (false, _) => ReasonCode::ServerUnavailable,
-                    (true, false) => ReasonCode::UseAnotherServer,
-                    (true, true) => ReasonCode::ServerMoved,
-                },
-            );
-            if v.is_v5() {
-                ack.properties = ConnAckProperties {
-                    server_reference: Some(Str::from(reference.as_str())),
-                    ..Default::default()
-                }
-                .into();
-            }
-            tracing::info!(conn, peer = %self.peer(conn), client_id = %connect.client_id, %reference, "redirected");
-            self.outputs
-                .push_back(Output::Send(conn, Packet::ConnAck(ack)));
-            self.outputs.push_back(Output::Close(conn));
-            return;
+        if self.settings.server_reference.is_some() {
+            let moved = self.settings.server_moved;
+            return self.refuse(conn, Refusal::Redirected { moved }, Some(&connect));
         }
         // No enhanced authentication methods are offered (§4.12): refuse rather than
         // leave the client waiting for an AUTH exchange.
         if v.is_v5() && connect.properties.authentication_method.is_some() {
-            let ack = ConnAck::new(false, ReasonCode::BadAuthenticationMethod);
-            self.outputs
-                .push_back(Output::Send(conn, Packet::ConnAck(ack)));
-            self.outputs.push_back(Output::Close(conn));
-            return;
+            return self.refuse(conn, Refusal::BadAuthenticationMethod, Some(&connect));
         }
         // 3.x has no way to tell a client to ping more often: refuse, as Mosquitto does.
         if !v.is_v5() && connect.keep_alive > self.settings.max_keep_alive {
-            let ack = ConnAck::new(false, ReasonCode::ClientIdentifierNotValid);
-            self.outputs
-                .push_back(Output::Send(conn, Packet::ConnAck(ack)));
-            self.outputs.push_back(Output::Close(conn));
-            return;
+            return self.refuse(conn, Refusal::KeepAliveTooLong, Some(&connect));
         }
         let expiry = if v.is_v5() {
             Duration::from_secs(u64::from(

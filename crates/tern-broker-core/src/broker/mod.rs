@@ -31,6 +31,7 @@ use tern_store::{Op, PendingWill, SessionRecord, Subscription};
 
 use super::{Member, SharedStrategy, SharedSubscriptions, SubscriptionTrie};
 use crate::counters::{Counters, DropReason};
+use crate::refusal::{Admission, Refusal};
 
 mod connect;
 mod routing;
@@ -735,18 +736,14 @@ impl Broker {
                     ) => {
                         // 3.1.1 return code 1 reads as 0x84 in 5.0; send the 3.x form, which
                         // every version understands [MQTT-3.1.2-2].
-                        let ack = ConnAck::new(false, ReasonCode::UnsupportedProtocolVersion);
-                        self.outputs
-                            .push_back(Output::Send(conn, Packet::ConnAck(ack)));
+                        let refusal = Refusal::UnsupportedProtocolVersion;
+                        self.refuse_before_connect(conn, Protocol::V3_1_1, refusal);
                     }
                     (Some(Protocol::V5), _) => {
-                        let ack = ConnAck::new(false, reason);
-                        self.outputs
-                            .push_back(Output::Send(conn, Packet::ConnAck(ack)));
+                        self.refuse_before_connect(conn, Protocol::V5, Refusal::Malformed(reason));
                     }
-                    _ => {}
+                    _ => self.outputs.push_back(Output::Close(conn)),
                 }
-                self.outputs.push_back(Output::Close(conn));
             }
         }
         self.commit();

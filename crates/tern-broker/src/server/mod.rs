@@ -10,14 +10,14 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Buf, BytesMut};
-use tern_codec::{DecodeError, Packet, Protocol, ReasonCode};
+use tern_codec::{DecodeError, Packet, Protocol};
 use tern_store::{Store, StoreError};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
 use crate::auth::Access;
-use crate::core::{Broker, ConnId, ConnMap, Output, Settings};
+use crate::core::{Admission, Broker, ConnId, ConnMap, Output, Refusal, Settings};
 
 mod line;
 mod monitor;
@@ -118,6 +118,8 @@ pub(crate) enum ToCore {
     /// the core's channel per read rather than per packet.
     Packets(ConnId, Vec<Packet>, Instant),
     DecodeError(ConnId, Option<Protocol>, DecodeError),
+    /// The CONNECT phase's answer: the CONNECT, admitted, or why not.
+    Admission(ConnId, Admission, Instant),
     Closed(ConnId),
     /// The storage writer could not commit; see [`writer`].
     StoreFailed,
@@ -269,6 +271,10 @@ pub async fn run(server: Server, shutdown: impl Future<Output = ()>) -> Result<(
                     }
                     ToCore::DecodeError(conn, v, e) => {
                         broker.handle_decode_error(conn, v, &e, now);
+                    }
+                    ToCore::Admission(conn, admission, read_at) => {
+                        since = since.min(read_at);
+                        broker.handle_admission(conn, admission, now);
                     }
                     ToCore::Closed(conn) => {
                         broker.handle_closed(conn, now);
@@ -740,6 +746,12 @@ async fn session_io(
         Start::Connected(v) => Some(v),
         Start::Refused(..) | Start::Ended => None,
     };
+    // What the core's packets are encoded in: a refused client gets its CONNACK in the
+    // version it asked for.
+    let wire = match start {
+        Start::Connected(v) | Start::Refused(v) => v,
+        Start::Ended => Protocol::V3_1_1,
+    };
     // A Close from the core, or the core gone: write what is left, then end.
     let mut closing = false;
     // False once reading has ended: from then on the connection only writes what the
@@ -749,14 +761,8 @@ async fn session_io(
             // Whatever arrived along with the CONNECT.
             !decode_all(conn, &mut rbuf, v, l, Instant::now())
         }
-        Start::Refused(v, reason) => {
-            let ack = Packet::ConnAck(tern_codec::ConnAck::new(false, reason));
-            if let Err(e) = tern_codec::encode(&ack, v, &mut wbuf) {
-                tracing::warn!(conn, error = %e, "CONNACK not sendable in {v}");
-            }
-            closing = true;
-            false
-        }
+        // The core was told and answers with the CONNACK and a close.
+        Start::Refused(_) => false,
         Start::Ended => false,
     };
     if !reading {
@@ -813,7 +819,7 @@ async fn session_io(
                 } else if n < spare / 4 {
                     chunk = READ_CHUNK_MIN;
                 }
-                let v = version.unwrap_or(Protocol::V3_1_1);
+                let v = wire;
                 if decode_all(conn, &mut rbuf, v, l, read_at) {
                     reading = false;
                     stop_reading(l, conn, version);
@@ -856,7 +862,7 @@ async fn session_io(
                     match msg {
                         ToConn::Packets(batch) => {
                             let (packets, since, _) = *batch;
-                            let v = version.unwrap_or(Protocol::V3_1_1);
+                            let v = wire;
                             let before = wbuf.len();
                             for p in &packets {
                                 if let Err(e) = tern_codec::encode(p, v, &mut wbuf) {
@@ -959,8 +965,9 @@ struct Hello {
 enum Start {
     /// The CONNECT went to the core, in this version.
     Connected(Protocol),
-    /// Refused before reaching the core: the CONNACK's version and reason.
-    Refused(Protocol, ReasonCode),
+    /// Refused by the server's admission (the core was told, and answers): the version
+    /// the CONNECT asked for.
+    Refused(Protocol),
     /// No CONNECT: closed, timed out, or malformed (the core was told).
     Ended,
 }
@@ -1008,18 +1015,27 @@ async fn connect_phase(
     if let Packet::Connect(c) = &mut packet {
         let counted = ConnCounts::index(c.protocol.level());
         l.counts.shift(0, counted);
-        if let Err(reason) = admit(c, l, identity.as_deref(), over_limit).await {
-            tracing::info!(conn, %peer, client_id = %c.client_id, user = c.username.as_deref().unwrap_or("-"), ?reason, "refused at CONNECT");
+        if let Err(refusal) = admit(c, l, identity.as_deref(), over_limit).await {
+            tracing::info!(conn, %peer, client_id = %c.client_id, user = c.username.as_deref().unwrap_or("-"), %refusal, "refused by admission");
             l.counts.shift(counted, 0);
-            return Start::Refused(c.protocol, reason);
+            let refused = Admission::Refused(c.protocol, refusal);
+            let _ = l
+                .to_core
+                .send(ToCore::Admission(conn, refused, Instant::now()));
+            return Start::Refused(c.protocol);
         }
         start = Start::Connected(c.protocol);
     }
     // Anything else first is the core's to refuse (a protocol error).
-    if l.to_core
-        .send(ToCore::Packet(conn, packet, Instant::now()))
-        .is_err()
-    {
+    let sent = match packet {
+        Packet::Connect(c) => l.to_core.send(ToCore::Admission(
+            conn,
+            Admission::Granted(c),
+            Instant::now(),
+        )),
+        other => l.to_core.send(ToCore::Packet(conn, other, Instant::now())),
+    };
+    if sent.is_err() {
         if let Start::Connected(v) = start {
             l.counts.shift(ConnCounts::index(v.level()), 0);
         }
@@ -1128,12 +1144,12 @@ async fn admit(
     l: &ListenerCtx,
     identity: Option<&str>,
     over_limit: bool,
-) -> Result<(), ReasonCode> {
+) -> Result<(), Refusal> {
     let access = l.access.borrow().clone();
     let anonymous = l.allow_anonymous.unwrap_or(access.allow_anonymous);
     if over_limit {
         tracing::warn!(listener = %l.name, "connection limit reached");
-        Err(ReasonCode::QuotaExceeded)
+        Err(Refusal::ConnectionLimit)
     } else if let Some(name) = identity {
         // The certificate vouches for the client: its CN is the username, and no
         // password is checked.
@@ -1145,7 +1161,7 @@ async fn admit(
         let c = c.clone();
         tokio::task::spawn_blocking(move || access.check_as(&c, anonymous))
             .await
-            .unwrap_or(Err(ReasonCode::ServerUnavailable))
+            .unwrap_or(Err(Refusal::ServerUnavailable))
     } else {
         access.check_as(c, anonymous)
     }

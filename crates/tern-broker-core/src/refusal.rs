@@ -1,0 +1,116 @@
+//! Every way the broker refuses a connection, in one type: what goes on the wire (the 5.0
+//! reason code, which the codec maps to the 3.x return code, or to a close without a
+//! CONNACK where 3.x has none), the normative statement behind it, and the reason for the
+//! log. The server's admission decisions (limits, passwords) come into the core as
+//! [`Admission`]s, so every refusal CONNACK is built by the core, in one place
+//! (`Broker::refuse`).
+
+use tern_codec::{Connect, Protocol, ReasonCode};
+
+/// Why a CONNECT is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// An empty client identifier where the version does not allow one: 3.1.1 without
+    /// clean session, or 3.1 [MQTT-3.1.3-8].
+    ClientIdNotValid,
+    /// A 3.x keep alive above `max_keep_alive`: 3.x cannot be told to ping more often,
+    /// so it is refused as Mosquitto does (return code 2). 5.0 gets Server Keep Alive.
+    KeepAliveTooLong,
+    /// A protocol name or level the server does not speak [MQTT-3.1.2-2]: the 3.x form
+    /// (return code 1), which every version understands.
+    UnsupportedProtocolVersion,
+    /// A 5.0 CONNECT that does not decode: its reason code (0x81, 0x82, 0x95, ...)
+    /// [MQTT-4.13.1-1].
+    Malformed(ReasonCode),
+    /// An Authentication Method: no enhanced authentication is offered (§4.12).
+    BadAuthenticationMethod,
+    /// `server_reference`: the client is sent elsewhere (5.0 0x9C, or 0x9D if moved for
+    /// good; 3.x return code 3).
+    Redirected {
+        /// Permanently (0x9D Server moved) rather than for now (0x9C).
+        moved: bool,
+    },
+    /// No username, and anonymous clients are not let in.
+    NotAuthorized,
+    /// A username the password file does not know, or the wrong password.
+    BadUserNameOrPassword,
+    /// The listener's or the server's connection limit is reached.
+    ConnectionLimit,
+    /// Admission could not be decided (the password check failed to run).
+    ServerUnavailable,
+}
+
+impl Refusal {
+    /// The reason code of the CONNACK (5.0 numbering; the codec writes the 3.x return
+    /// code, or nothing where 3.x has none).
+    pub fn reason_code(self) -> ReasonCode {
+        match self {
+            Refusal::ClientIdNotValid | Refusal::KeepAliveTooLong => {
+                ReasonCode::ClientIdentifierNotValid
+            }
+            Refusal::UnsupportedProtocolVersion => ReasonCode::UnsupportedProtocolVersion,
+            Refusal::Malformed(code) => code,
+            Refusal::BadAuthenticationMethod => ReasonCode::BadAuthenticationMethod,
+            Refusal::Redirected { moved: false } => ReasonCode::UseAnotherServer,
+            Refusal::Redirected { moved: true } => ReasonCode::ServerMoved,
+            Refusal::NotAuthorized => ReasonCode::NotAuthorized,
+            Refusal::BadUserNameOrPassword => ReasonCode::BadUserNameOrPassword,
+            Refusal::ConnectionLimit => ReasonCode::QuotaExceeded,
+            Refusal::ServerUnavailable => ReasonCode::ServerUnavailable,
+        }
+    }
+
+    /// The normative statement (or section) of the standard behind the refusal; `None`
+    /// for the server's own policies.
+    pub fn normative(self) -> Option<&'static str> {
+        match self {
+            Refusal::ClientIdNotValid => Some("MQTT-3.1.3-8"),
+            Refusal::UnsupportedProtocolVersion => Some("MQTT-3.1.2-2"),
+            Refusal::Malformed(_) => Some("MQTT-4.13.1-1"),
+            Refusal::BadAuthenticationMethod => Some("§4.12"),
+            Refusal::Redirected { .. } => Some("§4.11"),
+            Refusal::KeepAliveTooLong
+            | Refusal::NotAuthorized
+            | Refusal::BadUserNameOrPassword
+            | Refusal::ConnectionLimit
+            | Refusal::ServerUnavailable => None,
+        }
+    }
+
+    /// What the log says.
+    pub fn description(self) -> &'static str {
+        match self {
+            Refusal::ClientIdNotValid => "empty client identifier not allowed in this version",
+            Refusal::KeepAliveTooLong => "keep alive above the server's maximum (3.x)",
+            Refusal::UnsupportedProtocolVersion => "unsupported protocol name or level",
+            Refusal::Malformed(_) => "malformed CONNECT",
+            Refusal::BadAuthenticationMethod => "enhanced authentication is not offered",
+            Refusal::Redirected { .. } => "redirected by server_reference",
+            Refusal::NotAuthorized => "anonymous clients are not allowed",
+            Refusal::BadUserNameOrPassword => "bad user name or password",
+            Refusal::ConnectionLimit => "connection limit reached",
+            Refusal::ServerUnavailable => "admission could not be decided",
+        }
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let code = self.reason_code();
+        write!(f, "{} ({code:?} 0x{:02X}", self.description(), code as u8)?;
+        match self.normative() {
+            Some(n) => write!(f, ", {n})"),
+            None => write!(f, ")"),
+        }
+    }
+}
+
+/// The server's answer on a CONNECT it read: let through (possibly with the username
+/// its client certificate gives), or refused before the core saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    /// The CONNECT goes on to the core's handshake.
+    Granted(Box<Connect>),
+    /// Refused; `Protocol` is the version the CONNECT asked for.
+    Refused(Protocol, Refusal),
+}
