@@ -1,0 +1,112 @@
+//! The store seam: what an input changed becomes ops for the driver to commit
+//! ([`Broker::take_ops`]), and deadlines go to the store as wall-clock times.
+
+use super::*;
+
+impl Broker {
+    pub(super) fn wall(&self, t: Instant) -> SystemTime {
+        match t.checked_duration_since(self.anchor.0) {
+            Some(d) => self.anchor.1 + d,
+            None => self.anchor.1 - self.anchor.0.duration_since(t),
+        }
+    }
+
+    pub(super) fn instant(&self, t: SystemTime) -> Instant {
+        match t.duration_since(self.anchor.1) {
+            Ok(d) => self.anchor.0 + d,
+            // In the past: due now (an Instant cannot go before the process started).
+            Err(_) => self.anchor.0,
+        }
+    }
+
+    /// Notes that the session's delivery state may change in this input.
+    pub(super) fn touch(&mut self, client_id: &Str) {
+        if let Some(s) = self.sessions.get_mut(client_id)
+            && !s.touched
+        {
+            s.touched = true;
+            self.touched.push(client_id.clone());
+        }
+    }
+
+    /// Collects the recorded delivery changes of the sessions this input touched.
+    pub(super) fn collect_changes(&mut self) {
+        for client_id in std::mem::take(&mut self.touched) {
+            let Some(s) = self.sessions.get_mut(&client_id) else {
+                continue;
+            };
+            s.touched = false;
+            match s.state_mut().take_changes() {
+                None => {}
+                Some(Changes::Some(changes)) => {
+                    self.batch
+                        .extend(changes.into_iter().map(|change| Op::Change {
+                            client_id: client_id.clone(),
+                            change,
+                        }));
+                }
+                Some(Changes::All(state)) => self.batch.push(Op::PutDelivery {
+                    client_id: client_id.clone(),
+                    state,
+                }),
+            }
+        }
+    }
+
+    /// Ends an input: the delivery changes it made join its ops.
+    pub(super) fn commit(&mut self) {
+        self.collect_changes();
+    }
+
+    /// Writes the session's record (expiry, subscriptions, delayed will).
+    pub(super) fn put_session(&mut self, client_id: &Str) {
+        let Some(s) = self.sessions.get_mut(client_id) else {
+            return;
+        };
+        if s.expiry.is_zero() {
+            if s.persisted {
+                s.persisted = false;
+                s.state_mut().untrack();
+                self.batch.push(Op::DeleteSession {
+                    client_id: client_id.clone(),
+                });
+            }
+            return;
+        }
+        if !s.persisted {
+            // From now on the store follows its delivery state, starting with all of it.
+            s.persisted = true;
+            s.state_mut().track(false);
+            self.touch(client_id);
+        }
+        let s = &self.sessions[client_id];
+        let record = SessionRecord {
+            expiry: s.expiry,
+            expires_at: s.expires_at.map(|t| self.wall(t)),
+            subscriptions: s
+                .subscriptions
+                .iter()
+                .map(|(filter, (options, id))| Subscription {
+                    filter: filter.clone(),
+                    options: *options,
+                    id: *id,
+                })
+                .collect(),
+            pending_will: s.pending_will.as_deref().map(|(at, will)| PendingWill {
+                at: self.wall(*at),
+                will: will.clone(),
+            }),
+            username: s.username.clone(),
+        };
+        self.batch.push(Op::PutSession {
+            client_id: client_id.clone(),
+            record,
+        });
+    }
+
+    /// The durable changes made since the last call, in order, as one batch. Outputs
+    /// polled since then must not be written before these ops are committed.
+    pub fn take_ops(&mut self) -> Vec<Op> {
+        std::mem::take(&mut self.batch)
+    }
+}

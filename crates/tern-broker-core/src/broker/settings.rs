@@ -1,0 +1,107 @@
+//! The settings the core needs (the server's configuration maps onto them).
+
+use std::time::Duration;
+
+use tern_codec::QoS;
+
+use crate::SharedStrategy;
+
+/// What to do when an offline session's queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueuePolicy {
+    /// Drop the oldest queued message to make room.
+    DropOldest,
+    /// Drop the message that does not fit.
+    DropNewest,
+    /// Refuse the publish: a QoS 1/2 message that would not fit in the queue of an
+    /// offline session it matches is routed nowhere, and its publisher gets PUBACK/PUBREC
+    /// 0x97 Quota exceeded (5.0) or has its connection closed (3.x, which has no reason
+    /// codes), so it can try again later. QoS 0 that does not fit is dropped.
+    Reject,
+}
+
+/// Broker settings the core needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// Most QoS 1/2 messages queued for one offline session.
+    pub max_queued_messages: usize,
+    /// Most payload bytes queued for one offline session.
+    pub max_queued_bytes: usize,
+    /// Which message goes when a queue is full.
+    pub queue_policy: QueuePolicy,
+    /// Longest a message waits in an offline queue; older ones are dropped (as expired)
+    /// instead of delivered. Applied as a Message Expiry Interval when the message is
+    /// queued, so a 5.0 subscriber sees the time it had left.
+    pub max_queued_age: Option<Duration>,
+    /// Whether QoS 0 messages are queued for offline sessions too (within the same
+    /// limits). Off by default, like Mosquitto's `queue_qos0_messages`.
+    pub queue_qos0: bool,
+    /// QoS 1/2 messages a client may have unacknowledged towards us (5.0 Receive Maximum).
+    pub receive_maximum: u16,
+    /// Topic aliases a client may use towards us.
+    pub topic_alias_maximum: u16,
+    /// Outbound window for 3.x clients.
+    pub window_3x: u16,
+    /// Longest a 3.x persistent session (clean session 0) is kept after disconnect.
+    pub max_session_expiry_3x: Duration,
+    /// How long a new connection may take to send CONNECT before it is closed.
+    pub connect_timeout: Duration,
+    /// Highest QoS clients may publish at and be granted (5.0 Maximum QoS).
+    pub maximum_qos: QoS,
+    /// Whether retained messages are supported (5.0 Retain Available).
+    pub retain_available: bool,
+    /// Largest packet a client may send us (5.0 Maximum Packet Size); larger is 0x95.
+    pub max_packet_size: u32,
+    /// Longest keep alive a client may ask for: 5.0 clients asking more (or 0) are told
+    /// this as Server Keep Alive; 3.x clients asking more are refused (return code 2),
+    /// as Mosquitto does.
+    pub max_keep_alive: u16,
+    /// Response Information sent to 5.0 clients that request it.
+    pub response_information: Option<String>,
+    /// How a shared subscription group picks the member for a message.
+    pub shared_strategy: SharedStrategy,
+    /// Send every client elsewhere: 5.0 CONNACK 0x9C Use another server (0x9D Server
+    /// moved if `server_moved`) with this Server Reference; 3.x gets return code 3.
+    pub server_reference: Option<String>,
+    /// Whether [`Settings::server_reference`] is permanent (0x9D) or not (0x9C).
+    pub server_moved: bool,
+    /// Longest topic name or filter, in bytes, a client may use (the share name excluded).
+    pub max_topic_length: usize,
+    /// Most levels (`/`-separated) in a topic name or filter a client may use.
+    pub max_topic_levels: usize,
+    /// Most subscriptions one session may hold; more are refused (0x97 Quota exceeded).
+    pub max_subscriptions: usize,
+    /// Most PUBLISH packets a client may send per second; above it 5.0 clients get 0x96
+    /// Message rate too high (in the acknowledgement, or a DISCONNECT at QoS 0), 3.x
+    /// clients are disconnected. `None`: no limit.
+    pub max_publish_rate: Option<u32>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            max_queued_messages: 1000,
+            max_queued_bytes: 16 << 20,
+            queue_policy: QueuePolicy::DropOldest,
+            max_queued_age: None,
+            queue_qos0: false,
+            receive_maximum: 100,
+            topic_alias_maximum: 10,
+            window_3x: 32,
+            max_session_expiry_3x: Duration::from_secs(u64::from(u32::MAX)),
+            connect_timeout: Duration::from_secs(10),
+            maximum_qos: QoS::ExactlyOnce,
+            retain_available: true,
+            max_packet_size: tern_codec::MAX_PACKET_SIZE,
+            max_keep_alive: u16::MAX,
+            response_information: None,
+            shared_strategy: SharedStrategy::RoundRobin,
+            server_reference: None,
+            server_moved: false,
+            max_topic_length: 65_535,
+            max_topic_levels: 128,
+            max_subscriptions: 10_000,
+            max_publish_rate: None,
+        }
+    }
+}
