@@ -20,9 +20,9 @@ use tern_codec::{
     Connect, Packet, Publish, QoS, QosPid, Subscribe, Subscription, SubscriptionOptions,
     TopicFilter, TopicName,
 };
-use tern_store::{MemoryStore, Snapshot, Store};
+use tern_store::{MemoryStore, Snapshot, Store, StoreError};
 
-use crate::{Broker, ConnId, Output, Settings};
+use crate::{Broker, ConnId, Output, Round, Settings};
 
 /// The simulated host.
 pub struct Sim {
@@ -96,20 +96,28 @@ impl Sim {
 
     /// Commits what the last input changed, then releases what it produced.
     pub fn pump(&mut self) {
-        let ops = self.broker.take_ops();
-        let mut outputs = Vec::new();
-        while let Some(o) = self.broker.poll_output() {
-            outputs.push(o);
-        }
-        if !ops.is_empty() {
-            if std::mem::take(&mut self.fail_next) {
-                self.failed_commits += 1;
-                self.restart(Duration::ZERO);
-                return;
+        let sends = match self.broker.poll_round(|_| 0) {
+            Round::Ready(sends) => sends,
+            Round::Durable(ops, sealed) => {
+                if std::mem::take(&mut self.fail_next) {
+                    let error = StoreError::Backend("injected failure".into());
+                    let _closed = sealed.failed(&error);
+                    self.failed_commits += 1;
+                    self.restart(Duration::ZERO);
+                    return;
+                }
+                let receipt = self.store.commit(&ops).unwrap();
+                sealed.open(&receipt)
             }
-            self.store.commit(&ops).unwrap();
+        };
+        for send in sends {
+            let conn = send.conn;
+            self.outputs
+                .extend(send.packets.into_iter().map(|p| Output::Send(conn, p)));
+            if send.close {
+                self.outputs.push(Output::Close(conn));
+            }
         }
-        self.outputs.extend(outputs);
     }
 
     /// A new connection whose first packet is `connect`.

@@ -37,7 +37,7 @@ struct Counting {
 }
 
 impl Store for Counting {
-    fn commit(&mut self, batch: &[Op]) -> Result<(), StoreError> {
+    fn commit(&mut self, batch: &[Op]) -> Result<tern_store::Committed, StoreError> {
         self.commits.fetch_add(1, Ordering::Relaxed);
         self.inner.commit(batch)
     }

@@ -93,9 +93,6 @@ pub struct Metrics {
     pub(crate) bytes_sent: AtomicU64,
     /// PUBLISH written with DUP set (resent after a reconnect).
     pub(crate) retransmissions: AtomicU64,
-    /// Messages the server dropped itself (only [`DropReason::SlowConsumer`]; the core
-    /// counts the rest in its [`Counters`]).
-    pub(crate) dropped: [AtomicU64; DropReason::ALL.len()],
     /// CONNACKs sent, by reason code (5.0 numbering whatever the version).
     pub(crate) connacks: [AtomicU64; 256],
     /// Network connections accepted.
@@ -134,7 +131,6 @@ impl Metrics {
             bytes_received: AtomicU64::new(0),
             bytes_sent: AtomicU64::new(0),
             retransmissions: AtomicU64::new(0),
-            dropped: Default::default(),
             connacks: std::array::from_fn(|_| AtomicU64::new(0)),
             connections_accepted: AtomicU64::new(0),
             store_commits: AtomicU64::new(0),
@@ -149,16 +145,6 @@ impl Metrics {
     /// When these metrics started counting.
     pub fn started(&self) -> Instant {
         self.started
-    }
-
-    /// Messages (or copies) the server dropped for `reason` so far (the core's drops are
-    /// in its [`Counters`]).
-    pub fn dropped(&self, reason: DropReason) -> u64 {
-        self.dropped[reason as usize].load(Ordering::Relaxed)
-    }
-
-    pub(crate) fn drop_n(&self, reason: DropReason, n: u64) {
-        self.dropped[reason as usize].fetch_add(n, Ordering::Relaxed);
     }
 
     /// Counts the packets of one write to a client: `since` is when the input that
@@ -208,7 +194,6 @@ impl Metrics {
             publish_received: load3(&self.received).iter().sum(),
             publish_sent: load3(&self.sent).iter().sum(),
             connections_accepted: r(&self.connections_accepted),
-            dropped: self.dropped.iter().map(r).sum(),
         }
     }
 
@@ -561,7 +546,7 @@ impl Metrics {
                 out,
                 "tern_dropped_total{{reason=\"{}\"}} {}",
                 reason.label(),
-                c.dropped(reason) + self.dropped(reason)
+                c.dropped(reason)
             );
         }
         family(

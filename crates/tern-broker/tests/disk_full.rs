@@ -24,7 +24,7 @@ struct Flaky {
 }
 
 impl Store for Flaky {
-    fn commit(&mut self, batch: &[Op]) -> Result<(), StoreError> {
+    fn commit(&mut self, batch: &[Op]) -> Result<tern_store::Committed, StoreError> {
         if self.full.load(Ordering::Acquire) {
             return Err(StoreError::Backend(
                 "No space left on device (os error 28)".into(),

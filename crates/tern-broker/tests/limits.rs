@@ -260,10 +260,11 @@ fn a_subscriber_that_stops_reading_loses_only_its_own_qos0_copies() {
         CHUNK * CHUNKS,
         "the reader got every message"
     );
-    let dropped = b
-        .monitor
-        .metrics()
-        .dropped(tern_broker::metrics::DropReason::SlowConsumer);
+    let (status, text) = common::get(b.monitor_port, "/metrics");
+    assert_eq!(status, 200);
+    let dropped =
+        tern_broker::metrics::Metrics::find(&text, "tern_dropped_total{reason=\"slow_consumer\"}")
+            .expect("the slow-consumer drops are exported") as u64;
     // Kernel buffers and the 2 MiB backlog hold some of the 48 MiB; the rest is dropped.
     assert!(
         dropped > (CHUNK * CHUNKS / 2) as u64,

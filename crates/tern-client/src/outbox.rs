@@ -97,6 +97,8 @@ impl Outbox {
         .map_err(|e| Error::Outbox(e.to_string()))?;
         self.store = Some(store);
         self.ops = ops;
-        result.map_err(|e| Error::Outbox(e.to_string()))
+        result
+            .map(|_committed| ())
+            .map_err(|e| Error::Outbox(e.to_string()))
     }
 }

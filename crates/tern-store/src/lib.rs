@@ -152,12 +152,26 @@ pub enum StoreError {
     Backend(String),
 }
 
+/// What [`Store::commit`] returns once a batch is durable: the receipt that lets the
+/// broker core's sealed outputs out (`tern_broker_core::Sealed::open`), so that nothing is
+/// sent before the commit it depends on by construction rather than by care.
+#[derive(Debug)]
+pub struct Committed(());
+
+impl Committed {
+    /// For [`Store`] implementations only: the batch just given to `commit` is durable
+    /// (as durable as the backend promises).
+    pub fn receipt() -> Committed {
+        Committed(())
+    }
+}
+
 /// Durable broker state: batches in, the whole state out at startup.
 pub trait Store: Send {
     /// Applies every op of `batch` in order, atomically: when this returns `Ok`, all of
-    /// it is durable (as durable as the backend promises); when it returns `Err`, none of
-    /// it was applied.
-    fn commit(&mut self, batch: &[Op]) -> Result<(), StoreError>;
+    /// it is durable (as durable as the backend promises) and the [`Committed`] receipt
+    /// says so; when it returns `Err`, none of it was applied.
+    fn commit(&mut self, batch: &[Op]) -> Result<Committed, StoreError>;
 
     /// The whole state, as of the last successful commit.
     fn load(&self) -> Result<Snapshot, StoreError>;
@@ -225,7 +239,7 @@ impl MemoryStore {
 }
 
 impl Store for MemoryStore {
-    fn commit(&mut self, batch: &[Op]) -> Result<(), StoreError> {
+    fn commit(&mut self, batch: &[Op]) -> Result<Committed, StoreError> {
         self.validate(batch)?;
         let s = &mut self.state;
         for op in batch {
@@ -254,7 +268,7 @@ impl Store for MemoryStore {
             }
         }
         self.commits += 1;
-        Ok(())
+        Ok(Committed::receipt())
     }
 
     fn load(&self) -> Result<Snapshot, StoreError> {

@@ -26,7 +26,7 @@ use tern_proto::{Change, OutboundState, SessionState};
 
 use crate::encoding::{self, Anchor};
 use crate::wal::Wal;
-use crate::{Op, Snapshot, Store, StoreError, StoredSession};
+use crate::{Committed, Op, Snapshot, Store, StoreError, StoredSession};
 
 const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
 const DELIVERY: TableDefinition<&str, &[u8]> = TableDefinition::new("delivery");
@@ -445,14 +445,15 @@ impl RedbStore {
 }
 
 impl Store for RedbStore {
-    fn commit(&mut self, batch: &[Op]) -> Result<(), StoreError> {
+    fn commit(&mut self, batch: &[Op]) -> Result<Committed, StoreError> {
         let mut txn = self.db.begin_write().map_err(backend)?;
         if self.sync == Sync::OnFlush {
             txn.set_durability(Durability::None).map_err(backend)?;
         }
         self.apply_batch(&txn, batch)?;
         if self.sync == Sync::Always {
-            return txn.commit().map_err(backend);
+            txn.commit().map_err(backend)?;
+            return Ok(Committed::receipt());
         }
         // Not fsynced: the batch reaches the OS through the log before it is committed,
         // so a crash of the process (not of the machine) loses nothing; a failed commit
@@ -473,7 +474,7 @@ impl Store for RedbStore {
             return Err(backend(e));
         }
         self.unflushed = true;
-        Ok(())
+        Ok(Committed::receipt())
     }
 
     /// Makes every commit so far durable (an empty fsynced transaction); nothing to do if

@@ -204,7 +204,7 @@ fn anchor() -> (std::time::Instant, SystemTime) {
 struct Redb(tern_store::RedbStore, #[allow(dead_code)] TempFile);
 
 impl Store for Redb {
-    fn commit(&mut self, batch: &[Op]) -> Result<(), StoreError> {
+    fn commit(&mut self, batch: &[Op]) -> Result<tern_store::Committed, StoreError> {
         self.0.commit(batch)
     }
     fn load(&self) -> Result<tern_store::Snapshot, StoreError> {

@@ -37,6 +37,7 @@ mod connect;
 mod gauges;
 mod lifecycle;
 mod persist;
+mod round;
 mod routing;
 mod settings;
 mod subscribe;
@@ -44,6 +45,7 @@ mod sys;
 mod timers;
 
 pub use gauges::{Gauges, SessionGauge};
+pub use round::{Round, Sealed, Send};
 pub use settings::{QueuePolicy, Settings};
 pub use sys::Traffic;
 
@@ -323,8 +325,9 @@ impl Broker {
         acl.allows(client_id, username, permission, topic)
     }
 
-    /// The next thing the server must do.
-    pub fn poll_output(&mut self) -> Option<Output> {
+    /// The next thing the server must do; the driver takes them a round at a time
+    /// ([`Broker::poll_round`]).
+    pub(crate) fn poll_output(&mut self) -> Option<Output> {
         self.outputs.pop_front()
     }
 

@@ -104,9 +104,9 @@ impl Broker {
         });
     }
 
-    /// The durable changes made since the last call, in order, as one batch. Outputs
-    /// polled since then must not be written before these ops are committed.
-    pub fn take_ops(&mut self) -> Vec<Op> {
+    /// The durable changes made since the last call, in order, as one batch (handed out
+    /// with the round's sends, [`Broker::poll_round`]).
+    pub(crate) fn take_ops(&mut self) -> Vec<Op> {
         std::mem::take(&mut self.batch)
     }
 }

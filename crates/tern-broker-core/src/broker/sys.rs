@@ -47,8 +47,6 @@ pub struct Traffic {
     pub publish_sent: u64,
     /// Network connections accepted.
     pub connections_accepted: u64,
-    /// Messages the server dropped itself (slow consumers), besides the core's drops.
-    pub dropped: u64,
 }
 
 impl Broker {
@@ -87,7 +85,7 @@ impl Broker {
             .filter(|m| !super::routing::is_sys(&m.topic))
             .map(|m| m.payload.len())
             .sum();
-        let dropped: u64 = self.counters.dropped.iter().sum::<u64>() + traffic.dropped;
+        let dropped: u64 = self.counters.dropped.iter().sum();
         let mut values: Vec<(String, String)> = vec![
             (
                 "version".into(),

@@ -5,11 +5,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use tern_codec::Packet;
+use tern_store::{Committed, Op, Snapshot, Store, StoreError};
 use tokio::sync::{mpsc, watch};
 
 use super::{ToConn, ToCore, line, writer};
 use crate::auth::Access;
-use crate::core::{Broker, ConnMap, Output, Settings};
+use crate::core::{Broker, ConnMap, Round, Send, Settings};
 use crate::metrics::Metrics;
 
 /// The core task: owns the [`Broker`], takes what connections and the storage writer
@@ -23,7 +24,6 @@ pub(super) struct CoreTask {
     pub(super) core_metrics: Arc<Metrics>,
     pub(super) core_settings: Settings,
     pub(super) sys_interval: Option<Duration>,
-    pub(super) backlog_limit: usize,
 }
 
 impl CoreTask {
@@ -37,7 +37,6 @@ impl CoreTask {
             core_metrics,
             core_settings,
             sys_interval,
-            backlog_limit,
         } = self;
         let mut writers: ConnMap<line::Sender<ToConn>> = ConnMap::default();
         // One timer, moved to whatever the core says is due next (keep alive, session
@@ -121,8 +120,8 @@ impl CoreTask {
                         for (_, tx) in writers.drain() {
                             let _ = tx.send(ToConn::Close);
                         }
-                        let _ = broker.take_ops();
-                        while broker.poll_output().is_some() {}
+                        // The round in the making is dropped: sealed, it cannot be sent.
+                        let _ = broker.poll_round(|_| 0);
                         match w.reset().await {
                             Some(snapshot) => {
                                 let counters = broker.counters().clone();
@@ -153,107 +152,79 @@ impl CoreTask {
                     None
                 };
             }
-            dispatch(
-                &mut broker,
-                &mut writers,
-                writer.as_ref(),
-                since,
-                backlog_limit,
-                &core_metrics,
-            );
+            dispatch(&mut broker, &writers, writer.as_ref(), since);
             for conn in closed {
                 writers.remove(&conn);
             }
         }
         broker.shutdown(Instant::now());
-        dispatch(
-            &mut broker,
-            &mut writers,
-            writer.as_ref(),
-            Instant::now(),
-            backlog_limit,
-            &core_metrics,
-        );
+        dispatch(&mut broker, &writers, writer.as_ref(), Instant::now());
         if let Some(w) = writer.take() {
             let _ = tokio::task::spawn_blocking(move || w.finish()).await;
         }
     }
 }
 
-/// Sends each connection what the broker produced, grouped so a connection gets one
-/// message (one write) per round. With a storage writer, the round's ops go to it and the
-/// sends wait for their commit; they go straight out only when nothing is waiting for a
-/// commit (so nothing overtakes what was produced before it).
-///
-/// A subscriber that does not read builds a backlog in its line. Once that backlog is over
-/// `backlog_limit` bytes, its QoS 0 PUBLISH packets are dropped (at most once allows it)
-/// and counted as `slow_consumer`. What reaches the line at QoS 1/2 is bounded by its
-/// inflight window (the rest waits in its session queue, which is not capped while it is
-/// online: see docs/conformance.md), acks by what it sends itself.
+/// Sends each connection what the broker produced in this round, one message (one write)
+/// per connection. A round that changed durable state goes to the storage writer, its
+/// sends sealed until the commit's receipt opens them; a round that did not goes straight
+/// out unless something is still waiting for a commit (then it queues behind, so nothing
+/// overtakes what was produced before it). Without a store the ops are committed to
+/// nothing ([`Memory`]). The core decides the slow-consumer drops, from each line's
+/// backlog.
 fn dispatch(
     broker: &mut Broker,
-    writers: &mut ConnMap<line::Sender<ToConn>>,
+    writers: &ConnMap<line::Sender<ToConn>>,
     writer: Option<&writer::Writer>,
     since: Instant,
-    backlog_limit: usize,
-    metrics: &Metrics,
 ) {
-    let mut batches: ConnMap<Vec<Packet>> = ConnMap::default();
-    let mut closes = vec![];
-    while let Some(out) = broker.poll_output() {
-        match out {
-            Output::Send(conn, p) => batches.entry(conn).or_default().push(p),
-            Output::Close(conn) => closes.push(conn),
-        }
-    }
-    let ops = broker.take_ops();
-    let mut sends = Vec::with_capacity(batches.len() + closes.len());
-    for (conn, mut packets) in batches {
-        let Some(w) = writers.get(&conn) else {
-            continue;
-        };
-        if w.backlog() > backlog_limit {
-            let before = packets.len();
-            packets.retain(
-                |p| !matches!(p, Packet::Publish(p) if p.qos_pid == tern_codec::QosPid::AtMostOnce),
-            );
-            let dropped = (before - packets.len()) as u64;
-            if dropped > 0 {
-                metrics.drop_n(crate::metrics::DropReason::SlowConsumer, dropped);
-                tracing::debug!(
-                    conn,
-                    dropped,
-                    "subscriber not reading: QoS 0 dropped for it"
-                );
-            }
-            if packets.is_empty() {
+    let round = broker.poll_round(|conn| writers.get(&conn).map_or(0, line::Sender::backlog));
+    let to_lines = |sends: Vec<Send>| -> writer::Sends {
+        let mut out = Vec::with_capacity(sends.len());
+        for send in sends {
+            let Some(w) = writers.get(&send.conn) else {
                 continue;
+            };
+            if !send.packets.is_empty() {
+                let weight = send
+                    .packets
+                    .iter()
+                    .map(|p| match p {
+                        Packet::Publish(p) => p.topic.as_str().len() + p.payload.len(),
+                        _ => 0,
+                    })
+                    .sum();
+                out.push((
+                    w.clone(),
+                    ToConn::Packets(Box::new((send.packets, since, weight))),
+                ));
+            }
+            if send.close {
+                out.push((w.clone(), ToConn::Close));
             }
         }
-        let weight = packets
-            .iter()
-            .map(|p| match p {
-                Packet::Publish(p) => p.topic.as_str().len() + p.payload.len(),
-                _ => 0,
-            })
-            .sum();
-        sends.push((
-            w.clone(),
-            ToConn::Packets(Box::new((packets, since, weight))),
-        ));
+        out
+    };
+    match (round, writer) {
+        (Round::Durable(ops, sealed), Some(w)) => w.submit(ops, sealed.map(to_lines)),
+        (Round::Ready(sends), Some(w)) if w.busy() => w.behind(to_lines(sends)),
+        (Round::Ready(sends), _) => writer::send_all(to_lines(sends)),
+        (Round::Durable(ops, sealed), None) => match Memory.commit(&ops) {
+            Ok(receipt) => writer::send_all(to_lines(sealed.open(&receipt))),
+            Err(e) => writer::close_all(to_lines(sealed.failed(&e))),
+        },
     }
-    for conn in closes {
-        if let Some(w) = writers.get(&conn) {
-            sends.push((w.clone(), ToConn::Close));
-        }
+}
+
+/// The store of a server without persistence: a commit keeps nothing, and succeeds.
+struct Memory;
+
+impl Store for Memory {
+    fn commit(&mut self, _: &[Op]) -> Result<Committed, StoreError> {
+        Ok(Committed::receipt())
     }
-    match writer {
-        Some(w) if !ops.is_empty() || w.busy() => w.submit(ops, sends),
-        // Memory only, or nothing to write and nothing ahead: straight out.
-        _ => {
-            for (tx, msg) in sends {
-                let _ = tx.send(msg);
-            }
-        }
+
+    fn load(&self) -> Result<Snapshot, StoreError> {
+        Ok(Snapshot::default())
     }
 }

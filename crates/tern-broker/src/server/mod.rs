@@ -204,7 +204,6 @@ pub async fn run(server: Server, shutdown: impl Future<Output = ()>) -> Result<(
         None => Default::default(),
     };
     let core_settings = settings.clone();
-    let backlog_limit = settings.max_queued_bytes;
     let mut broker = Broker::resume(settings, snapshot, Instant::now(), SystemTime::now());
     broker.set_acl(acl_changes.borrow_and_update().acl.clone());
     let writer = persistence.map(|p| writer::Writer::spawn(p, to_core.clone(), metrics.clone()));
@@ -217,7 +216,6 @@ pub async fn run(server: Server, shutdown: impl Future<Output = ()>) -> Result<(
         core_metrics,
         core_settings,
         sys_interval,
-        backlog_limit,
     };
     let core = tokio::spawn(task.run());
 

@@ -14,18 +14,31 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use tern_store::{Op, Snapshot};
+use tern_store::{Op, Snapshot, StoreError};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Persistence, ToConn, ToCore};
+use crate::core::Sealed;
 use crate::metrics::Metrics;
 
-/// Sends waiting on a commit: each to its connection, in order.
-type Sends = Vec<(super::line::Sender<ToConn>, ToConn)>;
+/// Sends of one round: each to its connection, in order.
+pub(crate) type Sends = Vec<(super::line::Sender<ToConn>, ToConn)>;
 
 enum Job {
-    Commit { ops: Vec<Op>, sends: Sends },
+    /// A round's ops, and its sends sealed until they are committed.
+    Commit {
+        ops: Vec<Op>,
+        sends: Sealed<Sends>,
+    },
+    /// A round that changed nothing durable, queued behind the commits ahead of it.
+    Behind(Sends),
     Reset(oneshot::Sender<Option<Snapshot>>),
+}
+
+/// A job's sends as they wait in a group.
+enum Waiting {
+    Sealed(Sealed<Sends>),
+    Behind(Sends),
 }
 
 /// Most batches folded into one commit; bounds the latency of the first one.
@@ -63,10 +76,19 @@ impl Writer {
         self.pending.load(Ordering::Acquire) > 0
     }
 
-    /// Commits `ops`, then sends `sends`.
-    pub(crate) fn submit(&self, ops: Vec<Op>, sends: Sends) {
+    /// Commits `ops`, then opens and sends `sends`.
+    pub(crate) fn submit(&self, ops: Vec<Op>, sends: Sealed<Sends>) {
+        self.queue(Job::Commit { ops, sends });
+    }
+
+    /// Sends `sends` once everything submitted before them is.
+    pub(crate) fn behind(&self, sends: Sends) {
+        self.queue(Job::Behind(sends));
+    }
+
+    fn queue(&self, job: Job) {
         self.pending.fetch_add(1, Ordering::AcqRel);
-        if self.tx.send(Job::Commit { ops, sends }).is_err() {
+        if self.tx.send(job).is_err() {
             self.pending.fetch_sub(1, Ordering::AcqRel);
         }
     }
@@ -89,14 +111,15 @@ impl Writer {
     }
 }
 
-fn send_all(sends: Sends) {
+/// Hands each connection its part.
+pub(crate) fn send_all(sends: Sends) {
     for (tx, msg) in sends {
         let _ = tx.send(msg);
     }
 }
 
 /// Nothing that waited on a failed commit may be sent: its connections are closed.
-fn close_all(sends: Sends) {
+pub(crate) fn close_all(sends: Sends) {
     for (tx, _) in sends {
         let _ = tx.send(ToConn::Close);
     }
@@ -109,10 +132,11 @@ fn run(
     to_core: &mpsc::UnboundedSender<ToCore>,
     metrics: &Metrics,
 ) {
-    let mut failed = false;
+    // Set by a failed commit until the core has reset: later rounds are not sent either.
+    let mut failed: Option<StoreError> = None;
     let mut unflushed_since: Option<Instant> = None;
     let (mut commits, mut ops_written) = (0u64, 0u64);
-    let mut group: Vec<(Vec<Op>, Sends)> = Vec::new();
+    let mut group: Vec<(Vec<Op>, Waiting)> = Vec::new();
     loop {
         let first = match (p.flush_every, unflushed_since) {
             (Some(every), Some(since)) => {
@@ -139,7 +163,8 @@ fn run(
         let mut reset = None;
         while let Some(job) = next {
             match job {
-                Job::Commit { ops, sends } => group.push((ops, sends)),
+                Job::Commit { ops, sends } => group.push((ops, Waiting::Sealed(sends))),
+                Job::Behind(sends) => group.push((Vec::new(), Waiting::Behind(sends))),
                 Job::Reset(reply) => {
                     reset = Some(reply);
                     break;
@@ -154,21 +179,30 @@ fn run(
         if !group.is_empty() {
             let n = group.len();
             let mut ops = Vec::new();
-            let mut sends = Vec::new();
-            for (o, s) in group.drain(..) {
+            let mut waiting = Vec::with_capacity(n);
+            for (o, w) in group.drain(..) {
                 ops.extend(o);
-                sends.push(s);
+                waiting.push(w);
             }
-            let result = if failed || ops.is_empty() {
-                Ok(())
-            } else {
-                let started = Instant::now();
-                let result = p.store.commit(&ops);
-                metrics.commit_latency.observe(started.elapsed());
-                result
+            let result = match &failed {
+                Some(error) => Err(error.clone()),
+                None => {
+                    let started = Instant::now();
+                    // An empty batch (only rounds behind) is committed too: cheap, and
+                    // its receipt is what opens anything sealed.
+                    let result = if ops.is_empty() {
+                        Ok(tern_store::Committed::receipt())
+                    } else {
+                        p.store.commit(&ops)
+                    };
+                    if !ops.is_empty() {
+                        metrics.commit_latency.observe(started.elapsed());
+                    }
+                    result
+                }
             };
             match result {
-                Ok(()) if !failed => {
+                Ok(receipt) => {
                     if !ops.is_empty() {
                         commits += 1;
                         ops_written += ops.len() as u64;
@@ -181,23 +215,35 @@ fn run(
                             unflushed_since = Some(Instant::now());
                         }
                     }
-                    sends.into_iter().for_each(send_all);
+                    for w in waiting {
+                        send_all(match w {
+                            Waiting::Sealed(s) => s.open(&receipt),
+                            Waiting::Behind(s) => s,
+                        });
+                    }
                 }
-                Ok(()) => sends.into_iter().for_each(close_all),
                 Err(error) => {
-                    metrics.store_failures.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(%error, ops = ops.len(), "store commit failed: closing the connections that waited on it and reloading the last committed state");
-                    failed = true;
-                    // The core hears of it before any client sees its connection close,
-                    // so a client that reconnects at once meets the reloaded core.
-                    let _ = to_core.send(ToCore::StoreFailed);
-                    sends.into_iter().for_each(close_all);
+                    if failed.is_none() {
+                        metrics.store_failures.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(%error, ops = ops.len(), "store commit failed: closing the connections that waited on it and reloading the last committed state");
+                        // The core hears of it before any client sees its connection
+                        // close, so a client that reconnects at once meets the reloaded
+                        // core.
+                        let _ = to_core.send(ToCore::StoreFailed);
+                    }
+                    for w in waiting {
+                        close_all(match w {
+                            Waiting::Sealed(s) => s.failed(&error),
+                            Waiting::Behind(s) => s,
+                        });
+                    }
+                    failed = Some(error);
                 }
             }
             pending.fetch_sub(n, Ordering::AcqRel);
         }
         if let Some(reply) = reset {
-            failed = false;
+            failed = None;
             let snapshot = match p.store.load() {
                 Ok(s) => Some(s),
                 Err(error) => {

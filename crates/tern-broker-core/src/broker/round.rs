@@ -1,0 +1,120 @@
+//! One round of the core's output ([`Broker::poll_round`]): what the inputs since the last
+//! round changed durably, and what they produced for each connection. Persist, then
+//! acknowledge, is a property of these types: a round that changed durable state hands
+//! out its sends [`Sealed`], and a sealed value opens only with the store's
+//! [`Committed`] receipt for its ops (or, when the commit failed, with the error, to close
+//! the connections that waited on it).
+
+use tern_codec::{Packet, QosPid};
+use tern_store::{Committed, Op, StoreError};
+
+use super::{Broker, ConnId, ConnMap, DropReason, Output};
+
+/// What one connection is sent in a round, in order, and whether it is closed after.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Send {
+    /// The connection.
+    pub conn: ConnId,
+    /// Packets to write, in order (in the connection's protocol version).
+    pub packets: Vec<Packet>,
+    /// Close the connection once they are written.
+    pub close: bool,
+}
+
+/// A value that waits for a commit.
+#[must_use = "sealed sends are opened after their commit, or given up when it fails"]
+#[derive(Debug)]
+pub struct Sealed<T>(T);
+
+impl<T> Sealed<T> {
+    /// The value, now that its ops are committed.
+    pub fn open(self, _receipt: &Committed) -> T {
+        self.0
+    }
+
+    /// The value, after its commit failed: for closing what waited on it, never for
+    /// sending it.
+    pub fn failed(self, _error: &StoreError) -> T {
+        self.0
+    }
+
+    /// Changes what is sealed (the server turns connection ids into its connections'
+    /// queues), keeping the seal.
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Sealed<U> {
+        Sealed(f(self.0))
+    }
+}
+
+/// One round of output.
+#[derive(Debug)]
+pub enum Round {
+    /// Nothing durable changed: the sends may go out (behind whatever already waits for
+    /// a commit, so that nothing overtakes what was produced before it).
+    Ready(Vec<Send>),
+    /// These ops, one batch, must be committed before the sends are opened.
+    Durable(Vec<Op>, Sealed<Vec<Send>>),
+}
+
+impl Broker {
+    /// Everything produced since the last round, grouped per connection (one write
+    /// each), with the durable changes it waits for.
+    ///
+    /// `backlog` tells, per connection, how many bytes already wait to be written to it:
+    /// past [`Settings::max_queued_bytes`](crate::Settings) its QoS 0 PUBLISH packets are
+    /// dropped (at most once allows it) and counted as [`DropReason::SlowConsumer`]. What
+    /// reaches a connection at QoS 1/2 is bounded by its inflight window (the rest waits in
+    /// its session queue), acknowledgements by what the client sends itself.
+    pub fn poll_round(&mut self, backlog: impl Fn(ConnId) -> usize) -> Round {
+        let mut order: Vec<ConnId> = Vec::new();
+        let mut by_conn: ConnMap<Send> = ConnMap::default();
+        while let Some(out) = self.poll_output() {
+            let conn = match &out {
+                Output::Send(c, _) | Output::Close(c) => *c,
+            };
+            let send = by_conn.entry(conn).or_insert_with(|| {
+                order.push(conn);
+                Send {
+                    conn,
+                    packets: Vec::new(),
+                    close: false,
+                }
+            });
+            match out {
+                Output::Send(_, p) => send.packets.push(p),
+                Output::Close(_) => send.close = true,
+            }
+        }
+        let limit = self.settings.max_queued_bytes;
+        let mut sends = Vec::with_capacity(order.len());
+        for conn in order {
+            let Some(mut send) = by_conn.remove(&conn) else {
+                continue;
+            };
+            if !send.packets.is_empty() && backlog(conn) > limit {
+                let before = send.packets.len();
+                send.packets.retain(
+                    |p| !matches!(p, Packet::Publish(p) if p.qos_pid == QosPid::AtMostOnce),
+                );
+                let dropped = (before - send.packets.len()) as u64;
+                if dropped > 0 {
+                    self.counters.drop_n(DropReason::SlowConsumer, dropped);
+                    tracing::debug!(
+                        conn,
+                        dropped,
+                        "subscriber not reading: QoS 0 dropped for it"
+                    );
+                }
+                if send.packets.is_empty() && !send.close {
+                    continue;
+                }
+            }
+            sends.push(send);
+        }
+        let ops = self.take_ops();
+        if ops.is_empty() {
+            Round::Ready(sends)
+        } else {
+            Round::Durable(ops, Sealed(sends))
+        }
+    }
+}
