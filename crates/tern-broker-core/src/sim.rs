@@ -43,6 +43,8 @@ pub struct Sim {
     fail_next: bool,
     /// Commits the store refused.
     pub failed_commits: u64,
+    /// Restarts so far (crashes and failed commits).
+    pub restarts: u64,
 }
 
 impl Sim {
@@ -62,6 +64,7 @@ impl Sim {
             store,
             fail_next: false,
             failed_commits: 0,
+            restarts: 0,
         }
     }
 
@@ -81,6 +84,7 @@ impl Sim {
         self.broker.set_counters(counters);
         self.anchor = (self.now, wall);
         self.outputs.clear();
+        self.restarts += 1;
     }
 
     /// Makes the next commit fail: its outputs are never sent and the broker restarts
@@ -142,19 +146,28 @@ impl Sim {
     }
 
     /// Time passes; the broker is woken at every deadline it asks for on the way, and at
-    /// the end.
+    /// the end. A restart on the way (a failed commit) moves to the new process's clock
+    /// and the rest of the time passes there.
     pub fn advance(&mut self, by: Duration) {
-        let end = self.now + by;
-        while let Some(at) = self.broker.poll_timeout()
-            && at <= end
-        {
-            self.now = self.now.max(at);
+        let mut left = by;
+        for _ in 0..100_000 {
+            let Some(at) = self
+                .broker
+                .poll_timeout()
+                .filter(|at| *at <= self.now + left)
+            else {
+                self.now += left;
+                self.broker.handle_timeout(self.now);
+                self.pump();
+                return;
+            };
+            let step = at.saturating_duration_since(self.now);
+            self.now += step;
+            left -= step;
             self.broker.handle_timeout(self.now);
             self.pump();
         }
-        self.now = end;
-        self.broker.handle_timeout(self.now);
-        self.pump();
+        panic!("the broker's deadlines do not move on: poll_timeout keeps asking for the past");
     }
 
     /// `conn` subscribes to `filter` at `qos` (packet id 1).
@@ -208,5 +221,412 @@ impl Sim {
         let c = self.connect(connect);
         self.subscribe(c, filter, qos);
         self.close(c);
+    }
+}
+
+// ---- random operation sequences: the property test and the fuzz target -------------
+
+/// Clients of [`check_steps`]: persistent 5.0 sessions subscribed to `t/#` at QoS 2.
+const CLIENTS: [&str; 3] = ["a", "b", "c"];
+
+/// One step of a random run over the simulated host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Client `i` connects (resuming its session) if it is not connected.
+    Connect(usize),
+    /// Client `i`'s connection breaks; what was sent to it and not yet answered is lost
+    /// (so a PUBREC it never read makes it resend the PUBLISH).
+    Close(usize),
+    /// Client `from` publishes a new message on `t/x` at `qos` (0, 1 or 2); it sends
+    /// PUBREL when it answers the PUBREC ([`Step::AckAll`]), and resends what it has not
+    /// finished when it reconnects.
+    Publish {
+        /// The publishing client.
+        from: usize,
+        /// Its QoS.
+        qos: u8,
+    },
+    /// Client `i` answers everything it was sent before this step (PUBACK, PUBREC,
+    /// PUBCOMP to the broker's deliveries, PUBREL to the PUBREC of its own publishes).
+    AckAll(usize),
+    /// Client `i` acknowledges nothing and sends nothing for `secs` seconds of simulated
+    /// time (its keep alive is 10 s: long silences end its connection).
+    Silence(usize, u8),
+    /// The broker process is killed and restarted on its store.
+    Crash,
+    /// The next commit fails (the store refuses it); the host restarts from the last
+    /// commit, as the server does.
+    FailCommit,
+}
+
+/// Reads bytes as steps (two bytes each), for the fuzz target.
+pub fn steps_from_bytes(data: &[u8]) -> Vec<Step> {
+    data.chunks(2)
+        .map(|c| {
+            let (op, arg) = (c[0], c.get(1).copied().unwrap_or(0));
+            let i = usize::from(arg % 3);
+            match op % 16 {
+                0..=2 => Step::Connect(i),
+                3 => Step::Close(i),
+                4..=8 => Step::Publish {
+                    from: i,
+                    qos: (arg / 3) % 3,
+                },
+                9..=12 => Step::AckAll(i),
+                13 => Step::Silence(i, arg / 3 % 30),
+                14 => Step::Crash,
+                _ => Step::FailCommit,
+            }
+        })
+        .collect()
+}
+
+/// The fuzz target's body: runs `data` as steps and panics if an invariant breaks.
+pub fn fuzz_ops(data: &[u8]) {
+    if let Err(e) = check_steps(&steps_from_bytes(data)) {
+        panic!("{e}");
+    }
+}
+
+/// Runs `steps`, then lets every client connect and acknowledge until nothing more
+/// comes, and checks after every step and at the end:
+/// - the store holds exactly the live delivery state of every session (nothing sent
+///   with a packet id or acknowledged exists only in memory);
+/// - no QoS 2 message reaches a client twice as a new delivery (DUP clear);
+/// - every QoS 1/2 message the broker acknowledged (PUBACK/PUBREC 0x00) reaches every
+///   client whose subscription existed when it was published.
+///
+/// `Err` names the invariant and the step.
+pub fn check_steps(steps: &[Step]) -> Result<(), String> {
+    let mut run = Run::new();
+    for (n, step) in steps.iter().enumerate() {
+        run.step(step);
+        run.check_store()
+            .map_err(|e| format!("step {n} ({step:?}): {e}"))?;
+        run.check_once()
+            .map_err(|e| format!("step {n} ({step:?}): {e}"))?;
+    }
+    // Everyone comes back and takes everything.
+    for _ in 0..4 {
+        for i in 0..CLIENTS.len() {
+            run.step(&Step::Connect(i));
+        }
+        for _ in 0..4 {
+            for i in 0..CLIENTS.len() {
+                run.step(&Step::AckAll(i));
+            }
+        }
+    }
+    run.check_store().map_err(|e| format!("at the end: {e}"))?;
+    run.check_once().map_err(|e| format!("at the end: {e}"))?;
+    run.check_delivered()
+}
+
+/// One run's host and what the clients saw.
+struct Run {
+    sim: Sim,
+    conns: [Option<ConnId>; 3],
+    /// Whether each client has subscribed yet.
+    subscribed: [bool; 3],
+    next_id: [u16; 3],
+    /// Messages published so far (payload `m{n}`): QoS, and who was subscribed then.
+    published: Vec<(QoS, [bool; 3])>,
+    /// Each client's unfinished QoS 1/2 publishes by packet id: the message number,
+    /// its QoS, and whether PUBREL was sent (PUBREC seen). A client resends them when it
+    /// reconnects: the PUBLISH with DUP, or the PUBREL [MQTT-4.4.0-1].
+    outgoing: [std::collections::BTreeMap<u16, (usize, QoS, bool)>; 3],
+    /// Messages the broker acknowledged to their publisher.
+    acknowledged: std::collections::HashSet<usize>,
+    /// New (DUP clear) deliveries per client and message.
+    delivered: std::collections::HashMap<(usize, usize), u32>,
+    /// Outputs already looked at.
+    seen: usize,
+    /// The host's restarts when last looked at.
+    restarts: u64,
+    /// What each client owes the broker (PUBACK, PUBREC, PUBCOMP), in order.
+    to_answer: [Vec<Packet>; 3],
+    /// Simulated seconds of silence so far (bounded, so sessions never expire).
+    silent: u32,
+}
+
+impl Run {
+    fn new() -> Run {
+        let settings = Settings {
+            receive_maximum: 3,
+            // Nothing acknowledged is dropped for room in a run of any length.
+            max_queued_messages: usize::MAX,
+            max_queued_bytes: usize::MAX,
+            ..Settings::default()
+        };
+        Run {
+            sim: Sim::new(settings),
+            conns: [None; 3],
+            subscribed: [false; 3],
+            next_id: [1; 3],
+            published: Vec::new(),
+            outgoing: Default::default(),
+            acknowledged: std::collections::HashSet::new(),
+            delivered: std::collections::HashMap::new(),
+            seen: 0,
+            restarts: 0,
+            to_answer: Default::default(),
+            silent: 0,
+        }
+    }
+
+    fn client_of(&self, conn: ConnId) -> Option<usize> {
+        self.conns.iter().position(|c| *c == Some(conn))
+    }
+
+    /// Reads what the broker sent since the last look: acknowledgements to publishers,
+    /// deliveries, closes.
+    fn observe(&mut self) {
+        if self.sim.restarts != self.restarts {
+            // The process died: every connection with it, and what it was owed.
+            self.restarts = self.sim.restarts;
+            self.conns = [None; 3];
+            self.to_answer = Default::default();
+            self.seen = 0;
+        }
+        let outputs: Vec<Output> = self.sim.outputs[self.seen..].to_vec();
+        self.seen = self.sim.outputs.len();
+        for o in outputs {
+            match o {
+                Output::Send(conn, Packet::PubAck(a)) => {
+                    let Some(i) = self.client_of(conn) else {
+                        continue;
+                    };
+                    if let Some((n, _, _)) = self.outgoing[i].remove(&a.packet_id.get())
+                        && a.reason == tern_codec::ReasonCode::Success
+                    {
+                        self.acknowledged.insert(n);
+                    }
+                }
+                Output::Send(conn, Packet::PubRec(a)) => {
+                    let Some(i) = self.client_of(conn) else {
+                        continue;
+                    };
+                    let id = a.packet_id.get();
+                    if let Some((n, _, released)) = self.outgoing[i].get_mut(&id) {
+                        if (a.reason as u8) >= 0x80 {
+                            self.outgoing[i].remove(&id);
+                            continue;
+                        }
+                        self.acknowledged.insert(*n);
+                        *released = true;
+                        self.to_answer[i].push(Packet::PubRel(tern_codec::Ack::new(a.packet_id)));
+                    }
+                }
+                Output::Send(conn, Packet::PubComp(a)) => {
+                    if let Some(i) = self.client_of(conn) {
+                        self.outgoing[i].remove(&a.packet_id.get());
+                    }
+                }
+                Output::Send(conn, Packet::Publish(p)) => {
+                    let (Some(i), Some(n)) = (
+                        self.client_of(conn),
+                        std::str::from_utf8(&p.payload)
+                            .ok()
+                            .and_then(|s| s.strip_prefix('m'))
+                            .and_then(|s| s.parse::<usize>().ok()),
+                    ) else {
+                        continue;
+                    };
+                    if !p.dup {
+                        *self.delivered.entry((i, n)).or_default() += 1;
+                    }
+                    match p.qos_pid {
+                        QosPid::AtLeastOnce(id) => {
+                            self.to_answer[i].push(Packet::PubAck(tern_codec::Ack::new(id)));
+                        }
+                        QosPid::ExactlyOnce(id) => {
+                            self.to_answer[i].push(Packet::PubRec(tern_codec::Ack::new(id)));
+                        }
+                        QosPid::AtMostOnce => {}
+                    }
+                }
+                Output::Send(conn, Packet::SubAck(a)) => {
+                    if let Some(i) = self.client_of(conn)
+                        && a.reasons.iter().all(|r| (*r as u8) < 0x80)
+                    {
+                        self.subscribed[i] = true;
+                    }
+                }
+                Output::Send(conn, Packet::PubRel(r)) => {
+                    if let Some(i) = self.client_of(conn) {
+                        self.to_answer[i].push(Packet::PubComp(tern_codec::Ack::new(r.packet_id)));
+                    }
+                }
+                Output::Close(conn) => {
+                    if let Some(i) = self.client_of(conn) {
+                        self.conns[i] = None;
+                        self.to_answer[i].clear();
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn step(&mut self, step: &Step) {
+        self.observe();
+        match *step {
+            Step::Connect(i) => {
+                if self.conns[i].is_none() {
+                    let mut c = Connect::new(tern_codec::Protocol::V5, CLIENTS[i]);
+                    c.clean_start = false;
+                    c.keep_alive = 10;
+                    c.properties = tern_codec::properties::ConnectProperties {
+                        session_expiry_interval: Some(3600),
+                        receive_maximum: NonZeroU16::new(2),
+                        ..Default::default()
+                    }
+                    .into();
+                    let conn = self.sim.connect(c);
+                    self.conns[i] = Some(conn);
+                    self.observe();
+                    // What it had not finished publishing, again, in order.
+                    let unfinished: Vec<(u16, (usize, QoS, bool))> =
+                        self.outgoing[i].iter().map(|(k, v)| (*k, *v)).collect();
+                    for (id, (n, qos, released)) in unfinished {
+                        let Some(conn) = self.conns[i] else { break };
+                        let id = NonZeroU16::new(id).unwrap();
+                        let packet = if released {
+                            Packet::PubRel(tern_codec::Ack::new(id))
+                        } else {
+                            let qos_pid = match qos {
+                                QoS::ExactlyOnce => QosPid::ExactlyOnce(id),
+                                _ => QosPid::AtLeastOnce(id),
+                            };
+                            let topic = TopicName::new("t/x").unwrap();
+                            let mut p = Publish::new(topic, qos_pid, format!("m{n}"));
+                            p.dup = true;
+                            Packet::Publish(p)
+                        };
+                        self.sim.send(conn, packet);
+                        self.observe();
+                    }
+                    if !self.subscribed[i]
+                        && let Some(conn) = self.conns[i]
+                    {
+                        // Subscribed once its SUBACK is seen (the commit may fail).
+                        self.sim.subscribe(conn, "t/#", QoS::ExactlyOnce);
+                    }
+                }
+            }
+            Step::Close(i) => {
+                if let Some(c) = self.conns[i].take() {
+                    // The connection breaks with what the client had not yet answered
+                    // still in flight to it: a PUBREC it never read means it will send
+                    // the PUBLISH again, with DUP (the broker must not deliver it twice).
+                    for p in std::mem::take(&mut self.to_answer[i]) {
+                        if let Packet::PubRel(r) = p
+                            && let Some(entry) = self.outgoing[i].get_mut(&r.packet_id.get())
+                        {
+                            entry.2 = false;
+                        }
+                    }
+                    self.sim.close(c);
+                }
+            }
+            Step::Publish { from, qos } => {
+                if let Some(c) = self.conns[from] {
+                    let n = self.published.len();
+                    let id = NonZeroU16::new(self.next_id[from]).unwrap();
+                    self.next_id[from] = self.next_id[from] % 60_000 + 1;
+                    let (qos, qos_pid) = match qos {
+                        0 => (QoS::AtMostOnce, QosPid::AtMostOnce),
+                        1 => (QoS::AtLeastOnce, QosPid::AtLeastOnce(id)),
+                        _ => (QoS::ExactlyOnce, QosPid::ExactlyOnce(id)),
+                    };
+                    if self.outgoing[from].contains_key(&id.get())
+                        || (qos != QoS::AtMostOnce && self.outgoing[from].len() >= 3)
+                    {
+                        // The id is still in use, or the broker's Receive Maximum (3) is
+                        // reached: this client publishes nothing now.
+                        return;
+                    }
+                    self.published.push((qos, self.subscribed));
+                    if qos != QoS::AtMostOnce {
+                        self.outgoing[from].insert(id.get(), (n, qos, false));
+                    }
+                    let topic = TopicName::new("t/x").unwrap();
+                    self.sim.send(
+                        c,
+                        Packet::Publish(Publish::new(topic, qos_pid, format!("m{n}"))),
+                    );
+                }
+            }
+            Step::AckAll(i) => {
+                // What is owed now; what these answers bring (PUBREL after PUBREC) waits
+                // for the next step, so a crash can fall between.
+                let answers = std::mem::take(&mut self.to_answer[i]);
+                for answer in answers {
+                    let Some(c) = self.conns[i] else { break };
+                    self.sim.send(c, answer);
+                    self.observe();
+                }
+            }
+            Step::Silence(i, secs) => {
+                // The others keep talking (a PINGREQ each second); `i` says nothing.
+                let secs = u32::from(secs).min(3000u32.saturating_sub(self.silent));
+                self.silent += secs;
+                for _ in 0..secs {
+                    self.sim.advance(Duration::from_secs(1));
+                    self.observe();
+                    for j in 0..CLIENTS.len() {
+                        if j != i
+                            && let Some(c) = self.conns[j]
+                        {
+                            self.sim.send(c, Packet::PingReq);
+                        }
+                    }
+                }
+            }
+            Step::Crash => self.sim.restart(Duration::from_secs(1)),
+            Step::FailCommit => self.sim.fail_next_commit(),
+        }
+        self.observe();
+    }
+
+    fn check_store(&self) -> Result<(), String> {
+        let stored = self.sim.stored();
+        for name in CLIENTS {
+            let live = self.sim.broker.session_state(name);
+            let kept = stored.sessions.get(name).map(|s| &s.delivery);
+            if live != kept {
+                return Err(format!(
+                    "the store does not hold session {name}'s live state:\nlive {live:?}\nstored {kept:?}"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn check_once(&self) -> Result<(), String> {
+        for (&(i, n), &times) in &self.delivered {
+            if self.published[n].0 == QoS::ExactlyOnce && times > 1 {
+                return Err(format!(
+                    "QoS 2 message m{n} reached {} {times} times as new",
+                    CLIENTS[i]
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn check_delivered(&self) -> Result<(), String> {
+        for &n in &self.acknowledged {
+            let (_, subscribers) = self.published[n];
+            for (i, subscribed) in subscribers.iter().enumerate() {
+                if *subscribed && !self.delivered.contains_key(&(i, n)) {
+                    return Err(format!(
+                        "acknowledged message m{n} never reached subscriber {}",
+                        CLIENTS[i]
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 }
