@@ -615,3 +615,65 @@ fn messages_older_than_the_queue_age_limit_are_not_delivered() {
     assert_eq!(sim.received(a), ["young"]);
     assert_eq!(sim.broker.dropped_expired(), 1);
 }
+
+// ---- silence and withheld acknowledgements, on the simulated clock -------------------
+
+#[test]
+fn a_silent_client_is_closed_at_one_and_a_half_keep_alives_and_its_will_published() {
+    let mut sim = Sim::new(Settings::default());
+    let watch = watcher(&mut sim);
+    let mut c = will_client(0, 0);
+    c.keep_alive = 10;
+    let silent = sim.connect(c);
+    // The watcher keeps talking; the other says nothing. [MQTT-3.1.2-22]
+    for _ in 0..14 {
+        sim.advance(S);
+        sim.send(watch, Packet::PingReq);
+    }
+    sim.advance(Duration::from_millis(999));
+    assert!(
+        !sim.outputs.contains(&Output::Close(silent)),
+        "still open 14.999 s after its last packet"
+    );
+    assert!(sim.received(watch).is_empty());
+    sim.advance(Duration::from_millis(1));
+    assert!(
+        sim.outputs.contains(&Output::Close(silent)),
+        "closed at 15 s, 1.5 x the keep alive"
+    );
+    assert_eq!(sim.received(watch), ["gone"], "and its will published");
+}
+
+#[test]
+fn a_failed_commit_withholds_the_acknowledgement_and_loses_nothing_acknowledged() {
+    let mut sim = Sim::new(Settings::default());
+    sim.offline_subscriber(v5_persistent("sub", 3600), "t", QoS::AtLeastOnce);
+    let p = sim.connect(Connect::new(Protocol::V3_1_1, "p"));
+    sim.publish(p, "t", "before", 1);
+    assert_eq!(
+        puback_reasons(&sim, p).len(),
+        1,
+        "acknowledged once written"
+    );
+
+    sim.fail_next_commit();
+    sim.publish(p, "t", "during", 2);
+    assert!(
+        sim.outputs.is_empty(),
+        "nothing that waited on the failed commit goes out (no PUBACK), and the host \
+         restarted from the last commit"
+    );
+    assert_eq!(sim.failed_commits, 1);
+
+    let p = sim.connect(Connect::new(Protocol::V3_1_1, "p"));
+    sim.publish(p, "t", "after", 3);
+    assert_eq!(puback_reasons(&sim, p).len(), 1, "acknowledged again");
+
+    let sub = sim.connect(v5_persistent("sub", 3600));
+    assert!(connack_session_present(&sim, sub));
+    assert_eq!(
+        sim.received(sub),
+        ["before", "after"],
+        "the acknowledged messages, not the one never acknowledged"
+    );
+}
