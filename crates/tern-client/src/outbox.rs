@@ -65,9 +65,10 @@ impl Outbox {
         .map_err(|e| Error::Outbox(e.to_string()))?
     }
 
-    /// Writes what changed in `state` since the last call, durably (fsync), in one commit.
-    pub(crate) async fn save(&mut self, state: &mut SessionState) -> Result<(), Error> {
-        match state.take_changes() {
+    /// Writes `changes` (what changed in the session since the last call: the engine's
+    /// or the held state's `take_changes`), durably (fsync), in one commit.
+    pub(crate) async fn save(&mut self, changes: Option<Changes>) -> Result<(), Error> {
+        match changes {
             None => return Ok(()),
             Some(Changes::Some(changes)) => {
                 if changes.is_empty() {

@@ -238,6 +238,9 @@ pub struct Connection {
     outbound_aliases: alias::Outbound,
     /// Inbound QoS 1 ids delivered but not yet acknowledged (acknowledge-later mode).
     pending_puback: IdMap<()>,
+    /// SUBSCRIBE / UNSUBSCRIBE sent and not yet answered (client side): their ids are not
+    /// reused meanwhile. Not part of the session: they end with the connection.
+    requests: IdMap<()>,
     /// Inbound QoS 2 PUBLISH packets answered without delivering them again.
     duplicates: u64,
 }
@@ -277,6 +280,7 @@ impl Connection {
             last_sent: now,
             ping_sent_at: None,
             pending_puback: IdMap::default(),
+            requests: IdMap::default(),
             duplicates: 0,
         };
         let resend: Vec<(PacketId, OutboundState)> =
@@ -307,6 +311,17 @@ impl Connection {
     /// [`SessionState::drop_unreleased_inbound`]).
     pub fn session_mut(&mut self) -> &mut SessionState {
         &mut self.session
+    }
+
+    /// Starts the change journal of the session (see [`SessionState::track`]).
+    pub fn track(&mut self, known: bool) {
+        self.session.track(known);
+    }
+
+    /// The session's changes since the last call (see [`SessionState::take_changes`]), for
+    /// the owner to persist before it sends what they produced.
+    pub fn take_changes(&mut self) -> Option<crate::Changes> {
+        self.session.take_changes()
     }
 
     /// Whether a QoS 1/2 message published now would wait in the session's queue: the
@@ -374,11 +389,17 @@ impl Connection {
             Packet::Connect(_) | Packet::ConnAck(_) => {
                 return Err(ProtocolError::UnexpectedPacket(packet.packet_type()));
             }
-            other @ (Packet::Subscribe(_)
-            | Packet::SubAck(_)
-            | Packet::Unsubscribe(_)
-            | Packet::UnsubAck(_)
-            | Packet::Auth(_)) => self.events.push_back(Event::Control(other)),
+            Packet::SubAck(a) => {
+                self.requests.remove(&a.packet_id);
+                self.events.push_back(Event::Control(Packet::SubAck(a)));
+            }
+            Packet::UnsubAck(a) => {
+                self.requests.remove(&a.packet_id);
+                self.events.push_back(Event::Control(Packet::UnsubAck(a)));
+            }
+            other @ (Packet::Subscribe(_) | Packet::Unsubscribe(_) | Packet::Auth(_)) => {
+                self.events.push_back(Event::Control(other));
+            }
         }
         Ok(())
     }
@@ -639,6 +660,52 @@ impl Connection {
         false
     }
 
+    /// Client side: sends a SUBSCRIBE for `subscriptions` under a packet id no other flow
+    /// uses until the SUBACK comes ([`Event::Control`] with that id); the id, or
+    /// `IdsExhausted` if every id is in use.
+    pub fn subscribe(
+        &mut self,
+        subscriptions: Vec<tern_codec::Subscription>,
+    ) -> Result<PacketId, crate::IdsExhausted> {
+        let id = self.request_id()?;
+        self.transmit
+            .push_back(Packet::Subscribe(tern_codec::Subscribe {
+                packet_id: id,
+                subscriptions,
+                properties: Default::default(),
+            }));
+        Ok(id)
+    }
+
+    /// Client side: sends an UNSUBSCRIBE for `filters`, as [`Connection::subscribe`].
+    pub fn unsubscribe(
+        &mut self,
+        filters: Vec<tern_codec::TopicFilter>,
+    ) -> Result<PacketId, crate::IdsExhausted> {
+        let id = self.request_id()?;
+        self.transmit
+            .push_back(Packet::Unsubscribe(tern_codec::Unsubscribe {
+                packet_id: id,
+                filters,
+                properties: Default::default(),
+            }));
+        Ok(id)
+    }
+
+    /// SUBSCRIBE / UNSUBSCRIBE sent on this connection and not yet answered.
+    pub fn requests_pending(&self) -> usize {
+        self.requests.len()
+    }
+
+    fn request_id(&mut self) -> Result<PacketId, crate::IdsExhausted> {
+        let requests = &self.requests;
+        let id = self
+            .session
+            .allocate_id_skipping(|id| requests.contains_key(&id), requests.len())?;
+        self.requests.insert(id, ());
+        Ok(id)
+    }
+
     /// Ends the connection from our side: a DISCONNECT with `reason` in 5.0; in 3.x, where
     /// only a client sends DISCONNECT, a server just closes.
     pub fn disconnect(&mut self, reason: ReasonCode) {
@@ -739,7 +806,11 @@ impl Connection {
             return Ok(());
         }
         let previous = self.session.last_id();
-        let Ok(id) = self.session.allocate_id() else {
+        let requests = &self.requests;
+        let Ok(id) = self
+            .session
+            .allocate_id_skipping(|id| requests.contains_key(&id), requests.len())
+        else {
             return Err(message);
         };
         let publish = message.to_publish(QosPid::new(message.qos, id), false, now);

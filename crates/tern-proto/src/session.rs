@@ -280,14 +280,25 @@ impl SessionState {
     /// The next free packet id after the last one handed out, wrapping from 65,535 to 1 and
     /// skipping ids still in flight.
     pub fn allocate_id(&mut self) -> Result<PacketId, IdsExhausted> {
-        if self.inflight.len() >= usize::from(u16::MAX) {
+        self.allocate_id_skipping(|_| false, 0)
+    }
+
+    /// As [`SessionState::allocate_id`], also skipping the `busy` ids of `others` requests
+    /// outside the session (SUBSCRIBE and UNSUBSCRIBE waiting for their answer)
+    /// [MQTT-2.2.1-3].
+    pub(crate) fn allocate_id_skipping(
+        &mut self,
+        busy: impl Fn(PacketId) -> bool,
+        others: usize,
+    ) -> Result<PacketId, IdsExhausted> {
+        if self.inflight.len() + others >= usize::from(u16::MAX) {
             return Err(IdsExhausted);
         }
         let mut candidate = self.last_id;
         loop {
             candidate = candidate.checked_add(1).unwrap_or(1);
             let id = PacketId::new(candidate).ok_or(IdsExhausted)?;
-            if !self.inflight.contains_key(&id) {
+            if !self.inflight.contains_key(&id) && !busy(id) {
                 self.last_id = candidate;
                 return Ok(id);
             }

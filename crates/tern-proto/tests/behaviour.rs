@@ -528,3 +528,42 @@ fn a_qos0_message_queued_while_offline_is_sent_in_order_without_a_packet_id() {
     );
     assert_quiet(&pair);
 }
+
+#[test]
+fn a_publish_never_takes_the_packet_id_of_a_subscribe_awaiting_its_suback() {
+    let now = std::time::Instant::now();
+    let mut client = Connection::new(
+        Config::new(Role::Client, Protocol::V5),
+        SessionState::new(),
+        false,
+        now,
+    );
+    let filter = tern_codec::TopicFilter::new("t/#").unwrap();
+    let sub = client
+        .subscribe(vec![tern_codec::Subscription {
+            filter,
+            options: Default::default(),
+        }])
+        .unwrap();
+    assert!(matches!(client.poll_transmit(now), Some(Packet::Subscribe(s)) if s.packet_id == sub));
+    // Every id goes round once while the SUBACK is outstanding [MQTT-2.2.1-3].
+    for n in 0..70_000u32 {
+        let topic = tern_codec::TopicName::new("t/x").unwrap();
+        client.publish(tern_proto::Message::new(topic, "m", QoS::AtLeastOnce), now);
+        let Some(Packet::Publish(p)) = client.poll_transmit(now) else {
+            panic!("publish {n} not sent");
+        };
+        let id = p.packet_id().unwrap();
+        assert_ne!(id, sub, "publish {n} reused the SUBSCRIBE's id");
+        client
+            .handle_packet(Packet::PubAck(tern_codec::Ack::new(id)), now)
+            .unwrap();
+    }
+    let suback = tern_codec::SubAck {
+        packet_id: sub,
+        reasons: vec![ReasonCode::Success],
+        properties: Default::default(),
+    };
+    client.handle_packet(Packet::SubAck(suback), now).unwrap();
+    assert_eq!(client.requests_pending(), 0, "the id is free again");
+}
