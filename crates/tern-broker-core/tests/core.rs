@@ -9,7 +9,19 @@ use std::num::NonZeroU16;
 use std::time::Duration;
 
 use tern_broker_core::sim::Sim;
-use tern_broker_core::{ConnId, Output, QueuePolicy, Settings};
+use tern_broker_core::{ConnId, DropReason, Output, QueuePolicy, Settings};
+
+/// Messages dropped because a session queue was full (or refused for it).
+fn dropped(sim: &Sim) -> u64 {
+    let c = sim.broker.counters();
+    c.dropped(DropReason::QueueFull) + c.dropped(DropReason::Quota)
+}
+
+/// Sessions, online and offline.
+fn sessions(sim: &Sim) -> usize {
+    let g = sim.broker.gauges(sim.now, 0);
+    g.online + g.offline
+}
 use tern_codec::properties::{ConnectProperties, WillProperties};
 use tern_codec::{Connect, LastWill, Packet, Protocol, Publish, QoS, QosPid, TopicName};
 
@@ -32,7 +44,7 @@ fn queue_case(policy: QueuePolicy, max_messages: usize, max_bytes: usize) -> (Ve
         sim.publish(b, "t", &format!("m{i}"), i + 1);
     }
     let a2 = sim.connect(persistent("a"));
-    (sim.received(a2), sim.broker.dropped_count())
+    (sim.received(a2), dropped(&sim))
 }
 
 #[test]
@@ -89,7 +101,7 @@ fn online_queue_case(policy: QueuePolicy) -> (Vec<String>, u64) {
         sim.send(a, Packet::PubAck(tern_codec::Ack::new(id)));
         acked += 1;
     }
-    (sim.received(a), sim.broker.dropped_count())
+    (sim.received(a), dropped(&sim))
 }
 
 #[test]
@@ -138,7 +150,7 @@ fn a_shared_group_passes_over_a_member_whose_window_is_full() {
         12,
         "every message to one member"
     );
-    assert_eq!(sim.broker.dropped_count(), 0, "nothing dropped");
+    assert_eq!(dropped(&sim), 0, "nothing dropped");
 }
 
 #[test]
@@ -163,7 +175,7 @@ fn a_full_online_queue_refuses_the_publish_with_0x97_under_reject() {
         sim.send(a, Packet::PubAck(tern_codec::Ack::new(last)));
     }
     assert_eq!(sim.received(a), ["m0", "m1"]);
-    assert_eq!(sim.broker.dropped_count(), 1);
+    assert_eq!(dropped(&sim), 1);
 }
 
 fn will_client(delay: u32, session_expiry: u32) -> Connect {
@@ -236,11 +248,7 @@ fn a_delayed_will_is_published_when_the_session_ends_first() {
         ["gone"],
         "at session end, before the 30 s delay"
     );
-    assert_eq!(
-        sim.broker.session_count(),
-        1,
-        "only the watcher's session is left"
-    );
+    assert_eq!(sessions(&sim), 1, "only the watcher's session is left");
 }
 
 fn v5_persistent(id: &str, expiry: u32) -> Connect {
@@ -327,9 +335,9 @@ fn session_expiry_and_will_delay_count_in_wall_clock_time_across_a_restart() {
     assert!(sim.received(watch).is_empty(), "not before the delay");
     sim.advance(2 * S);
     assert_eq!(sim.received(watch), ["gone"]);
-    assert_eq!(sim.broker.session_count(), 2);
+    assert_eq!(sessions(&sim), 2);
     sim.advance(30 * S);
-    assert_eq!(sim.broker.session_count(), 1, "the session expired");
+    assert_eq!(sessions(&sim), 1, "the session expired");
     assert!(sim.stored().sessions.is_empty(), "and left the store");
 }
 
@@ -427,8 +435,8 @@ fn expired_messages_make_room_in_a_full_offline_queue_before_live_ones_are_dropp
     sim.publish(b, "t", "live", 2);
     sim.advance(2 * S);
     sim.publish(b, "t", "new", 3);
-    assert_eq!(sim.broker.dropped_count(), 0, "no live message dropped");
-    assert_eq!(sim.broker.dropped_expired(), 1);
+    assert_eq!(dropped(&sim), 0, "no live message dropped");
+    assert_eq!(sim.broker.counters().dropped(DropReason::Expired), 1);
     assert_eq!(sim.stored().sessions["a"].delivery.queued_len(), 2);
     let a = sim.connect(v5_persistent("a", 3600));
     assert_eq!(sim.received(a), ["live", "new"]);
@@ -444,7 +452,7 @@ fn an_expired_retained_message_is_deleted_not_sent() {
     let c = sim.connect(Connect::new(Protocol::V5, "c"));
     sim.subscribe(c, "r/#", QoS::AtLeastOnce);
     assert_eq!(sim.received(c), ["fresh"]);
-    assert_eq!(sim.broker.retained_count(), 1);
+    assert_eq!(sim.broker.gauges(sim.now, 0).retained, 1);
     assert_eq!(sim.stored().retained.len(), 1);
 }
 
@@ -589,7 +597,7 @@ fn a_full_offline_queue_refuses_the_publish_with_0x97_under_reject() {
         ["m0", "m1"],
         "a refused message goes to nobody, so a retry cannot duplicate it"
     );
-    assert_eq!(sim.broker.dropped_count(), 1);
+    assert_eq!(dropped(&sim), 1);
     // A 3.x publisher has no reason code to read: its connection is closed instead.
     let old = sim.connect(Connect::new(Protocol::V3_1_1, "old"));
     sim.publish(old, "t", "m3", 1);
@@ -613,7 +621,7 @@ fn messages_older_than_the_queue_age_limit_are_not_delivered() {
     sim.advance(5 * S);
     let a = sim.connect(persistent("a"));
     assert_eq!(sim.received(a), ["young"]);
-    assert_eq!(sim.broker.dropped_expired(), 1);
+    assert_eq!(sim.broker.counters().dropped(DropReason::Expired), 1);
 }
 
 // ---- silence and withheld acknowledgements, on the simulated clock -------------------

@@ -50,26 +50,6 @@ impl Broker {
         })
     }
 
-    /// How many sessions exist (online and offline).
-    pub fn session_count(&self) -> usize {
-        self.sessions.len()
-    }
-
-    /// Messages dropped because an offline queue was full (or refused for it).
-    pub fn dropped_count(&self) -> u64 {
-        self.counters.dropped(DropReason::QueueFull) + self.counters.dropped(DropReason::Quota)
-    }
-
-    /// Messages dropped because their Message Expiry Interval passed before delivery.
-    pub fn dropped_expired(&self) -> u64 {
-        self.counters.dropped(DropReason::Expired)
-    }
-
-    /// Messages not sent to a client because they exceed its Maximum Packet Size.
-    pub fn dropped_too_large(&self) -> u64 {
-        self.counters.dropped(DropReason::TooLarge)
-    }
-
     /// Sessions, subscriptions, queues and flows as they are at `now`, with the `top`
     /// sessions whose queues are deepest.
     pub fn gauges(&self, now: Instant, top: usize) -> Gauges {
@@ -116,16 +96,6 @@ impl Broker {
         // The broker's own $SYS messages are not counted.
         g.retained = self.retained.keys().filter(|t| !routing::is_sys(t)).count();
         g
-    }
-
-    /// Retained messages held.
-    pub fn retained_count(&self) -> usize {
-        self.retained.len()
-    }
-
-    /// Publishes, subscriptions, deliveries and wills the ACL refused so far.
-    pub fn denied(&self) -> u64 {
-        self.counters.dropped(DropReason::NotAuthorized) + self.counters.subscriptions_denied
     }
 
     /// What this broker has counted.
