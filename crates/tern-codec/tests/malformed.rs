@@ -1,6 +1,9 @@
 //! One test per rule the decoder enforces on hostile input: each names the claim, feeds
 //! bytes that break exactly that rule, and checks the distinct error and the reason code a
 //! server would send for it.
+//!
+//! Longer than most files on purpose: it is the decoder's rule book, one short test per
+//! rule in the order of the standard, and reads best whole.
 
 // A failed unwrap in a test is a failed test, with the value in the message.
 #![allow(clippy::unwrap_used)]
