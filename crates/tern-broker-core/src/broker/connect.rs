@@ -12,7 +12,7 @@ impl Broker {
             Admission::Granted(connect) => self.handle_packet(conn, Packet::Connect(connect), now),
             Admission::Refused(protocol, refusal) => {
                 self.refuse_before_connect(conn, protocol, refusal);
-                self.commit();
+                self.commit(now);
             }
         }
     }
@@ -162,6 +162,7 @@ impl Broker {
                 rate: (now, 0),
                 queue_full_logged: None,
                 scheduled: None,
+                drain_due: false,
             })
         });
         session.expiry = expiry;

@@ -9,7 +9,7 @@ impl Broker {
     pub fn handle_closed(&mut self, conn: ConnId, now: Instant) {
         self.close(conn, now, &"connection closed by the peer or lost");
         self.peers.remove(&conn);
-        self.commit();
+        self.commit(now);
     }
 
     /// Ends the connection's part in its session; `why` goes to the log.
@@ -94,7 +94,7 @@ impl Broker {
             self.touch(&client_id);
             self.park(&client_id, now);
         }
-        self.commit();
+        self.commit(now);
     }
 
     /// Moves what the session's engine produced into outputs and acts on its events.

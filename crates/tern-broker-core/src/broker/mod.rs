@@ -115,6 +115,8 @@ struct Session {
     queue_full_logged: Option<Instant>,
     /// The time of this session's live entry in [`Broker::timers`], if it has one.
     scheduled: Option<Instant>,
+    /// Listed in `Broker::drain_due`: its engine has something to send.
+    drain_due: bool,
 }
 
 /// How often a session's full queue is logged while it keeps dropping messages.
@@ -198,6 +200,8 @@ pub struct Broker {
     batch: Vec<Op>,
     /// Sessions whose delivery state may have changed in this input.
     touched: Vec<Str>,
+    /// Sessions given messages in this input, drained when it ends.
+    drain_due: Vec<Str>,
     /// One instant and the wall-clock time it corresponds to, both passed in: stored
     /// deadlines are wall-clock, the core's are monotonic.
     anchor: (Instant, SystemTime),
@@ -246,6 +250,7 @@ impl Broker {
             settings,
             batch: Vec::new(),
             touched: Vec::new(),
+            drain_due: Vec::new(),
             anchor: (now, wall),
             sessions: HashMap::new(),
             conns: ConnMap::default(),
@@ -292,6 +297,7 @@ impl Broker {
                 rate: (now, 0),
                 queue_full_logged: None,
                 scheduled: None,
+                drain_due: false,
             };
             broker.sessions.insert(client_id.clone(), Box::new(session));
             broker.schedule(&client_id);
@@ -352,7 +358,7 @@ impl Broker {
                 // [MQTT-3.1.0-1]: the first packet must be CONNECT.
                 _ => self.outputs.push_back(Output::Close(conn)),
             }
-            self.commit();
+            self.commit(now);
             return;
         };
         let Some(session) = self.sessions.get_mut(&client_id) else {
@@ -370,7 +376,7 @@ impl Broker {
         }
         self.touch(&client_id);
         self.drain(&client_id, now);
-        self.commit();
+        self.commit(now);
     }
 
     /// Bytes from `conn` that do not decode. Before CONNECT the version is unknown, so a
@@ -414,7 +420,7 @@ impl Broker {
                 }
             }
         }
-        self.commit();
+        self.commit(now);
     }
 }
 

@@ -410,7 +410,9 @@ impl Broker {
         match &mut session.conn {
             Link::Online((_, c)) => {
                 c.publish(message, now);
-                self.drain(client_id, now);
+                // Drained once when the input ends: a fan-out does not drain each
+                // subscriber inside the publisher's drain.
+                self.drain_later(client_id);
             }
             Link::Offline(stored) => stored.enqueue(message),
         }

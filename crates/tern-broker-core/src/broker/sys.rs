@@ -153,6 +153,6 @@ impl Broker {
             self.route(message, None, now);
             self.sys.last.insert(name, value);
         }
-        self.commit();
+        self.commit(now);
     }
 }

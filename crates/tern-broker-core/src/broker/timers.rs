@@ -35,7 +35,7 @@ impl Broker {
             self.session_timeout(&client_id, now);
             self.schedule(&client_id);
         }
-        self.commit();
+        self.commit(now);
     }
 
     /// Puts the session in [`Broker::timers`] if what it has due is earlier than its

@@ -232,20 +232,13 @@ async fn session_io(
         Start::Connected(v) | Start::Refused(v) => v,
         Start::Ended => Protocol::V3_1_1,
     };
-    // A Close from the core, or the core gone: write what is left, then end.
-    let mut closing = false;
-    // False once reading has ended: from then on the connection only writes what the
-    // core still sends, until the core lets go of it.
-    let mut reading = match start {
-        Start::Connected(v) => {
-            // Whatever arrived along with the CONNECT.
-            !decode_all(conn, &mut rbuf, v, l, Instant::now())
-        }
-        // The core was told and answers with the CONNACK and a close.
-        Start::Refused(_) => false,
-        Start::Ended => false,
+    let mut phase = match start {
+        // Whatever arrived along with the CONNECT.
+        Start::Connected(v) if !decode_all(conn, &mut rbuf, v, l, Instant::now()) => Phase::Open,
+        // The core was told of a refusal and answers with the CONNACK and a close.
+        Start::Connected(_) | Start::Refused(_) | Start::Ended => Phase::Draining,
     };
-    if !reading {
+    if !phase.reading() {
         stop_reading(l, conn, version);
     }
     if rbuf.is_empty() {
@@ -261,11 +254,11 @@ async fn session_io(
     let mut timer = l.write_coalesce.map(|w| WriteTimer::new(Some(w)));
     loop {
         let writing = !wbuf.is_empty() || unflushed;
-        if !reading && closing && !writing {
+        if phase == Phase::Closing && !writing {
             let _ = writer.as_dyn().shutdown().await;
             break;
         }
-        if !reading {
+        if !phase.reading() {
             // What is left to write gets at most the CONNECT timeout: a client that stopped
             // sending and never reads would otherwise hold the task, its buffers and its
             // place under the connection limits for good.
@@ -273,21 +266,22 @@ async fn session_io(
                 .get_or_insert_with(|| WriteTimer::new(None))
                 .linger(l.connect_timeout);
         }
+        let closing = phase.closing();
         let held = !wbuf.is_empty() && !closing && timer.as_mut().is_some_and(|t| t.holds());
         // The write branch watches the timer: the end of a coalescing window, or the
         // deadline for writing once reading has ended.
-        let watch = if held || !reading {
+        let watch = if held || !phase.reading() {
             timer.as_deref_mut()
         } else {
             None
         };
         tokio::select! {
-            read = reader.read_some(&mut rbuf, chunk), if reading => {
+            read = reader.read_some(&mut rbuf, chunk), if phase.reading() => {
                 let read_at = Instant::now();
                 let n = match read {
                     Ok(n) if n > 0 => n,
                     _ => {
-                        reading = false;
+                        phase = phase.read_ended();
                         stop_reading(l, conn, version);
                         continue;
                     }
@@ -301,7 +295,7 @@ async fn session_io(
                 }
                 let v = wire;
                 if decode_all(conn, &mut rbuf, v, l, read_at) {
-                    reading = false;
+                    phase = phase.read_ended();
                     stop_reading(l, conn, version);
                 }
             }
@@ -333,7 +327,7 @@ async fn session_io(
             // While a write is held back, what the core sends joins it.
             msgs = rx.recv_all(), if (!writing || held) && !closing => {
                 let Some(msgs) = msgs else {
-                    closing = true;
+                    phase = phase.core_gone();
                     continue;
                 };
                 let now = Instant::now();
@@ -352,11 +346,11 @@ async fn session_io(
                             l.metrics.written(&packets, wbuf.len() - before, since, now);
                         }
                         ToConn::Close => {
-                            closing = true;
                             // Nothing read after the close is acted on.
-                            if std::mem::take(&mut reading) {
+                            if phase.reading() {
                                 stop_reading(l, conn, version);
                             }
+                            phase = Phase::Closing;
                             break;
                         }
                     }
@@ -366,8 +360,50 @@ async fn session_io(
         }
     }
     // Writing failed or ended: the client is gone, whatever the core still sends.
-    if reading {
+    if phase.reading() {
         stop_reading(l, conn, version);
+    }
+}
+
+/// Where a connection is in its life once CONNECT is past. (What waits to be written is
+/// the write buffer's state, apart from this.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Reading what the client sends, writing what the core sends.
+    Open,
+    /// Reading has ended (the client's EOF, malformed input, a refusal): only what the
+    /// core still sends is written, until the core closes the connection.
+    Draining,
+    /// The core is gone while the client still sends: reading goes on until it stops;
+    /// nothing more will come to write.
+    Orphaned,
+    /// The core closed the connection (or is gone and reading has ended): what is left is
+    /// written, then the connection ends.
+    Closing,
+}
+
+impl Phase {
+    fn reading(self) -> bool {
+        matches!(self, Phase::Open | Phase::Orphaned)
+    }
+
+    /// Nothing more comes from the core.
+    fn closing(self) -> bool {
+        matches!(self, Phase::Orphaned | Phase::Closing)
+    }
+
+    fn read_ended(self) -> Phase {
+        match self {
+            Phase::Open | Phase::Draining => Phase::Draining,
+            Phase::Orphaned | Phase::Closing => Phase::Closing,
+        }
+    }
+
+    fn core_gone(self) -> Phase {
+        match self {
+            Phase::Open | Phase::Orphaned => Phase::Orphaned,
+            Phase::Draining | Phase::Closing => Phase::Closing,
+        }
     }
 }
 
