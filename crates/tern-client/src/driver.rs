@@ -2,27 +2,26 @@
 //! reconnects with backoff, keeps the outbox, and answers the application's commands.
 
 use super::*;
+use crate::state::{ClientState, Offline, Then};
 
 /// How long a CONNECT may wait for its CONNACK.
 const CONNACK_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// One connection with its engine.
+/// One connection's transport and what has been read from it.
 pub(crate) struct Link {
     pub(crate) stream: Box<dyn transport::Io>,
-    pub(crate) conn: Connection,
     pub(crate) read: BytesMut,
-    pub(crate) session_present: bool,
-    /// Messages of the previous session the broker no longer had: sent again as new.
-    pub(crate) orphans: Vec<Message>,
 }
 
 impl Link {
+    /// Connects, sends CONNECT and waits for the CONNACK, which `state` takes (see
+    /// [`ClientState::handle_connack`]); session present.
     pub(crate) async fn open(
         options: &Options,
         clean_start: bool,
-        held: &mut SessionState,
+        state: &mut ClientState,
         established: bool,
-    ) -> Result<Link, Error> {
+    ) -> Result<(Link, bool), Error> {
         let addr = format!("{}:{}", options.host, options.port);
         let mut stream = transport::open(&options.transport, &options.host, options.port).await?;
         let connect = options.connect_packet(clean_start);
@@ -60,143 +59,62 @@ impl Link {
         .ok()
         .flatten()
         .ok_or_else(|| Error::NoConnAck(addr.clone()))?;
-        if ack.reason.is_error() {
-            return Err(Error::Refused(ack.reason));
-        }
-        let config = Config::negotiate(
-            Role::Client,
+        let present = state.handle_connack(
             &connect,
             &ack,
-            AckMode::Immediate,
             options.inflight,
-        );
-        // Connected: the engine takes over the session state.
-        let mut state = std::mem::replace(held, SessionState::new());
-        let mut orphans = Vec::new();
-        if established && !ack.session_present {
-            // The broker lost the session: what was in flight or queued goes again, as
-            // new messages (QoS 1: at least once still holds; QoS 2 may be doubled if
-            // the broker had it, which the broker's loss makes unknowable).
-            orphans = state.take_redeliverable(|_| true, true);
-            state = SessionState::new();
-        }
-        let conn = Connection::new(config, state, ack.session_present, Instant::now());
-        Ok(Link {
-            stream,
-            conn,
-            read,
-            session_present: ack.session_present,
-            orphans,
-        })
+            established,
+            Instant::now(),
+        )?;
+        Ok((Link { stream, read }, present))
     }
 }
 
-/// Waiting publishes and requests, across connections.
-#[derive(Default)]
-pub(crate) struct Pending {
-    /// QoS 1/2 publishes by tag.
-    pub(crate) publishes: HashMap<u32, Done<ReasonCode>>,
-    /// QoS 0 publishes queued to the socket, resolved after the next write.
-    pub(crate) written: Vec<Done<ReasonCode>>,
-    /// SUBSCRIBE / UNSUBSCRIBE by packet id.
-    pub(crate) requests: HashMap<PacketId, Done<Vec<ReasonCode>>>,
-    /// [`Client::wait_idle`] callers.
-    pub(crate) idle: Vec<oneshot::Sender<()>>,
-    pub(crate) next_tag: u32,
-}
-
-impl Pending {
-    /// A tag for the next QoS 1/2 publish: never 0 (no tag), never one still pending
-    /// (it wraps after 4 billion publishes).
-    pub(crate) fn tag(&mut self) -> u32 {
-        loop {
-            self.next_tag = self.next_tag.wrapping_add(1);
-            if self.next_tag != 0 && !self.publishes.contains_key(&self.next_tag) {
-                return self.next_tag;
-            }
-        }
-    }
-
-    /// Answers the idle waiters if `session` has nothing in flight or waiting.
-    pub(crate) fn check_idle(&mut self, session: &SessionState) {
-        if !self.idle.is_empty() && session.inflight_len() == 0 && session.queued_len() == 0 {
-            for done in self.idle.drain(..) {
-                let _ = done.send(());
-            }
-        }
-    }
-}
-
+/// The client's task: serves each connection, and between them waits out the backoff
+/// (publishes meanwhile wait in the held session) and connects again.
 pub(crate) async fn drive(
     options: Options,
     mut link: Link,
+    mut state: ClientState,
     mut outbox: Option<outbox::Outbox>,
     mut commands: mpsc::UnboundedReceiver<Command>,
     events: EventTx,
 ) {
-    let mut pending = Pending::default();
     let mut out = BytesMut::new();
-    let mut attempt = 0u32;
     loop {
-        for m in std::mem::take(&mut link.orphans) {
-            link.conn.publish(m, Instant::now());
-        }
         let (reason, quit) = serve(
             &options,
             &mut link,
+            &mut state,
             &mut outbox,
             &mut commands,
             &events,
-            &mut pending,
             &mut out,
         )
         .await;
         events.send(vec![Event::Disconnected {
             reason: reason.clone(),
         }]);
-        for (_, done) in pending.requests.drain() {
-            let _ = done.send(Err(Error::Closed));
-        }
-        for done in pending.written.drain(..) {
-            let _ = done.send(Err(Error::Closed));
-        }
-        let mut state = link.conn.into_session();
+        state.connection_lost();
         let backoff = match (quit, options.reconnect) {
             (false, Some(b)) => b,
             _ => {
-                for (_, done) in pending.publishes.drain() {
-                    let _ = done.send(Err(Error::Closed));
-                }
+                state.fail_publishes();
                 return;
             }
         };
-        // Reconnect; publishes wait in the session's queue meanwhile (bounded).
         link = loop {
-            let wait = delay(backoff, attempt, jitter_seed());
-            attempt = attempt.saturating_add(1);
-            let sleep = tokio::time::sleep(wait);
+            let sleep = tokio::time::sleep(state.next_attempt(backoff, jitter_seed()));
             tokio::pin!(sleep);
             loop {
                 tokio::select! {
                     () = &mut sleep => break,
-                    c = commands.recv() => match c {
-                        None => return,
-                        Some(Command::Disconnect(done)) => {
-                            for (_, d) in pending.publishes.drain() {
-                                let _ = d.send(Err(Error::Closed));
-                            }
-                            let _ = done.send(());
-                            return;
-                        }
-                        Some(Command::Publish(mut m, done)) => {
-                            if m.qos == QoS::AtMostOnce {
-                                let _ = done.send(Err(Error::Closed));
-                            } else if pending.publishes.len() >= options.max_pending {
-                                let _ = done.send(Err(Error::Backlog));
-                            } else {
-                                m.tag = pending.tag();
-                                let tag = m.tag;
-                                state.enqueue(m);
+                    c = commands.recv() => {
+                        let Some(c) = c else { return };
+                        match state.command_offline(c) {
+                            Offline::Done => {}
+                            Offline::Quit => return,
+                            Offline::Queued(tag, done) => {
                                 // Kept before the caller learns it is waiting.
                                 if let Some(o) = &mut outbox
                                     && let Err(e) = o.save(state.take_changes()).await
@@ -205,13 +123,9 @@ pub(crate) async fn drive(
                                     let _ = done.send(Err(e));
                                     return;
                                 }
-                                pending.publishes.insert(tag, done);
+                                state.wait_for(tag, done);
                             }
                         }
-                        Some(Command::Subscribe(_, done) | Command::Unsubscribe(_, done)) => {
-                            let _ = done.send(Err(Error::Closed));
-                        }
-                        Some(Command::Idle(done)) => pending.idle.push(done),
                     }
                 }
             }
@@ -219,11 +133,8 @@ pub(crate) async fn drive(
             // (and what waited is sent as new).
             let clean = options.session_expiry.is_zero();
             match Link::open(&options, clean, &mut state, true).await {
-                Ok(l) => {
-                    attempt = 0;
-                    events.send(vec![Event::Connected {
-                        session_present: l.session_present,
-                    }]);
+                Ok((l, session_present)) => {
+                    events.send(vec![Event::Connected { session_present }]);
                     break l;
                 }
                 Err(e) => tracing::debug!(error = %e, "reconnect failed"),
@@ -256,95 +167,36 @@ fn jitter_seed() -> u32 {
 pub(crate) async fn serve(
     options: &Options,
     link: &mut Link,
+    state: &mut ClientState,
     outbox: &mut Option<outbox::Outbox>,
     commands: &mut mpsc::UnboundedReceiver<Command>,
     events: &EventTx,
-    pending: &mut Pending,
     out: &mut BytesMut,
 ) -> (String, bool) {
     let v = options.protocol;
-    if outbox.is_some() {
-        // A session that replaced a lost one is written whole.
-        link.conn.track(false);
-    }
     loop {
         // Events first: they may resolve publishes and requests. Messages go to the
         // application together, once every event is seen.
-        let mut messages = Vec::new();
-        while let Some(e) = link.conn.poll_event() {
-            match e {
-                tern_proto::Event::Message { message, .. } => {
-                    messages.push(Event::Message(message));
-                }
-                tern_proto::Event::Acknowledged {
-                    message, reason, ..
-                } => {
-                    // PUBCOMP 0x92 answers a PUBREL resent after a cut: the broker had
-                    // completed the flow (the session is the one that took the PUBREC),
-                    // so the message was delivered, once.
-                    let reason = match (message.qos, reason) {
-                        (QoS::ExactlyOnce, ReasonCode::PacketIdentifierNotFound) => {
-                            ReasonCode::Success
-                        }
-                        (_, r) => r,
-                    };
-                    if let Some(done) = pending.publishes.remove(&message.tag) {
-                        let _ = done.send(Ok(reason));
-                    }
-                }
-                tern_proto::Event::Dropped { message, reason } => {
-                    let why = match reason {
-                        tern_proto::DropReason::Expired => "expired before it could be sent",
-                        tern_proto::DropReason::TooLarge => {
-                            "larger than the broker's Maximum Packet Size"
-                        }
-                        tern_proto::DropReason::NotConnected => "not connected",
-                    };
-                    if let Some(done) = pending.publishes.remove(&message.tag) {
-                        let _ = done.send(Err(Error::Dropped(why)));
-                    }
-                }
-                tern_proto::Event::Control(Packet::SubAck(a)) => {
-                    if let Some(done) = pending.requests.remove(&a.packet_id) {
-                        let _ = done.send(Ok(a.reasons));
-                    }
-                }
-                tern_proto::Event::Control(Packet::UnsubAck(a)) => {
-                    if let Some(done) = pending.requests.remove(&a.packet_id) {
-                        let _ = done.send(Ok(a.reasons));
-                    }
-                }
-                tern_proto::Event::Control(_) => {}
-                tern_proto::Event::Closed { reason, .. } => {
-                    if !messages.is_empty() {
-                        events.send(messages);
-                    }
-                    let _ = flush(link, out, v).await;
-                    return (
-                        format!("closed by the broker: {reason:?} (0x{:02X})", reason as u8),
-                        false,
-                    );
-                }
-            }
-        }
+        let (messages, closed) = state.handle_events();
         if !messages.is_empty() {
             events.send(messages);
         }
-        pending.check_idle(link.conn.session());
+        if let Some(why) = closed {
+            let _ = flush(link, state, out, v).await;
+            return (why, false);
+        }
         // Persist, then send: nothing goes out that a crash could forget.
         if let Some(o) = outbox
-            && let Err(e) = o.save(link.conn.take_changes()).await
+            && let Err(e) = o.save(state.take_changes()).await
         {
             tracing::error!(error = %e, "the outbox cannot be written; the client stops");
             return (e.to_string(), true);
         }
-        if flush(link, out, v).await.is_err() {
+        if flush(link, state, out, v).await.is_err() {
             return ("write failed: connection lost".into(), false);
         }
-        for done in pending.written.drain(..) {
-            let _ = done.send(Ok(ReasonCode::Success));
-        }
-        let timeout = link.conn.poll_timeout();
+        state.written();
+        let timeout = state.conn().and_then(|c| c.poll_timeout());
         let sleep = async {
             match timeout {
                 Some(at) => tokio::time::sleep_until(at.into()).await,
@@ -355,11 +207,7 @@ pub(crate) async fn serve(
         // taken half (commands and keep alive go on), unless it waits for an answer, or the
         // PINGRESP is due (one read per keep alive, or the connection would be declared
         // dead).
-        let awaited = !pending.publishes.is_empty()
-            || !pending.requests.is_empty()
-            || link.conn.session().inflight_len() > 0
-            || link.conn.awaits_ping_response();
-        let paused = !awaited && events.full();
+        let paused = !state.awaited() && events.full();
         tokio::select! {
             () = events.unread.drained.notified(), if paused => {}
             read = link.stream.read_buf(&mut link.read), if !paused => {
@@ -373,25 +221,51 @@ pub(crate) async fn serve(
                     match tern_codec::decode(&mut link.read, v, tern_codec::MAX_PACKET_SIZE) {
                         Ok(Some(p)) => {
                             // A protocol error queues the DISCONNECT and a Closed event.
-                            let _ = link.conn.handle_packet(p, now);
+                            if let Some(conn) = state.conn() {
+                                let _ = conn.handle_packet(p, now);
+                            }
                         }
                         Ok(None) => break,
                         Err(e) => return (format!("malformed packet from the broker: {e}"), false),
                     }
                 }
             }
-            () = sleep => link.conn.handle_timeout(Instant::now()),
+            () = sleep => {
+                if let Some(conn) = state.conn() {
+                    conn.handle_timeout(Instant::now());
+                }
+            }
             c = commands.recv() => {
                 // One clock reading for the whole batch of commands.
                 let now = Instant::now();
-                if let Some(end) = command(c, link, outbox, pending, out, v, now).await {
-                    return end;
-                }
-                // Whatever else is already waiting goes into the same write.
+                let mut next = c;
                 for _ in 0..1024 {
-                    let Ok(c) = commands.try_recv() else { break };
-                    if let Some(end) = command(Some(c), link, outbox, pending, out, v, now).await {
-                        return end;
+                    let Some(c) = next else {
+                        state.dropped();
+                        if let Some(o) = outbox {
+                            let _ = o.save(state.take_changes()).await;
+                        }
+                        let _ = flush(link, state, out, v).await;
+                        return ("the client was dropped".into(), true);
+                    };
+                    if let Then::Quit(done) = state.command(c, now) {
+                        // Publishes handed over in this same turn are kept before they
+                        // are sent.
+                        if let Some(o) = outbox {
+                            let _ = o.save(state.take_changes()).await;
+                        }
+                        let _ = flush(link, state, out, v).await;
+                        let _ = link.stream.shutdown().await;
+                        state.fail_publishes();
+                        if let Some(done) = done {
+                            let _ = done.send(());
+                        }
+                        return ("disconnected by the application".into(), true);
+                    }
+                    // Whatever else is already waiting goes into the same write.
+                    match commands.try_recv() {
+                        Ok(c) => next = Some(c),
+                        Err(_) => break,
                     }
                 }
             }
@@ -399,82 +273,18 @@ pub(crate) async fn serve(
     }
 }
 
-/// Carries out one command of the application; `Some` when the connection is to end.
-pub(crate) async fn command(
-    c: Option<Command>,
+/// Writes what the engine has to send (after anything already in `out`) in one write.
+async fn flush(
     link: &mut Link,
-    outbox: &mut Option<outbox::Outbox>,
-    pending: &mut Pending,
+    state: &mut ClientState,
     out: &mut BytesMut,
     v: Protocol,
-    now: Instant,
-) -> Option<(String, bool)> {
-    match c {
-        None => {
-            link.conn.disconnect(ReasonCode::Success);
-            if let Some(o) = outbox {
-                let _ = o.save(link.conn.take_changes()).await;
-            }
-            let _ = flush(link, out, v).await;
-            return Some(("the client was dropped".into(), true));
-        }
-        Some(Command::Disconnect(done)) => {
-            link.conn.disconnect(ReasonCode::Success);
-            // Publishes handed over in this same turn are kept before they are sent.
-            if let Some(o) = outbox {
-                let _ = o.save(link.conn.take_changes()).await;
-            }
-            let _ = flush(link, out, v).await;
-            let _ = link.stream.shutdown().await;
-            for (_, d) in pending.publishes.drain() {
-                let _ = d.send(Err(Error::Closed));
-            }
-            let _ = done.send(());
-            return Some(("disconnected by the application".into(), true));
-        }
-        Some(Command::Publish(mut m, done)) => {
-            if m.qos == QoS::AtMostOnce {
-                link.conn.publish(m, now);
-                pending.written.push(done);
-            } else {
-                m.tag = pending.tag();
-                pending.publishes.insert(m.tag, done);
-                link.conn.publish(m, now);
-            }
-        }
-        Some(Command::Idle(done)) => pending.idle.push(done),
-        Some(Command::Subscribe(subscriptions, done)) => {
-            request(pending, done, link.conn.subscribe(subscriptions));
-        }
-        Some(Command::Unsubscribe(filters, done)) => {
-            request(pending, done, link.conn.unsubscribe(filters));
-        }
-    }
-    None
-}
-
-/// Waits for the answer to a SUBSCRIBE or UNSUBSCRIBE the engine sent under `id` (it
-/// keeps the id from other flows until the answer); `done` gets it.
-pub(crate) fn request(
-    pending: &mut Pending,
-    done: Done<Vec<ReasonCode>>,
-    id: Result<PacketId, tern_proto::IdsExhausted>,
-) {
-    match id {
-        Ok(id) => {
-            pending.requests.insert(id, done);
-        }
-        Err(_) => {
-            let _ = done.send(Err(Error::Backlog));
-        }
-    }
-}
-
-/// Writes what the engine has to send (after anything already in `out`) in one write.
-pub(crate) async fn flush(link: &mut Link, out: &mut BytesMut, v: Protocol) -> std::io::Result<()> {
+) -> std::io::Result<()> {
     let now = Instant::now();
-    while let Some(p) = link.conn.poll_transmit(now) {
-        let _ = tern_codec::encode(&p, v, out);
+    if let Some(conn) = state.conn() {
+        while let Some(p) = conn.poll_transmit(now) {
+            let _ = tern_codec::encode(&p, v, out);
+        }
     }
     if out.is_empty() {
         return Ok(());

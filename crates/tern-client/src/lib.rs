@@ -28,9 +28,9 @@ mod events;
 mod options;
 mod outbox;
 mod publish;
+mod state;
 mod transport;
 
-use std::collections::HashMap;
 use std::future::{Future, IntoFuture};
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -39,8 +39,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use tern_codec::{Connect, Packet, PacketId, Str, Subscription, TopicFilter};
-use tern_proto::{AckMode, Config, Connection, Role, SessionState};
+use tern_codec::{Connect, Packet, Str, Subscription, TopicFilter};
+use tern_proto::SessionState;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{Notify, mpsc, oneshot};
 
@@ -216,7 +216,7 @@ struct Unread {
     drained: Notify,
 }
 
-type Done<T> = oneshot::Sender<Result<T, Error>>;
+use state::Done;
 
 enum Command {
     Publish(Message, Done<ReasonCode>),
@@ -261,7 +261,7 @@ impl Client {
     /// # }
     /// ```
     pub async fn connect(options: Options) -> Result<(Client, Events), Error> {
-        let (outbox, mut state) = match &options.outbox {
+        let (outbox, state) = match &options.outbox {
             Some(path) => {
                 let (o, s) = outbox::Outbox::open(path.clone(), &options.client_id).await?;
                 (Some(o), s)
@@ -270,8 +270,10 @@ impl Client {
         };
         // Messages left by an earlier process are handled like those of a connection that
         // was lost: resumed if the broker kept the session, sent as new otherwise.
-        let restored = state.inflight_len() > 0 || state.queued_len() > 0;
-        let link = Link::open(&options, options.clean_start, &mut state, restored).await?;
+        let mut state = state::ClientState::new(state, options.max_pending, outbox.is_some());
+        let restored = state.has_unfinished();
+        let (link, session_present) =
+            Link::open(&options, options.clean_start, &mut state, restored).await?;
         let (commands, rx) = mpsc::unbounded_channel();
         let (tx, events_rx) = mpsc::unbounded_channel();
         let unread = Arc::new(Unread {
@@ -283,9 +285,7 @@ impl Client {
             tx,
             unread: unread.clone(),
         };
-        events_tx.send(vec![Event::Connected {
-            session_present: link.session_present,
-        }]);
+        events_tx.send(vec![Event::Connected { session_present }]);
         let events = Events {
             rx: events_rx,
             ready: Default::default(),
@@ -304,7 +304,7 @@ impl Client {
             }
             _ => None,
         };
-        tokio::spawn(drive(options, link, outbox, rx, events_tx));
+        tokio::spawn(drive(options, link, state, outbox, rx, events_tx));
         Ok((Client { commands, stamp }, events))
     }
 

@@ -1,0 +1,382 @@
+//! The client's protocol state across connections, sans-IO: no socket, no clock, no task.
+//! The driver ([`crate::driver`]) reads and writes the transport, tells this state what
+//! arrived and what the application asked, and writes what it says; the tests drive it
+//! against a server engine on a simulated clock.
+//!
+//! What lives here: the handshake's result (the CONNACK makes the engine, resuming or
+//! replacing the session), what the application waits for (publishes by tag, SUBSCRIBE /
+//! UNSUBSCRIBE by packet id, QoS 0 writes, idle waiters), the session held between
+//! connections with what is published meanwhile, and the reconnection attempts.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use tern_codec::{ConnAck, Connect, Packet, PacketId, QoS, ReasonCode};
+use tern_proto::{AckMode, Changes, Config, Connection, Message, Role, SessionState};
+use tokio::sync::oneshot;
+
+use crate::{Backoff, Error, Event};
+
+/// Where the answer to a command goes.
+pub(crate) type Done<T> = oneshot::Sender<Result<T, Error>>;
+
+/// Waiting publishes and requests, across connections.
+#[derive(Default)]
+pub(crate) struct Pending {
+    /// QoS 1/2 publishes by tag.
+    publishes: HashMap<u32, Done<ReasonCode>>,
+    /// QoS 0 publishes queued to the socket, resolved after the next write.
+    written: Vec<Done<ReasonCode>>,
+    /// SUBSCRIBE / UNSUBSCRIBE by packet id.
+    requests: HashMap<PacketId, Done<Vec<ReasonCode>>>,
+    /// [`crate::Client::wait_idle`] callers.
+    idle: Vec<oneshot::Sender<()>>,
+    next_tag: u32,
+}
+
+impl Pending {
+    /// A tag for the next QoS 1/2 publish: never 0 (no tag), never one still pending
+    /// (it wraps after 4 billion publishes).
+    fn tag(&mut self) -> u32 {
+        loop {
+            self.next_tag = self.next_tag.wrapping_add(1);
+            if self.next_tag != 0 && !self.publishes.contains_key(&self.next_tag) {
+                return self.next_tag;
+            }
+        }
+    }
+}
+
+/// What a command while disconnected comes to.
+pub(crate) enum Offline {
+    /// Answered (or nothing to do).
+    Done,
+    /// A QoS 1/2 publish queued in the held session: the driver writes the outbox, then
+    /// hands the answer channel to [`ClientState::wait_for`] (kept before the caller
+    /// learns it is waiting).
+    Queued(u32, Done<ReasonCode>),
+    /// The application ends the client.
+    Quit,
+}
+
+/// What the driver does after a command.
+pub(crate) enum Then {
+    /// Carry on.
+    Continue,
+    /// The application ends the client: save, flush, close; `done` (if any) is told once
+    /// that is done.
+    Quit(Option<oneshot::Sender<()>>),
+}
+
+/// The client's state: a connection's engine while one is up, the session otherwise.
+pub(crate) struct ClientState {
+    conn: Option<Connection>,
+    /// The session while no connection is up.
+    held: SessionState,
+    pending: Pending,
+    /// Messages of a session the broker no longer had: sent again as new on the next
+    /// connection.
+    orphans: Vec<Message>,
+    /// Reconnection attempts since the last connection was made.
+    attempt: u32,
+    /// Most QoS 1/2 publishes waiting for their outcome while disconnected.
+    max_pending: usize,
+    /// Whether a durable outbox follows the session.
+    outbox: bool,
+}
+
+impl ClientState {
+    /// The state before the first connection, from the session an outbox kept (or a new
+    /// one).
+    pub(crate) fn new(held: SessionState, max_pending: usize, outbox: bool) -> ClientState {
+        ClientState {
+            conn: None,
+            held,
+            pending: Pending::default(),
+            orphans: Vec::new(),
+            attempt: 0,
+            max_pending,
+            outbox,
+        }
+    }
+
+    /// Whether something of an earlier process or connection waits to be sent.
+    pub(crate) fn has_unfinished(&self) -> bool {
+        self.held.inflight_len() > 0 || self.held.queued_len() > 0
+    }
+
+    /// The connection's engine, while one is up.
+    pub(crate) fn conn(&mut self) -> Option<&mut Connection> {
+        self.conn.as_mut()
+    }
+
+    /// The CONNACK to `connect` arrived. Accepted, the engine takes over the session:
+    /// resumed with its in-flight messages resent if the broker kept it, or (for a
+    /// session the broker lost, `established` being true after a connection that worked)
+    /// replaced, what was in flight or queued going again as new messages. Refused: the
+    /// reason. `Ok` carries session present.
+    pub(crate) fn handle_connack(
+        &mut self,
+        connect: &Connect,
+        ack: &ConnAck,
+        inflight: u16,
+        established: bool,
+        now: Instant,
+    ) -> Result<bool, Error> {
+        if ack.reason.is_error() {
+            return Err(Error::Refused(ack.reason));
+        }
+        let config = Config::negotiate(Role::Client, connect, ack, AckMode::Immediate, inflight);
+        let mut state = std::mem::replace(&mut self.held, SessionState::new());
+        if established && !ack.session_present {
+            // QoS 1: at least once still holds; QoS 2 may be doubled if the broker had
+            // it, which the broker's loss makes unknowable.
+            self.orphans = state.take_redeliverable(|_| true, true);
+            state = SessionState::new();
+        }
+        let mut conn = Connection::new(config, state, ack.session_present, now);
+        if self.outbox {
+            // A session that replaced a lost one is written whole.
+            conn.track(false);
+        }
+        for m in std::mem::take(&mut self.orphans) {
+            conn.publish(m, now);
+        }
+        self.conn = Some(conn);
+        self.attempt = 0;
+        Ok(ack.session_present)
+    }
+
+    /// What the engine reported, acted on: publishes and requests resolved, messages for
+    /// the application (in order). `Err` with the reason when the broker ended the
+    /// connection.
+    pub(crate) fn handle_events(&mut self) -> (Vec<Event>, Option<String>) {
+        let mut events = Vec::new();
+        let Some(conn) = self.conn.as_mut() else {
+            return (events, None);
+        };
+        while let Some(e) = conn.poll_event() {
+            match e {
+                tern_proto::Event::Message { message, .. } => events.push(Event::Message(message)),
+                tern_proto::Event::Acknowledged {
+                    message, reason, ..
+                } => {
+                    // PUBCOMP 0x92 answers a PUBREL resent after a cut: the broker had
+                    // completed the flow (the session is the one that took the PUBREC),
+                    // so the message was delivered, once.
+                    let reason = match (message.qos, reason) {
+                        (QoS::ExactlyOnce, ReasonCode::PacketIdentifierNotFound) => {
+                            ReasonCode::Success
+                        }
+                        (_, r) => r,
+                    };
+                    if let Some(done) = self.pending.publishes.remove(&message.tag) {
+                        let _ = done.send(Ok(reason));
+                    }
+                }
+                tern_proto::Event::Dropped { message, reason } => {
+                    let why = match reason {
+                        tern_proto::DropReason::Expired => "expired before it could be sent",
+                        tern_proto::DropReason::TooLarge => {
+                            "larger than the broker's Maximum Packet Size"
+                        }
+                        tern_proto::DropReason::NotConnected => "not connected",
+                    };
+                    if let Some(done) = self.pending.publishes.remove(&message.tag) {
+                        let _ = done.send(Err(Error::Dropped(why)));
+                    }
+                }
+                tern_proto::Event::Control(Packet::SubAck(a)) => {
+                    if let Some(done) = self.pending.requests.remove(&a.packet_id) {
+                        let _ = done.send(Ok(a.reasons));
+                    }
+                }
+                tern_proto::Event::Control(Packet::UnsubAck(a)) => {
+                    if let Some(done) = self.pending.requests.remove(&a.packet_id) {
+                        let _ = done.send(Ok(a.reasons));
+                    }
+                }
+                tern_proto::Event::Control(_) => {}
+                tern_proto::Event::Closed { reason, .. } => {
+                    let why = format!("closed by the broker: {reason:?} (0x{:02X})", reason as u8);
+                    return (events, Some(why));
+                }
+            }
+        }
+        self.check_idle();
+        (events, None)
+    }
+
+    /// Answers the idle waiters if nothing is in flight or waiting.
+    fn check_idle(&mut self) {
+        let session = match &self.conn {
+            Some(c) => c.session(),
+            None => &self.held,
+        };
+        if !self.pending.idle.is_empty() && session.inflight_len() == 0 && session.queued_len() == 0
+        {
+            for done in self.pending.idle.drain(..) {
+                let _ = done.send(());
+            }
+        }
+    }
+
+    /// What the session changed since the last call, for the outbox (to be written before
+    /// what produced it is sent).
+    pub(crate) fn take_changes(&mut self) -> Option<Changes> {
+        match &mut self.conn {
+            Some(c) => c.take_changes(),
+            None => self.held.take_changes(),
+        }
+    }
+
+    /// A write to the socket completed: the QoS 0 publishes in it are done.
+    pub(crate) fn written(&mut self) {
+        for done in self.pending.written.drain(..) {
+            let _ = done.send(Ok(ReasonCode::Success));
+        }
+    }
+
+    /// Whether the application waits for something the broker must answer (so reading
+    /// goes on even when the application is not taking its messages).
+    pub(crate) fn awaited(&self) -> bool {
+        !self.pending.publishes.is_empty()
+            || !self.pending.requests.is_empty()
+            || self
+                .conn
+                .as_ref()
+                .is_some_and(|c| c.session().inflight_len() > 0 || c.awaits_ping_response())
+    }
+
+    /// A command of the application while connected.
+    pub(crate) fn command(&mut self, c: crate::Command, now: Instant) -> Then {
+        let Some(conn) = self.conn.as_mut() else {
+            return match self.command_offline(c) {
+                Offline::Done => Then::Continue,
+                Offline::Queued(tag, done) => {
+                    self.wait_for(tag, done);
+                    Then::Continue
+                }
+                Offline::Quit => Then::Quit(None),
+            };
+        };
+        match c {
+            crate::Command::Disconnect(done) => {
+                conn.disconnect(ReasonCode::Success);
+                return Then::Quit(Some(done));
+            }
+            crate::Command::Publish(mut m, done) => {
+                if m.qos == QoS::AtMostOnce {
+                    conn.publish(m, now);
+                    self.pending.written.push(done);
+                } else {
+                    m.tag = self.pending.tag();
+                    self.pending.publishes.insert(m.tag, done);
+                    conn.publish(m, now);
+                }
+            }
+            crate::Command::Idle(done) => {
+                self.pending.idle.push(done);
+                self.check_idle();
+            }
+            crate::Command::Subscribe(subscriptions, done) => {
+                let id = conn.subscribe(subscriptions);
+                self.request(done, id);
+            }
+            crate::Command::Unsubscribe(filters, done) => {
+                let id = conn.unsubscribe(filters);
+                self.request(done, id);
+            }
+        }
+        Then::Continue
+    }
+
+    /// The application dropped its client: a normal DISCONNECT.
+    pub(crate) fn dropped(&mut self) {
+        if let Some(conn) = self.conn.as_mut() {
+            conn.disconnect(ReasonCode::Success);
+        }
+    }
+
+    fn request(
+        &mut self,
+        done: Done<Vec<ReasonCode>>,
+        id: Result<PacketId, tern_proto::IdsExhausted>,
+    ) {
+        match id {
+            Ok(id) => {
+                self.pending.requests.insert(id, done);
+            }
+            Err(_) => {
+                let _ = done.send(Err(Error::Backlog));
+            }
+        }
+    }
+
+    /// A command while no connection is up: QoS 1/2 publishes wait in the session's queue
+    /// (bounded by `max_pending`), QoS 0 and requests fail with [`Error::Closed`].
+    pub(crate) fn command_offline(&mut self, c: crate::Command) -> Offline {
+        match c {
+            crate::Command::Publish(mut m, done) => {
+                if m.qos == QoS::AtMostOnce {
+                    let _ = done.send(Err(Error::Closed));
+                } else if self.pending.publishes.len() >= self.max_pending {
+                    let _ = done.send(Err(Error::Backlog));
+                } else {
+                    m.tag = self.pending.tag();
+                    let tag = m.tag;
+                    self.held.enqueue(m);
+                    return Offline::Queued(tag, done);
+                }
+            }
+            crate::Command::Subscribe(_, done) | crate::Command::Unsubscribe(_, done) => {
+                let _ = done.send(Err(Error::Closed));
+            }
+            crate::Command::Idle(done) => {
+                self.pending.idle.push(done);
+                self.check_idle();
+            }
+            crate::Command::Disconnect(done) => {
+                self.fail_publishes();
+                let _ = done.send(());
+                return Offline::Quit;
+            }
+        }
+        Offline::Done
+    }
+
+    /// A publish queued while disconnected, now kept: its outcome is awaited.
+    pub(crate) fn wait_for(&mut self, tag: u32, done: Done<ReasonCode>) {
+        self.pending.publishes.insert(tag, done);
+    }
+
+    /// The connection ended: requests and QoS 0 writes fail; the session is held for the
+    /// next connection, with its QoS 1/2 publishes still waiting.
+    pub(crate) fn connection_lost(&mut self) {
+        for (_, done) in self.pending.requests.drain() {
+            let _ = done.send(Err(Error::Closed));
+        }
+        for done in self.pending.written.drain(..) {
+            let _ = done.send(Err(Error::Closed));
+        }
+        if let Some(conn) = self.conn.take() {
+            self.held = conn.into_session();
+        }
+    }
+
+    /// The client ends for good: every publish still waiting fails with
+    /// [`Error::Closed`].
+    pub(crate) fn fail_publishes(&mut self) {
+        for (_, done) in self.pending.publishes.drain() {
+            let _ = done.send(Err(Error::Closed));
+        }
+    }
+
+    /// How long to wait before the next reconnection attempt; `jitter` is any number (the
+    /// driver passes the clock's nanoseconds).
+    pub(crate) fn next_attempt(&mut self, backoff: Backoff, jitter: u32) -> Duration {
+        let wait = crate::driver::delay(backoff, self.attempt, jitter);
+        self.attempt = self.attempt.saturating_add(1);
+        wait
+    }
+}
