@@ -380,3 +380,274 @@ impl ClientState {
         wait
     }
 }
+
+/// The client's reconnect and resend claims on a simulated link and clock: the state
+/// against a server engine, packets handed over by hand, a cut losing what was in flight.
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::num::NonZeroU16;
+
+    use tern_codec::{Protocol, Publish, QosPid, Subscription, TopicName};
+    use tokio::sync::oneshot::error::TryRecvError;
+
+    use super::*;
+    use crate::{Command, Options};
+
+    /// The client's state and the broker's side of its session.
+    struct Pair {
+        client: ClientState,
+        /// The broker's engine while connected; its session while not.
+        server: Option<Connection>,
+        server_session: SessionState,
+        now: Instant,
+        options: Options,
+        /// PUBLISH packets the broker's engine delivered (first deliveries only).
+        delivered: Vec<String>,
+        /// Every PUBLISH the client wrote.
+        wire: Vec<Publish>,
+    }
+
+    impl Pair {
+        fn new(max_pending: usize) -> Pair {
+            let options = Options::new("127.0.0.1", 1883, "c")
+                .protocol(Protocol::V5)
+                .persistent(Duration::from_secs(3600));
+            Pair {
+                client: ClientState::new(SessionState::new(), max_pending, false),
+                server: None,
+                server_session: SessionState::new(),
+                now: Instant::now(),
+                options,
+                delivered: Vec::new(),
+                wire: Vec::new(),
+            }
+        }
+
+        /// CONNECT and CONNACK; the broker kept the session if `kept`.
+        fn connect(&mut self, kept: bool, established: bool) -> bool {
+            let connect = self.options.connect_packet(false);
+            let ack = ConnAck::new(kept, ReasonCode::Success);
+            let present = self
+                .client
+                .handle_connack(&connect, &ack, 32, established, self.now)
+                .unwrap();
+            let config = Config::negotiate(Role::Server, &connect, &ack, AckMode::Immediate, 32);
+            let session = if kept {
+                std::mem::take(&mut self.server_session)
+            } else {
+                SessionState::new()
+            };
+            self.server = Some(Connection::new(config, session, kept, self.now));
+            present
+        }
+
+        /// The connection breaks: whatever is in flight either way is lost.
+        fn cut(&mut self) {
+            if let Some(c) = self.client.conn() {
+                while c.poll_transmit(self.now).is_some() {}
+            }
+            self.client.connection_lost();
+            if let Some(s) = self.server.take() {
+                self.server_session = s.into_session();
+            }
+        }
+
+        /// Moves the client's packets to the broker (`to_server`) and the broker's back
+        /// (`to_client`), until nothing moves or a direction is held.
+        fn pump(&mut self, to_client: bool) {
+            loop {
+                let mut moved = false;
+                let Some(server) = self.server.as_mut() else {
+                    return;
+                };
+                if let Some(c) = self.client.conn() {
+                    while let Some(p) = c.poll_transmit(self.now) {
+                        if let Packet::Publish(p) = &p {
+                            self.wire.push(p.clone());
+                        }
+                        server.handle_packet(p, self.now).unwrap();
+                        moved = true;
+                    }
+                }
+                while let Some(e) = server.poll_event() {
+                    if let tern_proto::Event::Message { message, .. } = e {
+                        self.delivered
+                            .push(String::from_utf8(message.payload.to_vec()).unwrap());
+                    }
+                }
+                if to_client {
+                    while let Some(p) = server.poll_transmit(self.now) {
+                        if let Some(c) = self.client.conn() {
+                            c.handle_packet(p, self.now).unwrap();
+                            moved = true;
+                        }
+                    }
+                }
+                let _ = self.client.handle_events();
+                if !moved {
+                    return;
+                }
+            }
+        }
+
+        fn publish(
+            &mut self,
+            payload: &str,
+            qos: QoS,
+        ) -> oneshot::Receiver<Result<ReasonCode, Error>> {
+            let (tx, rx) = oneshot::channel();
+            let m = Message::new(TopicName::new("t").unwrap(), payload.to_string(), qos);
+            match self.client.conn() {
+                Some(_) => {
+                    let _ = self.client.command(Command::Publish(m, tx), self.now);
+                }
+                None => match self.client.command_offline(Command::Publish(m, tx)) {
+                    Offline::Queued(tag, done) => self.client.wait_for(tag, done),
+                    Offline::Done | Offline::Quit => {}
+                },
+            }
+            rx
+        }
+    }
+
+    #[test]
+    fn a_qos1_publish_cut_before_its_puback_is_resent_with_dup_and_resolves_on_the_next_puback() {
+        let mut pair = Pair::new(100);
+        pair.connect(false, false);
+        let mut outcome = pair.publish("one", QoS::AtLeastOnce);
+        pair.pump(false); // the PUBLISH arrives; the PUBACK is lost in the cut
+        pair.cut();
+        assert!(
+            matches!(outcome.try_recv(), Err(TryRecvError::Empty)),
+            "still waiting"
+        );
+        assert!(pair.connect(true, true), "session present");
+        pair.pump(true);
+        assert_eq!(outcome.try_recv().unwrap().unwrap(), ReasonCode::Success);
+        assert_eq!(pair.wire.len(), 2);
+        assert!(!pair.wire[0].dup && pair.wire[1].dup, "resent with DUP");
+        assert_eq!(pair.wire[0].qos_pid, pair.wire[1].qos_pid, "same packet id");
+        assert_eq!(
+            pair.delivered,
+            ["one", "one"],
+            "at least once: a duplicate is allowed"
+        );
+    }
+
+    #[test]
+    fn a_qos2_publish_cut_after_its_pubrec_resumes_with_pubrel_and_is_delivered_once() {
+        let mut pair = Pair::new(100);
+        pair.connect(false, false);
+        let mut outcome = pair.publish("pay", QoS::ExactlyOnce);
+        pair.pump(false); // PUBLISH reaches the broker: delivered once
+        let server = pair.server.as_mut().unwrap();
+        let pubrec = server.poll_transmit(pair.now).unwrap();
+        assert!(matches!(pubrec, Packet::PubRec(_)));
+        pair.client
+            .conn()
+            .unwrap()
+            .handle_packet(pubrec, pair.now)
+            .unwrap();
+        pair.cut(); // the PUBREL the client queued is lost
+        pair.connect(true, true);
+        let resent: Vec<Packet> =
+            std::iter::from_fn(|| pair.client.conn().unwrap().poll_transmit(pair.now)).collect();
+        assert!(
+            matches!(resent.as_slice(), [Packet::PubRel(_)]),
+            "PUBREL again, not the PUBLISH [MQTT-4.4.0-1]: {resent:?}"
+        );
+        for p in resent {
+            pair.server
+                .as_mut()
+                .unwrap()
+                .handle_packet(p, pair.now)
+                .unwrap();
+        }
+        pair.pump(true);
+        assert_eq!(outcome.try_recv().unwrap().unwrap(), ReasonCode::Success);
+        assert_eq!(pair.delivered, ["pay"], "exactly once");
+    }
+
+    #[test]
+    fn publishes_made_while_disconnected_wait_in_order_and_beyond_max_pending_are_refused() {
+        let mut pair = Pair::new(2);
+        pair.connect(false, false);
+        pair.cut();
+        let mut a = pair.publish("a", QoS::AtLeastOnce);
+        let mut b = pair.publish("b", QoS::ExactlyOnce);
+        let mut c = pair.publish("c", QoS::AtLeastOnce);
+        let mut zero = pair.publish("z", QoS::AtMostOnce);
+        assert!(
+            matches!(c.try_recv(), Ok(Err(Error::Backlog))),
+            "over max_pending"
+        );
+        assert!(
+            matches!(zero.try_recv(), Ok(Err(Error::Closed))),
+            "QoS 0 needs a connection"
+        );
+        pair.connect(true, true);
+        pair.pump(true);
+        assert_eq!(a.try_recv().unwrap().unwrap(), ReasonCode::Success);
+        assert_eq!(b.try_recv().unwrap().unwrap(), ReasonCode::Success);
+        assert_eq!(pair.delivered, ["a", "b"]);
+    }
+
+    #[test]
+    fn a_subscribe_waiting_for_its_suback_at_a_cut_fails_with_closed() {
+        let mut pair = Pair::new(100);
+        pair.connect(false, false);
+        let (tx, mut rx) = oneshot::channel();
+        let filter = tern_codec::TopicFilter::new("t/#").unwrap();
+        let sub = Subscription {
+            filter,
+            options: Default::default(),
+        };
+        let _ = pair
+            .client
+            .command(Command::Subscribe(vec![sub], tx), pair.now);
+        pair.cut();
+        assert!(matches!(rx.try_recv(), Ok(Err(Error::Closed))));
+    }
+
+    #[test]
+    fn what_a_broker_that_lost_the_session_had_in_flight_goes_again_as_new_messages() {
+        let mut pair = Pair::new(100);
+        pair.connect(false, false);
+        let mut outcome = pair.publish("again", QoS::AtLeastOnce);
+        pair.pump(false);
+        pair.cut();
+        assert!(!pair.connect(false, true), "the broker lost the session");
+        pair.pump(true);
+        assert_eq!(outcome.try_recv().unwrap().unwrap(), ReasonCode::Success);
+        assert!(!pair.wire[1].dup, "a new message, not a resend");
+        assert_eq!(pair.delivered, ["again", "again"]);
+        let id = |p: &Publish| match p.qos_pid {
+            QosPid::AtLeastOnce(id) => id,
+            _ => NonZeroU16::MAX,
+        };
+        assert_eq!(
+            id(&pair.wire[1]),
+            NonZeroU16::new(1).unwrap(),
+            "numbered afresh"
+        );
+    }
+
+    #[test]
+    fn reconnection_waits_grow_from_the_last_success() {
+        let mut pair = Pair::new(100);
+        let b = Backoff {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(10),
+        };
+        let waits: Vec<Duration> = (0..3).map(|_| pair.client.next_attempt(b, 0)).collect();
+        assert_eq!(waits, [100, 200, 400].map(Duration::from_millis));
+        pair.connect(false, false);
+        assert_eq!(
+            pair.client.next_attempt(b, 0),
+            Duration::from_millis(100),
+            "reset"
+        );
+    }
+}
