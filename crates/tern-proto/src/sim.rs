@@ -376,7 +376,7 @@ pub enum Op {
 /// every step it must equal the live state.
 fn sync_copy(side: &mut Side, copy: &mut SessionState) -> Result<(), String> {
     let changes = match side.conn.as_mut() {
-        Some(c) => c.session_mut().take_changes(),
+        Some(c) => c.take_changes(),
         None => side.stored.take_changes(),
     };
     match changes {
@@ -473,7 +473,7 @@ pub fn check_ops(protocol: Protocol, manual: bool, ops: &[Op]) -> Result<(), Str
     }
     let mut pair = Pair::with(client, server);
     for side in [&mut pair.client, &mut pair.server] {
-        side.conn().session_mut().track(false);
+        side.conn().track(false);
     }
     let mut copies = [SessionState::new(), SessionState::new()];
     let mut published: Vec<Published> = vec![];

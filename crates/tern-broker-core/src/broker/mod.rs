@@ -138,10 +138,21 @@ impl Session {
         }
     }
 
-    fn state_mut(&mut self) -> &mut SessionState {
+    /// The delivery changes since the last call, from the engine or the stored state.
+    fn take_changes(&mut self) -> Option<Changes> {
         match &mut self.conn {
-            Link::Online((_, c)) => c.session_mut(),
-            Link::Offline(stored) => stored,
+            Link::Online((_, c)) => c.take_changes(),
+            Link::Offline(stored) => stored.take_changes(),
+        }
+    }
+
+    /// Starts (`Some(known)`) or stops (`None`) the change journal of the session.
+    fn track(&mut self, known: Option<bool>) {
+        match (&mut self.conn, known) {
+            (Link::Online((_, c)), Some(known)) => c.track(known),
+            (Link::Online((_, c)), None) => c.untrack(),
+            (Link::Offline(stored), Some(known)) => stored.track(known),
+            (Link::Offline(stored), None) => stored.untrack(),
         }
     }
 }

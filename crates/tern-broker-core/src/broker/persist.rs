@@ -36,7 +36,7 @@ impl Broker {
                 continue;
             };
             s.touched = false;
-            match s.state_mut().take_changes() {
+            match s.take_changes() {
                 None => {}
                 Some(Changes::Some(changes)) => {
                     self.batch
@@ -87,7 +87,7 @@ impl Broker {
         if s.expiry.is_zero() {
             if s.persisted {
                 s.persisted = false;
-                s.state_mut().untrack();
+                s.track(None);
                 self.batch.push(Op::DeleteSession {
                     client_id: client_id.clone(),
                 });
@@ -97,7 +97,7 @@ impl Broker {
         if !s.persisted {
             // From now on the store follows its delivery state, starting with all of it.
             s.persisted = true;
-            s.state_mut().track(false);
+            s.track(Some(false));
             self.touch(client_id);
         }
         let s = &self.sessions[client_id];

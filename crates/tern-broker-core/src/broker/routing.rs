@@ -291,14 +291,14 @@ impl Broker {
             let Some(s) = self.sessions.get_mut(&client_id) else {
                 continue;
             };
-            let (queue, max_messages) = match &mut s.conn {
+            let (queue, max_messages): (&mut dyn Queue, usize) = match &mut s.conn {
                 Link::Offline(stored) => (stored, self.settings.max_queued_messages),
                 // Online: only a message that would wait behind the window joins the queue,
                 // bounded by bytes only.
-                Link::Online((_, c)) if c.would_wait() => (c.session_mut(), usize::MAX),
+                Link::Online((_, c)) if c.would_wait() => (c, usize::MAX),
                 Link::Online(_) => continue,
             };
-            let full = |s: &SessionState| queue_full(s, size, max_messages, &self.settings);
+            let full = |s: &dyn Queue| queue_full(s, size, max_messages, &self.settings);
             if full(queue) {
                 let expired = queue.remove_expired(now);
                 let still_full = full(queue);
@@ -365,7 +365,7 @@ impl Broker {
             // than its publishers for a while loses nothing; one that stops acknowledging
             // cannot take all memory). QoS 0 goes out at once.
             Link::Online((_, c)) if message.qos != QoS::AtMostOnce && c.would_wait() => {
-                Some((c.session_mut(), usize::MAX))
+                Some((c as &mut dyn Queue, usize::MAX))
             }
             Link::Online(_) => None,
             // Offline persistent session: QoS 1/2 (and QoS 0 if configured) wait in order,
@@ -375,7 +375,7 @@ impl Broker {
                     let limit = now + age;
                     message.expires_at = Some(message.expires_at.map_or(limit, |t| t.min(limit)));
                 }
-                Some((stored, self.settings.max_queued_messages))
+                Some((stored as &mut dyn Queue, self.settings.max_queued_messages))
             }
             Link::Offline(_) => {
                 self.counters.drop_n(DropReason::Offline, 1);
@@ -449,7 +449,46 @@ pub(super) fn is_sys(topic: &TopicName) -> bool {
 
 /// Whether a message of `size` payload bytes would take `queue` over `max_messages` or
 /// `max_queued_bytes`.
-fn queue_full(queue: &SessionState, size: usize, max_messages: usize, settings: &Settings) -> bool {
+/// A session queue the broker's limits apply to: the engine's while the client is online
+/// (behind its full window), the stored state's while it is away.
+trait Queue {
+    fn queued_len(&self) -> usize;
+    fn queued_bytes(&self) -> usize;
+    fn remove_expired(&mut self, now: Instant) -> usize;
+    fn dequeue_oldest(&mut self) -> Option<Message>;
+}
+
+impl Queue for SessionState {
+    fn queued_len(&self) -> usize {
+        SessionState::queued_len(self)
+    }
+    fn queued_bytes(&self) -> usize {
+        SessionState::queued_bytes(self)
+    }
+    fn remove_expired(&mut self, now: Instant) -> usize {
+        SessionState::remove_expired(self, now)
+    }
+    fn dequeue_oldest(&mut self) -> Option<Message> {
+        SessionState::dequeue_oldest(self)
+    }
+}
+
+impl Queue for Connection {
+    fn queued_len(&self) -> usize {
+        self.session().queued_len()
+    }
+    fn queued_bytes(&self) -> usize {
+        self.session().queued_bytes()
+    }
+    fn remove_expired(&mut self, now: Instant) -> usize {
+        self.remove_expired_queued(now)
+    }
+    fn dequeue_oldest(&mut self) -> Option<Message> {
+        Connection::dequeue_oldest(self)
+    }
+}
+
+fn queue_full(queue: &dyn Queue, size: usize, max_messages: usize, settings: &Settings) -> bool {
     queue.queued_len() + 1 > max_messages || queue.queued_bytes() + size > settings.max_queued_bytes
 }
 
@@ -458,13 +497,13 @@ fn queue_full(queue: &SessionState, size: usize, max_messages: usize, settings: 
 /// one is turned away (drop-newest, reject). Returns whether it may join, how many expired
 /// messages were removed and how many live ones were dropped (the new one included).
 fn make_room(
-    queue: &mut SessionState,
+    queue: &mut dyn Queue,
     size: usize,
     max_messages: usize,
     settings: &Settings,
     now: Instant,
 ) -> (bool, u64, u64) {
-    let full = |s: &SessionState| queue_full(s, size, max_messages, settings);
+    let full = |s: &dyn Queue| queue_full(s, size, max_messages, settings);
     let mut expired = 0;
     if full(queue) {
         expired = queue.remove_expired(now) as u64;

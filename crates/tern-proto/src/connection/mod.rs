@@ -310,10 +310,21 @@ impl Connection {
         &self.session
     }
 
-    /// The session state, for the owner to track or prune (see [`SessionState::track`],
-    /// [`SessionState::drop_unreleased_inbound`]).
-    pub fn session_mut(&mut self) -> &mut SessionState {
-        &mut self.session
+    /// Stops the change journal of the session (see [`SessionState::untrack`]).
+    pub fn untrack(&mut self) {
+        self.session.untrack();
+    }
+
+    /// Removes the queued (not in flight) messages whose expiry has passed; how many.
+    /// For an owner applying its own queue limits.
+    pub fn remove_expired_queued(&mut self, now: Instant) -> usize {
+        self.session.remove_expired(now)
+    }
+
+    /// Removes the oldest queued (not in flight) message, for an owner making room under
+    /// its queue limits.
+    pub fn dequeue_oldest(&mut self) -> Option<Message> {
+        self.session.dequeue_oldest()
     }
 
     /// Starts the change journal of the session (see [`SessionState::track`]).
