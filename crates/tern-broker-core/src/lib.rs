@@ -33,7 +33,7 @@ pub use broker::{
     SessionGauge, Settings, Traffic,
 };
 pub use counters::{Counters, DropReason};
-pub use refusal::{Admission, Refusal};
+pub use refusal::{Admission, Answer, Refusal};
 
 pub use shared::{Member, Readiness, SharedStrategy, SharedSubscriptions};
 pub use trie::{Delivery, SubscriptionTrie};

@@ -1,9 +1,11 @@
-//! Every way the broker refuses a connection, in one type: what goes on the wire (the 5.0
-//! reason code, which the codec maps to the 3.x return code, or to a close without a
-//! CONNACK where 3.x has none), the normative statement behind it, and the reason for the
-//! log. The server's admission decisions (limits, passwords) come into the core as
+//! Every way the broker refuses a connection or a message, in one type: what goes on the
+//! wire ([`Refusal::answer`]: a CONNACK, the PUBACK/PUBREC of the message, or a
+//! DISCONNECT and close; the 5.0 reason code, which the codec maps to the 3.x return code,
+//! or to a close where 3.x has none), the normative statement behind it, and the reason
+//! string. The server's admission decisions (limits, passwords) come into the core as
 //! [`Admission`]s, so every refusal CONNACK is built by the core, in one place
-//! (`Broker::refuse`).
+//! (`Broker::refuse`); every refused PUBLISH is answered in one place too
+//! (`Broker::refuse_publish`).
 
 use tern_codec::{Connect, Protocol, ReasonCode};
 
@@ -38,6 +40,33 @@ pub enum Refusal {
     ConnectionLimit,
     /// Admission could not be decided (the password check failed to run).
     ServerUnavailable,
+    /// A PUBLISH above the Maximum QoS the CONNACK advertised [MQTT-3.2.2-11].
+    QosNotSupported,
+    /// A retained PUBLISH where the CONNACK said Retain Available 0 [MQTT-3.2.2-14].
+    RetainNotSupported,
+    /// More PUBLISH packets per second than `max_publish_rate`.
+    RateTooHigh,
+    /// A topic longer or deeper than `max_topic_length` / `max_topic_levels`.
+    TopicBeyondLimits,
+    /// The ACL does not let the client publish there (or it is a `$SYS` topic).
+    PublishNotAuthorized,
+    /// A payload marked UTF-8 that is not [MQTT-3.3.2-4].
+    PayloadFormatInvalid,
+    /// A subscriber's queue is full under `queue_policy = "reject"`.
+    QueueFull,
+}
+
+/// How a refusal reaches the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// In the CONNACK, then the connection is closed.
+    ConnAck(ReasonCode),
+    /// In the message's PUBACK/PUBREC (the message is dropped; the connection stays).
+    Ack(ReasonCode),
+    /// Nothing: the message is dropped without a word (QoS 0 has no acknowledgement).
+    Silence,
+    /// DISCONNECT with the code (5.0), then close (3.x: just close).
+    Disconnect(ReasonCode),
 }
 
 impl Refusal {
@@ -57,6 +86,43 @@ impl Refusal {
             Refusal::BadUserNameOrPassword => ReasonCode::BadUserNameOrPassword,
             Refusal::ConnectionLimit => ReasonCode::QuotaExceeded,
             Refusal::ServerUnavailable => ReasonCode::ServerUnavailable,
+            Refusal::QosNotSupported => ReasonCode::QosNotSupported,
+            Refusal::RetainNotSupported => ReasonCode::RetainNotSupported,
+            Refusal::RateTooHigh => ReasonCode::MessageRateTooHigh,
+            Refusal::TopicBeyondLimits => ReasonCode::TopicNameInvalid,
+            Refusal::PublishNotAuthorized => ReasonCode::NotAuthorized,
+            Refusal::PayloadFormatInvalid => ReasonCode::PayloadFormatInvalid,
+            Refusal::QueueFull => ReasonCode::QuotaExceeded,
+        }
+    }
+
+    /// How the refusal reaches a client of `v5` (or 3.x) for a message that has an
+    /// acknowledgement (`acked`: QoS 1/2) or not. A CONNECT refusal is a CONNACK.
+    ///
+    /// 5.0 puts a message's refusal in its PUBACK/PUBREC where the code is one those may
+    /// carry; rule breaches the client was told about in the CONNACK (QoS, retain) and
+    /// the rate limit (0x96 is a DISCONNECT code) end the connection. 3.x acknowledgements
+    /// carry no reason, so a refusal that must be heard closes the connection; an ACL
+    /// refusal is acknowledged as usual and the message dropped, as Mosquitto does.
+    pub fn answer(self, v5: bool, acked: bool) -> Answer {
+        let code = self.reason_code();
+        match self {
+            Refusal::QosNotSupported | Refusal::RetainNotSupported | Refusal::RateTooHigh => {
+                Answer::Disconnect(code)
+            }
+            Refusal::PublishNotAuthorized => match (acked, v5) {
+                (false, _) => Answer::Silence,
+                (true, true) => Answer::Ack(code),
+                (true, false) => Answer::Ack(ReasonCode::Success),
+            },
+            Refusal::TopicBeyondLimits | Refusal::PayloadFormatInvalid | Refusal::QueueFull => {
+                if acked && v5 {
+                    Answer::Ack(code)
+                } else {
+                    Answer::Disconnect(code)
+                }
+            }
+            _ => Answer::ConnAck(code),
         }
     }
 
@@ -69,11 +135,18 @@ impl Refusal {
             Refusal::Malformed(_) => Some("MQTT-4.13.1-1"),
             Refusal::BadAuthenticationMethod => Some("§4.12"),
             Refusal::Redirected { .. } => Some("§4.11"),
+            Refusal::QosNotSupported => Some("MQTT-3.2.2-11"),
+            Refusal::RetainNotSupported => Some("MQTT-3.2.2-14"),
+            Refusal::PayloadFormatInvalid => Some("MQTT-3.3.2-4"),
             Refusal::KeepAliveTooLong
             | Refusal::NotAuthorized
             | Refusal::BadUserNameOrPassword
             | Refusal::ConnectionLimit
-            | Refusal::ServerUnavailable => None,
+            | Refusal::ServerUnavailable
+            | Refusal::RateTooHigh
+            | Refusal::TopicBeyondLimits
+            | Refusal::PublishNotAuthorized
+            | Refusal::QueueFull => None,
         }
     }
 
@@ -90,6 +163,15 @@ impl Refusal {
             Refusal::BadUserNameOrPassword => "bad user name or password",
             Refusal::ConnectionLimit => "connection limit reached",
             Refusal::ServerUnavailable => "admission could not be decided",
+            Refusal::QosNotSupported => "above the Maximum QoS the server offers",
+            Refusal::RetainNotSupported => "retained messages are not available",
+            Refusal::RateTooHigh => "over the publish rate the server allows",
+            Refusal::TopicBeyondLimits => "the topic is longer or deeper than the server allows",
+            Refusal::PublishNotAuthorized => "not authorized to publish to this topic",
+            Refusal::PayloadFormatInvalid => {
+                "the Payload Format Indicator says UTF-8 but the payload is not"
+            }
+            Refusal::QueueFull => "a subscriber's queue is full",
         }
     }
 }

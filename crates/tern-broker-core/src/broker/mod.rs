@@ -31,7 +31,7 @@ use tern_store::{Op, PendingWill, SessionRecord, Subscription};
 
 use super::{Member, SharedSubscriptions, SubscriptionTrie};
 use crate::counters::{Counters, DropReason};
-use crate::refusal::{Admission, Refusal};
+use crate::refusal::{Admission, Answer, Refusal};
 
 mod connect;
 mod gauges;

@@ -129,113 +129,39 @@ impl Broker {
             .conn
             .as_ref()
             .is_some_and(|(_, c)| c.config().protocol.is_v5());
-        // Above what CONNACK advertised: a protocol error [MQTT-3.2.2-11] [MQTT-3.2.2-14].
-        if message.qos > self.settings.maximum_qos {
-            self.counters.drop_n(DropReason::Invalid, 1);
-            self.kick(client_id, ReasonCode::QosNotSupported, now);
-            return false;
-        }
-        if message.retain && !self.settings.retain_available {
-            self.counters.drop_n(DropReason::Invalid, 1);
-            self.kick(client_id, ReasonCode::RetainNotSupported, now);
-            return false;
-        }
-        // Over the publish rate: DISCONNECT 0x96 Message rate too high (5.0; 0x96 is not
-        // a PUBACK/PUBREC code), or just closed (3.x).
-        if !self.within_publish_rate(client_id, now) {
-            self.counters.drop_n(DropReason::RateLimited, 1);
+        let refusal = if message.qos > self.settings.maximum_qos {
+            // Above what CONNACK advertised: a protocol error.
+            Some(Refusal::QosNotSupported)
+        } else if message.retain && !self.settings.retain_available {
+            Some(Refusal::RetainNotSupported)
+        } else if !self.within_publish_rate(client_id, now) {
             tracing::warn!(client_id = %client_id, limit = ?self.settings.max_publish_rate, "publish rate exceeded: disconnected");
-            self.kick(client_id, ReasonCode::MessageRateTooHigh, now);
-            return false;
-        }
-        // A topic beyond the limits: 0x90 in the 5.0 acknowledgement, otherwise closed.
-        if !self.topic_within_limits(message.topic.as_str()) {
-            self.counters.drop_n(DropReason::Invalid, 1);
+            Some(Refusal::RateTooHigh)
+        } else if !self.topic_within_limits(message.topic.as_str()) {
             tracing::warn!(client_id = %client_id, length = message.topic.as_str().len(), "topic beyond the limits: publish refused");
-            match ack {
-                Some(id) if v5 => {
-                    let text = "the topic is longer or deeper than the server allows";
-                    self.release(
-                        client_id,
-                        id,
-                        ReasonCode::TopicNameInvalid,
-                        text,
-                        problem_info,
-                    );
-                }
-                _ => {
-                    self.kick(client_id, ReasonCode::TopicNameInvalid, now);
-                    return false;
-                }
-            }
-            return true;
-        }
-        // The ACL: a denied message is routed nowhere. 5.0 QoS 1/2 is told 0x87; QoS 0,
-        // and 3.x (whose acknowledgements carry no reason), are acknowledged as usual
-        // and the message dropped, as Mosquitto does. `$SYS` topics are the broker's:
-        // no client may publish there.
-        if is_sys(&message.topic)
+            Some(Refusal::TopicBeyondLimits)
+        } else if is_sys(&message.topic)
             || !self.permits(client_id, crate::acl::Permission::Write, &message.topic)
         {
-            self.counters.drop_n(DropReason::NotAuthorized, 1);
+            // `$SYS` topics are the broker's: no client may publish there.
             tracing::info!(client_id = %client_id, topic = %message.topic.as_str(), "publish not authorized: dropped");
-            if let Some(id) = ack {
-                let reason = if v5 {
-                    ReasonCode::NotAuthorized
-                } else {
-                    ReasonCode::Success
-                };
-                self.release(
-                    client_id,
-                    id,
-                    reason,
-                    "not authorized to publish to this topic",
-                    problem_info,
-                );
-            }
-            return true;
-        }
-        // A payload that says it is UTF-8 and is not [MQTT-3.3.2-4]: refused with 0x99 in
-        // the acknowledgement (5.0), or the connection closed where there is none.
-        if message.properties.payload_format_indicator == Some(tern_codec::PayloadFormat::Utf8)
+            Some(Refusal::PublishNotAuthorized)
+        } else if message.properties.payload_format_indicator
+            == Some(tern_codec::PayloadFormat::Utf8)
             && std::str::from_utf8(&message.payload).is_err()
         {
-            self.counters.drop_n(DropReason::Invalid, 1);
-            match ack {
-                Some(id) if v5 => {
-                    let text = "the Payload Format Indicator says UTF-8 but the payload is not";
-                    self.release(
-                        client_id,
-                        id,
-                        ReasonCode::PayloadFormatInvalid,
-                        text,
-                        problem_info,
-                    );
-                }
-                _ => {
-                    self.kick(client_id, ReasonCode::PayloadFormatInvalid, now);
-                    return false;
-                }
-            }
-            return true;
-        }
-        if self.settings.queue_policy == QueuePolicy::Reject
+            Some(Refusal::PayloadFormatInvalid)
+        } else if self.settings.queue_policy == QueuePolicy::Reject
             && message.qos != QoS::AtMostOnce
             && let Some(full) = self.full_queue_for(&message, client_id, now)
         {
-            self.counters.drop_n(DropReason::Quota, 1);
             tracing::warn!(publisher = %client_id, subscriber = %full, topic = %message.topic.as_str(), "a subscriber's queue is full: publish refused (quota exceeded)");
-            match ack {
-                Some(id) if v5 => {
-                    let text = "a subscriber's queue is full";
-                    self.release(client_id, id, ReasonCode::QuotaExceeded, text, problem_info);
-                }
-                _ => {
-                    self.kick(client_id, ReasonCode::QuotaExceeded, now);
-                    return false;
-                }
-            }
-            return true;
+            Some(Refusal::QueueFull)
+        } else {
+            None
+        };
+        if let Some(refusal) = refusal {
+            return self.refuse_publish(client_id, ack, v5, problem_info, refusal, now);
         }
         let matched = self.route(message, Some(client_id), now);
         if matched == 0 {
@@ -250,6 +176,40 @@ impl Broker {
             self.release(client_id, id, reason, "", problem_info);
         }
         true
+    }
+
+    /// Answers a refused PUBLISH as [`Refusal::answer`] says (in its acknowledgement, not
+    /// at all, or with a DISCONNECT), and counts the drop. False if the connection was
+    /// closed for it.
+    fn refuse_publish(
+        &mut self,
+        client_id: &Str,
+        ack: Option<tern_codec::PacketId>,
+        v5: bool,
+        problem_info: bool,
+        refusal: Refusal,
+        now: Instant,
+    ) -> bool {
+        let dropped = match refusal {
+            Refusal::RateTooHigh => DropReason::RateLimited,
+            Refusal::PublishNotAuthorized => DropReason::NotAuthorized,
+            Refusal::QueueFull => DropReason::Quota,
+            _ => DropReason::Invalid,
+        };
+        self.counters.drop_n(dropped, 1);
+        match refusal.answer(v5, ack.is_some()) {
+            Answer::Ack(code) => {
+                if let Some(id) = ack {
+                    self.release(client_id, id, code, refusal.description(), problem_info);
+                }
+                true
+            }
+            Answer::Silence => true,
+            Answer::Disconnect(code) | Answer::ConnAck(code) => {
+                self.kick(client_id, code, now);
+                false
+            }
+        }
     }
 
     /// Whether a topic name or filter is within the configured length and depth.
