@@ -54,6 +54,14 @@ pub enum Refusal {
     PayloadFormatInvalid,
     /// A subscriber's queue is full under `queue_policy = "reject"`.
     QueueFull,
+    /// A topic filter longer or deeper than the limits.
+    FilterBeyondLimits,
+    /// The session holds `max_subscriptions` already.
+    SubscriptionLimit,
+    /// The ACL does not let the client subscribe with the filter.
+    SubscribeNotAuthorized,
+    /// No Local on a shared subscription, a protocol error [MQTT-3.8.3-4].
+    NoLocalOnShared,
 }
 
 /// How a refusal reaches the client.
@@ -65,6 +73,8 @@ pub enum Answer {
     Ack(ReasonCode),
     /// Nothing: the message is dropped without a word (QoS 0 has no acknowledgement).
     Silence,
+    /// In the SUBACK, for that filter (3.x: 0x80, Failure); the rest of the SUBSCRIBE goes on.
+    SubAck(ReasonCode),
     /// DISCONNECT with the code (5.0), then close (3.x: just close).
     Disconnect(ReasonCode),
 }
@@ -93,6 +103,10 @@ impl Refusal {
             Refusal::PublishNotAuthorized => ReasonCode::NotAuthorized,
             Refusal::PayloadFormatInvalid => ReasonCode::PayloadFormatInvalid,
             Refusal::QueueFull => ReasonCode::QuotaExceeded,
+            Refusal::FilterBeyondLimits => ReasonCode::TopicFilterInvalid,
+            Refusal::SubscriptionLimit => ReasonCode::QuotaExceeded,
+            Refusal::SubscribeNotAuthorized => ReasonCode::NotAuthorized,
+            Refusal::NoLocalOnShared => ReasonCode::ProtocolError,
         }
     }
 
@@ -107,9 +121,13 @@ impl Refusal {
     pub fn answer(self, v5: bool, acked: bool) -> Answer {
         let code = self.reason_code();
         match self {
-            Refusal::QosNotSupported | Refusal::RetainNotSupported | Refusal::RateTooHigh => {
-                Answer::Disconnect(code)
-            }
+            Refusal::QosNotSupported
+            | Refusal::RetainNotSupported
+            | Refusal::RateTooHigh
+            | Refusal::NoLocalOnShared => Answer::Disconnect(code),
+            Refusal::FilterBeyondLimits
+            | Refusal::SubscriptionLimit
+            | Refusal::SubscribeNotAuthorized => Answer::SubAck(code),
             Refusal::PublishNotAuthorized => match (acked, v5) {
                 (false, _) => Answer::Silence,
                 (true, true) => Answer::Ack(code),
@@ -138,6 +156,7 @@ impl Refusal {
             Refusal::QosNotSupported => Some("MQTT-3.2.2-11"),
             Refusal::RetainNotSupported => Some("MQTT-3.2.2-14"),
             Refusal::PayloadFormatInvalid => Some("MQTT-3.3.2-4"),
+            Refusal::NoLocalOnShared => Some("MQTT-3.8.3-4"),
             Refusal::KeepAliveTooLong
             | Refusal::NotAuthorized
             | Refusal::BadUserNameOrPassword
@@ -146,7 +165,10 @@ impl Refusal {
             | Refusal::RateTooHigh
             | Refusal::TopicBeyondLimits
             | Refusal::PublishNotAuthorized
-            | Refusal::QueueFull => None,
+            | Refusal::QueueFull
+            | Refusal::FilterBeyondLimits
+            | Refusal::SubscriptionLimit
+            | Refusal::SubscribeNotAuthorized => None,
         }
     }
 
@@ -172,6 +194,10 @@ impl Refusal {
                 "the Payload Format Indicator says UTF-8 but the payload is not"
             }
             Refusal::QueueFull => "a subscriber's queue is full",
+            Refusal::FilterBeyondLimits => "the filter is longer or deeper than the server allows",
+            Refusal::SubscriptionLimit => "the session holds as many subscriptions as allowed",
+            Refusal::SubscribeNotAuthorized => "not authorized to subscribe with this filter",
+            Refusal::NoLocalOnShared => "No Local on a shared subscription",
         }
     }
 }
@@ -195,4 +221,67 @@ pub enum Admission {
     Granted(Box<Connect>),
     /// Refused; `Protocol` is the version the CONNECT asked for.
     Refused(Protocol, Refusal),
+}
+
+#[cfg(test)]
+mod tests {
+    use tern_codec::PacketType;
+
+    use super::*;
+
+    const ALL: [Refusal; 22] = [
+        Refusal::ClientIdNotValid,
+        Refusal::KeepAliveTooLong,
+        Refusal::UnsupportedProtocolVersion,
+        Refusal::Malformed(ReasonCode::MalformedPacket),
+        Refusal::BadAuthenticationMethod,
+        Refusal::Redirected { moved: false },
+        Refusal::Redirected { moved: true },
+        Refusal::NotAuthorized,
+        Refusal::BadUserNameOrPassword,
+        Refusal::ConnectionLimit,
+        Refusal::ServerUnavailable,
+        Refusal::QosNotSupported,
+        Refusal::RetainNotSupported,
+        Refusal::RateTooHigh,
+        Refusal::TopicBeyondLimits,
+        Refusal::PublishNotAuthorized,
+        Refusal::PayloadFormatInvalid,
+        Refusal::QueueFull,
+        Refusal::FilterBeyondLimits,
+        Refusal::SubscriptionLimit,
+        Refusal::SubscribeNotAuthorized,
+        Refusal::NoLocalOnShared,
+    ];
+
+    /// Checked against the standard's table of which packet may carry which reason code
+    /// (`ReasonCode::valid_for`), in every version and with or without an
+    /// acknowledgement: a refusal never puts a code where the packet may not carry it.
+    #[test]
+    fn every_refusal_goes_out_in_a_packet_that_may_carry_its_code() {
+        for refusal in ALL {
+            for (v5, acked) in [(true, true), (true, false), (false, true), (false, false)] {
+                let (code, packet) = match refusal.answer(v5, acked) {
+                    Answer::ConnAck(c) => (c, PacketType::ConnAck),
+                    Answer::Ack(c) => (c, PacketType::PubAck),
+                    Answer::SubAck(c) => (c, PacketType::SubAck),
+                    Answer::Disconnect(c) => (c, PacketType::Disconnect),
+                    Answer::Silence => {
+                        assert!(!acked, "{refusal:?}: a message with an ack is answered");
+                        continue;
+                    }
+                };
+                assert!(
+                    code.valid_for(packet),
+                    "{refusal:?} (v5 {v5}, acked {acked}): {code:?} in {packet:?}"
+                );
+                if packet == PacketType::PubAck {
+                    assert!(
+                        code.valid_for(PacketType::PubRec),
+                        "{refusal:?}: PUBREC too"
+                    );
+                }
+            }
+        }
+    }
 }

@@ -205,7 +205,9 @@ impl Broker {
                 true
             }
             Answer::Silence => true,
-            Answer::Disconnect(code) | Answer::ConnAck(code) => {
+            // (A PUBLISH refusal is never a CONNACK or SUBACK code; closing is the safe
+            // reading of one.)
+            Answer::Disconnect(code) | Answer::ConnAck(code) | Answer::SubAck(code) => {
                 self.kick(client_id, code, now);
                 false
             }

@@ -9,17 +9,18 @@ impl Broker {
         }
         let mut reasons = Vec::with_capacity(s.subscriptions.len());
         let mut retained_for = vec![];
-        // [MQTT-3.8.3-4]: No Local on a shared subscription is a protocol error.
         if s.subscriptions
             .iter()
             .any(|sub| sub.filter.share_group().is_some() && sub.options.no_local)
         {
-            self.kick(client_id, ReasonCode::ProtocolError, now);
+            if let Answer::Disconnect(code) = Refusal::NoLocalOnShared.answer(true, false) {
+                self.kick(client_id, code, now);
+            }
             return;
         }
         for sub in &s.subscriptions {
             if let Some(refused) = self.refuse_subscription(client_id, &sub.filter) {
-                reasons.push(refused);
+                reasons.push(refused.reason_code());
                 continue;
             }
             // Granted at most the server's Maximum QoS [MQTT-3.2.2-9].
@@ -88,26 +89,26 @@ impl Broker {
     }
 
     /// Why a subscription is refused, if it is: its filter beyond the topic limits (0x8F),
-    /// the session at its subscription limit (0x97), or the ACL (0x87). 3.x clients see
-    /// 0x80 for any of them.
-    fn refuse_subscription(&mut self, client_id: &Str, filter: &TopicFilter) -> Option<ReasonCode> {
+    /// the session at its subscription limit (0x97), or the ACL (0x87); it goes in the
+    /// SUBACK ([`Refusal::answer`]), where 3.x clients see 0x80 for any of them.
+    fn refuse_subscription(&mut self, client_id: &Str, filter: &TopicFilter) -> Option<Refusal> {
         let session = self.sessions.get(client_id)?;
-        let reason = if !self.topic_within_limits(filter.filter()) {
-            ReasonCode::TopicFilterInvalid
+        let refusal = if !self.topic_within_limits(filter.filter()) {
+            Refusal::FilterBeyondLimits
         } else if !session.subscriptions.contains_key(filter)
             && session.subscriptions.len() >= self.settings.max_subscriptions
         {
-            ReasonCode::QuotaExceeded
+            Refusal::SubscriptionLimit
         } else if self.acl.as_ref().is_some_and(|acl| {
             !acl.allows_subscribe(client_id, session.username.as_deref(), filter)
         }) {
             self.counters.subscriptions_denied += 1;
-            ReasonCode::NotAuthorized
+            Refusal::SubscribeNotAuthorized
         } else {
             return None;
         };
-        tracing::info!(client_id = %client_id, filter = %filter.as_str(), ?reason, "subscription refused");
-        Some(reason)
+        tracing::info!(client_id = %client_id, filter = %filter.as_str(), %refusal, "subscription refused");
+        Some(refusal)
     }
 
     pub(super) fn unsubscribe(&mut self, client_id: &Str, u: Unsubscribe) {
