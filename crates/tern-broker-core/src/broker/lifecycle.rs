@@ -103,6 +103,8 @@ impl Broker {
             let Some(session) = self.sessions.get_mut(client_id) else {
                 return;
             };
+            // Drained now: a later delivery in this input lists it again.
+            session.drain_due = false;
             let Some((conn, c)) = session.conn.as_mut() else {
                 return;
             };

@@ -59,9 +59,6 @@ impl Broker {
     pub(super) fn commit(&mut self, now: Instant) {
         while !self.drain_due.is_empty() {
             for client_id in std::mem::take(&mut self.drain_due) {
-                if let Some(s) = self.sessions.get_mut(&client_id) {
-                    s.drain_due = false;
-                }
                 self.drain(&client_id, now);
             }
         }
