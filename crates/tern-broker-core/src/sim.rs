@@ -85,6 +85,8 @@ impl Sim {
         self.anchor = (self.now, wall);
         self.outputs.clear();
         self.restarts += 1;
+        // Connection ids start again with the process, as the server's do.
+        self.next = 0;
     }
 
     /// Makes the next commit fail: its outputs are never sent and the broker restarts

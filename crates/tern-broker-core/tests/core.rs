@@ -685,3 +685,64 @@ fn a_failed_commit_withholds_the_acknowledgement_and_loses_nothing_acknowledged(
         "the acknowledged messages, not the one never acknowledged"
     );
 }
+
+// ---- assigned client identifiers ------------------------------------------------------
+
+fn anonymous_v5(expiry: u32) -> Connect {
+    v5_persistent("", expiry)
+}
+
+fn assigned_id(sim: &Sim, conn: ConnId) -> String {
+    sim.outputs
+        .iter()
+        .find_map(|o| match o {
+            Output::Send(c, Packet::ConnAck(a)) if *c == conn => a
+                .properties
+                .assigned_client_identifier
+                .as_ref()
+                .map(|s| s.to_string()),
+            _ => None,
+        })
+        .expect("an Assigned Client Identifier")
+}
+
+#[test]
+fn an_assigned_client_identifier_never_names_a_stored_session_after_a_restart() {
+    // [MQTT-3.2.2-16]: the assigned id must be unique; the server's connection ids and
+    // counters start again with the process.
+    let mut sim = Sim::new(Settings::default());
+    let first = sim.connect(anonymous_v5(3600));
+    let first_id = assigned_id(&sim, first);
+    sim.subscribe(first, "t", QoS::AtLeastOnce);
+    sim.close(first);
+    sim.restart(Duration::from_secs(1));
+    let second = sim.connect(anonymous_v5(3600));
+    let second_id = assigned_id(&sim, second);
+    assert_ne!(second_id, first_id, "a new client, a new identifier");
+    assert!(
+        !connack_session_present(&sim, second),
+        "nobody else's session"
+    );
+    assert_eq!(
+        sessions(&sim),
+        2,
+        "the stored session is still there, untouched"
+    );
+}
+
+#[test]
+fn an_assigned_client_identifier_skips_one_a_client_chose_for_itself() {
+    let mut sim = Sim::new(Settings::default());
+    let probe = sim.connect(anonymous_v5(0));
+    let assigned = assigned_id(&sim, probe);
+    sim.close(probe);
+    // A client takes, as its own, the identifier the next anonymous client would get.
+    let (prefix, n) = assigned.rsplit_once('-').unwrap();
+    let next = format!("{prefix}-{}", n.parse::<u64>().unwrap() + 1);
+    let squatter = sim.connect(v5_persistent(&next, 3600));
+    sim.subscribe(squatter, "t", QoS::AtLeastOnce);
+    sim.close(squatter);
+    let anonymous = sim.connect(anonymous_v5(3600));
+    assert_ne!(assigned_id(&sim, anonymous), next);
+    assert!(!connack_session_present(&sim, anonymous));
+}

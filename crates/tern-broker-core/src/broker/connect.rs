@@ -54,6 +54,24 @@ impl Broker {
         self.outputs.push_back(Output::Close(conn));
     }
 
+    /// A client identifier for a client that sent none [MQTT-3.1.3-6]: unique
+    /// [MQTT-3.2.2-16]. `tern-{start}-{n}`: the process's start (its wall-clock time in
+    /// nanoseconds, passed in at `resume`) keeps identifiers of an earlier process, whose
+    /// sessions may be stored, from coming back; a session of that name (a client may
+    /// have chosen it for itself) is skipped.
+    fn assign_client_id(&mut self) -> Str {
+        loop {
+            self.next_assigned += 1;
+            let id = Str::from(format!(
+                "tern-{:x}-{}",
+                self.start_nanos, self.next_assigned
+            ));
+            if !self.sessions.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
     pub(super) fn handle_connect(&mut self, conn: ConnId, connect: Connect, now: Instant) {
         let v = connect.protocol;
         // Copied, not sliced: a slice would keep the whole read buffer the CONNECT came
@@ -64,8 +82,7 @@ impl Broker {
             // 3.1.1: only with clean session [MQTT-3.1.3-7]; 5.0: assign one [MQTT-3.1.3-6];
             // 3.1 requires 1 to 23 characters.
             if v == Protocol::V5 || (v == Protocol::V3_1_1 && connect.clean_start) {
-                self.next_assigned += 1;
-                client_id = Str::from(format!("tern-{}-{}", conn, self.next_assigned));
+                client_id = self.assign_client_id();
                 assigned = Some(client_id.clone());
             } else {
                 return self.refuse(conn, Refusal::ClientIdNotValid, Some(&connect));

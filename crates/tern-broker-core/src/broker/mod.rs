@@ -234,6 +234,8 @@ pub struct Broker {
     /// skipped. Only due sessions are touched, whatever the number of sessions.
     timers: BinaryHeap<Reverse<(Instant, Str)>>,
     next_assigned: u64,
+    /// The wall-clock time of `resume`, in nanoseconds: part of assigned client ids.
+    start_nanos: u128,
     /// What was delivered, dropped and why; the server reads them with the gauges.
     counters: Counters,
     sys: sys::Sys,
@@ -272,6 +274,9 @@ impl Broker {
             outputs: VecDeque::new(),
             timers: BinaryHeap::new(),
             next_assigned: 0,
+            start_nanos: wall
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
             counters: Counters::default(),
             sys: sys::Sys::default(),
             acl: None,
