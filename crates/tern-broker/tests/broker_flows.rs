@@ -361,3 +361,25 @@ fn a_client_exceeding_the_advertised_receive_maximum_gets_disconnect_0x93() {
         other => panic!("want DISCONNECT 0x93, got {other:?}"),
     }
 }
+
+#[test]
+fn an_mqtt_3_1_client_resumes_a_qos2_flow_with_a_dup_pubrel() {
+    let broker = common::Broker::start();
+    let (mut c, _) = Raw::connect(broker.port, persistent(Protocol::V3_1, "old-client"));
+    let id = NonZeroU16::new(7).unwrap();
+    c.send(Packet::Publish(Publish::new(
+        TopicName::new("t").unwrap(),
+        QosPid::ExactlyOnce(id),
+        "once",
+    )));
+    assert!(matches!(c.recv(), Some(Packet::PubRec(a)) if a.packet_id == id));
+    drop(c); // cut before PUBREL
+    // (3.1's CONNACK has no session-present flag; the session is resumed all the same.)
+    let (mut c, _) = Raw::connect(broker.port, persistent(Protocol::V3_1, "old-client"));
+    // PUBREL as MQTT 3.1 resends it: DUP set (0x6A), which 3.1.1 and 5.0 reserve.
+    c.send_bytes(&[0x6A, 0x02, 0x00, 0x07]);
+    assert!(
+        matches!(c.recv(), Some(Packet::PubComp(a)) if a.packet_id == id),
+        "completed, the connection kept"
+    );
+}

@@ -84,6 +84,47 @@ fn reserved_fixed_header_flags_are_malformed_on_every_packet_type() {
     }
 }
 
+/// MQTT 3.1 set DUP on a resent PUBREL, SUBSCRIBE or UNSUBSCRIBE, so a 3.1 client resuming
+/// a QoS 2 flow sends `6A`; only level 3 accepts it, and only on those three packets.
+#[test]
+fn dup_on_pubrel_subscribe_and_unsubscribe_is_mqtt_3_1_only() {
+    for (bytes, packet) in [
+        (vec![0x6A, 0x02, 0x00, 0x01], PacketType::PubRel),
+        (
+            vec![0x8A, 0x06, 0x00, 0x01, 0x00, 0x01, b'a', 0x01],
+            PacketType::Subscribe,
+        ),
+        (
+            vec![0xAA, 0x05, 0x00, 0x01, 0x00, 0x01, b'a'],
+            PacketType::Unsubscribe,
+        ),
+    ] {
+        let got = dec(Protocol::V3_1, &bytes).unwrap_or_else(|e| panic!("{packet:?}: {e}"));
+        assert_eq!(got.packet_type(), packet);
+        let flags = bytes[0] & 0x0F;
+        for v in [V3_1_1, V5] {
+            rejects(
+                v,
+                &bytes,
+                E::ReservedFlags { packet, flags },
+                ReasonCode::MalformedPacket,
+            );
+        }
+    }
+    // Anything else stays reserved in 3.1 too: DUP on PUBACK, or on a PUBREL without QoS 1.
+    for (first, packet) in [(0x48, PacketType::PubAck), (0x68, PacketType::PubRel)] {
+        rejects(
+            Protocol::V3_1,
+            &[first, 0x02, 0x00, 0x01],
+            E::ReservedFlags {
+                packet,
+                flags: first & 0x0F,
+            },
+            ReasonCode::MalformedPacket,
+        );
+    }
+}
+
 #[test]
 fn remaining_length_longer_than_four_bytes_is_malformed_before_the_body_arrives() {
     let bytes = [0x30, 0xFF, 0xFF, 0xFF, 0xFF];

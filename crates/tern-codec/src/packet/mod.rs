@@ -269,7 +269,13 @@ pub fn decode_body(first: u8, body: Bytes, version: Protocol) -> Result<Packet, 
         other => other,
     }
     .ok_or(DecodeError::ReservedPacketType(bits))?;
-    if packet_type != PacketType::Publish && flags != packet_type.fixed_flags() {
+    // MQTT 3.1 (level 3) set DUP on a resent PUBREL, SUBSCRIBE or UNSUBSCRIBE (3.1
+    // §2.1, "DUP flag"); 3.1.1 and 5.0 reserve the bit [MQTT-2.1.3-1].
+    let dup_31 = version == Protocol::V3_1 && flags == packet_type.fixed_flags() | 0b1000;
+    if packet_type != PacketType::Publish
+        && flags != packet_type.fixed_flags()
+        && !(dup_31 && packet_type.fixed_flags() != 0)
+    {
         return Err(DecodeError::ReservedFlags {
             packet: packet_type,
             flags,
