@@ -746,3 +746,46 @@ fn an_assigned_client_identifier_skips_one_a_client_chose_for_itself() {
     assert_ne!(assigned_id(&sim, anonymous), next);
     assert!(!connack_session_present(&sim, anonymous));
 }
+
+// ---- a copy that outgrows every packet ----------------------------------------------
+
+#[test]
+fn a_copy_grown_past_the_largest_packet_by_its_subscription_identifier_is_dropped_not_stored() {
+    let mut sim = Sim::new(Settings::default());
+    let sub = sim.connect(v5_persistent("s", 3600));
+    let mut s = tern_codec::Subscribe {
+        packet_id: pid(1),
+        subscriptions: vec![tern_codec::Subscription {
+            filter: tern_codec::TopicFilter::new("t").unwrap(),
+            options: tern_codec::SubscriptionOptions {
+                qos: QoS::AtLeastOnce,
+                ..Default::default()
+            },
+        }],
+        properties: Default::default(),
+    };
+    s.properties.subscription_identifier = tern_codec::SubscriptionId::new(1);
+    sim.send(sub, Packet::Subscribe(s));
+    sim.close(sub);
+    let p = sim.connect(Connect::new(Protocol::V5, "p"));
+    // The largest PUBLISH there is; the subscriber's copy adds a Subscription Identifier.
+    let biggest = tern_codec::MAX_PACKET_SIZE as usize - 5 - 6;
+    let publish = Publish::new(
+        TopicName::new("t").unwrap(),
+        QosPid::AtLeastOnce(pid(1)),
+        vec![0u8; biggest],
+    );
+    sim.send(p, Packet::Publish(publish));
+    assert_eq!(sim.broker.counters().dropped(DropReason::TooLarge), 1);
+    let stored = sim.stored();
+    assert_eq!(
+        stored.sessions["s"].delivery.queued_len(),
+        0,
+        "nothing queued"
+    );
+    assert_eq!(
+        puback_reasons(&sim, p).len(),
+        1,
+        "the publisher is answered"
+    );
+}

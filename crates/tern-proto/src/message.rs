@@ -89,6 +89,19 @@ impl Message {
 
     /// A PUBLISH for this message, the expiry interval set to what remains at `now`
     /// (rounded up, so a message still in flight never goes out as already expired).
+    /// Whether any PUBLISH could carry this message: within MQTT's largest packet, with its
+    /// properties as they are now (a copy can outgrow the PUBLISH it came in, by the
+    /// Subscription Identifiers of the subscriptions it matched).
+    pub fn fits_a_packet(&self, now: Instant) -> bool {
+        let id = tern_codec::PacketId::MIN;
+        let publish = self.to_publish(QosPid::new(self.qos, id), false, now);
+        tern_codec::encoded_len(
+            &tern_codec::Packet::Publish(publish),
+            tern_codec::Protocol::V5,
+        )
+        .is_ok()
+    }
+
     pub(crate) fn to_publish(&self, qos_pid: QosPid, dup: bool, now: Instant) -> Publish {
         let mut properties = self.properties.clone();
         if let Some(at) = self.expires_at {

@@ -175,7 +175,11 @@ fn qos_from(b: u8, what: &str) -> Result<QoS, StoreError> {
 
 // ---- messages ------------------------------------------------------------------------
 
-pub(crate) fn message(m: &Message, anchor: Anchor) -> Vec<u8> {
+/// A message in the store's format: its PUBLISH (5.0) and what the store keeps beside it.
+/// A message no PUBLISH can carry is refused ([`StoreError::Unencodable`]), never a panic:
+/// the broker drops such copies before they reach a session, but the store does not count
+/// on it.
+pub(crate) fn message(m: &Message, anchor: Anchor) -> Result<Vec<u8>, StoreError> {
     let one = PacketId::new(1).expect("non-zero");
     let mut p = Publish::new(m.topic.clone(), QosPid::new(m.qos, one), m.payload.clone());
     p.retain = m.retain;
@@ -183,7 +187,7 @@ pub(crate) fn message(m: &Message, anchor: Anchor) -> Vec<u8> {
     let mut wire = BytesMut::new();
     // A message that arrived as a PUBLISH always encodes as one.
     tern_codec::encode(&Packet::Publish(p), Protocol::V5, &mut wire)
-        .expect("a received message re-encodes");
+        .map_err(|e| StoreError::Unencodable(format!("message on {}: {e}", m.topic.as_str())))?;
     let mut w = Writer::new();
     w.bytes(&wire);
     w.opt_time(m.expires_at.map(|t| anchor.to_wall(t)));
@@ -192,7 +196,7 @@ pub(crate) fn message(m: &Message, anchor: Anchor) -> Vec<u8> {
     if let Some(q) = m.queued_at {
         w.time(anchor.to_wall(q));
     }
-    w.finish()
+    Ok(w.finish())
 }
 
 /// The shared-subscription group a copy was delivered through, if any.
@@ -237,13 +241,14 @@ pub(crate) fn read_message(buf: &[u8], anchor: Anchor) -> Result<Message, StoreE
 
 // ---- session records -----------------------------------------------------------------
 
-fn will(w: &mut Writer, will: &LastWill) {
+fn will(w: &mut Writer, will: &LastWill) -> Result<(), StoreError> {
     let mut c = Connect::new(Protocol::V5, "w");
     c.will = Some(will.clone());
     let mut wire = BytesMut::new();
     tern_codec::encode(&Packet::Connect(Box::new(c)), Protocol::V5, &mut wire)
-        .expect("a received will re-encodes");
+        .map_err(|e| StoreError::Unencodable(format!("will on {}: {e}", will.topic.as_str())))?;
     w.bytes(&wire);
+    Ok(())
 }
 
 fn read_will(r: &mut Reader<'_>) -> Result<LastWill, StoreError> {
@@ -254,7 +259,7 @@ fn read_will(r: &mut Reader<'_>) -> Result<LastWill, StoreError> {
     }
 }
 
-pub(crate) fn record(rec: &SessionRecord) -> Vec<u8> {
+pub(crate) fn record(rec: &SessionRecord) -> Result<Vec<u8>, StoreError> {
     let mut w = Writer::new();
     w.duration(rec.expiry);
     w.opt_time(rec.expires_at);
@@ -276,7 +281,7 @@ pub(crate) fn record(rec: &SessionRecord) -> Vec<u8> {
         Some(p) => {
             w.u8(1);
             w.time(p.at);
-            will(&mut w, &p.will);
+            will(&mut w, &p.will)?;
         }
         None => w.u8(0),
     }
@@ -284,7 +289,7 @@ pub(crate) fn record(rec: &SessionRecord) -> Vec<u8> {
     if let Some(u) = &rec.username {
         w.bytes(u.as_bytes());
     }
-    w.finish()
+    Ok(w.finish())
 }
 
 pub(crate) fn read_record(buf: &[u8]) -> Result<SessionRecord, StoreError> {
@@ -481,8 +486,9 @@ pub(crate) fn read_flow_ref(buf: &[u8]) -> Result<(u64, OutboundState, &[u8]), S
 
 // ---- whole batches, for the write-ahead log ----------------------------------------------
 
-fn put_message(w: &mut Writer, m: &Message, anchor: Anchor) {
-    w.bytes(&message(m, anchor));
+fn put_message(w: &mut Writer, m: &Message, anchor: Anchor) -> Result<(), StoreError> {
+    w.bytes(&message(m, anchor)?);
+    Ok(())
 }
 
 fn outbound(s: OutboundState) -> u8 {
@@ -501,7 +507,7 @@ fn read_outbound(b: u8) -> Result<OutboundState, StoreError> {
 }
 
 /// A batch of ops as one record of the write-ahead log.
-pub(crate) fn batch(ops: &[crate::Op], anchor: Anchor) -> Vec<u8> {
+pub(crate) fn batch(ops: &[crate::Op], anchor: Anchor) -> Result<Vec<u8>, StoreError> {
     use crate::Op;
     use tern_proto::Change;
     let mut w = Writer::new();
@@ -513,7 +519,7 @@ pub(crate) fn batch(ops: &[crate::Op], anchor: Anchor) -> Vec<u8> {
             } => {
                 w.u8(0);
                 w.bytes(client_id.as_bytes());
-                w.bytes(&record(r));
+                w.bytes(&record(r)?);
             }
             Op::DeleteSession { client_id } => {
                 w.u8(1);
@@ -528,11 +534,11 @@ pub(crate) fn batch(ops: &[crate::Op], anchor: Anchor) -> Vec<u8> {
                 for f in flows {
                     w.u16(f.id.get());
                     w.u8(outbound(f.state));
-                    put_message(&mut w, &f.message, anchor);
+                    put_message(&mut w, &f.message, anchor)?;
                 }
                 w.u32(state.queued_len() as u32);
                 for m in state.queued() {
-                    put_message(&mut w, m, anchor);
+                    put_message(&mut w, m, anchor)?;
                 }
                 let ids: Vec<_> = state.inbound_qos2().collect();
                 w.u32(ids.len() as u32);
@@ -547,17 +553,17 @@ pub(crate) fn batch(ops: &[crate::Op], anchor: Anchor) -> Vec<u8> {
                 match change {
                     Change::Queued(m) => {
                         w.u8(0);
-                        put_message(&mut w, m, anchor);
+                        put_message(&mut w, m, anchor)?;
                     }
                     Change::Unqueued => w.u8(1),
                     Change::Requeued(m) => {
                         w.u8(2);
-                        put_message(&mut w, m, anchor);
+                        put_message(&mut w, m, anchor)?;
                     }
                     Change::Sent(id, m) => {
                         w.u8(3);
                         w.u16(id.get());
-                        put_message(&mut w, m, anchor);
+                        put_message(&mut w, m, anchor)?;
                     }
                     Change::Released(id) => {
                         w.u8(4);
@@ -580,7 +586,7 @@ pub(crate) fn batch(ops: &[crate::Op], anchor: Anchor) -> Vec<u8> {
             }
             Op::PutRetained { message: m } => {
                 w.u8(4);
-                put_message(&mut w, m, anchor);
+                put_message(&mut w, m, anchor)?;
             }
             Op::DeleteRetained { topic } => {
                 w.u8(5);
@@ -588,7 +594,7 @@ pub(crate) fn batch(ops: &[crate::Op], anchor: Anchor) -> Vec<u8> {
             }
         }
     }
-    w.finish()
+    Ok(w.finish())
 }
 
 pub(crate) fn read_batch(buf: &[u8], anchor: Anchor) -> Result<Vec<crate::Op>, StoreError> {

@@ -150,6 +150,10 @@ pub enum StoreError {
     /// The backend could not read or write its storage.
     #[error("storage failed: {0}")]
     Backend(String),
+    /// A message or will in the batch cannot be written in the store's format (no PUBLISH
+    /// could carry it); the batch changed nothing.
+    #[error("cannot be stored: {0}")]
+    Unencodable(String),
 }
 
 /// What [`Store::commit`] returns once a batch is durable: the receipt that lets the

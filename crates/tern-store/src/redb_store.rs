@@ -255,7 +255,7 @@ impl RedbStore {
                 Op::PutSession { client_id, record } => {
                     let id: &str = client_id;
                     t.sessions
-                        .insert(id, encoding::record(record).as_slice())
+                        .insert(id, encoding::record(record)?.as_slice())
                         .map_err(backend)?;
                     if t.delivery.get(id).map_err(backend)?.is_none() {
                         t.delivery
@@ -277,7 +277,7 @@ impl RedbStore {
                     t.retained
                         .insert(
                             message.topic.as_str(),
-                            encoding::message(message, self.anchor).as_slice(),
+                            encoding::message(message, self.anchor)?.as_slice(),
                         )
                         .map_err(backend)?;
                 }
@@ -312,7 +312,7 @@ impl RedbStore {
                 let key = self.next_key;
                 self.next_key += 1;
                 t.messages
-                    .insert(key, encoding::message(m, self.anchor).as_slice())
+                    .insert(key, encoding::message(m, self.anchor)?.as_slice())
                     .map_err(backend)?;
                 t.refs.insert(key, 1).map_err(backend)?;
                 t.bodies.entry(slot).or_default().push((m.clone(), key));
@@ -461,12 +461,12 @@ impl Store for RedbStore {
         // The batch's number goes into the same transaction, so whatever redb keeps after
         // a crash (durable commits, or more if it persisted later ones on close) says
         // exactly which logged batches it already holds.
+        let record = encoding::batch(batch, self.anchor)?;
         self.seq += 1;
         txn.open_table(META)
             .map_err(backend)?
             .insert("wal_seq", self.seq)
             .map_err(backend)?;
-        let record = encoding::batch(batch, self.anchor);
         let mark = self.wal.append(self.seq, &record)?;
         if let Err(e) = txn.commit() {
             self.seq -= 1;

@@ -589,3 +589,39 @@ fn a_queued_message_keeps_the_time_it_was_queued_across_a_reopen() {
         "queued 1,090 s before the reopened store's now; a message without a time has none"
     );
 }
+
+/// A queued copy that no PUBLISH can carry (the largest payload, grown by a Subscription
+/// Identifier) is refused with an error, in both durability modes, and the batch changes
+/// nothing: it used to panic in the broker's storage writer.
+#[test]
+fn a_message_no_publish_can_carry_is_refused_not_a_panic() {
+    let biggest = tern_codec::MAX_PACKET_SIZE as usize - 5 - 6; // header, topic, id, props
+    let mut m = Message::new(
+        TopicName::new("t").unwrap(),
+        vec![0u8; biggest],
+        QoS::AtLeastOnce,
+    );
+    m.properties.subscription_identifiers = vec![tern_codec::SubscriptionId::new(1).unwrap()];
+    for sync in [tern_store::Sync::Always, tern_store::Sync::OnFlush] {
+        let f = TempFile::new();
+        let (now, wall) = anchor();
+        let mut store = tern_store::RedbStore::open(&f.0, now, wall).unwrap();
+        store.set_sync(sync);
+        store.commit(&[put("a", 10)]).unwrap();
+        let result = store.commit(&[change("a", Change::Queued(m.clone())), enqueue("a", "ok")]);
+        assert!(
+            matches!(result, Err(StoreError::Unencodable(_))),
+            "{sync:?}: {result:?}"
+        );
+        assert!(
+            queued(&store, "a").is_empty(),
+            "{sync:?}: the batch changed nothing"
+        );
+        store.commit(&[enqueue("a", "after")]).unwrap();
+        assert_eq!(
+            queued(&store, "a"),
+            ["after"],
+            "{sync:?}: the store goes on"
+        );
+    }
+}

@@ -315,6 +315,16 @@ impl Broker {
             tracing::debug!(client_id = %client_id, topic = %message.topic.as_str(), "not authorized to receive: not delivered");
             return;
         }
+        // A copy no PUBLISH can carry (a message near the largest packet, grown by its
+        // Subscription Identifiers) can be neither sent nor stored: dropped as too large.
+        // Checked only for large payloads, so the common path pays nothing.
+        if message.payload.len() > tern_codec::MAX_PACKET_SIZE as usize / 2
+            && !message.fits_a_packet(now)
+        {
+            self.counters.drop_n(DropReason::TooLarge, 1);
+            tracing::warn!(client_id = %client_id, topic = %message.topic.as_str(), "message too large for any PUBLISH once its subscription identifiers are added: dropped for this subscriber");
+            return;
+        }
         self.touch(client_id);
         let Some(session) = self.sessions.get_mut(client_id) else {
             return;
