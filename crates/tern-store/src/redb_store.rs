@@ -95,7 +95,19 @@ impl RedbStore {
     /// the same moment (message expiry instants are stored as wall-clock times).
     /// Batches committed without fsync by an earlier process (`Sync::OnFlush`) that its log
     /// holds and redb lost are applied again, durably, before this returns.
+    ///
+    /// A file that exists but is empty is refused, not started afresh: nothing Tern writes
+    /// leaves a store at zero bytes, so its state was lost somewhere (truncated, or copied
+    /// wrong), and starting empty over it would silently drop every session. Truncated
+    /// or corrupt files are refused by redb, with the file named.
     pub fn open(path: &Path, now: Instant, wall: SystemTime) -> Result<RedbStore, StoreError> {
+        if std::fs::metadata(path).is_ok_and(|m| m.len() == 0) {
+            return Err(StoreError::Backend(format!(
+                "{}: the store file is empty (0 bytes); refusing to start with no state over it \
+                 (move it away to start afresh)",
+                path.display()
+            )));
+        }
         let db = Database::create(path)
             .map_err(|e| StoreError::Backend(format!("{}: {e}", path.display())))?;
         let (wal, records) = Wal::open(&path.with_extension("wal"))?;

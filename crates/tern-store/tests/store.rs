@@ -625,3 +625,42 @@ fn a_message_no_publish_can_carry_is_refused_not_a_panic() {
         );
     }
 }
+
+/// "Never start empty over existing data": an empty or truncated store file stops the
+/// open with an error naming the file, instead of a store with nothing in it.
+#[test]
+fn an_empty_or_truncated_store_file_is_refused_with_its_name() {
+    let (now, wall) = anchor();
+    let empty = TempFile::new();
+    std::fs::write(&empty.0, b"").unwrap();
+    match tern_store::RedbStore::open(&empty.0, now, wall) {
+        Err(StoreError::Backend(e)) => {
+            assert!(e.contains(&empty.0.display().to_string()), "{e}");
+            assert!(e.contains("empty"), "{e}");
+        }
+        other => panic!("an empty file opened: {:?}", other.map(|_| ())),
+    }
+    let cut = TempFile::new();
+    {
+        let mut store = tern_store::RedbStore::open(&cut.0, now, wall).unwrap();
+        store.commit(&[put("a", 10)]).unwrap();
+    }
+    let len = std::fs::metadata(&cut.0).unwrap().len();
+    for keep in [len / 2, 100] {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&cut.0)
+            .unwrap()
+            .set_len(keep)
+            .unwrap();
+        match tern_store::RedbStore::open(&cut.0, now, wall) {
+            Err(StoreError::Backend(e)) => {
+                assert!(
+                    e.contains(&cut.0.display().to_string()),
+                    "{keep} bytes: {e}"
+                );
+            }
+            other => panic!("a file cut to {keep} bytes opened: {:?}", other.map(|_| ())),
+        }
+    }
+}
