@@ -330,3 +330,53 @@ fn a_client_that_stops_sending_and_never_reads_is_let_go_after_the_connect_timeo
     assert!(matches!(publisher.recv(), Some(Packet::PingResp)));
     drop(stuck);
 }
+
+/// The paho MQTT 5 flow-control case: a client sends more QoS 2 messages than the
+/// broker's Receive Maximum without reading. The broker answers DISCONNECT 0x93 and
+/// closes; what the client sent meanwhile is read and discarded (for a bounded time) so
+/// the close is a FIN, not a reset that would destroy the DISCONNECT before the client
+/// reads it.
+#[test]
+fn a_client_over_the_receive_maximum_reads_its_disconnect_0x93_not_a_reset() {
+    let settings = Settings {
+        receive_maximum: 2,
+        ..Settings::default()
+    };
+    let b = common::Broker::with(settings);
+    for attempt in 0..5 {
+        let (mut c, _) = Raw::connect(b.port, Connect::new(Protocol::V5, "flood"));
+        let mut burst = bytes::BytesMut::new();
+        for n in 1..=2_000u16 {
+            let p = Publish::new(
+                TopicName::new("t").unwrap(),
+                QosPid::ExactlyOnce(std::num::NonZeroU16::new(n).unwrap()),
+                vec![b'x'; 64],
+            );
+            tern_codec::encode(&Packet::Publish(p), Protocol::V5, &mut burst).unwrap();
+        }
+        // A client that writes everything before it reads (as paho does): megabytes, while
+        // the broker has already decided to close. Its writes must not fail (a reset would
+        // fail them, and the client would report a broken pipe, never the reason code).
+        let mut w = c.writer();
+        for round in 0..400 {
+            use std::io::Write;
+            if let Err(e) = w.write_all(&burst) {
+                panic!(
+                    "attempt {attempt}: write {round} failed: {e} (the broker reset the connection)"
+                );
+            }
+        }
+        let mut got = None;
+        while let Some(p) = c.recv() {
+            if let Packet::Disconnect(d) = p {
+                got = Some(d.reason);
+                break;
+            }
+        }
+        assert_eq!(
+            got,
+            Some(ReasonCode::ReceiveMaximumExceeded),
+            "attempt {attempt}: the DISCONNECT was read"
+        );
+    }
+}

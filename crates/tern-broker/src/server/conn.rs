@@ -256,6 +256,11 @@ async fn session_io(
         let writing = !wbuf.is_empty() || unflushed;
         if phase == Phase::Closing && !writing {
             let _ = writer.as_dyn().shutdown().await;
+            // Half-closed: what the client still sends is read and thrown away until it
+            // closes too, for at most CLOSE_LINGER. Closing with its bytes unread would
+            // make the kernel answer with a reset, which fails the client's writes and can
+            // destroy the DISCONNECT (and its reason code) before the client reads it.
+            discard_until_eof(&mut reader, &mut rbuf).await;
             break;
         }
         if !phase.reading() {
@@ -362,6 +367,22 @@ async fn session_io(
     // Writing failed or ended: the client is gone, whatever the core still sends.
     if phase.reading() {
         stop_reading(l, conn, version);
+    }
+}
+
+/// How long a connection the broker closed keeps reading (and discarding) what the client
+/// still sends, so that the close is a FIN and not a reset.
+const CLOSE_LINGER: Duration = Duration::from_secs(1);
+
+/// Reads and drops what arrives until the peer closes, an error, or [`CLOSE_LINGER`].
+async fn discard_until_eof(reader: &mut Reader, buf: &mut BytesMut) {
+    let deadline = tokio::time::Instant::now() + CLOSE_LINGER;
+    loop {
+        buf.clear();
+        match tokio::time::timeout_at(deadline, reader.read_some(buf, 64 * 1024)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => return,
+        }
     }
 }
 

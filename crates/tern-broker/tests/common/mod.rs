@@ -257,6 +257,11 @@ impl Raw {
         self.sock.shutdown(std::net::Shutdown::Write).unwrap();
     }
 
+    /// A second handle on the socket, for writing from another thread.
+    pub fn writer(&self) -> std::net::TcpStream {
+        self.sock.try_clone().unwrap()
+    }
+
     pub fn send_bytes(&mut self, bytes: &[u8]) {
         use std::io::Write;
         self.sock.write_all(bytes).unwrap();
