@@ -62,6 +62,9 @@ pub enum Refusal {
     SubscribeNotAuthorized,
     /// No Local on a shared subscription, a protocol error [MQTT-3.8.3-4].
     NoLocalOnShared,
+    /// Even the CONNACK would exceed the client's Maximum Packet Size: the connection is
+    /// closed without one [MQTT-3.1.2-24].
+    ConnAckTooLarge,
 }
 
 /// How a refusal reaches the client.
@@ -107,6 +110,7 @@ impl Refusal {
             Refusal::SubscriptionLimit => ReasonCode::QuotaExceeded,
             Refusal::SubscribeNotAuthorized => ReasonCode::NotAuthorized,
             Refusal::NoLocalOnShared => ReasonCode::ProtocolError,
+            Refusal::ConnAckTooLarge => ReasonCode::PacketTooLarge,
         }
     }
 
@@ -128,6 +132,7 @@ impl Refusal {
             Refusal::FilterBeyondLimits
             | Refusal::SubscriptionLimit
             | Refusal::SubscribeNotAuthorized => Answer::SubAck(code),
+            Refusal::ConnAckTooLarge => Answer::Silence,
             Refusal::PublishNotAuthorized => match (acked, v5) {
                 (false, _) => Answer::Silence,
                 (true, true) => Answer::Ack(code),
@@ -157,6 +162,7 @@ impl Refusal {
             Refusal::RetainNotSupported => Some("MQTT-3.2.2-14"),
             Refusal::PayloadFormatInvalid => Some("MQTT-3.3.2-4"),
             Refusal::NoLocalOnShared => Some("MQTT-3.8.3-4"),
+            Refusal::ConnAckTooLarge => Some("MQTT-3.1.2-24"),
             Refusal::KeepAliveTooLong
             | Refusal::NotAuthorized
             | Refusal::BadUserNameOrPassword
@@ -198,6 +204,7 @@ impl Refusal {
             Refusal::SubscriptionLimit => "the session holds as many subscriptions as allowed",
             Refusal::SubscribeNotAuthorized => "not authorized to subscribe with this filter",
             Refusal::NoLocalOnShared => "No Local on a shared subscription",
+            Refusal::ConnAckTooLarge => "no CONNACK fits the client's Maximum Packet Size",
         }
     }
 }
@@ -229,7 +236,7 @@ mod tests {
 
     use super::*;
 
-    const ALL: [Refusal; 22] = [
+    const ALL: [Refusal; 23] = [
         Refusal::ClientIdNotValid,
         Refusal::KeepAliveTooLong,
         Refusal::UnsupportedProtocolVersion,
@@ -252,6 +259,7 @@ mod tests {
         Refusal::SubscriptionLimit,
         Refusal::SubscribeNotAuthorized,
         Refusal::NoLocalOnShared,
+        Refusal::ConnAckTooLarge,
     ];
 
     /// Checked against the standard's table of which packet may carry which reason code
@@ -267,7 +275,10 @@ mod tests {
                     Answer::SubAck(c) => (c, PacketType::SubAck),
                     Answer::Disconnect(c) => (c, PacketType::Disconnect),
                     Answer::Silence => {
-                        assert!(!acked, "{refusal:?}: a message with an ack is answered");
+                        assert!(
+                            !acked || refusal == Refusal::ConnAckTooLarge,
+                            "{refusal:?}: a message with an ack is answered"
+                        );
                         continue;
                     }
                 };

@@ -383,3 +383,63 @@ fn an_mqtt_3_1_client_resumes_a_qos2_flow_with_a_dup_pubrel() {
         "completed, the connection kept"
     );
 }
+
+/// Writes `connect` on a new socket and returns the socket.
+fn raw_connect(port: u16, connect: Connect) -> std::net::TcpStream {
+    use std::io::Write;
+    let mut sock = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let mut out = bytes::BytesMut::new();
+    tern_codec::encode(&Packet::Connect(Box::new(connect)), Protocol::V5, &mut out).unwrap();
+    sock.write_all(&out).unwrap();
+    sock
+}
+
+fn with_maximum_packet_size(id: &str, max: u32) -> Connect {
+    let mut c = Connect::new(Protocol::V5, id);
+    c.properties.maximum_packet_size = std::num::NonZeroU32::new(max);
+    c
+}
+
+#[test]
+fn a_client_whose_maximum_packet_size_fits_no_connack_is_closed_without_one() {
+    use std::io::Read;
+    let broker = common::Broker::start();
+    let mut sock = raw_connect(broker.port, with_maximum_packet_size("tiny", 2));
+    let mut buf = [0u8; 64];
+    assert_eq!(
+        sock.read(&mut buf).unwrap(),
+        0,
+        "closed, nothing sent [MQTT-3.1.2-24]"
+    );
+}
+
+#[test]
+fn an_acknowledgement_drops_its_reason_string_rather_than_exceed_the_maximum_packet_size() {
+    use std::io::{Read, Write};
+    let broker = common::Broker::start();
+    let mut sock = raw_connect(broker.port, with_maximum_packet_size("small", 20));
+    let mut connack = [0u8; 2];
+    sock.read_exact(&mut connack).unwrap();
+    assert_eq!(connack[0], 0x20);
+    let mut rest = vec![0u8; usize::from(connack[1])];
+    sock.read_exact(&mut rest).unwrap();
+    assert!(
+        2 + rest.len() <= 20,
+        "the CONNACK fits: {} bytes",
+        2 + rest.len()
+    );
+    // QoS 1 to $SYS: refused with 0x87, whose Reason String would make the PUBACK 48 bytes.
+    let mut out = bytes::BytesMut::new();
+    let publish = Publish::new(
+        TopicName::new("$SYS/x").unwrap(),
+        QosPid::AtLeastOnce(NonZeroU16::new(1).unwrap()),
+        "x",
+    );
+    tern_codec::encode(&Packet::Publish(publish), Protocol::V5, &mut out).unwrap();
+    sock.write_all(&out).unwrap();
+    let mut puback = [0u8; 5];
+    sock.read_exact(&mut puback).unwrap();
+    assert_eq!(puback, [0x40, 0x03, 0x00, 0x01, 0x87], "[MQTT-3.4.2-2]");
+}

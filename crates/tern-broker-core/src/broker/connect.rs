@@ -49,8 +49,10 @@ impl Broker {
         }
         let client_id = connect.map_or("", |c| &*c.client_id);
         tracing::info!(conn, peer = %self.peer(conn), client_id, %refusal, "refused at CONNECT");
-        self.outputs
-            .push_back(Output::Send(conn, Packet::ConnAck(ack)));
+        if refusal.answer(v5, false) != Answer::Silence {
+            self.outputs
+                .push_back(Output::Send(conn, Packet::ConnAck(ack)));
+        }
         self.outputs.push_back(Output::Close(conn));
     }
 
@@ -70,6 +72,40 @@ impl Broker {
                 return id;
             }
         }
+    }
+
+    /// The CONNACK accepting `connect`: what the server offers, in 5.0 properties.
+    fn connack(&self, connect: &Connect, present: bool, assigned: Option<Str>) -> ConnAck {
+        let mut ack = ConnAck::new(present, ReasonCode::Success);
+        if connect.protocol.is_v5() {
+            let st = &self.settings;
+            let ka = connect.keep_alive;
+            let server_keep_alive = (ka > st.max_keep_alive
+                || (ka == 0 && st.max_keep_alive < u16::MAX))
+                .then_some(st.max_keep_alive);
+            let response_information = match connect.properties.request_response_information {
+                Some(true) => st.response_information.as_deref().map(Str::from),
+                _ => None,
+            };
+            ack.properties = ConnAckProperties {
+                receive_maximum: std::num::NonZeroU16::new(st.receive_maximum),
+                topic_alias_maximum: Some(st.topic_alias_maximum),
+                assigned_client_identifier: assigned,
+                server_keep_alive,
+                response_information,
+                maximum_qos: (st.maximum_qos < QoS::ExactlyOnce).then_some(st.maximum_qos),
+                retain_available: (!st.retain_available).then_some(false),
+                maximum_packet_size: (st.max_packet_size < tern_codec::MAX_PACKET_SIZE)
+                    .then(|| std::num::NonZeroU32::new(st.max_packet_size))
+                    .flatten(),
+                wildcard_subscription_available: Some(true),
+                subscription_identifiers_available: Some(true),
+                shared_subscription_available: Some(true),
+                ..Default::default()
+            }
+            .into();
+        }
+        ack
     }
 
     pub(super) fn handle_connect(&mut self, conn: ConnId, connect: Connect, now: Instant) {
@@ -101,6 +137,15 @@ impl Broker {
         if !v.is_v5() && connect.keep_alive > self.settings.max_keep_alive {
             return self.refuse(conn, Refusal::KeepAliveTooLong, Some(&connect));
         }
+        // Nothing may exceed the client's Maximum Packet Size [MQTT-3.1.2-24]: a CONNACK
+        // that does not fit even without its optional properties is not sent at all.
+        if let Some(limit) = connect.properties.maximum_packet_size {
+            let mut ack = Packet::ConnAck(self.connack(&connect, false, assigned.clone()));
+            ack.drop_optional_properties();
+            if tern_codec::encoded_len(&ack, v).is_ok_and(|len| len > limit.get() as usize) {
+                return self.refuse(conn, Refusal::ConnAckTooLarge, Some(&connect));
+            }
+        }
         let expiry = if v.is_v5() {
             Duration::from_secs(u64::from(
                 connect.properties.session_expiry_interval.unwrap_or(0),
@@ -126,35 +171,7 @@ impl Broker {
         }
         let present = self.sessions.contains_key(&client_id);
 
-        let mut ack = ConnAck::new(present, ReasonCode::Success);
-        if v.is_v5() {
-            let st = &self.settings;
-            let ka = connect.keep_alive;
-            let server_keep_alive = (ka > st.max_keep_alive
-                || (ka == 0 && st.max_keep_alive < u16::MAX))
-                .then_some(st.max_keep_alive);
-            let response_information = match connect.properties.request_response_information {
-                Some(true) => st.response_information.as_deref().map(Str::from),
-                _ => None,
-            };
-            ack.properties = ConnAckProperties {
-                receive_maximum: std::num::NonZeroU16::new(st.receive_maximum),
-                topic_alias_maximum: Some(st.topic_alias_maximum),
-                assigned_client_identifier: assigned,
-                server_keep_alive,
-                response_information,
-                maximum_qos: (st.maximum_qos < QoS::ExactlyOnce).then_some(st.maximum_qos),
-                retain_available: (!st.retain_available).then_some(false),
-                maximum_packet_size: (st.max_packet_size < tern_codec::MAX_PACKET_SIZE)
-                    .then(|| std::num::NonZeroU32::new(st.max_packet_size))
-                    .flatten(),
-                wildcard_subscription_available: Some(true),
-                subscription_identifiers_available: Some(true),
-                shared_subscription_available: Some(true),
-                ..Default::default()
-            }
-            .into();
-        }
+        let ack = self.connack(&connect, present, assigned);
         tracing::info!(conn, peer = %self.peer(conn), client_id = %client_id, protocol = %v, session_present = present, "connected");
         let config = Config::negotiate(
             Role::Server,

@@ -101,6 +101,53 @@ pub enum Packet {
 }
 
 impl Packet {
+    /// Drops the Reason String and User Properties, which a sender must leave out rather
+    /// than send a packet larger than the receiver's Maximum Packet Size [MQTT-3.1.2-24]
+    /// [MQTT-3.4.2-2] [MQTT-3.4.2-3] (and the same rule for every acknowledgement,
+    /// DISCONNECT and AUTH). PUBLISH and CONNECT carry none of them. Returns whether
+    /// anything was dropped.
+    pub fn drop_optional_properties(&mut self) -> bool {
+        fn clear<T: Default + PartialEq>(
+            reason: &mut Option<T>,
+            users: &mut Vec<crate::properties::UserProperty>,
+        ) -> bool {
+            let had = reason.is_some() || !users.is_empty();
+            *reason = None;
+            users.clear();
+            had
+        }
+        match self {
+            Packet::PubAck(a) | Packet::PubRec(a) | Packet::PubRel(a) | Packet::PubComp(a) => {
+                if a.properties.is_empty() {
+                    return false;
+                }
+                let p = &mut *a.properties;
+                clear(&mut p.reason_string, &mut p.user_properties)
+            }
+            Packet::SubAck(a) if !a.properties.is_empty() => {
+                let p = &mut *a.properties;
+                clear(&mut p.reason_string, &mut p.user_properties)
+            }
+            Packet::UnsubAck(a) if !a.properties.is_empty() => {
+                let p = &mut *a.properties;
+                clear(&mut p.reason_string, &mut p.user_properties)
+            }
+            Packet::Disconnect(d) if !d.properties.is_empty() => {
+                let p = &mut *d.properties;
+                clear(&mut p.reason_string, &mut p.user_properties)
+            }
+            Packet::ConnAck(c) if !c.properties.is_empty() => {
+                let p = &mut *c.properties;
+                clear(&mut p.reason_string, &mut p.user_properties)
+            }
+            Packet::Auth(a) if !a.properties.is_empty() => {
+                let p = &mut *a.properties;
+                clear(&mut p.reason_string, &mut p.user_properties)
+            }
+            _ => false,
+        }
+    }
+
     /// The packet's type.
     pub fn packet_type(&self) -> PacketType {
         use PacketType as T;

@@ -509,10 +509,26 @@ impl Connection {
     // ---- outputs ---------------------------------------------------------------------
 
     /// The next packet to write to the peer.
+    ///
+    /// Nothing larger than the peer's Maximum Packet Size goes out [MQTT-3.1.2-24]: an
+    /// acknowledgement, DISCONNECT or AUTH that would be loses its Reason String and User
+    /// Properties [MQTT-3.4.2-2] [MQTT-3.4.2-3], and one that still would is not sent.
+    /// (A PUBLISH that does not fit is dropped before it takes a packet id.)
     pub fn poll_transmit(&mut self, now: Instant) -> Option<Packet> {
-        let packet = self.transmit.pop_front()?;
-        self.last_sent = now;
-        Some(packet)
+        loop {
+            let mut packet = self.transmit.pop_front()?;
+            if self.config.peer_maximum_packet_size < tern_codec::MAX_PACKET_SIZE
+                && !matches!(packet, Packet::Publish(_))
+                && !self.fits(&packet)
+            {
+                packet.drop_optional_properties();
+                if !self.fits(&packet) {
+                    continue;
+                }
+            }
+            self.last_sent = now;
+            return Some(packet);
+        }
     }
 
     /// The next event for the application.
