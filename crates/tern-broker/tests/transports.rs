@@ -418,3 +418,61 @@ fn packets_split_across_websocket_frames_and_packed_into_one_are_read() {
         "{kinds:?}"
     );
 }
+
+/// The TLS handshake with `offer` as the client's ALPN list: the protocol the server
+/// chose, or the handshake's error.
+async fn alpn_handshake(port: u16, ca: &Path, offer: &[&[u8]]) -> Result<Option<Vec<u8>>, String> {
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = offer.iter().map(|p| p.to_vec()).collect();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .map_err(|e| e.to_string())?;
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = connector
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec))
+}
+
+/// Browsers always offer `http/1.1` for a WebSocket over TLS; answering with the
+/// no_application_protocol alert made every `wss://` connection from a page fail. MQTT
+/// clients that offer `mqtt`, and clients that offer nothing, are served as before.
+#[test]
+fn a_wss_listener_accepts_the_alpn_browsers_offer_and_a_tls_listener_mqtt_or_none() {
+    let dir = temp_dir("alpn");
+    let b = broker(&dir);
+    let ca = dir.join("ca.pem");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (tls, wss) = (b.ports[1], b.ports[4]);
+    let cases: [(u16, &[&[u8]], Option<&[u8]>); 5] = [
+        (wss, &[b"http/1.1"], Some(b"http/1.1")),
+        (wss, &[b"h2", b"http/1.1"], Some(b"http/1.1")),
+        (wss, &[], None),
+        (tls, &[b"mqtt"], Some(b"mqtt")),
+        (tls, &[], None),
+    ];
+    for (port, offer, want) in cases {
+        let got = rt.block_on(alpn_handshake(port, &ca, offer));
+        assert_eq!(
+            got,
+            Ok(want.map(<[u8]>::to_vec)),
+            "port {port}, offer {offer:?}"
+        );
+    }
+}

@@ -164,7 +164,13 @@ impl Tls {
                 files.key.display()
             )
         })?;
-        config.alpn_protocols = vec![b"mqtt".to_vec()];
+        // ALPN: `mqtt` for MQTT clients that offer it, `http/1.1` for browsers, which
+        // always offer it for a WebSocket over TLS (answering them with the
+        // no_application_protocol alert failed every `wss://` connection from a page).
+        // Clients that offer nothing are served without; a client offering only other
+        // protocols gets that alert, as RFC 7301 says. The same certificates may serve a
+        // TLS and a WSS listener, so both names are offered on both.
+        config.alpn_protocols = vec![b"mqtt".to_vec(), b"http/1.1".to_vec()];
         Ok(Tls {
             current: Arc::new(std::sync::RwLock::new(tokio_rustls::TlsAcceptor::from(
                 Arc::new(config),
