@@ -460,7 +460,9 @@ fn a_wss_listener_accepts_the_alpn_browsers_offer_and_a_tls_listener_mqtt_or_non
         .build()
         .unwrap();
     let (tls, wss) = (b.ports[1], b.ports[4]);
-    let cases: [(u16, &[&[u8]], Option<&[u8]>); 5] = [
+    // (listener port, the client's ALPN offer, the protocol the server must pick)
+    type Case<'a> = (u16, &'a [&'a [u8]], Option<&'a [u8]>);
+    let cases: [Case<'_>; 5] = [
         (wss, &[b"http/1.1"], Some(b"http/1.1")),
         (wss, &[b"h2", b"http/1.1"], Some(b"http/1.1")),
         (wss, &[], None),
