@@ -789,3 +789,39 @@ fn a_copy_grown_past_the_largest_packet_by_its_subscription_identifier_is_droppe
         "the publisher is answered"
     );
 }
+
+// ---- shared subscriptions across a crash ---------------------------------------------
+
+/// §4.8.2: a member's unacknowledged shared-subscription messages go to another member
+/// when its connection ends. A crash ends it too: after the restart they must not wait in
+/// the dead member's session (a 3.x session lives ~136 years by default).
+#[test]
+fn a_crash_gives_a_members_unacknowledged_shared_messages_to_another_member() {
+    let mut sim = Sim::new(Settings::default());
+    let member = |id: &str| {
+        let mut c = Connect::new(Protocol::V3_1_1, id);
+        c.clean_start = false;
+        c
+    };
+    let a = sim.connect(member("a"));
+    sim.subscribe(a, "$share/g/t", QoS::AtLeastOnce);
+    let b = sim.connect(member("b"));
+    sim.subscribe(b, "$share/g/t", QoS::AtLeastOnce);
+    sim.close(b);
+    let p = sim.connect(Connect::new(Protocol::V3_1_1, "p"));
+    sim.publish(p, "t", "job", 1);
+    assert_eq!(
+        sim.received(a),
+        ["job"],
+        "the online member has it, unacknowledged"
+    );
+    sim.restart(Duration::from_secs(1));
+    let b = sim.connect(member("b"));
+    assert_eq!(
+        sim.received(b),
+        ["job"],
+        "the other member gets it after the crash"
+    );
+    let a = sim.connect(member("a"));
+    assert!(sim.received(a).is_empty(), "and not the dead member again");
+}

@@ -281,8 +281,13 @@ impl Broker {
             sys: sys::Sys::default(),
             acl: None,
         };
+        // Shared-subscription messages of sessions whose connection was up when the process
+        // died, to give to another member as a disconnect would have (§4.8.2).
+        let mut redeliver: Vec<(Str, Message)> = Vec::new();
         for (client_id, stored) in snapshot.sessions {
             let r = stored.record;
+            // No stored deadline: the session's connection was up at the crash.
+            let was_online = r.expires_at.is_none();
             let mut subscriptions = BTreeMap::new();
             for sub in r.subscriptions {
                 broker.add_subscription(&client_id, &sub.filter, sub.options, sub.id);
@@ -299,6 +304,10 @@ impl Broker {
             // Ids whose PUBREC was never released belong to messages not accepted.
             delivery.drop_unreleased_inbound();
             delivery.track(true);
+            if was_online {
+                let taken = delivery.take_redeliverable(|m| m.shared.is_some(), false);
+                redeliver.extend(taken.into_iter().map(|m| (client_id.clone(), m)));
+            }
             let session = Session {
                 conn: Link::Offline(delivery),
                 subscriptions,
@@ -318,6 +327,19 @@ impl Broker {
             broker.sessions.insert(client_id.clone(), Box::new(session));
             broker.schedule(&client_id);
         }
+        if !redeliver.is_empty() {
+            tracing::info!(
+                messages = redeliver.len(),
+                "shared-subscription messages of connections the crash ended go to other members"
+            );
+        }
+        for (owner, m) in redeliver {
+            broker.touch(&owner);
+            let key = m.shared.clone().expect("taken for having one");
+            broker.deliver_shared(&key, m, None, Some(&owner), now);
+        }
+        // What that changed waits for the first round's commit.
+        broker.commit(now);
         tracing::info!(
             sessions = broker.sessions.len(),
             retained = broker.retained.len(),
