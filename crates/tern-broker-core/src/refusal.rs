@@ -65,6 +65,9 @@ pub enum Refusal {
     /// Even the CONNACK would exceed the client's Maximum Packet Size: the connection is
     /// closed without one [MQTT-3.1.2-24].
     ConnAckTooLarge,
+    /// The broker holds `max_sessions` sessions already and this CONNECT would make one
+    /// more.
+    SessionLimit,
 }
 
 /// How a refusal reaches the client.
@@ -111,6 +114,7 @@ impl Refusal {
             Refusal::SubscribeNotAuthorized => ReasonCode::NotAuthorized,
             Refusal::NoLocalOnShared => ReasonCode::ProtocolError,
             Refusal::ConnAckTooLarge => ReasonCode::PacketTooLarge,
+            Refusal::SessionLimit => ReasonCode::QuotaExceeded,
         }
     }
 
@@ -174,7 +178,8 @@ impl Refusal {
             | Refusal::QueueFull
             | Refusal::FilterBeyondLimits
             | Refusal::SubscriptionLimit
-            | Refusal::SubscribeNotAuthorized => None,
+            | Refusal::SubscribeNotAuthorized
+            | Refusal::SessionLimit => None,
         }
     }
 
@@ -205,6 +210,7 @@ impl Refusal {
             Refusal::SubscribeNotAuthorized => "not authorized to subscribe with this filter",
             Refusal::NoLocalOnShared => "No Local on a shared subscription",
             Refusal::ConnAckTooLarge => "no CONNACK fits the client's Maximum Packet Size",
+            Refusal::SessionLimit => "the broker holds as many sessions as allowed",
         }
     }
 }
@@ -236,7 +242,7 @@ mod tests {
 
     use super::*;
 
-    const ALL: [Refusal; 23] = [
+    const ALL: [Refusal; 24] = [
         Refusal::ClientIdNotValid,
         Refusal::KeepAliveTooLong,
         Refusal::UnsupportedProtocolVersion,
@@ -260,6 +266,7 @@ mod tests {
         Refusal::SubscribeNotAuthorized,
         Refusal::NoLocalOnShared,
         Refusal::ConnAckTooLarge,
+        Refusal::SessionLimit,
     ];
 
     /// Checked against the standard's table of which packet may carry which reason code

@@ -825,3 +825,45 @@ fn a_crash_gives_a_members_unacknowledged_shared_messages_to_another_member() {
     let a = sim.connect(member("a"));
     assert!(sim.received(a).is_empty(), "and not the dead member again");
 }
+
+// ---- the session limit -----------------------------------------------------------------
+
+fn connack_reason(sim: &Sim, conn: ConnId) -> Option<tern_codec::ReasonCode> {
+    sim.outputs.iter().find_map(|o| match o {
+        Output::Send(c, Packet::ConnAck(a)) if *c == conn => Some(a.reason),
+        _ => None,
+    })
+}
+
+#[test]
+fn a_new_session_beyond_max_sessions_is_refused_with_0x97_and_existing_ones_resume() {
+    let mut sim = Sim::new(Settings {
+        max_sessions: Some(2),
+        ..Settings::default()
+    });
+    let a = sim.connect(v5_persistent("a", 3600));
+    sim.close(a);
+    let b = sim.connect(v5_persistent("b", 3600));
+    assert_eq!(connack_reason(&sim, b), Some(tern_codec::ReasonCode::Success));
+    let c = sim.connect(v5_persistent("c", 3600));
+    assert_eq!(
+        connack_reason(&sim, c),
+        Some(tern_codec::ReasonCode::QuotaExceeded),
+        "a third session"
+    );
+    assert!(sim.outputs.contains(&Output::Close(c)));
+    let a = sim.connect(v5_persistent("a", 3600));
+    assert_eq!(
+        connack_reason(&sim, a),
+        Some(tern_codec::ReasonCode::Success),
+        "an offline session resumes"
+    );
+    assert!(connack_session_present(&sim, a));
+    let b2 = sim.connect(v5_persistent("b", 3600));
+    assert_eq!(
+        connack_reason(&sim, b2),
+        Some(tern_codec::ReasonCode::Success),
+        "an online one is taken over"
+    );
+    assert_eq!(sessions(&sim), 2);
+}

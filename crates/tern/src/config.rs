@@ -304,6 +304,8 @@ pub(crate) struct Limits {
     max_topic_length: usize,
     max_topic_levels: usize,
     max_subscriptions_per_client: usize,
+    /// Sessions held at once (online and offline); 0: no limit.
+    max_sessions: usize,
     /// PUBLISH packets per second per client; 0: no limit.
     max_publish_rate: u32,
 }
@@ -322,6 +324,7 @@ impl Default for Limits {
             max_topic_length: s.max_topic_length,
             max_topic_levels: s.max_topic_levels,
             max_subscriptions_per_client: s.max_subscriptions,
+            max_sessions: 0,
             max_publish_rate: 0,
         }
     }
@@ -465,6 +468,7 @@ impl File {
             max_topic_length: self.limits.max_topic_length,
             max_topic_levels: self.limits.max_topic_levels,
             max_subscriptions: self.limits.max_subscriptions_per_client,
+            max_sessions: (self.limits.max_sessions > 0).then_some(self.limits.max_sessions),
             max_publish_rate: (self.limits.max_publish_rate > 0)
                 .then_some(self.limits.max_publish_rate),
         }

@@ -146,6 +146,15 @@ impl Broker {
                 return self.refuse(conn, Refusal::ConnAckTooLarge, Some(&connect));
             }
         }
+        // A new session needs room under max_sessions (resuming or taking over one does
+        // not; clean start on an existing one ends it first, so it needs none either).
+        if let Some(max) = self.settings.max_sessions
+            && !self.sessions.contains_key(&client_id)
+            && self.sessions.len() >= max
+        {
+            tracing::warn!(max, "session limit reached");
+            return self.refuse(conn, Refusal::SessionLimit, Some(&connect));
+        }
         let expiry = if v.is_v5() {
             Duration::from_secs(u64::from(
                 connect.properties.session_expiry_interval.unwrap_or(0),

@@ -71,6 +71,10 @@ pub struct Settings {
     pub max_topic_levels: usize,
     /// Most subscriptions one session may hold; more are refused (0x97 Quota exceeded).
     pub max_subscriptions: usize,
+    /// Most sessions the broker holds (online and offline); a CONNECT that would make a new
+    /// one beyond it is refused (0x97 Quota exceeded, 3.x return code 3). Resuming or
+    /// taking over a session needs no room. `None`: no limit.
+    pub max_sessions: Option<usize>,
     /// Most PUBLISH packets a client may send per second; above it 5.0 clients get 0x96
     /// Message rate too high (in the acknowledgement, or a DISCONNECT at QoS 0), 3.x
     /// clients are disconnected. `None`: no limit.
@@ -101,6 +105,7 @@ impl Default for Settings {
             max_topic_length: 65_535,
             max_topic_levels: 128,
             max_subscriptions: 10_000,
+            max_sessions: None,
             max_publish_rate: None,
         }
     }
