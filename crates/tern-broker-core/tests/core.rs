@@ -844,7 +844,10 @@ fn a_new_session_beyond_max_sessions_is_refused_with_0x97_and_existing_ones_resu
     let a = sim.connect(v5_persistent("a", 3600));
     sim.close(a);
     let b = sim.connect(v5_persistent("b", 3600));
-    assert_eq!(connack_reason(&sim, b), Some(tern_codec::ReasonCode::Success));
+    assert_eq!(
+        connack_reason(&sim, b),
+        Some(tern_codec::ReasonCode::Success)
+    );
     let c = sim.connect(v5_persistent("c", 3600));
     assert_eq!(
         connack_reason(&sim, c),
