@@ -213,6 +213,8 @@ pub struct Broker {
     touched: Vec<Str>,
     /// Sessions given messages in this input, drained when it ends.
     drain_due: Vec<Str>,
+    /// The other half of `drain_due`'s double buffer (empty between inputs).
+    drain_spare: Vec<Str>,
     /// One instant and the wall-clock time it corresponds to, both passed in: stored
     /// deadlines are wall-clock, the core's are monotonic.
     anchor: (Instant, SystemTime),
@@ -264,6 +266,7 @@ impl Broker {
             batch: Vec::new(),
             touched: Vec::new(),
             drain_due: Vec::new(),
+            drain_spare: Vec::new(),
             anchor: (now, wall),
             sessions: HashMap::new(),
             conns: ConnMap::default(),

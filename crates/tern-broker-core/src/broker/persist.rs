@@ -53,27 +53,20 @@ impl Broker {
         }
     }
 
-    /// Ends an input: the sessions it gave messages to are drained (once each, not
-    /// inside the drain of the session whose input it is), and the delivery changes it
-    /// made join its ops.
+    /// Ends an input: the sessions it gave messages to (listed by `deliver`) are drained,
+    /// once each and not inside the drain of the session whose input it is, and the
+    /// delivery changes it made join its ops.
     pub(super) fn commit(&mut self, now: Instant) {
+        // Two lists swapped, so that draining (which may list more) allocates nothing.
+        let mut due = std::mem::take(&mut self.drain_spare);
         while !self.drain_due.is_empty() {
-            for client_id in std::mem::take(&mut self.drain_due) {
+            std::mem::swap(&mut due, &mut self.drain_due);
+            for client_id in due.drain(..) {
                 self.drain(&client_id, now);
             }
         }
+        self.drain_spare = due;
         self.collect_changes();
-    }
-
-    /// Notes that the session's engine was given something to send in this input: it is
-    /// drained when the input ends ([`Broker::commit`]).
-    pub(super) fn drain_later(&mut self, client_id: &Str) {
-        if let Some(s) = self.sessions.get_mut(client_id)
-            && !s.drain_due
-        {
-            s.drain_due = true;
-            self.drain_due.push(client_id.clone());
-        }
     }
 
     /// Writes the session's record (expiry, subscriptions, delayed will).

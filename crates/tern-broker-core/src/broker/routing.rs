@@ -383,8 +383,12 @@ impl Broker {
             Link::Online((_, c)) => {
                 c.publish(message, now);
                 // Drained once when the input ends: a fan-out does not drain each
-                // subscriber inside the publisher's drain.
-                self.drain_later(client_id);
+                // subscriber inside the publisher's drain. (Listed here, where the
+                // session is at hand: no second lookup per delivery.)
+                if !session.drain_due {
+                    session.drain_due = true;
+                    self.drain_due.push(client_id.clone());
+                }
             }
             Link::Offline(stored) => stored.enqueue(message),
         }
