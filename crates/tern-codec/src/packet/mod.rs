@@ -107,43 +107,30 @@ impl Packet {
     /// DISCONNECT and AUTH). PUBLISH and CONNECT carry none of them. Returns whether
     /// anything was dropped.
     pub fn drop_optional_properties(&mut self) -> bool {
-        fn clear<T: Default + PartialEq>(
-            reason: &mut Option<T>,
-            users: &mut Vec<crate::properties::UserProperty>,
-        ) -> bool {
-            let had = reason.is_some() || !users.is_empty();
-            *reason = None;
-            users.clear();
-            had
+        // Every list involved has `reason_string` and `user_properties`; an empty list
+        // stays unallocated.
+        macro_rules! strip {
+            ($props:expr) => {{
+                if $props.is_empty() {
+                    false
+                } else {
+                    let p = &mut *$props;
+                    let had = p.reason_string.is_some() || !p.user_properties.is_empty();
+                    p.reason_string = None;
+                    p.user_properties.clear();
+                    had
+                }
+            }};
         }
         match self {
             Packet::PubAck(a) | Packet::PubRec(a) | Packet::PubRel(a) | Packet::PubComp(a) => {
-                if a.properties.is_empty() {
-                    return false;
-                }
-                let p = &mut *a.properties;
-                clear(&mut p.reason_string, &mut p.user_properties)
+                strip!(a.properties)
             }
-            Packet::SubAck(a) if !a.properties.is_empty() => {
-                let p = &mut *a.properties;
-                clear(&mut p.reason_string, &mut p.user_properties)
-            }
-            Packet::UnsubAck(a) if !a.properties.is_empty() => {
-                let p = &mut *a.properties;
-                clear(&mut p.reason_string, &mut p.user_properties)
-            }
-            Packet::Disconnect(d) if !d.properties.is_empty() => {
-                let p = &mut *d.properties;
-                clear(&mut p.reason_string, &mut p.user_properties)
-            }
-            Packet::ConnAck(c) if !c.properties.is_empty() => {
-                let p = &mut *c.properties;
-                clear(&mut p.reason_string, &mut p.user_properties)
-            }
-            Packet::Auth(a) if !a.properties.is_empty() => {
-                let p = &mut *a.properties;
-                clear(&mut p.reason_string, &mut p.user_properties)
-            }
+            Packet::SubAck(a) => strip!(a.properties),
+            Packet::UnsubAck(a) => strip!(a.properties),
+            Packet::Disconnect(d) => strip!(d.properties),
+            Packet::ConnAck(c) => strip!(c.properties),
+            Packet::Auth(a) => strip!(a.properties),
             _ => false,
         }
     }
