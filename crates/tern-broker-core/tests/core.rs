@@ -870,3 +870,41 @@ fn a_new_session_beyond_max_sessions_is_refused_with_0x97_and_existing_ones_resu
     );
     assert_eq!(sessions(&sim), 2);
 }
+
+// ---- timers: what the core asks to be woken for -----------------------------------------
+
+/// `poll_timeout` is the earliest thing due: a connection's keep alive (1.5 x, moved on
+/// by each packet), then, once it is offline, the session's expiry; with nothing due, no
+/// wake-up at all.
+#[test]
+fn the_core_asks_to_be_woken_only_for_what_is_due() {
+    let mut sim = Sim::new(Settings::default());
+    assert_eq!(sim.broker.poll_timeout(), None, "nothing to do");
+    let mut c = v5_persistent("a", 60);
+    c.keep_alive = 10;
+    let a = sim.connect(c);
+    let t0 = sim.now;
+    assert_eq!(sim.broker.poll_timeout(), Some(t0 + 15 * S), "keep alive");
+    sim.advance(5 * S);
+    sim.send(a, Packet::PingReq);
+    // The entry for t0 + 15 s fires, finds the keep alive moved on, and is put back.
+    sim.advance(10 * S);
+    assert!(
+        !sim.outputs.contains(&Output::Close(a)),
+        "heard from at 5 s"
+    );
+    assert_eq!(
+        sim.broker.poll_timeout(),
+        Some(t0 + 20 * S),
+        "1.5 x after the PINGREQ"
+    );
+    sim.close(a);
+    assert_eq!(
+        sim.broker.poll_timeout(),
+        Some(sim.now + 60 * S),
+        "offline: the session's expiry"
+    );
+    sim.advance(61 * S);
+    assert_eq!(sessions(&sim), 0, "expired");
+    assert_eq!(sim.broker.poll_timeout(), None, "nothing left to wake for");
+}

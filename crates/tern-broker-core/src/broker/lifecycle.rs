@@ -65,6 +65,9 @@ impl Broker {
             self.end_session(client_id, now);
         } else {
             session.expires_at = Some(now + session.expiry);
+            // The connection's keep-alive entry is void now: forget it, so the timers do
+            // not wake for it (poll_timeout discards it as stale).
+            session.scheduled = None;
             self.put_session(client_id);
             self.schedule(client_id);
         }
