@@ -601,6 +601,13 @@ impl Run {
                     "the store does not hold session {name}'s live state:\nlive {live:?}\nstored {kept:?}"
                 ));
             }
+            let live = self.sim.broker.shared_copies(name);
+            let kept = stored.sessions.get(name).map(|s| s.shared.clone());
+            if live != kept {
+                return Err(format!(
+                    "the store does not hold session {name}'s shared-subscription side map:\nlive {live:?}\nstored {kept:?}"
+                ));
+            }
         }
         Ok(())
     }

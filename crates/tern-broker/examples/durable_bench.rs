@@ -287,11 +287,16 @@ fn restart(sessions: usize, messages: usize) {
                     p.resize(64, b'x');
                     batch.push(Op::Change {
                         client_id: client_id.clone(),
-                        change: Change::Queued(Message::new(
-                            topic.clone(),
-                            bytes::Bytes::from(p),
-                            QoS::AtLeastOnce,
-                        )),
+                        change: Change::Queued(tern_proto::Entry {
+                            id: tern_proto::MessageId::new(k as u64 + 1).unwrap(),
+                            since: Instant::now(),
+                            message: Message::new(
+                                topic.clone(),
+                                bytes::Bytes::from(p),
+                                QoS::AtLeastOnce,
+                            ),
+                        }),
+                        shared: None,
                     });
                 }
             }

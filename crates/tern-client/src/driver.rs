@@ -111,7 +111,7 @@ pub(crate) async fn drive(
                     () = &mut sleep => break,
                     c = commands.recv() => {
                         let Some(c) = c else { return };
-                        match state.command_offline(c) {
+                        match state.command_offline(c, std::time::Instant::now()) {
                             Offline::Done => {}
                             Offline::Quit => return,
                             Offline::Queued(tag, done) => {

@@ -78,11 +78,13 @@ impl Outbox {
                     .extend(changes.into_iter().map(|change| Op::Change {
                         client_id: self.client_id.clone(),
                         change,
+                        shared: None,
                     }));
             }
             Some(Changes::All(all)) => self.ops.push(Op::PutDelivery {
                 client_id: self.client_id.clone(),
                 state: all,
+                shared: Default::default(),
             }),
         }
         let Some(mut store) = self.store.take() else {

@@ -4,7 +4,7 @@
 //! against a server engine on a simulated clock.
 //!
 //! What lives here: the handshake's result (the CONNACK makes the engine, resuming or
-//! replacing the session), what the application waits for (publishes by tag, SUBSCRIBE /
+//! replacing the session), what the application waits for (publishes by the session's message id, SUBSCRIBE /
 //! UNSUBSCRIBE by packet id, QoS 0 writes, idle waiters), the session held between
 //! connections with what is published meanwhile, and the reconnection attempts.
 
@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use tern_codec::{ConnAck, Connect, Packet, PacketId, QoS, ReasonCode};
-use tern_proto::{AckMode, Changes, Config, Connection, Message, Role, SessionState};
+use tern_proto::{AckMode, Changes, Config, Connection, Entry, MessageId, Role, SessionState};
 use tokio::sync::oneshot;
 
 use crate::{Backoff, Error, Event};
@@ -23,28 +23,15 @@ pub(crate) type Done<T> = oneshot::Sender<Result<T, Error>>;
 /// Waiting publishes and requests, across connections.
 #[derive(Default)]
 pub(crate) struct Pending {
-    /// QoS 1/2 publishes by tag.
-    publishes: HashMap<u32, Done<ReasonCode>>,
+    /// QoS 1/2 publishes, by the id the session gave the message: the client's side map
+    /// (the engine's `Message` carries nothing of the caller's).
+    publishes: HashMap<MessageId, Done<ReasonCode>>,
     /// QoS 0 publishes queued to the socket, resolved after the next write.
     written: Vec<Done<ReasonCode>>,
     /// SUBSCRIBE / UNSUBSCRIBE by packet id.
     requests: HashMap<PacketId, Done<Vec<ReasonCode>>>,
     /// [`crate::Client::wait_idle`] callers.
     idle: Vec<oneshot::Sender<()>>,
-    next_tag: u32,
-}
-
-impl Pending {
-    /// A tag for the next QoS 1/2 publish: never 0 (no tag), never one still pending
-    /// (it wraps after 4 billion publishes).
-    fn tag(&mut self) -> u32 {
-        loop {
-            self.next_tag = self.next_tag.wrapping_add(1);
-            if self.next_tag != 0 && !self.publishes.contains_key(&self.next_tag) {
-                return self.next_tag;
-            }
-        }
-    }
 }
 
 /// What a command while disconnected comes to.
@@ -54,7 +41,7 @@ pub(crate) enum Offline {
     /// A QoS 1/2 publish queued in the held session: the driver writes the outbox, then
     /// hands the answer channel to [`ClientState::wait_for`] (kept before the caller
     /// learns it is waiting).
-    Queued(u32, Done<ReasonCode>),
+    Queued(MessageId, Done<ReasonCode>),
     /// The application ends the client.
     Quit,
 }
@@ -76,7 +63,7 @@ pub(crate) struct ClientState {
     pending: Pending,
     /// Messages of a session the broker no longer had: sent again as new on the next
     /// connection.
-    orphans: Vec<Message>,
+    orphans: Vec<Entry>,
     /// Reconnection attempts since the last connection was made.
     attempt: u32,
     /// Most QoS 1/2 publishes waiting for their outcome while disconnected.
@@ -139,8 +126,20 @@ impl ClientState {
             // A session that replaced a lost one is written whole.
             conn.track(false);
         }
-        for m in std::mem::take(&mut self.orphans) {
-            conn.publish(m, now);
+        if !self.orphans.is_empty() {
+            // Sent again as new messages, under the new session's ids: each waiter moves
+            // to its message's new id.
+            let mut waiting = std::mem::take(&mut self.pending.publishes);
+            for e in std::mem::take(&mut self.orphans) {
+                let id = conn.publish(e.message, now);
+                if let Some(done) = waiting.remove(&e.id) {
+                    self.pending.publishes.insert(id, done);
+                }
+            }
+            // What is left had its PUBREC: the lost session's broker had taken it.
+            for (_, done) in waiting {
+                let _ = done.send(Ok(ReasonCode::Success));
+            }
         }
         self.conn = Some(conn);
         self.attempt = 0;
@@ -159,7 +158,10 @@ impl ClientState {
             match e {
                 tern_proto::Event::Message { message, .. } => events.push(Event::Message(message)),
                 tern_proto::Event::Acknowledged {
-                    message, reason, ..
+                    message_id,
+                    message,
+                    reason,
+                    ..
                 } => {
                     // PUBCOMP 0x92 answers a PUBREL resent after a cut: the broker had
                     // completed the flow (the session is the one that took the PUBREC),
@@ -170,11 +172,13 @@ impl ClientState {
                         }
                         (_, r) => r,
                     };
-                    if let Some(done) = self.pending.publishes.remove(&message.tag) {
+                    if let Some(done) = self.pending.publishes.remove(&message_id) {
                         let _ = done.send(Ok(reason));
                     }
                 }
-                tern_proto::Event::Dropped { message, reason } => {
+                tern_proto::Event::Dropped {
+                    message_id, reason, ..
+                } => {
                     let why = match reason {
                         tern_proto::DropReason::Expired => "expired before it could be sent",
                         tern_proto::DropReason::TooLarge => {
@@ -182,7 +186,7 @@ impl ClientState {
                         }
                         tern_proto::DropReason::NotConnected => "not connected",
                     };
-                    if let Some(done) = self.pending.publishes.remove(&message.tag) {
+                    if let Some(done) = self.pending.publishes.remove(&message_id) {
                         let _ = done.send(Err(Error::Dropped(why)));
                     }
                 }
@@ -251,7 +255,7 @@ impl ClientState {
     /// A command of the application while connected.
     pub(crate) fn command(&mut self, c: crate::Command, now: Instant) -> Then {
         let Some(conn) = self.conn.as_mut() else {
-            return match self.command_offline(c) {
+            return match self.command_offline(c, now) {
                 Offline::Done => Then::Continue,
                 Offline::Queued(tag, done) => {
                     self.wait_for(tag, done);
@@ -265,14 +269,13 @@ impl ClientState {
                 conn.disconnect(ReasonCode::Success);
                 return Then::Quit(Some(done));
             }
-            crate::Command::Publish(mut m, done) => {
+            crate::Command::Publish(m, done) => {
                 if m.qos == QoS::AtMostOnce {
                     conn.publish(m, now);
                     self.pending.written.push(done);
                 } else {
-                    m.tag = self.pending.tag();
-                    self.pending.publishes.insert(m.tag, done);
-                    conn.publish(m, now);
+                    let id = conn.publish(m, now);
+                    self.pending.publishes.insert(id, done);
                 }
             }
             crate::Command::Idle(done) => {
@@ -315,18 +318,16 @@ impl ClientState {
 
     /// A command while no connection is up: QoS 1/2 publishes wait in the session's queue
     /// (bounded by `max_pending`), QoS 0 and requests fail with [`Error::Closed`].
-    pub(crate) fn command_offline(&mut self, c: crate::Command) -> Offline {
+    pub(crate) fn command_offline(&mut self, c: crate::Command, now: Instant) -> Offline {
         match c {
-            crate::Command::Publish(mut m, done) => {
+            crate::Command::Publish(m, done) => {
                 if m.qos == QoS::AtMostOnce {
                     let _ = done.send(Err(Error::Closed));
                 } else if self.pending.publishes.len() >= self.max_pending {
                     let _ = done.send(Err(Error::Backlog));
                 } else {
-                    m.tag = self.pending.tag();
-                    let tag = m.tag;
-                    self.held.enqueue(m);
-                    return Offline::Queued(tag, done);
+                    let id = self.held.enqueue(m, now);
+                    return Offline::Queued(id, done);
                 }
             }
             crate::Command::Subscribe(_, done) | crate::Command::Unsubscribe(_, done) => {
@@ -346,8 +347,8 @@ impl ClientState {
     }
 
     /// A publish queued while disconnected, now kept: its outcome is awaited.
-    pub(crate) fn wait_for(&mut self, tag: u32, done: Done<ReasonCode>) {
-        self.pending.publishes.insert(tag, done);
+    pub(crate) fn wait_for(&mut self, id: MessageId, done: Done<ReasonCode>) {
+        self.pending.publishes.insert(id, done);
     }
 
     /// The connection ended: requests and QoS 0 writes fail; the session is held for the
@@ -390,6 +391,7 @@ mod tests {
     use std::num::NonZeroU16;
 
     use tern_codec::{Protocol, Publish, QosPid, Subscription, TopicName};
+    use tern_proto::Message;
     use tokio::sync::oneshot::error::TryRecvError;
 
     use super::*;
@@ -503,7 +505,10 @@ mod tests {
                 Some(_) => {
                     let _ = self.client.command(Command::Publish(m, tx), self.now);
                 }
-                None => match self.client.command_offline(Command::Publish(m, tx)) {
+                None => match self
+                    .client
+                    .command_offline(Command::Publish(m, tx), self.now)
+                {
                     Offline::Queued(tag, done) => self.client.wait_for(tag, done),
                     Offline::Done | Offline::Quit => {}
                 },

@@ -55,7 +55,8 @@ pub mod sim;
 pub use connection::{AckMode, Config, Connection, DropReason, Event, ProtocolError, Role};
 pub use message::Message;
 pub use session::{
-    Change, Changes, IdsExhausted, InboundState, Inflight, OutboundState, SessionState,
+    Change, Changes, Entry, IdsExhausted, InboundState, Inflight, MessageId, OutboundState,
+    SessionState,
 };
 
 use tern_codec::QoS;

@@ -4,10 +4,13 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tern_codec::properties::PublishProperties;
-use tern_codec::{Props, Publish, QoS, QosPid, Str, TopicName};
+use tern_codec::{Props, Publish, QoS, QosPid, TopicName};
 
 /// An application message: what a PUBLISH carries, minus what belongs to one transmission
-/// (packet id, DUP, topic alias).
+/// (packet id, DUP, topic alias), and nothing else. What a caller tracks per message (a
+/// client: whose publish it is; the broker: the shared subscription a copy came through)
+/// lives in the caller's own maps, keyed by the [`crate::MessageId`] the session gives the
+/// message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message {
     /// Topic name (never empty: aliases are resolved before a message reaches the
@@ -24,16 +27,6 @@ pub struct Message {
     pub properties: Props<PublishProperties>,
     /// When the message expires, if it has a Message Expiry Interval.
     pub expires_at: Option<Instant>,
-    /// The shared subscription (`$share/{group}/{filter}`) this copy was delivered
-    /// through: broker bookkeeping, carried with the message and never sent.
-    pub shared: Option<Box<Str>>,
-    /// When the broker handed this copy to a session (for the age of queued messages);
-    /// never sent (the broker's store keeps it).
-    pub queued_at: Option<Instant>,
-    /// The application's handle for this message (0: none), handed back with its
-    /// `Acknowledged` or `Dropped` event so a client can tell whose publish completed;
-    /// never sent and not stored.
-    pub tag: u32,
 }
 
 impl Message {
@@ -46,9 +39,6 @@ impl Message {
             retain: false,
             properties: Props::NONE,
             expires_at: None,
-            shared: None,
-            queued_at: None,
-            tag: 0,
         }
     }
 
@@ -81,9 +71,6 @@ impl Message {
             retain: p.retain,
             properties: p.properties,
             expires_at,
-            shared: None,
-            queued_at: None,
-            tag: 0,
         }
     }
 

@@ -2,6 +2,7 @@
 //! caller, a restart) for QoS 1 and 2 to keep their promises.
 
 use std::collections::VecDeque;
+use std::time::Instant;
 
 use tern_codec::PacketId;
 
@@ -17,11 +18,54 @@ pub enum OutboundState {
     Released,
 }
 
+/// The session's number for one outbound message: given when the message enters the
+/// session ([`crate::Connection::publish`], [`SessionState::enqueue`]), kept while it waits
+/// and while it is in flight (a store keeps it with the message), and handed back with the
+/// [`crate::Event::Acknowledged`] or [`crate::Event::Dropped`] that ends it. Callers key
+/// their own bookkeeping by it, in their own maps, so the engine's [`Message`] carries
+/// nothing but the message. Never sent; unique within the session; never 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MessageId(u64);
+
+impl MessageId {
+    /// The id numbered `n`; `None` for 0.
+    pub fn new(n: u64) -> Option<MessageId> {
+        (n != 0).then_some(MessageId(n))
+    }
+
+    /// Its number.
+    pub fn get(self) -> u64 {
+        self.0
+    }
+}
+
+impl std::fmt::Display for MessageId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "#{}", self.0)
+    }
+}
+
+/// One outbound message of a session that holds no packet id: waiting for the window, or
+/// on its way into flight ([`Change::Sent`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// The session's number for it.
+    pub id: MessageId,
+    /// When it entered the session (the age of waiting messages counts from here).
+    pub since: Instant,
+    /// The message.
+    pub message: Message,
+}
+
 /// One outbound QoS 1/2 message holding a packet id.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Inflight {
     /// The packet id, held until the flow ends.
     pub id: PacketId,
+    /// The session's number for the message.
+    pub message_id: MessageId,
+    /// When the message entered the session.
+    pub since: Instant,
     /// The message.
     pub message: Message,
     /// Where the flow stands.
@@ -46,13 +90,13 @@ pub enum InboundState {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
     /// A message joined the end of the waiting queue.
-    Queued(Message),
+    Queued(Entry),
     /// The oldest waiting message left the queue (sent, expired or dropped).
     Unqueued,
     /// A message went back to the front of the waiting queue.
-    Requeued(Message),
+    Requeued(Entry),
     /// A message took packet id `id`, now the last id handed out, and is in flight.
-    Sent(PacketId, Message),
+    Sent(PacketId, Entry),
     /// PUBREC arrived for the outbound flow `id`: it waits for PUBCOMP now.
     Released(PacketId),
     /// The outbound flow `id` ended.
@@ -98,9 +142,11 @@ pub struct IdsExhausted;
 #[derive(Debug, Clone, Default)]
 pub struct SessionState {
     last_id: u16,
+    /// The last [`MessageId`] handed out.
+    last_message: u64,
     next_seq: u32,
     inflight: IdMap<Inflight>,
-    queue: VecDeque<Message>,
+    queue: VecDeque<Entry>,
     /// Payload bytes in `queue`, kept so limits are cheap to check.
     queued_bytes: usize,
     inbound_qos2: IdMap<InboundState>,
@@ -108,13 +154,15 @@ pub struct SessionState {
 }
 
 /// Two sessions are equal when they would behave the same: the same flows in the same send
-/// order, the same waiting messages, inbound ids and last id. The internal send-order
-/// counters are not compared (a session read back from a store renumbers them).
+/// order, the same waiting messages, inbound ids and last id. The internal counters (send
+/// order, the last message id handed out) are not compared (a session read back from a
+/// store renumbers its send order and counts message ids on from the highest it holds).
 impl PartialEq for SessionState {
     fn eq(&self, other: &Self) -> bool {
-        let flows = |s: &SessionState| -> Vec<(PacketId, Message, OutboundState)> {
+        type Flow = (PacketId, MessageId, Instant, Message, OutboundState);
+        let flows = |s: &SessionState| -> Vec<Flow> {
             s.inflight()
-                .map(|f| (f.id, f.message.clone(), f.state))
+                .map(|f| (f.id, f.message_id, f.since, f.message.clone(), f.state))
                 .collect()
         };
         self.last_id == other.last_id
@@ -184,14 +232,21 @@ impl SessionState {
     /// Applies one recorded change (a store keeping its copy of the session).
     pub fn apply(&mut self, change: &Change) {
         match change {
-            Change::Queued(m) => self.enqueue(m.clone()),
+            Change::Queued(e) => {
+                self.saw(e.id);
+                self.push_entry(e.clone());
+            }
             Change::Unqueued => {
                 self.pop_queue();
             }
-            Change::Requeued(m) => self.unpop_queue(m.clone()),
-            Change::Sent(id, m) => {
+            Change::Requeued(e) => {
+                self.saw(e.id);
+                self.unpop_queue(e.clone());
+            }
+            Change::Sent(id, e) => {
+                self.saw(e.id);
                 self.last_id = id.get();
-                self.insert_inflight(*id, m.clone());
+                self.insert_inflight(*id, e.clone());
             }
             Change::Released(id) => {
                 if let Some(f) = self.inflight.get_mut(id) {
@@ -235,8 +290,35 @@ impl SessionState {
     }
 
     /// Outbound messages waiting for the window, in order.
-    pub fn queued(&self) -> impl Iterator<Item = &Message> {
+    pub fn queued(&self) -> impl Iterator<Item = &Entry> {
         self.queue.iter()
+    }
+
+    /// Whether the message numbered `id` is still in the session (waiting or in flight).
+    /// Walks the session: for callers pruning their side maps, not for every message.
+    pub fn holds(&self, id: MessageId) -> bool {
+        self.queue.iter().any(|e| e.id == id) || self.inflight.values().any(|f| f.message_id == id)
+    }
+
+    /// Gives the next message id.
+    pub(crate) fn next_message_id(&mut self) -> MessageId {
+        self.last_message += 1;
+        MessageId(self.last_message)
+    }
+
+    /// A message entering the session at `now`, numbered.
+    pub(crate) fn entry(&mut self, message: Message, now: Instant) -> Entry {
+        Entry {
+            id: self.next_message_id(),
+            since: now,
+            message,
+        }
+    }
+
+    /// Keeps later ids above one the session was given (a store applying changes, a
+    /// session read back).
+    fn saw(&mut self, id: MessageId) {
+        self.last_message = self.last_message.max(id.0);
     }
 
     /// The last packet id handed out (0 before the first).
@@ -245,25 +327,28 @@ impl SessionState {
     }
 
     /// Rebuilds a session from what its getters returned (a store reading it back):
-    /// in-flight flows in send order, waiting messages in order, inbound QoS 2 ids.
+    /// in-flight flows in send order, waiting messages in order, inbound QoS 2 ids. Message
+    /// ids go on from the highest one given.
     pub fn restore(
         last_id: u16,
-        inflight: impl IntoIterator<Item = (PacketId, Message, OutboundState)>,
-        queue: impl IntoIterator<Item = Message>,
+        inflight: impl IntoIterator<Item = (PacketId, Entry, OutboundState)>,
+        queue: impl IntoIterator<Item = Entry>,
         inbound_qos2: impl IntoIterator<Item = (PacketId, InboundState)>,
     ) -> SessionState {
         let mut s = SessionState {
             last_id,
             ..SessionState::default()
         };
-        for (id, message, state) in inflight {
-            s.insert_inflight(id, message);
+        for (id, entry, state) in inflight {
+            s.saw(entry.id);
+            s.insert_inflight(id, entry);
             if let Some(f) = s.inflight.get_mut(&id) {
                 f.state = state;
             }
         }
-        for m in queue {
-            s.enqueue(m);
+        for e in queue {
+            s.saw(e.id);
+            s.push_entry(e);
         }
         s.inbound_qos2.extend(inbound_qos2);
         s
@@ -305,9 +390,9 @@ impl SessionState {
         }
     }
 
-    pub(crate) fn insert_inflight(&mut self, id: PacketId, message: Message) {
+    pub(crate) fn insert_inflight(&mut self, id: PacketId, entry: Entry) {
         if matches!(self.journal, Journal::Changes(_)) {
-            self.record(Change::Sent(id, message.clone()));
+            self.record(Change::Sent(id, entry.clone()));
         }
         if self.next_seq == u32::MAX {
             self.renumber();
@@ -318,7 +403,9 @@ impl SessionState {
             id,
             Inflight {
                 id,
-                message,
+                message_id: entry.id,
+                since: entry.since,
+                message: entry.message,
                 state: OutboundState::Published,
                 seq,
             },
@@ -364,12 +451,20 @@ impl SessionState {
 
     /// Queues an outbound QoS 1/2 message while no connection is up (an offline
     /// persistent session); it is sent, in order, when a connection resumes the session.
-    pub fn enqueue(&mut self, message: Message) {
+    /// Returns the session's number for it.
+    pub fn enqueue(&mut self, message: Message, now: Instant) -> MessageId {
+        let entry = self.entry(message, now);
+        let id = entry.id;
+        self.push_entry(entry);
+        id
+    }
+
+    pub(crate) fn push_entry(&mut self, entry: Entry) {
         if matches!(self.journal, Journal::Changes(_)) {
-            self.record(Change::Queued(message.clone()));
+            self.record(Change::Queued(entry.clone()));
         }
-        self.queued_bytes += message.payload.len();
-        self.queue.push_back(message);
+        self.queued_bytes += entry.message.payload.len();
+        self.queue.push_back(entry);
     }
 
     /// How many messages wait for the window.
@@ -391,30 +486,34 @@ impl SessionState {
     /// with PUBREC are never taken. Returned in send order, in-flight first.
     pub fn take_redeliverable(
         &mut self,
-        pred: impl Fn(&Message) -> bool,
+        pred: impl Fn(MessageId) -> bool,
         session_ends: bool,
-    ) -> Vec<Message> {
+    ) -> Vec<Entry> {
         let mut flights: Vec<&Inflight> = self
             .inflight
             .values()
             .filter(|f| {
                 f.state == OutboundState::Published
                     && (f.message.qos == tern_codec::QoS::AtLeastOnce || session_ends)
-                    && pred(&f.message)
+                    && pred(f.message_id)
             })
             .collect();
         flights.sort_by_key(|f| f.seq);
         let ids: Vec<PacketId> = flights.iter().map(|f| f.id).collect();
-        let mut out: Vec<Message> = ids
+        let mut out: Vec<Entry> = ids
             .iter()
             .filter_map(|id| self.inflight.remove(id))
-            .map(|f| f.message)
+            .map(|f| Entry {
+                id: f.message_id,
+                since: f.since,
+                message: f.message,
+            })
             .collect();
-        let (taken, kept): (VecDeque<Message>, VecDeque<Message>) = std::mem::take(&mut self.queue)
+        let (taken, kept): (VecDeque<Entry>, VecDeque<Entry>) = std::mem::take(&mut self.queue)
             .into_iter()
-            .partition(|m| pred(m));
+            .partition(|e| pred(e.id));
         self.queue = kept;
-        self.queued_bytes = self.queue.iter().map(|m| m.payload.len()).sum();
+        self.queued_bytes = self.queue.iter().map(|e| e.message.payload.len()).sum();
         out.extend(taken);
         if !out.is_empty() {
             self.rewrite();
@@ -425,8 +524,8 @@ impl SessionState {
     /// Drops waiting messages whose Message Expiry Interval has passed; returns how many.
     pub fn remove_expired(&mut self, now: std::time::Instant) -> usize {
         let before = self.queue.len();
-        self.queue.retain(|m| !m.is_expired(now));
-        self.queued_bytes = self.queue.iter().map(|m| m.payload.len()).sum();
+        self.queue.retain(|e| !e.message.is_expired(now));
+        self.queued_bytes = self.queue.iter().map(|e| e.message.payload.len()).sum();
         let removed = before - self.queue.len();
         if removed > 0 {
             self.rewrite();
@@ -435,13 +534,13 @@ impl SessionState {
     }
 
     /// Removes the oldest waiting message (for a drop-oldest queue limit).
-    pub fn dequeue_oldest(&mut self) -> Option<Message> {
+    pub fn dequeue_oldest(&mut self) -> Option<Entry> {
         self.pop_queue()
     }
 
-    pub(crate) fn pop_queue(&mut self) -> Option<Message> {
+    pub(crate) fn pop_queue(&mut self) -> Option<Entry> {
         let m = self.queue.pop_front()?;
-        self.queued_bytes -= m.payload.len();
+        self.queued_bytes -= m.message.payload.len();
         if let Journal::Changes(v) = &mut self.journal {
             // Queued and sent on at once: the store need not see it queued.
             if self.queue.is_empty() && matches!(v.last(), Some(Change::Queued(_))) {
@@ -453,12 +552,12 @@ impl SessionState {
         Some(m)
     }
 
-    pub(crate) fn unpop_queue(&mut self, message: Message) {
+    pub(crate) fn unpop_queue(&mut self, entry: Entry) {
         if matches!(self.journal, Journal::Changes(_)) {
-            self.record(Change::Requeued(message.clone()));
+            self.record(Change::Requeued(entry.clone()));
         }
-        self.queued_bytes += message.payload.len();
-        self.queue.push_front(message);
+        self.queued_bytes += entry.message.payload.len();
+        self.queue.push_front(entry);
     }
 
     pub(crate) fn inbound(&self, id: PacketId) -> Option<InboundState> {
@@ -491,16 +590,24 @@ mod tests {
         Message::new(TopicName::new("t").unwrap(), "x", QoS::AtLeastOnce)
     }
 
+    /// Puts `m` in flight under `id`, numbered as the engine numbers it.
+    fn fly(s: &mut SessionState, id: PacketId, m: Message) -> MessageId {
+        let e = s.entry(m, Instant::now());
+        let n = e.id;
+        s.insert_inflight(id, e);
+        n
+    }
+
     #[test]
     fn ids_wrap_from_65535_to_1_skipping_ids_in_flight() {
         let mut s = SessionState::new();
         s.last_id = 65_533;
         let a = s.allocate_id().unwrap();
-        s.insert_inflight(a, msg());
+        fly(&mut s, a, msg());
         assert_eq!(a.get(), 65_534);
         assert_eq!(s.allocate_id().unwrap().get(), 65_535);
         // 1 is in flight, so the wrap lands on 2.
-        s.insert_inflight(PacketId::new(1).unwrap(), msg());
+        fly(&mut s, PacketId::new(1).unwrap(), msg());
         assert_eq!(s.allocate_id().unwrap().get(), 2);
     }
 
@@ -511,10 +618,10 @@ mod tests {
         let named = |t: &str| Message::new(TopicName::new(t).unwrap(), "x", QoS::AtLeastOnce);
         // Ids deliberately out of send order, so the map's own order cannot pass for it.
         for (id, topic) in [(9, "a"), (3, "b"), (7, "c"), (1, "d"), (5, "e"), (2, "f")] {
-            s.insert_inflight(PacketId::new(id).unwrap(), named(topic));
+            fly(&mut s, PacketId::new(id).unwrap(), named(topic));
         }
         s.remove_inflight(PacketId::new(7).unwrap());
-        s.insert_inflight(PacketId::new(4).unwrap(), named("g"));
+        fly(&mut s, PacketId::new(4).unwrap(), named("g"));
         let order: Vec<String> = s.inflight().map(|f| f.message.topic.to_string()).collect();
         assert_eq!(order, ["a", "b", "d", "e", "f", "g"]);
         assert!(s.next_seq < 10, "renumbered from 0: {}", s.next_seq);
@@ -527,7 +634,7 @@ mod tests {
         for _ in 0..1000 {
             let id = s.allocate_id().unwrap();
             assert!(held.insert(id), "{id} handed out twice while in flight");
-            s.insert_inflight(id, msg());
+            fly(&mut s, id, msg());
         }
     }
 
@@ -536,7 +643,7 @@ mod tests {
         let mut s = SessionState::new();
         for _ in 0..u16::MAX {
             let id = s.allocate_id().unwrap();
-            s.insert_inflight(id, msg());
+            fly(&mut s, id, msg());
         }
         assert_eq!(s.allocate_id(), Err(IdsExhausted));
         s.remove_inflight(PacketId::new(777).unwrap());
@@ -546,12 +653,12 @@ mod tests {
     #[test]
     fn redeliverable_messages_are_qos1_in_flight_waiting_ones_and_unreceived_qos2_only_when_the_session_ends()
      {
-        let tagged = |payload: &'static str, qos: QoS| {
-            let mut m = Message::new(TopicName::new("t").unwrap(), payload, qos);
-            m.shared = Some(Box::new("$share/g/t".into()));
-            m
+        let named = |payload: &'static str, qos: QoS| {
+            Message::new(TopicName::new("t").unwrap(), payload, qos)
         };
+        // The caller's side map: which messages came through a shared subscription.
         let build = || {
+            let mut shared = std::collections::HashSet::new();
             let mut s = SessionState::new();
             for (p, q) in [
                 ("q1", QoS::AtLeastOnce),
@@ -559,7 +666,7 @@ mod tests {
                 ("q2-rec", QoS::ExactlyOnce),
             ] {
                 let id = s.allocate_id().unwrap();
-                s.insert_inflight(id, tagged(p, q));
+                shared.insert(fly(&mut s, id, named(p, q)));
             }
             let rec = s
                 .inflight
@@ -568,19 +675,20 @@ mod tests {
                 .unwrap()
                 .id;
             s.set_released(rec);
-            s.insert_inflight(s.clone().allocate_id().unwrap(), msg()); // not shared
-            s.enqueue(tagged("waiting", QoS::ExactlyOnce));
-            s.enqueue(msg());
-            s
+            let id = s.clone().allocate_id().unwrap();
+            fly(&mut s, id, msg()); // not shared
+            shared.insert(s.enqueue(named("waiting", QoS::ExactlyOnce), Instant::now()));
+            s.enqueue(msg(), Instant::now());
+            (s, shared)
         };
-        let names = |v: Vec<Message>| -> Vec<String> {
+        let names = |v: Vec<Entry>| -> Vec<String> {
             v.iter()
-                .map(|m| String::from_utf8(m.payload.to_vec()).unwrap())
+                .map(|e| String::from_utf8(e.message.payload.to_vec()).unwrap())
                 .collect()
         };
-        let mut live = build();
+        let (mut live, shared) = build();
         assert_eq!(
-            names(live.take_redeliverable(|m| m.shared.is_some(), false)),
+            names(live.take_redeliverable(|id| shared.contains(&id), false)),
             ["q1", "waiting"]
         );
         assert_eq!(
@@ -589,9 +697,9 @@ mod tests {
             "the QoS 2 flows and the unshared one stay"
         );
         assert_eq!(live.queued_len(), 1);
-        let mut ending = build();
+        let (mut ending, shared) = build();
         assert_eq!(
-            names(ending.take_redeliverable(|m| m.shared.is_some(), true)),
+            names(ending.take_redeliverable(|id| shared.contains(&id), true)),
             ["q1", "q2-sent", "waiting"],
             "PUBREC received: never given to anyone else"
         );

@@ -79,8 +79,11 @@ impl Side {
                     id,
                     message,
                     reason,
+                    ..
                 } => self.acknowledged.push((id, message, reason)),
-                Event::Dropped { message, reason } => self.dropped.push((message, reason)),
+                Event::Dropped {
+                    message, reason, ..
+                } => self.dropped.push((message, reason)),
                 Event::Closed { reason, .. } => self.closed.push(reason),
                 Event::Control(p) => self.control.push(p),
             }
@@ -162,7 +165,7 @@ impl Pair {
             side.dropped.push((message, DropReason::NotConnected));
         } else {
             // Offline: the message waits in the session, as the broker queues it.
-            side.stored.enqueue(message);
+            side.stored.enqueue(message, now);
         }
         side.collect();
         self.flush();

@@ -506,9 +506,15 @@ fn a_qos0_message_queued_while_offline_is_sent_in_order_without_a_packet_id() {
     let mut pair = Pair::new(Protocol::V5);
     pair.cut();
     // A broker that queues QoS 0 for offline sessions puts it in the stored session.
-    pair.server.stored.enqueue(msg("first", QoS::AtLeastOnce));
-    pair.server.stored.enqueue(msg("zero", QoS::AtMostOnce));
-    pair.server.stored.enqueue(msg("last", QoS::ExactlyOnce));
+    pair.server
+        .stored
+        .enqueue(msg("first", QoS::AtLeastOnce), pair.now);
+    pair.server
+        .stored
+        .enqueue(msg("zero", QoS::AtMostOnce), pair.now);
+    pair.server
+        .stored
+        .enqueue(msg("last", QoS::ExactlyOnce), pair.now);
     pair.reconnect(true);
     pair.drive();
     assert_eq!(pair.client.delivered_payloads(), ["first", "zero", "last"]);

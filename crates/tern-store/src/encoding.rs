@@ -10,7 +10,7 @@ use tern_codec::{
     Connect, LastWill, MAX_PACKET_SIZE, Packet, PacketId, Protocol, Publish, QoS, QosPid,
     RetainHandling, Str, SubscriptionId, SubscriptionOptions, TopicFilter,
 };
-use tern_proto::{InboundState, Message, OutboundState};
+use tern_proto::{Entry, InboundState, Message, MessageId, OutboundState};
 
 use crate::{PendingWill, SessionRecord, StoreError, Subscription};
 
@@ -191,11 +191,9 @@ pub(crate) fn message(m: &Message, anchor: Anchor) -> Result<Vec<u8>, StoreError
     let mut w = Writer::new();
     w.bytes(&wire);
     w.opt_time(m.expires_at.map(|t| anchor.to_wall(t)));
-    shared_tag(&mut w, m.shared.as_deref());
-    // Added after version 2 shipped: a message that ends before it has no queue time.
-    if let Some(q) = m.queued_at {
-        w.time(anchor.to_wall(q));
-    }
+    // Bodies written before message ids carried the shared tag and the queue time here;
+    // both now go with each copy (its reference), and the tag byte stays for the layout.
+    shared_tag(&mut w, None);
     Ok(w.finish())
 }
 
@@ -219,6 +217,19 @@ fn read_shared_tag(r: &mut Reader<'_>) -> Result<Option<Str>, StoreError> {
 }
 
 pub(crate) fn read_message(buf: &[u8], anchor: Anchor) -> Result<Message, StoreError> {
+    Ok(read_body(buf, anchor)?.message)
+}
+
+/// A stored message body, with what bodies written before message ids held beside it.
+pub(crate) struct Body {
+    pub(crate) message: Message,
+    /// The shared-subscription tag an old body carried.
+    pub(crate) shared: Option<Str>,
+    /// The queue time an old body carried.
+    pub(crate) queued_at: Option<Instant>,
+}
+
+pub(crate) fn read_body(buf: &[u8], anchor: Anchor) -> Result<Body, StoreError> {
     let mut r = Reader::new(buf, "message")?;
     let mut wire = BytesMut::from(r.bytes()?);
     let Ok(Some(Packet::Publish(p))) = tern_codec::decode(&mut wire, Protocol::V5, MAX_PACKET_SIZE)
@@ -232,11 +243,13 @@ pub(crate) fn read_message(buf: &[u8], anchor: Anchor) -> Result<Message, StoreE
     } else {
         Some(anchor.to_instant(r.time()?))
     };
-    let mut m = Message::from_publish(p, anchor.instant);
-    m.expires_at = expires_at;
-    m.shared = shared.map(Box::new);
-    m.queued_at = queued_at;
-    Ok(m)
+    let mut message = Message::from_publish(p, anchor.instant);
+    message.expires_at = expires_at;
+    Ok(Body {
+        message,
+        shared,
+        queued_at,
+    })
 }
 
 // ---- session records -----------------------------------------------------------------
@@ -381,8 +394,10 @@ pub(crate) fn read_inbound(b: u8) -> Result<InboundState, StoreError> {
 
 /// What a queued or in-flight copy adds to the stored body it shares with the other copies
 /// of the same message: the QoS it goes out at, its RETAIN flag, its Subscription
-/// Identifiers and its shared-subscription tag.
-pub(crate) fn reference(key: u64, m: &Message) -> Vec<u8> {
+/// Identifiers, its shared-subscription tag, and the session's id for it and when it
+/// entered the session.
+pub(crate) fn reference(key: u64, c: CopyOf<'_>, anchor: Anchor) -> Vec<u8> {
+    let m = c.message;
     let mut w = Writer::new();
     w.u64(key);
     w.u8(m.qos as u8);
@@ -392,8 +407,32 @@ pub(crate) fn reference(key: u64, m: &Message) -> Vec<u8> {
     for id in ids {
         w.u32(id.get());
     }
-    shared_tag(&mut w, m.shared.as_deref());
+    shared_tag(&mut w, c.shared);
+    // Added after version 2 shipped: a reference that ends here has neither.
+    w.u64(c.id.get());
+    w.time(anchor.to_wall(c.since));
     w.finish()
+}
+
+/// A copy held by a session, as the store is given it: from an [`Entry`] or an in-flight
+/// flow, with the shared subscription the broker says it came through.
+#[derive(Clone, Copy)]
+pub(crate) struct CopyOf<'a> {
+    pub(crate) message: &'a Message,
+    pub(crate) id: MessageId,
+    pub(crate) since: Instant,
+    pub(crate) shared: Option<&'a Str>,
+}
+
+impl<'a> CopyOf<'a> {
+    pub(crate) fn entry(e: &'a Entry, shared: Option<&'a Str>) -> CopyOf<'a> {
+        CopyOf {
+            message: &e.message,
+            id: e.id,
+            since: e.since,
+            shared,
+        }
+    }
 }
 
 /// Reads a reference: the body's key, and a function making this copy from the body.
@@ -413,6 +452,11 @@ pub(crate) fn read_reference(buf: &[u8]) -> Result<(u64, Copy), StoreError> {
         ids.push(SubscriptionId::new(r.u32()?).ok_or_else(|| corrupt(what))?);
     }
     let shared = read_shared_tag(&mut r)?;
+    let (id, since) = if r.at_end() {
+        (None, None)
+    } else {
+        (MessageId::new(r.u64()?), Some(r.time()?))
+    };
     Ok((
         key,
         Copy {
@@ -420,6 +464,8 @@ pub(crate) fn read_reference(buf: &[u8]) -> Result<(u64, Copy), StoreError> {
             retain,
             ids,
             shared,
+            id,
+            since,
         },
     ))
 }
@@ -429,19 +475,28 @@ pub(crate) struct Copy {
     qos: QoS,
     retain: bool,
     ids: Vec<SubscriptionId>,
-    shared: Option<Str>,
+    pub(crate) shared: Option<Str>,
+    /// The session's id for the copy (`None` in references written before ids).
+    pub(crate) id: Option<MessageId>,
+    since: Option<SystemTime>,
 }
 
 impl Copy {
-    pub(crate) fn of(self, body: &Message) -> Message {
-        let mut m = body.clone();
+    /// The copy as the session held it, made from its body. A reference from before
+    /// message ids takes its queue time from the old body (or `fallback`); its id is
+    /// given by the caller.
+    pub(crate) fn of(&self, body: &Body, anchor: Anchor, fallback: Instant) -> (Message, Instant) {
+        let mut m = body.message.clone();
         m.qos = self.qos;
         m.retain = self.retain;
         if m.properties.subscription_identifiers != self.ids {
-            m.properties.subscription_identifiers = self.ids;
+            m.properties.subscription_identifiers = self.ids.clone();
         }
-        m.shared = self.shared.map(Box::new);
-        m
+        let since = match self.since {
+            Some(t) => anchor.to_instant(t),
+            None => body.queued_at.unwrap_or(fallback),
+        };
+        (m, since)
     }
 }
 
@@ -486,9 +541,58 @@ pub(crate) fn read_flow_ref(buf: &[u8]) -> Result<(u64, OutboundState, &[u8]), S
 
 // ---- whole batches, for the write-ahead log ----------------------------------------------
 
-fn put_message(w: &mut Writer, m: &Message, anchor: Anchor) -> Result<(), StoreError> {
-    w.bytes(&message(m, anchor)?);
+/// One message of a session: its body, the session's id for it, when it entered, and the
+/// shared subscription it came through.
+fn put_entry(
+    w: &mut Writer,
+    e: &Entry,
+    shared: Option<&Str>,
+    anchor: Anchor,
+) -> Result<(), StoreError> {
+    w.bytes(&message(&e.message, anchor)?);
+    w.u64(e.id.get());
+    w.time(anchor.to_wall(e.since));
+    shared_tag(w, shared);
     Ok(())
+}
+
+/// Reads what [`put_entry`] wrote, or (`legacy`) a message as logs written before message
+/// ids held it: such a message gets the next id of `legacy`, counted from 2^62 so that it
+/// meets no id the session gave.
+fn read_entry(
+    r: &mut Reader<'_>,
+    anchor: Anchor,
+    legacy: Option<&mut u64>,
+) -> Result<(Entry, Option<Str>), StoreError> {
+    let body = read_body(r.bytes()?, anchor)?;
+    match legacy {
+        None => {
+            let id = MessageId::new(r.u64()?).ok_or_else(|| corrupt(r.what))?;
+            let since = anchor.to_instant(r.time()?);
+            let shared = read_shared_tag(r)?;
+            Ok((
+                Entry {
+                    id,
+                    since,
+                    message: body.message,
+                },
+                shared,
+            ))
+        }
+        Some(next) => {
+            *next += 1;
+            let id = MessageId::new(*next).expect("counted from 2^62");
+            let since = body.queued_at.unwrap_or(anchor.instant);
+            Ok((
+                Entry {
+                    id,
+                    since,
+                    message: body.message,
+                },
+                body.shared,
+            ))
+        }
+    }
 }
 
 fn outbound(s: OutboundState) -> u8 {
@@ -506,6 +610,17 @@ fn read_outbound(b: u8) -> Result<OutboundState, StoreError> {
     }
 }
 
+/// Op tags. 2 and 3 are the delivery ops as logged before message ids (read, never
+/// written).
+const PUT_SESSION: u8 = 0;
+const DELETE_SESSION: u8 = 1;
+const PUT_DELIVERY_LEGACY: u8 = 2;
+const CHANGE_LEGACY: u8 = 3;
+const PUT_RETAINED: u8 = 4;
+const DELETE_RETAINED: u8 = 5;
+const PUT_DELIVERY: u8 = 6;
+const CHANGE: u8 = 7;
+
 /// A batch of ops as one record of the write-ahead log.
 pub(crate) fn batch(ops: &[crate::Op], anchor: Anchor) -> Result<Vec<u8>, StoreError> {
     use crate::Op;
@@ -517,16 +632,20 @@ pub(crate) fn batch(ops: &[crate::Op], anchor: Anchor) -> Result<Vec<u8>, StoreE
                 client_id,
                 record: r,
             } => {
-                w.u8(0);
+                w.u8(PUT_SESSION);
                 w.bytes(client_id.as_bytes());
                 w.bytes(&record(r)?);
             }
             Op::DeleteSession { client_id } => {
-                w.u8(1);
+                w.u8(DELETE_SESSION);
                 w.bytes(client_id.as_bytes());
             }
-            Op::PutDelivery { client_id, state } => {
-                w.u8(2);
+            Op::PutDelivery {
+                client_id,
+                state,
+                shared,
+            } => {
+                w.u8(PUT_DELIVERY);
                 w.bytes(client_id.as_bytes());
                 w.u16(state.last_id());
                 let flows: Vec<_> = state.inflight().collect();
@@ -534,11 +653,16 @@ pub(crate) fn batch(ops: &[crate::Op], anchor: Anchor) -> Result<Vec<u8>, StoreE
                 for f in flows {
                     w.u16(f.id.get());
                     w.u8(outbound(f.state));
-                    put_message(&mut w, &f.message, anchor)?;
+                    let e = Entry {
+                        id: f.message_id,
+                        since: f.since,
+                        message: f.message.clone(),
+                    };
+                    put_entry(&mut w, &e, shared.get(&f.message_id), anchor)?;
                 }
                 w.u32(state.queued_len() as u32);
-                for m in state.queued() {
-                    put_message(&mut w, m, anchor)?;
+                for e in state.queued() {
+                    put_entry(&mut w, e, shared.get(&e.id), anchor)?;
                 }
                 let ids: Vec<_> = state.inbound_qos2().collect();
                 w.u32(ids.len() as u32);
@@ -547,23 +671,28 @@ pub(crate) fn batch(ops: &[crate::Op], anchor: Anchor) -> Result<Vec<u8>, StoreE
                     w.u8(inbound(s));
                 }
             }
-            Op::Change { client_id, change } => {
-                w.u8(3);
+            Op::Change {
+                client_id,
+                change,
+                shared,
+            } => {
+                w.u8(CHANGE);
                 w.bytes(client_id.as_bytes());
+                let shared = shared.as_ref();
                 match change {
-                    Change::Queued(m) => {
+                    Change::Queued(e) => {
                         w.u8(0);
-                        put_message(&mut w, m, anchor)?;
+                        put_entry(&mut w, e, shared, anchor)?;
                     }
                     Change::Unqueued => w.u8(1),
-                    Change::Requeued(m) => {
+                    Change::Requeued(e) => {
                         w.u8(2);
-                        put_message(&mut w, m, anchor)?;
+                        put_entry(&mut w, e, shared, anchor)?;
                     }
-                    Change::Sent(id, m) => {
+                    Change::Sent(id, e) => {
                         w.u8(3);
                         w.u16(id.get());
-                        put_message(&mut w, m, anchor)?;
+                        put_entry(&mut w, e, shared, anchor)?;
                     }
                     Change::Released(id) => {
                         w.u8(4);
@@ -585,11 +714,11 @@ pub(crate) fn batch(ops: &[crate::Op], anchor: Anchor) -> Result<Vec<u8>, StoreE
                 }
             }
             Op::PutRetained { message: m } => {
-                w.u8(4);
-                put_message(&mut w, m, anchor)?;
+                w.u8(PUT_RETAINED);
+                w.bytes(&message(m, anchor)?);
             }
             Op::DeleteRetained { topic } => {
-                w.u8(5);
+                w.u8(DELETE_RETAINED);
                 w.bytes(topic.as_str().as_bytes());
             }
         }
@@ -606,27 +735,39 @@ pub(crate) fn read_batch(buf: &[u8], anchor: Anchor) -> Result<Vec<crate::Op>, S
     let pid = |r: &mut Reader<'_>| -> Result<PacketId, StoreError> {
         PacketId::new(r.u16()?).ok_or_else(|| corrupt(what))
     };
+    let mut legacy_ids = 1u64 << 62;
     while !r.buf.is_empty() {
-        let op = match r.u8()? {
-            0 => Op::PutSession {
+        let tag = r.u8()?;
+        let legacy = matches!(tag, PUT_DELIVERY_LEGACY | CHANGE_LEGACY);
+        let op = match tag {
+            PUT_SESSION => Op::PutSession {
                 client_id: Str::from(r.str()?),
                 record: read_record(r.bytes()?)?,
             },
-            1 => Op::DeleteSession {
+            DELETE_SESSION => Op::DeleteSession {
                 client_id: Str::from(r.str()?),
             },
-            2 => {
+            PUT_DELIVERY | PUT_DELIVERY_LEGACY => {
                 let client_id = Str::from(r.str()?);
                 let last_id = r.u16()?;
+                let mut shared = std::collections::BTreeMap::new();
                 let mut flows = Vec::new();
                 for _ in 0..r.u32()? {
                     let id = pid(&mut r)?;
                     let state = read_outbound(r.u8()?)?;
-                    flows.push((id, read_message(r.bytes()?, anchor)?, state));
+                    let (e, group) = read_entry(&mut r, anchor, legacy.then_some(&mut legacy_ids))?;
+                    if let Some(group) = group {
+                        shared.insert(e.id, group);
+                    }
+                    flows.push((id, e, state));
                 }
                 let mut queue = Vec::new();
                 for _ in 0..r.u32()? {
-                    queue.push(read_message(r.bytes()?, anchor)?);
+                    let (e, group) = read_entry(&mut r, anchor, legacy.then_some(&mut legacy_ids))?;
+                    if let Some(group) = group {
+                        shared.insert(e.id, group);
+                    }
+                    queue.push(e);
                 }
                 let mut ids = Vec::new();
                 for _ in 0..r.u32()? {
@@ -636,17 +777,24 @@ pub(crate) fn read_batch(buf: &[u8], anchor: Anchor) -> Result<Vec<crate::Op>, S
                 Op::PutDelivery {
                     client_id,
                     state: SessionState::restore(last_id, flows, queue, ids),
+                    shared,
                 }
             }
-            3 => {
+            CHANGE | CHANGE_LEGACY => {
                 let client_id = Str::from(r.str()?);
+                let mut shared = None;
+                let mut entry = |r: &mut Reader<'_>| -> Result<Entry, StoreError> {
+                    let (e, group) = read_entry(r, anchor, legacy.then_some(&mut legacy_ids))?;
+                    shared = group;
+                    Ok(e)
+                };
                 let change = match r.u8()? {
-                    0 => Change::Queued(read_message(r.bytes()?, anchor)?),
+                    0 => Change::Queued(entry(&mut r)?),
                     1 => Change::Unqueued,
-                    2 => Change::Requeued(read_message(r.bytes()?, anchor)?),
+                    2 => Change::Requeued(entry(&mut r)?),
                     3 => {
                         let id = pid(&mut r)?;
-                        Change::Sent(id, read_message(r.bytes()?, anchor)?)
+                        Change::Sent(id, entry(&mut r)?)
                     }
                     4 => Change::Released(pid(&mut r)?),
                     5 => Change::Completed(pid(&mut r)?),
@@ -657,12 +805,16 @@ pub(crate) fn read_batch(buf: &[u8], anchor: Anchor) -> Result<Vec<crate::Op>, S
                     7 => Change::InboundDone(pid(&mut r)?),
                     _ => return Err(corrupt(what)),
                 };
-                Op::Change { client_id, change }
+                Op::Change {
+                    client_id,
+                    change,
+                    shared,
+                }
             }
-            4 => Op::PutRetained {
+            PUT_RETAINED => Op::PutRetained {
                 message: read_message(r.bytes()?, anchor)?,
             },
-            5 => Op::DeleteRetained {
+            DELETE_RETAINED => Op::DeleteRetained {
                 topic: tern_codec::TopicName::new(r.str()?).map_err(|_| corrupt(what))?,
             },
             _ => return Err(corrupt(what)),

@@ -24,7 +24,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, SystemTime};
 
 use tern_codec::{LastWill, Str, SubscriptionId, SubscriptionOptions, TopicFilter, TopicName};
-pub use tern_proto::{Change, Message, SessionState};
+pub use tern_proto::{Change, Entry, Message, MessageId, SessionState};
 
 /// One subscription of a session.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,6 +70,11 @@ pub struct StoredSession {
     pub record: SessionRecord,
     /// Inflight, queue, inbound QoS 2 ids, next packet id.
     pub delivery: SessionState,
+    /// The broker's side map for the messages in `delivery` that came through a shared
+    /// subscription: message id -> `$share/{group}/{filter}` (so that, after a restart,
+    /// they can still go to another member of the group). Entries leave with their
+    /// message.
+    pub shared: BTreeMap<MessageId, Str>,
 }
 
 /// One change to the durable state.
@@ -95,6 +100,9 @@ pub enum Op {
         client_id: Str,
         /// The state.
         state: SessionState,
+        /// The shared subscription each of its messages came through, if any
+        /// ([`StoredSession::shared`]).
+        shared: BTreeMap<MessageId, Str>,
     },
     /// One change to the session's delivery state (a message queued, sent, acknowledged;
     /// an inbound QoS 2 id held or released), applied as [`SessionState::apply`] does.
@@ -103,6 +111,9 @@ pub enum Op {
         client_id: Str,
         /// The change.
         change: Change,
+        /// For a change that puts a message in the session (queued, requeued, sent): the
+        /// shared subscription it came through, if any.
+        shared: Option<Str>,
     },
     /// Sets the retained message of `message.topic`.
     PutRetained {
@@ -114,6 +125,24 @@ pub enum Op {
         /// The topic.
         topic: TopicName,
     },
+}
+
+/// The message a change puts in the session, if it puts one.
+fn change_entry(change: &Change) -> Option<MessageId> {
+    match change {
+        Change::Queued(e) | Change::Requeued(e) | Change::Sent(_, e) => Some(e.id),
+        _ => None,
+    }
+}
+
+impl StoredSession {
+    /// Drops side-map entries whose message left the session.
+    fn forget_departed(&mut self) {
+        if !self.shared.is_empty() {
+            let delivery = &self.delivery;
+            self.shared.retain(|id, _| delivery.holds(*id));
+        }
+    }
 }
 
 impl Op {
@@ -254,15 +283,28 @@ impl Store for MemoryStore {
                 Op::DeleteSession { client_id } => {
                     s.sessions.remove(client_id);
                 }
-                Op::PutDelivery { client_id, state } => {
-                    s.sessions.get_mut(client_id).expect("validated").delivery = state.clone();
+                Op::PutDelivery {
+                    client_id,
+                    state,
+                    shared,
+                } => {
+                    let session = s.sessions.get_mut(client_id).expect("validated");
+                    session.delivery = state.clone();
+                    session.shared = shared.clone();
+                    session.forget_departed();
                 }
-                Op::Change { client_id, change } => s
-                    .sessions
-                    .get_mut(client_id)
-                    .expect("validated")
-                    .delivery
-                    .apply(change),
+                Op::Change {
+                    client_id,
+                    change,
+                    shared,
+                } => {
+                    let session = s.sessions.get_mut(client_id).expect("validated");
+                    session.delivery.apply(change);
+                    if let (Some(group), Some(id)) = (shared, change_entry(change)) {
+                        session.shared.insert(id, group.clone());
+                    }
+                    session.forget_departed();
+                }
                 Op::PutRetained { message } => {
                     s.retained.insert(message.topic.clone(), message.clone());
                 }

@@ -13,7 +13,7 @@
 //! names a missing session aborts its transaction: nothing of it is written, as with
 //! [`crate::MemoryStore`].
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::time::{Instant, SystemTime};
 
@@ -22,9 +22,9 @@ use redb::{
     TableDefinition,
 };
 use tern_codec::{PacketId, Str, TopicName};
-use tern_proto::{Change, OutboundState, SessionState};
+use tern_proto::{Change, Entry, MessageId, OutboundState, SessionState};
 
-use crate::encoding::{self, Anchor};
+use crate::encoding::{self, Anchor, CopyOf};
 use crate::wal::Wal;
 use crate::{Committed, Op, Snapshot, Store, StoreError, StoredSession};
 
@@ -281,10 +281,18 @@ impl RedbStore {
                     t.delivery.remove(id).map_err(backend)?;
                     clear_delivery(&mut t, id)?;
                 }
-                Op::PutDelivery { client_id, state } => {
-                    self.put_delivery(&mut t, client_id, state)?;
+                Op::PutDelivery {
+                    client_id,
+                    state,
+                    shared,
+                } => {
+                    self.put_delivery(&mut t, client_id, state, shared)?;
                 }
-                Op::Change { client_id, change } => self.apply(&mut t, client_id, change)?,
+                Op::Change {
+                    client_id,
+                    change,
+                    shared,
+                } => self.apply(&mut t, client_id, change, shared.as_ref())?,
                 Op::PutRetained { message } => {
                     t.retained
                         .insert(
@@ -303,7 +311,8 @@ impl RedbStore {
 
     /// A reference to `m`'s body for one more holder: the body another copy in this batch
     /// stored, or a new one.
-    fn hold(&mut self, t: &mut Tables<'_>, m: &tern_proto::Message) -> Result<Vec<u8>, StoreError> {
+    fn hold(&mut self, t: &mut Tables<'_>, c: CopyOf<'_>) -> Result<Vec<u8>, StoreError> {
+        let m = c.message;
         let slot = (m.payload.as_ptr() as usize, m.payload.len());
         let mut found = None;
         if let Some(candidates) = t.bodies.get(&slot) {
@@ -331,7 +340,7 @@ impl RedbStore {
                 key
             }
         };
-        Ok(encoding::reference(key, m))
+        Ok(encoding::reference(key, c, self.anchor))
     }
 
     fn put_delivery(
@@ -339,11 +348,18 @@ impl RedbStore {
         t: &mut Tables<'_>,
         id: &str,
         state: &SessionState,
+        shared: &BTreeMap<MessageId, Str>,
     ) -> Result<(), StoreError> {
         clear_delivery(t, id)?;
         let mut seq = 0;
         for f in state.inflight() {
-            let reference = self.hold(t, &f.message)?;
+            let copy = CopyOf {
+                message: &f.message,
+                id: f.message_id,
+                since: f.since,
+                shared: shared.get(&f.message_id),
+            };
+            let reference = self.hold(t, copy)?;
             let row = encoding::flow_ref(seq, f.state, &reference);
             t.inflight
                 .insert((id, f.id.get()), row.as_slice())
@@ -355,8 +371,8 @@ impl RedbStore {
                 .insert((id, pid.get()), encoding::inbound(s))
                 .map_err(backend)?;
         }
-        for (k, m) in state.queued().enumerate() {
-            let row = self.hold(t, m)?;
+        for (k, e) in state.queued().enumerate() {
+            let row = self.hold(t, CopyOf::entry(e, shared.get(&e.id)))?;
             t.queue
                 .insert((id, QUEUE_START + k as u64), row.as_slice())
                 .map_err(backend)?;
@@ -367,11 +383,17 @@ impl RedbStore {
         Ok(())
     }
 
-    fn apply(&mut self, t: &mut Tables<'_>, id: &str, change: &Change) -> Result<(), StoreError> {
+    fn apply(
+        &mut self,
+        t: &mut Tables<'_>,
+        id: &str,
+        change: &Change,
+        shared: Option<&Str>,
+    ) -> Result<(), StoreError> {
         match change {
-            Change::Queued(m) => {
+            Change::Queued(e) => {
                 let key = queue_end(t, id, true)?.map_or(QUEUE_START, |k| k + 1);
-                let row = self.hold(t, m)?;
+                let row = self.hold(t, CopyOf::entry(e, shared))?;
                 t.queue.insert((id, key), row.as_slice()).map_err(backend)?;
             }
             Change::Unqueued => {
@@ -386,17 +408,17 @@ impl RedbStore {
                     }
                 }
             }
-            Change::Requeued(m) => {
+            Change::Requeued(e) => {
                 let key = queue_end(t, id, false)?.map_or(QUEUE_START, |k| k - 1);
-                let row = self.hold(t, m)?;
+                let row = self.hold(t, CopyOf::entry(e, shared))?;
                 t.queue.insert((id, key), row.as_slice()).map_err(backend)?;
             }
-            Change::Sent(pid, m) => {
+            Change::Sent(pid, e) => {
                 let (_, next_seq) = match t.delivery.get(id).map_err(backend)? {
                     Some(row) => encoding::read_delivery_row(row.value())?,
                     None => (0, 0),
                 };
-                let reference = self.hold(t, m)?;
+                let reference = self.hold(t, CopyOf::entry(e, shared))?;
                 let row = encoding::flow_ref(next_seq, OutboundState::Published, &reference);
                 let old = t
                     .inflight
@@ -454,6 +476,14 @@ impl RedbStore {
         }
         Ok(())
     }
+}
+
+/// A copy read back, before it is numbered.
+struct Loaded {
+    message: tern_proto::Message,
+    id: Option<MessageId>,
+    since: std::time::Instant,
+    shared: Option<Str>,
 }
 
 impl Store for RedbStore {
@@ -516,8 +546,9 @@ impl Store for RedbStore {
         let retained = txn.open_table(RETAINED).map_err(backend)?;
         let messages = txn.open_table(MESSAGES).map_err(backend)?;
         // Each body decoded once, its copies sharing topic, payload and properties.
-        let mut bodies: HashMap<u64, tern_proto::Message> = HashMap::new();
-        let mut copy_of = |reference: &[u8]| -> Result<tern_proto::Message, StoreError> {
+        let mut bodies: HashMap<u64, encoding::Body> = HashMap::new();
+        let anchor = self.anchor;
+        let mut copy_of = |reference: &[u8]| -> Result<Loaded, StoreError> {
             let (key, copy) = encoding::read_reference(reference)?;
             if let std::collections::hash_map::Entry::Vacant(slot) = bodies.entry(key) {
                 let Some(body) = messages.get(key).map_err(backend)? else {
@@ -525,9 +556,16 @@ impl Store for RedbStore {
                         "stored message {key} is missing"
                     )));
                 };
-                slot.insert(encoding::read_message(body.value(), self.anchor)?);
+                slot.insert(encoding::read_body(body.value(), anchor)?);
             }
-            Ok(copy.of(&bodies[&key]))
+            let body = &bodies[&key];
+            let (message, since) = copy.of(body, anchor, anchor.instant);
+            Ok(Loaded {
+                message,
+                id: copy.id,
+                since,
+                shared: copy.shared.or_else(|| body.shared.clone()),
+            })
         };
         let mut snapshot = Snapshot::default();
         for entry in sessions.iter().map_err(backend)? {
@@ -560,17 +598,41 @@ impl Store for RedbStore {
             for q in queue.range((id, 0)..=(id, u64::MAX)).map_err(backend)? {
                 queued.push(copy_of(q.map_err(backend)?.1.value())?);
             }
-            let state = SessionState::restore(
-                last_id,
-                flows.into_iter().map(|(_, pid, m, s)| (pid, m, s)),
-                queued,
-                ids,
-            );
+            // Copies stored before message ids get ids above every id the session holds.
+            let mut next = flows
+                .iter()
+                .map(|f| &f.2)
+                .chain(&queued)
+                .filter_map(|c| c.id.map(MessageId::get))
+                .max()
+                .unwrap_or(0);
+            let mut shared = BTreeMap::new();
+            let mut entry = |c: Loaded| -> Entry {
+                let id = c.id.unwrap_or_else(|| {
+                    next += 1;
+                    MessageId::new(next).expect("above 0")
+                });
+                if let Some(group) = c.shared {
+                    shared.insert(id, group);
+                }
+                Entry {
+                    id,
+                    since: c.since,
+                    message: c.message,
+                }
+            };
+            let flows: Vec<_> = flows
+                .into_iter()
+                .map(|(_, pid, c, s)| (pid, entry(c), s))
+                .collect();
+            let queued: Vec<_> = queued.into_iter().map(&mut entry).collect();
+            let state = SessionState::restore(last_id, flows, queued, ids);
             snapshot.sessions.insert(
                 Str::from(id),
                 StoredSession {
                     record,
                     delivery: state,
+                    shared,
                 },
             );
         }

@@ -9,8 +9,25 @@ use std::time::{Duration, SystemTime};
 use proptest::prelude::*;
 use tern_codec::{QoS, Str, SubscriptionOptions, TopicFilter, TopicName};
 use tern_store::{
-    Change, MemoryStore, Message, Op, SessionRecord, SessionState, Store, StoreError, Subscription,
+    Change, Entry, MemoryStore, Message, MessageId, Op, SessionRecord, SessionState, Store,
+    StoreError, Subscription,
 };
+
+/// One instant for every entry, so stores opened at any anchor read it back exactly.
+fn start() -> std::time::Instant {
+    anchor().0
+}
+
+/// `m` as a session holds it, with an id no other entry in this process has (a session's
+/// ids are unique).
+fn entry(m: Message) -> Entry {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    Entry {
+        id: MessageId::new(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)).unwrap(),
+        since: start(),
+        message: m,
+    }
+}
 
 fn message(topic: &str, payload: &str) -> Message {
     Message::new(
@@ -45,11 +62,12 @@ fn change(id: &str, change: Change) -> Op {
     Op::Change {
         client_id: id.into(),
         change,
+        shared: None,
     }
 }
 
 fn enqueue(id: &str, payload: &str) -> Op {
-    change(id, Change::Queued(message("a/b", payload)))
+    change(id, Change::Queued(entry(message("a/b", payload))))
 }
 
 fn queued(store: &dyn Store, id: &str) -> Vec<String> {
@@ -57,7 +75,7 @@ fn queued(store: &dyn Store, id: &str) -> Vec<String> {
     snapshot.sessions[&Str::from(id)]
         .delivery
         .queued()
-        .map(|m| String::from_utf8(m.payload.to_vec()).unwrap())
+        .map(|e| String::from_utf8(e.message.payload.to_vec()).unwrap())
         .collect()
 }
 
@@ -139,6 +157,7 @@ fn dequeue_oldest_and_put_delivery(store: &mut dyn Store) {
         .commit(&[Op::PutDelivery {
             client_id: "a".into(),
             state: SessionState::new(),
+            shared: Default::default(),
         }])
         .unwrap();
     assert!(queued(store, "a").is_empty());
@@ -196,8 +215,12 @@ impl Drop for TempFile {
     }
 }
 
+/// The process's instant and wall time of one moment: every store a test opens uses the
+/// same pair, as one broker process does, so instants read back are the instants written.
 fn anchor() -> (std::time::Instant, SystemTime) {
-    (std::time::Instant::now(), SystemTime::now())
+    static ANCHOR: std::sync::OnceLock<(std::time::Instant, SystemTime)> =
+        std::sync::OnceLock::new();
+    *ANCHOR.get_or_init(|| (std::time::Instant::now(), SystemTime::now()))
 }
 
 /// A redb store that keeps its file alive as long as it lives.
@@ -297,11 +320,12 @@ fn arb_change() -> impl Strategy<Value = Change> {
             }
             m
         });
+    let msg = msg.prop_map(entry);
     prop_oneof![
         msg.clone().prop_map(Change::Queued),
         Just(Change::Unqueued),
         msg.clone().prop_map(Change::Requeued),
-        (pid.clone(), msg).prop_map(|(i, m)| Change::Sent(i, m)),
+        (pid.clone(), msg).prop_map(|(i, e)| Change::Sent(i, e)),
         pid.clone().prop_map(Change::Released),
         pid.clone().prop_map(Change::Completed),
         (pid.clone(), any::<bool>()).prop_map(|(i, r)| Change::Inbound(
@@ -322,7 +346,11 @@ fn arb_rich_op() -> impl Strategy<Value = Op> {
     let id = prop::sample::select(vec!["a", "b"]);
     prop_oneof![
         3 => arb_op(),
-        4 => (id.clone(), arb_change()).prop_map(|(i, c)| change(i, c)),
+        4 => (id.clone(), arb_change(), any::<bool>()).prop_map(|(i, c, shared)| Op::Change {
+            client_id: i.into(),
+            change: c,
+            shared: shared.then(|| "$share/g/t/c".into()),
+        }),
         1 => (id.clone(), 1u64..1000, any::<bool>()).prop_map(|(i, e, will)| {
             let mut r = record(e);
             r.subscriptions.push(Subscription {
@@ -355,24 +383,29 @@ fn arb_rich_op() -> impl Strategy<Value = Op> {
             Op::PutSession { client_id: i.into(), record: r }
         }),
         1 => (id.clone(), 1u16..5, "[a-z]{0,4}").prop_map(|(i, n, p)| {
-            let flows = (1..=n).map(|k| {
+            let mut shared = std::collections::BTreeMap::new();
+            let flows: Vec<_> = (1..=n).map(|k| {
                 let mut m = message("t/x", &p);
                 m.qos = if k % 2 == 0 { QoS::ExactlyOnce } else { QoS::AtLeastOnce };
                 m.properties.user_properties.push(("k".into(), format!("{k}").into()));
                 m.expires_at = Some(std::time::Instant::now() + Duration::from_secs(u64::from(k) * 10));
-                m.shared = (k == 1).then(|| Box::new("$share/g/t/x".into()));
+                let e = entry(m);
+                if k == 1 {
+                    shared.insert(e.id, "$share/g/t/x".into());
+                }
                 let state = if k == 2 {
                     tern_proto::OutboundState::Released
                 } else {
                     tern_proto::OutboundState::Published
                 };
-                (tern_codec::PacketId::new(k).unwrap(), m, state)
-            });
+                (tern_codec::PacketId::new(k).unwrap(), e, state)
+            }).collect();
             let inbound = [(tern_codec::PacketId::new(7).unwrap(), tern_proto::InboundState::Received)];
-            let queue = [message("t/q", "waiting")];
+            let queue = [entry(message("t/q", "waiting"))];
             Op::PutDelivery {
                 client_id: i.into(),
                 state: SessionState::restore(n, flows, queue, inbound),
+                shared,
             }
         }),
     ]
@@ -448,7 +481,7 @@ fn a_message_fanned_out_to_many_sessions_is_stored_once_and_goes_with_its_last_c
         copy.retain = i == 1;
         copy.properties.subscription_identifiers =
             vec![tern_codec::SubscriptionId::new(i as u32 + 1).unwrap()];
-        batch.push(change(id, Change::Queued(copy)));
+        batch.push(change(id, Change::Queued(entry(copy))));
     }
     store.commit(&batch).unwrap();
     assert_eq!(store.stored_messages().unwrap(), 1);
@@ -459,8 +492,8 @@ fn a_message_fanned_out_to_many_sessions_is_stored_once_and_goes_with_its_last_c
         .next()
         .unwrap()
         .clone();
-    assert!(b.retain && b.qos == QoS::AtLeastOnce);
-    assert_eq!(b.properties.subscription_identifiers[0].get(), 2);
+    assert!(b.message.retain && b.message.qos == QoS::AtLeastOnce);
+    assert_eq!(b.message.properties.subscription_identifiers[0].get(), 2);
     store
         .commit(&[change("a", Change::Unqueued), change("b", Change::Unqueued)])
         .unwrap();
@@ -562,14 +595,15 @@ fn a_queued_message_keeps_the_time_it_was_queued_across_a_reopen() {
     let file = TempFile::new();
     let (now, wall) = anchor();
     let mut store = tern_store::RedbStore::open(&file.0, now, wall).unwrap();
-    let mut m = message("a/b", "waiting");
-    m.queued_at = Some(now - Duration::from_secs(90));
-    let plain = message("a/b", "no time");
+    let mut e = entry(message("a/b", "waiting"));
+    e.since = now - Duration::from_secs(90);
+    let mut just = entry(message("a/b", "just now"));
+    just.since = now;
     store
         .commit(&[
             put("s", 10),
-            change("s", Change::Queued(m)),
-            change("s", Change::Queued(plain)),
+            change("s", Change::Queued(e)),
+            change("s", Change::Queued(just)),
         ])
         .unwrap();
     drop(store);
@@ -581,12 +615,15 @@ fn a_queued_message_keeps_the_time_it_was_queued_across_a_reopen() {
     let queued: Vec<_> = snapshot.sessions[&Str::from("s")]
         .delivery
         .queued()
-        .map(|m| m.queued_at)
+        .map(|e| e.since)
         .collect();
     assert_eq!(
         queued,
-        [Some(later - Duration::from_secs(1090)), None],
-        "queued 1,090 s before the reopened store's now; a message without a time has none"
+        [
+            later - Duration::from_secs(1090),
+            later - Duration::from_secs(1000)
+        ],
+        "queued 1,090 s and 1,000 s before the reopened store's now"
     );
 }
 
@@ -608,7 +645,10 @@ fn a_message_no_publish_can_carry_is_refused_not_a_panic() {
         let mut store = tern_store::RedbStore::open(&f.0, now, wall).unwrap();
         store.set_sync(sync);
         store.commit(&[put("a", 10)]).unwrap();
-        let result = store.commit(&[change("a", Change::Queued(m.clone())), enqueue("a", "ok")]);
+        let result = store.commit(&[
+            change("a", Change::Queued(entry(m.clone()))),
+            enqueue("a", "ok"),
+        ]);
         assert!(
             matches!(result, Err(StoreError::Unencodable(_))),
             "{sync:?}: {result:?}"

@@ -206,6 +206,7 @@ impl Broker {
                 queue_full_logged: None,
                 scheduled: None,
                 drain_due: false,
+                via_shared: HashMap::new(),
             })
         });
         session.expiry = expiry;

@@ -50,6 +50,20 @@ impl Broker {
         })
     }
 
+    /// The messages the session holds that came through a shared subscription, with the
+    /// subscription: the broker's side map, as the store should hold it.
+    pub fn shared_copies(&self, client_id: &str) -> Option<BTreeMap<MessageId, Str>> {
+        let s = self.sessions.get(client_id)?;
+        let state = s.state();
+        Some(
+            s.via_shared
+                .iter()
+                .filter(|(id, _)| state.holds(**id))
+                .map(|(id, key)| (*id, key.clone()))
+                .collect(),
+        )
+    }
+
     /// Sessions, subscriptions, queues and flows as they are at `now`, with the `top`
     /// sessions whose queues are deepest.
     pub fn gauges(&self, now: Instant, top: usize) -> Gauges {
@@ -80,7 +94,7 @@ impl Broker {
             let oldest = state
                 .queued()
                 .next()
-                .map(|m| now.saturating_duration_since(m.queued_at.unwrap_or(self.anchor.0)))
+                .map(|e| now.saturating_duration_since(e.since))
                 .unwrap_or_default();
             g.oldest = g.oldest.max(oldest);
             largest.push(SessionGauge {

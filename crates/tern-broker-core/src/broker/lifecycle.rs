@@ -31,11 +31,12 @@ impl Broker {
         stored.drop_unreleased_inbound();
         // What this member of shared subscriptions has not acknowledged goes to another
         // member now, rather than waiting for it to come back (§4.8.2).
-        let redeliver = stored.take_redeliverable(|m| m.shared.is_some(), false);
+        let via = &session.via_shared;
+        let taken = stored.take_redeliverable(|id| via.contains_key(&id), false);
+        let redeliver = session.with_shared_keys(taken);
         session.conn = Link::Offline(stored);
         tracing::info!(conn, peer = %self.peer(conn), client_id = %client_id, %protocol, reason = %why, "disconnected");
-        for m in redeliver {
-            let key = m.shared.clone().expect("taken for having one");
+        for (key, m) in redeliver {
             self.deliver_shared(&key, m, None, Some(&client_id), now);
         }
         let Some(session) = self.sessions.get_mut(&client_id) else {
@@ -116,6 +117,12 @@ impl Broker {
                 self.outputs.push_back(Output::Send(conn, p));
             }
             let Some(event) = c.poll_event() else { return };
+            if let Event::Acknowledged { message_id, .. } | Event::Dropped { message_id, .. } =
+                &event
+                && !session.via_shared.is_empty()
+            {
+                session.via_shared.remove(message_id);
+            }
             match event {
                 Event::Message { message, ack } => {
                     if !self.accept(client_id, message, ack, now) {
@@ -124,7 +131,9 @@ impl Broker {
                 }
                 Event::Control(Packet::Subscribe(s)) => self.subscribe(client_id, s, now),
                 Event::Control(Packet::Unsubscribe(u)) => self.unsubscribe(client_id, u),
-                Event::Dropped { reason, message } => match reason {
+                Event::Dropped {
+                    reason, message, ..
+                } => match reason {
                     tern_proto::DropReason::Expired => {
                         self.counters.drop_n(DropReason::Expired, 1);
                         tracing::info!(client_id = %client_id, topic = %message.topic.as_str(), "message expired before delivery: dropped");
@@ -214,10 +223,12 @@ impl Broker {
         if let Some(mut s) = self.sessions.remove(client_id) {
             // Shared-subscription messages the session still held go to another member
             // (§4.8.2): with the session gone, nobody else can complete them.
-            let redeliver = s
+            let via = &s.via_shared;
+            let taken = s
                 .conn
                 .take_stored()
-                .take_redeliverable(|m| m.shared.is_some(), true);
+                .take_redeliverable(|id| via.contains_key(&id), true);
+            let redeliver = s.with_shared_keys(taken);
             if s.persisted {
                 self.batch.push(Op::DeleteSession {
                     client_id: client_id.clone(),
@@ -226,8 +237,7 @@ impl Broker {
             for filter in s.subscriptions.keys() {
                 self.remove_subscription(client_id, filter);
             }
-            for m in redeliver {
-                let key = m.shared.clone().expect("taken for having one");
+            for (key, m) in redeliver {
                 self.deliver_shared(&key, m, None, None, now);
             }
             if let Some((_, will)) = s.pending_will.map(|p| *p) {

@@ -25,7 +25,8 @@ use tern_codec::{
     Unsubscribe,
 };
 use tern_proto::{
-    AckMode, Changes, Config, Connection, Event, Message, Role, SessionState, effective_qos,
+    AckMode, Change, Changes, Config, Connection, Entry, Event, Message, MessageId, Role,
+    SessionState, effective_qos,
 };
 use tern_store::{Op, PendingWill, SessionRecord, Subscription};
 
@@ -117,6 +118,11 @@ struct Session {
     scheduled: Option<Instant>,
     /// Listed in `Broker::drain_due`: its engine has something to send.
     drain_due: bool,
+    /// The broker's side map of the messages this session holds that came through a
+    /// shared subscription: message id -> `$share/{group}/{filter}`, so that they can go to
+    /// another member if this one leaves (§4.8.2). Empty (and unallocated) for most
+    /// sessions; entries leave with their message.
+    via_shared: HashMap<MessageId, Str>,
 }
 
 /// How often a session's full queue is logged while it keeps dropping messages.
@@ -144,6 +150,35 @@ impl Session {
             Link::Online((_, c)) => c.take_changes(),
             Link::Offline(stored) => stored.take_changes(),
         }
+    }
+
+    /// The delivery state, from the engine or the stored state.
+    fn state(&self) -> &SessionState {
+        match &self.conn {
+            Link::Online((_, c)) => c.session(),
+            Link::Offline(stored) => stored,
+        }
+    }
+
+    /// Forgets side-map entries whose message left the session other than through an
+    /// event (expired in the queue, dropped by a queue limit). Walks the session, so only
+    /// when something left and the map has entries.
+    fn prune_via_shared(&mut self) {
+        if !self.via_shared.is_empty() {
+            let mut via = std::mem::take(&mut self.via_shared);
+            let state = self.state();
+            via.retain(|id, _| state.holds(*id));
+            self.via_shared = via;
+        }
+    }
+
+    /// Pairs messages taken for redelivery with the shared subscription each came
+    /// through (their side-map entries go with them).
+    fn with_shared_keys(&mut self, taken: Vec<Entry>) -> Vec<(Str, Message)> {
+        taken
+            .into_iter()
+            .filter_map(|e| Some((self.via_shared.remove(&e.id)?, e.message)))
+            .collect()
     }
 
     /// Starts (`Some(known)`) or stops (`None`) the change journal of the session.
@@ -286,7 +321,7 @@ impl Broker {
         };
         // Shared-subscription messages of sessions whose connection was up when the process
         // died, to give to another member as a disconnect would have (§4.8.2).
-        let mut redeliver: Vec<(Str, Message)> = Vec::new();
+        let mut redeliver: Vec<(Str, Str, Message)> = Vec::new();
         for (client_id, stored) in snapshot.sessions {
             let r = stored.record;
             // No stored deadline: the session's connection was up at the crash.
@@ -307,9 +342,14 @@ impl Broker {
             // Ids whose PUBREC was never released belong to messages not accepted.
             delivery.drop_unreleased_inbound();
             delivery.track(true);
-            if was_online {
-                let taken = delivery.take_redeliverable(|m| m.shared.is_some(), false);
-                redeliver.extend(taken.into_iter().map(|m| (client_id.clone(), m)));
+            let mut via_shared: HashMap<MessageId, Str> = stored.shared.into_iter().collect();
+            if was_online && !via_shared.is_empty() {
+                let taken = delivery.take_redeliverable(|id| via_shared.contains_key(&id), false);
+                for e in taken {
+                    if let Some(key) = via_shared.remove(&e.id) {
+                        redeliver.push((client_id.clone(), key, e.message));
+                    }
+                }
             }
             let session = Session {
                 conn: Link::Offline(delivery),
@@ -326,6 +366,7 @@ impl Broker {
                 queue_full_logged: None,
                 scheduled: None,
                 drain_due: false,
+                via_shared,
             };
             broker.sessions.insert(client_id.clone(), Box::new(session));
             broker.schedule(&client_id);
@@ -336,9 +377,8 @@ impl Broker {
                 "shared-subscription messages of connections the crash ended go to other members"
             );
         }
-        for (owner, m) in redeliver {
+        for (owner, key, m) in redeliver {
             broker.touch(&owner);
-            let key = m.shared.clone().expect("taken for having one");
             broker.deliver_shared(&key, m, None, Some(&owner), now);
         }
         // What that changed waits for the first round's commit.

@@ -39,16 +39,37 @@ impl Broker {
             match s.take_changes() {
                 None => {}
                 Some(Changes::Some(changes)) => {
-                    self.batch
-                        .extend(changes.into_iter().map(|change| Op::Change {
+                    let via = &s.via_shared;
+                    self.batch.extend(changes.into_iter().map(|change| {
+                        // The side map goes to the store with the message it is about.
+                        let shared = match &change {
+                            Change::Queued(e) | Change::Requeued(e) | Change::Sent(_, e)
+                                if !via.is_empty() =>
+                            {
+                                via.get(&e.id).cloned()
+                            }
+                            _ => None,
+                        };
+                        Op::Change {
                             client_id: client_id.clone(),
                             change,
-                        }));
+                            shared,
+                        }
+                    }));
                 }
-                Some(Changes::All(state)) => self.batch.push(Op::PutDelivery {
-                    client_id: client_id.clone(),
-                    state,
-                }),
+                Some(Changes::All(state)) => {
+                    let shared = s
+                        .via_shared
+                        .iter()
+                        .filter(|(id, _)| state.holds(**id))
+                        .map(|(id, key)| (*id, key.clone()))
+                        .collect();
+                    self.batch.push(Op::PutDelivery {
+                        client_id: client_id.clone(),
+                        state,
+                        shared,
+                    })
+                }
             }
         }
     }

@@ -42,7 +42,7 @@ impl Broker {
             if !delivery.subscription_ids.is_empty() {
                 copy.properties.subscription_identifiers = delivery.subscription_ids;
             }
-            self.deliver(&client_id, copy, message.qos, now);
+            self.deliver(&client_id, copy, message.qos, None, now);
         }
         for key in self.shared.matching(&message.topic) {
             if self.deliver_shared(&key, message.clone(), publisher, None, now) {
@@ -83,8 +83,7 @@ impl Broker {
         if let Some(id) = member.id {
             message.properties.subscription_identifiers = vec![id];
         }
-        message.shared = Some(Box::new(key.clone()));
-        self.deliver(&client, message, published, now);
+        self.deliver(&client, message, published, Some(key), now);
         true
     }
 
@@ -265,6 +264,7 @@ impl Broker {
                 let expired = queue.remove_expired(now);
                 let still_full = full(queue);
                 if expired > 0 {
+                    s.prune_via_shared();
                     self.counters.drop_n(DropReason::Expired, expired as u64);
                     self.touch(&client_id);
                 }
@@ -301,13 +301,15 @@ impl Broker {
         self.touch(client_id);
     }
 
-    /// Hands a copy (at its effective QoS; the publisher sent it at `published`) to a
-    /// session: sent if online, queued if offline and persistent.
+    /// Hands a copy (at its effective QoS; the publisher sent it at `published`; through
+    /// the shared subscription `via`, if so) to a session: sent if online, queued if
+    /// offline and persistent.
     pub(super) fn deliver(
         &mut self,
         client_id: &Str,
         mut message: Message,
         published: QoS,
+        via: Option<&Str>,
         now: Instant,
     ) {
         if !self.permits(client_id, crate::acl::Permission::Receive, &message.topic) {
@@ -329,7 +331,6 @@ impl Broker {
         let Some(session) = self.sessions.get_mut(client_id) else {
             return;
         };
-        message.queued_at = Some(now);
         let queues = message.qos != QoS::AtMostOnce || self.settings.queue_qos0;
         let queue = match &mut session.conn {
             // Online: a QoS 1/2 message that would wait behind the peer's window joins the
@@ -363,6 +364,9 @@ impl Broker {
                 now,
             );
             self.counters.drop_n(DropReason::Expired, expired);
+            if expired + dropped > 0 {
+                session.prune_via_shared();
+            }
             if dropped > 0 {
                 self.counters.drop_n(DropReason::QueueFull, dropped);
                 let quiet = session
@@ -379,9 +383,11 @@ impl Broker {
             }
         }
         self.counters.delivered(published, message.qos);
-        match &mut session.conn {
+        // A QoS 0 copy to an online session goes out now: nothing to redeliver.
+        let held = message.qos != QoS::AtMostOnce;
+        let (id, held) = match &mut session.conn {
             Link::Online((_, c)) => {
-                c.publish(message, now);
+                let id = c.publish(message, now);
                 // Drained once when the input ends: a fan-out does not drain each
                 // subscriber inside the publisher's drain. (Listed here, where the
                 // session is at hand: no second lookup per delivery.)
@@ -389,8 +395,14 @@ impl Broker {
                     session.drain_due = true;
                     self.drain_due.push(client_id.clone());
                 }
+                (id, held)
             }
-            Link::Offline(stored) => stored.enqueue(message),
+            Link::Offline(stored) => (stored.enqueue(message, now), true),
+        };
+        if let Some(key) = via
+            && held
+        {
+            session.via_shared.insert(id, key.clone());
         }
     }
 
@@ -431,7 +443,7 @@ trait Queue {
     fn queued_len(&self) -> usize;
     fn queued_bytes(&self) -> usize;
     fn remove_expired(&mut self, now: Instant) -> usize;
-    fn dequeue_oldest(&mut self) -> Option<Message>;
+    fn dequeue_oldest(&mut self) -> Option<Entry>;
 }
 
 impl Queue for SessionState {
@@ -444,7 +456,7 @@ impl Queue for SessionState {
     fn remove_expired(&mut self, now: Instant) -> usize {
         SessionState::remove_expired(self, now)
     }
-    fn dequeue_oldest(&mut self) -> Option<Message> {
+    fn dequeue_oldest(&mut self) -> Option<Entry> {
         SessionState::dequeue_oldest(self)
     }
 }
@@ -459,7 +471,7 @@ impl Queue for Connection {
     fn remove_expired(&mut self, now: Instant) -> usize {
         self.remove_expired_queued(now)
     }
-    fn dequeue_oldest(&mut self) -> Option<Message> {
+    fn dequeue_oldest(&mut self) -> Option<Entry> {
         Connection::dequeue_oldest(self)
     }
 }

@@ -82,7 +82,7 @@ impl Broker {
                 let published = m.qos;
                 m.qos = effective_qos(m.qos, granted, QoS::ExactlyOnce);
                 m.retain = true;
-                self.deliver(client_id, m, published, now);
+                self.deliver(client_id, m, published, None, now);
             }
         }
         self.drain(client_id, now);

@@ -200,6 +200,7 @@ impl Connection {
         if let Some(f) = self.session.remove_inflight(id) {
             self.events.push_back(Event::Acknowledged {
                 id,
+                message_id: f.message_id,
                 message: f.message,
                 reason,
             });

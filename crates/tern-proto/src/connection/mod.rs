@@ -17,7 +17,7 @@ use tern_codec::{
 use crate::Message;
 use crate::alias::{self, AliasError, Choice};
 use crate::idmap::IdMap;
-use crate::session::{InboundState, OutboundState, SessionState};
+use crate::session::{Entry, InboundState, MessageId, OutboundState, SessionState};
 
 mod inbound;
 mod outbound;
@@ -159,6 +159,8 @@ pub enum Event {
     Acknowledged {
         /// The flow's packet id, now free.
         id: PacketId,
+        /// The session's number for the message ([`Connection::publish`] returned it).
+        message_id: MessageId,
         /// The message.
         message: Message,
         /// The reason code the peer gave.
@@ -166,6 +168,8 @@ pub enum Event {
     },
     /// A message was not sent.
     Dropped {
+        /// The session's number for the message ([`Connection::publish`] returned it).
+        message_id: MessageId,
         /// The message.
         message: Message,
         /// Why.
@@ -323,7 +327,7 @@ impl Connection {
 
     /// Removes the oldest queued (not in flight) message, for an owner making room under
     /// its queue limits.
-    pub fn dequeue_oldest(&mut self) -> Option<Message> {
+    pub fn dequeue_oldest(&mut self) -> Option<Entry> {
         self.session.dequeue_oldest()
     }
 
@@ -371,42 +375,49 @@ impl Connection {
     }
 
     /// Sends a message. QoS 0 goes out now (or is dropped while closed); QoS 1/2 takes a
-    /// packet id when the peer's Receive Maximum allows, otherwise waits in order.
-    pub fn publish(&mut self, message: Message, now: Instant) {
+    /// packet id when the peer's Receive Maximum allows, otherwise waits in order. Returns
+    /// the session's number for the message, which the [`Event::Acknowledged`] or
+    /// [`Event::Dropped`] that ends it carries.
+    pub fn publish(&mut self, message: Message, now: Instant) -> MessageId {
+        let message_id = self.session.next_message_id();
         if message.qos == QoS::AtMostOnce {
-            if !self.open {
-                self.events.push_back(Event::Dropped {
-                    message,
-                    reason: DropReason::NotConnected,
-                });
+            let dropped = if !self.open {
+                Some(DropReason::NotConnected)
             } else if message.is_expired(now) {
-                self.events.push_back(Event::Dropped {
-                    message,
-                    reason: DropReason::Expired,
-                });
+                Some(DropReason::Expired)
             } else {
                 let publish = message.to_publish(QosPid::AtMostOnce, false, now);
-                if self.send_publish(publish).is_err() {
-                    self.events.push_back(Event::Dropped {
-                        message,
-                        reason: DropReason::TooLarge,
-                    });
-                }
+                self.send_publish(publish)
+                    .is_err()
+                    .then_some(DropReason::TooLarge)
+            };
+            if let Some(reason) = dropped {
+                self.events.push_back(Event::Dropped {
+                    message_id,
+                    message,
+                    reason,
+                });
             }
-            return;
+            return message_id;
         }
+        let entry = Entry {
+            id: message_id,
+            since: now,
+            message,
+        };
         if self.session.queued_len() == 0
             && self.open
             && self.session.inflight_len() < self.window()
         {
             // Nothing waits ahead of it and the window has room: straight into flight.
-            if let Err(message) = self.launch(message, now) {
-                self.session.enqueue(message);
+            if let Err(entry) = self.launch(entry, now) {
+                self.session.push_entry(entry);
             }
-            return;
+            return message_id;
         }
-        self.session.enqueue(message);
+        self.session.push_entry(entry);
         self.pump(now);
+        message_id
     }
 
     /// Releases the acknowledgement of an inbound QoS 1/2 message delivered with

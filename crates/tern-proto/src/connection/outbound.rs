@@ -31,11 +31,11 @@ impl Connection {
     pub(super) fn pump(&mut self, now: Instant) {
         let window = self.window();
         while self.open && self.session.inflight_len() < window {
-            let Some(message) = self.session.pop_queue() else {
+            let Some(entry) = self.session.pop_queue() else {
                 break;
             };
-            if let Err(message) = self.launch(message, now) {
-                self.session.unpop_queue(message);
+            if let Err(entry) = self.launch(entry, now) {
+                self.session.unpop_queue(entry);
                 break;
             }
         }
@@ -44,10 +44,12 @@ impl Connection {
     /// Sends a message whose turn has come, with room in the window: dropped if expired
     /// or too large for the peer, QoS 0 out with no id, QoS 1/2 into flight with a fresh
     /// id. Gives the message back if no id is free.
-    pub(super) fn launch(&mut self, message: Message, now: Instant) -> Result<(), Message> {
+    pub(super) fn launch(&mut self, entry: Entry, now: Instant) -> Result<(), Entry> {
+        let message = &entry.message;
         if message.is_expired(now) {
             self.events.push_back(Event::Dropped {
-                message,
+                message_id: entry.id,
+                message: entry.message,
                 reason: DropReason::Expired,
             });
             return Ok(());
@@ -58,7 +60,8 @@ impl Connection {
             let publish = message.to_publish(QosPid::AtMostOnce, false, now);
             if self.send_publish(publish).is_err() {
                 self.events.push_back(Event::Dropped {
-                    message,
+                    message_id: entry.id,
+                    message: entry.message,
                     reason: DropReason::TooLarge,
                 });
             }
@@ -70,17 +73,18 @@ impl Connection {
             .session
             .allocate_id_skipping(|id| requests.contains_key(&id), requests.len())
         else {
-            return Err(message);
+            return Err(entry);
         };
         let publish = message.to_publish(QosPid::new(message.qos, id), false, now);
         if self.send_publish(publish).is_ok() {
-            self.session.insert_inflight(id, message);
+            self.session.insert_inflight(id, entry);
         } else {
             // Too large for this peer: discard it and behave as if it was sent
             // [MQTT-3.1.2-25]; the id was never used.
             self.session.unallocate(previous);
             self.events.push_back(Event::Dropped {
-                message,
+                message_id: entry.id,
+                message: entry.message,
                 reason: DropReason::TooLarge,
             });
         }
