@@ -815,6 +815,21 @@ fn a_crash_gives_a_members_unacknowledged_shared_messages_to_another_member() {
         ["job"],
         "the online member has it, unacknowledged"
     );
+    // The broker's side map says which group the copy came through, and the store keeps
+    // it beside the session: that is how the restarted broker knows.
+    let groups = |sim: &Sim, id: &str| -> Vec<String> {
+        sim.stored().sessions[&tern_codec::Str::from(id)]
+            .shared
+            .values()
+            .map(|k| k.to_string())
+            .collect()
+    };
+    assert_eq!(groups(&sim, "a"), ["$share/g/t"]);
+    assert_eq!(
+        sim.broker.shared_copies("a").map(|m| m.len()),
+        Some(1),
+        "the live side map holds the same"
+    );
     sim.restart(Duration::from_secs(1));
     let b = sim.connect(member("b"));
     assert_eq!(
@@ -822,6 +837,11 @@ fn a_crash_gives_a_members_unacknowledged_shared_messages_to_another_member() {
         ["job"],
         "the other member gets it after the crash"
     );
+    assert!(
+        groups(&sim, "a").is_empty(),
+        "the entry left the dead member with its message"
+    );
+    assert_eq!(groups(&sim, "b"), ["$share/g/t"], "and went with it to b");
     let a = sim.connect(member("a"));
     assert!(sim.received(a).is_empty(), "and not the dead member again");
 }

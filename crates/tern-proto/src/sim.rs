@@ -9,7 +9,9 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
-use crate::{AckMode, Config, Connection, DropReason, Event, Message, Role, SessionState};
+use crate::{
+    AckMode, Config, Connection, DropReason, Event, Message, MessageId, Role, SessionState,
+};
 use bytes::BytesMut;
 use tern_codec::{
     MAX_PACKET_SIZE, Packet, PacketId, PacketType, Protocol, QoS, ReasonCode, TopicName,
@@ -31,6 +33,11 @@ pub struct Side {
     pub to_ack: Vec<(PacketId, QoS)>,
     pub acknowledged: Vec<(PacketId, Message, ReasonCode)>,
     pub dropped: Vec<(Message, DropReason)>,
+    /// The ids the session gave this side's publishes, with their QoS (since the last
+    /// clean start: a new session numbers afresh).
+    pub numbered: Vec<(MessageId, QoS)>,
+    /// The ids carried by the `Acknowledged` and `Dropped` events that ended them.
+    pub ended: Vec<MessageId>,
     pub closed: Vec<ReasonCode>,
     pub control: Vec<Packet>,
     pub errors: Vec<String>,
@@ -51,6 +58,8 @@ impl Side {
             to_ack: vec![],
             acknowledged: vec![],
             dropped: vec![],
+            numbered: vec![],
+            ended: vec![],
             closed: vec![],
             control: vec![],
             errors: vec![],
@@ -77,13 +86,21 @@ impl Side {
                 }
                 Event::Acknowledged {
                     id,
+                    message_id,
                     message,
                     reason,
-                    ..
-                } => self.acknowledged.push((id, message, reason)),
+                } => {
+                    self.ended.push(message_id);
+                    self.acknowledged.push((id, message, reason));
+                }
                 Event::Dropped {
-                    message, reason, ..
-                } => self.dropped.push((message, reason)),
+                    message_id,
+                    message,
+                    reason,
+                } => {
+                    self.ended.push(message_id);
+                    self.dropped.push((message, reason));
+                }
                 Event::Closed { reason, .. } => self.closed.push(reason),
                 Event::Control(p) => self.control.push(p),
             }
@@ -159,13 +176,14 @@ impl Pair {
         } else {
             &mut self.server
         };
+        let qos = message.qos;
         if let Some(c) = side.conn.as_mut() {
-            c.publish(message, now);
+            side.numbered.push((c.publish(message, now), qos));
         } else if message.qos == QoS::AtMostOnce {
             side.dropped.push((message, DropReason::NotConnected));
         } else {
             // Offline: the message waits in the session, as the broker queues it.
-            side.stored.enqueue(message, now);
+            side.numbered.push((side.stored.enqueue(message, now), qos));
         }
         side.collect();
         self.flush();
@@ -303,6 +321,10 @@ impl Pair {
         let now = self.now;
         for side in [&mut self.client, &mut self.server] {
             let stored = std::mem::take(&mut side.stored);
+            if !resume {
+                side.numbered.clear();
+                side.ended.clear();
+            }
             side.conn = Some(Connection::new(side.config.clone(), stored, resume, now));
         }
         self.flush();
@@ -574,6 +596,26 @@ pub fn check_ops(protocol: Protocol, manual: bool, ops: &[Op]) -> Result<(), Str
                 ensure!(!guaranteed || n == 1, "QoS 2 {} lost", m.payload);
             }
         }
+    }
+    // Every message the session numbered is ended by one event at most; each QoS 1/2 one,
+    // all completed by now, by exactly one: the id a caller keys its side map by comes
+    // back, once.
+    for side in [&pair.client, &pair.server] {
+        let mut ended: HashMap<MessageId, usize> = HashMap::new();
+        for id in &side.ended {
+            *ended.entry(*id).or_default() += 1;
+        }
+        for (id, qos) in &side.numbered {
+            let n = ended.remove(id).unwrap_or(0);
+            match qos {
+                QoS::AtMostOnce => ensure!(n <= 1, "QoS 0 message {id} ended {n} times"),
+                _ => ensure!(n == 1, "QoS {qos:?} message {id} ended {n} times"),
+            }
+        }
+        ensure!(
+            ended.is_empty(),
+            "events ended messages the session never numbered: {ended:?}"
+        );
     }
     for (i, from_client) in [(0, true), (1, false)] {
         let expected: Vec<&String> = published
