@@ -9,11 +9,14 @@
 //! PUBACK and the event, drop the delivered message (two decrements), take the PUBACK out,
 //! remove the table entry and hand the message back in an `Acknowledged` event.
 //!
-//! - `floor/as_is`: a message laid out as `tern_proto::Message` (120 bytes, events 128);
+//! - `floor/as_is`: a message laid out as `tern_proto::Message` (96 bytes: nothing of the
+//!   caller's in it), the inflight record and the `Acknowledged` event carrying the
+//!   session's message id;
 //! - `floor/as_is_static_bytes`: the same with static topic and payload, whose clones and
 //!   drops touch no reference count: the difference is the four atomic operations;
-//! - `floor/compact`: an 88-byte message (expiry, queue time and share key behind one
-//!   pointer);
+//! - `floor/before_side_maps`: the message as it was before the caller's bookkeeping moved
+//!   to side maps (120 bytes: the shared group, the queue time and the client's tag in it);
+//! - `floor/compact`: expiry, queue time and share key behind one pointer;
 //! - `floor/compact_no_event_queue`: also handing events straight back to the caller
 //!   instead of through a queue.
 
@@ -68,13 +71,12 @@ macro_rules! floor {
             qos: QoS,
             retain: bool,
             properties: Props<PublishProperties>,
-            tag: u32,
             $($field: $ty),*
         }
         #[allow(dead_code)]
         enum Event {
             Message { message: Message, ack: Option<PacketId> },
-            Acknowledged { id: PacketId, message: Message, reason: ReasonCode },
+            Acknowledged { id: PacketId, message_id: u64, message: Message, reason: ReasonCode },
             Control(Packet),
         }
         let (topic, payload) = topic_and_payload($shared);
@@ -84,15 +86,17 @@ macro_rules! floor {
             qos: QoS::AtLeastOnce,
             retain: false,
             properties: Props::NONE,
-            tag: 0,
             $($field: $init),*
         });
         let mut to_server: VecDeque<Packet> = VecDeque::new();
         let mut to_client: VecDeque<Packet> = VecDeque::new();
         let mut server_events: VecDeque<Event> = VecDeque::new();
         let mut client_events: VecDeque<Event> = VecDeque::new();
-        let mut inflight: HashMap<PacketId, (Message, u32), BuildHasherDefault<IdHasher>> =
+        // The inflight record: the message, its id in the session, when it entered, send order.
+        let mut inflight: HashMap<PacketId, (Message, u64, Instant, u32), BuildHasherDefault<IdHasher>> =
             HashMap::default();
+        let entered = Instant::now();
+        let mut next_message: u64 = 0;
         let mut last_id: u16 = 0;
         let name = format!(
             "{} (message {} B, event {} B)",
@@ -113,7 +117,8 @@ macro_rules! floor {
                     payload: m.payload.clone(),
                     properties: m.properties.clone(),
                 };
-                inflight.insert(id, (m, 0));
+                next_message += 1;
+                inflight.insert(id, (m, next_message, entered, 0));
                 to_server.push_back(Packet::Publish(publish));
                 while let Some(packet) = to_server.pop_front() {
                     if let Packet::Publish(p) = black_box(packet) {
@@ -124,7 +129,6 @@ macro_rules! floor {
                             qos: p.qos_pid.qos(),
                             retain: p.retain,
                             properties: p.properties,
-                            tag: 0,
                             $($field: $init),*
                         };
                         to_client.push_back(Packet::PubAck(Ack::new(id)));
@@ -141,9 +145,10 @@ macro_rules! floor {
                 }
                 while let Some(packet) = to_client.pop_front() {
                     if let Packet::PubAck(a) = black_box(packet) {
-                        if let Some((m, _)) = inflight.remove(&a.packet_id) {
+                        if let Some((m, message_id, _, _)) = inflight.remove(&a.packet_id) {
                             let event = Event::Acknowledged {
                                 id: a.packet_id,
+                                message_id,
                                 message: m,
                                 reason: a.reason,
                             };
@@ -167,14 +172,16 @@ macro_rules! floor {
 
 fn floors(c: &mut Criterion) {
     floor!(c, "floor/as_is", shared_bytes: true, event_queue: true, {
-        expires_at: Option<Instant> = None,
-        shared: Option<Box<Str>> = None,
-        queued_at: Option<Instant> = None
+        expires_at: Option<Instant> = None
     });
     floor!(c, "floor/as_is_static_bytes", shared_bytes: false, event_queue: true, {
+        expires_at: Option<Instant> = None
+    });
+    floor!(c, "floor/before_side_maps", shared_bytes: true, event_queue: true, {
         expires_at: Option<Instant> = None,
         shared: Option<Box<Str>> = None,
-        queued_at: Option<Instant> = None
+        queued_at: Option<Instant> = None,
+        tag: u32 = 0
     });
     floor!(c, "floor/compact", shared_bytes: true, event_queue: true, {
         rare: Option<Box<(Option<Instant>, Option<Instant>, Option<Str>)>> = None

@@ -43,11 +43,7 @@ pub struct Gauges {
 impl Broker {
     /// The live delivery state of a session (in flight, queued, inbound QoS 2 ids).
     pub fn session_state(&self, client_id: &str) -> Option<&SessionState> {
-        let s = self.sessions.get(client_id)?;
-        Some(match &s.conn {
-            Link::Online((_, c)) => c.session(),
-            Link::Offline(stored) => stored,
-        })
+        Some(self.sessions.get(client_id)?.state())
     }
 
     /// The messages the session holds that came through a shared subscription, with the
