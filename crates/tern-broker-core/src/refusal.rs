@@ -54,6 +54,9 @@ pub enum Refusal {
     PayloadFormatInvalid,
     /// A subscriber's queue is full under `queue_policy = "reject"`.
     QueueFull,
+    /// The broker's budget for queued messages (`storage.max_queued_bytes`) is spent and
+    /// the message would be queued: refused rather than accepted and later dropped.
+    StorageFull,
     /// A topic filter longer or deeper than the limits.
     FilterBeyondLimits,
     /// The session holds `max_subscriptions` already.
@@ -108,7 +111,7 @@ impl Refusal {
             Refusal::TopicBeyondLimits => ReasonCode::TopicNameInvalid,
             Refusal::PublishNotAuthorized => ReasonCode::NotAuthorized,
             Refusal::PayloadFormatInvalid => ReasonCode::PayloadFormatInvalid,
-            Refusal::QueueFull => ReasonCode::QuotaExceeded,
+            Refusal::QueueFull | Refusal::StorageFull => ReasonCode::QuotaExceeded,
             Refusal::FilterBeyondLimits => ReasonCode::TopicFilterInvalid,
             Refusal::SubscriptionLimit => ReasonCode::QuotaExceeded,
             Refusal::SubscribeNotAuthorized => ReasonCode::NotAuthorized,
@@ -142,7 +145,10 @@ impl Refusal {
                 (true, true) => Answer::Ack(code),
                 (true, false) => Answer::Ack(ReasonCode::Success),
             },
-            Refusal::TopicBeyondLimits | Refusal::PayloadFormatInvalid | Refusal::QueueFull => {
+            Refusal::TopicBeyondLimits
+            | Refusal::PayloadFormatInvalid
+            | Refusal::QueueFull
+            | Refusal::StorageFull => {
                 if acked && v5 {
                     Answer::Ack(code)
                 } else {
@@ -176,6 +182,7 @@ impl Refusal {
             | Refusal::TopicBeyondLimits
             | Refusal::PublishNotAuthorized
             | Refusal::QueueFull
+            | Refusal::StorageFull
             | Refusal::FilterBeyondLimits
             | Refusal::SubscriptionLimit
             | Refusal::SubscribeNotAuthorized
@@ -205,6 +212,7 @@ impl Refusal {
                 "the Payload Format Indicator says UTF-8 but the payload is not"
             }
             Refusal::QueueFull => "a subscriber's queue is full",
+            Refusal::StorageFull => "the broker's storage for queued messages is full",
             Refusal::FilterBeyondLimits => "the filter is longer or deeper than the server allows",
             Refusal::SubscriptionLimit => "the session holds as many subscriptions as allowed",
             Refusal::SubscribeNotAuthorized => "not authorized to subscribe with this filter",
@@ -242,7 +250,7 @@ mod tests {
 
     use super::*;
 
-    const ALL: [Refusal; 24] = [
+    const ALL: [Refusal; 25] = [
         Refusal::ClientIdNotValid,
         Refusal::KeepAliveTooLong,
         Refusal::UnsupportedProtocolVersion,
@@ -261,6 +269,7 @@ mod tests {
         Refusal::PublishNotAuthorized,
         Refusal::PayloadFormatInvalid,
         Refusal::QueueFull,
+        Refusal::StorageFull,
         Refusal::FilterBeyondLimits,
         Refusal::SubscriptionLimit,
         Refusal::SubscribeNotAuthorized,

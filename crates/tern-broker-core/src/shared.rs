@@ -106,6 +106,11 @@ impl SharedSubscriptions {
         keys
     }
 
+    /// The readiness of group `key`'s most ready member; `None` if there is no such group.
+    pub fn best(&self, key: &Str, readiness: impl Fn(&Str) -> Readiness) -> Option<Readiness> {
+        self.groups.get(key)?.members.keys().map(readiness).max()
+    }
+
     /// Picks the member of group `key` for one message: among the most ready members
     /// (see [`Readiness`]: online before offline, whose persistent sessions get it when
     /// they return; under round robin and random, an online member with room in its window
@@ -198,6 +203,9 @@ impl SharedSubscriptions {
 /// How ready a shared subscription's member is to take a message now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Readiness {
+    /// Its queue is full (offline, or online behind a full window): passed over while any
+    /// other member can take the message.
+    Full,
     /// Its session is offline (persistent: the message waits for its return).
     Offline,
     /// Online, but its window of QoS 1/2 messages in flight is full: the message would wait.

@@ -74,12 +74,16 @@ fn the_byte_limit_bounds_an_offline_queue_too() {
 
 /// An online 3.1.1 subscriber with a window of 2 that acknowledges nothing until seven
 /// messages were published, then everything: what it received, and the count dropped.
-/// Online, only the byte limit applies: 6 bytes, three of the 2-byte payloads; the message
-/// limit of 1 would have dropped all but one.
-fn online_queue_case(policy: QueuePolicy) -> (Vec<String>, u64) {
+/// Both limits apply online as offline: `max_messages`, and `max_bytes` of the 2-byte
+/// payloads.
+fn online_queue_case(
+    policy: QueuePolicy,
+    max_messages: usize,
+    max_bytes: usize,
+) -> (Vec<String>, u64) {
     let mut sim = Sim::new(Settings {
-        max_queued_messages: 1,
-        max_queued_bytes: 6,
+        max_queued_messages: max_messages,
+        max_queued_bytes: max_bytes,
         window_3x: 2,
         queue_policy: policy,
         ..Settings::default()
@@ -106,14 +110,24 @@ fn online_queue_case(policy: QueuePolicy) -> (Vec<String>, u64) {
 
 #[test]
 fn an_online_subscriber_behind_a_full_window_queues_at_most_the_limit_dropping_the_oldest() {
-    let (received, dropped) = online_queue_case(QueuePolicy::DropOldest);
+    // 6 bytes: three of the five waiting fit.
+    let (received, dropped) = online_queue_case(QueuePolicy::DropOldest, 100, 6);
     assert_eq!(received, ["m0", "m1", "m4", "m5", "m6"]);
     assert_eq!(dropped, 2);
 }
 
 #[test]
+fn an_online_subscriber_behind_a_full_window_queues_at_most_the_message_limit_too() {
+    // Two messages, however small: an online subscriber that stops acknowledging cannot
+    // grow the broker by empty payloads either.
+    let (received, dropped) = online_queue_case(QueuePolicy::DropOldest, 2, usize::MAX);
+    assert_eq!(received, ["m0", "m1", "m5", "m6"]);
+    assert_eq!(dropped, 3);
+}
+
+#[test]
 fn an_online_subscriber_behind_a_full_window_queues_at_most_the_limit_dropping_the_newest() {
-    let (received, dropped) = online_queue_case(QueuePolicy::DropNewest);
+    let (received, dropped) = online_queue_case(QueuePolicy::DropNewest, 100, 6);
     assert_eq!(received, ["m0", "m1", "m2", "m3", "m4"]);
     assert_eq!(dropped, 2);
 }
@@ -365,6 +379,7 @@ fn a_restarted_broker_state_equals_the_state_it_stored() {
     // another restart (with nothing in between) changes nothing stored.
     let mut sim = Sim::new(Settings {
         max_queued_messages: 3,
+        queue_policy: QueuePolicy::DropOldest,
         ..Settings::default()
     });
     sim.offline_subscriber(v5_persistent("a", 3600), "t/+", QoS::ExactlyOnce);

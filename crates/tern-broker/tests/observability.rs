@@ -97,6 +97,7 @@ fn take(raw: &mut Raw) -> (String, bool) {
 fn metrics_count_a_scripted_workload_exactly() {
     let settings = tern_broker::core::Settings {
         max_queued_messages: 2,
+        queue_policy: tern_broker::core::QueuePolicy::DropOldest,
         ..Default::default()
     };
     let acl = "topic readwrite w/#\ntopic readwrite d/#\ntopic readwrite nobody/#\ntopic readwrite big/#\n";

@@ -112,6 +112,7 @@ fn the_offline_queue_is_bounded_and_drops_the_oldest() {
         &["4", "5"],
         tern_broker::core::Settings {
             max_queued_messages: 3,
+            queue_policy: tern_broker::core::QueuePolicy::DropOldest,
             ..Default::default()
         },
     );
@@ -123,9 +124,10 @@ fn the_queue_behind_an_online_subscribers_full_window_is_bounded_and_drops_the_o
         "online_queue_is_bounded_and_drops_the_oldest",
         &["4", "5"],
         tern_broker::core::Settings {
-            // Online, the byte limit bounds the queue: three 2-byte payloads.
+            // The byte limit bounds the queue: three 2-byte payloads.
             max_queued_bytes: 6,
             window_3x: 2,
+            queue_policy: tern_broker::core::QueuePolicy::DropOldest,
             ..Default::default()
         },
     );

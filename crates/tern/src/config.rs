@@ -106,6 +106,9 @@ pub(crate) struct Storage {
     /// With `durability = "batched"`: the longest an acknowledged message may wait for
     /// its fsync.
     pub(crate) flush_interval_ms: u64,
+    /// The budget for queued messages across all sessions (payload plus a fixed overhead
+    /// each); past it, QoS 1/2 publishes that would be queued are refused. 0: no budget.
+    max_queued_bytes: usize,
 }
 
 /// `sync`: fsync, then acknowledge. `batched`: acknowledge once written, fsync at most
@@ -124,6 +127,7 @@ impl Default for Storage {
             data_dir: "./tern-data".into(),
             durability: Durability::Sync,
             flush_interval_ms: 100,
+            max_queued_bytes: Settings::default().max_queued_total,
         }
     }
 }
@@ -274,7 +278,11 @@ impl Default for Sessions {
         Sessions {
             max_queued_messages: s.max_queued_messages,
             max_queued_bytes: s.max_queued_bytes,
-            queue_policy: Policy::DropOldest,
+            queue_policy: match s.queue_policy {
+                QueuePolicy::DropOldest => Policy::DropOldest,
+                QueuePolicy::DropNewest => Policy::DropNewest,
+                QueuePolicy::Reject => Policy::Reject,
+            },
             max_queued_age_secs: 0,
             queue_qos0: s.queue_qos0,
             max_session_expiry_3x_secs: u32::MAX,
@@ -308,6 +316,9 @@ pub(crate) struct Limits {
     max_sessions: usize,
     /// PUBLISH packets per second per client; 0: no limit.
     max_publish_rate: u32,
+    /// Bytes waiting to be written to a connection past which its QoS 0 copies are
+    /// dropped (a slow consumer).
+    max_write_backlog_bytes: usize,
 }
 
 impl Default for Limits {
@@ -326,6 +337,7 @@ impl Default for Limits {
             max_subscriptions_per_client: s.max_subscriptions,
             max_sessions: 0,
             max_publish_rate: 0,
+            max_write_backlog_bytes: s.max_write_backlog,
         }
     }
 }
@@ -413,6 +425,10 @@ impl File {
             return Err(format!("log.level: '{}': {e}", file.log.level));
         }
         for (key, v) in [
+            (
+                "max_write_backlog_bytes",
+                file.limits.max_write_backlog_bytes,
+            ),
             ("max_topic_length", file.limits.max_topic_length),
             ("max_topic_levels", file.limits.max_topic_levels),
             (
@@ -437,6 +453,11 @@ impl File {
                 Policy::DropNewest => QueuePolicy::DropNewest,
                 Policy::Reject => QueuePolicy::Reject,
             },
+            max_queued_total: match self.storage.max_queued_bytes {
+                0 => usize::MAX,
+                n => n,
+            },
+            max_write_backlog: self.limits.max_write_backlog_bytes,
             max_queued_age: (self.sessions.max_queued_age_secs > 0)
                 .then(|| Duration::from_secs(self.sessions.max_queued_age_secs)),
             receive_maximum: self.limits.receive_maximum,

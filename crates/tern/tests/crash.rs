@@ -60,12 +60,12 @@ fn free_port() -> u16 {
 /// Starts the broker and waits until it listens. Its output is drained by a thread (a
 /// full pipe would stall it).
 fn start_broker(port: u16, dir: &Path, durability: &str) -> Child {
-    // Offline queues large enough for the whole run: a queue limit dropping messages is
-    // another claim (tests/core.rs), not this one.
+    // Default queue settings: they hold the whole run (nothing acknowledged is dropped
+    // for room under defaults).
     let config = dir.with_extension("toml");
     std::fs::write(
         &config,
-        format!("[sessions]\nmax_queued_messages = 1000000\n[storage]\ndurability = \"{durability}\"\nflush_interval_ms = 200\n"),
+        format!("[storage]\ndurability = \"{durability}\"\nflush_interval_ms = 200\n"),
     )
     .unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_tern"))

@@ -207,6 +207,7 @@ impl Broker {
                 scheduled: None,
                 drain_due: false,
                 via_shared: HashMap::new(),
+                accounted: (0, 0),
             })
         });
         session.expiry = expiry;

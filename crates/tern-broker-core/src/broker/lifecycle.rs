@@ -221,6 +221,8 @@ impl Broker {
 
     pub(super) fn end_session(&mut self, client_id: &Str, now: Instant) {
         if let Some(mut s) = self.sessions.remove(client_id) {
+            self.queued.0 -= s.accounted.0;
+            self.queued.1 -= s.accounted.1;
             // Shared-subscription messages the session still held go to another member
             // (§4.8.2): with the session gone, nobody else can complete them.
             let via = &s.via_shared;

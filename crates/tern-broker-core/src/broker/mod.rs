@@ -47,7 +47,7 @@ mod timers;
 
 pub use gauges::{Gauges, SessionGauge};
 pub use round::{Round, Sealed, Send};
-pub use settings::{QueuePolicy, Settings};
+pub use settings::{QUEUED_MESSAGE_OVERHEAD, QueuePolicy, Settings};
 pub use sys::Traffic;
 
 /// Identifies one network connection for the lifetime of the process.
@@ -123,6 +123,8 @@ struct Session {
     /// another member if this one leaves (§4.8.2). Empty (and unallocated) for most
     /// sessions; entries leave with their message.
     via_shared: HashMap<MessageId, Str>,
+    /// Its queue's messages and payload bytes as counted in `Broker::queued`.
+    accounted: (usize, usize),
 }
 
 /// How often a session's full queue is logged while it keeps dropping messages.
@@ -256,6 +258,9 @@ pub struct Broker {
     /// Boxed: a `Session` is about 870 bytes, and the table's empty slots (up to half of
     /// them after it grows) would otherwise each hold one.
     sessions: HashMap<Str, Box<Session>>,
+    /// Messages and payload bytes queued across all sessions (each session's share is its
+    /// `accounted`, brought up to date when an input that touched it ends).
+    queued: (usize, usize),
     /// Connections that completed CONNECT, to their client id.
     conns: ConnMap<Str>,
     /// Peer address of each open connection, for the logs.
@@ -304,6 +309,7 @@ impl Broker {
             drain_spare: Vec::new(),
             anchor: (now, wall),
             sessions: HashMap::new(),
+            queued: (0, 0),
             conns: ConnMap::default(),
             peers: ConnMap::default(),
             trie: SubscriptionTrie::new(),
@@ -351,6 +357,7 @@ impl Broker {
                     }
                 }
             }
+            let accounted = (delivery.queued_len(), delivery.queued_bytes());
             let session = Session {
                 conn: Link::Offline(delivery),
                 subscriptions,
@@ -366,8 +373,11 @@ impl Broker {
                 queue_full_logged: None,
                 scheduled: None,
                 drain_due: false,
+                accounted,
                 via_shared,
             };
+            broker.queued.0 += session.accounted.0;
+            broker.queued.1 += session.accounted.1;
             broker.sessions.insert(client_id.clone(), Box::new(session));
             broker.schedule(&client_id);
         }

@@ -36,6 +36,15 @@ impl Broker {
                 continue;
             };
             s.touched = false;
+            let queued = {
+                let state = s.state();
+                (state.queued_len(), state.queued_bytes())
+            };
+            if queued != s.accounted {
+                self.queued.0 = self.queued.0 + queued.0 - s.accounted.0;
+                self.queued.1 = self.queued.1 + queued.1 - s.accounted.1;
+                s.accounted = queued;
+            }
             match s.take_changes() {
                 None => {}
                 Some(Changes::Some(changes)) => {

@@ -60,7 +60,7 @@ impl Broker {
     /// each), with the durable changes it waits for.
     ///
     /// `backlog` tells, per connection, how many bytes already wait to be written to it:
-    /// past [`Settings::max_queued_bytes`](crate::Settings) its QoS 0 PUBLISH packets are
+    /// past [`Settings::max_write_backlog`](crate::Settings) its QoS 0 PUBLISH packets are
     /// dropped (at most once allows it) and counted as [`DropReason::SlowConsumer`]. What
     /// reaches a connection at QoS 1/2 is bounded by its inflight window (the rest waits in
     /// its session queue), acknowledgements by what the client sends itself.
@@ -84,7 +84,7 @@ impl Broker {
                 Output::Close(_) => send.close = true,
             }
         }
-        let limit = self.settings.max_queued_bytes;
+        let limit = self.settings.max_write_backlog;
         let mut sends = Vec::with_capacity(order.len());
         for conn in order {
             let Some(mut send) = by_conn.remove(&conn) else {

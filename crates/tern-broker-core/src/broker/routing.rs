@@ -62,12 +62,9 @@ impl Broker {
         exclude: Option<&Str>,
         now: Instant,
     ) -> bool {
-        let sessions = &self.sessions;
-        let readiness = |c: &Str| match sessions.get(c).map(|s| &s.conn) {
-            Some(Link::Online((_, c))) if c.would_wait() => Readiness::Busy,
-            Some(Link::Online(_)) => Readiness::Ready,
-            _ => Readiness::Offline,
-        };
+        let (sessions, settings) = (&self.sessions, &self.settings);
+        let size = message.payload.len();
+        let readiness = |c: &Str| readiness(sessions.get(c).map(|s| &**s), settings, size);
         let Some((client, member)) =
             self.shared
                 .choose(key, &message.topic.clone(), publisher, exclude, readiness)
@@ -150,9 +147,15 @@ impl Broker {
             && std::str::from_utf8(&message.payload).is_err()
         {
             Some(Refusal::PayloadFormatInvalid)
+        } else if message.qos != QoS::AtMostOnce
+            && self.budget_spent(message.payload.len())
+            && let Some(at) = self.queue_for(&message, client_id, now, false)
+        {
+            tracing::warn!(publisher = %client_id, queued_for = %at, topic = %message.topic.as_str(), budget = self.settings.max_queued_total, "the budget for queued messages is spent: publish refused (quota exceeded)");
+            Some(Refusal::StorageFull)
         } else if self.settings.queue_policy == QueuePolicy::Reject
             && message.qos != QoS::AtMostOnce
-            && let Some(full) = self.full_queue_for(&message, client_id, now)
+            && let Some(full) = self.queue_for(&message, client_id, now, true)
         {
             tracing::warn!(publisher = %client_id, subscriber = %full, topic = %message.topic.as_str(), "a subscriber's queue is full: publish refused (quota exceeded)");
             Some(Refusal::QueueFull)
@@ -192,7 +195,7 @@ impl Broker {
         let dropped = match refusal {
             Refusal::RateTooHigh => DropReason::RateLimited,
             Refusal::PublishNotAuthorized => DropReason::NotAuthorized,
-            Refusal::QueueFull => DropReason::Quota,
+            Refusal::QueueFull | Refusal::StorageFull => DropReason::Quota,
             _ => DropReason::Invalid,
         };
         self.counters.drop_n(dropped, 1);
@@ -234,16 +237,27 @@ impl Broker {
         s.rate.1 <= limit
     }
 
-    /// A session whose queue `message` would overflow, if any: an offline one, or an online
-    /// one whose window is full so the message would wait (shared
-    /// subscriptions are not checked: their member is chosen later, online first).
-    pub(super) fn full_queue_for(
+    /// Where `message` would be queued (`full`: where it would overflow a queue), if
+    /// anywhere: a subscriber whose session is offline, or online behind a full window; or a
+    /// shared group none of whose members could take it now (`full`: all of whose members'
+    /// queues are full; a full member is otherwise passed over). Returns the session or the
+    /// group.
+    pub(super) fn queue_for(
         &mut self,
         message: &Message,
         publisher: &Str,
         now: Instant,
+        full: bool,
     ) -> Option<Str> {
         let size = message.payload.len();
+        // No queue can be full while all of them together are within one queue's limits:
+        // the common case costs no routing.
+        if full
+            && self.queued.0 < self.settings.max_queued_messages
+            && self.queued.1 + size <= self.settings.max_queued_bytes
+        {
+            return None;
+        }
         for (client_id, delivery) in self.trie.route(&message.topic, Some(publisher)) {
             let qos = effective_qos(message.qos, delivery.qos, QoS::ExactlyOnce);
             if qos == QoS::AtMostOnce && !self.settings.queue_qos0 {
@@ -254,11 +268,13 @@ impl Broker {
             };
             let (queue, max_messages): (&mut dyn Queue, usize) = match &mut s.conn {
                 Link::Offline(stored) => (stored, self.settings.max_queued_messages),
-                // Online: only a message that would wait behind the window joins the queue,
-                // bounded by bytes only.
-                Link::Online((_, c)) if c.would_wait() => (c, usize::MAX),
+                // Online: only a message that would wait behind the window joins the queue.
+                Link::Online((_, c)) if c.would_wait() => (c, self.settings.max_queued_messages),
                 Link::Online(_) => continue,
             };
+            if !full {
+                return Some(client_id);
+            }
             let full = |s: &dyn Queue| queue_full(s, size, max_messages, &self.settings);
             if full(queue) {
                 let expired = queue.remove_expired(now);
@@ -273,7 +289,28 @@ impl Broker {
                 }
             }
         }
+        for key in self.shared.matching(&message.topic) {
+            let (sessions, settings) = (&self.sessions, &self.settings);
+            let best = self.shared.best(&key, |c| {
+                readiness(sessions.get(c).map(|s| &**s), settings, size)
+            });
+            match best {
+                Some(Readiness::Full) => return Some(key),
+                Some(Readiness::Offline | Readiness::Busy) if !full => return Some(key),
+                _ => {}
+            }
+        }
         None
+    }
+
+    /// Whether one more message of `size` payload bytes would go past the broker's budget
+    /// for queued messages ([`Settings::max_queued_total`]).
+    pub(super) fn budget_spent(&self, size: usize) -> bool {
+        let (count, bytes) = self.queued;
+        bytes
+            .saturating_add(size)
+            .saturating_add((count + 1).saturating_mul(QUEUED_MESSAGE_OVERHEAD))
+            > self.settings.max_queued_total
     }
 
     /// Sends the PUBACK/PUBREC that waited on `id`, with a Reason String if the client
@@ -338,7 +375,7 @@ impl Broker {
             // than its publishers for a while loses nothing; one that stops acknowledging
             // cannot take all memory). QoS 0 goes out at once.
             Link::Online((_, c)) if message.qos != QoS::AtMostOnce && c.would_wait() => {
-                Some((c as &mut dyn Queue, usize::MAX))
+                Some((c as &mut dyn Queue, self.settings.max_queued_messages))
             }
             Link::Online(_) => None,
             // Offline persistent session: QoS 1/2 (and QoS 0 if configured) wait in order,
@@ -473,6 +510,25 @@ impl Queue for Connection {
     }
     fn dequeue_oldest(&mut self) -> Option<Entry> {
         Connection::dequeue_oldest(self)
+    }
+}
+
+/// How ready a shared subscription's member is to take a message of `size` payload bytes
+/// now: online with room in its window, online behind a full window, offline, or (either of
+/// those last two) with a full queue.
+fn readiness(session: Option<&Session>, settings: &Settings, size: usize) -> Readiness {
+    let max = settings.max_queued_messages;
+    match session.map(|s| &s.conn) {
+        Some(Link::Online((_, c))) if c.would_wait() => {
+            if queue_full(c, size, max, settings) {
+                Readiness::Full
+            } else {
+                Readiness::Busy
+            }
+        }
+        Some(Link::Online(_)) => Readiness::Ready,
+        Some(Link::Offline(stored)) if queue_full(stored, size, max, settings) => Readiness::Full,
+        _ => Readiness::Offline,
     }
 }
 
