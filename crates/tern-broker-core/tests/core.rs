@@ -943,3 +943,134 @@ fn the_core_asks_to_be_woken_only_for_what_is_due() {
     assert_eq!(sessions(&sim), 0, "expired");
     assert_eq!(sim.broker.poll_timeout(), None, "nothing left to wake for");
 }
+
+// ---- defaults and the broker-wide budget for queued messages ----------------------------
+
+/// The scenario of the on-disk queues issue, on default settings: 20,000 QoS 1 messages
+/// for an offline persistent subscriber, acknowledged, then a crash: every one is kept
+/// (the default used to keep 1,000 and drop the rest for room).
+#[test]
+fn with_default_settings_an_offline_subscriber_keeps_every_acknowledged_message() {
+    let mut sim = Sim::new(Settings::default());
+    sim.offline_subscriber(persistent("a"), "t", QoS::AtLeastOnce);
+    let b = sim.connect(Connect::new(Protocol::V5, "b"));
+    for i in 0..20_000u32 {
+        sim.publish(b, "t", &format!("m{i}"), (i % 60_000 + 1) as u16);
+    }
+    assert!(
+        puback_reasons(&sim, b)
+            .iter()
+            .all(|r| *r == tern_codec::ReasonCode::Success),
+        "every publish acknowledged"
+    );
+    assert_eq!(sim.stored().sessions["a"].delivery.queued_len(), 20_000);
+    sim.restart(Duration::from_secs(1));
+    let a = sim.connect(persistent("a"));
+    // The window lets a batch out at a time; acknowledge each batch until all came.
+    let mut acked = 0;
+    loop {
+        let sent = sim.publishes(a);
+        if acked == sent.len() {
+            break;
+        }
+        for p in &sent[acked..] {
+            sim.send(
+                a,
+                Packet::PubAck(tern_codec::Ack::new(p.packet_id().unwrap())),
+            );
+        }
+        acked = sent.len();
+    }
+    let received = sim.received(a);
+    assert_eq!(received.len(), 20_000);
+    assert!(
+        received
+            .iter()
+            .enumerate()
+            .all(|(i, m)| *m == format!("m{i}"))
+    );
+    assert_eq!(dropped(&sim), 0);
+}
+
+/// Past `max_queued_total`, a QoS 1/2 publish that would be queued is refused: 0x97 to a
+/// 5.0 publisher, the connection closed for a 3.x one; what was acknowledged is all
+/// delivered, and publishing works again once the subscriber has taken its messages.
+#[test]
+fn past_the_budget_for_queued_messages_publishes_are_refused_and_resume_when_drained() {
+    use tern_codec::ReasonCode::{QuotaExceeded, Success};
+    // Room for three queued 2-byte messages (each counts its payload and the overhead).
+    let budget = 3 * (2 + tern_broker_core::QUEUED_MESSAGE_OVERHEAD);
+    let mut sim = Sim::new(Settings {
+        max_queued_total: budget,
+        ..Settings::default()
+    });
+    sim.offline_subscriber(persistent("a"), "t", QoS::AtLeastOnce);
+    let online = sim.connect(Connect::new(Protocol::V3_1_1, "online"));
+    sim.subscribe(online, "live", QoS::AtLeastOnce);
+    let b = sim.connect(Connect::new(Protocol::V5, "b"));
+    for i in 0..5 {
+        sim.publish(b, "t", &format!("m{i}"), i + 1);
+    }
+    assert_eq!(
+        puback_reasons(&sim, b),
+        [Success, Success, Success, QuotaExceeded, QuotaExceeded]
+    );
+    // A publish nobody would queue is not refused: the budget is for queued messages.
+    sim.publish(b, "live", "now", 6);
+    assert_eq!(puback_reasons(&sim, b)[5], Success);
+    assert_eq!(sim.received(online), ["now"]);
+    // 3.x: no reason code to give, so the connection is closed, unacknowledged.
+    let old = sim.connect(Connect::new(Protocol::V3_1_1, "old"));
+    sim.publish(old, "t", "m5", 1);
+    assert!(puback_reasons(&sim, old).is_empty());
+    assert!(sim.outputs.contains(&Output::Close(old)));
+    // The subscriber takes what was acknowledged: all of it.
+    let a = sim.connect(persistent("a"));
+    let mut acked = 0;
+    while acked < sim.publishes(a).len() {
+        let id = sim.publishes(a)[acked].packet_id().unwrap();
+        sim.send(a, Packet::PubAck(tern_codec::Ack::new(id)));
+        acked += 1;
+    }
+    assert_eq!(sim.received(a), ["m0", "m1", "m2"]);
+    sim.close(a);
+    sim.publish(b, "t", "m6", 7);
+    assert_eq!(
+        puback_reasons(&sim, b)[6],
+        Success,
+        "room again once drained"
+    );
+}
+
+/// Under `reject`, a shared group whose only member is offline with a full queue refuses
+/// the publish (0x97); with a second member that has room, the full one is passed over.
+#[test]
+fn reject_covers_shared_groups_passing_over_a_full_member() {
+    use tern_codec::ReasonCode::{QuotaExceeded, Success};
+    let mut sim = Sim::new(Settings {
+        max_queued_messages: 2,
+        ..Settings::default()
+    });
+    sim.offline_subscriber(persistent("a"), "$share/g/t", QoS::AtLeastOnce);
+    let b = sim.connect(Connect::new(Protocol::V5, "b"));
+    for i in 0..3 {
+        sim.publish(b, "t", &format!("m{i}"), i + 1);
+    }
+    assert_eq!(
+        puback_reasons(&sim, b),
+        [Success, Success, QuotaExceeded],
+        "the only member is full"
+    );
+    // A second member, offline too, with room: the full one is passed over.
+    sim.offline_subscriber(persistent("c"), "$share/g/t", QoS::AtLeastOnce);
+    sim.publish(b, "t", "m3", 4);
+    sim.publish(b, "t", "m4", 5);
+    assert_eq!(puback_reasons(&sim, b)[3..], [Success, Success]);
+    sim.publish(b, "t", "m5", 6);
+    assert_eq!(puback_reasons(&sim, b)[5], QuotaExceeded, "both full now");
+    let a = sim.connect(persistent("a"));
+    let c = sim.connect(persistent("c"));
+    assert_eq!(sim.received(a), ["m0", "m1"]);
+    assert_eq!(sim.received(c), ["m3", "m4"]);
+    assert_eq!(dropped(&sim), 2, "the two refusals");
+}
