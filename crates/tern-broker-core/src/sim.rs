@@ -22,7 +22,7 @@ use tern_codec::{
 };
 use tern_store::{MemoryStore, Snapshot, Store, StoreError};
 
-use crate::{Broker, ConnId, Output, Round, Settings};
+use crate::{Broker, ConnId, Output, Round, Send, Settings};
 
 /// The simulated host.
 pub struct Sim {
@@ -34,8 +34,11 @@ pub struct Sim {
     pub now: Instant,
     /// An instant and the wall-clock time it corresponds to.
     anchor: (Instant, SystemTime),
-    /// Every output released so far (committed before release), in order.
+    /// Every output released so far by this process (committed before release, but for
+    /// the round's early sends), in order.
     pub outputs: Vec<Output>,
+    /// What the previous process had released when it died (a client saw all of it).
+    pub died_with: Vec<Output>,
     /// The last connection id handed out.
     next: ConnId,
     store: MemoryStore,
@@ -60,6 +63,7 @@ impl Sim {
             now,
             anchor: (now, wall),
             outputs: vec![],
+            died_with: vec![],
             next: 0,
             store,
             fail_next: false,
@@ -83,7 +87,7 @@ impl Sim {
         );
         self.broker.set_counters(counters);
         self.anchor = (self.now, wall);
-        self.outputs.clear();
+        self.died_with = std::mem::take(&mut self.outputs);
         self.restarts += 1;
         // Connection ids start again with the process, as the server's do.
         self.next = 0;
@@ -100,11 +104,15 @@ impl Sim {
         self.store.load().unwrap()
     }
 
-    /// Commits what the last input changed, then releases what it produced.
+    /// Releases what needs no commit, commits what the last input changed, then
+    /// releases the rest of what it produced.
     pub fn pump(&mut self) {
         let sends = match self.broker.poll_round(|_| 0) {
             Round::Ready(sends) => sends,
-            Round::Durable(ops, sealed) => {
+            Round::Durable { ops, early, sealed } => {
+                // Out before the commit, as the server sends them: a commit that fails
+                // next finds them delivered.
+                self.release(early);
                 if std::mem::take(&mut self.fail_next) {
                     let error = StoreError::Backend("injected failure".into());
                     let _closed = sealed.failed(&error);
@@ -116,6 +124,10 @@ impl Sim {
                 sealed.open(&receipt)
             }
         };
+        self.release(sends);
+    }
+
+    fn release(&mut self, sends: Vec<Send>) {
         for send in sends {
             let conn = send.conn;
             self.outputs
@@ -384,6 +396,11 @@ impl Run {
     /// deliveries, closes.
     fn observe(&mut self) {
         if self.sim.restarts != self.restarts {
+            // What the dying process sent last (a round's early sends before its commit
+            // failed, say) reached its clients all the same.
+            let last = std::mem::take(&mut self.sim.died_with);
+            let unseen = last[self.seen.min(last.len())..].to_vec();
+            self.take_outputs(unseen);
             // The process died: every connection with it, and what it was owed.
             self.restarts = self.sim.restarts;
             self.conns = [None; 3];
@@ -392,6 +409,11 @@ impl Run {
         }
         let outputs: Vec<Output> = self.sim.outputs[self.seen..].to_vec();
         self.seen = self.sim.outputs.len();
+        self.take_outputs(outputs);
+    }
+
+    /// What the clients make of the broker's outputs.
+    fn take_outputs(&mut self, outputs: Vec<Output>) {
         for o in outputs {
             match o {
                 Output::Send(conn, Packet::PubAck(a)) => {

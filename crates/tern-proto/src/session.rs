@@ -97,6 +97,10 @@ pub enum Change {
     Requeued(Entry),
     /// A message took packet id `id`, now the last id handed out, and is in flight.
     Sent(PacketId, Entry),
+    /// The oldest waiting message took packet id `id`, now the last id handed out, and is
+    /// in flight: `Unqueued` then `Sent` of the same message, said in one change so that
+    /// a store moves its row instead of writing the message again.
+    Launched(PacketId),
     /// PUBREC arrived for the outbound flow `id`: it waits for PUBCOMP now.
     Released(PacketId),
     /// The outbound flow `id` ended.
@@ -248,6 +252,12 @@ impl SessionState {
                 self.last_id = id.get();
                 self.insert_inflight(*id, e.clone());
             }
+            Change::Launched(id) => {
+                if let Some(e) = self.pop_queue() {
+                    self.last_id = id.get();
+                    self.insert_inflight(*id, e);
+                }
+            }
             Change::Released(id) => {
                 if let Some(f) = self.inflight.get_mut(id) {
                     f.state = OutboundState::Released;
@@ -388,6 +398,23 @@ impl SessionState {
                 return Ok(id);
             }
         }
+    }
+
+    /// Puts in flight under `id` the entry [`SessionState::pop_queue`] just took from the
+    /// front of the queue: recorded as one [`Change::Launched`] where the journal said
+    /// `Unqueued` for it.
+    pub(crate) fn launch_front(&mut self, id: PacketId, entry: Entry) {
+        if let Journal::Changes(v) = &mut self.journal
+            && matches!(v.last(), Some(Change::Unqueued))
+        {
+            v.pop();
+            v.push(Change::Launched(id));
+            let journal = std::mem::take(&mut self.journal);
+            self.insert_inflight(id, entry);
+            self.journal = journal;
+            return;
+        }
+        self.insert_inflight(id, entry);
     }
 
     pub(crate) fn insert_inflight(&mut self, id: PacketId, entry: Entry) {

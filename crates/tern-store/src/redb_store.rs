@@ -414,26 +414,23 @@ impl RedbStore {
                 t.queue.insert((id, key), row.as_slice()).map_err(backend)?;
             }
             Change::Sent(pid, e) => {
-                let (_, next_seq) = match t.delivery.get(id).map_err(backend)? {
-                    Some(row) => encoding::read_delivery_row(row.value())?,
-                    None => (0, 0),
-                };
                 let reference = self.hold(t, CopyOf::entry(e, shared))?;
-                let row = encoding::flow_ref(next_seq, OutboundState::Published, &reference);
-                let old = t
-                    .inflight
-                    .insert((id, pid.get()), row.as_slice())
+                self.put_flow(t, id, *pid, &reference)?;
+            }
+            Change::Launched(pid) => {
+                // The front row moves to the flows, its reference (and so its body) as is.
+                let Some(k) = queue_end(t, id, false)? else {
+                    return Ok(());
+                };
+                let Some(reference) = t
+                    .queue
+                    .remove((id, k))
                     .map_err(backend)?
-                    .map(|r| r.value().to_vec());
-                if let Some(old) = old {
-                    release(t, encoding::read_flow_ref(&old)?.2)?;
-                }
-                t.delivery
-                    .insert(
-                        id,
-                        encoding::delivery_row(pid.get(), next_seq + 1).as_slice(),
-                    )
-                    .map_err(backend)?;
+                    .map(|r| r.value().to_vec())
+                else {
+                    return Ok(());
+                };
+                self.put_flow(t, id, *pid, &reference)?;
             }
             Change::Released(pid) => {
                 let row = match t.inflight.get((id, pid.get())).map_err(backend)? {
@@ -484,6 +481,39 @@ struct Loaded {
     id: Option<MessageId>,
     since: std::time::Instant,
     shared: Option<Str>,
+}
+
+impl RedbStore {
+    /// A new flow under packet id `pid` holding `reference`, last in send order; `pid`
+    /// becomes the last id handed out.
+    fn put_flow(
+        &mut self,
+        t: &mut Tables<'_>,
+        id: &str,
+        pid: tern_codec::PacketId,
+        reference: &[u8],
+    ) -> Result<(), StoreError> {
+        let (_, next_seq) = match t.delivery.get(id).map_err(backend)? {
+            Some(row) => encoding::read_delivery_row(row.value())?,
+            None => (0, 0),
+        };
+        let row = encoding::flow_ref(next_seq, OutboundState::Published, reference);
+        let old = t
+            .inflight
+            .insert((id, pid.get()), row.as_slice())
+            .map_err(backend)?
+            .map(|r| r.value().to_vec());
+        if let Some(old) = old {
+            release(t, encoding::read_flow_ref(&old)?.2)?;
+        }
+        t.delivery
+            .insert(
+                id,
+                encoding::delivery_row(pid.get(), next_seq + 1).as_slice(),
+            )
+            .map_err(backend)?;
+        Ok(())
+    }
 }
 
 impl Store for RedbStore {

@@ -326,6 +326,7 @@ fn arb_change() -> impl Strategy<Value = Change> {
         Just(Change::Unqueued),
         msg.clone().prop_map(Change::Requeued),
         (pid.clone(), msg).prop_map(|(i, e)| Change::Sent(i, e)),
+        pid.clone().prop_map(Change::Launched),
         pid.clone().prop_map(Change::Released),
         pid.clone().prop_map(Change::Completed),
         (pid.clone(), any::<bool>()).prop_map(|(i, r)| Change::Inbound(

@@ -48,11 +48,39 @@ impl<T> Sealed<T> {
 /// One round of output.
 #[derive(Debug)]
 pub enum Round {
-    /// Nothing durable changed: the sends may go out (behind whatever already waits for
-    /// a commit, so that nothing overtakes what was produced before it).
+    /// Nothing durable changed: the sends may go out (each behind whatever already waits
+    /// for a commit on its connection, so that nothing overtakes what was produced before
+    /// it).
     Ready(Vec<Send>),
-    /// These ops, one batch, must be committed before the sends are opened.
-    Durable(Vec<Op>, Sealed<Vec<Send>>),
+    /// These ops, one batch, must be committed before the `sealed` sends are opened. The
+    /// `early` ones need no commit and may go out at once (on the same terms as `Ready`'s,
+    /// and before the sealed sends of their connection): QoS 0 and QoS 1 PUBLISH packets,
+    /// and a CONNACK resuming a session, at the head of a connection's output. If the
+    /// commit never happens, a QoS 1 message sent early is sent again after the restart
+    /// (its `Sent` record was lost, so it is still queued): a duplicate, which at least
+    /// once allows; and the resumed session is still there, as it was before the CONNECT
+    /// (it was stored before). Acknowledgements, QoS 2 packets, SUBACK, a CONNACK without a
+    /// session (clean start may have deleted one: that must be on disk before the client
+    /// hears it), and everything after one of them on a connection are sealed.
+    Durable {
+        /// The batch to commit.
+        ops: Vec<Op>,
+        /// What may go before the commit.
+        early: Vec<Send>,
+        /// What waits for it.
+        sealed: Sealed<Vec<Send>>,
+    },
+}
+
+/// Whether a packet may reach its connection before the commit of its round: a QoS 0 or
+/// QoS 1 PUBLISH (a lost record of it only means a resend), or a CONNACK with Session
+/// Present (the session it resumes was stored before this round).
+fn needs_no_commit(p: &Packet) -> bool {
+    match p {
+        Packet::Publish(p) => !matches!(p.qos_pid, QosPid::ExactlyOnce(_)),
+        Packet::ConnAck(a) => a.session_present,
+        _ => false,
+    }
 }
 
 impl Broker {
@@ -112,9 +140,36 @@ impl Broker {
         }
         let ops = self.take_ops();
         if ops.is_empty() {
-            Round::Ready(sends)
-        } else {
-            Round::Durable(ops, Sealed(sends))
+            return Round::Ready(sends);
+        }
+        // Each connection's output splits where the first packet that needs the commit
+        // is: what comes before it goes early, it and the rest wait.
+        let mut early = Vec::new();
+        let mut sealed = Vec::with_capacity(sends.len());
+        for mut send in sends {
+            let head = send
+                .packets
+                .iter()
+                .take_while(|p| needs_no_commit(p))
+                .count();
+            if head == send.packets.len() && !send.close {
+                early.push(send);
+                continue;
+            }
+            if head > 0 {
+                let rest = send.packets.split_off(head);
+                early.push(Send {
+                    conn: send.conn,
+                    packets: std::mem::replace(&mut send.packets, rest),
+                    close: false,
+                });
+            }
+            sealed.push(send);
+        }
+        Round::Durable {
+            ops,
+            early,
+            sealed: Sealed(sealed),
         }
     }
 }

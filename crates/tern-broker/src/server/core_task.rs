@@ -205,14 +205,35 @@ fn dispatch(
         }
         out
     };
+    // What may go now goes now, unless its connection has something waiting in the
+    // storage writer: then it queues behind that, so nothing overtakes on a connection.
+    let waits = |send: &Send| writers.get(&send.conn).is_some_and(line::Sender::held);
     match (round, writer) {
-        (Round::Durable(ops, sealed), Some(w)) => w.submit(ops, sealed.map(to_lines)),
-        (Round::Ready(sends), Some(w)) if w.busy() => w.behind(to_lines(sends)),
+        (Round::Durable { ops, early, sealed }, Some(w)) => {
+            let (behind, now): (Vec<Send>, Vec<Send>) = early.into_iter().partition(waits);
+            writer::send_all(to_lines(now));
+            // The early sends that must wait go ahead of the sealed ones (each
+            // connection's output in order).
+            w.submit(
+                ops,
+                sealed.map(|sealed| to_lines(behind.into_iter().chain(sealed).collect())),
+            );
+        }
+        (Round::Ready(sends), Some(w)) if w.busy() => {
+            let (behind, now): (Vec<Send>, Vec<Send>) = sends.into_iter().partition(waits);
+            writer::send_all(to_lines(now));
+            if !behind.is_empty() {
+                w.behind(to_lines(behind));
+            }
+        }
         (Round::Ready(sends), _) => writer::send_all(to_lines(sends)),
-        (Round::Durable(ops, sealed), None) => match Memory.commit(&ops) {
-            Ok(receipt) => writer::send_all(to_lines(sealed.open(&receipt))),
-            Err(e) => writer::close_all(to_lines(sealed.failed(&e))),
-        },
+        (Round::Durable { ops, early, sealed }, None) => {
+            writer::send_all(to_lines(early));
+            match Memory.commit(&ops) {
+                Ok(receipt) => writer::send_all(to_lines(sealed.open(&receipt))),
+                Err(e) => writer::close_all(to_lines(sealed.failed(&e))),
+            }
+        }
     }
 }
 

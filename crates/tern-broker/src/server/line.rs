@@ -15,6 +15,9 @@ use std::task::{Poll, Waker};
 struct Shared<T> {
     state: Mutex<State<T>>,
     senders: AtomicUsize,
+    /// Messages for this line held by the storage writer until a commit (or behind one):
+    /// while any are, nothing may be sent to the line directly, or it would overtake them.
+    held: AtomicUsize,
 }
 
 /// What a queued message weighs, for [`Sender::backlog`].
@@ -51,6 +54,7 @@ pub(crate) fn line<T: Weigh>() -> (Sender<T>, Receiver<T>) {
             ended: false,
         }),
         senders: AtomicUsize::new(1),
+        held: AtomicUsize::new(0),
     });
     (Sender(shared.clone()), Receiver(shared))
 }
@@ -80,6 +84,21 @@ impl<T: Weigh> Sender<T> {
     /// what waits behind the write in progress.
     pub(crate) fn backlog(&self) -> usize {
         self.0.lock().weight
+    }
+
+    /// Whether messages for this line wait in the storage writer.
+    pub(crate) fn held(&self) -> bool {
+        self.0.held.load(Ordering::Acquire) > 0
+    }
+
+    /// One more message for this line waits in the storage writer.
+    pub(crate) fn hold(&self) {
+        self.0.held.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// The storage writer passed on (or dropped) one message it held for this line.
+    pub(crate) fn unhold(&self) {
+        self.0.held.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

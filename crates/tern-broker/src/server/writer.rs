@@ -76,13 +76,19 @@ impl Writer {
         self.pending.load(Ordering::Acquire) > 0
     }
 
-    /// Commits `ops`, then opens and sends `sends`.
+    /// Commits `ops`, then opens and sends `sends`. Their connections count them as held
+    /// ([`super::line::Sender::held`]) until then.
     pub(crate) fn submit(&self, ops: Vec<Op>, sends: Sealed<Sends>) {
+        let sends = sends.map(|s| {
+            hold_all(&s);
+            s
+        });
         self.queue(Job::Commit { ops, sends });
     }
 
     /// Sends `sends` once everything submitted before them is.
     pub(crate) fn behind(&self, sends: Sends) {
+        hold_all(&sends);
         self.queue(Job::Behind(sends));
     }
 
@@ -122,6 +128,22 @@ pub(crate) fn send_all(sends: Sends) {
 pub(crate) fn close_all(sends: Sends) {
     for (tx, _) in sends {
         let _ = tx.send(ToConn::Close);
+    }
+}
+
+fn hold_all(sends: &Sends) {
+    for (tx, _) in sends {
+        tx.hold();
+    }
+}
+
+/// Passes on what the writer held (`close`: closes its connections instead), each
+/// message counted off its line once it is queued there, so that a direct send after it
+/// cannot overtake it.
+fn release_all(sends: Sends, close: bool) {
+    for (tx, msg) in sends {
+        let _ = tx.send(if close { ToConn::Close } else { msg });
+        tx.unhold();
     }
 }
 
@@ -216,10 +238,11 @@ fn run(
                         }
                     }
                     for w in waiting {
-                        send_all(match w {
+                        let sends = match w {
                             Waiting::Sealed(s) => s.open(&receipt),
                             Waiting::Behind(s) => s,
-                        });
+                        };
+                        release_all(sends, false);
                     }
                 }
                 Err(error) => {
@@ -232,10 +255,11 @@ fn run(
                         let _ = to_core.send(ToCore::StoreFailed);
                     }
                     for w in waiting {
-                        close_all(match w {
+                        let sends = match w {
                             Waiting::Sealed(s) => s.failed(&error),
                             Waiting::Behind(s) => s,
-                        });
+                        };
+                        release_all(sends, true);
                     }
                     failed = Some(error);
                 }

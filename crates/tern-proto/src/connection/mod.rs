@@ -410,7 +410,7 @@ impl Connection {
             && self.session.inflight_len() < self.window()
         {
             // Nothing waits ahead of it and the window has room: straight into flight.
-            if let Err(entry) = self.launch(entry, now) {
+            if let Err(entry) = self.launch(entry, false, now) {
                 self.session.push_entry(entry);
             }
             return message_id;

@@ -34,7 +34,7 @@ impl Connection {
             let Some(entry) = self.session.pop_queue() else {
                 break;
             };
-            if let Err(entry) = self.launch(entry, now) {
+            if let Err(entry) = self.launch(entry, true, now) {
                 self.session.unpop_queue(entry);
                 break;
             }
@@ -44,7 +44,12 @@ impl Connection {
     /// Sends a message whose turn has come, with room in the window: dropped if expired
     /// or too large for the peer, QoS 0 out with no id, QoS 1/2 into flight with a fresh
     /// id. Gives the message back if no id is free.
-    pub(super) fn launch(&mut self, entry: Entry, now: Instant) -> Result<(), Entry> {
+    pub(super) fn launch(
+        &mut self,
+        entry: Entry,
+        from_queue: bool,
+        now: Instant,
+    ) -> Result<(), Entry> {
         let message = &entry.message;
         if message.is_expired(now) {
             self.events.push_back(Event::Dropped {
@@ -77,7 +82,11 @@ impl Connection {
         };
         let publish = message.to_publish(QosPid::new(message.qos, id), false, now);
         if self.send_publish(publish).is_ok() {
-            self.session.insert_inflight(id, entry);
+            if from_queue {
+                self.session.launch_front(id, entry);
+            } else {
+                self.session.insert_inflight(id, entry);
+            }
         } else {
             // Too large for this peer: discard it and behave as if it was sent
             // [MQTT-3.1.2-25]; the id was never used.

@@ -172,6 +172,10 @@ pub(crate) fn batch(ops: &[crate::Op], anchor: Anchor) -> Result<Vec<u8>, StoreE
                         w.u8(7);
                         w.u16(id.get());
                     }
+                    Change::Launched(id) => {
+                        w.u8(8);
+                        w.u16(id.get());
+                    }
                 }
             }
             Op::PutRetained { message: m } => {
@@ -264,6 +268,7 @@ pub(crate) fn read_batch(buf: &[u8], anchor: Anchor) -> Result<Vec<crate::Op>, S
                         Change::Inbound(id, read_inbound(r.u8()?)?)
                     }
                     7 => Change::InboundDone(pid(&mut r)?),
+                    8 => Change::Launched(pid(&mut r)?),
                     _ => return Err(corrupt(what)),
                 };
                 Op::Change {
