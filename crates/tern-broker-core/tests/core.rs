@@ -1074,3 +1074,108 @@ fn reject_covers_shared_groups_passing_over_a_full_member() {
     assert_eq!(sim.received(c), ["m3", "m4"]);
     assert_eq!(dropped(&sim), 2, "the two refusals");
 }
+
+// ---- queue_policy = "block" ---------------------------------------------------------------
+
+fn block_settings() -> Settings {
+    Settings {
+        max_queued_messages: 2,
+        queue_policy: QueuePolicy::Block,
+        block_timeout: Duration::from_secs(10),
+        ..Settings::default()
+    }
+}
+
+/// A publish that would overflow a queue is held, its acknowledgement with it, and the
+/// publisher's later QoS 1/2 publishes behind it (in order); when the subscriber takes its
+/// messages, the held ones are routed and acknowledged.
+#[test]
+fn block_holds_the_acknowledgement_until_the_queue_has_room() {
+    use tern_codec::ReasonCode::Success;
+    let mut sim = Sim::new(block_settings());
+    sim.offline_subscriber(persistent("a"), "t/+", QoS::AtLeastOnce);
+    let b = sim.connect(Connect::new(Protocol::V5, "b"));
+    for i in 0..2 {
+        sim.publish(b, "t/x", &format!("m{i}"), i + 1);
+    }
+    assert_eq!(puback_reasons(&sim, b), [Success, Success]);
+    sim.publish(b, "t/x", "m2", 3);
+    // Another topic the full subscriber also has: held behind m2, for order.
+    sim.publish(b, "t/y", "m3", 4);
+    assert_eq!(
+        puback_reasons(&sim, b).len(),
+        2,
+        "m2 and m3 held, unacknowledged"
+    );
+    let a = sim.connect(persistent("a"));
+    let mut acked = 0;
+    for _ in 0..10 {
+        let sent = sim.publishes(a);
+        for p in &sent[acked..] {
+            sim.send(
+                a,
+                Packet::PubAck(tern_codec::Ack::new(p.packet_id().unwrap())),
+            );
+        }
+        acked = sent.len();
+    }
+    assert_eq!(sim.received(a), ["m0", "m1", "m2", "m3"], "all, in order");
+    assert_eq!(puback_reasons(&sim, b), [Success; 4]);
+    assert_eq!(dropped(&sim), 0);
+}
+
+/// Held longer than `block_timeout`, a publish that still does not fit is refused as under
+/// `reject`: 0x97 to a 5.0 publisher (the next held one gets its own time), the
+/// connection closed for a 3.x one.
+#[test]
+fn block_refuses_after_the_timeout() {
+    use tern_codec::ReasonCode::{QuotaExceeded, Success};
+    let mut sim = Sim::new(block_settings());
+    sim.offline_subscriber(persistent("a"), "t", QoS::AtLeastOnce);
+    let b = sim.connect(Connect::new(Protocol::V5, "b"));
+    for i in 0..3 {
+        sim.publish(b, "t", &format!("m{i}"), i + 1);
+    }
+    assert_eq!(puback_reasons(&sim, b), [Success, Success]);
+    sim.advance(Duration::from_secs(5));
+    assert_eq!(puback_reasons(&sim, b).len(), 2, "still held at 5 s");
+    sim.advance(Duration::from_secs(6));
+    assert_eq!(puback_reasons(&sim, b), [Success, Success, QuotaExceeded]);
+    assert_eq!(dropped(&sim), 1);
+    // 3.x: no reason code, so the connection is closed when the time is up.
+    let old = sim.connect(Connect::new(Protocol::V3_1_1, "old"));
+    sim.publish(old, "t", "m3", 1);
+    assert!(
+        !sim.outputs.contains(&Output::Close(old)),
+        "held, not yet refused"
+    );
+    sim.advance(Duration::from_secs(11));
+    assert!(puback_reasons(&sim, old).is_empty());
+    assert!(sim.outputs.contains(&Output::Close(old)));
+    let a = sim.connect(persistent("a"));
+    assert_eq!(
+        sim.received(a),
+        ["m0", "m1"],
+        "nothing refused was delivered"
+    );
+}
+
+/// Under `block`, a shared group whose only member is offline and full holds the publish
+/// too, and a member with room takes it at once.
+#[test]
+fn block_covers_shared_groups() {
+    use tern_codec::ReasonCode::Success;
+    let mut sim = Sim::new(block_settings());
+    sim.offline_subscriber(persistent("a"), "$share/g/t", QoS::AtLeastOnce);
+    let b = sim.connect(Connect::new(Protocol::V5, "b"));
+    for i in 0..3 {
+        sim.publish(b, "t", &format!("m{i}"), i + 1);
+    }
+    assert_eq!(puback_reasons(&sim, b), [Success, Success], "m2 held");
+    // A member with room joins: the held publish fits now and goes to it.
+    let c = sim.connect(persistent("c"));
+    sim.subscribe(c, "$share/g/t", QoS::AtLeastOnce);
+    sim.advance(Duration::from_secs(1));
+    assert_eq!(puback_reasons(&sim, b), [Success; 3]);
+    assert_eq!(sim.received(c), ["m2"]);
+}

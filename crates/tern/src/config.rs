@@ -266,6 +266,8 @@ pub(crate) struct Sessions {
     max_queued_messages: usize,
     max_queued_bytes: usize,
     queue_policy: Policy,
+    /// Under `block`: how long a publish may be held before it is refused.
+    block_timeout_ms: u64,
     /// 0: no age limit.
     max_queued_age_secs: u64,
     queue_qos0: bool,
@@ -282,7 +284,9 @@ impl Default for Sessions {
                 QueuePolicy::DropOldest => Policy::DropOldest,
                 QueuePolicy::DropNewest => Policy::DropNewest,
                 QueuePolicy::Reject => Policy::Reject,
+                QueuePolicy::Block => Policy::Block,
             },
+            block_timeout_ms: s.block_timeout.as_millis() as u64,
             max_queued_age_secs: 0,
             queue_qos0: s.queue_qos0,
             max_session_expiry_3x_secs: u32::MAX,
@@ -296,6 +300,7 @@ enum Policy {
     DropOldest,
     DropNewest,
     Reject,
+    Block,
 }
 
 #[derive(Debug, Deserialize)]
@@ -452,7 +457,9 @@ impl File {
                 Policy::DropOldest => QueuePolicy::DropOldest,
                 Policy::DropNewest => QueuePolicy::DropNewest,
                 Policy::Reject => QueuePolicy::Reject,
+                Policy::Block => QueuePolicy::Block,
             },
+            block_timeout: Duration::from_millis(self.sessions.block_timeout_ms),
             max_queued_total: match self.storage.max_queued_bytes {
                 0 => usize::MAX,
                 n => n,

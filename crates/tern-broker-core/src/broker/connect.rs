@@ -208,6 +208,7 @@ impl Broker {
                 drain_due: false,
                 via_shared: HashMap::new(),
                 accounted: (0, 0),
+                parked: VecDeque::new(),
             })
         });
         session.expiry = expiry;

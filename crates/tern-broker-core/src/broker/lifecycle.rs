@@ -25,6 +25,12 @@ impl Broker {
             return;
         };
         debug_assert_eq!(id, conn);
+        // Held publishes die with the connection, unacknowledged: the client sends them
+        // again when it is back.
+        if !session.parked.is_empty() {
+            session.parked.clear();
+            self.blocked.retain(|c| *c != client_id);
+        }
         let protocol = connection.config().protocol;
         let mut stored = connection.into_session();
         // Messages refused without their PUBREC: a resend is a new message.
@@ -223,6 +229,10 @@ impl Broker {
         if let Some(mut s) = self.sessions.remove(client_id) {
             self.queued.0 -= s.accounted.0;
             self.queued.1 -= s.accounted.1;
+            self.shrank |= s.accounted.0 > 0;
+            if !s.parked.is_empty() {
+                self.blocked.retain(|c| c != client_id);
+            }
             // Shared-subscription messages the session still held go to another member
             // (§4.8.2): with the session gone, nobody else can complete them.
             let via = &s.via_shared;

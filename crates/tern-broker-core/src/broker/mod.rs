@@ -125,6 +125,19 @@ struct Session {
     via_shared: HashMap<MessageId, Str>,
     /// Its queue's messages and payload bytes as counted in `Broker::queued`.
     accounted: (usize, usize),
+    /// Its publishes held under `queue_policy = "block"`, in order (listed in
+    /// `Broker::blocked` while there are any).
+    parked: VecDeque<Parked>,
+}
+
+/// A publish held under [`QueuePolicy::Block`] until the queues it would overflow have
+/// room.
+struct Parked {
+    message: Message,
+    /// The packet id whose acknowledgement waits.
+    ack: Option<tern_codec::PacketId>,
+    /// When it is refused if it still does not fit.
+    until: Instant,
 }
 
 /// How often a session's full queue is logged while it keeps dropping messages.
@@ -135,7 +148,13 @@ impl Session {
     /// online; its expiry or its delayed will while offline.
     fn deadline(&self) -> Option<Instant> {
         match &self.conn {
-            Link::Online((_, c)) => c.poll_timeout(),
+            Link::Online((_, c)) => {
+                let parked = self.parked.front().map(|p| p.until);
+                match (c.poll_timeout(), parked) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                }
+            }
             Link::Offline(_) => {
                 let will = self.pending_will.as_deref().map(|(at, _)| *at);
                 match (self.expires_at, will) {
@@ -261,6 +280,11 @@ pub struct Broker {
     /// Messages and payload bytes queued across all sessions (each session's share is its
     /// `accounted`, brought up to date when an input that touched it ends).
     queued: (usize, usize),
+    /// Some session's queue got shorter, or subscriptions changed, in this input (held
+    /// publishes may fit now).
+    shrank: bool,
+    /// Publishers with publishes held under `queue_policy = "block"`, oldest first.
+    blocked: Vec<Str>,
     /// Connections that completed CONNECT, to their client id.
     conns: ConnMap<Str>,
     /// Peer address of each open connection, for the logs.
@@ -310,6 +334,8 @@ impl Broker {
             anchor: (now, wall),
             sessions: HashMap::new(),
             queued: (0, 0),
+            shrank: false,
+            blocked: Vec::new(),
             conns: ConnMap::default(),
             peers: ConnMap::default(),
             trie: SubscriptionTrie::new(),
@@ -375,6 +401,7 @@ impl Broker {
                 drain_due: false,
                 accounted,
                 via_shared,
+                parked: VecDeque::new(),
             };
             broker.queued.0 += session.accounted.0;
             broker.queued.1 += session.accounted.1;

@@ -41,6 +41,7 @@ impl Broker {
                 (state.queued_len(), state.queued_bytes())
             };
             if queued != s.accounted {
+                self.shrank |= queued.0 < s.accounted.0 || queued.1 < s.accounted.1;
                 self.queued.0 = self.queued.0 + queued.0 - s.accounted.0;
                 self.queued.1 = self.queued.1 + queued.1 - s.accounted.1;
                 s.accounted = queued;
@@ -87,6 +88,19 @@ impl Broker {
     /// once each and not inside the drain of the session whose input it is, and the
     /// delivery changes it made join its ops.
     pub(super) fn commit(&mut self, now: Instant) {
+        self.drain_listed(now);
+        self.collect_changes();
+        // Queues got shorter: held publishes may fit now.
+        if std::mem::take(&mut self.shrank) && !self.blocked.is_empty() {
+            self.unblock(None, now);
+            self.drain_listed(now);
+            self.collect_changes();
+            self.shrank = false;
+        }
+    }
+
+    /// Drains the sessions listed as having something to send.
+    fn drain_listed(&mut self, now: Instant) {
         // Two lists swapped, so that draining (which may list more) allocates nothing.
         let mut due = std::mem::take(&mut self.drain_spare);
         while !self.drain_due.is_empty() {
@@ -96,7 +110,6 @@ impl Broker {
             }
         }
         self.drain_spare = due;
-        self.collect_changes();
     }
 
     /// Writes the session's record (expiry, subscriptions, delayed will).

@@ -92,6 +92,8 @@ impl Broker {
         options: SubscriptionOptions,
         id: Option<SubscriptionId>,
     ) -> bool {
+        // A new member or subscriber may take what is held.
+        self.shrank = true;
         if filter.share_group().is_some() {
             self.shared
                 .subscribe(filter, client_id.clone(), Member { options, id })
@@ -101,6 +103,8 @@ impl Broker {
     }
 
     pub(super) fn remove_subscription(&mut self, client_id: &Str, filter: &TopicFilter) -> bool {
+        // A full subscriber gone from a topic may let what is held through.
+        self.shrank = true;
         if filter.share_group().is_some() {
             self.shared.unsubscribe(filter, client_id)
         } else {
@@ -165,6 +169,124 @@ impl Broker {
         if let Some(refusal) = refusal {
             return self.refuse_publish(client_id, ack, v5, problem_info, refusal, now);
         }
+        if self.settings.queue_policy == QueuePolicy::Block && message.qos != QoS::AtMostOnce {
+            // Behind its client's held publishes (order), or held itself if it does not fit.
+            let behind = self
+                .sessions
+                .get(client_id)
+                .is_some_and(|s| !s.parked.is_empty());
+            if behind || self.queue_for(&message, client_id, now, true).is_some() {
+                self.hold_publish(client_id, message, ack, now);
+                return true;
+            }
+        }
+        self.route_and_release(client_id, message, ack, v5, problem_info, now);
+        true
+    }
+
+    /// Holds a publish under `queue_policy = "block"`.
+    fn hold_publish(
+        &mut self,
+        client_id: &Str,
+        message: Message,
+        ack: Option<tern_codec::PacketId>,
+        now: Instant,
+    ) {
+        let until = now + self.settings.block_timeout;
+        let Some(s) = self.sessions.get_mut(client_id) else {
+            return;
+        };
+        if s.parked.is_empty() {
+            self.blocked.push(client_id.clone());
+            tracing::info!(publisher = %client_id, topic = %message.topic.as_str(), "a subscriber's queue is full: publishes held (queue_policy = block)");
+        }
+        s.parked.push_back(Parked {
+            message,
+            ack,
+            until,
+        });
+        self.schedule(client_id);
+    }
+
+    /// Routes held publishes that fit now, in each publisher's order (all publishers, or
+    /// only `only`); one held longer than `block_timeout` that still does not fit is
+    /// refused as under `reject`.
+    pub(super) fn unblock(&mut self, only: Option<&Str>, now: Instant) {
+        let publishers: Vec<Str> = match only {
+            Some(c) => vec![c.clone()],
+            None => self.blocked.clone(),
+        };
+        for client_id in publishers {
+            while let Some(s) = self.sessions.get_mut(&client_id) {
+                let problem_info = s.problem_info;
+                let v5 = s
+                    .conn
+                    .as_ref()
+                    .is_some_and(|(_, c)| c.config().protocol.is_v5());
+                let Some(head) = s.parked.pop_front() else {
+                    break;
+                };
+                if self
+                    .queue_for(&head.message, &client_id, now, true)
+                    .is_none()
+                {
+                    self.route_and_release(
+                        &client_id,
+                        head.message,
+                        head.ack,
+                        v5,
+                        problem_info,
+                        now,
+                    );
+                } else if head.until <= now {
+                    tracing::warn!(publisher = %client_id, topic = %head.message.topic.as_str(), "a held publish still does not fit after block_timeout: refused (quota exceeded)");
+                    if !self.refuse_publish(
+                        &client_id,
+                        head.ack,
+                        v5,
+                        problem_info,
+                        Refusal::QueueFull,
+                        now,
+                    ) {
+                        break;
+                    }
+                } else if let Some(s) = self.sessions.get_mut(&client_id) {
+                    s.parked.push_front(head);
+                    break;
+                }
+            }
+            self.list_for_drain(&client_id);
+            if self
+                .sessions
+                .get(&client_id)
+                .is_none_or(|s| s.parked.is_empty())
+            {
+                self.blocked.retain(|c| *c != client_id);
+            }
+            self.schedule(&client_id);
+        }
+    }
+
+    /// Lists a session for draining when the input ends.
+    fn list_for_drain(&mut self, client_id: &Str) {
+        if let Some(s) = self.sessions.get_mut(client_id)
+            && !s.drain_due
+        {
+            s.drain_due = true;
+            self.drain_due.push(client_id.clone());
+        }
+    }
+
+    /// Routes an accepted publish and releases its acknowledgement.
+    fn route_and_release(
+        &mut self,
+        client_id: &Str,
+        message: Message,
+        ack: Option<tern_codec::PacketId>,
+        v5: bool,
+        problem_info: bool,
+        now: Instant,
+    ) {
         let matched = self.route(message, Some(client_id), now);
         if matched == 0 {
             self.counters.drop_n(DropReason::NoSubscribers, 1);
@@ -177,7 +299,6 @@ impl Broker {
             };
             self.release(client_id, id, reason, "", problem_info);
         }
-        true
     }
 
     /// Answers a refused PUBLISH as [`Refusal::answer`] says (in its acknowledgement, not
@@ -554,7 +675,7 @@ fn make_room(
     }
     let mut dropped = 0;
     let room = match settings.queue_policy {
-        QueuePolicy::DropNewest | QueuePolicy::Reject => !full(queue),
+        QueuePolicy::DropNewest | QueuePolicy::Reject | QueuePolicy::Block => !full(queue),
         QueuePolicy::DropOldest => {
             while full(queue) && queue.dequeue_oldest().is_some() {
                 dropped += 1;

@@ -18,6 +18,12 @@ pub enum QueuePolicy {
     /// 0x97 Quota exceeded (5.0) or has its connection closed (3.x, which has no reason
     /// codes), so it can try again later. QoS 0 that does not fit is dropped.
     Reject,
+    /// Hold the publish: its acknowledgement waits, and so does every later QoS 1/2
+    /// publish of the same client (in order), until the queues it would overflow have
+    /// room, for at most [`Settings::block_timeout`]; then `Reject` applies. The client's
+    /// Receive Maximum (5.0) or in-flight window (3.x) stops it after that many unacknowledged
+    /// messages: one slow subscriber slows every publisher on its topics. QoS 0 is not held.
+    Block,
 }
 
 /// What one queued message counts against [`Settings::max_queued_total`] besides its
@@ -35,6 +41,8 @@ pub struct Settings {
     /// Which message goes when a queue is full. The default refuses the publish: nothing
     /// acknowledged is dropped for room.
     pub queue_policy: QueuePolicy,
+    /// Under [`QueuePolicy::Block`], how long a publish may be held before it is refused.
+    pub block_timeout: Duration,
     /// The broker's budget for queued messages, across all sessions, in bytes: each
     /// queued message counts its payload and [`QUEUED_MESSAGE_OVERHEAD`]. A QoS 1/2 publish
     /// that would be queued while the budget is spent is refused (0x97 Quota exceeded in
@@ -102,6 +110,7 @@ impl Default for Settings {
             max_queued_messages: 1_000_000,
             max_queued_bytes: 256 << 20,
             queue_policy: QueuePolicy::Reject,
+            block_timeout: Duration::from_secs(10),
             max_queued_total: 1 << 30,
             max_write_backlog: 16 << 20,
             max_queued_age: None,

@@ -59,7 +59,11 @@ impl Broker {
         };
         if let Some((_, c)) = session.conn.as_mut() {
             c.handle_timeout(now);
+            let held_too_long = session.parked.front().is_some_and(|p| p.until <= now);
             self.drain(client_id, now);
+            if held_too_long {
+                self.unblock(Some(client_id), now);
+            }
         } else if session.expires_at.is_some_and(|at| now >= at) {
             self.counters.sessions_expired += 1;
             self.end_session(client_id, now);
