@@ -1179,3 +1179,129 @@ fn block_covers_shared_groups() {
     assert_eq!(puback_reasons(&sim, b), [Success; 3]);
     assert_eq!(sim.received(c), ["m2"]);
 }
+
+// ---- wills across a crash, and their properties ---------------------------------------------
+
+/// A persistent subscriber that reconnects after restarts and collects every will.
+fn will_keeper(sim: &mut Sim) {
+    sim.offline_subscriber(persistent("keeper"), "wills/#", QoS::AtLeastOnce);
+}
+
+fn wills_kept(sim: &mut Sim) -> Vec<String> {
+    let k = sim.connect(persistent("keeper"));
+    let got = sim.received(k);
+    for p in sim.publishes(k) {
+        if let Some(id) = p.packet_id() {
+            sim.send(k, Packet::PubAck(tern_codec::Ack::new(id)));
+        }
+    }
+    sim.close(k);
+    got
+}
+
+/// A crash ends every connection without DISCONNECT: the wills of the clients that were
+/// connected are published after the restart, once, for a client whose session ends
+/// with its connection as for a persistent one.
+#[test]
+fn the_wills_of_connected_clients_are_published_once_after_a_crash() {
+    let mut sim = Sim::new(Settings::default());
+    will_keeper(&mut sim);
+    let mut clean = Connect::new(Protocol::V3_1_1, "clean");
+    clean.will = Some(LastWill {
+        topic: TopicName::new("wills/clean").unwrap(),
+        payload: "clean gone".into(),
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        properties: Default::default(),
+    });
+    sim.connect(clean);
+    let mut kept = will_client(0, 3600);
+    if let Some(w) = kept.will.as_mut() {
+        w.qos = QoS::AtLeastOnce;
+    }
+    sim.connect(kept);
+    sim.restart(S);
+    let mut got = wills_kept(&mut sim);
+    got.sort();
+    assert_eq!(got, ["clean gone", "gone"]);
+    sim.restart(S);
+    assert!(wills_kept(&mut sim).is_empty(), "once");
+}
+
+/// `will_client` with a QoS 1 will (kept for an offline subscriber).
+fn will_client_q1(delay: u32, session_expiry: u32) -> Connect {
+    let mut c = will_client(delay, session_expiry);
+    if let Some(w) = c.will.as_mut() {
+        w.qos = QoS::AtLeastOnce;
+    }
+    c
+}
+
+/// With a Will Delay Interval the will waits after the restart as after a disconnect: a
+/// client back in time cancels it; otherwise it goes when the delay passes.
+#[test]
+fn a_delayed_will_survives_a_crash_and_a_client_back_in_time_cancels_it() {
+    let mut sim = Sim::new(Settings::default());
+    will_keeper(&mut sim);
+    sim.connect(will_client_q1(30, 3600));
+    sim.restart(S);
+    sim.advance(10 * S);
+    let mut back = will_client_q1(30, 3600);
+    back.will = None;
+    let c = sim.connect(back);
+    sim.advance(60 * S);
+    assert!(wills_kept(&mut sim).is_empty(), "back within the delay");
+    sim.close(c);
+    // Away again, now without a will: nothing. A new connection with a will, a crash,
+    // and no return: the will goes when the delay has passed.
+    let mut sim = Sim::new(Settings::default());
+    will_keeper(&mut sim);
+    sim.connect(will_client_q1(30, 3600));
+    sim.restart(S);
+    sim.advance(20 * S);
+    assert!(wills_kept(&mut sim).is_empty(), "not before the delay");
+    sim.advance(15 * S);
+    assert_eq!(wills_kept(&mut sim), ["gone"]);
+}
+
+/// A 5.0 will's properties go with it when it is published [MQTT-3.1.3-9]: payload format,
+/// content type, response topic, correlation data, user properties, and its expiry.
+#[test]
+fn a_will_is_published_with_its_properties() {
+    let mut sim = Sim::new(Settings::default());
+    let watch = sim.connect(Connect::new(Protocol::V5, "watch"));
+    sim.subscribe(watch, "wills/#", QoS::AtLeastOnce);
+    let mut c = Connect::new(Protocol::V5, "w");
+    c.will = Some(LastWill {
+        topic: TopicName::new("wills/w").unwrap(),
+        payload: "gone".into(),
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        properties: WillProperties {
+            payload_format_indicator: Some(tern_codec::PayloadFormat::Utf8),
+            message_expiry_interval: Some(120),
+            content_type: Some("text/plain".into()),
+            response_topic: Some(TopicName::new("replies/w").unwrap()),
+            correlation_data: Some(bytes::Bytes::from_static(b"42")),
+            user_properties: vec![("k".into(), "v".into())],
+            ..Default::default()
+        }
+        .into(),
+    });
+    let w = sim.connect(c);
+    sim.close(w);
+    let p = sim.publishes(watch).pop().expect("the will");
+    let props = &*p.properties;
+    assert_eq!(
+        props.payload_format_indicator,
+        Some(tern_codec::PayloadFormat::Utf8)
+    );
+    assert_eq!(props.message_expiry_interval, Some(120));
+    assert_eq!(props.content_type.as_deref(), Some("text/plain"));
+    assert_eq!(
+        props.response_topic.as_ref().map(|t| t.as_str()),
+        Some("replies/w")
+    );
+    assert_eq!(props.correlation_data.as_deref(), Some(&b"42"[..]));
+    assert_eq!(props.user_properties, [("k".into(), "v".into())]);
+}

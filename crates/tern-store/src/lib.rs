@@ -125,6 +125,20 @@ pub enum Op {
         /// The topic.
         topic: TopicName,
     },
+    /// Keeps the will of a connected client (any session expiry: a client whose session
+    /// ends with its connection has a will too), until its connection ends.
+    PutWill {
+        /// Client identifier.
+        client_id: Str,
+        /// The will.
+        will: LastWill,
+    },
+    /// The client's connection ended: its will was published, became a delayed will of
+    /// its session, or was discarded.
+    DeleteWill {
+        /// Client identifier.
+        client_id: Str,
+    },
 }
 
 /// The message a change puts in the session, if it puts one.
@@ -162,6 +176,9 @@ pub struct Snapshot {
     pub sessions: BTreeMap<Str, StoredSession>,
     /// Retained messages by topic.
     pub retained: BTreeMap<TopicName, Message>,
+    /// The wills of connected clients, by client identifier: what a restart publishes
+    /// for the clients whose connections the crash ended ([`Op::PutWill`]).
+    pub wills: BTreeMap<Str, LastWill>,
 }
 
 /// Why a store refused or failed a batch. A failed batch changed nothing.
@@ -307,6 +324,12 @@ impl Store for MemoryStore {
                 }
                 Op::PutRetained { message } => {
                     s.retained.insert(message.topic.clone(), message.clone());
+                }
+                Op::PutWill { client_id, will } => {
+                    s.wills.insert(client_id.clone(), will.clone());
+                }
+                Op::DeleteWill { client_id } => {
+                    s.wills.remove(client_id);
                 }
                 Op::DeleteRetained { topic } => {
                     s.retained.remove(topic);

@@ -34,6 +34,7 @@ const INFLIGHT: TableDefinition<(&str, u16), &[u8]> = TableDefinition::new("infl
 const INBOUND: TableDefinition<(&str, u16), u8> = TableDefinition::new("inbound");
 const QUEUE: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("queue");
 const RETAINED: TableDefinition<&str, &[u8]> = TableDefinition::new("retained");
+const WILLS: TableDefinition<&str, &[u8]> = TableDefinition::new("wills");
 const MESSAGES: TableDefinition<u64, &[u8]> = TableDefinition::new("messages");
 const REFS: TableDefinition<u64, u32> = TableDefinition::new("message_refs");
 /// `wal_seq`: the number of the last logged batch this state includes.
@@ -82,6 +83,7 @@ struct Tables<'t> {
     inbound: Table<'t, (&'static str, u16), u8>,
     queue: Table<'t, (&'static str, u64), &'static [u8]>,
     retained: Table<'t, &'static str, &'static [u8]>,
+    wills: Table<'t, &'static str, &'static [u8]>,
     messages: Table<'t, u64, &'static [u8]>,
     refs: Table<'t, u64, u32>,
     /// Bodies written in this batch, by payload address and length, for the copies of a
@@ -113,7 +115,7 @@ impl RedbStore {
         let (wal, records) = Wal::open(&path.with_extension("wal"))?;
         // Create the tables once, so reads never meet a missing one.
         let txn = db.begin_write().map_err(backend)?;
-        for t in [SESSIONS, DELIVERY, RETAINED] {
+        for t in [SESSIONS, DELIVERY, RETAINED, WILLS] {
             txn.open_table(t).map_err(backend)?;
         }
         txn.open_table(INFLIGHT).map_err(backend)?;
@@ -249,6 +251,7 @@ impl RedbStore {
             inbound: txn.open_table(INBOUND).map_err(backend)?,
             queue: txn.open_table(QUEUE).map_err(backend)?,
             retained: txn.open_table(RETAINED).map_err(backend)?,
+            wills: txn.open_table(WILLS).map_err(backend)?,
             messages: txn.open_table(MESSAGES).map_err(backend)?,
             refs: txn.open_table(REFS).map_err(backend)?,
             bodies: HashMap::new(),
@@ -303,6 +306,14 @@ impl RedbStore {
                 }
                 Op::DeleteRetained { topic } => {
                     t.retained.remove(topic.as_str()).map_err(backend)?;
+                }
+                Op::PutWill { client_id, will } => {
+                    t.wills
+                        .insert(&**client_id, encoding::will_record(will)?.as_slice())
+                        .map_err(backend)?;
+                }
+                Op::DeleteWill { client_id } => {
+                    t.wills.remove(&**client_id).map_err(backend)?;
                 }
             }
         }
@@ -574,6 +585,7 @@ impl Store for RedbStore {
         let inbound = txn.open_table(INBOUND).map_err(backend)?;
         let queue = txn.open_table(QUEUE).map_err(backend)?;
         let retained = txn.open_table(RETAINED).map_err(backend)?;
+        let wills = txn.open_table(WILLS).map_err(backend)?;
         let messages = txn.open_table(MESSAGES).map_err(backend)?;
         // Each body decoded once, its copies sharing topic, payload and properties.
         let mut bodies: HashMap<u64, encoding::Body> = HashMap::new();
@@ -673,6 +685,13 @@ impl Store for RedbStore {
             snapshot
                 .retained
                 .insert(topic, encoding::read_message(m.value(), self.anchor)?);
+        }
+        for entry in wills.iter().map_err(backend)? {
+            let (client_id, w) = entry.map_err(backend)?;
+            snapshot.wills.insert(
+                Str::from(client_id.value()),
+                encoding::read_will_record(w.value())?,
+            );
         }
         Ok(snapshot)
     }

@@ -347,6 +347,25 @@ fn arb_rich_op() -> impl Strategy<Value = Op> {
     let id = prop::sample::select(vec!["a", "b"]);
     prop_oneof![
         3 => arb_op(),
+        1 => (id.clone(), any::<bool>(), 0u32..100).prop_map(|(i, put, delay)| if put {
+            Op::PutWill {
+                client_id: i.into(),
+                will: tern_codec::LastWill {
+                    topic: TopicName::new("wills/x").unwrap(),
+                    payload: format!("bye {delay}").into(),
+                    qos: QoS::AtLeastOnce,
+                    retain: delay % 2 == 0,
+                    properties: tern_codec::properties::WillProperties {
+                        will_delay_interval: Some(delay),
+                        user_properties: vec![("k".into(), "v".into())],
+                        ..Default::default()
+                    }
+                    .into(),
+                },
+            }
+        } else {
+            Op::DeleteWill { client_id: i.into() }
+        }),
         4 => (id.clone(), arb_change(), any::<bool>()).prop_map(|(i, c, shared)| Op::Change {
             client_id: i.into(),
             change: c,

@@ -209,11 +209,21 @@ impl Broker {
                 via_shared: HashMap::new(),
                 accounted: (0, 0),
                 parked: VecDeque::new(),
+                will_stored: false,
             })
         });
         session.expiry = expiry;
         session.username = connect.username.as_deref().map(Str::from);
         session.expires_at = None;
+        // The will is kept in the store while the connection lasts, so that a crash, which
+        // ends the connection too, does not lose it.
+        if let Some(will) = &connect.will {
+            self.batch.push(Op::PutWill {
+                client_id: client_id.clone(),
+                will: will.clone(),
+            });
+            session.will_stored = true;
+        }
         session.will = connect.will.map(Box::new);
         // Back in time: a delayed will from the last connection is not sent.
         session.pending_will = None;

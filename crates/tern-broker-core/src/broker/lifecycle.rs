@@ -25,6 +25,12 @@ impl Broker {
             return;
         };
         debug_assert_eq!(id, conn);
+        // Its will is published, delayed (in the session's record) or discarded now.
+        if std::mem::take(&mut session.will_stored) {
+            self.batch.push(Op::DeleteWill {
+                client_id: client_id.clone(),
+            });
+        }
         // Held publishes die with the connection, unacknowledged: the client sends them
         // again when it is back.
         if !session.parked.is_empty() {
@@ -101,6 +107,11 @@ impl Broker {
             stored.drop_unreleased_inbound();
             session.conn = Link::Offline(stored);
             session.will = None;
+            if std::mem::take(&mut session.will_stored) {
+                self.batch.push(Op::DeleteWill {
+                    client_id: client_id.clone(),
+                });
+            }
             self.touch(&client_id);
             self.park(&client_id, now);
         }

@@ -128,6 +128,8 @@ struct Session {
     /// Its publishes held under `queue_policy = "block"`, in order (listed in
     /// `Broker::blocked` while there are any).
     parked: VecDeque<Parked>,
+    /// The store holds this connection's will (`Op::PutWill`), to drop when it ends.
+    will_stored: bool,
 }
 
 /// A publish held under [`QueuePolicy::Block`] until the queues it would overflow have
@@ -402,6 +404,7 @@ impl Broker {
                 accounted,
                 via_shared,
                 parked: VecDeque::new(),
+                will_stored: false,
             };
             broker.queued.0 += session.accounted.0;
             broker.queued.1 += session.accounted.1;
@@ -417,6 +420,34 @@ impl Broker {
         for (owner, key, m) in redeliver {
             broker.touch(&owner);
             broker.deliver_shared(&key, m, None, Some(&owner), now);
+        }
+        // The wills of the clients the crash disconnected: their connections ended without
+        // DISCONNECT. Published now, or, with a Will Delay Interval, kept by their session
+        // until it passes (unless the client is back first) [MQTT-3.1.3-9]; once: the
+        // stored wills go in the first commit.
+        let mut wills = Vec::new();
+        for (owner, will) in snapshot.wills {
+            broker.batch.push(Op::DeleteWill {
+                client_id: owner.clone(),
+            });
+            let delay = u64::from(will.properties.will_delay_interval.unwrap_or(0));
+            match broker.sessions.get_mut(&owner) {
+                Some(s) if delay > 0 => {
+                    s.pending_will = Some(Box::new((now + Duration::from_secs(delay), will)));
+                    broker.put_session(&owner);
+                    broker.schedule(&owner);
+                }
+                s => wills.push((owner, s.and_then(|s| s.username.clone()), will)),
+            }
+        }
+        if !wills.is_empty() {
+            tracing::info!(
+                wills = wills.len(),
+                "wills of the connections the crash ended are published"
+            );
+        }
+        for (owner, username, will) in wills {
+            broker.publish_will(&owner, username.as_deref(), will, now);
         }
         // What that changed waits for the first round's commit.
         broker.commit(now);

@@ -581,10 +581,33 @@ impl Broker {
             tracing::info!(client_id = %owner, topic = %will.topic.as_str(), "will not authorized: not published");
             return;
         }
-        let mut m = Message::new(will.topic, will.payload, will.qos);
-        m.retain = will.retain;
-        self.route(m, None, now);
+        self.route(will_message(will, now), None, now);
     }
+}
+
+/// The message a will becomes, with every will property a PUBLISH carries (payload
+/// format, expiry counted from `now`, content type, response topic, correlation data,
+/// user properties) [MQTT-3.1.3-9].
+pub(super) fn will_message(will: LastWill, now: Instant) -> Message {
+    let mut m = Message::new(will.topic, will.payload, will.qos);
+    m.retain = will.retain;
+    let w = &*will.properties;
+    let p = tern_codec::properties::PublishProperties {
+        payload_format_indicator: w.payload_format_indicator,
+        message_expiry_interval: w.message_expiry_interval,
+        content_type: w.content_type.clone(),
+        response_topic: w.response_topic.clone(),
+        correlation_data: w.correlation_data.clone(),
+        user_properties: w.user_properties.clone(),
+        ..Default::default()
+    };
+    if p != tern_codec::properties::PublishProperties::default() {
+        m.properties = p.into();
+    }
+    if let Some(secs) = w.message_expiry_interval {
+        m.expires_at = Some(now + Duration::from_secs(u64::from(secs)));
+    }
+    m
 }
 
 /// Whether `topic` is under `$SYS`, the broker's own topics.

@@ -81,6 +81,8 @@ pub(super) const PUT_RETAINED: u8 = 4;
 pub(super) const DELETE_RETAINED: u8 = 5;
 pub(super) const PUT_DELIVERY: u8 = 6;
 pub(super) const CHANGE: u8 = 7;
+pub(super) const PUT_WILL: u8 = 8;
+pub(super) const DELETE_WILL: u8 = 9;
 
 /// A batch of ops as one record of the write-ahead log.
 pub(crate) fn batch(ops: &[crate::Op], anchor: Anchor) -> Result<Vec<u8>, StoreError> {
@@ -186,6 +188,18 @@ pub(crate) fn batch(ops: &[crate::Op], anchor: Anchor) -> Result<Vec<u8>, StoreE
                 w.u8(DELETE_RETAINED);
                 w.bytes(topic.as_str().as_bytes());
             }
+            Op::PutWill {
+                client_id,
+                will: lw,
+            } => {
+                w.u8(PUT_WILL);
+                w.bytes(client_id.as_bytes());
+                w.bytes(&will_record(lw)?);
+            }
+            Op::DeleteWill { client_id } => {
+                w.u8(DELETE_WILL);
+                w.bytes(client_id.as_bytes());
+            }
         }
     }
     Ok(w.finish())
@@ -282,6 +296,13 @@ pub(crate) fn read_batch(buf: &[u8], anchor: Anchor) -> Result<Vec<crate::Op>, S
             },
             DELETE_RETAINED => Op::DeleteRetained {
                 topic: tern_codec::TopicName::new(r.str()?).map_err(|_| corrupt(what))?,
+            },
+            PUT_WILL => Op::PutWill {
+                client_id: Str::from(r.str()?),
+                will: read_will_record(r.bytes()?)?,
+            },
+            DELETE_WILL => Op::DeleteWill {
+                client_id: Str::from(r.str()?),
             },
             _ => return Err(corrupt(what)),
         };

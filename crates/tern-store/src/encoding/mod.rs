@@ -267,6 +267,17 @@ fn will(w: &mut Writer, will: &LastWill) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// A connected client's will as its own record.
+pub(crate) fn will_record(lw: &LastWill) -> Result<Vec<u8>, StoreError> {
+    let mut w = Writer::new();
+    will(&mut w, lw)?;
+    Ok(w.finish())
+}
+
+pub(crate) fn read_will_record(buf: &[u8]) -> Result<LastWill, StoreError> {
+    read_will(&mut Reader::new(buf, "will")?)
+}
+
 fn read_will(r: &mut Reader<'_>) -> Result<LastWill, StoreError> {
     let mut wire = BytesMut::from(r.bytes()?);
     match tern_codec::decode(&mut wire, Protocol::V5, MAX_PACKET_SIZE) {
