@@ -200,12 +200,21 @@ fn main() -> ExitCode {
         if let Some(task) = monitor_task {
             let _ = task.await;
         }
-        if let Err(e) = result {
-            eprintln!(
-                "tern broker: cannot load the stored state from {}: {e}",
-                data_dir.display()
-            );
-            return ExitCode::FAILURE;
+        match result {
+            Ok(()) => {}
+            Err(tern_broker::server::ServerError::Load(e)) => {
+                eprintln!(
+                    "tern broker: cannot load the stored state from {}: {e}",
+                    data_dir.display()
+                );
+                return ExitCode::FAILURE;
+            }
+            Err(e) => {
+                // Fail-stop: a supervisor (systemd's Restart=on-failure) starts it again,
+                // from the store.
+                eprintln!("tern broker: {e}: exiting");
+                return ExitCode::FAILURE;
+            }
         }
         tracing::info!("stopped");
         ExitCode::SUCCESS

@@ -85,12 +85,16 @@ impl CoreTask {
                     }
                     ToCore::Packet(conn, p, read_at) => {
                         since = since.min(read_at);
+                        #[cfg(debug_assertions)]
+                        fault(&p);
                         broker.handle_packet(conn, p, now);
                     }
                     ToCore::Packets(conn, packets, read_at) => {
                         since = since.min(read_at);
                         handled += packets.len().saturating_sub(1);
                         for p in packets {
+                            #[cfg(debug_assertions)]
+                            fault(&p);
                             broker.handle_packet(conn, p, now);
                         }
                     }
@@ -247,5 +251,13 @@ impl Store for Memory {
 
     fn load(&self) -> Result<Snapshot, StoreError> {
         Ok(Snapshot::default())
+    }
+}
+
+/// The core's side of the test-only fault hook ([`writer::fault_hook`]).
+#[cfg(debug_assertions)]
+fn fault(p: &Packet) {
+    if let Packet::Publish(p) = p {
+        writer::fault_hook(p.topic.as_str(), "core");
     }
 }

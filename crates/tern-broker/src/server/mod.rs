@@ -163,14 +163,14 @@ pub struct Persistence {
 /// store first, and every output of the core (acknowledgements, deliveries) is written
 /// only after the ops produced with it are committed, by one storage writer thread that
 /// commits everything queued at once (group commit). Without, state lives in memory only.
-/// An error here means the store could not be read.
+/// An error here means the store could not be read, or a part of the broker failed.
 pub async fn serve(
     listener: TcpListener,
     settings: Settings,
     persistence: Option<Persistence>,
     access: Access,
     shutdown: impl Future<Output = ()>,
-) -> Result<(), StoreError> {
+) -> Result<(), ServerError> {
     let server = Server {
         listeners: vec![Listener::tcp(listener)],
         settings,
@@ -183,8 +183,38 @@ pub async fn serve(
     run(server, shutdown).await
 }
 
+/// Why [`run`] stopped other than by its shutdown.
+#[derive(Debug)]
+pub enum ServerError {
+    /// The store could not be read at startup.
+    Load(StoreError),
+    /// A part of the broker stopped working (the core task or the storage writer died, or
+    /// the store could not be read back after a failed commit): the broker stops, not
+    /// ready, so that a supervisor restarts it, rather than stay up answering nothing.
+    Failed(String),
+}
+
+impl std::fmt::Display for ServerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ServerError::Load(e) => write!(f, "cannot load the stored state: {e}"),
+            ServerError::Failed(why) => write!(f, "{why}"),
+        }
+    }
+}
+
+impl std::error::Error for ServerError {}
+
+impl From<StoreError> for ServerError {
+    fn from(e: StoreError) -> Self {
+        ServerError::Load(e)
+    }
+}
+
 /// Serves MQTT on every listener of `server` until `shutdown` completes, as [`serve`].
-pub async fn run(server: Server, shutdown: impl Future<Output = ()>) -> Result<(), StoreError> {
+/// Fail-stop: if the core task or the storage writer dies, readiness goes false and this
+/// returns [`ServerError::Failed`] at once (the process should exit non-zero).
+pub async fn run(server: Server, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
     let Server {
         listeners,
         settings,
@@ -206,7 +236,10 @@ pub async fn run(server: Server, shutdown: impl Future<Output = ()>) -> Result<(
     let core_settings = settings.clone();
     let mut broker = Broker::resume(settings, snapshot, Instant::now(), SystemTime::now());
     broker.set_acl(acl_changes.borrow_and_update().acl.clone());
-    let writer = persistence.map(|p| writer::Writer::spawn(p, to_core.clone(), metrics.clone()));
+    // Whatever dies reports here (the storage writer thread's panic guard).
+    let (fatal, mut fatal_rx) = mpsc::unbounded_channel::<String>();
+    let writer = persistence
+        .map(|p| writer::Writer::spawn(p, to_core.clone(), metrics.clone(), fatal.clone()));
     let core_metrics = metrics.clone();
     let task = core_task::CoreTask {
         broker,
@@ -217,7 +250,7 @@ pub async fn run(server: Server, shutdown: impl Future<Output = ()>) -> Result<(
         core_settings,
         sys_interval,
     };
-    let core = tokio::spawn(task.run());
+    let mut core = tokio::spawn(task.run());
 
     let next_conn = Arc::new(AtomicU64::new(0));
     let total = Arc::new(AtomicUsize::new(0));
@@ -281,9 +314,25 @@ pub async fn run(server: Server, shutdown: impl Future<Output = ()>) -> Result<(
     }
     monitor.attach(Some(to_core.clone()));
     monitor.set_ready(true);
-    shutdown.await;
+    let failure = tokio::select! {
+        () = shutdown => None,
+        ended = &mut core => Some(match ended {
+            Ok(()) => "the core task stopped (the store could not be read back)".to_string(),
+            Err(e) => format!("the core task died: {e}"),
+        }),
+        Some(why) = fatal_rx.recv() => Some(why),
+    };
     // Not ready from the moment shutdown begins: load balancers stop sending clients.
     monitor.set_ready(false);
+    if let Some(why) = failure {
+        tracing::error!(%why, "a part of the broker failed: not ready, stopping (run it under a supervisor that restarts it)");
+        monitor.attach(None);
+        for a in &accepting {
+            a.abort();
+        }
+        core.abort();
+        return Err(ServerError::Failed(why));
+    }
     monitor.attach(None);
     for a in &accepting {
         a.abort();

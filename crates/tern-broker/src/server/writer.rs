@@ -56,13 +56,17 @@ impl Writer {
         p: Persistence,
         to_core: mpsc::UnboundedSender<ToCore>,
         metrics: Arc<Metrics>,
+        fatal: mpsc::UnboundedSender<String>,
     ) -> Writer {
         let (tx, rx) = std::sync::mpsc::channel();
         let pending = Arc::new(AtomicUsize::new(0));
         let count = pending.clone();
         let thread = std::thread::Builder::new()
             .name("tern-store".into())
-            .spawn(move || run(p, &rx, &count, &to_core, &metrics))
+            .spawn(move || {
+                let _guard = PanicGuard(fatal);
+                run(p, &rx, &count, &to_core, &metrics);
+            })
             .expect("the storage writer thread starts");
         Writer {
             tx,
@@ -114,6 +118,31 @@ impl Writer {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+/// Reports the writer thread's death by panic (nothing it holds would ever be sent).
+struct PanicGuard(mpsc::UnboundedSender<String>);
+
+impl Drop for PanicGuard {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let _ = self
+                .0
+                .send("the storage writer thread died (panic)".to_string());
+        }
+    }
+}
+
+/// Test-only fault injection (debug builds only, and only with `TERN_FAULT_HOOK=1` in the
+/// environment): a retained message on `tern/fault/writer` makes the writer panic, a
+/// PUBLISH on `tern/fault/core` the core task, so the fail-stop tests can kill each.
+#[cfg(debug_assertions)]
+pub(crate) fn fault_hook(topic: &str, part: &str) {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let on = *ON.get_or_init(|| std::env::var("TERN_FAULT_HOOK").is_ok_and(|v| v == "1"));
+    if on && topic.strip_prefix("tern/fault/") == Some(part) {
+        panic!("fault injected into the {part} (TERN_FAULT_HOOK)");
     }
 }
 
@@ -185,7 +214,15 @@ fn run(
         let mut reset = None;
         while let Some(job) = next {
             match job {
-                Job::Commit { ops, sends } => group.push((ops, Waiting::Sealed(sends))),
+                Job::Commit { ops, sends } => {
+                    #[cfg(debug_assertions)]
+                    for op in &ops {
+                        if let Op::PutRetained { message } = op {
+                            fault_hook(message.topic.as_str(), "writer");
+                        }
+                    }
+                    group.push((ops, Waiting::Sealed(sends)));
+                }
                 Job::Behind(sends) => group.push((Vec::new(), Waiting::Behind(sends))),
                 Job::Reset(reply) => {
                     reset = Some(reply);
