@@ -259,6 +259,41 @@ fn mqtt_js_over_websocket_and_tcp() {
     }
 }
 
+/// A web page's MQTT over `wss://` (and `ws://`): MQTT.js in headless Chromium (Debian's
+/// `chromium`, driven by puppeteer-core; scripts/test installs both), QoS 0/1/2, MQTT 3.1.1
+/// and 5. The browser does its own TLS handshake, offering ALPN `h2` and `http/1.1`, which
+/// a `wss` listener must accept (it once answered `no_application_protocol` and every page
+/// failed with `ERR_SSL_PROTOCOL_ERROR`, while Node clients, sending no ALPN, passed).
+#[test]
+fn mqtt_js_in_headless_chromium_over_wss_and_ws() {
+    let dir = temp_dir("browser");
+    let b = broker(&dir);
+    let js = repo_root().join("tests/interop/mqttjs");
+    assert!(
+        js.join("node_modules/puppeteer-core").exists(),
+        "puppeteer-core is not installed: run `npm install` in {} (scripts/test does)",
+        js.display()
+    );
+    for url in [
+        format!("wss://127.0.0.1:{}/mqtt", b.ports[4]),
+        format!("ws://127.0.0.1:{}/mqtt", b.ports[3]),
+    ] {
+        for version in ["4", "5"] {
+            let out = std::process::Command::new("node")
+                .current_dir(&js)
+                .args(["browser.js", &url, version])
+                .output()
+                .expect("node (Node 20)");
+            assert!(
+                out.status.success(),
+                "MQTT.js in Chromium ({url}, v{version}):\n{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}
+
 #[test]
 fn a_websocket_upgrade_on_another_path_is_refused() {
     use std::io::{Read, Write};
