@@ -648,6 +648,12 @@ impl Store for RedbStore {
                 .filter_map(|c| c.id.map(MessageId::get))
                 .max()
                 .unwrap_or(0);
+            // Room for the numbering (an id this high is no id Tern gave: unreadable).
+            if next > u64::MAX / 2 + (1 << 62) {
+                return Err(StoreError::Backend(format!(
+                    "session {id:?} holds an unreadable message id"
+                )));
+            }
             let mut shared = BTreeMap::new();
             let mut entry = |c: Loaded| -> Entry {
                 let id = c.id.unwrap_or_else(|| {

@@ -280,8 +280,12 @@ async fn session_io(
         } else {
             None
         };
+        // Backpressure: while more than the write backlog waits for this client, what it
+        // sends is not read (TCP holds it), so a client that never reads cannot make the
+        // broker pile up answers to it without bound.
+        let behind = wbuf.len() + rx.backlog() >= l.write_backlog;
         tokio::select! {
-            read = reader.read_some(&mut rbuf, chunk), if phase.reading() => {
+            read = reader.read_some(&mut rbuf, chunk), if phase.reading() && !behind => {
                 let read_at = Instant::now();
                 let n = match read {
                     Ok(n) if n > 0 => n,

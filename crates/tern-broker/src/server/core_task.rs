@@ -190,12 +190,18 @@ fn dispatch(
                 continue;
             };
             if !send.packets.is_empty() {
+                // Topic and payload bytes, and what each packet takes in memory besides:
+                // acknowledgements weigh too (a client that never reads must not pile
+                // them up without bound).
                 let weight = send
                     .packets
                     .iter()
-                    .map(|p| match p {
-                        Packet::Publish(p) => p.topic.as_str().len() + p.payload.len(),
-                        _ => 0,
+                    .map(|p| {
+                        PACKET_WEIGHT
+                            + match p {
+                                Packet::Publish(p) => p.topic.as_str().len() + p.payload.len(),
+                                _ => 0,
+                            }
                     })
                     .sum();
                 out.push((
@@ -240,6 +246,10 @@ fn dispatch(
         }
     }
 }
+
+/// What one packet waiting for a connection weighs besides its topic and payload: about
+/// its size in memory.
+const PACKET_WEIGHT: usize = 64;
 
 /// The store of a server without persistence: a commit keeps nothing, and succeeds.
 struct Memory;

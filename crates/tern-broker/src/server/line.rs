@@ -128,6 +128,11 @@ impl<T> Drop for Sender<T> {
 pub(crate) struct Receiver<T>(Arc<Shared<T>>);
 
 impl<T> Receiver<T> {
+    /// The weight of what is queued, as [`Sender::backlog`].
+    pub(crate) fn backlog(&self) -> usize {
+        self.0.lock().weight
+    }
+
     /// Everything queued, in order, waiting until there is something; `None` once every
     /// sender is gone and nothing is left. Cancel-safe: nothing is taken unless returned.
     pub(crate) fn recv_all(&mut self) -> impl Future<Output = Option<Vec<T>>> + '_ {

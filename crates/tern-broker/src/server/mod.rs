@@ -229,6 +229,7 @@ pub async fn run(server: Server, shutdown: impl Future<Output = ()>) -> Result<(
     let (to_core, from_conns) = mpsc::unbounded_channel::<ToCore>();
     let connect_timeout = settings.connect_timeout;
     let max_packet_size = settings.max_packet_size;
+    let write_backlog = settings.max_write_backlog;
     let snapshot = match &persistence {
         Some(p) => p.store.load()?,
         None => Default::default(),
@@ -268,6 +269,7 @@ pub async fn run(server: Server, shutdown: impl Future<Output = ()>) -> Result<(
             access: access.0.subscribe(),
             connect_timeout,
             max_packet_size,
+            write_backlog,
             open: AtomicUsize::new(0),
             max_connections: l.max_connections,
             name: name.clone(),
@@ -353,6 +355,9 @@ struct ListenerCtx {
     access: watch::Receiver<Arc<Access>>,
     connect_timeout: Duration,
     max_packet_size: u32,
+    /// Bytes waiting to be written to a connection past which it is not read from (so a
+    /// client that never reads cannot pile up its acknowledgements without bound).
+    write_backlog: usize,
     /// Connections open on this listener.
     open: AtomicUsize,
     max_connections: Option<usize>,
