@@ -10,7 +10,8 @@
 //! whose sessions outlive their connections (only the broker dies), resuming with DUP
 //! and the same packet ids as any MQTT client must.
 //!
-//! `TERN_CRASH_CYCLES` sets the number of kills (default 20, what the gate runs);
+//! `TERN_CRASH_CYCLES` sets the number of kills (default 50, what the gate runs, and half
+//! as many with `batched` durability);
 //! `scripts/crash-long` runs many more.
 
 // A failed unwrap in a test is a failed test, with the value in the message.
@@ -412,7 +413,7 @@ fn acknowledged_messages_survive_kill_9_and_qos2_is_never_doubled() {
     let cycles: u32 = std::env::var("TERN_CRASH_CYCLES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(20);
+        .unwrap_or(50);
     run(cycles, "sync");
 }
 
@@ -423,7 +424,7 @@ fn with_batched_durability_a_process_crash_loses_nothing_acknowledged() {
     let cycles: u32 = std::env::var("TERN_CRASH_CYCLES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .map_or(10, |n: u32| n / 2);
+        .map_or(25, |n: u32| n / 2);
     run(cycles, "batched");
 }
 
