@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use support::{BrokerProcess, http_get};
 
-fn broker_with_fault_hook(name: &str) -> (BrokerProcess, std::path::PathBuf) {
+fn broker_with_fault_hook(name: &str, storage: &str) -> (BrokerProcess, std::path::PathBuf) {
     let dir = std::env::temp_dir().join(format!("tern-failstop-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -22,7 +22,7 @@ fn broker_with_fault_hook(name: &str) -> (BrokerProcess, std::path::PathBuf) {
     std::fs::write(
         &config,
         format!(
-            "[[listener]]\nbind = \"127.0.0.1:0\"\n[storage]\ndata_dir = \"{}\"\n",
+            "[[listener]]\nbind = \"127.0.0.1:0\"\n[storage]\ndata_dir = \"{}\"\n{storage}",
             dir.join("data").display()
         ),
     )
@@ -32,8 +32,8 @@ fn broker_with_fault_hook(name: &str) -> (BrokerProcess, std::path::PathBuf) {
     (BrokerProcess::spawn(command, &config, "tern=info"), dir)
 }
 
-fn exits_non_zero_and_not_ready_when(part: &str, retain: bool) {
-    let (mut broker, dir) = broker_with_fault_hook(part);
+fn exits_non_zero_and_not_ready_when(part: &str, retain: bool, storage: &str) {
+    let (mut broker, dir) = broker_with_fault_hook(part, storage);
     let metrics = broker.metrics.clone().unwrap();
     // Ready once it has loaded its store and bound its listeners (just after it says it
     // listens).
@@ -88,10 +88,18 @@ fn exits_non_zero_and_not_ready_when(part: &str, retain: bool) {
 
 #[test]
 fn the_broker_exits_non_zero_when_its_core_task_dies() {
-    exits_non_zero_and_not_ready_when("core", false);
+    exits_non_zero_and_not_ready_when("core", false, "");
 }
 
 #[test]
 fn the_broker_exits_non_zero_when_its_storage_writer_dies() {
-    exits_non_zero_and_not_ready_when("writer", true);
+    exits_non_zero_and_not_ready_when("writer", true, "");
+}
+
+/// With `durability = "batched"`, a flush that fails means what was acknowledged since the
+/// last one may not be on disk: the broker stops rather than acknowledge more (the restart
+/// replays its log).
+#[test]
+fn the_broker_exits_non_zero_when_a_batched_flush_fails() {
+    exits_non_zero_and_not_ready_when("flush", true, "durability = \"batched\"\n");
 }

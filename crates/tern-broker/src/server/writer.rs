@@ -64,8 +64,8 @@ impl Writer {
         let thread = std::thread::Builder::new()
             .name("tern-store".into())
             .spawn(move || {
-                let _guard = PanicGuard(fatal);
-                run(p, &rx, &count, &to_core, &metrics);
+                let guard = PanicGuard(fatal);
+                run(p, &rx, &count, &to_core, &metrics, &guard.0);
             })
             .expect("the storage writer thread starts");
         Writer {
@@ -139,11 +139,17 @@ impl Drop for PanicGuard {
 /// PUBLISH on `tern/fault/core` the core task, so the fail-stop tests can kill each.
 #[cfg(debug_assertions)]
 pub(crate) fn fault_hook(topic: &str, part: &str) {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let on = *ON.get_or_init(|| std::env::var("TERN_FAULT_HOOK").is_ok_and(|v| v == "1"));
-    if on && topic.strip_prefix("tern/fault/") == Some(part) {
+    if fault_hook_on(topic, part) {
         panic!("fault injected into the {part} (TERN_FAULT_HOOK)");
     }
+}
+
+/// Whether the fault hook is on and `topic` names `part`.
+#[cfg(debug_assertions)]
+fn fault_hook_on(topic: &str, part: &str) -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let on = *ON.get_or_init(|| std::env::var("TERN_FAULT_HOOK").is_ok_and(|v| v == "1"));
+    on && topic.strip_prefix("tern/fault/") == Some(part)
 }
 
 /// Hands each connection its part.
@@ -182,7 +188,11 @@ fn run(
     pending: &AtomicUsize,
     to_core: &mpsc::UnboundedSender<ToCore>,
     metrics: &Metrics,
+    fatal: &mpsc::UnboundedSender<String>,
 ) {
+    // Debug builds only: a retained message on `tern/fault/flush` makes the next flush fail.
+    #[cfg(debug_assertions)]
+    let mut fail_flush = false;
     // Set by a failed commit until the core has reset: later rounds are not sent either.
     let mut failed: Option<StoreError> = None;
     let mut unflushed_since: Option<Instant> = None;
@@ -205,8 +215,23 @@ fn run(
         if let (Some(every), Some(since)) = (p.flush_every, unflushed_since)
             && since.elapsed() >= every
         {
-            if let Err(error) = p.store.flush() {
-                tracing::error!(%error, "store flush failed");
+            let flushed = p.store.flush();
+            #[cfg(debug_assertions)]
+            let flushed = if std::mem::take(&mut fail_flush) {
+                Err(StoreError::Backend(
+                    "flush failure injected (TERN_FAULT_HOOK)".into(),
+                ))
+            } else {
+                flushed
+            };
+            if let Err(error) = flushed {
+                // What was acknowledged since the last flush may not be on disk, and the
+                // disk says it cannot take more: acknowledging on would promise what it
+                // cannot keep. Fail-stop: the restart replays the log onto a working disk,
+                // or refuses to start, naming the store.
+                tracing::error!(%error, "store flush failed: stopping (batched durability)");
+                let _ = fatal.send(format!("the store flush failed: {error}"));
+                break;
             }
             unflushed_since = None;
         }
@@ -219,6 +244,7 @@ fn run(
                     for op in &ops {
                         if let Op::PutRetained { message } = op {
                             fault_hook(message.topic.as_str(), "writer");
+                            fail_flush |= fault_hook_on(message.topic.as_str(), "flush");
                         }
                     }
                     group.push((ops, Waiting::Sealed(sends)));
