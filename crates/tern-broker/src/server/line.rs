@@ -15,6 +15,8 @@ use std::task::{Poll, Waker};
 struct Shared<T> {
     state: Mutex<State<T>>,
     senders: AtomicUsize,
+    /// The weight of what is queued: written under the lock, read without it.
+    weight: AtomicUsize,
     /// Messages for this line held by the storage writer until a commit (or behind one):
     /// while any are, nothing may be sent to the line directly, or it would overtake them.
     held: AtomicUsize,
@@ -27,8 +29,6 @@ pub(crate) trait Weigh {
 
 struct State<T> {
     queue: Vec<T>,
-    /// The weight of what is queued.
-    weight: usize,
     waker: Option<Waker>,
     /// The receiver is gone: sends fail.
     closed: bool,
@@ -48,13 +48,13 @@ pub(crate) fn line<T: Weigh>() -> (Sender<T>, Receiver<T>) {
     let shared = Arc::new(Shared {
         state: Mutex::new(State {
             queue: Vec::new(),
-            weight: 0,
             waker: None,
             closed: false,
             ended: false,
         }),
         senders: AtomicUsize::new(1),
         held: AtomicUsize::new(0),
+        weight: AtomicUsize::new(0),
     });
     (Sender(shared.clone()), Receiver(shared))
 }
@@ -70,7 +70,7 @@ impl<T: Weigh> Sender<T> {
             if state.closed {
                 return Err(msg);
             }
-            state.weight += msg.weight();
+            self.0.weight.fetch_add(msg.weight(), Ordering::Relaxed);
             state.queue.push(msg);
             state.waker.take()
         };
@@ -83,7 +83,7 @@ impl<T: Weigh> Sender<T> {
     /// The weight of what is queued and not yet taken by the receiver: for a connection,
     /// what waits behind the write in progress.
     pub(crate) fn backlog(&self) -> usize {
-        self.0.lock().weight
+        self.0.weight.load(Ordering::Relaxed)
     }
 
     /// Whether messages for this line wait in the storage writer.
@@ -130,7 +130,7 @@ pub(crate) struct Receiver<T>(Arc<Shared<T>>);
 impl<T> Receiver<T> {
     /// The weight of what is queued, as [`Sender::backlog`].
     pub(crate) fn backlog(&self) -> usize {
-        self.0.lock().weight
+        self.0.weight.load(Ordering::Relaxed)
     }
 
     /// Everything queued, in order, waiting until there is something; `None` once every
@@ -139,7 +139,7 @@ impl<T> Receiver<T> {
         poll_fn(|cx| {
             let mut state = self.0.lock();
             if !state.queue.is_empty() {
-                state.weight = 0;
+                self.0.weight.store(0, Ordering::Relaxed);
                 return Poll::Ready(Some(std::mem::take(&mut state.queue)));
             }
             if state.ended {
