@@ -384,3 +384,53 @@ fn a_client_over_the_receive_maximum_reads_its_disconnect_0x93_not_a_reset() {
         );
     }
 }
+
+/// A client that does not read what it is sent is not read from either once more than
+/// `max_write_backlog` waits for it: what it sends stays in TCP until it has taken its
+/// backlog. (So a client that never reads cannot make the broker pile up answers to it.)
+#[test]
+fn a_client_that_does_not_read_is_not_read_from_until_it_takes_its_backlog() {
+    let b = broker(
+        Settings {
+            max_write_backlog: 64 << 10,
+            ..Settings::default()
+        },
+        None,
+        vec![Spec::tcp()],
+    );
+    let (mut deaf, _) = Raw::connect(b.port, Connect::new(Protocol::V3_1_1, "deaf"));
+    deaf.subscribe("flood", QoS::AtMostOnce);
+    let (mut watcher, _) = Raw::connect(b.port, Connect::new(Protocol::V3_1_1, "watcher"));
+    watcher.subscribe("probe", QoS::AtMostOnce);
+    let (mut publisher, _) = Raw::connect(b.port, Connect::new(Protocol::V3_1_1, "flooder"));
+    // More than the kernel's buffers hold (a socket that is never read keeps its receive
+    // window small; the broker's send buffer grows to a few MiB): the rest waits in the
+    // broker, past the backlog limit.
+    let big = vec![b'x'; 256 << 10];
+    for _ in 0..48 {
+        publisher.send(Packet::Publish(Publish::new(
+            TopicName::new("flood").unwrap(),
+            QosPid::AtMostOnce,
+            big.clone(),
+        )));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    // The deaf client speaks: not read while its backlog waits.
+    deaf.send(Packet::Publish(Publish::new(
+        TopicName::new("probe").unwrap(),
+        QosPid::AtMostOnce,
+        "hello",
+    )));
+    assert!(
+        !watcher.gets_within(std::time::Duration::from_secs(1)),
+        "the broker read from a client with {} bytes waiting for it",
+        64 << 10
+    );
+    // It takes what waits for it: then it is read again.
+    let taken = deaf.drain(std::time::Duration::from_millis(500));
+    assert!(taken > 4 << 20, "{taken} bytes taken");
+    assert!(
+        watcher.gets_within(std::time::Duration::from_secs(5)),
+        "read again once its backlog was written"
+    );
+}

@@ -267,6 +267,46 @@ impl Raw {
         self.sock.write_all(bytes).unwrap();
     }
 
+    /// Whether a packet arrives within `d` (the connection open); it is consumed.
+    pub fn gets_within(&mut self, d: std::time::Duration) -> bool {
+        use std::io::Read;
+        if tern_codec::decode(&mut self.buf, self.v, tern_codec::MAX_PACKET_SIZE)
+            .unwrap()
+            .is_some()
+        {
+            return true;
+        }
+        self.sock.set_read_timeout(Some(d)).unwrap();
+        let mut chunk = [0u8; 4096];
+        let got = match self.sock.read(&mut chunk) {
+            Ok(n) if n > 0 => {
+                self.buf.extend_from_slice(&chunk[..n]);
+                true
+            }
+            _ => false,
+        };
+        self.sock
+            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        got
+    }
+
+    /// Reads and drops whatever arrives until nothing has come for `quiet`.
+    pub fn drain(&mut self, quiet: std::time::Duration) -> usize {
+        use std::io::Read;
+        self.sock.set_read_timeout(Some(quiet)).unwrap();
+        let mut total = 0;
+        let mut chunk = vec![0u8; 1 << 16];
+        while let Ok(n) = self.sock.read(&mut chunk) {
+            if n == 0 {
+                break;
+            }
+            total += n;
+        }
+        self.buf.clear();
+        total
+    }
+
     /// The next packet, or None once the broker closed the connection.
     pub fn recv(&mut self) -> Option<tern_codec::Packet> {
         use std::io::Read;
