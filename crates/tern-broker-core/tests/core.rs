@@ -17,6 +17,24 @@ fn dropped(sim: &Sim) -> u64 {
     c.dropped(DropReason::QueueFull) + c.dropped(DropReason::Quota)
 }
 
+/// A QoS 1 subscriber acknowledging everything it is sent, batch after batch (its window
+/// lets the next out), until nothing more comes.
+fn ack_all(sim: &mut Sim, conn: ConnId) {
+    let mut acked = 0;
+    loop {
+        let sent = sim.publishes(conn);
+        if acked == sent.len() {
+            return;
+        }
+        for p in &sent[acked..] {
+            if let Some(id) = p.packet_id() {
+                sim.send(conn, Packet::PubAck(tern_codec::Ack::new(id)));
+            }
+        }
+        acked = sent.len();
+    }
+}
+
 /// Sessions, online and offline.
 fn sessions(sim: &Sim) -> usize {
     let g = sim.broker.gauges(sim.now, 0);
@@ -99,12 +117,7 @@ fn online_queue_case(
         ["m0", "m1"],
         "two in flight, the rest wait"
     );
-    let mut acked = 0;
-    while acked < sim.publishes(a).len() {
-        let id = sim.publishes(a)[acked].packet_id().unwrap();
-        sim.send(a, Packet::PubAck(tern_codec::Ack::new(id)));
-        acked += 1;
-    }
+    ack_all(&mut sim, a);
     (sim.received(a), dropped(&sim))
 }
 
@@ -967,20 +980,7 @@ fn with_default_settings_an_offline_subscriber_keeps_every_acknowledged_message(
     sim.restart(Duration::from_secs(1));
     let a = sim.connect(persistent("a"));
     // The window lets a batch out at a time; acknowledge each batch until all came.
-    let mut acked = 0;
-    loop {
-        let sent = sim.publishes(a);
-        if acked == sent.len() {
-            break;
-        }
-        for p in &sent[acked..] {
-            sim.send(
-                a,
-                Packet::PubAck(tern_codec::Ack::new(p.packet_id().unwrap())),
-            );
-        }
-        acked = sent.len();
-    }
+    ack_all(&mut sim, a);
     let received = sim.received(a);
     assert_eq!(received.len(), 20_000);
     assert!(
@@ -1026,12 +1026,7 @@ fn past_the_budget_for_queued_messages_publishes_are_refused_and_resume_when_dra
     assert!(sim.outputs.contains(&Output::Close(old)));
     // The subscriber takes what was acknowledged: all of it.
     let a = sim.connect(persistent("a"));
-    let mut acked = 0;
-    while acked < sim.publishes(a).len() {
-        let id = sim.publishes(a)[acked].packet_id().unwrap();
-        sim.send(a, Packet::PubAck(tern_codec::Ack::new(id)));
-        acked += 1;
-    }
+    ack_all(&mut sim, a);
     assert_eq!(sim.received(a), ["m0", "m1", "m2"]);
     sim.close(a);
     sim.publish(b, "t", "m6", 7);
@@ -1108,17 +1103,7 @@ fn block_holds_the_acknowledgement_until_the_queue_has_room() {
         "m2 and m3 held, unacknowledged"
     );
     let a = sim.connect(persistent("a"));
-    let mut acked = 0;
-    for _ in 0..10 {
-        let sent = sim.publishes(a);
-        for p in &sent[acked..] {
-            sim.send(
-                a,
-                Packet::PubAck(tern_codec::Ack::new(p.packet_id().unwrap())),
-            );
-        }
-        acked = sent.len();
-    }
+    ack_all(&mut sim, a);
     assert_eq!(sim.received(a), ["m0", "m1", "m2", "m3"], "all, in order");
     assert_eq!(puback_reasons(&sim, b), [Success; 4]);
     assert_eq!(dropped(&sim), 0);
@@ -1189,12 +1174,8 @@ fn will_keeper(sim: &mut Sim) {
 
 fn wills_kept(sim: &mut Sim) -> Vec<String> {
     let k = sim.connect(persistent("keeper"));
+    ack_all(sim, k);
     let got = sim.received(k);
-    for p in sim.publishes(k) {
-        if let Some(id) = p.packet_id() {
-            sim.send(k, Packet::PubAck(tern_codec::Ack::new(id)));
-        }
-    }
     sim.close(k);
     got
 }

@@ -17,19 +17,9 @@ use support::{BrokerProcess, http_get};
 fn broker_with_fault_hook(name: &str, storage: &str) -> (BrokerProcess, std::path::PathBuf) {
     let dir = std::env::temp_dir().join(format!("tern-failstop-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("tern.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[[listener]]\nbind = \"127.0.0.1:0\"\n[storage]\ndata_dir = \"{}\"\n{storage}",
-            dir.join("data").display()
-        ),
-    )
-    .unwrap();
     let mut command = Command::new(env!("CARGO_BIN_EXE_tern"));
     command.env("TERN_FAULT_HOOK", "1");
-    (BrokerProcess::spawn(command, &config, "tern=info"), dir)
+    (BrokerProcess::in_dir_with(command, &dir, "", storage), dir)
 }
 
 fn exits_non_zero_and_not_ready_when(part: &str, retain: bool, storage: &str) {

@@ -80,21 +80,28 @@ impl BrokerProcess {
     /// port, then `extra` (more keys for that listener, or more tables), state in
     /// `dir/data`.
     pub fn in_dir(dir: &std::path::Path, extra: &str) -> BrokerProcess {
+        BrokerProcess::in_dir_with(Command::new(env!("CARGO_BIN_EXE_tern")), dir, extra, "")
+    }
+
+    /// As [`BrokerProcess::in_dir`], started by `command` (the `tern` binary with its
+    /// environment), with `storage` (more `[storage]` keys) after the data directory.
+    pub fn in_dir_with(
+        command: Command,
+        dir: &std::path::Path,
+        extra: &str,
+        storage: &str,
+    ) -> BrokerProcess {
         std::fs::create_dir_all(dir).unwrap();
         let config = dir.join("tern.toml");
         std::fs::write(
             &config,
             format!(
-                "[[listener]]\nbind = \"127.0.0.1:0\"\n{extra}\n[storage]\ndata_dir = \"{}\"\n",
+                "[[listener]]\nbind = \"127.0.0.1:0\"\n{extra}\n[storage]\ndata_dir = \"{}\"\n{storage}",
                 dir.join("data").display()
             ),
         )
         .unwrap();
-        BrokerProcess::spawn(
-            Command::new(env!("CARGO_BIN_EXE_tern")),
-            &config,
-            "tern=info",
-        )
+        BrokerProcess::spawn(command, &config, "tern=info")
     }
 
     /// The port of listener `n`.
