@@ -29,8 +29,8 @@ pub mod sim;
 mod trie;
 
 pub use broker::{
-    Broker, ConnId, ConnIdHasher, ConnMap, Gauges, Output, QUEUED_MESSAGE_OVERHEAD, QueuePolicy,
-    Round, Sealed, Send, SessionGauge, Settings, Traffic,
+    Broker, ConnId, ConnIdHasher, ConnMap, Gauges, Load, Output, QUEUED_MESSAGE_OVERHEAD,
+    QueuePolicy, Round, Sealed, Send, SessionGauge, Settings, Traffic,
 };
 pub use counters::{Counters, DropReason};
 pub use refusal::{Admission, Answer, Refusal};

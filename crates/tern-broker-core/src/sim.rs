@@ -48,6 +48,20 @@ pub struct Sim {
     pub failed_commits: u64,
     /// Restarts so far (crashes and failed commits).
     pub restarts: u64,
+    /// Loads committed and not yet answered.
+    pending_loads: std::collections::VecDeque<crate::Load>,
+    /// Loads answered so far.
+    pub loads_answered: u64,
+}
+
+/// What a broker starts from, read as the server reads it: with its queues left in the
+/// store when it keeps a memory window.
+fn read_back(store: &MemoryStore, settings: &Settings) -> Snapshot {
+    if settings.queue_window.is_some() {
+        store.load_spilled().unwrap()
+    } else {
+        store.load().unwrap()
+    }
 }
 
 impl Sim {
@@ -56,7 +70,7 @@ impl Sim {
         let now = Instant::now();
         let wall = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
         let store = MemoryStore::new();
-        let broker = Broker::resume(settings.clone(), store.load().unwrap(), now, wall);
+        let broker = Broker::resume(settings.clone(), read_back(&store, &settings), now, wall);
         Sim {
             broker,
             settings,
@@ -69,6 +83,8 @@ impl Sim {
             fail_next: false,
             failed_commits: 0,
             restarts: 0,
+            pending_loads: Default::default(),
+            loads_answered: 0,
         }
     }
 
@@ -81,12 +97,13 @@ impl Sim {
         let counters = self.broker.counters().clone();
         self.broker = Broker::resume(
             self.settings.clone(),
-            self.store.load().unwrap(),
+            read_back(&self.store, &self.settings),
             self.now,
             wall,
         );
         self.broker.set_counters(counters);
         self.anchor = (self.now, wall);
+        self.pending_loads.clear();
         self.died_with = std::mem::take(&mut self.outputs);
         self.restarts += 1;
         // Connection ids start again with the process, as the server's do.
@@ -109,22 +126,41 @@ impl Sim {
     pub fn pump(&mut self) {
         let sends = match self.broker.poll_round(|_| 0) {
             Round::Ready(sends) => sends,
-            Round::Durable { ops, early, sealed } => {
+            Round::Durable {
+                ops,
+                early,
+                sealed,
+                loads,
+            } => {
                 // Out before the commit, as the server sends them: a commit that fails
                 // next finds them delivered.
                 self.release(early);
                 if std::mem::take(&mut self.fail_next) {
                     let error = StoreError::Backend("injected failure".into());
                     let _closed = sealed.failed(&error);
+                    let _unread = loads.failed(&error);
                     self.failed_commits += 1;
                     self.restart(Duration::ZERO);
                     return;
                 }
                 let receipt = self.store.commit(&ops).unwrap();
+                self.pending_loads.extend(loads.open(&receipt));
                 sealed.open(&receipt)
             }
         };
         self.release(sends);
+        // Loads are read after the commit and answered as the next inputs, as the
+        // server's storage writer does.
+        while let Some(load) = self.pending_loads.pop_front() {
+            let messages = self
+                .store
+                .read_queue(&load.client_id, load.after, load.max)
+                .unwrap();
+            self.loads_answered += 1;
+            self.broker
+                .handle_loaded(&load.client_id, load.token, messages, self.now);
+            self.pump();
+        }
     }
 
     fn release(&mut self, sends: Vec<Send>) {
@@ -310,9 +346,17 @@ pub fn fuzz_ops(data: &[u8]) {
 /// - every QoS 1/2 message the broker acknowledged (PUBACK/PUBREC 0x00) reaches every
 ///   client whose subscription existed when it was published.
 ///
-/// `Err` names the invariant and the step.
+/// `Err` names the invariant and the step. Runs the steps twice: with every queued
+/// message in memory, and with a memory window of two messages per session (the rest in
+/// the store, read back as the window drains).
 pub fn check_steps(steps: &[Step]) -> Result<(), String> {
-    let mut run = Run::new();
+    check_steps_with(steps, None)?;
+    check_steps_with(steps, Some(2)).map_err(|e| format!("with a memory window of 2: {e}"))
+}
+
+/// [`check_steps`] with one [`Settings::queue_window`].
+pub fn check_steps_with(steps: &[Step], window: Option<usize>) -> Result<(), String> {
+    let mut run = Run::new(window);
     for (n, step) in steps.iter().enumerate() {
         run.step(step);
         run.check_store()
@@ -364,9 +408,10 @@ struct Run {
 }
 
 impl Run {
-    fn new() -> Run {
+    fn new(window: Option<usize>) -> Run {
         let settings = Settings {
             receive_maximum: 3,
+            queue_window: window,
             // Nothing acknowledged is dropped for room in a run of any length.
             max_queued_messages: usize::MAX,
             max_queued_bytes: usize::MAX,
@@ -618,13 +663,25 @@ impl Run {
         for name in CLIENTS {
             let live = self.sim.broker.session_state(name);
             let kept = stored.sessions.get(name).map(|s| &s.delivery);
-            if live != kept {
+            let same = match (live, kept) {
+                (Some(live), Some(kept)) => live.matches_full(kept),
+                (live, kept) => live == kept,
+            };
+            if !same {
                 return Err(format!(
                     "the store does not hold session {name}'s live state:\nlive {live:?}\nstored {kept:?}"
                 ));
             }
             let live = self.sim.broker.shared_copies(name);
-            let kept = stored.sessions.get(name).map(|s| s.shared.clone());
+            // What the session holds in memory; the store also has the spilled ones'.
+            let state = self.sim.broker.session_state(name);
+            let kept = stored.sessions.get(name).map(|s| {
+                let mut shared = s.shared.clone();
+                if let Some(state) = state {
+                    shared.retain(|id, _| state.holds(*id));
+                }
+                shared
+            });
             if live != kept {
                 return Err(format!(
                     "the store does not hold session {name}'s shared-subscription side map:\nlive {live:?}\nstored {kept:?}"

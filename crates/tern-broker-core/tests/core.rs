@@ -451,10 +451,14 @@ fn expiring(topic: &str, payload: &str, id: u16, expiry: u32, retain: bool) -> P
     Packet::Publish(p)
 }
 
+/// With the queue in memory (no memory window): expired messages make room first. (With a
+/// window, an offline queue is in the store and its expired messages are found when it is
+/// read back: next test.)
 #[test]
 fn expired_messages_make_room_in_a_full_offline_queue_before_live_ones_are_dropped() {
     let mut sim = Sim::new(Settings {
         max_queued_messages: 2,
+        queue_window: None,
         ..Settings::default()
     });
     sim.offline_subscriber(v5_persistent("a", 3600), "t", QoS::AtLeastOnce);
@@ -468,6 +472,28 @@ fn expired_messages_make_room_in_a_full_offline_queue_before_live_ones_are_dropp
     assert_eq!(sim.stored().sessions["a"].delivery.queued_len(), 2);
     let a = sim.connect(v5_persistent("a", 3600));
     assert_eq!(sim.received(a), ["live", "new"]);
+}
+
+/// A queue kept in the store: a message that expired there is dropped when it is read
+/// back, never sent.
+#[test]
+fn a_message_that_expired_in_the_store_is_dropped_when_read_back() {
+    let mut sim = Sim::new(Settings {
+        queue_window: Some(2),
+        ..Settings::default()
+    });
+    sim.offline_subscriber(v5_persistent("a", 3600), "t", QoS::AtLeastOnce);
+    let b = sim.connect(Connect::new(Protocol::V5, "b"));
+    sim.publish(b, "t", "first", 1);
+    sim.send(b, expiring("t", "short", 2, 1, false));
+    sim.publish(b, "t", "live", 3);
+    assert_eq!(sim.broker.session_state("a").unwrap().spilled_len(), 3);
+    sim.advance(2 * S);
+    let a = sim.connect(v5_persistent("a", 3600));
+    ack_all(&mut sim, a);
+    assert_eq!(sim.received(a), ["first", "live"]);
+    assert_eq!(sim.broker.counters().dropped(DropReason::Expired), 1);
+    assert_eq!(sim.stored().sessions["a"].delivery.queued_len(), 0);
 }
 
 #[test]
@@ -990,6 +1016,69 @@ fn with_default_settings_an_offline_subscriber_keeps_every_acknowledged_message(
             .all(|(i, m)| *m == format!("m{i}"))
     );
     assert_eq!(dropped(&sim), 0);
+}
+
+/// With a memory window (the server's default with a store), an offline session keeps
+/// none of its queue in memory and an online one at most the window: the rest waits in the
+/// store and is read back in order as the window drains, across a crash too.
+#[test]
+fn with_a_memory_window_a_backlog_waits_in_the_store_and_is_read_back_in_order() {
+    for crash in [false, true] {
+        let mut sim = Sim::new(Settings {
+            queue_window: Some(8),
+            ..Settings::default()
+        });
+        sim.offline_subscriber(persistent("a"), "t", QoS::AtLeastOnce);
+        let b = sim.connect(Connect::new(Protocol::V5, "b"));
+        for i in 0..300u32 {
+            sim.publish(b, "t", &format!("m{i}"), (i + 1) as u16);
+        }
+        let state = sim.broker.session_state("a").unwrap();
+        assert_eq!(
+            state.queued().count(),
+            0,
+            "offline: nothing queued in memory"
+        );
+        assert_eq!((state.queued_len(), state.spilled_len()), (300, 300));
+        if crash {
+            sim.restart(Duration::from_secs(1));
+        }
+        let a = sim.connect(persistent("a"));
+        // Acknowledge what comes, one round at a time, watching the memory the queue takes.
+        let mut acked = 0;
+        let mut most_in_memory = 0;
+        loop {
+            let state = sim.broker.session_state("a").unwrap();
+            most_in_memory = most_in_memory.max(state.queued().count());
+            let sent = sim.publishes(a);
+            if acked == sent.len() {
+                break;
+            }
+            for p in &sent[acked..] {
+                if let Some(id) = p.packet_id() {
+                    sim.send(a, Packet::PubAck(tern_codec::Ack::new(id)));
+                }
+            }
+            acked = sent.len();
+        }
+        let received = sim.received(a);
+        let expected: Vec<String> = (0..300).map(|i| format!("m{i}")).collect();
+        assert_eq!(
+            received, expected,
+            "every message once, in order (crash: {crash})"
+        );
+        assert!(
+            most_in_memory <= 8,
+            "{most_in_memory} queued in memory, window 8"
+        );
+        assert!(
+            sim.loads_answered >= 300 / 8,
+            "{} loads",
+            sim.loads_answered
+        );
+        assert_eq!(sim.broker.session_state("a").unwrap().queued_len(), 0);
+        assert_eq!(sim.stored().sessions["a"].delivery.queued_len(), 0);
+    }
 }
 
 /// Past `max_queued_total`, a QoS 1/2 publish that would be queued is refused: 0x97 to a

@@ -44,6 +44,17 @@ impl Store for Counting {
     fn load(&self) -> Result<Snapshot, StoreError> {
         self.inner.load()
     }
+    fn load_spilled(&self) -> Result<Snapshot, StoreError> {
+        self.inner.load_spilled()
+    }
+    fn read_queue(
+        &self,
+        client_id: &str,
+        after: tern_store::MessageId,
+        max: usize,
+    ) -> Result<Vec<(tern_store::Entry, Option<tern_codec::Str>)>, StoreError> {
+        self.inner.read_queue(client_id, after, max)
+    }
     fn flush(&mut self) -> Result<(), StoreError> {
         self.inner.flush()
     }

@@ -102,6 +102,8 @@ pub struct Metrics {
     pub(crate) store_batches: AtomicU64,
     pub(crate) store_ops: AtomicU64,
     pub(crate) store_failures: AtomicU64,
+    /// Queue reads: batches of queued messages read back from the store.
+    pub(crate) store_loads: AtomicU64,
     pub(crate) commit_latency: Histogram,
     /// From reading the input that produced a PUBLISH to writing it, by QoS.
     pub(crate) latency: [Histogram; 3],
@@ -134,6 +136,7 @@ impl Metrics {
             connacks: std::array::from_fn(|_| AtomicU64::new(0)),
             connections_accepted: AtomicU64::new(0),
             store_commits: AtomicU64::new(0),
+            store_loads: AtomicU64::new(0),
             store_batches: AtomicU64::new(0),
             store_ops: AtomicU64::new(0),
             store_failures: AtomicU64::new(0),
@@ -360,6 +363,13 @@ impl Metrics {
             "Store transactions committed (one sync each with durability sync).",
         );
         let _ = writeln!(out, "tern_store_commits_total {}", r(&self.store_commits));
+        family(
+            &mut out,
+            "tern_store_queue_reads_total",
+            "counter",
+            "Batches of queued messages read back from the store as session windows drained.",
+        );
+        let _ = writeln!(out, "tern_store_queue_reads_total {}", r(&self.store_loads));
         family(
             &mut out,
             "tern_store_batches_total",

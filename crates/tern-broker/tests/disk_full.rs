@@ -35,6 +35,14 @@ impl Store for Flaky {
     fn load(&self) -> Result<Snapshot, StoreError> {
         self.inner.load()
     }
+    fn read_queue(
+        &self,
+        client_id: &str,
+        after: tern_store::MessageId,
+        max: usize,
+    ) -> Result<Vec<(tern_store::Entry, Option<tern_codec::Str>)>, StoreError> {
+        self.inner.read_queue(client_id, after, max)
+    }
 }
 
 fn persistent(id: &str) -> Connect {

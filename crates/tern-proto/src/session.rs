@@ -109,6 +109,9 @@ pub enum Change {
     Inbound(PacketId, InboundState),
     /// The inbound QoS 2 id is free again.
     InboundDone(PacketId),
+    /// The waiting message numbered `id` left the queue from wherever it stood in it
+    /// (expired, or taken for another receiver).
+    Removed(MessageId),
 }
 
 /// What changed in a tracked session since the last [`SessionState::take_changes`].
@@ -155,6 +158,26 @@ pub struct SessionState {
     queued_bytes: usize,
     inbound_qos2: IdMap<InboundState>,
     journal: Journal,
+    /// The part of the queue behind the in-memory window, kept only by the owner's store.
+    spill: Spill,
+}
+
+/// The waiting messages past the in-memory window: they are in the owner's store only,
+/// counted here, and read back in order ([`SessionState::wants_load`],
+/// [`SessionState::loaded`]) as the window drains. The window is always the front of the
+/// queue, so every spilled message is behind every one in memory, and (message ids
+/// growing in queue order) numbered above `after`.
+#[derive(Debug, Clone, Default)]
+struct Spill {
+    /// Most waiting messages kept in memory; 0: no window (everything in memory).
+    cap: usize,
+    /// Spilled messages and their payload bytes.
+    len: usize,
+    bytes: usize,
+    /// Every spilled message's id is above this one.
+    after: u64,
+    /// The load asked for and not yet answered (its token).
+    loading: Option<u64>,
 }
 
 /// Two sessions are equal when they would behave the same: the same flows in the same send
@@ -171,6 +194,7 @@ impl PartialEq for SessionState {
         };
         self.last_id == other.last_id
             && self.queue == other.queue
+            && (self.spill.len, self.spill.bytes) == (other.spill.len, other.spill.bytes)
             && self.inbound_qos2 == other.inbound_qos2
             && flows(self) == flows(other)
     }
@@ -216,6 +240,9 @@ impl SessionState {
                 self.journal = Journal::Changes(Vec::new());
                 let mut all = self.clone();
                 all.journal = Journal::Off;
+                // The copy is the store's: it holds every message in memory. (Nothing is
+                // spilled while the journal says rewrite: spilling needs the changes.)
+                all.spill = Spill::default();
                 Some(Changes::All(all))
             }
         }
@@ -224,12 +251,6 @@ impl SessionState {
     fn record(&mut self, change: Change) {
         if let Journal::Changes(v) = &mut self.journal {
             v.push(change);
-        }
-    }
-
-    fn rewrite(&mut self) {
-        if !matches!(self.journal, Journal::Off) {
-            self.journal = Journal::Rewrite;
         }
     }
 
@@ -270,6 +291,13 @@ impl SessionState {
             Change::InboundDone(id) => {
                 self.remove_inbound(*id);
             }
+            Change::Removed(id) => {
+                if let Some(k) = self.queue.iter().position(|e| e.id == *id)
+                    && let Some(e) = self.queue.remove(k)
+                {
+                    self.queued_bytes -= e.message.payload.len();
+                }
+            }
         }
     }
 
@@ -299,13 +327,15 @@ impl SessionState {
         self.inflight.len()
     }
 
-    /// Outbound messages waiting for the window, in order.
+    /// Outbound messages waiting for the window that are in memory, in order (the front
+    /// of the queue; [`SessionState::spilled_len`] more wait in the owner's store).
     pub fn queued(&self) -> impl Iterator<Item = &Entry> {
         self.queue.iter()
     }
 
-    /// Whether the message numbered `id` is still in the session (waiting or in flight).
-    /// Walks the session: for callers pruning their side maps, not for every message.
+    /// Whether the message numbered `id` is still in the session's memory (waiting in the
+    /// window or in flight; a spilled one is not). Walks the session: for callers pruning
+    /// their side maps, not for every message.
     pub fn holds(&self, id: MessageId) -> bool {
         self.queue.iter().any(|e| e.id == id) || self.inflight.values().any(|f| f.message_id == id)
     }
@@ -490,18 +520,148 @@ impl SessionState {
         if matches!(self.journal, Journal::Changes(_)) {
             self.record(Change::Queued(entry.clone()));
         }
+        let spill = &mut self.spill;
+        if spill.cap > 0
+            && matches!(self.journal, Journal::Changes(_))
+            && (spill.len > 0 || self.queue.len() >= spill.cap)
+        {
+            // Past the window: the store has it (the change above), memory only counts it.
+            if spill.len == 0 {
+                spill.after = self.queue.back().map_or(entry.id.0 - 1, |e| e.id.0);
+            }
+            spill.len += 1;
+            spill.bytes += entry.message.payload.len();
+            return;
+        }
         self.queued_bytes += entry.message.payload.len();
         self.queue.push_back(entry);
     }
 
-    /// How many messages wait for the window.
+    /// How many messages wait for the window (in memory and spilled).
     pub fn queued_len(&self) -> usize {
-        self.queue.len()
+        self.queue.len() + self.spill.len
     }
 
-    /// Payload bytes of the messages waiting for the window.
+    /// Payload bytes of the messages waiting for the window (in memory and spilled).
     pub fn queued_bytes(&self) -> usize {
-        self.queued_bytes
+        self.queued_bytes + self.spill.bytes
+    }
+
+    /// How many waiting messages are in the owner's store only, behind the window.
+    pub fn spilled_len(&self) -> usize {
+        self.spill.len
+    }
+
+    /// Keeps at most `cap` waiting messages in memory (`None`: all of them, the default),
+    /// the rest in the owner's store only: for a session whose every change reaches a
+    /// store (it is tracked) that answers [`SessionState::wants_load`]. Turning the window
+    /// off while messages are spilled is the owner's bug: they stay counted, unreachable.
+    pub fn set_window(&mut self, cap: Option<usize>) {
+        self.spill.cap = cap.map_or(0, |c| c.max(1));
+    }
+
+    /// Moves every waiting message out of memory (the owner's store holds them all): a
+    /// session going offline keeps nothing queued in memory. A load not yet answered is
+    /// forgotten (its answer would not fit the new front).
+    pub fn spill_all(&mut self) {
+        if self.spill.cap == 0 || matches!(self.journal, Journal::Rewrite) {
+            return;
+        }
+        self.spill.loading = None;
+        let Some(front) = self.queue.front() else {
+            return;
+        };
+        self.spill.after = front.id.0 - 1;
+        self.spill.len += self.queue.len();
+        self.spill.bytes += self.queued_bytes;
+        self.queue.clear();
+        self.queue.shrink_to(0);
+        self.queued_bytes = 0;
+    }
+
+    /// Sets the spilled part of a session read back from a store that kept its queue
+    /// there ([`SessionState::restore`] with no waiting messages): `len` messages of
+    /// `bytes` payload bytes, the last numbered `last` (later messages are numbered
+    /// above it).
+    pub fn restore_spilled(&mut self, len: usize, bytes: usize, last: Option<MessageId>) {
+        if let Some(last) = last {
+            self.saw(last);
+        }
+        self.spill.len = len;
+        self.spill.bytes = bytes;
+        self.spill.after = 0;
+    }
+
+    /// Whether the window has drained far enough (half) that the next spilled messages
+    /// should be read back: `(after, max)`, read up to `max` messages numbered above
+    /// `after`, in order, from the store, once it has committed every change recorded so
+    /// far, and give them to [`SessionState::loaded`]. `None` while a load is out or
+    /// nothing is spilled.
+    pub fn wants_load(&self) -> Option<(MessageId, usize)> {
+        let s = &self.spill;
+        (s.len > 0 && s.loading.is_none() && self.queue.len() <= s.cap / 2)
+            .then(|| (MessageId(s.after), (s.cap - self.queue.len()).min(s.len)))
+    }
+
+    /// Notes that the load [`SessionState::wants_load`] asked for is out, under `token`
+    /// (the owner's number for it).
+    pub fn begin_load(&mut self, token: u64) {
+        self.spill.loading = Some(token);
+    }
+
+    /// Whether `full`, a copy of this session holding every waiting message in memory (a
+    /// store's), is this session: the same flows, inbound ids and last id, this session's
+    /// window the front of its queue, and the rest as many messages and payload bytes as
+    /// this session has spilled.
+    pub fn matches_full(&self, full: &SessionState) -> bool {
+        let mut f = full.clone();
+        let keep = self.queue.len().min(f.queue.len());
+        let rest: Vec<Entry> = f.queue.drain(keep..).collect();
+        f.queued_bytes = f.queue.iter().map(|e| e.message.payload.len()).sum();
+        f.spill.len = rest.len();
+        f.spill.bytes = rest.iter().map(|e| e.message.payload.len()).sum();
+        f == *self
+    }
+
+    /// The token of the load that is out, if one is.
+    pub fn loading(&self) -> Option<u64> {
+        self.spill.loading
+    }
+
+    /// The answer to load `token`: messages read back from the store, in order. Those
+    /// that are still spilled join the back of the window (the store has them already:
+    /// nothing is recorded); an answer to a load that is no longer out is ignored. Returns
+    /// the ids taken.
+    pub fn loaded(&mut self, token: u64, entries: Vec<Entry>) -> Vec<MessageId> {
+        if self.spill.loading != Some(token) {
+            return Vec::new();
+        }
+        self.spill.loading = None;
+        let mut taken = Vec::with_capacity(entries.len());
+        for e in entries {
+            if self.spill.len == 0 {
+                break;
+            }
+            if e.id.0 <= self.spill.after {
+                continue;
+            }
+            let size = e.message.payload.len();
+            self.spill.len -= 1;
+            self.spill.bytes = self.spill.bytes.saturating_sub(size);
+            self.spill.after = e.id.0;
+            self.queued_bytes += size;
+            taken.push(e.id);
+            self.queue.push_back(e);
+        }
+        if self.spill.len == 0 {
+            self.spill.bytes = 0;
+        } else if taken.is_empty() {
+            // The store holds none of what is counted: it was lost under us. Counting on
+            // would wait for it forever.
+            self.spill.len = 0;
+            self.spill.bytes = 0;
+        }
+        taken
     }
 
     /// Takes out the messages for which `pred` holds that can still go to someone else:
@@ -529,35 +689,48 @@ impl SessionState {
         let ids: Vec<PacketId> = flights.iter().map(|f| f.id).collect();
         let mut out: Vec<Entry> = ids
             .iter()
-            .filter_map(|id| self.inflight.remove(id))
+            .filter_map(|id| self.remove_inflight(*id))
             .map(|f| Entry {
                 id: f.message_id,
                 since: f.since,
                 message: f.message,
             })
             .collect();
-        let (taken, kept): (VecDeque<Entry>, VecDeque<Entry>) = std::mem::take(&mut self.queue)
-            .into_iter()
-            .partition(|e| pred(e.id));
-        self.queue = kept;
-        self.queued_bytes = self.queue.iter().map(|e| e.message.payload.len()).sum();
-        out.extend(taken);
-        if !out.is_empty() {
-            self.rewrite();
+        if self.queue.iter().any(|e| pred(e.id)) {
+            let (taken, kept): (VecDeque<Entry>, VecDeque<Entry>) = std::mem::take(&mut self.queue)
+                .into_iter()
+                .partition(|e| pred(e.id));
+            self.queue = kept;
+            self.queued_bytes = self.queue.iter().map(|e| e.message.payload.len()).sum();
+            for e in &taken {
+                self.record(Change::Removed(e.id));
+            }
+            out.extend(taken);
         }
         out
     }
 
     /// Drops waiting messages whose Message Expiry Interval has passed; returns how many.
+    /// Only the waiting messages in memory are looked at; spilled ones are when they are
+    /// read back (and none is ever sent expired).
     pub fn remove_expired(&mut self, now: std::time::Instant) -> usize {
-        let before = self.queue.len();
-        self.queue.retain(|e| !e.message.is_expired(now));
-        self.queued_bytes = self.queue.iter().map(|e| e.message.payload.len()).sum();
-        let removed = before - self.queue.len();
-        if removed > 0 {
-            self.rewrite();
+        if !self.queue.iter().any(|e| e.message.is_expired(now)) {
+            return 0;
         }
-        removed
+        let before = self.queue.len();
+        let mut gone = Vec::new();
+        self.queue.retain(|e| {
+            let expired = e.message.is_expired(now);
+            if expired {
+                gone.push(e.id);
+            }
+            !expired
+        });
+        self.queued_bytes = self.queue.iter().map(|e| e.message.payload.len()).sum();
+        for id in gone {
+            self.record(Change::Removed(id));
+        }
+        before - self.queue.len()
     }
 
     /// Removes the oldest waiting message (for a drop-oldest queue limit).
@@ -565,12 +738,35 @@ impl SessionState {
         self.pop_queue()
     }
 
+    /// Drops the oldest waiting message, in memory or (the window empty) spilled; false
+    /// if nothing waits. A spilled one is dropped unread (`Unqueued`: the store takes its
+    /// front row), its payload bytes estimated as the spilled messages' average until the
+    /// spilled part is read back or empties (then the count is exact again).
+    pub fn drop_oldest(&mut self) -> bool {
+        if self.pop_queue().is_some() {
+            return true;
+        }
+        let s = &mut self.spill;
+        if s.len == 0 || !matches!(self.journal, Journal::Changes(_)) {
+            return false;
+        }
+        let average = s.bytes / s.len;
+        s.len -= 1;
+        s.bytes = if s.len == 0 { 0 } else { s.bytes - average };
+        self.record(Change::Unqueued);
+        true
+    }
+
     pub(crate) fn pop_queue(&mut self) -> Option<Entry> {
         let m = self.queue.pop_front()?;
         self.queued_bytes -= m.message.payload.len();
         if let Journal::Changes(v) = &mut self.journal {
-            // Queued and sent on at once: the store need not see it queued.
-            if self.queue.is_empty() && matches!(v.last(), Some(Change::Queued(_))) {
+            // Queued and sent on at once: the store need not see it queued. (Not when
+            // messages are spilled: the last one queued is one of those.)
+            if self.queue.is_empty()
+                && self.spill.len == 0
+                && matches!(v.last(), Some(Change::Queued(_)))
+            {
                 v.pop();
             } else {
                 v.push(Change::Unqueued);

@@ -142,7 +142,7 @@ pub enum Op {
 }
 
 /// The message a change puts in the session, if it puts one.
-fn change_entry(change: &Change) -> Option<MessageId> {
+pub(crate) fn change_entry(change: &Change) -> Option<MessageId> {
     match change {
         Change::Queued(e) | Change::Requeued(e) | Change::Sent(_, e) => Some(e.id),
         _ => None,
@@ -225,6 +225,34 @@ pub trait Store: Send {
 
     /// The whole state, as of the last successful commit.
     fn load(&self) -> Result<Snapshot, StoreError>;
+
+    /// The state as a broker keeping its queues in the store wants it at startup: every
+    /// session's waiting messages left in the store, counted ([`SessionState::spilled_len`])
+    /// but not read, to be read with [`Store::read_queue`] as they are needed; the shared
+    /// side maps only for what is in memory (in flight). Everything else as
+    /// [`Store::load`]. The default reads everything and lets go of the queues; a store
+    /// that can count without reading does better.
+    fn load_spilled(&self) -> Result<Snapshot, StoreError> {
+        let mut snapshot = self.load()?;
+        for session in snapshot.sessions.values_mut() {
+            let d = &mut session.delivery;
+            d.set_window(Some(1));
+            d.spill_all();
+            d.set_window(None);
+            session.forget_departed();
+        }
+        Ok(snapshot)
+    }
+
+    /// Up to `max` waiting messages of session `client_id` numbered above `after`, in
+    /// queue order, each with the shared subscription it came through: the next part of a
+    /// queue kept in the store. Nothing for a session the store does not hold.
+    fn read_queue(
+        &self,
+        client_id: &str,
+        after: MessageId,
+        max: usize,
+    ) -> Result<Vec<(Entry, Option<Str>)>, StoreError>;
 
     /// Makes every commit so far durable, for a backend that acknowledges commits before
     /// they reach the disk. Nothing to do for one that syncs each commit.
@@ -342,5 +370,23 @@ impl Store for MemoryStore {
 
     fn load(&self) -> Result<Snapshot, StoreError> {
         Ok(self.state.clone())
+    }
+
+    fn read_queue(
+        &self,
+        client_id: &str,
+        after: MessageId,
+        max: usize,
+    ) -> Result<Vec<(Entry, Option<Str>)>, StoreError> {
+        let Some(session) = self.state.sessions.get(client_id) else {
+            return Ok(Vec::new());
+        };
+        Ok(session
+            .delivery
+            .queued()
+            .filter(|e| e.id > after)
+            .take(max)
+            .map(|e| (e.clone(), session.shared.get(&e.id).cloned()))
+            .collect())
     }
 }

@@ -3,9 +3,14 @@
 //!
 //! Tables: `sessions` (client id -> record), `delivery` (client id -> last packet id and
 //! next flow number), `inflight` ((client id, packet id) -> send order, state, reference),
-//! `inbound` ((client id, packet id) -> state), `queue` ((client id, sequence) ->
-//! reference), `messages` (key -> message body) with `message_refs` (key -> how many
-//! references), `retained` (topic -> message). A message is stored once: the copies a
+//! `inbound` ((client id, packet id) -> state), `queue_by_id` ((client id, message id) ->
+//! payload length and reference; message ids grow in queue order, so the key order is
+//! the queue's and a broker can read the next part of a queue after the last id it
+//! holds), `queue_stats` (client id -> queued messages and payload bytes, kept per batch,
+//! so a start counts queues without reading them), `messages` (key -> message body) with
+//! `message_refs` (key -> how many references), `retained` (topic -> message). Files
+//! from before message-keyed queues (a `queue` table keyed by a sequence) are moved over
+//! once when opened. A message is stored once: the copies a
 //! batch queues or sends for several sessions (a fan-out) share one body, each reference
 //! adding only what differs per session (QoS, RETAIN, Subscription Identifiers, shared
 //! group); the body goes with its last reference. Each [`Change`] touches a few rows, so
@@ -32,16 +37,17 @@ const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
 const DELIVERY: TableDefinition<&str, &[u8]> = TableDefinition::new("delivery");
 const INFLIGHT: TableDefinition<(&str, u16), &[u8]> = TableDefinition::new("inflight");
 const INBOUND: TableDefinition<(&str, u16), u8> = TableDefinition::new("inbound");
-const QUEUE: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("queue");
+/// The queue keyed by an internal sequence, before queues were keyed by message id: read
+/// only to move its rows over.
+const OLD_QUEUE: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("queue");
+const QUEUE: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("queue_by_id");
+const QUEUE_STATS: TableDefinition<&str, (u64, u64)> = TableDefinition::new("queue_stats");
 const RETAINED: TableDefinition<&str, &[u8]> = TableDefinition::new("retained");
 const WILLS: TableDefinition<&str, &[u8]> = TableDefinition::new("wills");
 const MESSAGES: TableDefinition<u64, &[u8]> = TableDefinition::new("messages");
 const REFS: TableDefinition<u64, u32> = TableDefinition::new("message_refs");
 /// `wal_seq`: the number of the last logged batch this state includes.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
-
-/// Queue keys start mid-range so messages can be put back in front of the first one.
-const QUEUE_START: u64 = 1 << 40;
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
@@ -86,6 +92,10 @@ struct Tables<'t> {
     wills: Table<'t, &'static str, &'static [u8]>,
     messages: Table<'t, u64, &'static [u8]>,
     refs: Table<'t, u64, u32>,
+    stats: Table<'t, &'static str, (u64, u64)>,
+    /// What this batch changed of each session's queue count and payload bytes, written
+    /// to `stats` at its end.
+    deltas: HashMap<String, (i64, i64)>,
     /// Bodies written in this batch, by payload address and length, for the copies of a
     /// fan-out to find.
     bodies: HashMap<(usize, usize), Vec<(tern_proto::Message, u64)>>,
@@ -121,6 +131,7 @@ impl RedbStore {
         txn.open_table(INFLIGHT).map_err(backend)?;
         txn.open_table(INBOUND).map_err(backend)?;
         txn.open_table(QUEUE).map_err(backend)?;
+        txn.open_table(QUEUE_STATS).map_err(backend)?;
         txn.open_table(REFS).map_err(backend)?;
         let durable_seq = txn
             .open_table(META)
@@ -136,12 +147,15 @@ impl RedbStore {
             }
         };
         txn.commit().map_err(backend)?;
+        let anchor = Anchor { instant: now, wall };
+        migrate_queues(&db, anchor)
+            .map_err(|e| StoreError::Backend(format!("{}: moving queues: {e}", path.display())))?;
         let mut store = RedbStore {
             db,
             next_key,
             wal,
             seq: durable_seq,
-            anchor: Anchor { instant: now, wall },
+            anchor,
             sync: Sync::Always,
             unflushed: false,
         };
@@ -206,8 +220,213 @@ fn clear_delivery(t: &mut Tables<'_>, id: &str) -> Result<(), StoreError> {
         })
         .map_err(backend)?;
     for row in held {
-        release(t, &row)?;
+        let (size, reference) = queue_row(&row)?;
+        count(t, id, -1, -i64::from(size));
+        release(t, reference)?;
     }
+    Ok(())
+}
+
+/// A queue row: the payload length, then the reference.
+fn queue_row(row: &[u8]) -> Result<(u32, &[u8]), StoreError> {
+    match row.split_first_chunk::<4>() {
+        Some((size, reference)) => Ok((u32::from_le_bytes(*size), reference)),
+        None => Err(StoreError::Backend(
+            "a stored queue row is unreadable".into(),
+        )),
+    }
+}
+
+fn count(t: &mut Tables<'_>, id: &str, n: i64, bytes: i64) {
+    match t.deltas.get_mut(id) {
+        Some(d) => {
+            d.0 += n;
+            d.1 += bytes;
+        }
+        None => {
+            t.deltas.insert(id.to_owned(), (n, bytes));
+        }
+    }
+}
+
+/// Puts a message in session `id`'s queue under its message id.
+fn queue_push(
+    t: &mut Tables<'_>,
+    id: &str,
+    key: MessageId,
+    size: usize,
+    reference: &[u8],
+) -> Result<(), StoreError> {
+    let size = u32::try_from(size).unwrap_or(u32::MAX);
+    let mut row = Vec::with_capacity(4 + reference.len());
+    row.extend_from_slice(&size.to_le_bytes());
+    row.extend_from_slice(reference);
+    let old = t
+        .queue
+        .insert((id, key.get()), row.as_slice())
+        .map_err(backend)?
+        .map(|r| r.value().to_vec());
+    if let Some(old) = old {
+        // The same message queued again under its id: the old row goes.
+        let (size, reference) = queue_row(&old)?;
+        count(t, id, -1, -i64::from(size));
+        release(t, reference)?;
+    }
+    count(t, id, 1, i64::from(size));
+    Ok(())
+}
+
+/// Takes the row of message `key` (the front one if `None`) out of session `id`'s queue;
+/// its reference, if there was one.
+fn queue_take(
+    t: &mut Tables<'_>,
+    id: &str,
+    key: Option<u64>,
+) -> Result<Option<Vec<u8>>, StoreError> {
+    let key = match key {
+        Some(k) => k,
+        None => {
+            let first = t
+                .queue
+                .range((id, 0)..=(id, u64::MAX))
+                .map_err(backend)?
+                .next();
+            match first {
+                Some(e) => e.map_err(backend)?.0.value().1,
+                None => return Ok(None),
+            }
+        }
+    };
+    let Some(row) = t
+        .queue
+        .remove((id, key))
+        .map_err(backend)?
+        .map(|r| r.value().to_vec())
+    else {
+        return Ok(None);
+    };
+    let (size, reference) = queue_row(&row)?;
+    count(t, id, -1, -i64::from(size));
+    Ok(Some(reference.to_vec()))
+}
+
+/// Writes this batch's queue counts.
+fn write_counts(t: &mut Tables<'_>) -> Result<(), StoreError> {
+    for (id, (n, bytes)) in std::mem::take(&mut t.deltas) {
+        if (n, bytes) == (0, 0) {
+            continue;
+        }
+        let (len, size) = t
+            .stats
+            .get(id.as_str())
+            .map_err(backend)?
+            .map_or((0, 0), |v| v.value());
+        let len = len.saturating_add_signed(n);
+        let size = size.saturating_add_signed(bytes);
+        if len == 0 {
+            t.stats.remove(id.as_str()).map_err(backend)?;
+        } else {
+            t.stats.insert(id.as_str(), (len, size)).map_err(backend)?;
+        }
+    }
+    Ok(())
+}
+
+/// Moves the rows of a store written before queues were keyed by message id (table
+/// `queue`, keyed by a sequence) to `queue_by_id`, numbering copies stored before
+/// message ids as loading used to (above every id the session holds, in queue order),
+/// and counts them. Once; a store without such rows is left as it is.
+fn migrate_queues(db: &Database, anchor: Anchor) -> Result<(), StoreError> {
+    let txn = db.begin_write().map_err(backend)?;
+    {
+        let mut old = txn.open_table(OLD_QUEUE).map_err(backend)?;
+        if old.is_empty().map_err(backend)? {
+            drop(old);
+            txn.abort().map_err(backend)?;
+            return Ok(());
+        }
+        let inflight = txn.open_table(INFLIGHT).map_err(backend)?;
+        let messages = txn.open_table(MESSAGES).map_err(backend)?;
+        let mut queue = txn.open_table(QUEUE).map_err(backend)?;
+        let mut stats = txn.open_table(QUEUE_STATS).map_err(backend)?;
+        // Rows by session, in queue order.
+        let mut by_session: BTreeMap<String, Vec<Vec<u8>>> = BTreeMap::new();
+        for row in old.iter().map_err(backend)? {
+            let (k, v) = row.map_err(backend)?;
+            by_session
+                .entry(k.value().0.to_owned())
+                .or_default()
+                .push(v.value().to_vec());
+        }
+        for (id, rows) in by_session {
+            let mut copies = Vec::with_capacity(rows.len());
+            for row in &rows {
+                copies.push(encoding::read_reference(row)?);
+            }
+            let mut high = 0;
+            for f in inflight
+                .range((id.as_str(), 0)..=(id.as_str(), u16::MAX))
+                .map_err(backend)?
+            {
+                let (_, row) = f.map_err(backend)?;
+                let (_, _, reference) = encoding::read_flow_ref(row.value())?;
+                if let Some(n) = encoding::read_reference(reference)?.1.id {
+                    high = high.max(n.get());
+                }
+            }
+            let numbered = copies.iter().all(|(_, c)| c.id.is_some())
+                && copies.windows(2).all(|w| w[0].1.id < w[1].1.id);
+            high = copies
+                .iter()
+                .filter_map(|(_, c)| c.id.map(MessageId::get))
+                .fold(high, u64::max);
+            let (mut len, mut bytes) = (0u64, 0u64);
+            for (row, (key, copy)) in rows.iter().zip(copies) {
+                let Some(body) = messages.get(key).map_err(backend)? else {
+                    return Err(StoreError::Backend(format!(
+                        "stored message {key} is missing"
+                    )));
+                };
+                let body = encoding::read_body(body.value(), anchor)?;
+                let (message, since) = copy.of(&body, anchor, anchor.instant);
+                let shared = copy.shared.clone().or_else(|| body.shared.clone());
+                let message_id = match copy.id {
+                    Some(n) if numbered => n,
+                    _ => {
+                        high += 1;
+                        MessageId::new(high)
+                            .ok_or_else(|| StoreError::Backend("message ids ran out".into()))?
+                    }
+                };
+                let reference = if numbered {
+                    row.clone()
+                } else {
+                    encoding::reference(
+                        key,
+                        CopyOf {
+                            message: &message,
+                            id: message_id,
+                            since,
+                            shared: shared.as_ref(),
+                        },
+                        anchor,
+                    )
+                };
+                let size = message.payload.len();
+                let mut new_row = Vec::with_capacity(4 + reference.len());
+                new_row.extend_from_slice(&u32::try_from(size).unwrap_or(u32::MAX).to_le_bytes());
+                new_row.extend_from_slice(&reference);
+                queue
+                    .insert((id.as_str(), message_id.get()), new_row.as_slice())
+                    .map_err(backend)?;
+                len += 1;
+                bytes += size as u64;
+            }
+            stats.insert(id.as_str(), (len, bytes)).map_err(backend)?;
+        }
+        old.retain(|_, _| false).map_err(backend)?;
+    }
+    txn.commit().map_err(backend)?;
     Ok(())
 }
 
@@ -222,19 +441,6 @@ fn release(t: &mut Tables<'_>, reference: &[u8]) -> Result<(), StoreError> {
         t.refs.insert(key, n - 1).map_err(backend)?;
     }
     Ok(())
-}
-
-fn queue_end(t: &Tables<'_>, id: &str, back: bool) -> Result<Option<u64>, StoreError> {
-    let mut range = t.queue.range((id, 0)..=(id, u64::MAX)).map_err(backend)?;
-    let entry = if back {
-        range.next_back()
-    } else {
-        range.next()
-    };
-    match entry {
-        Some(e) => Ok(Some(e.map_err(backend)?.0.value().1)),
-        None => Ok(None),
-    }
 }
 
 impl RedbStore {
@@ -254,6 +460,8 @@ impl RedbStore {
             wills: txn.open_table(WILLS).map_err(backend)?,
             messages: txn.open_table(MESSAGES).map_err(backend)?,
             refs: txn.open_table(REFS).map_err(backend)?,
+            stats: txn.open_table(QUEUE_STATS).map_err(backend)?,
+            deltas: HashMap::new(),
             bodies: HashMap::new(),
         };
         for (index, op) in batch.iter().enumerate() {
@@ -317,7 +525,7 @@ impl RedbStore {
                 }
             }
         }
-        Ok(())
+        write_counts(&mut t)
     }
 
     /// A reference to `m`'s body for one more holder: the body another copy in this batch
@@ -382,11 +590,9 @@ impl RedbStore {
                 .insert((id, pid.get()), encoding::inbound(s))
                 .map_err(backend)?;
         }
-        for (k, e) in state.queued().enumerate() {
+        for e in state.queued() {
             let row = self.hold(t, CopyOf::entry(e, shared.get(&e.id)))?;
-            t.queue
-                .insert((id, QUEUE_START + k as u64), row.as_slice())
-                .map_err(backend)?;
+            queue_push(t, id, e.id, e.message.payload.len(), &row)?;
         }
         t.delivery
             .insert(id, encoding::delivery_row(state.last_id(), seq).as_slice())
@@ -402,27 +608,19 @@ impl RedbStore {
         shared: Option<&Str>,
     ) -> Result<(), StoreError> {
         match change {
-            Change::Queued(e) => {
-                let key = queue_end(t, id, true)?.map_or(QUEUE_START, |k| k + 1);
+            Change::Queued(e) | Change::Requeued(e) => {
                 let row = self.hold(t, CopyOf::entry(e, shared))?;
-                t.queue.insert((id, key), row.as_slice()).map_err(backend)?;
+                queue_push(t, id, e.id, e.message.payload.len(), &row)?;
             }
             Change::Unqueued => {
-                if let Some(k) = queue_end(t, id, false)? {
-                    let row = t
-                        .queue
-                        .remove((id, k))
-                        .map_err(backend)?
-                        .map(|r| r.value().to_vec());
-                    if let Some(row) = row {
-                        release(t, &row)?;
-                    }
+                if let Some(reference) = queue_take(t, id, None)? {
+                    release(t, &reference)?;
                 }
             }
-            Change::Requeued(e) => {
-                let key = queue_end(t, id, false)?.map_or(QUEUE_START, |k| k - 1);
-                let row = self.hold(t, CopyOf::entry(e, shared))?;
-                t.queue.insert((id, key), row.as_slice()).map_err(backend)?;
+            Change::Removed(n) => {
+                if let Some(reference) = queue_take(t, id, Some(n.get()))? {
+                    release(t, &reference)?;
+                }
             }
             Change::Sent(pid, e) => {
                 let reference = self.hold(t, CopyOf::entry(e, shared))?;
@@ -430,18 +628,9 @@ impl RedbStore {
             }
             Change::Launched(pid) => {
                 // The front row moves to the flows, its reference (and so its body) as is.
-                let Some(k) = queue_end(t, id, false)? else {
-                    return Ok(());
-                };
-                let Some(reference) = t
-                    .queue
-                    .remove((id, k))
-                    .map_err(backend)?
-                    .map(|r| r.value().to_vec())
-                else {
-                    return Ok(());
-                };
-                self.put_flow(t, id, *pid, &reference)?;
+                if let Some(reference) = queue_take(t, id, None)? {
+                    self.put_flow(t, id, *pid, &reference)?;
+                }
             }
             Change::Released(pid) => {
                 let row = match t.inflight.get((id, pid.get())).map_err(backend)? {
@@ -578,12 +767,66 @@ impl Store for RedbStore {
     }
 
     fn load(&self) -> Result<Snapshot, StoreError> {
+        self.read_all(true)
+    }
+
+    fn load_spilled(&self) -> Result<Snapshot, StoreError> {
+        self.read_all(false)
+    }
+
+    fn read_queue(
+        &self,
+        client_id: &str,
+        after: MessageId,
+        max: usize,
+    ) -> Result<Vec<(Entry, Option<Str>)>, StoreError> {
+        let mut out = Vec::new();
+        if max == 0 || after.get() == u64::MAX {
+            return Ok(out);
+        }
+        let txn = self.db.begin_read().map_err(backend)?;
+        let queue = txn.open_table(QUEUE).map_err(backend)?;
+        let messages = txn.open_table(MESSAGES).map_err(backend)?;
+        let mut bodies: HashMap<u64, encoding::Body> = HashMap::new();
+        let anchor = self.anchor;
+        for row in queue
+            .range((client_id, after.get() + 1)..=(client_id, u64::MAX))
+            .map_err(backend)?
+            .take(max)
+        {
+            let (key, row) = row.map_err(backend)?;
+            let (_, reference) = queue_row(row.value())?;
+            let (body_key, copy) = encoding::read_reference(reference)?;
+            if let std::collections::hash_map::Entry::Vacant(slot) = bodies.entry(body_key) {
+                let Some(body) = messages.get(body_key).map_err(backend)? else {
+                    return Err(StoreError::Backend(format!(
+                        "stored message {body_key} is missing"
+                    )));
+                };
+                slot.insert(encoding::read_body(body.value(), anchor)?);
+            }
+            let body = &bodies[&body_key];
+            let (message, since) = copy.of(body, anchor, anchor.instant);
+            let id = MessageId::new(key.value().1)
+                .ok_or_else(|| StoreError::Backend("a stored queue row has id 0".into()))?;
+            let shared = copy.shared.or_else(|| body.shared.clone());
+            out.push((Entry { id, since, message }, shared));
+        }
+        Ok(out)
+    }
+}
+
+impl RedbStore {
+    /// Everything, or (`queues` false) everything but the queued messages, which are
+    /// counted instead.
+    fn read_all(&self, queues: bool) -> Result<Snapshot, StoreError> {
         let txn = self.db.begin_read().map_err(backend)?;
         let sessions = txn.open_table(SESSIONS).map_err(backend)?;
         let delivery = txn.open_table(DELIVERY).map_err(backend)?;
         let inflight = txn.open_table(INFLIGHT).map_err(backend)?;
         let inbound = txn.open_table(INBOUND).map_err(backend)?;
         let queue = txn.open_table(QUEUE).map_err(backend)?;
+        let stats = txn.open_table(QUEUE_STATS).map_err(backend)?;
         let retained = txn.open_table(RETAINED).map_err(backend)?;
         let wills = txn.open_table(WILLS).map_err(backend)?;
         let messages = txn.open_table(MESSAGES).map_err(backend)?;
@@ -637,9 +880,24 @@ impl Store for RedbStore {
                 ids.push((pid, encoding::read_inbound(state.value())?));
             }
             let mut queued = Vec::new();
-            for q in queue.range((id, 0)..=(id, u64::MAX)).map_err(backend)? {
-                queued.push(copy_of(q.map_err(backend)?.1.value())?);
+            if queues {
+                for q in queue.range((id, 0)..=(id, u64::MAX)).map_err(backend)? {
+                    let (key, row) = q.map_err(backend)?;
+                    let mut copy = copy_of(queue_row(row.value())?.1)?;
+                    // The key is the message's id.
+                    copy.id = MessageId::new(key.value().1).or(copy.id);
+                    queued.push(copy);
+                }
             }
+            // The highest id in the queue (its last key), read or not.
+            let last_queued = match queue
+                .range((id, 0)..=(id, u64::MAX))
+                .map_err(backend)?
+                .next_back()
+            {
+                Some(row) => row.map_err(backend)?.0.value().1,
+                None => 0,
+            };
             // Copies stored before message ids get ids above every id the session holds.
             let mut next = flows
                 .iter()
@@ -647,7 +905,8 @@ impl Store for RedbStore {
                 .chain(&queued)
                 .filter_map(|c| c.id.map(MessageId::get))
                 .max()
-                .unwrap_or(0);
+                .unwrap_or(0)
+                .max(last_queued);
             // Room for the numbering (an id this high is no id Tern gave: unreadable).
             if next > u64::MAX / 2 + (1 << 62) {
                 return Err(StoreError::Backend(format!(
@@ -674,7 +933,18 @@ impl Store for RedbStore {
                 .map(|(_, pid, c, s)| (pid, entry(c), s))
                 .collect();
             let queued: Vec<_> = queued.into_iter().map(&mut entry).collect();
-            let state = SessionState::restore(last_id, flows, queued, ids);
+            let mut state = SessionState::restore(last_id, flows, queued, ids);
+            if !queues {
+                let (len, bytes) = stats
+                    .get(id)
+                    .map_err(backend)?
+                    .map_or((0, 0), |v| v.value());
+                state.restore_spilled(
+                    usize::try_from(len).unwrap_or(usize::MAX),
+                    usize::try_from(bytes).unwrap_or(usize::MAX),
+                    MessageId::new(last_queued),
+                );
+            }
             snapshot.sessions.insert(
                 Str::from(id),
                 StoredSession {
@@ -700,5 +970,106 @@ impl Store for RedbStore {
             );
         }
         Ok(snapshot)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::{SessionRecord, Store};
+    use tern_codec::QoS;
+
+    fn queued(id: &str, payload: &str, n: u64, now: Instant) -> Op {
+        Op::Change {
+            client_id: id.into(),
+            change: Change::Queued(Entry {
+                id: MessageId::new(n).unwrap(),
+                since: now,
+                message: tern_proto::Message::new(
+                    TopicName::new("t").unwrap(),
+                    payload.to_string(),
+                    QoS::AtLeastOnce,
+                ),
+            }),
+            shared: None,
+        }
+    }
+
+    /// A file from before queues were keyed by message id (rows in `queue` under a
+    /// sequence, references without ids) is moved over when opened: the same messages in
+    /// the same order, numbered, counted, readable in parts.
+    #[test]
+    fn a_store_with_the_old_queue_layout_is_moved_over_when_opened() {
+        let dir = std::env::temp_dir().join(format!("tern-migrate-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tern.redb");
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        {
+            let mut store = RedbStore::open(&path, now, wall).unwrap();
+            let mut batch = vec![Op::PutSession {
+                client_id: "a".into(),
+                record: SessionRecord::default(),
+            }];
+            for (n, p) in ["one", "two", "three"].iter().enumerate() {
+                batch.push(queued("a", p, n as u64 + 7, now));
+            }
+            store.commit(&batch).unwrap();
+            // Rewrite it the old way: sequence keys from 1 << 40, references that end
+            // before the id and time (20 bytes), no counts.
+            let txn = store.db.begin_write().unwrap();
+            {
+                let mut new = txn.open_table(QUEUE).unwrap();
+                let mut old = txn.open_table(OLD_QUEUE).unwrap();
+                let rows: Vec<Vec<u8>> = new
+                    .iter()
+                    .unwrap()
+                    .map(|r| r.unwrap().1.value().to_vec())
+                    .collect();
+                for (k, row) in rows.iter().enumerate() {
+                    let reference = &row[4..row.len() - 20];
+                    old.insert(("a", (1u64 << 40) + k as u64), reference)
+                        .unwrap();
+                }
+                new.retain(|_, _| false).unwrap();
+                txn.open_table(QUEUE_STATS)
+                    .unwrap()
+                    .retain(|_, _| false)
+                    .unwrap();
+            }
+            txn.commit().unwrap();
+            assert_eq!(store.load().unwrap().sessions["a"].delivery.queued_len(), 0);
+        }
+        let store = RedbStore::open(&path, now, wall).unwrap();
+        let full = store.load().unwrap();
+        let payloads: Vec<String> = full.sessions["a"]
+            .delivery
+            .queued()
+            .map(|e| String::from_utf8(e.message.payload.to_vec()).unwrap())
+            .collect();
+        assert_eq!(payloads, ["one", "two", "three"]);
+        let ids: Vec<u64> = full.sessions["a"]
+            .delivery
+            .queued()
+            .map(|e| e.id.get())
+            .collect();
+        assert!(
+            ids.windows(2).all(|w| w[0] < w[1]),
+            "numbered in order: {ids:?}"
+        );
+        let spilled = store.load_spilled().unwrap();
+        let d = &spilled.sessions["a"].delivery;
+        assert_eq!((d.spilled_len(), d.queued_bytes()), (3, 11));
+        let part = store
+            .read_queue("a", MessageId::new(ids[0]).unwrap(), 10)
+            .unwrap();
+        assert_eq!(part.len(), 2);
+        let txn = store.db.begin_read().unwrap();
+        assert!(txn.open_table(OLD_QUEUE).unwrap().is_empty().unwrap());
+        drop(txn);
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

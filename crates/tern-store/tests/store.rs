@@ -21,9 +21,20 @@ fn start() -> std::time::Instant {
 /// `m` as a session holds it, with an id no other entry in this process has (a session's
 /// ids are unique).
 fn entry(m: Message) -> Entry {
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1 << 40);
     Entry {
         id: MessageId::new(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)).unwrap(),
+        since: start(),
+        message: m,
+    }
+}
+
+/// `m` as a session puts it back in front of its queue: numbered below every message
+/// [`entry`] numbers and every earlier one put back (a session's ids grow in queue order).
+fn front_entry(m: Message) -> Entry {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new((1 << 40) - 1);
+    Entry {
+        id: MessageId::new(NEXT.fetch_sub(1, std::sync::atomic::Ordering::Relaxed)).unwrap(),
         since: start(),
         message: m,
     }
@@ -166,6 +177,73 @@ fn dequeue_oldest_and_put_delivery(store: &mut dyn Store) {
     assert_eq!(queued(store, "a"), ["3"]);
 }
 
+fn payloads(v: &[(Entry, Option<Str>)]) -> Vec<String> {
+    v.iter()
+        .map(|(e, _)| String::from_utf8(e.message.payload.to_vec()).unwrap())
+        .collect()
+}
+
+fn queues_are_read_back_in_parts_and_counted_without_reading(store: &mut dyn Store) {
+    let entries: Vec<Entry> = ["1", "2", "3", "4", "5"]
+        .iter()
+        .map(|p| entry(message("a/b", p)))
+        .collect();
+    let mut batch = vec![put("a", 10), put("b", 10)];
+    for e in &entries {
+        batch.push(Op::Change {
+            client_id: "a".into(),
+            change: Change::Queued(e.clone()),
+            shared: (e.message.payload == "4").then(|| "$share/g/a/#".into()),
+        });
+    }
+    store.commit(&batch).unwrap();
+    let none = MessageId::new(1).unwrap();
+    let first = store.read_queue("a", none, 2).unwrap();
+    assert_eq!(payloads(&first), ["1", "2"]);
+    assert_eq!(
+        first[0].0, entries[0],
+        "read back whole: id, time and message"
+    );
+    let rest = store.read_queue("a", first[1].0.id, 10).unwrap();
+    assert_eq!(payloads(&rest), ["3", "4", "5"]);
+    assert_eq!(
+        rest[1].1.as_deref(),
+        Some("$share/g/a/#"),
+        "with its shared group"
+    );
+    assert!(store.read_queue("b", none, 10).unwrap().is_empty());
+    assert!(store.read_queue("nobody", none, 10).unwrap().is_empty());
+    // Taken from the middle (expired, or gone to another member), and the front sent.
+    store
+        .commit(&[
+            change("a", Change::Removed(entries[2].id)),
+            change("a", Change::Unqueued),
+        ])
+        .unwrap();
+    assert_eq!(
+        payloads(&store.read_queue("a", none, 10).unwrap()),
+        ["2", "4", "5"]
+    );
+    assert_eq!(queued(store, "a"), ["2", "4", "5"]);
+    // Counted, not read: the queue waits in the store, ids go on above it.
+    let spilled = store.load_spilled().unwrap();
+    let a = &spilled.sessions[&Str::from("a")];
+    assert_eq!(a.delivery.queued().count(), 0);
+    assert_eq!(a.delivery.spilled_len(), 3);
+    assert_eq!((a.delivery.queued_len(), a.delivery.queued_bytes()), (3, 3));
+    assert!(
+        a.shared.is_empty(),
+        "the side map of what is spilled stays in the store"
+    );
+    let mut d = a.delivery.clone();
+    let next = d.enqueue(message("a/b", "6"), start());
+    assert!(
+        next > entries[4].id,
+        "{next} numbered above the stored queue"
+    );
+    assert_eq!(spilled.sessions[&Str::from("b")].delivery.queued_len(), 0);
+}
+
 fn retained_set_replaced_cleared(store: &mut dyn Store) {
     store
         .commit(&[Op::PutRetained {
@@ -233,6 +311,17 @@ impl Store for Redb {
     fn load(&self) -> Result<tern_store::Snapshot, StoreError> {
         self.0.load()
     }
+    fn load_spilled(&self) -> Result<tern_store::Snapshot, StoreError> {
+        self.0.load_spilled()
+    }
+    fn read_queue(
+        &self,
+        client_id: &str,
+        after: MessageId,
+        max: usize,
+    ) -> Result<Vec<(Entry, Option<Str>)>, StoreError> {
+        self.0.read_queue(client_id, after, max)
+    }
 }
 
 fn redb() -> Redb {
@@ -251,6 +340,7 @@ macro_rules! every_claim {
             deleting_a_session_drops_its_queue,
             dequeue_oldest_and_put_delivery,
             retained_set_replaced_cleared,
+            queues_are_read_back_in_parts_and_counted_without_reading,
         );
     };
 }
@@ -324,7 +414,8 @@ fn arb_change() -> impl Strategy<Value = Change> {
     prop_oneof![
         msg.clone().prop_map(Change::Queued),
         Just(Change::Unqueued),
-        msg.clone().prop_map(Change::Requeued),
+        msg.clone()
+            .prop_map(|e| Change::Requeued(front_entry(e.message))),
         (pid.clone(), msg).prop_map(|(i, e)| Change::Sent(i, e)),
         pid.clone().prop_map(Change::Launched),
         pid.clone().prop_map(Change::Released),
@@ -450,6 +541,19 @@ proptest! {
                 prop_assert_eq!(a, b, "accepted by one store and not the other: {:?}", batch);
                 let snapshot = model.load().unwrap();
                 prop_assert_eq!(real.load().unwrap(), snapshot.clone());
+                // Counted without reading, and read back in parts, the same.
+                prop_assert_eq!(real.load_spilled().unwrap(), model.load_spilled().unwrap());
+                for id in snapshot.sessions.keys() {
+                    let mut after = MessageId::new(1).unwrap();
+                    let mut read = Vec::new();
+                    loop {
+                        let part = real.read_queue(id, after, 2).unwrap();
+                        let Some(last) = part.last() else { break };
+                        after = last.0.id;
+                        read.extend(part);
+                    }
+                    prop_assert_eq!(read, model.read_queue(id, MessageId::new(1).unwrap(), usize::MAX).unwrap());
+                }
                 let copies: usize = snapshot
                     .sessions
                     .values()

@@ -272,6 +272,9 @@ pub(crate) struct Sessions {
     max_queued_age_secs: u64,
     queue_qos0: bool,
     max_session_expiry_3x_secs: u32,
+    /// Queued messages a connected persistent session keeps in memory; the rest stay in
+    /// the store until the window drains. 0: all in memory (no window).
+    memory_window: usize,
 }
 
 impl Default for Sessions {
@@ -290,6 +293,7 @@ impl Default for Sessions {
             max_queued_age_secs: 0,
             queue_qos0: s.queue_qos0,
             max_session_expiry_3x_secs: u32::MAX,
+            memory_window: s.queue_window.unwrap_or(0),
         }
     }
 }
@@ -465,6 +469,8 @@ impl File {
                 n => n,
             },
             max_write_backlog: self.limits.max_write_backlog_bytes,
+            // Without a store (durability none) the server turns the window off.
+            queue_window: (self.sessions.memory_window > 0).then_some(self.sessions.memory_window),
             max_queued_age: (self.sessions.max_queued_age_secs > 0)
                 .then(|| Duration::from_secs(self.sessions.max_queued_age_secs)),
             receive_maximum: self.limits.receive_maximum,

@@ -47,6 +47,7 @@ mod timers;
 
 pub use gauges::{Gauges, SessionGauge};
 pub use round::{Round, Sealed, Send};
+
 pub use settings::{QUEUED_MESSAGE_OVERHEAD, QueuePolicy, Settings};
 pub use sys::Traffic;
 
@@ -204,15 +205,38 @@ impl Session {
             .collect()
     }
 
-    /// Starts (`Some(known)`) or stops (`None`) the change journal of the session.
-    fn track(&mut self, known: Option<bool>) {
+    /// Starts (`Some(known)`) or stops (`None`) the change journal of the session; a
+    /// tracked session keeps `window` waiting messages in memory, the rest in the store.
+    fn track(&mut self, known: Option<bool>, window: Option<usize>) {
         match (&mut self.conn, known) {
-            (Link::Online((_, c)), Some(known)) => c.track(known),
+            (Link::Online((_, c)), Some(known)) => {
+                c.track(known);
+                c.set_window(window);
+            }
             (Link::Online((_, c)), None) => c.untrack(),
-            (Link::Offline(stored), Some(known)) => stored.track(known),
+            (Link::Offline(stored), Some(known)) => {
+                stored.track(known);
+                stored.set_window(window);
+            }
             (Link::Offline(stored), None) => stored.untrack(),
         }
     }
+}
+
+/// A request to read a session's spilled messages back from the store (see
+/// [`Settings::queue_window`]): up to `max` queued messages of `client_id` numbered above
+/// `after`, in order, each with the shared subscription it came through, read once the
+/// round it came with is committed and answered with [`Broker::handle_loaded`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Load {
+    /// The session.
+    pub client_id: Str,
+    /// The broker's number for this load, given back with the answer.
+    pub token: u64,
+    /// Read messages numbered above this one.
+    pub after: MessageId,
+    /// At most this many.
+    pub max: usize,
 }
 
 /// A session's live connection, whose engine holds the delivery state, or that state on
@@ -269,6 +293,10 @@ pub struct Broker {
     batch: Vec<Op>,
     /// Sessions whose delivery state may have changed in this input.
     touched: Vec<Str>,
+    /// Loads asked for since the last round (handed out with it).
+    loads: Vec<Load>,
+    /// The last load token handed out.
+    last_load: u64,
     /// Sessions given messages in this input, drained when it ends.
     drain_due: Vec<Str>,
     /// The other half of `drain_due`'s double buffer (empty between inputs).
@@ -331,6 +359,8 @@ impl Broker {
             settings,
             batch: Vec::new(),
             touched: Vec::new(),
+            loads: Vec::new(),
+            last_load: 0,
             drain_due: Vec::new(),
             drain_spare: Vec::new(),
             anchor: (now, wall),
@@ -376,7 +406,13 @@ impl Broker {
             // Ids whose PUBREC was never released belong to messages not accepted.
             delivery.drop_unreleased_inbound();
             delivery.track(true);
+            // Offline: nothing queued in memory (a store that loads lazily kept it there).
+            delivery.set_window(broker.settings.queue_window);
+            delivery.spill_all();
             let mut via_shared: HashMap<MessageId, Str> = stored.shared.into_iter().collect();
+            if !via_shared.is_empty() {
+                via_shared.retain(|id, _| delivery.holds(*id));
+            }
             if was_online && !via_shared.is_empty() {
                 let taken = delivery.take_redeliverable(|id| via_shared.contains_key(&id), false);
                 for e in taken {

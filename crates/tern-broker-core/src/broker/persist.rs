@@ -81,7 +81,79 @@ impl Broker {
                     })
                 }
             }
+            if self.settings.queue_window.is_none() || !s.persisted {
+                continue;
+            }
+            match &mut s.conn {
+                // Everything it holds is in this input's ops now: an offline session
+                // keeps none of its queue in memory.
+                Link::Offline(stored) if stored.queued().next().is_some() => {
+                    stored.spill_all();
+                    s.prune_via_shared();
+                }
+                Link::Online((_, c)) => {
+                    if let Some((after, max)) = c.session().wants_load() {
+                        self.last_load += 1;
+                        c.begin_load(self.last_load);
+                        self.loads.push(Load {
+                            client_id: client_id.clone(),
+                            token: self.last_load,
+                            after,
+                            max,
+                        });
+                    }
+                }
+                Link::Offline(_) => {}
+            }
         }
+    }
+
+    /// The answer to a [`Load`]: the messages read back, in order, each with the shared
+    /// subscription it came through. Those the session still waits for join its window
+    /// (and go out as it has room); an answer to a load that is no longer wanted (the
+    /// session went offline, ended or started again) is ignored.
+    pub fn handle_loaded(
+        &mut self,
+        client_id: &str,
+        token: u64,
+        messages: Vec<(Entry, Option<Str>)>,
+        now: Instant,
+    ) {
+        let Some(client_id) = self
+            .sessions
+            .get_key_value(client_id)
+            .map(|(k, _)| k.clone())
+        else {
+            return;
+        };
+        let Some(s) = self.sessions.get_mut(&client_id) else {
+            return;
+        };
+        if s.state().loading() != Some(token) {
+            return;
+        }
+        let mut groups: Vec<(MessageId, Str)> = Vec::new();
+        let entries = messages
+            .into_iter()
+            .map(|(e, group)| {
+                if let Some(g) = group {
+                    groups.push((e.id, g));
+                }
+                e
+            })
+            .collect();
+        let taken = match &mut s.conn {
+            Link::Online((_, c)) => c.loaded(token, entries, now),
+            Link::Offline(stored) => stored.loaded(token, entries),
+        };
+        for (id, g) in groups {
+            if taken.binary_search(&id).is_ok() {
+                s.via_shared.insert(id, g);
+            }
+        }
+        self.touch(&client_id);
+        self.list_for_drain(&client_id);
+        self.commit(now);
     }
 
     /// Ends an input: the sessions it gave messages to (listed by `deliver`) are drained,
@@ -118,9 +190,11 @@ impl Broker {
             return;
         };
         if s.expiry.is_zero() {
-            if s.persisted {
+            // A session whose queue is partly in the store only stays there until it ends
+            // (deleted then), rather than lose what is spilled.
+            if s.persisted && s.state().spilled_len() == 0 {
                 s.persisted = false;
-                s.track(None);
+                s.track(None, None);
                 self.batch.push(Op::DeleteSession {
                     client_id: client_id.clone(),
                 });
@@ -130,7 +204,7 @@ impl Broker {
         if !s.persisted {
             // From now on the store follows its delivery state, starting with all of it.
             s.persisted = true;
-            s.track(Some(false));
+            s.track(Some(false), self.settings.queue_window);
             self.touch(client_id);
         }
         let s = &self.sessions[client_id];

@@ -69,6 +69,11 @@ pub enum Round {
         early: Vec<Send>,
         /// What waits for it.
         sealed: Sealed<Vec<Send>>,
+        /// Queued messages to read back from the store once the batch is committed
+        /// (never before: they may be in it), answered with
+        /// [`Broker::handle_loaded`](crate::Broker::handle_loaded). Empty unless
+        /// [`Settings::queue_window`](crate::Settings) is set.
+        loads: Sealed<Vec<crate::Load>>,
     },
 }
 
@@ -139,7 +144,8 @@ impl Broker {
             sends.push(send);
         }
         let ops = self.take_ops();
-        if ops.is_empty() {
+        let loads = std::mem::take(&mut self.loads);
+        if ops.is_empty() && loads.is_empty() {
             return Round::Ready(sends);
         }
         // Each connection's output splits where the first packet that needs the commit
@@ -170,6 +176,7 @@ impl Broker {
             ops,
             early,
             sealed: Sealed(sealed),
+            loads: Sealed(loads),
         }
     }
 }

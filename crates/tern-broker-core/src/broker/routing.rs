@@ -268,7 +268,7 @@ impl Broker {
     }
 
     /// Lists a session for draining when the input ends.
-    fn list_for_drain(&mut self, client_id: &Str) {
+    pub(super) fn list_for_drain(&mut self, client_id: &Str) {
         if let Some(s) = self.sessions.get_mut(client_id)
             && !s.drain_due
         {
@@ -624,7 +624,7 @@ trait Queue {
     fn queued_len(&self) -> usize;
     fn queued_bytes(&self) -> usize;
     fn remove_expired(&mut self, now: Instant) -> usize;
-    fn dequeue_oldest(&mut self) -> Option<Entry>;
+    fn drop_oldest(&mut self) -> bool;
 }
 
 impl Queue for SessionState {
@@ -637,8 +637,8 @@ impl Queue for SessionState {
     fn remove_expired(&mut self, now: Instant) -> usize {
         SessionState::remove_expired(self, now)
     }
-    fn dequeue_oldest(&mut self) -> Option<Entry> {
-        SessionState::dequeue_oldest(self)
+    fn drop_oldest(&mut self) -> bool {
+        SessionState::drop_oldest(self)
     }
 }
 
@@ -652,8 +652,8 @@ impl Queue for Connection {
     fn remove_expired(&mut self, now: Instant) -> usize {
         self.remove_expired_queued(now)
     }
-    fn dequeue_oldest(&mut self) -> Option<Entry> {
-        Connection::dequeue_oldest(self)
+    fn drop_oldest(&mut self) -> bool {
+        Connection::drop_oldest(self)
     }
 }
 
@@ -700,7 +700,7 @@ fn make_room(
     let room = match settings.queue_policy {
         QueuePolicy::DropNewest | QueuePolicy::Reject | QueuePolicy::Block => !full(queue),
         QueuePolicy::DropOldest => {
-            while full(queue) && queue.dequeue_oldest().is_some() {
+            while full(queue) && queue.drop_oldest() {
                 dropped += 1;
             }
             // Still full: larger than the whole byte limit on its own.

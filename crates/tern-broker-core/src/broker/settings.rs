@@ -52,6 +52,14 @@ pub struct Settings {
     /// Bytes waiting to be written to one connection past which its QoS 0 PUBLISH packets
     /// are dropped (a slow consumer; at most once allows it).
     pub max_write_backlog: usize,
+    /// Most waiting messages a persistent session keeps in memory while online (the front
+    /// of its queue); the rest are in the store only and read back in batches as the
+    /// window drains, and an offline session keeps none in memory. `None`: every queued
+    /// message stays in memory too (no store to read back from). The driver must answer
+    /// the round's loads ([`crate::Load`]) when this is set. Default 1,000: enough for a
+    /// fast replay (the store is read 500-1,000 messages at a time), little enough that
+    /// 10,000 sessions behind full windows stay within a few hundred MB.
+    pub queue_window: Option<usize>,
     /// Longest a message waits in an offline queue; older ones are dropped (as expired)
     /// instead of delivered. Applied as a Message Expiry Interval when the message is
     /// queued, so a 5.0 subscriber sees the time it had left.
@@ -113,6 +121,7 @@ impl Default for Settings {
             block_timeout: Duration::from_secs(10),
             max_queued_total: 1 << 30,
             max_write_backlog: 16 << 20,
+            queue_window: Some(1000),
             max_queued_age: None,
             queue_qos0: false,
             receive_maximum: 100,

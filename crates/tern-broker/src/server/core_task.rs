@@ -98,6 +98,10 @@ impl CoreTask {
                             broker.handle_packet(conn, p, now);
                         }
                     }
+                    ToCore::Loaded(loaded) => {
+                        let (client_id, token, messages) = *loaded;
+                        broker.handle_loaded(&client_id, token, messages, now);
+                    }
                     ToCore::Gauges(reply) => {
                         let _ = reply.send(broker.gauges(now, 10));
                     }
@@ -219,7 +223,15 @@ fn dispatch(
     // storage writer: then it queues behind that, so nothing overtakes on a connection.
     let waits = |send: &Send| writers.get(&send.conn).is_some_and(line::Sender::held);
     match (round, writer) {
-        (Round::Durable { ops, early, sealed }, Some(w)) => {
+        (
+            Round::Durable {
+                ops,
+                early,
+                sealed,
+                loads,
+            },
+            Some(w),
+        ) => {
             let (behind, now): (Vec<Send>, Vec<Send>) = early.into_iter().partition(waits);
             writer::send_all(to_lines(now));
             // The early sends that must wait go ahead of the sealed ones (each
@@ -227,6 +239,7 @@ fn dispatch(
             w.submit(
                 ops,
                 sealed.map(|sealed| to_lines(behind.into_iter().chain(sealed).collect())),
+                loads,
             );
         }
         (Round::Ready(sends), Some(w)) if w.busy() => {
@@ -237,7 +250,16 @@ fn dispatch(
             }
         }
         (Round::Ready(sends), _) => writer::send_all(to_lines(sends)),
-        (Round::Durable { ops, early, sealed }, None) => {
+        (
+            Round::Durable {
+                ops,
+                early,
+                sealed,
+                loads: _,
+            },
+            None,
+        ) => {
+            // No store, no window (`serve` turns it off): there are never loads.
             writer::send_all(to_lines(early));
             match Memory.commit(&ops) {
                 Ok(receipt) => writer::send_all(to_lines(sealed.open(&receipt))),
@@ -261,6 +283,15 @@ impl Store for Memory {
 
     fn load(&self) -> Result<Snapshot, StoreError> {
         Ok(Snapshot::default())
+    }
+
+    fn read_queue(
+        &self,
+        _: &str,
+        _: tern_store::MessageId,
+        _: usize,
+    ) -> Result<Vec<(tern_store::Entry, Option<tern_codec::Str>)>, StoreError> {
+        Ok(Vec::new())
     }
 }
 

@@ -111,6 +111,14 @@ pub struct Server {
     pub sys_interval: Option<Duration>,
 }
 
+/// Queued messages of one session read back from the store: client id, the load's token,
+/// the messages with the shared subscription each came through.
+pub(crate) type Loaded = (
+    tern_codec::Str,
+    u64,
+    Vec<(tern_store::Entry, Option<tern_codec::Str>)>,
+);
+
 pub(crate) enum ToCore {
     Accepted(ConnId, SocketAddr, line::Sender<ToConn>),
     /// A packet, and when the read that brought it completed.
@@ -124,6 +132,8 @@ pub(crate) enum ToCore {
     Closed(ConnId),
     /// The storage writer could not commit; see [`writer`].
     StoreFailed,
+    /// Queued messages read back from the store: the answer to a `Load`.
+    Loaded(Box<Loaded>),
     /// The metrics endpoint asks for the core's gauges.
     Gauges(tokio::sync::oneshot::Sender<Gauges>),
     Shutdown,
@@ -230,7 +240,14 @@ pub async fn run(server: Server, shutdown: impl Future<Output = ()>) -> Result<(
     let connect_timeout = settings.connect_timeout;
     let max_packet_size = settings.max_packet_size;
     let write_backlog = settings.max_write_backlog;
+    let mut settings = settings;
+    if persistence.is_none() {
+        // Nothing to read queues back from: they stay in memory.
+        settings.queue_window = None;
+    }
+    let lazy = settings.queue_window.is_some();
     let snapshot = match &persistence {
+        Some(p) if lazy => p.store.load_spilled()?,
         Some(p) => p.store.load()?,
         None => Default::default(),
     };
@@ -240,7 +257,7 @@ pub async fn run(server: Server, shutdown: impl Future<Output = ()>) -> Result<(
     // Whatever dies reports here (the storage writer thread's panic guard).
     let (fatal, mut fatal_rx) = mpsc::unbounded_channel::<String>();
     let writer = persistence
-        .map(|p| writer::Writer::spawn(p, to_core.clone(), metrics.clone(), fatal.clone()));
+        .map(|p| writer::Writer::spawn(p, lazy, to_core.clone(), metrics.clone(), fatal.clone()));
     let core_metrics = metrics.clone();
     let task = core_task::CoreTask {
         broker,

@@ -18,7 +18,7 @@ use tern_store::{Op, Snapshot, StoreError};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Persistence, ToConn, ToCore};
-use crate::core::Sealed;
+use crate::core::{Load, Sealed};
 use crate::metrics::Metrics;
 
 /// Sends of one round: each to its connection, in order.
@@ -29,6 +29,7 @@ enum Job {
     Commit {
         ops: Vec<Op>,
         sends: Sealed<Sends>,
+        loads: Sealed<Vec<Load>>,
     },
     /// A round that changed nothing durable, queued behind the commits ahead of it.
     Behind(Sends),
@@ -37,7 +38,7 @@ enum Job {
 
 /// A job's sends as they wait in a group.
 enum Waiting {
-    Sealed(Sealed<Sends>),
+    Sealed(Sealed<Sends>, Sealed<Vec<Load>>),
     Behind(Sends),
 }
 
@@ -52,8 +53,11 @@ pub(crate) struct Writer {
 }
 
 impl Writer {
+    /// `lazy`: the core keeps queues in the store (`Settings::queue_window`): a reset reads
+    /// the state back with them left there.
     pub(crate) fn spawn(
         p: Persistence,
+        lazy: bool,
         to_core: mpsc::UnboundedSender<ToCore>,
         metrics: Arc<Metrics>,
         fatal: mpsc::UnboundedSender<String>,
@@ -65,7 +69,7 @@ impl Writer {
             .name("tern-store".into())
             .spawn(move || {
                 let guard = PanicGuard(fatal);
-                run(p, &rx, &count, &to_core, &metrics, &guard.0);
+                run(p, lazy, &rx, &count, &to_core, &metrics, &guard.0);
             })
             .expect("the storage writer thread starts");
         Writer {
@@ -80,14 +84,15 @@ impl Writer {
         self.pending.load(Ordering::Acquire) > 0
     }
 
-    /// Commits `ops`, then opens and sends `sends`. Their connections count them as held
+    /// Commits `ops`, then opens and sends `sends`, then reads the `loads` and hands them
+    /// to the core. The connections count the sends as held
     /// ([`super::line::Sender::held`]) until then.
-    pub(crate) fn submit(&self, ops: Vec<Op>, sends: Sealed<Sends>) {
+    pub(crate) fn submit(&self, ops: Vec<Op>, sends: Sealed<Sends>, loads: Sealed<Vec<Load>>) {
         let sends = sends.map(|s| {
             hold_all(&s);
             s
         });
-        self.queue(Job::Commit { ops, sends });
+        self.queue(Job::Commit { ops, sends, loads });
     }
 
     /// Sends `sends` once everything submitted before them is.
@@ -184,6 +189,7 @@ fn release_all(sends: Sends, close: bool) {
 
 fn run(
     mut p: Persistence,
+    lazy: bool,
     rx: &Receiver<Job>,
     pending: &AtomicUsize,
     to_core: &mpsc::UnboundedSender<ToCore>,
@@ -239,7 +245,7 @@ fn run(
         let mut reset = None;
         while let Some(job) = next {
             match job {
-                Job::Commit { ops, sends } => {
+                Job::Commit { ops, sends, loads } => {
                     #[cfg(debug_assertions)]
                     for op in &ops {
                         if let Op::PutRetained { message } = op {
@@ -247,7 +253,7 @@ fn run(
                             fail_flush |= fault_hook_on(message.topic.as_str(), "flush");
                         }
                     }
-                    group.push((ops, Waiting::Sealed(sends)));
+                    group.push((ops, Waiting::Sealed(sends, loads)));
                 }
                 Job::Behind(sends) => group.push((Vec::new(), Waiting::Behind(sends))),
                 Job::Reset(reply) => {
@@ -300,12 +306,37 @@ fn run(
                             unflushed_since = Some(Instant::now());
                         }
                     }
+                    let mut loads = Vec::new();
                     for w in waiting {
                         let sends = match w {
-                            Waiting::Sealed(s) => s.open(&receipt),
+                            Waiting::Sealed(s, l) => {
+                                loads.extend(l.open(&receipt));
+                                s.open(&receipt)
+                            }
                             Waiting::Behind(s) => s,
                         };
                         release_all(sends, false);
+                    }
+                    // Read once the batch that may hold them is committed.
+                    for load in loads {
+                        match p.store.read_queue(&load.client_id, load.after, load.max) {
+                            Ok(messages) => {
+                                metrics.store_loads.fetch_add(1, Ordering::Relaxed);
+                                let _ = to_core.send(ToCore::Loaded(Box::new((
+                                    load.client_id,
+                                    load.token,
+                                    messages,
+                                ))));
+                            }
+                            Err(error) => {
+                                // Queued messages that cannot be read back would never be
+                                // delivered: fail-stop, as for a failed flush.
+                                tracing::error!(%error, client_id = %load.client_id, "reading a queue back from the store failed: stopping");
+                                let _ = fatal.send(format!(
+                                    "reading a queue from the store failed: {error}"
+                                ));
+                            }
+                        }
                     }
                 }
                 Err(error) => {
@@ -319,7 +350,10 @@ fn run(
                     }
                     for w in waiting {
                         let sends = match w {
-                            Waiting::Sealed(s) => s.failed(&error),
+                            Waiting::Sealed(s, l) => {
+                                let _unread = l.failed(&error);
+                                s.failed(&error)
+                            }
                             Waiting::Behind(s) => s,
                         };
                         release_all(sends, true);
@@ -331,7 +365,12 @@ fn run(
         }
         if let Some(reply) = reset {
             failed = None;
-            let snapshot = match p.store.load() {
+            let read = if lazy {
+                p.store.load_spilled()
+            } else {
+                p.store.load()
+            };
+            let snapshot = match read {
                 Ok(s) => Some(s),
                 Err(error) => {
                     tracing::error!(%error, "the store cannot be read back");

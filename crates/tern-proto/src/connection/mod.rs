@@ -331,6 +331,32 @@ impl Connection {
         self.session.dequeue_oldest()
     }
 
+    /// Drops the oldest queued message, in memory or spilled (see
+    /// [`SessionState::drop_oldest`]); false if none waits.
+    pub fn drop_oldest(&mut self) -> bool {
+        self.session.drop_oldest()
+    }
+
+    /// Keeps at most `cap` waiting messages in memory (see [`SessionState::set_window`]).
+    pub fn set_window(&mut self, cap: Option<usize>) {
+        self.session.set_window(cap);
+    }
+
+    /// Notes that the load the session wants ([`SessionState::wants_load`]) is out.
+    pub fn begin_load(&mut self, token: u64) {
+        self.session.begin_load(token);
+    }
+
+    /// The answer to load `token` (see [`SessionState::loaded`]); what the window has
+    /// room for goes into flight at once. Returns the ids taken.
+    pub fn loaded(&mut self, token: u64, entries: Vec<Entry>, now: Instant) -> Vec<MessageId> {
+        let taken = self.session.loaded(token, entries);
+        if !taken.is_empty() {
+            self.pump(now);
+        }
+        taken
+    }
+
     /// Starts the change journal of the session (see [`SessionState::track`]).
     pub fn track(&mut self, known: bool) {
         self.session.track(known);

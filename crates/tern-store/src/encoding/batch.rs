@@ -178,6 +178,10 @@ pub(crate) fn batch(ops: &[crate::Op], anchor: Anchor) -> Result<Vec<u8>, StoreE
                         w.u8(8);
                         w.u16(id.get());
                     }
+                    Change::Removed(id) => {
+                        w.u8(9);
+                        w.u64(id.get());
+                    }
                 }
             }
             Op::PutRetained { message: m } => {
@@ -283,6 +287,7 @@ pub(crate) fn read_batch(buf: &[u8], anchor: Anchor) -> Result<Vec<crate::Op>, S
                     }
                     7 => Change::InboundDone(pid(&mut r)?),
                     8 => Change::Launched(pid(&mut r)?),
+                    9 => Change::Removed(MessageId::new(r.u64()?).ok_or_else(|| corrupt(what))?),
                     _ => return Err(corrupt(what)),
                 };
                 Op::Change {
