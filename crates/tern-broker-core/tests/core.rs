@@ -1040,6 +1040,11 @@ fn with_a_memory_window_a_backlog_waits_in_the_store_and_is_read_back_in_order()
             "offline: nothing queued in memory"
         );
         assert_eq!((state.queued_len(), state.spilled_len()), (300, 300));
+        sim.advance(Duration::from_secs(5));
+        let g = sim.broker.gauges(sim.now, 1);
+        let bytes: usize = (0..300).map(|i| format!("m{i}").len()).sum();
+        assert_eq!((g.queued, g.queued_bytes), (300, bytes));
+        assert!(g.oldest >= Duration::from_secs(5), "oldest {:?}", g.oldest);
         if crash {
             sim.restart(Duration::from_secs(1));
         }

@@ -178,6 +178,10 @@ struct Spill {
     after: u64,
     /// The load asked for and not yet answered (its token).
     loading: Option<u64>,
+    /// When the oldest spilled message entered the session, if known (after part of the
+    /// spilled messages is read back, the time of the first one spilled: an upper bound
+    /// on the age).
+    since: Option<Instant>,
 }
 
 /// Two sessions are equal when they would behave the same: the same flows in the same send
@@ -528,6 +532,7 @@ impl SessionState {
             // Past the window: the store has it (the change above), memory only counts it.
             if spill.len == 0 {
                 spill.after = self.queue.back().map_or(entry.id.0 - 1, |e| e.id.0);
+                spill.since = Some(entry.since);
             }
             spill.len += 1;
             spill.bytes += entry.message.payload.len();
@@ -545,6 +550,12 @@ impl SessionState {
     /// Payload bytes of the messages waiting for the window (in memory and spilled).
     pub fn queued_bytes(&self) -> usize {
         self.queued_bytes + self.spill.bytes
+    }
+
+    /// When the oldest waiting message entered the session (in memory, else spilled, if
+    /// known).
+    pub fn oldest_since(&self) -> Option<Instant> {
+        self.queue.front().map(|e| e.since).or(self.spill.since)
     }
 
     /// How many waiting messages are in the owner's store only, behind the window.
@@ -572,6 +583,7 @@ impl SessionState {
             return;
         };
         self.spill.after = front.id.0 - 1;
+        self.spill.since = Some(front.since);
         self.spill.len += self.queue.len();
         self.spill.bytes += self.queued_bytes;
         self.queue.clear();
@@ -583,10 +595,18 @@ impl SessionState {
     /// there ([`SessionState::restore`] with no waiting messages): `len` messages of
     /// `bytes` payload bytes, the last numbered `last` (later messages are numbered
     /// above it).
-    pub fn restore_spilled(&mut self, len: usize, bytes: usize, last: Option<MessageId>) {
+    /// `oldest` is when the first of them entered the session, if known.
+    pub fn restore_spilled(
+        &mut self,
+        len: usize,
+        bytes: usize,
+        last: Option<MessageId>,
+        oldest: Option<Instant>,
+    ) {
         if let Some(last) = last {
             self.saw(last);
         }
+        self.spill.since = oldest.filter(|_| len > 0);
         self.spill.len = len;
         self.spill.bytes = bytes;
         self.spill.after = 0;
@@ -655,6 +675,7 @@ impl SessionState {
         }
         if self.spill.len == 0 {
             self.spill.bytes = 0;
+            self.spill.since = None;
         } else if taken.is_empty() {
             // The store holds none of what is counted: it was lost under us. Counting on
             // would wait for it forever.
@@ -753,6 +774,9 @@ impl SessionState {
         let average = s.bytes / s.len;
         s.len -= 1;
         s.bytes = if s.len == 0 { 0 } else { s.bytes - average };
+        if s.len == 0 {
+            s.since = None;
+        }
         self.record(Change::Unqueued);
         true
     }

@@ -18,7 +18,7 @@ mod encoding;
 mod redb_store;
 mod wal;
 
-pub use redb_store::{RedbStore, Sync};
+pub use redb_store::{DEFAULT_CACHE, RedbStore, Sync};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, SystemTime};

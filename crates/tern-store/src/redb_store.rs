@@ -49,6 +49,11 @@ const REFS: TableDefinition<u64, u32> = TableDefinition::new("message_refs");
 /// `wal_seq`: the number of the last logged batch this state includes.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
+/// The page cache a store opened with [`RedbStore::open`] keeps in memory: 64 MiB (redb's
+/// own default is 1 GiB, which a broker with a deep queue on disk would fill with pages it
+/// wrote and will not read again soon).
+pub const DEFAULT_CACHE: usize = 64 << 20;
+
 fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
 }
@@ -113,6 +118,17 @@ impl RedbStore {
     /// wrong), and starting empty over it would silently drop every session. Truncated
     /// or corrupt files are refused by redb, with the file named.
     pub fn open(path: &Path, now: Instant, wall: SystemTime) -> Result<RedbStore, StoreError> {
+        RedbStore::open_with_cache(path, now, wall, DEFAULT_CACHE)
+    }
+
+    /// [`RedbStore::open`] with a cache of `cache_bytes` for the file's pages (read and
+    /// written, in this process's memory; the operating system's page cache is apart).
+    pub fn open_with_cache(
+        path: &Path,
+        now: Instant,
+        wall: SystemTime,
+        cache_bytes: usize,
+    ) -> Result<RedbStore, StoreError> {
         if std::fs::metadata(path).is_ok_and(|m| m.len() == 0) {
             return Err(StoreError::Backend(format!(
                 "{}: the store file is empty (0 bytes); refusing to start with no state over it \
@@ -120,7 +136,9 @@ impl RedbStore {
                 path.display()
             )));
         }
-        let db = Database::create(path)
+        let db = Database::builder()
+            .set_cache_size(cache_bytes)
+            .create(path)
             .map_err(|e| StoreError::Backend(format!("{}: {e}", path.display())))?;
         let (wal, records) = Wal::open(&path.with_extension("wal"))?;
         // Create the tables once, so reads never meet a missing one.
@@ -889,14 +907,34 @@ impl RedbStore {
                     queued.push(copy);
                 }
             }
-            // The highest id in the queue (its last key), read or not.
-            let last_queued = match queue
-                .range((id, 0)..=(id, u64::MAX))
-                .map_err(backend)?
-                .next_back()
-            {
-                Some(row) => row.map_err(backend)?.0.value().1,
-                None => 0,
+            // The highest id in the queue (its last key), read or not, and when the first
+            // one was queued.
+            let (last_queued, oldest) = {
+                let last = match queue
+                    .range((id, 0)..=(id, u64::MAX))
+                    .map_err(backend)?
+                    .next_back()
+                {
+                    Some(row) => row.map_err(backend)?.0.value().1,
+                    None => 0,
+                };
+                let first = if queues || last == 0 {
+                    None
+                } else {
+                    queue
+                        .range((id, 0)..=(id, u64::MAX))
+                        .map_err(backend)?
+                        .next()
+                };
+                let oldest = match first {
+                    Some(row) => {
+                        let (_, row) = row.map_err(backend)?;
+                        let (_, copy) = encoding::read_reference(queue_row(row.value())?.1)?;
+                        copy.since.map(|t| anchor.to_instant(t))
+                    }
+                    None => None,
+                };
+                (last, oldest)
             };
             // Copies stored before message ids get ids above every id the session holds.
             let mut next = flows
@@ -943,6 +981,7 @@ impl RedbStore {
                     usize::try_from(len).unwrap_or(usize::MAX),
                     usize::try_from(bytes).unwrap_or(usize::MAX),
                     MessageId::new(last_queued),
+                    oldest,
                 );
             }
             snapshot.sessions.insert(

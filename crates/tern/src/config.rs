@@ -109,6 +109,8 @@ pub(crate) struct Storage {
     /// The budget for queued messages across all sessions (payload plus a fixed overhead
     /// each); past it, QoS 1/2 publishes that would be queued are refused. 0: no budget.
     max_queued_bytes: usize,
+    /// The store's page cache in this process's memory, in MiB.
+    pub(crate) cache_mb: usize,
 }
 
 /// `sync`: fsync, then acknowledge. `batched`: acknowledge once written, fsync at most
@@ -128,6 +130,7 @@ impl Default for Storage {
             durability: Durability::Sync,
             flush_interval_ms: 100,
             max_queued_bytes: Settings::default().max_queued_total,
+            cache_mb: tern_store::DEFAULT_CACHE >> 20,
         }
     }
 }

@@ -517,10 +517,11 @@ fn open_store(
     std::fs::create_dir_all(dir)
         .map_err(|e| format!("cannot create the data directory {}: {e}", dir.display()))?;
     let path = dir.join("tern.redb");
-    let mut store = tern_store::RedbStore::open(
+    let mut store = tern_store::RedbStore::open_with_cache(
         &path,
         std::time::Instant::now(),
         std::time::SystemTime::now(),
+        storage.cache_mb.max(1).saturating_mul(1 << 20),
     )
     .map_err(|e| format!("cannot open the store {}: {e}", path.display()))?;
     let flush_every = match storage.durability {

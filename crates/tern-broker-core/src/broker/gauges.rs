@@ -88,9 +88,8 @@ impl Broker {
             // The queue is in arrival order; messages loaded from the store count from
             // the broker's start.
             let oldest = state
-                .queued()
-                .next()
-                .map(|e| now.saturating_duration_since(e.since))
+                .oldest_since()
+                .map(|since| now.saturating_duration_since(since))
                 .unwrap_or_default();
             g.oldest = g.oldest.max(oldest);
             largest.push(SessionGauge {

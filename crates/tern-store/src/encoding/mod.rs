@@ -35,7 +35,7 @@ impl Anchor {
         }
     }
 
-    fn to_instant(self, t: SystemTime) -> Instant {
+    pub(crate) fn to_instant(self, t: SystemTime) -> Instant {
         match t.duration_since(self.wall) {
             Ok(d) => self.instant + d,
             Err(e) => self
@@ -492,7 +492,7 @@ pub(crate) struct Copy {
     pub(crate) shared: Option<Str>,
     /// The session's id for the copy (`None` in references written before ids).
     pub(crate) id: Option<MessageId>,
-    since: Option<SystemTime>,
+    pub(crate) since: Option<SystemTime>,
 }
 
 impl Copy {
