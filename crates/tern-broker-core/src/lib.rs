@@ -29,7 +29,7 @@ pub mod sim;
 mod trie;
 
 pub use broker::{
-    Broker, ConnId, ConnIdHasher, ConnMap, Gauges, Load, Output, QUEUED_MESSAGE_OVERHEAD,
+    Broker, ConnId, ConnIdHasher, ConnMap, Gauges, Load, Loads, Output, QUEUED_MESSAGE_OVERHEAD,
     QueuePolicy, Round, Sealed, Send, SessionGauge, Settings, Traffic,
 };
 pub use counters::{Counters, DropReason};

@@ -52,6 +52,10 @@ pub struct Sim {
     pending_loads: std::collections::VecDeque<crate::Load>,
     /// Loads answered so far.
     pub loads_answered: u64,
+    /// Durable rounds of this process committed so far.
+    committed_rounds: u64,
+    /// Loads read before their round's commit, answered after it.
+    read_early: std::collections::VecDeque<(crate::Load, tern_store::QueuePart)>,
 }
 
 /// What a broker starts from, read as the server reads it: with its queues left in the
@@ -85,6 +89,8 @@ impl Sim {
             restarts: 0,
             pending_loads: Default::default(),
             loads_answered: 0,
+            committed_rounds: 0,
+            read_early: Default::default(),
         }
     }
 
@@ -104,6 +110,8 @@ impl Sim {
         self.broker.set_counters(counters);
         self.anchor = (self.now, wall);
         self.pending_loads.clear();
+        self.read_early.clear();
+        self.committed_rounds = 0;
         self.died_with = std::mem::take(&mut self.outputs);
         self.restarts += 1;
         // Connection ids start again with the process, as the server's do.
@@ -130,11 +138,21 @@ impl Sim {
                 ops,
                 early,
                 sealed,
-                loads,
+                mut loads,
             } => {
                 // Out before the commit, as the server sends them: a commit that fails
                 // next finds them delivered.
                 self.release(early);
+                // Loads that may be read from what is committed: read now, before this
+                // round's commit, as the server's writer does; answered after it.
+                let mut read_early = Vec::new();
+                for load in loads.early(self.committed_rounds) {
+                    let messages = self
+                        .store
+                        .read_queue(&load.client_id, load.after, load.max)
+                        .unwrap();
+                    read_early.push((load, messages));
+                }
                 if std::mem::take(&mut self.fail_next) {
                     let error = StoreError::Backend("injected failure".into());
                     let _closed = sealed.failed(&error);
@@ -144,11 +162,18 @@ impl Sim {
                     return;
                 }
                 let receipt = self.store.commit(&ops).unwrap();
+                self.committed_rounds += 1;
                 self.pending_loads.extend(loads.open(&receipt));
+                self.read_early.extend(read_early);
                 sealed.open(&receipt)
             }
         };
         self.release(sends);
+        while let Some((load, messages)) = self.read_early.pop_front() {
+            self.loads_answered += 1;
+            self.broker.handle_loaded(&load, messages, self.now);
+            self.pump();
+        }
         // Loads are read after the commit and answered as the next inputs, as the
         // server's storage writer does.
         while let Some(load) = self.pending_loads.pop_front() {
@@ -157,8 +182,7 @@ impl Sim {
                 .read_queue(&load.client_id, load.after, load.max)
                 .unwrap();
             self.loads_answered += 1;
-            self.broker
-                .handle_loaded(&load.client_id, load.token, messages, self.now);
+            self.broker.handle_loaded(&load, messages, self.now);
             self.pump();
         }
     }

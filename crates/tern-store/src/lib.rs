@@ -26,6 +26,10 @@ use std::time::{Duration, SystemTime};
 use tern_codec::{LastWill, Str, SubscriptionId, SubscriptionOptions, TopicFilter, TopicName};
 pub use tern_proto::{Change, Entry, Message, MessageId, SessionState};
 
+/// Part of a queue read back from a store ([`Store::read_queue`]): messages in order, each
+/// with the shared subscription it came through.
+pub type QueuePart = Vec<(Entry, Option<Str>)>;
+
 /// One subscription of a session.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Subscription {
@@ -254,11 +258,28 @@ pub trait Store: Send {
         max: usize,
     ) -> Result<Vec<(Entry, Option<Str>)>, StoreError>;
 
+    /// A reader of queues that works beside the store's writer (another thread reading
+    /// what is committed while commits go on), if the backend has one.
+    fn reader(&self) -> Option<Box<dyn QueueReader>> {
+        None
+    }
+
     /// Makes every commit so far durable, for a backend that acknowledges commits before
     /// they reach the disk. Nothing to do for one that syncs each commit.
     fn flush(&mut self) -> Result<(), StoreError> {
         Ok(())
     }
+}
+
+/// Reads queues from what a store has committed, beside its writer ([`Store::reader`]).
+pub trait QueueReader: Send {
+    /// As [`Store::read_queue`], from the last commit.
+    fn read_queue(
+        &self,
+        client_id: &str,
+        after: MessageId,
+        max: usize,
+    ) -> Result<QueuePart, StoreError>;
 }
 
 /// The reference store: everything in memory, nothing survives the process.

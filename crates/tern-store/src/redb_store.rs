@@ -70,7 +70,7 @@ pub enum Sync {
 
 /// The durable store.
 pub struct RedbStore {
-    db: Database,
+    db: std::sync::Arc<Database>,
     anchor: Anchor,
     /// Key of the next message body.
     next_key: u64,
@@ -169,7 +169,7 @@ impl RedbStore {
         migrate_queues(&db, anchor)
             .map_err(|e| StoreError::Backend(format!("{}: moving queues: {e}", path.display())))?;
         let mut store = RedbStore {
-            db,
+            db: std::sync::Arc::new(db),
             next_key,
             wal,
             seq: durable_seq,
@@ -798,15 +798,51 @@ impl Store for RedbStore {
         after: MessageId,
         max: usize,
     ) -> Result<Vec<(Entry, Option<Str>)>, StoreError> {
+        read_queue(&self.db, self.anchor, client_id, after, max)
+    }
+
+    fn reader(&self) -> Option<Box<dyn crate::QueueReader>> {
+        Some(Box::new(Reader {
+            db: self.db.clone(),
+            anchor: self.anchor,
+        }))
+    }
+}
+
+/// Reads queues beside the writer: redb's readers see the last commit and never wait for
+/// a write transaction.
+struct Reader {
+    db: std::sync::Arc<Database>,
+    anchor: Anchor,
+}
+
+impl crate::QueueReader for Reader {
+    fn read_queue(
+        &self,
+        client_id: &str,
+        after: MessageId,
+        max: usize,
+    ) -> Result<crate::QueuePart, StoreError> {
+        read_queue(&self.db, self.anchor, client_id, after, max)
+    }
+}
+
+fn read_queue(
+    db: &Database,
+    anchor: Anchor,
+    client_id: &str,
+    after: MessageId,
+    max: usize,
+) -> Result<crate::QueuePart, StoreError> {
+    {
         let mut out = Vec::new();
         if max == 0 || after.get() == u64::MAX {
             return Ok(out);
         }
-        let txn = self.db.begin_read().map_err(backend)?;
+        let txn = db.begin_read().map_err(backend)?;
         let queue = txn.open_table(QUEUE).map_err(backend)?;
         let messages = txn.open_table(MESSAGES).map_err(backend)?;
         let mut bodies: HashMap<u64, encoding::Body> = HashMap::new();
-        let anchor = self.anchor;
         for row in queue
             .range((client_id, after.get() + 1)..=(client_id, u64::MAX))
             .map_err(backend)?

@@ -190,8 +190,10 @@ impl Broker {
             AckMode::Manual,
             self.settings.window_3x,
         );
+        let born = self.rounds + 1;
         let session = self.sessions.entry(client_id.clone()).or_insert_with(|| {
             Box::new(Session {
+                born,
                 conn: Link::Offline(SessionState::new()),
                 subscriptions: BTreeMap::new(),
                 expiry,

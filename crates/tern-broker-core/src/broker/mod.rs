@@ -46,7 +46,7 @@ mod sys;
 mod timers;
 
 pub use gauges::{Gauges, SessionGauge};
-pub use round::{Round, Sealed, Send};
+pub use round::{Loads, Round, Sealed, Send};
 
 pub use settings::{QUEUED_MESSAGE_OVERHEAD, QueuePolicy, Settings};
 pub use sys::Traffic;
@@ -91,6 +91,10 @@ pub enum Output {
 }
 
 struct Session {
+    /// The durable round whose commit holds its creation (0: read from the store at
+    /// start): until then, what the store has committed under its client id may be an
+    /// earlier session's, numbered the same.
+    born: u64,
     /// The live connection, or the durable state while no connection is up.
     conn: Link,
     subscriptions: BTreeMap<TopicFilter, (SubscriptionOptions, Option<SubscriptionId>)>,
@@ -237,6 +241,15 @@ pub struct Load {
     pub after: MessageId,
     /// At most this many.
     pub max: usize,
+    /// Whether it may be read before its round's commit, from what is committed already
+    /// ([`crate::Loads::early`]), once the round numbered `born` is committed (the
+    /// session's creation; rounds are numbered from 1 in the order
+    /// [`Broker::poll_round`] hands out durable ones): unless the session's queue may have
+    /// lost spilled messages unread (drop-oldest), what is committed of it is then a
+    /// prefix of what it waits for.
+    pub early: bool,
+    /// See `early`.
+    pub born: u64,
 }
 
 /// A session's live connection, whose engine holds the delivery state, or that state on
@@ -295,6 +308,8 @@ pub struct Broker {
     touched: Vec<Str>,
     /// Loads asked for since the last round (handed out with it).
     loads: Vec<Load>,
+    /// Durable rounds handed out so far.
+    rounds: u64,
     /// The last load token handed out.
     last_load: u64,
     /// Sessions given messages in this input, drained when it ends.
@@ -360,7 +375,11 @@ impl Broker {
             batch: Vec::new(),
             touched: Vec::new(),
             loads: Vec::new(),
-            last_load: 0,
+            rounds: 0,
+            // Tokens of one process never meet another's answers.
+            last_load: wall
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64),
             drain_due: Vec::new(),
             drain_spare: Vec::new(),
             anchor: (now, wall),
@@ -423,6 +442,7 @@ impl Broker {
             }
             let accounted = (delivery.queued_len(), delivery.queued_bytes());
             let session = Session {
+                born: 0,
                 conn: Link::Offline(delivery),
                 subscriptions,
                 expiry: r.expiry,

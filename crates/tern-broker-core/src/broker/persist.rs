@@ -100,6 +100,8 @@ impl Broker {
                             token: self.last_load,
                             after,
                             max,
+                            early: self.settings.queue_policy != QueuePolicy::DropOldest,
+                            born: s.born,
                         });
                     }
                 }
@@ -112,16 +114,19 @@ impl Broker {
     /// subscription it came through. Those the session still waits for join its window
     /// (and go out as it has room); an answer to a load that is no longer wanted (the
     /// session went offline, ended or started again) is ignored.
+    ///
+    /// An early load ([`Load::early`]) that found nothing committed yet is asked again, to
+    /// be read after the next commit.
     pub fn handle_loaded(
         &mut self,
-        client_id: &str,
-        token: u64,
+        load: &Load,
         messages: Vec<(Entry, Option<Str>)>,
         now: Instant,
     ) {
+        let token = load.token;
         let Some(client_id) = self
             .sessions
-            .get_key_value(client_id)
+            .get_key_value(&load.client_id)
             .map(|(k, _)| k.clone())
         else {
             return;
@@ -130,6 +135,19 @@ impl Broker {
             return;
         };
         if s.state().loading() != Some(token) {
+            return;
+        }
+        if messages.is_empty() && load.early {
+            self.last_load += 1;
+            match &mut s.conn {
+                Link::Online((_, c)) => c.begin_load(self.last_load),
+                Link::Offline(stored) => stored.begin_load(self.last_load),
+            }
+            self.loads.push(Load {
+                token: self.last_load,
+                early: false,
+                ..load.clone()
+            });
             return;
         }
         let mut groups: Vec<(MessageId, Str)> = Vec::new();

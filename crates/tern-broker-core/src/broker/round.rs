@@ -69,12 +69,57 @@ pub enum Round {
         early: Vec<Send>,
         /// What waits for it.
         sealed: Sealed<Vec<Send>>,
-        /// Queued messages to read back from the store once the batch is committed
-        /// (never before: they may be in it), answered with
+        /// Queued messages to read back from the store, answered with
         /// [`Broker::handle_loaded`](crate::Broker::handle_loaded). Empty unless
         /// [`Settings::queue_window`](crate::Settings) is set.
-        loads: Sealed<Vec<crate::Load>>,
+        loads: Loads,
     },
+}
+
+/// The loads of a round: read from the store once the round's batch is committed (the
+/// messages to read may be in it), or, for those [`Loads::early`] hands out, at once from
+/// what is already committed.
+#[derive(Debug)]
+pub struct Loads {
+    early: Vec<crate::Load>,
+    sealed: Sealed<Vec<crate::Load>>,
+}
+
+impl Loads {
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.early.is_empty() && self.sealed.0.is_empty()
+    }
+
+    /// Loads that may be read now, before the round's commit, from what the store has
+    /// committed so far, given that the first `committed` durable rounds are committed:
+    /// nothing their sessions have changed since behind their window takes messages away
+    /// (ids grow in queue order, so what is committed of a queue is a prefix of it,
+    /// perhaps empty), and the session's own creation is committed. Answer each, even
+    /// with nothing found ([`crate::Broker::handle_loaded`] then asks again, to be read
+    /// after a commit).
+    pub fn early(&mut self, committed: u64) -> Vec<crate::Load> {
+        let (now, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.early)
+            .into_iter()
+            .partition(|l| l.born <= committed);
+        self.sealed.0.extend(later);
+        now
+    }
+
+    /// The rest (the early ones too, unless taken), now that the round's batch is
+    /// committed.
+    pub fn open(self, receipt: &Committed) -> Vec<crate::Load> {
+        let mut all = self.sealed.open(receipt);
+        all.extend(self.early);
+        all
+    }
+
+    /// The commit failed: nothing is read (the core starts again from the store).
+    pub fn failed(self, error: &StoreError) -> Vec<crate::Load> {
+        let mut all = self.sealed.failed(error);
+        all.extend(self.early);
+        all
+    }
 }
 
 /// Whether a packet may reach its connection before the commit of its round: a QoS 0 or
@@ -148,6 +193,7 @@ impl Broker {
         if ops.is_empty() && loads.is_empty() {
             return Round::Ready(sends);
         }
+        self.rounds += 1;
         // Each connection's output splits where the first packet that needs the commit
         // is: what comes before it goes early, it and the rest wait.
         let mut early = Vec::new();
@@ -176,7 +222,13 @@ impl Broker {
             ops,
             early,
             sealed: Sealed(sealed),
-            loads: Sealed(loads),
+            loads: {
+                let (early, sealed) = loads.into_iter().partition(|l: &crate::Load| l.early);
+                Loads {
+                    early,
+                    sealed: Sealed(sealed),
+                }
+            },
         }
     }
 }

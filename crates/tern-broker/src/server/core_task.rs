@@ -99,8 +99,8 @@ impl CoreTask {
                         }
                     }
                     ToCore::Loaded(loaded) => {
-                        let (client_id, token, messages) = *loaded;
-                        broker.handle_loaded(&client_id, token, messages, now);
+                        let (load, messages) = *loaded;
+                        broker.handle_loaded(&load, messages, now);
                     }
                     ToCore::Gauges(reply) => {
                         let _ = reply.send(broker.gauges(now, 10));

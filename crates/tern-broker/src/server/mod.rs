@@ -111,13 +111,9 @@ pub struct Server {
     pub sys_interval: Option<Duration>,
 }
 
-/// Queued messages of one session read back from the store: client id, the load's token,
-/// the messages with the shared subscription each came through.
-pub(crate) type Loaded = (
-    tern_codec::Str,
-    u64,
-    Vec<(tern_store::Entry, Option<tern_codec::Str>)>,
-);
+/// Queued messages of one session read back from the store: the load they answer, the
+/// messages with the shared subscription each came through.
+pub(crate) type Loaded = (crate::core::Load, tern_store::QueuePart);
 
 pub(crate) enum ToCore {
     Accepted(ConnId, SocketAddr, line::Sender<ToConn>),

@@ -9,7 +9,7 @@
 //! commit ([`Writer::reset`]), so memory never runs ahead of the disk.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -18,7 +18,7 @@ use tern_store::{Op, Snapshot, StoreError};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Persistence, ToConn, ToCore};
-use crate::core::{Load, Sealed};
+use crate::core::{Load, Loads, Sealed};
 use crate::metrics::Metrics;
 
 /// Sends of one round: each to its connection, in order.
@@ -29,7 +29,7 @@ enum Job {
     Commit {
         ops: Vec<Op>,
         sends: Sealed<Sends>,
-        loads: Sealed<Vec<Load>>,
+        loads: Loads,
     },
     /// A round that changed nothing durable, queued behind the commits ahead of it.
     Behind(Sends),
@@ -38,7 +38,7 @@ enum Job {
 
 /// A job's sends as they wait in a group.
 enum Waiting {
-    Sealed(Sealed<Sends>, Sealed<Vec<Load>>),
+    Sealed(Sealed<Sends>, Loads),
     Behind(Sends),
 }
 
@@ -49,6 +49,10 @@ pub(crate) struct Writer {
     tx: Sender<Job>,
     /// Batches submitted and not yet committed and sent.
     pending: Arc<AtomicUsize>,
+    /// The core's durable rounds committed since it (re)started.
+    committed: Arc<AtomicU64>,
+    /// The queue reader beside the writer, if the store has one.
+    reader: Option<Sender<Load>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -65,16 +69,31 @@ impl Writer {
         let (tx, rx) = std::sync::mpsc::channel();
         let pending = Arc::new(AtomicUsize::new(0));
         let count = pending.clone();
+        let committed = Arc::new(AtomicU64::new(0));
+        let done = committed.clone();
+        // Loads that may be read from what is committed go to a reader beside the
+        // writer, so a window refills without waiting for the commit in progress.
+        let reader = match (lazy, p.store.reader()) {
+            (true, Some(r)) => Some(spawn_reader(
+                r,
+                to_core.clone(),
+                metrics.clone(),
+                fatal.clone(),
+            )),
+            _ => None,
+        };
         let thread = std::thread::Builder::new()
             .name("tern-store".into())
             .spawn(move || {
                 let guard = PanicGuard(fatal);
-                run(p, lazy, &rx, &count, &to_core, &metrics, &guard.0);
+                run(p, lazy, &done, &rx, &count, &to_core, &metrics, &guard.0);
             })
             .expect("the storage writer thread starts");
         Writer {
             tx,
             pending,
+            committed,
+            reader,
             thread: Some(thread),
         }
     }
@@ -87,11 +106,16 @@ impl Writer {
     /// Commits `ops`, then opens and sends `sends`, then reads the `loads` and hands them
     /// to the core. The connections count the sends as held
     /// ([`super::line::Sender::held`]) until then.
-    pub(crate) fn submit(&self, ops: Vec<Op>, sends: Sealed<Sends>, loads: Sealed<Vec<Load>>) {
+    pub(crate) fn submit(&self, ops: Vec<Op>, sends: Sealed<Sends>, mut loads: Loads) {
         let sends = sends.map(|s| {
             hold_all(&s);
             s
         });
+        if let Some(reader) = &self.reader {
+            for load in loads.early(self.committed.load(Ordering::Acquire)) {
+                let _ = reader.send(load);
+            }
+        }
         self.queue(Job::Commit { ops, sends, loads });
     }
 
@@ -187,9 +211,57 @@ fn release_all(sends: Sends, close: bool) {
     }
 }
 
+/// The queue reader's thread: answers loads from what is committed, as they come.
+fn spawn_reader(
+    reader: Box<dyn tern_store::QueueReader>,
+    to_core: mpsc::UnboundedSender<ToCore>,
+    metrics: Arc<Metrics>,
+    fatal: mpsc::UnboundedSender<String>,
+) -> Sender<Load> {
+    let (tx, rx) = std::sync::mpsc::channel::<Load>();
+    let spawned = std::thread::Builder::new()
+        .name("tern-queue-reader".into())
+        .spawn(move || {
+            let guard = PanicGuard(fatal);
+            while let Ok(load) = rx.recv() {
+                match reader.read_queue(&load.client_id, load.after, load.max) {
+                    Ok(messages) => answer(&to_core, &metrics, load, messages),
+                    Err(error) => {
+                        tracing::error!(%error, client_id = %load.client_id, "reading a queue back from the store failed: stopping");
+                        let _ = guard.0.send(format!("reading a queue from the store failed: {error}"));
+                        break;
+                    }
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "the queue reader thread did not start; queues are read by the writer");
+    }
+    tx
+}
+
+fn read_load(
+    store: &dyn tern_store::Store,
+    load: &Load,
+) -> Result<Vec<(tern_store::Entry, Option<tern_codec::Str>)>, StoreError> {
+    store.read_queue(&load.client_id, load.after, load.max)
+}
+
+fn answer(
+    to_core: &mpsc::UnboundedSender<ToCore>,
+    metrics: &Metrics,
+    load: Load,
+    messages: Vec<(tern_store::Entry, Option<tern_codec::Str>)>,
+) {
+    metrics.store_loads.fetch_add(1, Ordering::Relaxed);
+    let _ = to_core.send(ToCore::Loaded(Box::new((load, messages))));
+}
+
+#[allow(clippy::too_many_arguments)]
 fn run(
     mut p: Persistence,
     lazy: bool,
+    committed: &AtomicU64,
     rx: &Receiver<Job>,
     pending: &AtomicUsize,
     to_core: &mpsc::UnboundedSender<ToCore>,
@@ -204,6 +276,8 @@ fn run(
     let mut unflushed_since: Option<Instant> = None;
     let (mut commits, mut ops_written) = (0u64, 0u64);
     let mut group: Vec<(Vec<Op>, Waiting)> = Vec::new();
+    // The core's durable rounds in this group: each `Job::Commit` is one.
+    let mut in_group: u64 = 0;
     loop {
         let first = match (p.flush_every, unflushed_since) {
             (Some(every), Some(since)) => {
@@ -253,6 +327,7 @@ fn run(
                             fail_flush |= fault_hook_on(message.topic.as_str(), "flush");
                         }
                     }
+                    in_group += 1;
                     group.push((ops, Waiting::Sealed(sends, loads)));
                 }
                 Job::Behind(sends) => group.push((Vec::new(), Waiting::Behind(sends))),
@@ -306,6 +381,7 @@ fn run(
                             unflushed_since = Some(Instant::now());
                         }
                     }
+                    committed.fetch_add(std::mem::take(&mut in_group), Ordering::Release);
                     let mut loads = Vec::new();
                     for w in waiting {
                         let sends = match w {
@@ -319,15 +395,8 @@ fn run(
                     }
                     // Read once the batch that may hold them is committed.
                     for load in loads {
-                        match p.store.read_queue(&load.client_id, load.after, load.max) {
-                            Ok(messages) => {
-                                metrics.store_loads.fetch_add(1, Ordering::Relaxed);
-                                let _ = to_core.send(ToCore::Loaded(Box::new((
-                                    load.client_id,
-                                    load.token,
-                                    messages,
-                                ))));
-                            }
+                        match read_load(&*p.store, &load) {
+                            Ok(messages) => answer(to_core, metrics, load, messages),
                             Err(error) => {
                                 // Queued messages that cannot be read back would never be
                                 // delivered: fail-stop, as for a failed flush.
@@ -340,6 +409,7 @@ fn run(
                     }
                 }
                 Err(error) => {
+                    in_group = 0;
                     if failed.is_none() {
                         metrics.store_failures.fetch_add(1, Ordering::Relaxed);
                         tracing::error!(%error, ops = ops.len(), "store commit failed: closing the connections that waited on it and reloading the last committed state");
@@ -365,6 +435,9 @@ fn run(
         }
         if let Some(reply) = reset {
             failed = None;
+            // The core starts again: its rounds count from 1.
+            committed.store(0, Ordering::Release);
+            in_group = 0;
             let read = if lazy {
                 p.store.load_spilled()
             } else {
