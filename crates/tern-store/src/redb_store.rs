@@ -834,40 +834,36 @@ fn read_queue(
     after: MessageId,
     max: usize,
 ) -> Result<crate::QueuePart, StoreError> {
-    {
-        let mut out = Vec::new();
-        if max == 0 || after.get() == u64::MAX {
-            return Ok(out);
-        }
-        let txn = db.begin_read().map_err(backend)?;
-        let queue = txn.open_table(QUEUE).map_err(backend)?;
-        let messages = txn.open_table(MESSAGES).map_err(backend)?;
-        let mut bodies: HashMap<u64, encoding::Body> = HashMap::new();
-        for row in queue
-            .range((client_id, after.get() + 1)..=(client_id, u64::MAX))
-            .map_err(backend)?
-            .take(max)
-        {
-            let (key, row) = row.map_err(backend)?;
-            let (_, reference) = queue_row(row.value())?;
-            let (body_key, copy) = encoding::read_reference(reference)?;
-            if let std::collections::hash_map::Entry::Vacant(slot) = bodies.entry(body_key) {
-                let Some(body) = messages.get(body_key).map_err(backend)? else {
-                    return Err(StoreError::Backend(format!(
-                        "stored message {body_key} is missing"
-                    )));
-                };
-                slot.insert(encoding::read_body(body.value(), anchor)?);
-            }
-            let body = &bodies[&body_key];
-            let (message, since) = copy.of(body, anchor, anchor.instant);
-            let id = MessageId::new(key.value().1)
-                .ok_or_else(|| StoreError::Backend("a stored queue row has id 0".into()))?;
-            let shared = copy.shared.or_else(|| body.shared.clone());
-            out.push((Entry { id, since, message }, shared));
-        }
-        Ok(out)
+    let mut out = Vec::new();
+    if max == 0 || after.get() == u64::MAX {
+        return Ok(out);
     }
+    let txn = db.begin_read().map_err(backend)?;
+    let queue = txn.open_table(QUEUE).map_err(backend)?;
+    let messages = txn.open_table(MESSAGES).map_err(backend)?;
+    // One session's queue holds each message once: no body is read twice, so nothing is
+    // kept but the row at hand.
+    for row in queue
+        .range((client_id, after.get() + 1)..=(client_id, u64::MAX))
+        .map_err(backend)?
+        .take(max)
+    {
+        let (key, row) = row.map_err(backend)?;
+        let (_, reference) = queue_row(row.value())?;
+        let (body_key, copy) = encoding::read_reference(reference)?;
+        let Some(body) = messages.get(body_key).map_err(backend)? else {
+            return Err(StoreError::Backend(format!(
+                "stored message {body_key} is missing"
+            )));
+        };
+        let body = encoding::read_body(body.value(), anchor)?;
+        let (message, since) = copy.of(&body, anchor, anchor.instant);
+        let id = MessageId::new(key.value().1)
+            .ok_or_else(|| StoreError::Backend("a stored queue row has id 0".into()))?;
+        let shared = copy.shared.or(body.shared);
+        out.push((Entry { id, since, message }, shared));
+    }
+    Ok(out)
 }
 
 impl RedbStore {
