@@ -104,6 +104,9 @@ pub struct Metrics {
     pub(crate) store_failures: AtomicU64,
     /// Queue reads: batches of queued messages read back from the store.
     pub(crate) store_loads: AtomicU64,
+    /// The last commit failed (the store is not taking writes): not ready until one
+    /// succeeds.
+    pub(crate) store_failing: std::sync::atomic::AtomicBool,
     pub(crate) commit_latency: Histogram,
     /// From reading the input that produced a PUBLISH to writing it, by QoS.
     pub(crate) latency: [Histogram; 3],
@@ -137,6 +140,7 @@ impl Metrics {
             connections_accepted: AtomicU64::new(0),
             store_commits: AtomicU64::new(0),
             store_loads: AtomicU64::new(0),
+            store_failing: std::sync::atomic::AtomicBool::new(false),
             store_batches: AtomicU64::new(0),
             store_ops: AtomicU64::new(0),
             store_failures: AtomicU64::new(0),
@@ -370,6 +374,20 @@ impl Metrics {
             "Batches of queued messages read back from the store as session windows drained.",
         );
         let _ = writeln!(out, "tern_store_queue_reads_total {}", r(&self.store_loads));
+        family(
+            &mut out,
+            "tern_store_failing",
+            "gauge",
+            "1 while the store refuses commits (its last commit failed: disk full, I/O error); /readyz says not ready meanwhile.",
+        );
+        let _ = writeln!(
+            out,
+            "tern_store_failing {}",
+            u8::from(
+                self.store_failing
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            )
+        );
         family(
             &mut out,
             "tern_store_batches_total",

@@ -54,6 +54,13 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// wrote and will not read again soon).
 pub const DEFAULT_CACHE: usize = 64 << 20;
 
+type Slot = std::sync::Arc<std::sync::RwLock<Option<std::sync::Arc<Database>>>>;
+
+/// The database in `slot`, if it is open.
+fn current(slot: &Slot) -> Option<std::sync::Arc<Database>> {
+    slot.read().ok().and_then(|g| g.clone())
+}
+
 fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
 }
@@ -70,7 +77,15 @@ pub enum Sync {
 
 /// The durable store.
 pub struct RedbStore {
-    db: std::sync::Arc<Database>,
+    /// The open database, shared with the queue reader ([`Store::reader`]); `None` only
+    /// while it is being opened again.
+    slot: Slot,
+    /// What it was opened from, to open it again after an I/O error.
+    path: std::path::PathBuf,
+    cache: usize,
+    /// A commit failed with an I/O error: redb refuses every later write transaction
+    /// ("previous I/O error") until the database is opened again.
+    latched: bool,
     anchor: Anchor,
     /// Key of the next message body.
     next_key: u64,
@@ -169,7 +184,10 @@ impl RedbStore {
         migrate_queues(&db, anchor)
             .map_err(|e| StoreError::Backend(format!("{}: moving queues: {e}", path.display())))?;
         let mut store = RedbStore {
-            db: std::sync::Arc::new(db),
+            slot: std::sync::Arc::new(std::sync::RwLock::new(Some(std::sync::Arc::new(db)))),
+            path: path.to_path_buf(),
+            cache: cache_bytes,
+            latched: false,
             next_key,
             wal,
             seq: durable_seq,
@@ -183,7 +201,8 @@ impl RedbStore {
             .collect();
         if let Some((last, _)) = pending.last() {
             let last = *last;
-            let txn = store.db.begin_write().map_err(backend)?;
+            let db = store.db()?;
+            let txn = db.begin_write().map_err(backend)?;
             for (seq, record) in &pending {
                 let batch = encoding::read_batch(record, store.anchor)?;
                 store.apply_batch(&txn, &batch).map_err(|e| {
@@ -204,9 +223,84 @@ impl RedbStore {
     /// How many message bodies are stored (each shared by every queue and flow holding a
     /// copy of that message).
     pub fn stored_messages(&self) -> Result<u64, StoreError> {
-        let txn = self.db.begin_read().map_err(backend)?;
+        let txn = self.db()?.begin_read().map_err(backend)?;
         let messages = txn.open_table(MESSAGES).map_err(backend)?;
         messages.len().map_err(backend)
+    }
+
+    fn db(&self) -> Result<std::sync::Arc<Database>, StoreError> {
+        current(&self.slot).ok_or_else(|| {
+            StoreError::Backend(format!(
+                "{}: the store could not be opened again after an I/O error",
+                self.path.display()
+            ))
+        })
+    }
+
+    /// A write failed: redb now refuses every write transaction until the database is
+    /// opened again, which the next commit tries (once the disk takes writes again).
+    fn io_failed(&mut self, e: impl std::fmt::Display) -> StoreError {
+        self.latched = true;
+        backend(e)
+    }
+
+    /// Opens the database again after an I/O error, if the disk takes writes again: a
+    /// probe first writes 1 MiB past the end of a scratch file as long as the store (so a
+    /// full disk or a file size limit is found before the working database is let go);
+    /// then the database is closed (once the queue reader has let go of it) and opened,
+    /// which repairs it from its last commit.
+    fn reopen(&mut self) -> Result<(), StoreError> {
+        let len = std::fs::metadata(&self.path).map_or(0, |m| m.len());
+        let probe_path = self.path.with_extension("probe");
+        let probe = (|| -> std::io::Result<()> {
+            use std::io::{Seek, SeekFrom, Write};
+            let mut f = std::fs::File::create(&probe_path)?;
+            f.seek(SeekFrom::Start(len))?;
+            f.write_all(&vec![0; 1 << 20])?;
+            f.sync_all()
+        })();
+        let _ = std::fs::remove_file(&probe_path);
+        if let Err(e) = probe {
+            return Err(StoreError::Backend(format!(
+                "{}: the disk does not take writes yet: {e}",
+                self.path.display()
+            )));
+        }
+        let Ok(mut slot) = self.slot.write() else {
+            return Err(StoreError::Backend("the store's lock is poisoned".into()));
+        };
+        if let Some(mut old) = slot.take() {
+            // The reader holds it only for one read.
+            let deadline = Instant::now() + std::time::Duration::from_secs(5);
+            loop {
+                match std::sync::Arc::try_unwrap(old) {
+                    Ok(db) => {
+                        drop(db);
+                        break;
+                    }
+                    Err(still) if Instant::now() < deadline => {
+                        old = still;
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                    }
+                    Err(still) => {
+                        *slot = Some(still);
+                        return Err(StoreError::Backend(
+                            "the store is still being read; not opened again yet".into(),
+                        ));
+                    }
+                }
+            }
+        }
+        let db = Database::builder()
+            .set_cache_size(self.cache)
+            .create(&self.path)
+            .map_err(|e| {
+                StoreError::Backend(format!("{}: opening again: {e}", self.path.display()))
+            })?;
+        *slot = Some(std::sync::Arc::new(db));
+        drop(slot);
+        self.latched = false;
+        Ok(())
     }
 
     /// Chooses when commits reach the disk (default [`Sync::Always`]).
@@ -736,13 +830,17 @@ impl RedbStore {
 
 impl Store for RedbStore {
     fn commit(&mut self, batch: &[Op]) -> Result<Committed, StoreError> {
-        let mut txn = self.db.begin_write().map_err(backend)?;
+        if self.latched {
+            self.reopen()?;
+        }
+        let db = self.db()?;
+        let mut txn = db.begin_write().map_err(|e| self.io_failed(e))?;
         if self.sync == Sync::OnFlush {
             txn.set_durability(Durability::None).map_err(backend)?;
         }
         self.apply_batch(&txn, batch)?;
         if self.sync == Sync::Always {
-            txn.commit().map_err(backend)?;
+            txn.commit().map_err(|e| self.io_failed(e))?;
             return Ok(Committed::receipt());
         }
         // Not fsynced: the batch reaches the OS through the log before it is committed,
@@ -761,7 +859,7 @@ impl Store for RedbStore {
         if let Err(e) = txn.commit() {
             self.seq -= 1;
             self.wal.cut(mark)?;
-            return Err(backend(e));
+            return Err(self.io_failed(e));
         }
         self.unflushed = true;
         Ok(Committed::receipt())
@@ -773,12 +871,16 @@ impl Store for RedbStore {
         if !self.unflushed {
             return Ok(());
         }
-        let txn = self.db.begin_write().map_err(backend)?;
+        if self.latched {
+            self.reopen()?;
+        }
+        let db = self.db()?;
+        let txn = db.begin_write().map_err(|e| self.io_failed(e))?;
         txn.open_table(META)
             .map_err(backend)?
             .insert("wal_seq", self.seq)
             .map_err(backend)?;
-        txn.commit().map_err(backend)?;
+        txn.commit().map_err(|e| self.io_failed(e))?;
         self.wal.clear()?;
         self.unflushed = false;
         Ok(())
@@ -798,12 +900,12 @@ impl Store for RedbStore {
         after: MessageId,
         max: usize,
     ) -> Result<Vec<(Entry, Option<Str>)>, StoreError> {
-        read_queue(&self.db, self.anchor, client_id, after, max)
+        read_queue(&*self.db()?, self.anchor, client_id, after, max)
     }
 
     fn reader(&self) -> Option<Box<dyn crate::QueueReader>> {
         Some(Box::new(Reader {
-            db: self.db.clone(),
+            slot: self.slot.clone(),
             anchor: self.anchor,
         }))
     }
@@ -812,7 +914,7 @@ impl Store for RedbStore {
 /// Reads queues beside the writer: redb's readers see the last commit and never wait for
 /// a write transaction.
 struct Reader {
-    db: std::sync::Arc<Database>,
+    slot: Slot,
     anchor: Anchor,
 }
 
@@ -823,7 +925,12 @@ impl crate::QueueReader for Reader {
         after: MessageId,
         max: usize,
     ) -> Result<crate::QueuePart, StoreError> {
-        read_queue(&self.db, self.anchor, client_id, after, max)
+        // While the store is opened again there is nothing to read from: an empty
+        // answer, read again after a commit.
+        match current(&self.slot) {
+            Some(db) => read_queue(&db, self.anchor, client_id, after, max),
+            None => Ok(Vec::new()),
+        }
     }
 }
 
@@ -870,7 +977,8 @@ impl RedbStore {
     /// Everything, or (`queues` false) everything but the queued messages, which are
     /// counted instead.
     fn read_all(&self, queues: bool) -> Result<Snapshot, StoreError> {
-        let txn = self.db.begin_read().map_err(backend)?;
+        let db = self.db()?;
+        let txn = db.begin_read().map_err(backend)?;
         let sessions = txn.open_table(SESSIONS).map_err(backend)?;
         let delivery = txn.open_table(DELIVERY).map_err(backend)?;
         let inflight = txn.open_table(INFLIGHT).map_err(backend)?;
@@ -1090,7 +1198,8 @@ mod tests {
             store.commit(&batch).unwrap();
             // Rewrite it the old way: sequence keys from 1 << 40, references that end
             // before the id and time (20 bytes), no counts.
-            let txn = store.db.begin_write().unwrap();
+            let db = store.db().unwrap();
+            let txn = db.begin_write().unwrap();
             {
                 let mut new = txn.open_table(QUEUE).unwrap();
                 let mut old = txn.open_table(OLD_QUEUE).unwrap();
@@ -1137,9 +1246,11 @@ mod tests {
             .read_queue("a", MessageId::new(ids[0]).unwrap(), 10)
             .unwrap();
         assert_eq!(part.len(), 2);
-        let txn = store.db.begin_read().unwrap();
+        let db = store.db().unwrap();
+        let txn = db.begin_read().unwrap();
         assert!(txn.open_table(OLD_QUEUE).unwrap().is_empty().unwrap());
         drop(txn);
+        drop(db);
         drop(store);
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -545,6 +545,16 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
+        // A write past the process's file size limit (RLIMIT_FSIZE) raises SIGXFSZ, which
+        // would kill the broker; handled, the write fails with EFBIG instead and the store
+        // treats it as a full disk (refuses, recovers when it can write again).
+        if let Ok(mut xfsz) = signal(SignalKind::from_raw(25)) {
+            tokio::spawn(async move {
+                while xfsz.recv().await.is_some() {
+                    tracing::warn!("a write passed the file size limit (SIGXFSZ)");
+                }
+            });
+        }
         let term = signal(SignalKind::terminate());
         let int = signal(SignalKind::interrupt());
         async move {

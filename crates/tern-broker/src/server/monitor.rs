@@ -72,9 +72,11 @@ impl Monitor {
         &self.0.metrics
     }
 
-    /// Whether the server is serving: store loaded, listeners bound, not shutting down.
+    /// Whether the server is serving: store loaded, listeners bound, not shutting down,
+    /// and the store taking commits.
     pub fn is_ready(&self) -> bool {
         self.0.ready.load(Ordering::Acquire)
+            && !self.0.metrics.store_failing.load(Ordering::Acquire)
     }
 
     pub(crate) fn set_ready(&self, ready: bool) {

@@ -370,6 +370,9 @@ fn run(
             match result {
                 Ok(receipt) => {
                     if !ops.is_empty() {
+                        if metrics.store_failing.swap(false, Ordering::AcqRel) {
+                            tracing::warn!("the store takes commits again");
+                        }
                         commits += 1;
                         ops_written += ops.len() as u64;
                         metrics.store_commits.fetch_add(1, Ordering::Relaxed);
@@ -412,6 +415,7 @@ fn run(
                     in_group = 0;
                     if failed.is_none() {
                         metrics.store_failures.fetch_add(1, Ordering::Relaxed);
+                        metrics.store_failing.store(true, Ordering::Release);
                         tracing::error!(%error, ops = ops.len(), "store commit failed: closing the connections that waited on it and reloading the last committed state");
                         // The core hears of it before any client sees its connection
                         // close, so a client that reconnects at once meets the reloaded
