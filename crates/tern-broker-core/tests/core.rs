@@ -20,8 +20,14 @@ fn dropped(sim: &Sim) -> u64 {
 /// A QoS 1 subscriber acknowledging everything it is sent, batch after batch (its window
 /// lets the next out), until nothing more comes.
 fn ack_all(sim: &mut Sim, conn: ConnId) {
+    ack_all_watching(sim, conn, |_| {});
+}
+
+/// [`ack_all`], calling `watch` before each round of acknowledgements.
+fn ack_all_watching(sim: &mut Sim, conn: ConnId, mut watch: impl FnMut(&Sim)) {
     let mut acked = 0;
     loop {
+        watch(sim);
         let sent = sim.publishes(conn);
         if acked == sent.len() {
             return;
@@ -1050,22 +1056,11 @@ fn with_a_memory_window_a_backlog_waits_in_the_store_and_is_read_back_in_order()
         }
         let a = sim.connect(persistent("a"));
         // Acknowledge what comes, one round at a time, watching the memory the queue takes.
-        let mut acked = 0;
         let mut most_in_memory = 0;
-        loop {
+        ack_all_watching(&mut sim, a, |sim| {
             let state = sim.broker.session_state("a").unwrap();
             most_in_memory = most_in_memory.max(state.queued().count());
-            let sent = sim.publishes(a);
-            if acked == sent.len() {
-                break;
-            }
-            for p in &sent[acked..] {
-                if let Some(id) = p.packet_id() {
-                    sim.send(a, Packet::PubAck(tern_codec::Ack::new(id)));
-                }
-            }
-            acked = sent.len();
-        }
+        });
         let received = sim.received(a);
         let expected: Vec<String> = (0..300).map(|i| format!("m{i}")).collect();
         assert_eq!(

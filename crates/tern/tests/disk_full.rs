@@ -157,11 +157,7 @@ fn refuses_then_recovers_without_a_restart_and_loses_nothing(durability: &str) {
         let status = exited.expect("the broker stops when its flush fails");
         assert!(!status.success(), "non-zero: {status}");
         drop(broker);
-        let broker = start();
-        let port = broker.port(0).to_string();
-        check_kept(&port, &acked);
-        drop(broker);
-        let _ = std::fs::remove_dir_all(&dir);
+        restart_and_check(start, &dir, &acked);
         return;
     }
     let failing = (0..100).any(|_| {
@@ -193,11 +189,16 @@ fn refuses_then_recovers_without_a_restart_and_loses_nothing(durability: &str) {
     assert_eq!(metric(&metrics, "tern_store_failing"), "0");
     // kill -9, restart: every acknowledged message is there.
     drop(broker);
+    restart_and_check(start, &dir, &acked);
+}
+
+/// A new broker on the same data: every message in `acked` is there.
+fn restart_and_check(start: impl Fn() -> BrokerProcess, dir: &std::path::Path, acked: &[usize]) {
     let broker = start();
     let port = broker.port(0).to_string();
-    check_kept(&port, &acked);
+    check_kept(&port, acked);
     drop(broker);
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
