@@ -9,8 +9,11 @@
 
 mod support;
 
+use std::io::{Read, Write};
 use std::process::Command;
+
 use std::time::{Duration, Instant};
+use tern_codec::Packet;
 
 use support::{BrokerProcess, http_get};
 
@@ -92,4 +95,70 @@ fn the_broker_exits_non_zero_when_its_storage_writer_dies() {
 #[test]
 fn the_broker_exits_non_zero_when_a_batched_flush_fails() {
     exits_non_zero_and_not_ready_when("flush", true, "durability = \"batched\"\n");
+}
+
+fn encoded(p: Packet) -> Vec<u8> {
+    let mut b = bytes::BytesMut::new();
+    tern_codec::encode(&p, tern_codec::Protocol::V3_1_1, &mut b).unwrap();
+    b.to_vec()
+}
+
+/// A core that falls behind (slowed by the test-only fault hook: 2 ms over every read it
+/// is handed) while a client floods it with QoS 0: the connections stop reading once
+/// 32 MiB wait for the core (TCP holds the rest), so the broker's memory stays bounded.
+/// Without that limit the same flood grows it by hundreds of MB (tried).
+#[test]
+fn a_core_that_falls_behind_stops_the_reading_and_memory_stays_bounded() {
+    let (broker, dir) = broker_with_fault_hook("inbox", "durability = \"none\"");
+    let addr = format!("127.0.0.1:{}", broker.port(0));
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    let connect = tern_codec::Connect::new(tern_codec::Protocol::V3_1_1, "flooder");
+    s.write_all(&encoded(Packet::Connect(Box::new(connect))))
+        .unwrap();
+    let mut connack = [0u8; 4];
+    s.read_exact(&mut connack).unwrap();
+    let publish = |topic: &str, payload: Vec<u8>| {
+        encoded(Packet::Publish(tern_codec::Publish::new(
+            tern_codec::TopicName::new(topic).unwrap(),
+            tern_codec::QosPid::AtMostOnce,
+            payload,
+        )))
+    };
+    s.write_all(&publish("tern/fault/slow-core", b"on".to_vec()))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let before = support::rss_kib(broker.pid());
+    // The flood, from another thread: 1 KiB messages, 64 at a time, for 3 s.
+    let chunk: Vec<u8> = (0..64)
+        .flat_map(|_| publish("flood/t", vec![b'x'; 1024]))
+        .collect();
+    let mut w = s.try_clone().unwrap();
+    let flooding = std::thread::spawn(move || {
+        let until = Instant::now() + Duration::from_secs(3);
+        let mut sent = 0usize;
+        while Instant::now() < until {
+            if w.write_all(&chunk).is_err() {
+                break;
+            }
+            sent += chunk.len();
+        }
+        sent
+    });
+    let mut peak = before;
+    while !flooding.is_finished() {
+        peak = peak.max(support::rss_kib(broker.pid()));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let sent = flooding.join().unwrap();
+    s.write_all(&publish("tern/fault/slow-core", b"off".to_vec()))
+        .unwrap();
+    let grown_mb = peak.saturating_sub(before) as f64 / 1024.0;
+    eprintln!(
+        "flooded {} MiB; broker RSS {before} KiB -> peak {peak} KiB (+{grown_mb:.1} MiB)",
+        sent >> 20
+    );
+    assert!(sent > 48 << 20, "the flood was a flood: {sent} bytes");
+    assert!(grown_mb < 96.0, "memory grew by {grown_mb:.1} MiB");
+    drop(broker);
+    let _ = std::fs::remove_dir_all(&dir);
 }

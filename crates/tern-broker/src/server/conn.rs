@@ -284,8 +284,11 @@ async fn session_io(
         // sends is not read (TCP holds it), so a client that never reads cannot make the
         // broker pile up answers to it without bound.
         let behind = wbuf.len() + rx.backlog() >= l.write_backlog;
+        // And while the core has more than it can take waiting, nobody is read.
+        let core_behind = l.inbox.full();
         tokio::select! {
-            read = reader.read_some(&mut rbuf, chunk), if phase.reading() && !behind => {
+            () = l.inbox.room(), if phase.reading() && core_behind && !behind => {}
+            read = reader.read_some(&mut rbuf, chunk), if phase.reading() && !behind && !core_behind => {
                 let read_at = Instant::now();
                 let n = match read {
                     Ok(n) if n > 0 => n,
@@ -631,9 +634,15 @@ fn decode_all(
         }
     };
     let sent = match first {
-        Some(p) => l.to_core.send(ToCore::Packet(conn, p, read_at)),
+        Some(p) => {
+            l.inbox.add(super::inbox_weight([&p]));
+            l.to_core.send(ToCore::Packet(conn, p, read_at))
+        }
         None if more.is_empty() => Ok(()),
-        None => l.to_core.send(ToCore::Packets(conn, more, read_at)),
+        None => {
+            l.inbox.add(super::inbox_weight(&more));
+            l.to_core.send(ToCore::Packets(conn, more, read_at))
+        }
     };
     if sent.is_err() {
         return true;

@@ -18,6 +18,7 @@ use crate::metrics::Metrics;
 /// ([`dispatch`]). On shutdown every connection is told and the writer finishes.
 pub(super) struct CoreTask {
     pub(super) broker: Broker,
+    pub(super) inbox: Arc<super::Inbox>,
     pub(super) from_conns: mpsc::UnboundedReceiver<ToCore>,
     pub(super) acl_changes: watch::Receiver<Arc<Access>>,
     pub(super) writer: Option<writer::Writer>,
@@ -30,6 +31,7 @@ impl CoreTask {
     /// Runs until shutdown (or the store cannot be read back after a failure).
     pub(super) async fn run(self) {
         let CoreTask {
+            inbox,
             mut broker,
             mut from_conns,
             mut acl_changes,
@@ -84,12 +86,16 @@ impl CoreTask {
                         broker.handle_accepted(conn, &peer);
                     }
                     ToCore::Packet(conn, p, read_at) => {
+                        inbox.take(super::inbox_weight([&p]));
                         since = since.min(read_at);
                         #[cfg(debug_assertions)]
                         fault(&p);
                         broker.handle_packet(conn, p, now);
                     }
                     ToCore::Packets(conn, packets, read_at) => {
+                        inbox.take(super::inbox_weight(&packets));
+                        #[cfg(debug_assertions)]
+                        slow_core().await;
                         since = since.min(read_at);
                         handled += packets.len().saturating_sub(1);
                         for p in packets {
@@ -163,6 +169,11 @@ impl CoreTask {
             dispatch(&mut broker, &writers, writer.as_ref(), since);
             for conn in closed {
                 writers.remove(&conn);
+            }
+            // A writer that falls behind holds the core back, and so (through the inbox)
+            // the connections' reading: its queue stays bounded.
+            if let Some(w) = writer.as_ref() {
+                w.room().await;
             }
         }
         broker.shutdown(Instant::now());
@@ -300,5 +311,23 @@ impl Store for Memory {
 fn fault(p: &Packet) {
     if let Packet::Publish(p) = p {
         writer::fault_hook(p.topic.as_str(), "core");
+        if writer::fault_hook_on(p.topic.as_str(), "slow-core") {
+            SLOW_CORE.store(
+                p.payload.as_ref() == b"on",
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
+    }
+}
+
+/// Test-only (the fault hook): a PUBLISH of `on` to `tern/fault/slow-core` makes the core
+/// take 2 ms over each read it is handed, `off` ends it: a core that falls behind.
+#[cfg(debug_assertions)]
+static SLOW_CORE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+#[cfg(debug_assertions)]
+async fn slow_core() {
+    if SLOW_CORE.load(std::sync::atomic::Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }

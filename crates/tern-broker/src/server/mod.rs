@@ -111,6 +111,73 @@ pub struct Server {
     pub sys_interval: Option<Duration>,
 }
 
+/// What the connections have read and handed to the core that the core has not yet taken,
+/// weighed in bytes: past [`INBOX_HIGH`] the connections stop reading (TCP holds what the
+/// clients send) until the core is back under [`INBOX_LOW`], so a core that falls behind
+/// (a flood, a slow machine) bounds memory instead of queueing without end.
+pub(crate) struct Inbox {
+    bytes: AtomicUsize,
+    room: tokio::sync::Notify,
+}
+
+/// Bytes waiting for the core past which connections stop reading.
+pub(crate) const INBOX_HIGH: usize = 32 << 20;
+/// ... and under which they read again.
+pub(crate) const INBOX_LOW: usize = 16 << 20;
+
+impl Inbox {
+    fn new() -> Inbox {
+        Inbox {
+            bytes: AtomicUsize::new(0),
+            room: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// A connection handed the core `n` bytes' worth.
+    pub(crate) fn add(&self, n: usize) {
+        self.bytes.fetch_add(n, Ordering::AcqRel);
+    }
+
+    /// The core took `n` bytes' worth.
+    pub(crate) fn take(&self, n: usize) {
+        let before = self.bytes.fetch_sub(n, Ordering::AcqRel);
+        if before >= INBOX_LOW && before.saturating_sub(n) < INBOX_LOW {
+            self.room.notify_waiters();
+        }
+    }
+
+    /// Whether connections should stop reading.
+    pub(crate) fn full(&self) -> bool {
+        self.bytes.load(Ordering::Acquire) >= INBOX_HIGH
+    }
+
+    /// Waits until the core is back under [`INBOX_LOW`].
+    pub(crate) async fn room(&self) {
+        loop {
+            let notified = self.room.notified();
+            let mut notified = std::pin::pin!(notified);
+            notified.as_mut().enable();
+            if self.bytes.load(Ordering::Acquire) < INBOX_LOW {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// What packets weigh in the core's inbox: their topics and payloads and a fixed part each.
+pub(crate) fn inbox_weight<'a>(packets: impl IntoIterator<Item = &'a Packet>) -> usize {
+    packets
+        .into_iter()
+        .map(|p| {
+            64 + match p {
+                Packet::Publish(p) => p.topic.as_str().len() + p.payload.len(),
+                _ => 0,
+            }
+        })
+        .sum()
+}
+
 /// Queued messages of one session read back from the store: the load they answer, the
 /// messages with the shared subscription each came through.
 pub(crate) type Loaded = (crate::core::Load, tern_store::QueuePart);
@@ -255,7 +322,9 @@ pub async fn run(server: Server, shutdown: impl Future<Output = ()>) -> Result<(
     let writer = persistence
         .map(|p| writer::Writer::spawn(p, lazy, to_core.clone(), metrics.clone(), fatal.clone()));
     let core_metrics = metrics.clone();
+    let inbox = Arc::new(Inbox::new());
     let task = core_task::CoreTask {
+        inbox: inbox.clone(),
         broker,
         from_conns,
         acl_changes,
@@ -289,6 +358,7 @@ pub async fn run(server: Server, shutdown: impl Future<Output = ()>) -> Result<(
             counts: Arc::new(ConnCounts::default()),
             metrics: metrics.clone(),
             to_core: to_core.clone(),
+            inbox: inbox.clone(),
         });
         monitor.add_listener(name, listener.counts.clone());
         let (next_conn, total) = (next_conn.clone(), total.clone());
@@ -382,6 +452,8 @@ struct ListenerCtx {
     /// The core's inbox, one for all connections (each task holding its own sender would
     /// be one more pointer in every connection's task).
     to_core: mpsc::UnboundedSender<ToCore>,
+    /// How much of it waits (backpressure).
+    inbox: Arc<Inbox>,
 }
 
 /// A connection's place in the listener's and the server's counts, given back on drop.

@@ -53,6 +53,8 @@ pub(crate) struct Writer {
     committed: Arc<AtomicU64>,
     /// The queue reader beside the writer, if the store has one.
     reader: Option<Sender<Load>>,
+    /// Told whenever the writer has finished rounds.
+    progress: Arc<tokio::sync::Notify>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -71,6 +73,8 @@ impl Writer {
         let count = pending.clone();
         let committed = Arc::new(AtomicU64::new(0));
         let done = committed.clone();
+        let progress = Arc::new(tokio::sync::Notify::new());
+        let progressed = progress.clone();
         // Loads that may be read from what is committed go to a reader beside the
         // writer, so a window refills without waiting for the commit in progress.
         let reader = match (lazy, p.store.reader()) {
@@ -86,7 +90,17 @@ impl Writer {
             .name("tern-store".into())
             .spawn(move || {
                 let guard = PanicGuard(fatal);
-                run(p, lazy, &done, &rx, &count, &to_core, &metrics, &guard.0);
+                run(
+                    p,
+                    lazy,
+                    &done,
+                    &progressed,
+                    &rx,
+                    &count,
+                    &to_core,
+                    &metrics,
+                    &guard.0,
+                );
             })
             .expect("the storage writer thread starts");
         Writer {
@@ -94,6 +108,7 @@ impl Writer {
             pending,
             committed,
             reader,
+            progress,
             thread: Some(thread),
         }
     }
@@ -101,6 +116,19 @@ impl Writer {
     /// Whether batches are waiting for a commit (anything sent now must queue behind).
     pub(crate) fn busy(&self) -> bool {
         self.pending.load(Ordering::Acquire) > 0
+    }
+
+    /// Waits while more than [`MAX_PENDING`] rounds wait for the writer.
+    pub(crate) async fn room(&self) {
+        loop {
+            let notified = self.progress.notified();
+            let mut notified = std::pin::pin!(notified);
+            notified.as_mut().enable();
+            if self.pending.load(Ordering::Acquire) <= MAX_PENDING {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// Commits `ops`, then opens and sends `sends`, then reads the `loads` and hands them
@@ -163,6 +191,9 @@ impl Drop for PanicGuard {
     }
 }
 
+/// Rounds waiting for the writer past which the core waits for it ([`Writer::room`]).
+const MAX_PENDING: usize = 64;
+
 /// Test-only fault injection (debug builds only, and only with `TERN_FAULT_HOOK=1` in the
 /// environment): a retained message on `tern/fault/writer` makes the writer panic, a
 /// PUBLISH on `tern/fault/core` the core task, so the fail-stop tests can kill each.
@@ -175,7 +206,7 @@ pub(crate) fn fault_hook(topic: &str, part: &str) {
 
 /// Whether the fault hook is on and `topic` names `part`.
 #[cfg(debug_assertions)]
-fn fault_hook_on(topic: &str, part: &str) -> bool {
+pub(crate) fn fault_hook_on(topic: &str, part: &str) -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let on = *ON.get_or_init(|| std::env::var("TERN_FAULT_HOOK").is_ok_and(|v| v == "1"));
     on && topic.strip_prefix("tern/fault/") == Some(part)
@@ -262,6 +293,7 @@ fn run(
     mut p: Persistence,
     lazy: bool,
     committed: &AtomicU64,
+    progress: &tokio::sync::Notify,
     rx: &Receiver<Job>,
     pending: &AtomicUsize,
     to_core: &mpsc::UnboundedSender<ToCore>,
@@ -436,6 +468,7 @@ fn run(
                 }
             }
             pending.fetch_sub(n, Ordering::AcqRel);
+            progress.notify_waiters();
         }
         if let Some(reply) = reset {
             failed = None;
