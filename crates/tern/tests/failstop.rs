@@ -162,3 +162,35 @@ fn a_core_that_falls_behind_stops_the_reading_and_memory_stays_bounded() {
     drop(broker);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A connection whose first packet is not a CONNECT is the core's to refuse; what it weighs
+/// in the core's inbox is counted on the way in as on the way out, so afterwards everyone
+/// is still read (a count that went below zero once stopped all reading).
+#[test]
+fn a_first_packet_that_is_not_connect_leaves_everyone_else_read() {
+    let (broker, dir) = broker_with_fault_hook("first-packet", "durability = \"none\"");
+    let addr = format!("127.0.0.1:{}", broker.port(0));
+    let mut bad = std::net::TcpStream::connect(&addr).unwrap();
+    bad.write_all(&encoded(Packet::PingReq)).unwrap();
+    let mut rest = Vec::new();
+    let _ = bad.read_to_end(&mut rest);
+    let port = broker.port(0).to_string();
+    let out = Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-q",
+            "1",
+            "-t",
+            "after/t",
+            "-m",
+            "x",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "a later client is served: {out:?}");
+    drop(broker);
+    let _ = std::fs::remove_dir_all(&dir);
+}

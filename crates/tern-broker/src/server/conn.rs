@@ -577,7 +577,10 @@ async fn connect_phase(
             Admission::Granted(c),
             Instant::now(),
         )),
-        other => l.to_core.send(ToCore::Packet(conn, other, Instant::now())),
+        other => {
+            l.inbox.add(super::inbox_weight([&other]));
+            l.to_core.send(ToCore::Packet(conn, other, Instant::now()))
+        }
     };
     if sent.is_err() {
         if let Start::Connected(v) = start {

@@ -138,9 +138,15 @@ impl Inbox {
         self.bytes.fetch_add(n, Ordering::AcqRel);
     }
 
-    /// The core took `n` bytes' worth.
+    /// The core took `n` bytes' worth. (Never below zero: a count that wrapped would stop
+    /// every connection's reading for good.)
     pub(crate) fn take(&self, n: usize) {
-        let before = self.bytes.fetch_sub(n, Ordering::AcqRel);
+        let before = self
+            .bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
+                Some(b.saturating_sub(n))
+            })
+            .unwrap_or(0);
         if before >= INBOX_LOW && before.saturating_sub(n) < INBOX_LOW {
             self.room.notify_waiters();
         }
