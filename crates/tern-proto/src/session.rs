@@ -754,11 +754,6 @@ impl SessionState {
         before - self.queue.len()
     }
 
-    /// Removes the oldest waiting message (for a drop-oldest queue limit).
-    pub fn dequeue_oldest(&mut self) -> Option<Entry> {
-        self.pop_queue()
-    }
-
     /// Drops the oldest waiting message, in memory or (the window empty) spilled; false
     /// if nothing waits. A spilled one is dropped unread (`Unqueued`: the store takes its
     /// front row), its payload bytes estimated as the spilled messages' average until the

@@ -86,11 +86,6 @@ pub struct Loads {
 }
 
 impl Loads {
-    /// Whether there are none.
-    pub fn is_empty(&self) -> bool {
-        self.early.is_empty() && self.sealed.0.is_empty()
-    }
-
     /// Loads that may be read now, before the round's commit, from what the store has
     /// committed so far, given that the first `committed` durable rounds are committed:
     /// nothing their sessions have changed since behind their window takes messages away

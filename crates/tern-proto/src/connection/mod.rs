@@ -325,12 +325,6 @@ impl Connection {
         self.session.remove_expired(now)
     }
 
-    /// Removes the oldest queued (not in flight) message, for an owner making room under
-    /// its queue limits.
-    pub fn dequeue_oldest(&mut self) -> Option<Entry> {
-        self.session.dequeue_oldest()
-    }
-
     /// Drops the oldest queued message, in memory or spilled (see
     /// [`SessionState::drop_oldest`]); false if none waits.
     pub fn drop_oldest(&mut self) -> bool {
