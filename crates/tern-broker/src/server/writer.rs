@@ -271,18 +271,11 @@ fn spawn_reader(
     tx
 }
 
-fn read_load(
-    store: &dyn tern_store::Store,
-    load: &Load,
-) -> Result<Vec<(tern_store::Entry, Option<tern_codec::Str>)>, StoreError> {
-    store.read_queue(&load.client_id, load.after, load.max)
-}
-
 fn answer(
     to_core: &mpsc::UnboundedSender<ToCore>,
     metrics: &Metrics,
     load: Load,
-    messages: Vec<(tern_store::Entry, Option<tern_codec::Str>)>,
+    messages: tern_store::QueuePart,
 ) {
     metrics.store_loads.fetch_add(1, Ordering::Relaxed);
     let _ = to_core.send(ToCore::Loaded(Box::new((load, messages))));
@@ -430,7 +423,7 @@ fn run(
                     }
                     // Read once the batch that may hold them is committed.
                     for load in loads {
-                        match read_load(&*p.store, &load) {
+                        match p.store.read_queue(&load.client_id, load.after, load.max) {
                             Ok(messages) => answer(to_core, metrics, load, messages),
                             Err(error) => {
                                 // Queued messages that cannot be read back would never be
