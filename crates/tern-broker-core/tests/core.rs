@@ -47,7 +47,9 @@ fn sessions(sim: &Sim) -> usize {
     g.online + g.offline
 }
 use tern_codec::properties::{ConnectProperties, WillProperties};
-use tern_codec::{Connect, LastWill, Packet, Protocol, Publish, QoS, QosPid, TopicName};
+use tern_codec::{
+    Connect, Disconnect, LastWill, Packet, Protocol, Publish, QoS, QosPid, ReasonCode, TopicName,
+};
 
 fn persistent(id: &str) -> Connect {
     let mut c = Connect::new(Protocol::V3_1_1, id);
@@ -1296,6 +1298,40 @@ fn the_wills_of_connected_clients_are_published_once_after_a_crash() {
     assert_eq!(got, ["clean gone", "gone"]);
     sim.restart(S);
     assert!(wills_kept(&mut sim).is_empty(), "once");
+}
+
+/// A client resuming its session with a will is told it is connected only once the will
+/// is committed: a CONNACK resuming a session may otherwise go before its round's commit,
+/// and a crash in between would lose the will of a client that saw itself connected.
+#[test]
+fn a_connack_resuming_a_session_with_a_will_waits_for_the_will_to_be_stored() {
+    let mut sim = Sim::new(Settings::default());
+    will_keeper(&mut sim);
+    let mut first = will_client_q1(0, 3600);
+    first.will = None;
+    let c = sim.connect(first);
+    sim.send(c, Packet::Disconnect(Disconnect::new(ReasonCode::Success)));
+    // The store refuses the round that would store the will.
+    sim.fail_next_commit();
+    sim.connect(will_client_q1(0, 3600));
+    // The first connection's CONNACK had no session to resume; this one would.
+    let told = sim
+        .died_with
+        .iter()
+        .any(|o| matches!(o, Output::Send(_, Packet::ConnAck(a)) if a.session_present));
+    assert!(
+        !told,
+        "the client was told it is connected although its will was never stored"
+    );
+    assert_eq!(sim.restarts, 1);
+    assert!(wills_kept(&mut sim).is_empty());
+    // The commit that goes through: CONNACK (session present), and the will is kept.
+    let c = sim.connect(will_client_q1(0, 3600));
+    assert!(sim.outputs.iter().any(
+        |o| matches!(o, Output::Send(to, Packet::ConnAck(a)) if *to == c && a.session_present)
+    ));
+    sim.restart(S);
+    assert_eq!(wills_kept(&mut sim), ["gone"]);
 }
 
 /// `will_client` with a QoS 1 will (kept for an offline subscriber).

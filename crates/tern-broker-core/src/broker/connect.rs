@@ -225,6 +225,9 @@ impl Broker {
                 will: will.clone(),
             });
             session.will_stored = true;
+            // The client may take its CONNACK as "my will is kept": it waits for the
+            // commit even when it resumes a session.
+            self.connack_sealed.push(conn);
         }
         session.will = connect.will.map(Box::new);
         // Back in time: a delayed will from the last connection is not sent.

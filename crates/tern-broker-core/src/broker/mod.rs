@@ -308,6 +308,9 @@ pub struct Broker {
     touched: Vec<Str>,
     /// Loads asked for since the last round (handed out with it).
     loads: Vec<Load>,
+    /// Connections whose CONNACK this round must wait for the commit although it resumes
+    /// a session: their CONNECT carried a will, which is durable only once committed.
+    connack_sealed: Vec<ConnId>,
     /// Durable rounds handed out so far.
     rounds: u64,
     /// The last load token handed out.
@@ -375,6 +378,7 @@ impl Broker {
             batch: Vec::new(),
             touched: Vec::new(),
             loads: Vec::new(),
+            connack_sealed: Vec::new(),
             rounds: 0,
             // Tokens of one process never meet another's answers.
             last_load: wall

@@ -119,11 +119,13 @@ impl Loads {
 
 /// Whether a packet may reach its connection before the commit of its round: a QoS 0 or
 /// QoS 1 PUBLISH (a lost record of it only means a resend), or a CONNACK with Session
-/// Present (the session it resumes was stored before this round).
-fn needs_no_commit(p: &Packet) -> bool {
+/// Present (the session it resumes was stored before this round) unless its CONNECT
+/// carried a will (`will_waits`: the will is stored in this round, and a client told it is
+/// connected must find its will published if a crash ends the connection).
+fn needs_no_commit(p: &Packet, will_waits: bool) -> bool {
     match p {
         Packet::Publish(p) => !matches!(p.qos_pid, QosPid::ExactlyOnce(_)),
-        Packet::ConnAck(a) => a.session_present,
+        Packet::ConnAck(a) => a.session_present && !will_waits,
         _ => false,
     }
 }
@@ -185,6 +187,7 @@ impl Broker {
         }
         let ops = self.take_ops();
         let loads = std::mem::take(&mut self.loads);
+        let connack_sealed = std::mem::take(&mut self.connack_sealed);
         if ops.is_empty() && loads.is_empty() {
             return Round::Ready(sends);
         }
@@ -194,10 +197,11 @@ impl Broker {
         let mut early = Vec::new();
         let mut sealed = Vec::with_capacity(sends.len());
         for mut send in sends {
+            let will_waits = connack_sealed.contains(&send.conn);
             let head = send
                 .packets
                 .iter()
-                .take_while(|p| needs_no_commit(p))
+                .take_while(|p| needs_no_commit(p, will_waits))
                 .count();
             if head == send.packets.len() && !send.close {
                 early.push(send);
