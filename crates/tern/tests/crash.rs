@@ -969,7 +969,7 @@ fn run(cycles: u32, durability: &str) {
     let mut broker = start_broker(port, &dir, durability);
 
     // Messages per publisher: enough to keep them busy through every cycle.
-    let count = 200 + cycles * 200;
+    let count = 200 + cycles * 300;
     let retained_count = 100 + cycles * 40;
     let (v3, v5) = (Protocol::V3_1_1, Protocol::V5);
     let (q1, q2) = (QoS::AtLeastOnce, QoS::ExactlyOnce);
@@ -1117,6 +1117,8 @@ fn run(cycles: u32, durability: &str) {
         }
     }
     let crash_time = started.elapsed();
+    // Publishers done before the last kill (the load should outlast the kills).
+    let finished_early = shared.finished.load(Ordering::Acquire);
     let publishers = cast.publishers.len() + cast.retained.len();
     let until = Instant::now() + Duration::from_secs(120 + u64::from(count) / 500);
     while shared.finished.load(Ordering::Acquire) < publishers
@@ -1189,9 +1191,15 @@ fn run(cycles: u32, durability: &str) {
     let problems = evaluate(&cast, &shared);
     let delivered = shared.delivered.lock().unwrap();
     let total: usize = delivered.values().map(Vec::len).sum();
-    let owed = shared.wills_owed.lock().unwrap();
+    let owed: BTreeMap<_, _> = shared
+        .wills_owed
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(w, owed)| (w.clone(), owed.len()))
+        .collect();
     println!(
-        "crash suite ({durability}): {kills} kills in {crash_time:?} (startup kills before the broker listened: {startup_before_listening}), kill points armed/reached: {reached:?}; {count} messages per publisher (up to {in_flight} in flight), {total} deliveries; wills owed: {owed:?}; drained: {drained}"
+        "crash suite ({durability}): {kills} kills in {crash_time:?} (startup kills before the broker listened: {startup_before_listening}), kill points armed/reached: {reached:?}; {count} messages per publisher (up to {in_flight} in flight; publishers done before the last kill: {finished_early}), {total} deliveries; wills owed: {owed:?}; drained: {drained}"
     );
     assert!(problems.is_empty(), "seed {seed}: {problems:#?}");
 }
