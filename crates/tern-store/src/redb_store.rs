@@ -30,7 +30,7 @@ use tern_codec::{PacketId, Str, TopicName};
 use tern_proto::{Change, Entry, MessageId, OutboundState, SessionState};
 
 use crate::encoding::{self, Anchor, CopyOf};
-use crate::wal::Wal;
+use crate::wal::{Records, Wal};
 use crate::{Committed, Op, Snapshot, Store, StoreError, StoredSession};
 
 const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
@@ -166,19 +166,6 @@ impl RedbStore {
         txn.open_table(QUEUE).map_err(backend)?;
         txn.open_table(QUEUE_STATS).map_err(backend)?;
         txn.open_table(REFS).map_err(backend)?;
-        let durable_seq = txn
-            .open_table(META)
-            .map_err(backend)?
-            .get("wal_seq")
-            .map_err(backend)?
-            .map_or(0, |v| v.value());
-        let next_key = {
-            let messages = txn.open_table(MESSAGES).map_err(backend)?;
-            match messages.last().map_err(backend)? {
-                Some((k, _)) => k.value() + 1,
-                None => 0,
-            }
-        };
         txn.commit().map_err(backend)?;
         let anchor = Anchor { instant: now, wall };
         migrate_queues(&db, anchor)
@@ -188,36 +175,53 @@ impl RedbStore {
             path: path.to_path_buf(),
             cache: cache_bytes,
             latched: false,
-            next_key,
+            next_key: 0,
             wal,
-            seq: durable_seq,
+            seq: 0,
             anchor,
             sync: Sync::Always,
             unflushed: false,
         };
-        let pending: Vec<(u64, Vec<u8>)> = records
-            .into_iter()
-            .filter(|(seq, _)| *seq > durable_seq)
-            .collect();
-        if let Some((last, _)) = pending.last() {
-            let last = *last;
-            let db = store.db()?;
-            let txn = db.begin_write().map_err(backend)?;
-            for (seq, record) in &pending {
-                let batch = encoding::read_batch(record, store.anchor)?;
-                store.apply_batch(&txn, &batch).map_err(|e| {
-                    StoreError::Backend(format!("replaying logged batch {seq}: {e}"))
-                })?;
-            }
-            txn.open_table(META)
-                .map_err(backend)?
-                .insert("wal_seq", last)
-                .map_err(backend)?;
-            txn.commit().map_err(backend)?;
-            store.seq = last;
-        }
-        store.wal.clear()?;
+        store.replay_log(records)?;
         Ok(store)
+    }
+
+    /// Brings a freshly opened database up to date with the log: the batches it holds
+    /// beyond the last one the database has (`wal_seq`: redb forgets commits made
+    /// without fsync when the process dies or the database is opened again) are applied
+    /// again, in order, each once; then one durable commit, after which the log is
+    /// emptied. Also finds the next message key.
+    fn replay_log(&mut self, records: Records) -> Result<(), StoreError> {
+        let db = self.db()?;
+        let txn = db.begin_write().map_err(backend)?;
+        let durable_seq = txn
+            .open_table(META)
+            .map_err(backend)?
+            .get("wal_seq")
+            .map_err(backend)?
+            .map_or(0, |v| v.value());
+        self.next_key = {
+            let messages = txn.open_table(MESSAGES).map_err(backend)?;
+            match messages.last().map_err(backend)? {
+                Some((k, _)) => k.value() + 1,
+                None => 0,
+            }
+        };
+        let mut last = durable_seq;
+        for (seq, record) in records.iter().filter(|(seq, _)| *seq > durable_seq) {
+            let batch = encoding::read_batch(record, self.anchor)?;
+            self.apply_batch(&txn, &batch)
+                .map_err(|e| StoreError::Backend(format!("replaying logged batch {seq}: {e}")))?;
+            last = *seq;
+        }
+        txn.open_table(META)
+            .map_err(backend)?
+            .insert("wal_seq", last)
+            .map_err(backend)?;
+        txn.commit().map_err(|e| self.io_failed(e))?;
+        self.seq = last;
+        self.unflushed = false;
+        self.wal.clear()
     }
 
     /// How many message bodies are stored (each shared by every queue and flow holding a
@@ -300,7 +304,11 @@ impl RedbStore {
         *slot = Some(std::sync::Arc::new(db));
         drop(slot);
         self.latched = false;
-        Ok(())
+        // Commits made without fsync since the last flush may be gone from the database
+        // opened again; the log has them (a batch whose commit failed was taken back out).
+        let (wal, records) = Wal::open(&self.path.with_extension("wal"))?;
+        self.wal = wal;
+        self.replay_log(records)
     }
 
     /// Chooses when commits reach the disk (default [`Sync::Always`]).

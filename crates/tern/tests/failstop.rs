@@ -89,14 +89,6 @@ fn the_broker_exits_non_zero_when_its_storage_writer_dies() {
     exits_non_zero_and_not_ready_when("writer", true, "");
 }
 
-/// With `durability = "batched"`, a flush that fails means what was acknowledged since the
-/// last one may not be on disk: the broker stops rather than acknowledge more (the restart
-/// replays its log).
-#[test]
-fn the_broker_exits_non_zero_when_a_batched_flush_fails() {
-    exits_non_zero_and_not_ready_when("flush", true, "durability = \"batched\"\n");
-}
-
 fn encoded(p: Packet) -> Vec<u8> {
     let mut b = bytes::BytesMut::new();
     tern_codec::encode(&p, tern_codec::Protocol::V3_1_1, &mut b).unwrap();

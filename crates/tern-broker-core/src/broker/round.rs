@@ -55,7 +55,8 @@ pub enum Round {
     /// These ops, one batch, must be committed before the `sealed` sends are opened. The
     /// `early` ones need no commit and may go out at once (on the same terms as `Ready`'s,
     /// and before the sealed sends of their connection): QoS 0 and QoS 1 PUBLISH packets,
-    /// and a CONNACK resuming a session, at the head of a connection's output. If the
+    /// and a CONNACK resuming a session (unless its CONNECT carried a will, stored in this
+    /// round), at the head of a connection's output. If the
     /// commit never happens, a QoS 1 message sent early is sent again after the restart
     /// (its `Sent` record was lost, so it is still queued): a duplicate, which at least
     /// once allows; and the resumed session is still there, as it was before the CONNECT

@@ -293,12 +293,11 @@ fn run(
     metrics: &Metrics,
     fatal: &mpsc::UnboundedSender<String>,
 ) {
-    // Debug builds only: a retained message on `tern/fault/flush` makes the next flush fail.
-    #[cfg(debug_assertions)]
-    let mut fail_flush = false;
     // Set by a failed commit until the core has reset: later rounds are not sent either.
     let mut failed: Option<StoreError> = None;
     let mut unflushed_since: Option<Instant> = None;
+    // The last flush failed (and the store is marked failing until one succeeds).
+    let mut flush_failed = false;
     let (mut commits, mut ops_written) = (0u64, 0u64);
     let mut group: Vec<(Vec<Op>, Waiting)> = Vec::new();
     // The core's durable rounds in this group: each `Job::Commit` is one.
@@ -320,25 +319,30 @@ fn run(
         if let (Some(every), Some(since)) = (p.flush_every, unflushed_since)
             && since.elapsed() >= every
         {
-            let flushed = p.store.flush();
-            #[cfg(debug_assertions)]
-            let flushed = if std::mem::take(&mut fail_flush) {
-                Err(StoreError::Backend(
-                    "flush failure injected (TERN_FAULT_HOOK)".into(),
-                ))
-            } else {
-                flushed
-            };
-            if let Err(error) = flushed {
-                // What was acknowledged since the last flush may not be on disk, and the
-                // disk says it cannot take more: acknowledging on would promise what it
-                // cannot keep. Fail-stop: the restart replays the log onto a working disk,
-                // or refuses to start, naming the store.
-                tracing::error!(%error, "store flush failed: stopping (batched durability)");
-                let _ = fatal.send(format!("the store flush failed: {error}"));
-                break;
+            match p.store.flush() {
+                Ok(()) => {
+                    unflushed_since = None;
+                    if std::mem::take(&mut flush_failed) {
+                        tracing::warn!("the store flushes again");
+                        metrics.store_failing.store(false, Ordering::Release);
+                    }
+                }
+                Err(error) => {
+                    // What was acknowledged since the last flush is in the log (in the
+                    // operating system's hands, as after any batched commit), so nothing
+                    // is lost yet. The store refuses every commit until the disk takes
+                    // writes again (redb latches the error); then it opens the database
+                    // again and applies the log, durably, before taking the next commit.
+                    // Tried again after another interval.
+                    if !flush_failed {
+                        metrics.store_failures.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(%error, "store flush failed: refusing commits until the disk takes writes again (the log keeps what was acknowledged)");
+                    }
+                    flush_failed = true;
+                    metrics.store_failing.store(true, Ordering::Release);
+                    unflushed_since = Some(Instant::now());
+                }
             }
-            unflushed_since = None;
         }
         let mut next = first;
         let mut reset = None;
@@ -349,7 +353,6 @@ fn run(
                     for op in &ops {
                         if let Op::PutRetained { message } = op {
                             fault_hook(message.topic.as_str(), "writer");
-                            fail_flush |= fault_hook_on(message.topic.as_str(), "flush");
                         }
                     }
                     in_group += 1;
