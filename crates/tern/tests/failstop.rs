@@ -186,3 +186,123 @@ fn a_first_packet_that_is_not_connect_leaves_everyone_else_read() {
     drop(broker);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The flood of the issue: a subscriber that never reads, a publisher that never reads its
+/// PUBACKs, 1 KiB messages at QoS 0 and QoS 1 for 3 s. What waits for the subscriber is
+/// bounded by `limits.max_write_backlog_bytes` (its QoS 0 copies are dropped past it), and
+/// the publisher is not read from while its PUBACKs wait (TCP holds the rest), so the
+/// broker's memory stays bounded and it goes on serving others. Measured: +57 MiB for a
+/// 112 MiB flood; with the backlog limit raised to 4 GiB, +132 MiB for 121 MiB and the
+/// bound fails (tried).
+#[test]
+fn a_flood_from_a_publisher_that_never_reads_to_a_subscriber_that_never_reads_stays_bounded() {
+    let dir = std::env::temp_dir().join(format!("tern-flood-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let broker = BrokerProcess::in_dir_with(Command::new(env!("CARGO_BIN_EXE_tern")), &dir, "", "");
+    let addr = format!("127.0.0.1:{}", broker.port(0));
+    let connect = |id: &str| {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        let c = tern_codec::Connect::new(tern_codec::Protocol::V3_1_1, id);
+        s.write_all(&encoded(Packet::Connect(Box::new(c)))).unwrap();
+        let mut connack = [0u8; 4];
+        s.read_exact(&mut connack).unwrap();
+        s
+    };
+    let mut sub = connect("never-reads-sub");
+    let subscribe = tern_codec::Subscribe {
+        packet_id: std::num::NonZeroU16::new(1).unwrap(),
+        subscriptions: vec![tern_codec::Subscription {
+            filter: tern_codec::TopicFilter::new("flood/#").unwrap(),
+            options: Default::default(),
+        }],
+        properties: Default::default(),
+    };
+    sub.write_all(&encoded(Packet::Subscribe(subscribe)))
+        .unwrap();
+    let mut suback = [0u8; 5];
+    sub.read_exact(&mut suback).unwrap();
+    // From now on the subscriber reads nothing.
+    let mut publisher = connect("never-reads-pub");
+    std::thread::sleep(Duration::from_millis(200));
+    let before = support::rss_kib(broker.pid());
+    let flooding = std::thread::spawn(move || {
+        let until = Instant::now() + Duration::from_secs(3);
+        let (mut sent, mut id) = (0usize, 0u16);
+        // A write may stop part way once the broker stops reading: the rest of the chunk
+        // goes first next time, so the stream stays whole.
+        publisher
+            .set_write_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let (mut chunk, mut at) = (Vec::new(), 0);
+        while Instant::now() < until {
+            if at == chunk.len() {
+                chunk.clear();
+                at = 0;
+                for i in 0..64 {
+                    let qos = if i % 2 == 0 {
+                        tern_codec::QosPid::AtMostOnce
+                    } else {
+                        id = id.checked_add(1).unwrap_or(1);
+                        tern_codec::QosPid::AtLeastOnce(tern_codec::PacketId::new(id).unwrap())
+                    };
+                    chunk.extend(encoded(Packet::Publish(tern_codec::Publish::new(
+                        tern_codec::TopicName::new("flood/t").unwrap(),
+                        qos,
+                        vec![b'x'; 1024],
+                    ))));
+                }
+            }
+            match publisher.write(&chunk[at..]) {
+                Ok(n) => {
+                    at += n;
+                    sent += n;
+                }
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut => {}
+                Err(e) => panic!("the publisher's connection failed: {e}"),
+            }
+        }
+        (sent, publisher)
+    });
+    let mut peak = before;
+    while !flooding.is_finished() {
+        peak = peak.max(support::rss_kib(broker.pid()));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let joined = flooding.join();
+    if joined.is_err() {
+        while let Some(l) = broker.wait_for("never-reads-pub", Duration::from_millis(500)) {
+            eprintln!("LOG {l}");
+        }
+    }
+    let (sent, _publisher) = joined.unwrap();
+    let grown_mb = peak.saturating_sub(before) as f64 / 1024.0;
+    eprintln!(
+        "flooded {} MiB; broker RSS {before} KiB -> peak {peak} KiB (+{grown_mb:.1} MiB)",
+        sent >> 20
+    );
+    // Others are still served while the two hold their connections open.
+    let port = broker.port(0).to_string();
+    let out = Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-q",
+            "1",
+            "-t",
+            "other/t",
+            "-m",
+            "x",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "another client is served: {out:?}");
+    assert!(sent > 16 << 20, "the flood was a flood: {sent} bytes");
+    assert!(grown_mb < 96.0, "memory grew by {grown_mb:.1} MiB");
+    drop(sub);
+    drop(broker);
+    let _ = std::fs::remove_dir_all(&dir);
+}
