@@ -5,8 +5,7 @@
 //!
 //! Over 700 lines: its six scenarios share the payload format, the connection helpers and
 //! the loss/duplicate/order accounting above them; split by scenario, each file would
-//! import all of it. (The command line moves to clap with the CLI issue; that is when the
-//! scenarios get their own module each.)
+//! import all of it. The flags are clap's (`BenchCli`).
 
 use std::collections::VecDeque;
 use std::process::ExitCode;
@@ -17,8 +16,9 @@ use std::time::{Duration, Instant};
 use bytes::{BufMut, Bytes, BytesMut};
 use tern_client::{Client, Event, Events, Options, Protocol, QoS};
 
-pub(crate) const USAGE: &str = "usage: tern bench SCENARIO [options]
-scenarios:
+/// `tern bench`'s flags.
+#[derive(clap::Args)]
+#[command(after_help = "scenarios:
   fanin      P publishers -> 1 subscriber           (--publishers, default 8)
   fanout     1 publisher -> S subscribers           (--subscribers, default 16)
   pairs      N publisher/subscriber pairs           (--pairs, default 8)
@@ -26,21 +26,72 @@ scenarios:
   idle       open N idle connections; broker memory per connection from /proc (--connections, --pid)
   backlog    K messages queued for an offline persistent subscriber, then replayed (--count;
              the broker's offline queue limit applies: raise it, or the excess counts as lost)
-options:
-  -h HOST -p PORT       the broker (default 127.0.0.1:1883)
-  -q 0|1|2              QoS of publishes and subscriptions (default 0)
-  -V 5|311              protocol version (default 5)
-  --size BYTES          payload size (default 64, at least 20)
-  --count N             messages per publisher (default 100000 at QoS 0, 20000 at QoS 1/2)
-  --duration SECS       latency: how long to send (default 10); others: give up after (default 60)
-  --warmup SECS         latency: seconds of sending not counted (default 1)
-  --inflight N          QoS 1/2 messages in flight per connection (3.1.1; 5.0 brokers say theirs; default 64)
-  --window N            publishes a publisher has under way at once (default 1024)
-  --rate N              latency: messages per second (default 1000)
-  --connections N       idle: how many (default 10000)
-  --pid PID             the broker's process id: idle reads its memory; the others add its CPU
-                        time per delivered message (from /proc/PID/stat)
-exit code: 0 when every QoS 1/2 message arrived once and in order per publisher, 1 otherwise";
+exit code: 0 when every QoS 1/2 message arrived once and in order per publisher, 1 otherwise")]
+pub(crate) struct BenchCli {
+    /// fanin, fanout, pairs, latency, idle or backlog
+    #[arg(value_parser = ["fanin", "fanout", "pairs", "latency", "idle", "backlog"])]
+    scenario: String,
+    /// The broker's host
+    #[arg(short = 'h', long, default_value = "127.0.0.1")]
+    host: String,
+    /// The broker's port
+    #[arg(short, long, default_value_t = 1883)]
+    port: u16,
+    /// QoS of publishes and subscriptions: 0, 1 or 2
+    #[arg(short, long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=2))]
+    qos: u8,
+    /// Protocol version: 5 or 311
+    #[arg(short = 'V', default_value = "5", value_parser = parse_version)]
+    version: Protocol,
+    /// Payload size in bytes (at least 20)
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+    /// Messages per publisher [default: 100000 at QoS 0, 20000 at QoS 1/2]
+    #[arg(long)]
+    count: Option<u64>,
+    /// latency: how long to send [default: 10]; others: give up after [default: 60]
+    #[arg(long, value_name = "SECS")]
+    duration: Option<u64>,
+    /// latency: seconds of sending not counted
+    #[arg(long, value_name = "SECS", default_value_t = 1)]
+    warmup: u64,
+    /// QoS 1/2 messages in flight per connection (3.1.1; 5.0 brokers say theirs)
+    #[arg(long, default_value_t = 64)]
+    inflight: u16,
+    /// Publishes a publisher has under way at once
+    #[arg(long, default_value_t = 1024)]
+    window: usize,
+    /// latency: messages per second
+    #[arg(long, default_value_t = 1000)]
+    rate: u64,
+    /// fanin: publishers
+    #[arg(long, default_value_t = 8)]
+    publishers: usize,
+    /// fanout: subscribers
+    #[arg(long, default_value_t = 16)]
+    subscribers: usize,
+    /// pairs: publisher/subscriber pairs
+    #[arg(long, default_value_t = 8)]
+    pairs: usize,
+    /// idle: how many connections
+    #[arg(long, default_value_t = 10_000)]
+    connections: usize,
+    /// The broker's process id: idle reads its memory; the others add its CPU time per
+    /// delivered message (from /proc/PID/stat)
+    #[arg(long)]
+    pid: Option<u32>,
+    /// Print help (-h is the host)
+    #[arg(long, action = clap::ArgAction::Help)]
+    help: Option<bool>,
+}
+
+fn parse_version(v: &str) -> Result<Protocol, String> {
+    match v {
+        "5" => Ok(Protocol::V5),
+        "311" => Ok(Protocol::V3_1_1),
+        _ => Err("the version is 5 or 311".into()),
+    }
+}
 
 /// What one run measured.
 #[derive(Debug, Default)]
@@ -137,85 +188,33 @@ struct Args {
     pid: Option<u32>,
 }
 
-fn parse(args: &[String]) -> Result<Option<Args>, String> {
-    let mut it = args.iter();
-    let scenario = match it.next().map(String::as_str) {
-        None | Some("--help") => return Ok(None),
-        Some(s @ ("fanin" | "fanout" | "pairs" | "latency" | "idle" | "backlog")) => s.to_string(),
-        Some(other) => return Err(format!("unknown scenario '{other}'")),
-    };
-    let mut a = Args {
-        scenario,
-        host: "127.0.0.1".into(),
-        port: 1883,
-        qos: 0,
-        version: Protocol::V5,
-        size: 64,
-        count: None,
-        duration: None,
-        warmup: Duration::from_secs(1),
-        inflight: 64,
-        window: 1024,
-        rate: 1000,
-        publishers: 8,
-        subscribers: 16,
-        pairs: 8,
-        connections: 10_000,
-        pid: None,
-    };
-    fn num<T: std::str::FromStr>(flag: &str, v: Option<&String>) -> Result<T, String> {
-        let v = v.ok_or_else(|| format!("{flag} needs a value"))?;
-        v.parse()
-            .map_err(|_| format!("{flag} '{v}': expected a number"))
-    }
-    while let Some(flag) = it.next() {
-        match flag.as_str() {
-            "-h" | "--host" => a.host = it.next().ok_or("-h needs a value")?.clone(),
-            "-p" | "--port" => a.port = num(flag, it.next())?,
-            "-q" | "--qos" => {
-                a.qos = num(flag, it.next())?;
-                if a.qos > 2 {
-                    return Err("-q: QoS is 0, 1 or 2".into());
-                }
-            }
-            "-V" => {
-                a.version = match it.next().map(String::as_str) {
-                    Some("5") => Protocol::V5,
-                    Some("311") => Protocol::V3_1_1,
-                    _ => return Err("-V: the version is 5 or 311".into()),
-                }
-            }
-            "--size" => a.size = num::<usize>(flag, it.next())?.max(HEADER),
-            "--count" => a.count = Some(num(flag, it.next())?),
-            "--duration" => a.duration = Some(Duration::from_secs(num(flag, it.next())?)),
-            "--warmup" => a.warmup = Duration::from_secs(num(flag, it.next())?),
-            "--inflight" => a.inflight = num(flag, it.next())?,
-            "--window" => a.window = num::<usize>(flag, it.next())?.max(1),
-            "--rate" => a.rate = num::<u64>(flag, it.next())?.max(1),
-            "--publishers" => a.publishers = num::<usize>(flag, it.next())?.max(1),
-            "--subscribers" => a.subscribers = num::<usize>(flag, it.next())?.max(1),
-            "--pairs" => a.pairs = num::<usize>(flag, it.next())?.max(1),
-            "--connections" => a.connections = num(flag, it.next())?,
-            "--pid" => a.pid = Some(num(flag, it.next())?),
-            other => return Err(format!("unknown option '{other}'")),
+impl From<BenchCli> for Args {
+    fn from(c: BenchCli) -> Args {
+        Args {
+            scenario: c.scenario,
+            host: c.host,
+            port: c.port,
+            qos: c.qos,
+            version: c.version,
+            size: c.size.max(HEADER),
+            count: c.count,
+            duration: c.duration.map(Duration::from_secs),
+            warmup: Duration::from_secs(c.warmup),
+            inflight: c.inflight,
+            window: c.window.max(1),
+            rate: c.rate.max(1),
+            publishers: c.publishers.max(1),
+            subscribers: c.subscribers.max(1),
+            pairs: c.pairs.max(1),
+            connections: c.connections,
+            pid: c.pid,
         }
     }
-    Ok(Some(a))
 }
 
 /// `tern bench`.
-pub(crate) fn run(args: &[String]) -> ExitCode {
-    let a = match parse(args) {
-        Ok(Some(a)) => a,
-        Ok(None) => {
-            println!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            eprintln!("tern bench: {e}\n{USAGE}");
-            return ExitCode::from(2);
-        }
-    };
+pub(crate) fn run(cli: BenchCli) -> ExitCode {
+    let a = Args::from(cli);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

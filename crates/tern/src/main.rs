@@ -1,5 +1,7 @@
-//! The `tern` command: `tern broker [--config FILE] [--bind ADDR] [--data-dir DIR]`,
-//! `tern passwd [-b | -D] FILE USER [PASSWORD]`, `tern pub` and `tern sub`.
+//! The `tern` command (clap): `tern broker`, `tern passwd`, `tern pub`, `tern sub`,
+//! `tern bench` and `tern completions SHELL`. Every subcommand answers `--help`; `pub`,
+//! `sub` and `bench` keep Mosquitto's `-h HOST` and `-V VERSION`, so there `--help` alone
+//! asks for help. A usage error names the flag and exits 2.
 
 mod bench;
 mod config;
@@ -7,46 +9,99 @@ mod pubsub;
 
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: tern broker [--config FILE] [--bind ADDR] [--data-dir DIR] [--metrics ADDR|off]\n  defaults: every setting's default, 127.0.0.1:1883, ./tern-data, durability sync, metrics on 127.0.0.1:9090\n       tern broker --check-config FILE  check FILE (and the files it names) and exit\n       tern passwd FILE USER             add or change USER (password read from stdin)\n       tern passwd -b FILE USER PASSWORD add or change USER with PASSWORD\n       tern passwd -D FILE USER          delete USER
-       tern pub -t TOPIC -m MESSAGE [options]   publish (tern pub --help)
-       tern sub -t FILTER [options]             subscribe and print (tern sub --help)
-       tern bench SCENARIO [options]            load a broker (tern bench --help)";
+use clap::{CommandFactory, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "tern",
+    version,
+    about = "Tern: an MQTT broker that acknowledges only what is durable",
+    after_help = "Each command's own flags: tern COMMAND --help"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the broker
+    Broker(BrokerArgs),
+    /// Add, change or delete a user in a password file
+    Passwd(PasswdArgs),
+    /// Publish messages (mosquitto_pub's flags)
+    #[command(disable_help_flag = true, disable_version_flag = true)]
+    Pub(pubsub::PubCli),
+    /// Subscribe and print messages (mosquitto_sub's flags)
+    #[command(disable_help_flag = true, disable_version_flag = true)]
+    Sub(pubsub::SubCli),
+    /// Load any MQTT broker and count loss, duplicates and reordering
+    #[command(disable_help_flag = true, disable_version_flag = true)]
+    Bench(bench::BenchCli),
+    /// Print a completion script for a shell (bash, zsh, fish, elvish, powershell)
+    Completions {
+        /// The shell
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(clap::Args)]
+#[command(
+    after_help = "Defaults: every setting's default, 127.0.0.1:1883, ./tern-data, \
+    durability sync, metrics on 127.0.0.1:9090 (docs/configuration.md)"
+)]
+struct BrokerArgs {
+    /// The configuration file (TOML)
+    #[arg(long, value_name = "FILE")]
+    config: Option<String>,
+    /// The first listener's address
+    #[arg(long, value_name = "ADDR")]
+    bind: Option<String>,
+    /// Where the store lives
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<String>,
+    /// The metrics and health endpoint's address, or `off`
+    #[arg(long, value_name = "ADDR|off")]
+    metrics: Option<String>,
+    /// Check FILE (and the files it names) and exit
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["config", "bind", "data_dir", "metrics"])]
+    check_config: Option<String>,
+}
+
+#[derive(clap::Args)]
+#[command(after_help = "Without -b or -D the password is read from stdin.")]
+struct PasswdArgs {
+    /// Take the password from the command line
+    #[arg(short = 'b', requires = "password", conflicts_with = "delete")]
+    batch: bool,
+    /// Delete the user
+    #[arg(short = 'D')]
+    delete: bool,
+    /// The password file
+    file: String,
+    /// The user
+    user: String,
+    /// The password (with -b)
+    password: Option<String>,
+}
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let mut bind = None;
-    let mut config_path = None;
-    let mut data_dir = None;
-    let mut metrics_bind = None;
-    match args.first().map(String::as_str) {
-        Some("broker") => {}
-        Some("passwd") => return passwd(&args[1..]),
-        Some("pub") => return pubsub::publish(&args[1..]),
-        Some("sub") => return pubsub::subscribe(&args[1..]),
-        Some("bench") => return bench::run(&args[1..]),
-        Some("-h" | "--help") | None => {
-            println!("{USAGE}");
+    let cli = Cli::parse();
+    let a = match cli.command {
+        Command::Broker(a) => a,
+        Command::Passwd(a) => return passwd(a),
+        Command::Pub(a) => return pubsub::publish(a),
+        Command::Sub(a) => return pubsub::subscribe(a),
+        Command::Bench(a) => return bench::run(a),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "tern", &mut std::io::stdout());
             return ExitCode::SUCCESS;
         }
-        Some(other) => {
-            eprintln!("tern: unknown command '{other}'\n{USAGE}");
-            return ExitCode::from(2);
-        }
+    };
+    if let Some(path) = &a.check_config {
+        return check_config(path);
     }
-    let mut rest = args[1..].iter();
-    while let Some(arg) = rest.next() {
-        match (arg.as_str(), rest.next()) {
-            ("--bind", Some(addr)) => bind = Some(addr.clone()),
-            ("--config", Some(path)) => config_path = Some(path.clone()),
-            ("--data-dir", Some(dir)) => data_dir = Some(dir.clone()),
-            ("--metrics", Some(addr)) => metrics_bind = Some(addr.clone()),
-            ("--check-config", Some(path)) => return check_config(path),
-            (flag, _) => {
-                eprintln!("tern broker: unknown or incomplete option '{flag}'\n{USAGE}");
-                return ExitCode::from(2);
-            }
-        }
-    }
+    let (bind, config_path, data_dir, metrics_bind) = (a.bind, a.config, a.data_dir, a.metrics);
     let file = match &config_path {
         None => config::File::default(),
         Some(path) => match read_config(path) {
@@ -444,19 +499,20 @@ fn reload_on_hangup(
 
 /// `tern passwd`: adds, changes or deletes a user in a password file (created if missing),
 /// like `mosquitto_passwd`.
-fn passwd(args: &[String]) -> ExitCode {
+fn passwd(a: PasswdArgs) -> ExitCode {
     use tern_broker::auth::PasswordFile;
-    let (mode, rest) = match args.first().map(String::as_str) {
-        Some("-b") => ("batch", &args[1..]),
-        Some("-D") => ("delete", &args[1..]),
-        _ => ("stdin", args),
-    };
-    let want = if mode == "batch" { 3 } else { 2 };
-    if rest.len() != want {
-        eprintln!("tern passwd: wrong arguments\n{USAGE}");
+    if a.password.is_some() && !a.batch {
+        eprintln!("tern passwd: a password on the command line needs -b");
         return ExitCode::from(2);
     }
-    let (path, user) = (std::path::Path::new(&rest[0]), rest[1].as_str());
+    let mode = if a.delete {
+        "delete"
+    } else if a.batch {
+        "batch"
+    } else {
+        "stdin"
+    };
+    let (path, user) = (std::path::Path::new(&a.file), a.user.as_str());
     let mut file = if path.exists() {
         match PasswordFile::load(path) {
             Ok(f) => f,
@@ -476,7 +532,7 @@ fn passwd(args: &[String]) -> ExitCode {
                 Err(format!("no user {user:?} in {}", path.display()))
             }
         }
-        "batch" => file.set(user, rest[2].as_bytes()),
+        "batch" => file.set(user, a.password.as_deref().unwrap_or_default().as_bytes()),
         _ => {
             eprint!("password for {user}: ");
             let mut line = String::new();

@@ -1,8 +1,8 @@
 //! `tern pub` and `tern sub`: Mosquitto's command-line clients' flags, on the Tern client
 //! SDK. Exit codes are listed in docs/cli.md and in [`Exit`].
 //!
-//! Over 700 lines because of its hand-written flag parser, which the CLI issue replaces
-//! with clap; `pub` and `sub` share the connection options and the exit codes.
+//! The flags are clap's (`ConnCli` shared, `PubCli`, `SubCli`), turned into one `Args`;
+//! `pub` and `sub` share the connection options and the exit codes.
 
 use std::collections::VecDeque;
 use std::io::Write;
@@ -16,42 +16,195 @@ use tern_client::{
     SubscriptionOptions, TlsConfig,
 };
 
-pub(crate) const PUB_USAGE: &str =
-    "usage: tern pub [options] -t TOPIC (-m MESSAGE | -f FILE | -l | -s | -n)
-  -h HOST        broker host (default localhost)      -p PORT   port (1883; 8883 with TLS)
-  -t TOPIC       topic to publish on                   -q 0|1|2  QoS (default 0)
-  -m MESSAGE     the message                           -f FILE   the file's contents as the message
-  -l             one message per line of stdin         -s        all of stdin as one message
-  -n             an empty message                      -r        retain
-  -i ID          client id (default tern-pub-PID)      -c        persistent session (needs -i)
-  -x SECONDS     session expiry (5.0; default with -c: never)
-  -u USER -P PASSWORD                                  -k SECONDS keep alive (default 60)
-  -V 5|311       protocol version (default 5)          -W SECONDS give up after this long
-  -d             print what happens on stderr
-  --url URL      mqtt[s]://[user[:pass]@]host[:port]/topic or ws[s]://[user[:pass]@]host[:port]/path
-  --cafile FILE  CA certificates (PEM); turns TLS on   --cert FILE --key FILE  client certificate
-  --outbox FILE  keep QoS 1/2 messages in FILE until acknowledged; sends what an earlier
-                 run left there (then the message options are optional)
-  --stamp KEY    put a unique user property KEY on every message (5.0)
-exit codes: 0 all acknowledged, 1 connection failed or lost, 2 bad usage, 3 connection
-refused by the broker, 4 a message refused by the broker, 27 timed out (-W)";
+/// Flags `tern pub` and `tern sub` share (mosquitto_pub/mosquitto_sub's).
+#[derive(clap::Args)]
+pub(crate) struct ConnCli {
+    /// Broker host [default: localhost]
+    #[arg(short = 'h', long, value_name = "HOST")]
+    host: Option<String>,
+    /// Port [default: 1883; 8883 with TLS]
+    #[arg(short, long, value_name = "PORT")]
+    port: Option<u16>,
+    /// Topic (pub) or topic filter (sub; repeatable)
+    #[arg(short, long = "topic", value_name = "TOPIC")]
+    topic: Vec<String>,
+    /// QoS: 0, 1 or 2
+    #[arg(short, long, default_value = "0", value_name = "QOS", value_parser = parse_qos)]
+    qos: u8,
+    /// Client id [default: tern-pub-PID, tern-sub-PID]
+    #[arg(short, long, value_name = "ID")]
+    id: Option<String>,
+    /// Persistent session (needs -i)
+    #[arg(short = 'c', long = "disable-clean-session")]
+    persistent: bool,
+    /// Session expiry in seconds (5.0; with -c the default is never)
+    #[arg(short = 'x', long = "session-expiry-interval", value_name = "SECONDS")]
+    expiry: Option<u32>,
+    /// User name
+    #[arg(short, long, value_name = "USER")]
+    username: Option<String>,
+    /// Password
+    #[arg(short = 'P', long = "pw", value_name = "PASSWORD")]
+    password: Option<String>,
+    /// Keep alive in seconds [default: 60]
+    #[arg(short, long = "keepalive", value_name = "SECONDS")]
+    keep_alive: Option<u16>,
+    /// Protocol version: 5 or 311 [default: 5]
+    #[arg(short = 'V', long = "protocol-version", value_name = "5|311", value_parser = parse_version)]
+    version: Option<Protocol>,
+    /// Give up after this long (exit code 27)
+    #[arg(short = 'W', value_name = "SECONDS")]
+    timeout: Option<u64>,
+    /// Print what happens on stderr
+    #[arg(short, long)]
+    debug: bool,
+    /// mqtt[s]://[user[:pass]@]host[:port]/topic or ws[s]://[user[:pass]@]host[:port]/path
+    #[arg(short = 'L', long, value_name = "URL")]
+    url: Option<String>,
+    /// CA certificates (PEM); turns TLS on
+    #[arg(long, value_name = "FILE")]
+    cafile: Option<PathBuf>,
+    /// Client certificate (PEM)
+    #[arg(long, value_name = "FILE", requires = "key")]
+    cert: Option<PathBuf>,
+    /// The client certificate's key (PEM)
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    key: Option<PathBuf>,
+    /// Print help (-h is the host, as in Mosquitto's clients)
+    #[arg(long, action = clap::ArgAction::Help)]
+    help: Option<bool>,
+}
 
-pub(crate) const SUB_USAGE: &str = "usage: tern sub [options] -t FILTER [-t FILTER ...]
-  -h HOST        broker host (default localhost)      -p PORT   port (1883; 8883 with TLS)
-  -t FILTER      topic filter to subscribe to          -q 0|1|2  QoS (default 0)
-  -C COUNT       exit after COUNT messages             -W SECONDS exit (code 27) after this long
-  -v             print the topic before the payload    -F FORMAT output format (see below)
-  -i ID          client id (default tern-sub-PID)      -c        persistent session (needs -i)
-  -x SECONDS     session expiry (5.0; default with -c: never)
-  -u USER -P PASSWORD                                  -k SECONDS keep alive (default 60)
-  -V 5|311       protocol version (default 5)          -d        print what happens on stderr
-  --url URL      mqtt[s]://[user[:pass]@]host[:port]/filter or ws[s]://[user[:pass]@]host[:port]/path
-  --cafile FILE  CA certificates (PEM); turns TLS on   --cert FILE --key FILE  client certificate
-  --dedup KEY    drop messages whose user property KEY was already seen (last 10,000)
-format (-F): %t topic, %p payload, %x payload in hex, %q QoS, %r retain (0/1), %l payload
-  length, %U Unix time, %I ISO 8601 time (UTC), %% a percent sign; \\n \\t \\\\ escapes
-exit codes: 0 done (-C reached, or stopped), 1 connection failed or lost, 2 bad usage,
-3 connection refused by the broker, 4 subscription refused, 27 timed out (-W)";
+/// `tern pub`'s flags.
+#[derive(clap::Args)]
+#[command(
+    after_help = "exit codes: 0 all acknowledged, 1 connection failed or lost, 2 bad usage, \
+3 connection refused by the broker, 4 a message refused by the broker, 27 timed out (-W)"
+)]
+pub(crate) struct PubCli {
+    #[command(flatten)]
+    conn: ConnCli,
+    /// The message
+    #[arg(short, long, value_name = "MESSAGE")]
+    message: Option<String>,
+    /// The file's contents as the message
+    #[arg(short, long, value_name = "FILE")]
+    file: Option<PathBuf>,
+    /// One message per line of stdin
+    #[arg(short = 'l', long = "stdin-line")]
+    lines: bool,
+    /// All of stdin as one message
+    #[arg(short = 's', long = "stdin-file")]
+    stdin: bool,
+    /// An empty message
+    #[arg(short = 'n', long = "null-message")]
+    null: bool,
+    /// Retain
+    #[arg(short, long)]
+    retain: bool,
+    /// Keep QoS 1/2 messages in FILE until acknowledged; sends what an earlier run left
+    /// there (then the message flags are optional)
+    #[arg(long, value_name = "FILE")]
+    outbox: Option<PathBuf>,
+    /// Put a unique user property KEY on every message (5.0)
+    #[arg(long, value_name = "KEY")]
+    stamp: Option<String>,
+}
+
+/// `tern sub`'s flags.
+#[derive(clap::Args)]
+#[command(
+    after_help = "format (-F): %t topic, %p payload, %x payload in hex, %q QoS, %r retain (0/1), \
+%l payload length, %U Unix time, %I ISO 8601 time (UTC), %% a percent sign; \\n \\t \\\\ escapes
+exit codes: 0 done (-C reached, or stopped), 1 connection failed or lost, 2 bad usage, \
+3 connection refused by the broker, 4 subscription refused, 27 timed out (-W)"
+)]
+pub(crate) struct SubCli {
+    #[command(flatten)]
+    conn: ConnCli,
+    /// Exit after COUNT messages
+    #[arg(short = 'C', value_name = "COUNT")]
+    count: Option<u64>,
+    /// Print the topic before the payload
+    #[arg(short, long)]
+    verbose: bool,
+    /// Output format (below)
+    #[arg(short = 'F', value_name = "FORMAT")]
+    format: Option<String>,
+    /// Drop messages whose user property KEY was already seen (last 10,000)
+    #[arg(long, value_name = "KEY")]
+    dedup: Option<String>,
+}
+
+fn parse_qos(v: &str) -> Result<u8, String> {
+    match v {
+        "0" => Ok(0),
+        "1" => Ok(1),
+        "2" => Ok(2),
+        _ => Err("QoS is 0, 1 or 2".into()),
+    }
+}
+
+fn parse_version(v: &str) -> Result<Protocol, String> {
+    match v {
+        "5" | "mqttv5" => Ok(Protocol::V5),
+        "311" | "mqttv311" => Ok(Protocol::V3_1_1),
+        _ => Err("the version is 5 or 311".into()),
+    }
+}
+
+impl ConnCli {
+    fn into_args(self) -> Args {
+        Args {
+            host: self.host,
+            port: self.port,
+            topics: self.topic,
+            qos: self.qos,
+            id: self.id,
+            persistent: self.persistent,
+            expiry: self.expiry,
+            username: self.username,
+            password: self.password,
+            keep_alive: self.keep_alive,
+            version: self.version,
+            timeout: self.timeout.map(Duration::from_secs),
+            debug: self.debug,
+            url: self.url,
+            cafile: self.cafile,
+            cert: self.cert,
+            key: self.key,
+            ..Args::default()
+        }
+    }
+}
+
+impl From<PubCli> for Args {
+    fn from(c: PubCli) -> Args {
+        Args {
+            message: c.message.map(|m| Bytes::from(m.into_bytes())),
+            file: c.file,
+            lines: c.lines,
+            stdin: c.stdin,
+            null: c.null,
+            retain: c.retain,
+            outbox: c.outbox,
+            stamp: c.stamp,
+            ..c.conn.into_args()
+        }
+    }
+}
+
+impl From<SubCli> for Args {
+    fn from(c: SubCli) -> Args {
+        Args {
+            count: c.count,
+            verbose: c.verbose,
+            format: c.format,
+            dedup: c.dedup,
+            ..c.conn.into_args()
+        }
+    }
+}
 
 /// Exit codes scripts can rely on (0: success).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,82 +259,6 @@ struct Args {
     verbose: bool,
     format: Option<String>,
     dedup: Option<String>,
-}
-
-fn number<T: std::str::FromStr>(flag: &str, v: &str, what: &str) -> Result<T, Failure> {
-    v.parse()
-        .map_err(|_| Failure::usage(format!("{flag} '{v}': expected {what}")))
-}
-
-fn parse(args: &[String], publisher: bool) -> Result<Option<Args>, Failure> {
-    let mut a = Args::default();
-    let mut it = args.iter();
-    while let Some(flag) = it.next() {
-        let flag = flag.as_str();
-        let mut value = || {
-            it.next()
-                .map(String::as_str)
-                .ok_or_else(|| Failure::usage(format!("{flag} needs a value")))
-        };
-        match flag {
-            "--help" => return Ok(None),
-            "-h" | "--host" => a.host = Some(value()?.to_string()),
-            "-p" | "--port" => a.port = Some(number(flag, value()?, "a port 1-65535")?),
-            "-t" | "--topic" => a.topics.push(value()?.to_string()),
-            "-q" | "--qos" => {
-                a.qos = match value()? {
-                    "0" => 0,
-                    "1" => 1,
-                    "2" => 2,
-                    v => return Err(Failure::usage(format!("{flag} '{v}': QoS is 0, 1 or 2"))),
-                }
-            }
-            "-i" | "--id" => a.id = Some(value()?.to_string()),
-            "-c" | "--disable-clean-session" => a.persistent = true,
-            "-x" | "--session-expiry-interval" => {
-                a.expiry = Some(number(flag, value()?, "seconds")?)
-            }
-            "-u" | "--username" => a.username = Some(value()?.to_string()),
-            "-P" | "--pw" => a.password = Some(value()?.to_string()),
-            "-k" | "--keepalive" => a.keep_alive = Some(number(flag, value()?, "seconds")?),
-            "-V" | "--protocol-version" => {
-                a.version = Some(match value()? {
-                    "5" | "mqttv5" => Protocol::V5,
-                    "311" | "mqttv311" => Protocol::V3_1_1,
-                    v => {
-                        return Err(Failure::usage(format!(
-                            "{flag} '{v}': the version is 5 or 311"
-                        )));
-                    }
-                })
-            }
-            "-W" => {
-                let secs: u64 = number(flag, value()?, "seconds")?;
-                a.timeout = Some(Duration::from_secs(secs));
-            }
-            "-d" | "--debug" => a.debug = true,
-            "-L" | "--url" => a.url = Some(value()?.to_string()),
-            "--cafile" => a.cafile = Some(value()?.into()),
-            "--cert" => a.cert = Some(value()?.into()),
-            "--key" => a.key = Some(value()?.into()),
-            "-m" | "--message" if publisher => {
-                a.message = Some(Bytes::copy_from_slice(value()?.as_bytes()))
-            }
-            "-f" | "--file" if publisher => a.file = Some(value()?.into()),
-            "-l" | "--stdin-line" if publisher => a.lines = true,
-            "-s" | "--stdin-file" if publisher => a.stdin = true,
-            "-n" | "--null-message" if publisher => a.null = true,
-            "-r" | "--retain" if publisher => a.retain = true,
-            "--outbox" if publisher => a.outbox = Some(value()?.into()),
-            "--stamp" if publisher => a.stamp = Some(value()?.to_string()),
-            "-C" if !publisher => a.count = Some(number(flag, value()?, "a count")?),
-            "-v" | "--verbose" if !publisher => a.verbose = true,
-            "-F" if !publisher => a.format = Some(value()?.to_string()),
-            "--dedup" if !publisher => a.dedup = Some(value()?.to_string()),
-            other => return Err(Failure::usage(format!("unknown option '{other}'"))),
-        }
-    }
-    Ok(Some(a))
 }
 
 /// The connection options the flags describe (and, from an `mqtt[s]://` URL, a topic).
@@ -297,16 +374,6 @@ fn finish(command: &str, result: Result<(), Failure>) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure(code, msg)) => {
             eprintln!("tern {command}: {msg}");
-            if code == Exit::Usage && msg.starts_with("unknown option") {
-                eprintln!(
-                    "{}",
-                    if command == "pub" {
-                        PUB_USAGE
-                    } else {
-                        SUB_USAGE
-                    }
-                );
-            }
             ExitCode::from(code as u8)
         }
     }
@@ -336,8 +403,8 @@ async fn within(
 }
 
 /// `tern pub`.
-pub(crate) fn publish(args: &[String]) -> ExitCode {
-    finish("pub", publish_inner(args))
+pub(crate) fn publish(cli: PubCli) -> ExitCode {
+    finish("pub", publish_inner(cli.into()))
 }
 
 enum Source {
@@ -346,11 +413,7 @@ enum Source {
     Nothing,
 }
 
-fn publish_inner(args: &[String]) -> Result<(), Failure> {
-    let Some(mut a) = parse(args, true)? else {
-        println!("{PUB_USAGE}");
-        return Ok(());
-    };
+fn publish_inner(mut a: Args) -> Result<(), Failure> {
     let mut o = options(&mut a, format!("tern-pub-{}", std::process::id()))?;
     let given = [
         a.message.is_some(),
@@ -513,15 +576,11 @@ fn publish_inner(args: &[String]) -> Result<(), Failure> {
 }
 
 /// `tern sub`.
-pub(crate) fn subscribe(args: &[String]) -> ExitCode {
-    finish("sub", subscribe_inner(args))
+pub(crate) fn subscribe(cli: SubCli) -> ExitCode {
+    finish("sub", subscribe_inner(cli.into()))
 }
 
-fn subscribe_inner(args: &[String]) -> Result<(), Failure> {
-    let Some(mut a) = parse(args, false)? else {
-        println!("{SUB_USAGE}");
-        return Ok(());
-    };
+fn subscribe_inner(mut a: Args) -> Result<(), Failure> {
     let mut o = options(&mut a, format!("tern-sub-{}", std::process::id()))?;
     if a.topics.is_empty() {
         return Err(Failure::usage("no topic filter: give -t FILTER"));

@@ -111,8 +111,12 @@ fn a_run_that_loses_messages_reports_them_and_exits_1() {
     let b = BrokerProcess::in_dir(&dir, "[sessions]\nmax_queued_messages = 100\n");
     let (code, json, err) = bench(b.port(0), &["backlog", "-q", "1", "--count", "300"]);
     assert_eq!(code, Some(1), "{json}");
-    assert_eq!(field(&json, "lost"), 200.0, "{json}");
-    assert!(err.contains("200 lost"), "{err}");
+    // Usually 200; fewer when the first messages reach the session before its DISCONNECT
+    // is handled (in flight then, not queued: 100 seen once in a loaded run).
+    let lost = field(&json, "lost");
+    assert!((100.0..=200.0).contains(&lost), "{json}");
+    assert_eq!(lost + field(&json, "delivered"), 300.0, "{json}");
+    assert!(err.contains(&format!("{lost} lost")), "{err}");
     drop(b);
     let _ = std::fs::remove_dir_all(&dir);
 }

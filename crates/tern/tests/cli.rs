@@ -28,6 +28,50 @@ fn tern_broker_listens_and_exits_0_on_sigterm() {
     assert_eq!(status.code(), Some(0), "clean exit on SIGTERM");
 }
 
+/// Every command answers `--help` (exit 0, its usage on stdout); `broker` and `passwd`
+/// also `-h`, while `pub`, `sub` and `bench` keep `-h HOST` as in Mosquitto's clients;
+/// `tern --version`; completion scripts for the shells.
+#[test]
+fn every_command_answers_help_and_the_version_and_completions_are_printed() {
+    let tern = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_tern"))
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    for command in ["broker", "passwd", "pub", "sub", "bench", "completions"] {
+        let (code, out, err) = tern(&[command, "--help"]);
+        assert_eq!(code, Some(0), "tern {command} --help: {err}");
+        assert!(
+            out.contains(&format!("Usage: tern {command}")),
+            "tern {command} --help: {out}"
+        );
+    }
+    for command in ["broker", "passwd"] {
+        let (code, out, _) = tern(&[command, "-h"]);
+        assert_eq!(code, Some(0));
+        assert!(out.contains(&format!("Usage: tern {command}")), "{out}");
+    }
+    // -h is the host for the clients: a value is expected.
+    let (code, _, err) = tern(&["pub", "-h"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--host <HOST>"), "{err}");
+    let (code, out, _) = tern(&["--version"]);
+    assert_eq!(code, Some(0));
+    assert!(out.starts_with("tern "), "{out}");
+    let (code, out, _) = tern(&["completions", "bash"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("complete") && out.contains("broker"), "{out}");
+    let (code, _, err) = tern(&["completions", "tcsh"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("'tcsh'"), "{err}");
+}
+
 #[test]
 fn unknown_commands_and_options_are_named_with_exit_code_2() {
     let out = Command::new(env!("CARGO_BIN_EXE_tern"))
@@ -35,7 +79,7 @@ fn unknown_commands_and_options_are_named_with_exit_code_2() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown command 'brokr'"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unrecognized subcommand 'brokr'"));
     let out = Command::new(env!("CARGO_BIN_EXE_tern"))
         .args(["broker", "--port", "1"])
         .output()

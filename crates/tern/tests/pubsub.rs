@@ -286,7 +286,11 @@ fn tern_pub_and_tern_sub_exit_codes_and_messages_say_what_happened() {
         2,
         &["QoS is 0, 1 or 2"],
     );
-    check(&["pub", "-t"], 2, &["-t needs a value"]);
+    check(
+        &["pub", "-t"],
+        2,
+        &["a value is required for '--topic <TOPIC>'"],
+    );
     check(&["pub", "-t", "a"], 2, &["no message"]);
     check(
         &["pub", "-t", "a/#", "-m", "x", "-p", port],
@@ -297,7 +301,7 @@ fn tern_pub_and_tern_sub_exit_codes_and_messages_say_what_happened() {
     check(
         &["sub", "-t", "a", "--bogus"],
         2,
-        &["unknown option '--bogus'"],
+        &["unexpected argument '--bogus'"],
     );
     check(
         &["sub", "-t", "a", "--cafile", "/nonexistent/ca.pem"],
