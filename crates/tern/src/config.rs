@@ -21,6 +21,7 @@ pub(crate) struct File {
     pub(crate) storage: Storage,
     pub(crate) auth: Auth,
     pub(crate) metrics: Metrics,
+    pub(crate) admin: Admin,
     pub(crate) sys: Sys,
     pub(crate) log: Log,
 }
@@ -40,6 +41,14 @@ impl Default for Metrics {
             bind: "127.0.0.1:9090".into(),
         }
     }
+}
+
+/// The admin API on the metrics endpoint (`/api/v1/...`): off without a token.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct Admin {
+    /// The bearer token every request must carry.
+    pub(crate) token: Option<String>,
 }
 
 /// `$SYS/broker/...` topics.
@@ -235,6 +244,7 @@ impl Default for File {
             storage: Storage::default(),
             auth: Auth::default(),
             metrics: Metrics::default(),
+            admin: Admin::default(),
             sys: Sys::default(),
             log: Log::default(),
         }

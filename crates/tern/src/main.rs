@@ -163,6 +163,7 @@ fn main() -> ExitCode {
         let shutdown = shutdown_signal();
         // The endpoint comes up first, so /readyz says "not ready" while the store loads.
         let monitor = tern_broker::server::Monitor::new();
+        monitor.set_admin_token(file.admin.token.clone().filter(|t| !t.is_empty()));
         let (monitor_stop, monitor_stopped) = tokio::sync::oneshot::channel::<()>();
         let monitor_task = if file.metrics.enabled {
             let socket = match tokio::net::TcpListener::bind(&file.metrics.bind).await {

@@ -34,6 +34,7 @@ use super::{Member, SharedSubscriptions, SubscriptionTrie};
 use crate::counters::{Counters, DropReason};
 use crate::refusal::{Admission, Answer, Refusal};
 
+mod admin;
 mod connect;
 mod gauges;
 mod lifecycle;
@@ -45,6 +46,7 @@ mod subscribe;
 mod sys;
 mod timers;
 
+pub use admin::{SessionSummary, SessionView, SessionsPage, SubscriptionView, WillView};
 pub use gauges::{Gauges, SessionGauge};
 pub use round::{Loads, Round, Sealed, Send};
 

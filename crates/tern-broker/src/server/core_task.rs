@@ -111,6 +111,9 @@ impl CoreTask {
                     ToCore::Gauges(reply) => {
                         let _ = reply.send(broker.gauges(now, 10));
                     }
+                    ToCore::Admin(query, reply) => {
+                        let _ = reply.send(super::admin::answer(&broker, query, now));
+                    }
                     ToCore::DecodeError(conn, v, e) => {
                         broker.handle_decode_error(conn, v, &e, now);
                     }

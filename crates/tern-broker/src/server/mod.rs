@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, watch};
 use crate::auth::Access;
 use crate::core::{Admission, Broker, ConnId, Settings};
 
+mod admin;
 mod conn;
 mod core_task;
 mod line;
@@ -205,6 +206,8 @@ pub(crate) enum ToCore {
     Loaded(Box<Loaded>),
     /// The metrics endpoint asks for the core's gauges.
     Gauges(tokio::sync::oneshot::Sender<Gauges>),
+    /// The admin API asks about the sessions.
+    Admin(admin::Query, tokio::sync::oneshot::Sender<admin::Answer>),
     Shutdown,
 }
 

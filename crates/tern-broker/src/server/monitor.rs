@@ -42,6 +42,8 @@ struct Inner {
     ready: AtomicBool,
     core: Mutex<Option<mpsc::UnboundedSender<ToCore>>>,
     listeners: Mutex<Vec<(String, Arc<ConnCounts>)>>,
+    /// The admin API's bearer token; `None`: the API is off.
+    admin_token: Mutex<Option<String>>,
 }
 
 /// What the HTTP endpoint reports on: the server's metrics and readiness, and a way to
@@ -64,6 +66,7 @@ impl Monitor {
             ready: AtomicBool::new(false),
             core: Mutex::new(None),
             listeners: Mutex::new(Vec::new()),
+            admin_token: Mutex::new(None),
         }))
     }
 
@@ -81,6 +84,35 @@ impl Monitor {
 
     pub(crate) fn set_ready(&self, ready: bool) {
         self.0.ready.store(ready, Ordering::Release);
+    }
+
+    /// Turns the admin API (`/api/v1/...`) on with this bearer token, or off.
+    pub fn set_admin_token(&self, token: Option<String>) {
+        *self.0.admin_token.lock().unwrap_or_else(|e| e.into_inner()) = token;
+    }
+
+    pub(crate) fn admin_token(&self) -> Option<String> {
+        self.0
+            .admin_token
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Asks the core a question of the admin API (`None`: no core, or no answer in 5 s).
+    pub(crate) async fn ask(&self, query: super::admin::Query) -> Option<super::admin::Answer> {
+        let core = self
+            .0
+            .core
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()?;
+        let (tx, rx) = oneshot::channel();
+        core.send(ToCore::Admin(query, tx)).ok()?;
+        tokio::time::timeout(Duration::from_secs(5), rx)
+            .await
+            .ok()?
+            .ok()
     }
 
     pub(crate) fn attach(&self, core: Option<mpsc::UnboundedSender<ToCore>>) {
@@ -117,6 +149,11 @@ impl Monitor {
             }
             None => None,
         };
+        self.0.metrics.render(gauges.as_ref(), &self.connections())
+    }
+
+    /// Connections open per listener and protocol ("none": no CONNECT yet).
+    pub(crate) fn connections(&self) -> Vec<(String, &'static str, u64)> {
         let mut connections = Vec::new();
         for (name, counts) in self
             .0
@@ -129,7 +166,7 @@ impl Monitor {
                 connections.push((name.clone(), *protocol, counts.0[i].load(Ordering::Relaxed)));
             }
         }
-        self.0.metrics.render(gauges.as_ref(), &connections)
+        connections
     }
 }
 
@@ -189,6 +226,12 @@ async fn respond(mut stream: TcpStream, monitor: Monitor) {
     let mut parts = line.split(' ');
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let path = target.split('?').next().unwrap_or("");
+    if path.starts_with("/api/") {
+        let head = String::from_utf8_lossy(&request).into_owned();
+        let (status, body) = super::admin::handle(&monitor, method, target, &head).await;
+        let _ = reply(&mut stream, status, "application/json", &body).await;
+        return;
+    }
     if method != "GET" {
         let _ = reply(
             &mut stream,
@@ -228,7 +271,7 @@ async fn respond(mut stream: TcpStream, monitor: Monitor) {
                 &mut stream,
                 "404 Not Found",
                 "text/plain",
-                "not found: try /metrics, /healthz or /readyz\n",
+                "not found: try /metrics, /healthz, /readyz or /api/v1/overview\n",
             )
             .await
         }

@@ -1,0 +1,250 @@
+//! The admin API on the operators' HTTP endpoint (JSON, `/api/v1/...`), answered by the
+//! core from its state at the moment it is asked:
+//! - `GET /api/v1/overview`: sessions online and offline, subscriptions, retained
+//!   messages, queued messages and bytes, flows in flight, the deepest queues, and the
+//!   connections per listener and protocol;
+//! - `GET /api/v1/sessions?search=S&offset=N&limit=N`: sessions whose client id or
+//!   username contains S, in client id order, a page at a time (limit 100 by default, at
+//!   most 1,000), with the total;
+//! - `GET /api/v1/sessions/{client id}` (percent-encoded): one session's subscriptions,
+//!   queue, flows in flight, will, expiry and connection.
+//!
+//! Off unless `[admin] token` is set; every request carries `Authorization: Bearer
+//! TOKEN` (401 without it or with another, logged). The endpoint listens on loopback
+//! unless configured otherwise, like the rest of Tern.
+
+use std::time::Instant;
+
+use serde_json::{Value, json};
+use tern_broker_core::{Broker, Gauges, SessionSummary, SessionView, SessionsPage};
+
+use super::monitor::Monitor;
+
+/// What the API asks the core.
+pub(crate) enum Query {
+    Overview,
+    Sessions {
+        search: String,
+        offset: usize,
+        limit: usize,
+    },
+    Session(String),
+}
+
+/// The core's answer.
+pub(crate) enum Answer {
+    Overview(Box<Gauges>),
+    Sessions(SessionsPage),
+    Session(Option<Box<SessionView>>),
+}
+
+/// Answers `query` from the core's state (on the core task).
+pub(crate) fn answer(broker: &Broker, query: Query, now: Instant) -> Answer {
+    match query {
+        Query::Overview => Answer::Overview(Box::new(broker.gauges(now, 10))),
+        Query::Sessions {
+            search,
+            offset,
+            limit,
+        } => Answer::Sessions(broker.sessions_page(&search, offset, limit, now)),
+        Query::Session(id) => Answer::Session(broker.session_view(&id, now).map(Box::new)),
+    }
+}
+
+/// Equal, in time that does not depend on where they differ.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
+}
+
+fn error(message: &str) -> String {
+    json!({ "error": message }).to_string()
+}
+
+/// `%XX` escapes and `+` (in a query) decoded; `None` for a bad escape or bytes that are
+/// not UTF-8.
+fn decode(s: &str, plus: bool) -> Option<String> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut bytes = s.bytes();
+    while let Some(b) = bytes.next() {
+        match b {
+            b'%' => {
+                let hex = [bytes.next()?, bytes.next()?];
+                out.push(u8::from_str_radix(std::str::from_utf8(&hex).ok()?, 16).ok()?);
+            }
+            b'+' if plus => out.push(b' '),
+            b => out.push(b),
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+fn param(query: &str, name: &str) -> Option<String> {
+    query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == name)
+        .and_then(|(_, v)| decode(v, true))
+}
+
+fn secs(d: std::time::Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+fn summary(s: &SessionSummary) -> Value {
+    json!({
+        "client_id": &*s.client_id,
+        "username": s.username.as_deref(),
+        "online": s.online,
+        "subscriptions": s.subscriptions,
+        "queued": s.queued,
+        "queued_bytes": s.queued_bytes,
+        "inflight_out": s.inflight_out,
+        "inflight_in": s.inflight_in,
+        "expiry_secs": secs(s.expiry),
+        "expires_in_secs": s.expires_in.map(secs),
+    })
+}
+
+fn overview(g: &Gauges, monitor: &Monitor) -> Value {
+    json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "ready": monitor.is_ready(),
+        "sessions": { "online": g.online, "offline": g.offline },
+        "subscriptions": g.subscriptions,
+        "retained": g.retained,
+        "queued": g.queued,
+        "queued_bytes": g.queued_bytes,
+        "oldest_queued_secs": secs(g.oldest),
+        "inflight_out": g.inflight_out,
+        "inflight_in": g.inflight_in,
+        "deepest_queues": g.largest.iter().map(|s| json!({
+            "client_id": &*s.client_id,
+            "queued": s.queued,
+            "oldest_secs": secs(s.oldest),
+        })).collect::<Vec<_>>(),
+        "connections": monitor.connections().into_iter().map(|(listener, protocol, n)| json!({
+            "listener": listener,
+            "protocol": protocol,
+            "connections": n,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn session(v: &SessionView) -> Value {
+    let mut out = summary(&v.summary);
+    out["subscriptions"] = v
+        .subscriptions
+        .iter()
+        .map(|s| {
+            json!({
+                "filter": &*s.filter,
+                "qos": s.options.qos as u8,
+                "no_local": s.options.no_local,
+                "retain_as_published": s.options.retain_as_published,
+                "retain_handling": s.options.retain_handling as u8,
+                "subscription_id": s.id,
+            })
+        })
+        .collect();
+    out["will"] = v.will.as_ref().map_or(Value::Null, |w| {
+        json!({
+            "topic": &*w.topic,
+            "qos": w.qos as u8,
+            "retain": w.retain,
+            "payload_bytes": w.payload_bytes,
+            "due_in_secs": w.due_in.map(secs),
+        })
+    });
+    out["connection"] = v.connection.as_ref().map_or(
+        Value::Null,
+        |(id, peer)| json!({ "id": id, "peer": &**peer }),
+    );
+    out
+}
+
+/// One request: its method, target (path and query) and head (for the token). Returns
+/// the status line's text and the JSON body.
+pub(crate) async fn handle(
+    monitor: &Monitor,
+    method: &str,
+    target: &str,
+    head: &str,
+) -> (&'static str, String) {
+    let Some(token) = monitor.admin_token() else {
+        return (
+            "403 Forbidden",
+            error("the admin API is off: set [admin] token in the configuration"),
+        );
+    };
+    let given = head.lines().find_map(|l| {
+        let (name, value) = l.split_once(':')?;
+        name.trim().eq_ignore_ascii_case("authorization").then(|| {
+            value
+                .trim()
+                .strip_prefix("Bearer ")
+                .unwrap_or("")
+                .to_string()
+        })
+    });
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    if !given.is_some_and(|g| same(g.as_bytes(), token.as_bytes())) {
+        tracing::warn!(%method, %path, "admin API: request refused (no token, or not the configured one)");
+        return (
+            "401 Unauthorized",
+            error("a bearer token is required (Authorization: Bearer TOKEN)"),
+        );
+    }
+    if method != "GET" {
+        return ("405 Method Not Allowed", error("only GET"));
+    }
+    let query_of = match path {
+        "/api/v1/overview" => Query::Overview,
+        "/api/v1/sessions" => {
+            let number = |name: &str, default: usize| {
+                param(query, name).map_or(Ok(default), |v| {
+                    v.parse::<usize>().map_err(|_| name.to_string())
+                })
+            };
+            let (offset, limit) = match (number("offset", 0), number("limit", 100)) {
+                (Ok(o), Ok(l)) => (o, l.min(1000)),
+                (Err(name), _) | (_, Err(name)) => {
+                    return (
+                        "400 Bad Request",
+                        error(&format!("{name}: expected a number")),
+                    );
+                }
+            };
+            Query::Sessions {
+                search: param(query, "search").unwrap_or_default(),
+                offset,
+                limit,
+            }
+        }
+        p => match p
+            .strip_prefix("/api/v1/sessions/")
+            .map(|id| decode(id, false))
+        {
+            Some(Some(id)) => Query::Session(id),
+            Some(None) => return ("400 Bad Request", error("a client id that does not decode")),
+            None => return ("404 Not Found", error("no such endpoint")),
+        },
+    };
+    let body = match monitor.ask(query_of).await {
+        Some(Answer::Overview(g)) => overview(&g, monitor),
+        Some(Answer::Sessions(page)) => json!({
+            "total": page.total,
+            "sessions": page.sessions.iter().map(summary).collect::<Vec<_>>(),
+        }),
+        Some(Answer::Session(Some(v))) => session(&v),
+        Some(Answer::Session(None)) => {
+            return ("404 Not Found", error("no session with that client id"));
+        }
+        None => {
+            return (
+                "503 Service Unavailable",
+                error("the broker is not running"),
+            );
+        }
+    };
+    ("200 OK", body.to_string())
+}

@@ -1,0 +1,185 @@
+//! The admin API (`/api/v1/...` on the metrics endpoint) against a real broker with
+//! sessions made by Mosquitto's clients: each listing checked against what the clients
+//! did; requests without the token, with another one, or with the API off, refused.
+
+// A failed unwrap in a test is a failed test, with the value in the message.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::io::{Read, Write};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+use support::BrokerProcess;
+
+const TOKEN: &str = "test-admin-token";
+
+/// GET `path` with `token` as the bearer token (if any): the status and the JSON body.
+fn api(addr: &str, path: &str, token: Option<&str>) -> (u16, Value) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out[9..12].parse().unwrap();
+    let body = out.split_once("\r\n\r\n").unwrap().1;
+    (status, serde_json::from_str(body).unwrap())
+}
+
+fn mosquitto(tool: &str, port: &str, args: &[&str]) -> std::process::Child {
+    Command::new(tool)
+        .args(["-h", "127.0.0.1", "-p", port])
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn the_admin_api_lists_sessions_as_the_clients_left_them_and_refuses_without_the_token() {
+    let dir = std::env::temp_dir().join(format!("tern-admin-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let broker = BrokerProcess::in_dir(&dir, &format!("[admin]\ntoken = \"{TOKEN}\"\n"));
+    let port = broker.port(0).to_string();
+    let http = broker.metrics.clone().unwrap();
+    // An offline persistent session with a QoS 1 subscription and three messages queued.
+    let status = mosquitto(
+        "mosquitto_sub",
+        &port,
+        &["-i", "keeper", "-c", "-q", "1", "-t", "orders/#", "-E"],
+    )
+    .wait()
+    .unwrap();
+    assert!(status.success());
+    for n in 0..3 {
+        let m = format!("order {n}");
+        let status = mosquitto(
+            "mosquitto_pub",
+            &port,
+            &["-q", "1", "-t", "orders/new", "-m", &m],
+        )
+        .wait()
+        .unwrap();
+        assert!(status.success());
+    }
+    // An online one, with a username and a will.
+    let mut online = mosquitto(
+        "mosquitto_sub",
+        &port,
+        &[
+            "-i",
+            "watcher",
+            "-u",
+            "bob",
+            "-V",
+            "mqttv5",
+            "-t",
+            "sensors/+/t",
+            "--will-topic",
+            "status/watcher",
+            "--will-payload",
+            "gone",
+        ],
+    );
+    let listed = |search: &str| {
+        api(
+            &http,
+            &format!("/api/v1/sessions?search={search}"),
+            Some(TOKEN),
+        )
+    };
+    let mut tries = 0;
+    while listed("bob").1["total"] != 1 {
+        tries += 1;
+        assert!(tries < 100, "the online session shows up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // Refused: no token, another token.
+    let (code, body) = api(&http, "/api/v1/sessions", None);
+    assert_eq!(code, 401, "{body}");
+    let (code, _) = api(&http, "/api/v1/sessions", Some("guess"));
+    assert_eq!(code, 401);
+    let (code, _) = api(&http, "/api/v1/overview", Some("test-admin-toke"));
+    assert_eq!(code, 401);
+
+    let (code, all) = api(&http, "/api/v1/sessions", Some(TOKEN));
+    assert_eq!(code, 200, "{all}");
+    assert_eq!(all["total"], 2, "{all}");
+    let keeper = &all["sessions"][0];
+    assert_eq!(keeper["client_id"], "keeper", "client id order: {all}");
+    assert_eq!(keeper["online"], false);
+    assert_eq!(keeper["queued"], 3, "{keeper}");
+    assert_eq!(
+        keeper["queued_bytes"], 21,
+        "three 7-byte payloads: {keeper}"
+    );
+    assert_eq!(keeper["subscriptions"], 1);
+    let (_, found) = listed("bob");
+    let watcher = &found["sessions"][0];
+    assert_eq!(watcher["client_id"], "watcher", "{found}");
+    assert_eq!(watcher["online"], true);
+    assert_eq!(watcher["username"], "bob");
+    // Paging.
+    let (_, second) = api(&http, "/api/v1/sessions?offset=1&limit=1", Some(TOKEN));
+    assert_eq!(second["total"], 2);
+    assert_eq!(second["sessions"].as_array().unwrap().len(), 1);
+    assert_eq!(second["sessions"][0]["client_id"], "watcher", "{second}");
+
+    let (code, one) = api(&http, "/api/v1/sessions/keeper", Some(TOKEN));
+    assert_eq!(code, 200, "{one}");
+    assert_eq!(one["subscriptions"][0]["filter"], "orders/#", "{one}");
+    assert_eq!(one["subscriptions"][0]["qos"], 1);
+    assert_eq!(one["connection"], Value::Null);
+    assert!(one["expiry_secs"].as_f64().unwrap() > 0.0, "{one}");
+    let (_, one) = api(&http, "/api/v1/sessions/watcher", Some(TOKEN));
+    assert_eq!(one["will"]["topic"], "status/watcher", "{one}");
+    assert_eq!(one["will"]["payload_bytes"], 4);
+    assert!(
+        one["connection"]["peer"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:"),
+        "{one}"
+    );
+    let (code, _) = api(&http, "/api/v1/sessions/nobody", Some(TOKEN));
+    assert_eq!(code, 404);
+    // A client id with characters a URL escapes.
+    let (code, _) = api(&http, "/api/v1/sessions/kee%70er", Some(TOKEN));
+    assert_eq!(code, 200);
+
+    let (code, overview) = api(&http, "/api/v1/overview", Some(TOKEN));
+    assert_eq!(code, 200, "{overview}");
+    assert_eq!(overview["sessions"]["online"], 1, "{overview}");
+    assert_eq!(overview["sessions"]["offline"], 1);
+    assert_eq!(overview["queued"], 3);
+    assert_eq!(overview["deepest_queues"][0]["client_id"], "keeper");
+    let v5 = overview["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["protocol"] == "5.0")
+        .unwrap();
+    assert_eq!(v5["connections"], 1, "{overview}");
+
+    let _ = online.kill();
+    let _ = online.wait();
+    drop(broker);
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // Without a token the API is off.
+    let broker = BrokerProcess::in_dir(&dir, "");
+    let (code, body) = api(
+        broker.metrics.as_deref().unwrap(),
+        "/api/v1/overview",
+        Some(TOKEN),
+    );
+    assert_eq!(code, 403, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("[admin] token"));
+    drop(broker);
+    let _ = std::fs::remove_dir_all(&dir);
+}
