@@ -29,9 +29,9 @@ pub mod sim;
 mod trie;
 
 pub use broker::{
-    Broker, ConnId, ConnIdHasher, ConnMap, Gauges, Load, Loads, Output, QUEUED_MESSAGE_OVERHEAD,
-    QueuePolicy, Round, Sealed, Send, SessionGauge, SessionSummary, SessionView, SessionsPage,
-    Settings, SubscriptionView, Traffic, WillView,
+    AdminAction, Broker, ConnId, ConnIdHasher, ConnMap, Gauges, Load, Loads, Output,
+    QUEUED_MESSAGE_OVERHEAD, QueuePolicy, RetainedView, Round, Sealed, Send, SessionGauge,
+    SessionSummary, SessionView, SessionsPage, Settings, SubscriptionView, Traffic, WillView,
 };
 pub use counters::{Counters, DropReason};
 pub use refusal::{Admission, Answer, Refusal};

@@ -1,6 +1,7 @@
 //! The admin API (`/api/v1/...` on the metrics endpoint) against a real broker with
 //! sessions made by Mosquitto's clients: each listing checked against what the clients
-//! did; requests without the token, with another one, or with the API off, refused.
+//! did; each action's effect seen by the client and, after kill -9 and a restart, in the
+//! store; requests without the token, with another one, or with the API off, refused.
 
 // A failed unwrap in a test is a failed test, with the value in the message.
 #![allow(clippy::unwrap_used)]
@@ -166,8 +167,77 @@ fn the_admin_api_lists_sessions_as_the_clients_left_them_and_refuses_without_the
         .unwrap();
     assert_eq!(v5["connections"], 1, "{overview}");
 
-    let _ = online.kill();
-    let _ = online.wait();
+    // Actions. A retained message to list and delete, a second offline session to delete.
+    let status = mosquitto(
+        "mosquitto_pub",
+        &port,
+        &["-q", "1", "-r", "-t", "orders/last", "-m", "order 2"],
+    )
+    .wait()
+    .unwrap();
+    assert!(status.success());
+    let status = mosquitto(
+        "mosquitto_sub",
+        &port,
+        &["-i", "spare", "-c", "-q", "1", "-t", "spare/#", "-E"],
+    )
+    .wait()
+    .unwrap();
+    assert!(status.success());
+    let (_, retained) = api(&http, "/api/v1/retained?filter=orders/%23", Some(TOKEN));
+    assert_eq!(retained["total"], 1, "{retained}");
+    assert_eq!(retained["retained"][0]["topic"], "orders/last");
+    assert_eq!(retained["retained"][0]["payload_bytes"], 7);
+    let act = |method: &str, path: &str| {
+        let mut s = std::net::TcpStream::connect(&http).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out[9..12].parse::<u16>().unwrap()
+    };
+    // Disconnect: the 5.0 client is told 0x98 and goes; its session ended with it.
+    assert_eq!(act("POST", "/api/v1/sessions/watcher/disconnect"), 200);
+    let gone = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(50));
+        online.try_wait().unwrap().is_some()
+    });
+    assert!(gone, "the disconnected client exited");
+    assert_eq!(listed("bob").1["total"], 0);
+    assert_eq!(act("POST", "/api/v1/sessions/watcher/disconnect"), 404);
+    // Purge: the queue empties, the session and its subscription stay.
+    assert_eq!(act("POST", "/api/v1/sessions/keeper/purge"), 200);
+    let (_, one) = api(&http, "/api/v1/sessions/keeper", Some(TOKEN));
+    assert_eq!(one["queued"], 0, "{one}");
+    assert_eq!(one["subscriptions"][0]["filter"], "orders/#");
+    assert_eq!(act("DELETE", "/api/v1/sessions/spare"), 200);
+    assert_eq!(act("DELETE", "/api/v1/sessions/spare"), 404);
+    assert_eq!(act("DELETE", "/api/v1/retained/orders%2Flast"), 200);
+    assert_eq!(act("DELETE", "/api/v1/retained/orders%2Flast"), 404);
+    assert_eq!(act("PUT", "/api/v1/sessions/keeper"), 404);
+    // Refused without the token, as the listings are.
+    let (code, _) = api(&http, "/api/v1/sessions/keeper/purge", None);
+    assert_eq!(code, 401);
+
+    // kill -9 and a restart: the actions were stored.
+    drop(broker);
+    let broker = BrokerProcess::in_dir(&dir, &format!("[admin]\ntoken = \"{TOKEN}\"\n"));
+    let http = broker.metrics.clone().unwrap();
+    let ready = (0..200).any(|_| {
+        std::thread::sleep(Duration::from_millis(25));
+        support::http_get(&http, "/readyz").0 == 200
+    });
+    assert!(ready, "ready after the restart");
+    let (_, all) = api(&http, "/api/v1/sessions", Some(TOKEN));
+    assert_eq!(all["total"], 1, "only keeper is left: {all}");
+    assert_eq!(all["sessions"][0]["client_id"], "keeper");
+    assert_eq!(all["sessions"][0]["queued"], 0, "{all}");
+    let (_, retained) = api(&http, "/api/v1/retained", Some(TOKEN));
+    assert_eq!(retained["total"], 0, "{retained}");
     drop(broker);
     let _ = std::fs::remove_dir_all(&dir);
 

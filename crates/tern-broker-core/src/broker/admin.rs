@@ -157,3 +157,142 @@ impl Broker {
         })
     }
 }
+
+/// What an operator can do to the broker (the admin API's actions). Each is an input like a
+/// packet: its durable effects go into the next round's batch, committed before anything
+/// that depends on them is sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminAction {
+    /// Closes the client's connection (5.0: DISCONNECT 0x98 Administrative action); its
+    /// will goes as for any connection the server ends; the session stays, per its expiry.
+    Disconnect(Str),
+    /// Ends the session (disconnecting its client first): subscriptions, queue and flows
+    /// go, as when a session expires.
+    DeleteSession(Str),
+    /// Drops the messages waiting in the session's queue (not those in flight).
+    PurgeQueue(Str),
+    /// Deletes the retained message on a topic.
+    DeleteRetained(Str),
+}
+
+impl Broker {
+    /// Durable rounds handed out since this core started: a change made before
+    /// [`Broker::poll_round`] is committed once the host has committed this many.
+    pub fn durable_rounds(&self) -> u64 {
+        self.rounds
+    }
+
+    /// Carries out `action`; false if there was nothing to act on (no such session, client
+    /// not connected, no retained message there), with nothing changed.
+    pub fn handle_admin(&mut self, action: &AdminAction, now: Instant) -> bool {
+        let done = match action {
+            AdminAction::Disconnect(id) => self.admin_disconnect(id, now),
+            AdminAction::DeleteSession(id) => {
+                let Some((id, _)) = self.sessions.get_key_value(&**id) else {
+                    return false;
+                };
+                let id = id.clone();
+                self.admin_disconnect(&id, now);
+                tracing::info!(client_id = %id, "session deleted by an administrator");
+                self.end_session(&id, now);
+                true
+            }
+            AdminAction::PurgeQueue(id) => {
+                let Some((id, _)) = self.sessions.get_key_value(&**id) else {
+                    return false;
+                };
+                let id = id.clone();
+                let Some(s) = self.sessions.get_mut(&id) else {
+                    return false;
+                };
+                let mut purged = 0u64;
+                match &mut s.conn {
+                    Link::Online((_, c)) => {
+                        while c.drop_oldest() {
+                            purged += 1;
+                        }
+                    }
+                    Link::Offline(stored) => {
+                        while stored.drop_oldest() {
+                            purged += 1;
+                        }
+                    }
+                }
+                tracing::info!(client_id = %id, purged, "queue purged by an administrator");
+                self.touch(&id);
+                true
+            }
+            AdminAction::DeleteRetained(topic) => {
+                let Ok(topic) = TopicName::new(&**topic) else {
+                    return false;
+                };
+                if self.retained.remove(&topic).is_none() {
+                    return false;
+                }
+                tracing::info!(%topic, "retained message deleted by an administrator");
+                if !routing::is_sys(&topic) {
+                    self.batch.push(Op::DeleteRetained { topic });
+                }
+                true
+            }
+        };
+        self.commit(now);
+        done
+    }
+
+    fn admin_disconnect(&mut self, client_id: &str, now: Instant) -> bool {
+        let Some((id, _)) = self.sessions.get_key_value(client_id) else {
+            return false;
+        };
+        let id = id.clone();
+        let Some((conn, c)) = self.sessions.get_mut(&id).and_then(|s| s.conn.as_mut()) else {
+            return false;
+        };
+        let conn = *conn;
+        c.disconnect(ReasonCode::AdministrativeAction);
+        self.drain(&id, now);
+        self.outputs.push_back(Output::Close(conn));
+        self.close(conn, now, &"disconnected by an administrator");
+        true
+    }
+}
+
+/// One retained message as the admin API lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetainedView {
+    /// Its topic.
+    pub topic: Str,
+    /// Its QoS.
+    pub qos: QoS,
+    /// Its payload's size.
+    pub payload_bytes: usize,
+}
+
+impl Broker {
+    /// The retained messages whose topics match `filter` (`$SYS` ones only for a filter
+    /// that names `$SYS`), in topic order: the total and `limit` of them from `offset`.
+    pub fn retained_matching(
+        &self,
+        filter: &TopicFilter,
+        offset: usize,
+        limit: usize,
+    ) -> (usize, Vec<RetainedView>) {
+        let all: Vec<&Message> = self
+            .retained
+            .iter()
+            .filter(|(topic, _)| filter.matches(topic))
+            .map(|(_, m)| m)
+            .collect();
+        let page = all
+            .iter()
+            .skip(offset)
+            .take(limit)
+            .map(|m| RetainedView {
+                topic: Str::from(m.topic.as_str()),
+                qos: m.qos,
+                payload_bytes: m.payload.len(),
+            })
+            .collect();
+        (all.len(), page)
+    }
+}

@@ -46,7 +46,10 @@ mod subscribe;
 mod sys;
 mod timers;
 
-pub use admin::{SessionSummary, SessionView, SessionsPage, SubscriptionView, WillView};
+pub use admin::{
+    AdminAction, RetainedView, SessionSummary, SessionView, SessionsPage, SubscriptionView,
+    WillView,
+};
 pub use gauges::{Gauges, SessionGauge};
 pub use round::{Loads, Round, Sealed, Send};
 

@@ -16,7 +16,10 @@
 use std::time::Instant;
 
 use serde_json::{Value, json};
-use tern_broker_core::{Broker, Gauges, SessionSummary, SessionView, SessionsPage};
+use tern_broker_core::{
+    AdminAction, Broker, Gauges, RetainedView, SessionSummary, SessionView, SessionsPage,
+};
+use tern_codec::TopicFilter;
 
 use super::monitor::Monitor;
 
@@ -29,6 +32,12 @@ pub(crate) enum Query {
         limit: usize,
     },
     Session(String),
+    Retained {
+        filter: TopicFilter,
+        offset: usize,
+        limit: usize,
+    },
+    Act(AdminAction),
 }
 
 /// The core's answer.
@@ -36,10 +45,13 @@ pub(crate) enum Answer {
     Overview(Box<Gauges>),
     Sessions(SessionsPage),
     Session(Option<Box<SessionView>>),
+    Retained(usize, Vec<RetainedView>),
+    /// Whether the action found something to act on.
+    Acted(bool),
 }
 
 /// Answers `query` from the core's state (on the core task).
-pub(crate) fn answer(broker: &Broker, query: Query, now: Instant) -> Answer {
+pub(crate) fn answer(broker: &mut Broker, query: Query, now: Instant) -> Answer {
     match query {
         Query::Overview => Answer::Overview(Box::new(broker.gauges(now, 10))),
         Query::Sessions {
@@ -48,6 +60,15 @@ pub(crate) fn answer(broker: &Broker, query: Query, now: Instant) -> Answer {
             limit,
         } => Answer::Sessions(broker.sessions_page(&search, offset, limit, now)),
         Query::Session(id) => Answer::Session(broker.session_view(&id, now).map(Box::new)),
+        Query::Retained {
+            filter,
+            offset,
+            limit,
+        } => {
+            let (total, page) = broker.retained_matching(&filter, offset, limit);
+            Answer::Retained(total, page)
+        }
+        Query::Act(action) => Answer::Acted(broker.handle_admin(&action, now)),
     }
 }
 
@@ -194,41 +215,72 @@ pub(crate) async fn handle(
             error("a bearer token is required (Authorization: Bearer TOKEN)"),
         );
     }
-    if method != "GET" {
-        return ("405 Method Not Allowed", error("only GET"));
-    }
-    let query_of = match path {
-        "/api/v1/overview" => Query::Overview,
-        "/api/v1/sessions" => {
-            let number = |name: &str, default: usize| {
-                param(query, name).map_or(Ok(default), |v| {
-                    v.parse::<usize>().map_err(|_| name.to_string())
-                })
-            };
-            let (offset, limit) = match (number("offset", 0), number("limit", 100)) {
-                (Ok(o), Ok(l)) => (o, l.min(1000)),
-                (Err(name), _) | (_, Err(name)) => {
-                    return (
-                        "400 Bad Request",
-                        error(&format!("{name}: expected a number")),
-                    );
-                }
-            };
-            Query::Sessions {
+    let number = |name: &str, default: usize| {
+        param(query, name).map_or(Ok(default), |v| {
+            v.parse::<usize>()
+                .map_err(|_| format!("{name}: expected a number"))
+        })
+    };
+    let page = || -> Result<(usize, usize), String> {
+        Ok((number("offset", 0)?, number("limit", 100)?.min(1000)))
+    };
+    let session_id = path
+        .strip_prefix("/api/v1/sessions/")
+        .map(|rest| rest.split_once('/').unwrap_or((rest, "")))
+        .map(|(id, action)| (decode(id, false), action));
+    let query_of = match (method, path, session_id) {
+        ("GET", "/api/v1/overview", _) => Query::Overview,
+        ("GET", "/api/v1/sessions", _) => match page() {
+            Ok((offset, limit)) => Query::Sessions {
                 search: param(query, "search").unwrap_or_default(),
                 offset,
                 limit,
+            },
+            Err(e) => return ("400 Bad Request", error(&e)),
+        },
+        ("GET", "/api/v1/retained", _) => {
+            let filter = param(query, "filter").unwrap_or_else(|| "#".into());
+            let Ok(filter) = TopicFilter::new(filter.as_str()) else {
+                return (
+                    "400 Bad Request",
+                    error(&format!("'{filter}' is not a topic filter")),
+                );
+            };
+            match page() {
+                Ok((offset, limit)) => Query::Retained {
+                    filter,
+                    offset,
+                    limit,
+                },
+                Err(e) => return ("400 Bad Request", error(&e)),
             }
         }
-        p => match p
-            .strip_prefix("/api/v1/sessions/")
-            .map(|id| decode(id, false))
-        {
-            Some(Some(id)) => Query::Session(id),
-            Some(None) => return ("400 Bad Request", error("a client id that does not decode")),
-            None => return ("404 Not Found", error("no such endpoint")),
-        },
+        (_, _, Some((None, _))) => {
+            return ("400 Bad Request", error("a client id that does not decode"));
+        }
+        ("GET", _, Some((Some(id), ""))) => Query::Session(id),
+        ("DELETE", _, Some((Some(id), ""))) => Query::Act(AdminAction::DeleteSession(id.into())),
+        ("POST", _, Some((Some(id), "disconnect"))) => {
+            Query::Act(AdminAction::Disconnect(id.into()))
+        }
+        ("POST", _, Some((Some(id), "purge"))) => Query::Act(AdminAction::PurgeQueue(id.into())),
+        ("DELETE", p, _) if p.starts_with("/api/v1/retained/") => {
+            match decode(&p["/api/v1/retained/".len()..], false) {
+                Some(topic) => Query::Act(AdminAction::DeleteRetained(topic.into())),
+                None => return ("400 Bad Request", error("a topic that does not decode")),
+            }
+        }
+        _ => {
+            return (
+                "404 Not Found",
+                error("no such endpoint (or not with that method)"),
+            );
+        }
     };
+    let acting = matches!(query_of, Query::Act(_));
+    if acting {
+        tracing::info!(%method, %path, "admin API: action");
+    }
     let body = match monitor.ask(query_of).await {
         Some(Answer::Overview(g)) => overview(&g, monitor),
         Some(Answer::Sessions(page)) => json!({
@@ -238,6 +290,23 @@ pub(crate) async fn handle(
         Some(Answer::Session(Some(v))) => session(&v),
         Some(Answer::Session(None)) => {
             return ("404 Not Found", error("no session with that client id"));
+        }
+        Some(Answer::Retained(total, page)) => json!({
+            "total": total,
+            "retained": page.iter().map(|r| json!({
+                "topic": &*r.topic,
+                "qos": r.qos as u8,
+                "payload_bytes": r.payload_bytes,
+            })).collect::<Vec<_>>(),
+        }),
+        Some(Answer::Acted(true)) => json!({ "done": true }),
+        Some(Answer::Acted(false)) => {
+            return (
+                "404 Not Found",
+                error(
+                    "nothing to act on (no such session, client not connected, or no retained message there)",
+                ),
+            );
         }
         None => {
             return (

@@ -78,6 +78,7 @@ impl CoreTask {
             let mut next = first;
             let mut handled = 0;
             let mut closed = Vec::new();
+            let mut acted = Vec::new();
             while let Some(msg) = next {
                 let now = Instant::now();
                 match msg {
@@ -112,7 +113,14 @@ impl CoreTask {
                         let _ = reply.send(broker.gauges(now, 10));
                     }
                     ToCore::Admin(query, reply) => {
-                        let _ = reply.send(super::admin::answer(&broker, query, now));
+                        let acting = matches!(query, super::admin::Query::Act(_));
+                        let answer = super::admin::answer(&mut broker, query, now);
+                        if acting {
+                            // Answered once what it changed is committed (below).
+                            acted.push((answer, reply));
+                        } else {
+                            let _ = reply.send(answer);
+                        }
                     }
                     ToCore::DecodeError(conn, v, e) => {
                         broker.handle_decode_error(conn, v, &e, now);
@@ -170,6 +178,27 @@ impl CoreTask {
                 };
             }
             dispatch(&mut broker, &writers, writer.as_ref(), since);
+            if !acted.is_empty() {
+                // The admin actions of this batch are in the rounds handed out so far.
+                let round = broker.durable_rounds();
+                let committed = writer.as_ref().map(writer::Writer::committed);
+                tokio::spawn(async move {
+                    if let Some((count, progress)) = committed {
+                        loop {
+                            let notified = progress.notified();
+                            let mut notified = std::pin::pin!(notified);
+                            notified.as_mut().enable();
+                            if count.load(std::sync::atomic::Ordering::Acquire) >= round {
+                                break;
+                            }
+                            notified.await;
+                        }
+                    }
+                    for (answer, reply) in acted {
+                        let _ = reply.send(answer);
+                    }
+                });
+            }
             for conn in closed {
                 writers.remove(&conn);
             }

@@ -113,6 +113,12 @@ impl Writer {
         }
     }
 
+    /// The count of the core's durable rounds committed (since it last started again) and
+    /// the notice of the writer's progress, to wait for a round's commit.
+    pub(crate) fn committed(&self) -> (Arc<AtomicU64>, Arc<tokio::sync::Notify>) {
+        (self.committed.clone(), self.progress.clone())
+    }
+
     /// Whether batches are waiting for a commit (anything sent now must queue behind).
     pub(crate) fn busy(&self) -> bool {
         self.pending.load(Ordering::Acquire) > 0
