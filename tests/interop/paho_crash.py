@@ -1,14 +1,15 @@
 """A paho-mqtt client for the crash suite (crates/tern/tests/crash.rs): a persistent
 session that lives through every SIGKILL of the broker, reconnecting as paho does.
 
-usage: paho_crash.py PORT pub NAME {4,5} QOS COUNT   publishes NAME-0 .. NAME-(COUNT-1)
-                                                    to crash/NAME, about 1,500 a second
-                                                    with at most 60 unacknowledged
+usage: paho_crash.py PORT pub NAME {4,5} QOS COUNT   publishes NAME-0, NAME-1, ... to
+                                                    crash/NAME, about 1,500 a second with
+                                                    at most 60 unacknowledged, until COUNT
+                                                    or a line `stop` on stdin
        paho_crash.py PORT sub NAME {4,5} QOS FILTER  subscribes once (the session keeps
                                                     the subscription) and receives
 
 Output, one line each, flushed: `a SEQ` when a publish is acknowledged (on_publish),
-`done` when all are, `m PAYLOAD` for each message received (for QoS 2, paho hands it
+`done N` when all N published are, `m PAYLOAD` for each message received (for QoS 2, paho hands it
 over on PUBREL and keeps the exchange's state across its reconnects), `s` for the SUBACK, `c SESSION_PRESENT`
 for each CONNACK. Runs until stdin closes.
 
@@ -84,10 +85,23 @@ if v5:
 client.connect("127.0.0.1", port, keepalive=30, clean_start=False if v5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY, properties=props)
 client.loop_start()
 
+stop, closed = threading.Event(), threading.Event()
+
+
+def watch_stdin():
+    for line in sys.stdin:
+        if line.strip() == "stop":
+            stop.set()
+    stop.set()
+    closed.set()
+
+
+threading.Thread(target=watch_stdin, daemon=True).start()
+
 if role == "pub":
     count = int(sys.argv[6])
     seq = 0
-    while seq < count:
+    while seq < count and not stop.is_set():
         with state:
             open_ = len(unacked)
         for _ in range(30):
@@ -109,7 +123,7 @@ if role == "pub":
             if not unacked:
                 break
         time.sleep(0.02)
-    say("done")
+    say(f"done {seq}")
 
-sys.stdin.read()
+closed.wait()
 client.loop_stop()

@@ -212,6 +212,11 @@ struct Shared {
     ready: AtomicUsize,
     /// Publishers done (every message acknowledged).
     finished: AtomicUsize,
+    /// The kills are over: publishers stop publishing (and finish once all is
+    /// acknowledged).
+    kills_done: AtomicBool,
+    /// How many messages each publisher published in all (once it has finished).
+    published: Mutex<HashMap<String, u32>>,
     /// Offline subscribers may come back.
     drain: AtomicBool,
     /// Everyone stops.
@@ -534,7 +539,10 @@ async fn client(name: String, proto: Protocol, port: u16, kind: Kind, shared: Ar
                         // 60 unacknowledged: more than 20 in flight at every burst.
                         let open = conn.session().inflight_len() + conn.session().queued_len();
                         for _ in 0..30 {
-                            if next_seq >= count || open >= 60 {
+                            if next_seq >= count
+                                || open >= 60
+                                || shared.kills_done.load(Ordering::Acquire)
+                            {
                                 break;
                             }
                             let mut m = if retained {
@@ -602,10 +610,15 @@ async fn client(name: String, proto: Protocol, port: u16, kind: Kind, shared: Ar
                 break 'conn;
             }
             if let Kind::Publisher { count, .. } = kind
-                && next_seq == count
+                && (next_seq == count || shared.kills_done.load(Ordering::Acquire))
                 && conn.session().inflight_len() == 0
                 && conn.session().queued_len() == 0
             {
+                shared
+                    .published
+                    .lock()
+                    .unwrap()
+                    .insert(name.clone(), next_seq);
                 shared.finished.fetch_add(1, Ordering::AcqRel);
                 out.clear();
                 encode(
@@ -845,6 +858,11 @@ fn paho(port: u16, args: [&str; 5], shared: &Arc<Shared>) -> Child {
                     shared.ready.fetch_add(1, Ordering::AcqRel);
                 }
                 "done" => {
+                    shared
+                        .published
+                        .lock()
+                        .unwrap()
+                        .insert(name.clone(), rest.parse().unwrap());
                     shared.finished.fetch_add(1, Ordering::AcqRel);
                 }
                 _ => shared.error(format!("{name} (paho): {line}")),
@@ -876,9 +894,10 @@ fn with_batched_durability_a_process_crash_loses_nothing_acknowledged() {
 
 /// Who takes part, and what each is owed.
 struct Cast {
-    /// Publishers to `crash/#`: name, QoS, count.
+    /// Publishers to `crash/#`: name, QoS, and how many they published (known once they
+    /// have finished).
     publishers: Vec<(&'static str, QoS, u32)>,
-    /// Retained publishers: name, QoS, count.
+    /// Retained publishers: name, QoS, how many.
     retained: Vec<(&'static str, QoS, u32)>,
     /// Persistent subscribers to `crash/#` (not late): name, QoS.
     subscribers: Vec<(&'static str, QoS)>,
@@ -968,9 +987,10 @@ fn run(cycles: u32, durability: &str) {
     let port = free_port();
     let mut broker = start_broker(port, &dir, durability);
 
-    // Messages per publisher: enough to keep them busy through every cycle.
-    let count = 200 + cycles * 300;
-    let retained_count = 100 + cycles * 40;
+    // Publishers go on until the kills are over (however fast this machine lets them),
+    // then finish what they have in flight; the checks use what each published.
+    let count = u32::MAX;
+    let retained_count = u32::MAX;
     let (v3, v5) = (Protocol::V3_1_1, Protocol::V5);
     let (q1, q2) = (QoS::AtLeastOnce, QoS::ExactlyOnce);
     let cast = Cast {
@@ -1119,21 +1139,40 @@ fn run(cycles: u32, durability: &str) {
     let crash_time = started.elapsed();
     // Publishers done before the last kill (the load should outlast the kills).
     let finished_early = shared.finished.load(Ordering::Acquire);
+    shared.kills_done.store(true, Ordering::Release);
+    for p in &mut pahos {
+        if let Some(stdin) = p.stdin.as_mut() {
+            let _ = std::io::Write::write_all(stdin, b"stop\n");
+            let _ = std::io::Write::flush(stdin);
+        }
+    }
     let publishers = cast.publishers.len() + cast.retained.len();
-    let until = Instant::now() + Duration::from_secs(120 + u64::from(count) / 500);
+    let until = Instant::now() + Duration::from_secs(120);
     while shared.finished.load(Ordering::Acquire) < publishers
         && shared.errors.lock().unwrap().is_empty()
     {
         if Instant::now() > until {
-            let acked = shared.acked.lock().unwrap();
-            let acked: BTreeMap<_, _> = acked.iter().map(|(p, a)| (p, a.len())).collect();
+            let acked: BTreeMap<_, _> = {
+                let acked = shared.acked.lock().unwrap();
+                acked.iter().map(|(p, a)| (p.clone(), a.len())).collect()
+            };
             panic!("seed {seed}: the publishers did not finish: acknowledged {acked:?}");
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+    // What each published, now that all have finished.
+    let mut cast = cast;
+    let mut total_published = 0u64;
+    {
+        let published = shared.published.lock().unwrap();
+        for p in cast.publishers.iter_mut().chain(&mut cast.retained) {
+            p.2 = published[p.0];
+            total_published += u64::from(p.2);
+        }
+    }
     shared.drain.store(true, Ordering::Release);
     let drained = {
-        let until = Instant::now() + Duration::from_secs(60 + u64::from(count) / 500);
+        let until = Instant::now() + Duration::from_secs(60 + total_published / 100);
         while !evaluate(&cast, &shared).is_empty()
             && Instant::now() < until
             && shared.errors.lock().unwrap().is_empty()
@@ -1189,6 +1228,12 @@ fn run(cycles: u32, durability: &str) {
         }
     }
     let problems = evaluate(&cast, &shared);
+    let published: BTreeMap<_, _> = cast
+        .publishers
+        .iter()
+        .chain(&cast.retained)
+        .map(|(p, _, n)| (*p, *n))
+        .collect();
     let delivered = shared.delivered.lock().unwrap();
     let total: usize = delivered.values().map(Vec::len).sum();
     let owed: BTreeMap<_, _> = shared
@@ -1199,7 +1244,7 @@ fn run(cycles: u32, durability: &str) {
         .map(|(w, owed)| (w.clone(), owed.len()))
         .collect();
     println!(
-        "crash suite ({durability}): {kills} kills in {crash_time:?} (startup kills before the broker listened: {startup_before_listening}), kill points armed/reached: {reached:?}; {count} messages per publisher (up to {in_flight} in flight; publishers done before the last kill: {finished_early}), {total} deliveries; wills owed: {owed:?}; drained: {drained}"
+        "crash suite ({durability}): {kills} kills in {crash_time:?} (startup kills before the broker listened: {startup_before_listening}), kill points armed/reached: {reached:?}; published {published:?} (up to {in_flight} in flight; publishers done before the last kill: {finished_early}), {total} deliveries; wills owed: {owed:?}; drained: {drained}"
     );
     assert!(problems.is_empty(), "seed {seed}: {problems:#?}");
 }
