@@ -1,10 +1,11 @@
 //! The `tern` command (clap): `tern broker`, `tern passwd`, `tern pub`, `tern sub`,
-//! `tern bench` and `tern completions SHELL`. Every subcommand answers `--help`; `pub`,
+//! `tern bench`, `tern ctl` and `tern completions SHELL`. Every subcommand answers `--help`; `pub`,
 //! `sub` and `bench` keep Mosquitto's `-h HOST` and `-V VERSION`, so there `--help` alone
 //! asks for help. A usage error names the flag and exits 2.
 
 mod bench;
 mod config;
+mod ctl;
 mod pubsub;
 
 use std::process::ExitCode;
@@ -38,6 +39,8 @@ enum Command {
     /// Load any MQTT broker and count loss, duplicates and reordering
     #[command(disable_help_flag = true, disable_version_flag = true)]
     Bench(bench::BenchCli),
+    /// The admin API from the command line: sessions, retained messages, actions
+    Ctl(ctl::CtlCli),
     /// Print a completion script for a shell (bash, zsh, fish, elvish, powershell)
     Completions {
         /// The shell
@@ -93,6 +96,7 @@ fn main() -> ExitCode {
         Command::Pub(a) => return pubsub::publish(a),
         Command::Sub(a) => return pubsub::subscribe(a),
         Command::Bench(a) => return bench::run(a),
+        Command::Ctl(a) => return ctl::run(a),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "tern", &mut std::io::stdout());
             return ExitCode::SUCCESS;

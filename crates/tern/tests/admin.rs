@@ -253,3 +253,85 @@ fn the_admin_api_lists_sessions_as_the_clients_left_them_and_refuses_without_the
     drop(broker);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `tern ctl`: the same listings and actions from the command line, tables or JSON, and
+/// its exit codes (3 refused, 4 nothing there).
+#[test]
+fn tern_ctl_lists_and_acts_through_the_api() {
+    let dir = std::env::temp_dir().join(format!("tern-ctl-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let broker = BrokerProcess::in_dir(&dir, &format!("[admin]\ntoken = \"{TOKEN}\"\n"));
+    let port = broker.port(0).to_string();
+    let http = broker.metrics.clone().unwrap();
+    let status = mosquitto(
+        "mosquitto_sub",
+        &port,
+        &["-i", "dev/42", "-c", "-q", "1", "-t", "cmd/42", "-E"],
+    )
+    .wait()
+    .unwrap();
+    assert!(status.success());
+    let status = mosquitto(
+        "mosquitto_pub",
+        &port,
+        &["-q", "1", "-r", "-t", "cmd/42", "-m", "reboot"],
+    )
+    .wait()
+    .unwrap();
+    assert!(status.success());
+    let ctl = |token: Option<&str>, args: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_tern"));
+        c.args(["ctl", "--endpoint", &http])
+            .env_remove("TERN_ADMIN_TOKEN");
+        if let Some(t) = token {
+            c.env("TERN_ADMIN_TOKEN", t);
+        }
+        let out = c.args(args).output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (code, out, err) = ctl(Some(TOKEN), &["sessions"]);
+    assert_eq!(code, Some(0), "{err}");
+    let row = out.lines().find(|l| l.starts_with("dev/42")).unwrap();
+    assert!(row.contains("false"), "offline: {out}");
+    assert!(out.contains("(1 of 1)"), "{out}");
+    // A client id with a slash goes through, percent-encoded.
+    let (code, out, err) = ctl(Some(TOKEN), &["--json", "session", "dev/42"]);
+    assert_eq!(code, Some(0), "{err}");
+    let json: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(json["queued"], 1, "{json}");
+    assert_eq!(json["subscriptions"][0]["filter"], "cmd/42");
+    let (_, out, _) = ctl(Some(TOKEN), &["retained", "cmd/#"]);
+    assert!(out.contains("cmd/42") && out.contains("(1 of 1)"), "{out}");
+    let (code, out, _) = ctl(Some(TOKEN), &["purge", "dev/42"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("purged"), "{out}");
+    let (_, out, _) = ctl(Some(TOKEN), &["--json", "session", "dev/42"]);
+    let json: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(json["queued"], 0, "{json}");
+    let (code, _, _) = ctl(Some(TOKEN), &["delete-retained", "cmd/42"]);
+    assert_eq!(code, Some(0));
+    let (code, _, _) = ctl(Some(TOKEN), &["delete-session", "dev/42"]);
+    assert_eq!(code, Some(0));
+    // Nothing there: 4. Not connected: 4. No token or a wrong one: 3, with the reason.
+    let (code, _, err) = ctl(Some(TOKEN), &["session", "dev/42"]);
+    assert_eq!(code, Some(4), "{err}");
+    let (code, _, _) = ctl(Some(TOKEN), &["kick", "dev/42"]);
+    assert_eq!(code, Some(4));
+    let (code, _, err) = ctl(None, &["overview"]);
+    assert_eq!(code, Some(3), "{err}");
+    assert!(err.contains("bearer token"), "{err}");
+    let (code, _, _) = ctl(Some("wrong"), &["overview"]);
+    assert_eq!(code, Some(3));
+    let (code, out, _) = ctl(Some(TOKEN), &["overview"]);
+    assert_eq!(code, Some(0));
+    assert!(out.starts_with("sessions: 0 online, 0 offline"), "{out}");
+    drop(broker);
+    // Nobody listening: 1.
+    let (code, _, err) = ctl(Some(TOKEN), &["overview"]);
+    assert_eq!(code, Some(1), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
