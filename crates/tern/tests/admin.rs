@@ -335,3 +335,107 @@ fn tern_ctl_lists_and_acts_through_the_api() {
     assert_eq!(code, Some(1), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The dashboard in a real browser: Debian's headless Chromium driven by puppeteer-core
+/// (`tests/interop/mqttjs/dashboard.js`; scripts/test installs both) opens `/` of the
+/// metrics endpoint of a broker under a small QoS 1 load: a wrong token is refused, the
+/// overview fills in and its delivery chart moves, the offline session made by
+/// `mosquitto_sub` is listed with its queue, and disconnecting the online one from the page
+/// (confirming the dialog) ends its `mosquitto_sub`. The page's screenshot is written to
+/// the test's output directory (`dashboard-overview.png` under `CARGO_TARGET_TMPDIR`).
+#[test]
+fn the_dashboard_in_headless_chromium_shows_the_broker_and_disconnects_a_client() {
+    let js = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/interop/mqttjs");
+    assert!(
+        js.join("node_modules/puppeteer-core").exists(),
+        "puppeteer-core is not installed: run `npm install` in {} (scripts/test does)",
+        js.display()
+    );
+    let dir = std::env::temp_dir().join(format!("tern-dashboard-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let broker = BrokerProcess::in_dir(&dir, &format!("[admin]\ntoken = \"{TOKEN}\"\n"));
+    let port = broker.port(0).to_string();
+    let http = broker.metrics.clone().unwrap();
+    let status = mosquitto(
+        "mosquitto_sub",
+        &port,
+        &["-i", "keeper", "-c", "-q", "1", "-t", "orders/#", "-E"],
+    )
+    .wait()
+    .unwrap();
+    assert!(status.success());
+    for n in 0..3 {
+        let m = format!("order {n}");
+        let status = mosquitto(
+            "mosquitto_pub",
+            &port,
+            &["-q", "1", "-t", "orders/new", "-m", &m],
+        )
+        .wait()
+        .unwrap();
+        assert!(status.success());
+    }
+    let mut watcher = mosquitto(
+        "mosquitto_sub",
+        &port,
+        &["-i", "watcher", "-V", "mqttv5", "-q", "1", "-t", "load/#"],
+    );
+    // The load: QoS 1 lines from mosquitto_pub, one every 10 ms, while the page looks.
+    let mut load = Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-q",
+            "1",
+            "-t",
+            "load/t",
+            "-l",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut feed = load.stdin.take().unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let feeding = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if writeln!(feed, "tick").is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        })
+    };
+    let screenshot =
+        std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard-overview.png");
+    let out = Command::new("node")
+        .current_dir(&js)
+        .args(["dashboard.js", &http, TOKEN, screenshot.to_str().unwrap()])
+        .output()
+        .expect("node (Node 20)");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = feeding.join();
+    let _ = load.kill();
+    let _ = load.wait();
+    assert!(
+        out.status.success(),
+        "the dashboard in Chromium:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let gone = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(50));
+        watcher.try_wait().unwrap().is_some()
+    });
+    let _ = watcher.kill();
+    assert!(gone, "the client disconnected from the page has gone");
+    assert!(screenshot.exists(), "the screenshot is written");
+    eprintln!("dashboard screenshot: {}", screenshot.display());
+    drop(broker);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -44,7 +44,15 @@ fn every_command_answers_help_and_the_version_and_completions_are_printed() {
             String::from_utf8_lossy(&out.stderr).to_string(),
         )
     };
-    for command in ["broker", "passwd", "pub", "sub", "bench", "ctl", "completions"] {
+    for command in [
+        "broker",
+        "passwd",
+        "pub",
+        "sub",
+        "bench",
+        "ctl",
+        "completions",
+    ] {
         let (code, out, err) = tern(&[command, "--help"]);
         assert_eq!(code, Some(0), "tern {command} --help: {err}");
         assert!(

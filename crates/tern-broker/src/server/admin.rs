@@ -143,6 +143,9 @@ fn overview(g: &Gauges, monitor: &Monitor) -> Value {
             "queued": s.queued,
             "oldest_secs": secs(s.oldest),
         })).collect::<Vec<_>>(),
+        "deliveries_by_qos": g.counters.deliveries,
+        "dropped": tern_broker_core::DropReason::ALL.iter().map(|r| (r.label(), g.counters.dropped(*r))).collect::<std::collections::BTreeMap<_, _>>(),
+        "qos2_duplicates": g.counters.qos2_duplicates,
         "connections": monitor.connections().into_iter().map(|(listener, protocol, n)| json!({
             "listener": listener,
             "protocol": protocol,

@@ -1,6 +1,8 @@
 //! The operators' HTTP endpoint: Prometheus text at `/metrics`, `/healthz` (the process
 //! answers) and `/readyz` (the store is loaded and the listeners are bound; not during
-//! startup or shutdown). A minimal HTTP/1.1 server: GET only, one request per
+//! startup or shutdown); the admin API (`/api/v1/...`, `admin.rs`) and the dashboard at
+//! `/` (`dashboard.html`, embedded). A minimal HTTP/1.1 server: GET (POST and DELETE for
+//! the admin API's actions), one request per
 //! connection, small requests, a few seconds to send them.
 
 use std::future::Future;
@@ -254,6 +256,17 @@ async fn respond(mut stream: TcpStream, monitor: Monitor) {
             .await
         }
         "/healthz" => reply(&mut stream, "200 OK", "text/plain", "ok\n").await,
+        // The dashboard: one page, embedded; it holds no data itself (it reads the admin
+        // API with the token the operator types in).
+        "/" | "/dashboard" => {
+            reply(
+                &mut stream,
+                "200 OK",
+                "text/html; charset=utf-8",
+                include_str!("dashboard.html"),
+            )
+            .await
+        }
         "/readyz" if monitor.is_ready() => {
             reply(&mut stream, "200 OK", "text/plain", "ready\n").await
         }
