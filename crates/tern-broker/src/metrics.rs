@@ -47,6 +47,11 @@ impl Histogram {
             .fetch_add(d.as_nanos() as u64 * n, Ordering::Relaxed);
     }
 
+    /// The observations' total, in seconds.
+    pub fn sum_secs(&self) -> f64 {
+        self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9
+    }
+
     /// Observations so far.
     pub fn count(&self) -> u64 {
         self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()

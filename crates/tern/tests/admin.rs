@@ -341,7 +341,8 @@ fn tern_ctl_lists_and_acts_through_the_api() {
 /// metrics endpoint of a broker under a small QoS 1 load: a wrong token is refused, the
 /// overview fills in and its delivery chart moves, the offline session made by
 /// `mosquitto_sub` is listed with its queue, and disconnecting the online one from the page
-/// (confirming the dialog) ends its `mosquitto_sub`. The page's screenshot is written to
+/// (confirming the dialog) ends its `mosquitto_sub`; its live tail (MQTT.js, embedded,
+/// over the broker's WebSocket listener) shows the load. The page's screenshot is written to
 /// the test's output directory (`dashboard-overview.png` under `CARGO_TARGET_TMPDIR`).
 #[test]
 fn the_dashboard_in_headless_chromium_shows_the_broker_and_disconnects_a_client() {
@@ -353,7 +354,12 @@ fn the_dashboard_in_headless_chromium_shows_the_broker_and_disconnects_a_client(
     );
     let dir = std::env::temp_dir().join(format!("tern-dashboard-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let broker = BrokerProcess::in_dir(&dir, &format!("[admin]\ntoken = \"{TOKEN}\"\n"));
+    let broker = BrokerProcess::in_dir(
+        &dir,
+        &format!(
+            "[[listener]]\nbind = \"127.0.0.1:0\"\ntransport = \"ws\"\n[admin]\ntoken = \"{TOKEN}\"\n"
+        ),
+    );
     let port = broker.port(0).to_string();
     let http = broker.metrics.clone().unwrap();
     let status = mosquitto(

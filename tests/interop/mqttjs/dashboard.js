@@ -6,8 +6,9 @@
 //   `watcher` (online), and a load of QoS 1 messages going on.
 // Checks: a wrong token is refused on the page; with the right one the overview fills in,
 // the delivery chart moves, `keeper` is listed with its queue of 3; picking `watcher` and
-// pressing Disconnect (confirming the dialog) disconnects it. Writes a screenshot of the
-// page to SCREENSHOT. Exits 0, or prints what went wrong and exits 1.
+// pressing Disconnect (confirming the dialog) disconnects it; the live tail follows `load/#`
+// over the broker's WebSocket listener and shows the load's messages. Writes a screenshot
+// of the page to SCREENSHOT. Exits 0, or prints what went wrong and exits 1.
 'use strict';
 const puppeteer = require('puppeteer-core');
 
@@ -60,16 +61,28 @@ setTimeout(() => fail('timed out after 60 s'), 60000).unref();
       return pts.length >= 6 && Number(document.getElementById('now-deliveries').textContent.replace(/\D/g, '')) > 0;
     }, { timeout: 15000 }).catch(async () => fail('the delivery chart does not move: ' + await text('#now-deliveries')));
 
-    await page.screenshot({ path: screenshot, fullPage: true });
 
     // Drill down and act: disconnect watcher.
     await page.click('tr[data-client-id="watcher"]');
     await page.waitForFunction(() => document.getElementById('detail-body').textContent.includes('state: online'), { timeout: 10000 })
       .catch(async () => fail('watcher detail: ' + await text('#detail-body')));
     await page.click('#kick');
-    await page.waitForFunction(() => document.getElementById('status').textContent.startsWith('done: Disconnect watcher'), { timeout: 10000 })
-      .catch(async () => fail('disconnect: ' + await text('#status')));
+    await page.waitForFunction(() => document.getElementById('last-action').textContent === 'done: Disconnect watcher', { timeout: 10000 })
+      .catch(async () => fail('disconnect: ' + await text('#last-action')));
     if (!dialogs.some((d) => d === 'Disconnect watcher?')) fail('no confirmation asked: ' + JSON.stringify(dialogs));
+
+    // The live tail over the broker's WebSocket listener (its URL filled in from the
+    // overview): the load's messages scroll in.
+    await page.$eval('#tail-filter', (e) => { e.value = 'load/#'; });
+    const tailUrl = await page.$eval('#tail-url', (e) => e.value);
+    if (!/^ws:\/\/127\.0\.0\.1:\d+\/mqtt$/.test(tailUrl)) fail('tail URL: ' + tailUrl);
+    await page.click('#tail-start');
+    await page.waitForFunction(() => document.querySelectorAll('#tail-list tbody tr').length >= 5, { timeout: 15000 })
+      .catch(async () => fail('the live tail shows nothing: ' + await text('#tail-state')));
+    const row = await page.$eval('#tail-list tbody tr', (tr) => [...tr.cells].map((c) => c.textContent));
+    if (row[1] !== 'load/t' || row[4] !== 'tick') fail('tail row: ' + JSON.stringify(row));
+    await page.screenshot({ path: screenshot, fullPage: true });
+    await page.click('#tail-stop');
     if (errors.length) fail('page errors: ' + errors.join('; '));
     console.log(JSON.stringify({ ok: true, keeper, dialogs }));
   } finally {

@@ -146,6 +146,10 @@ fn overview(g: &Gauges, monitor: &Monitor) -> Value {
         "deliveries_by_qos": g.counters.deliveries,
         "dropped": tern_broker_core::DropReason::ALL.iter().map(|r| (r.label(), g.counters.dropped(*r))).collect::<std::collections::BTreeMap<_, _>>(),
         "qos2_duplicates": g.counters.qos2_duplicates,
+        "commits": {
+            "count": monitor.metrics().commit_latency.count(),
+            "seconds": monitor.metrics().commit_latency.sum_secs(),
+        },
         "connections": monitor.connections().into_iter().map(|(listener, protocol, n)| json!({
             "listener": listener,
             "protocol": protocol,

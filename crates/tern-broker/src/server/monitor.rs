@@ -258,6 +258,16 @@ async fn respond(mut stream: TcpStream, monitor: Monitor) {
         "/healthz" => reply(&mut stream, "200 OK", "text/plain", "ok\n").await,
         // The dashboard: one page, embedded; it holds no data itself (it reads the admin
         // API with the token the operator types in).
+        // MQTT.js for the dashboard's live tail (assets/README.md).
+        "/mqtt.min.js" => {
+            reply(
+                &mut stream,
+                "200 OK",
+                "text/javascript; charset=utf-8",
+                include_str!("assets/mqtt.min.js"),
+            )
+            .await
+        }
         "/" | "/dashboard" => {
             reply(
                 &mut stream,
