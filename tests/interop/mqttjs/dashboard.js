@@ -63,7 +63,8 @@ setTimeout(() => fail('timed out after 60 s'), 60000).unref();
 
 
     // Drill down and act: disconnect watcher.
-    await page.click('tr[data-client-id="watcher"]');
+    // (The rows are redrawn every second: click inside the page, in one step.)
+    await page.evaluate(() => document.querySelector('tr[data-client-id="watcher"]').click());
     await page.waitForFunction(() => document.getElementById('detail-body').textContent.includes('state: online'), { timeout: 10000 })
       .catch(async () => fail('watcher detail: ' + await text('#detail-body')));
     await page.click('#kick');
