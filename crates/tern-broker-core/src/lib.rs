@@ -29,7 +29,7 @@ pub mod sim;
 mod trie;
 
 pub use broker::{
-    AdminAction, Broker, ConnId, ConnIdHasher, ConnMap, Gauges, Load, Loads, Output,
+    AdminAction, Broker, ConnId, ConnIdHasher, ConnMap, Gauges, InflightView, Load, Loads, Output,
     QUEUED_MESSAGE_OVERHEAD, QueuePolicy, RetainedView, Round, Sealed, Send, SessionGauge,
     SessionSummary, SessionView, SessionsPage, Settings, SubscriptionView, Traffic, WillView,
 };

@@ -149,16 +149,81 @@ fn the_admin_api_lists_sessions_as_the_clients_left_them_and_refuses_without_the
     );
     let (code, _) = api(&http, "/api/v1/sessions/nobody", Some(TOKEN));
     assert_eq!(code, 404);
+    assert_eq!(one["inflight"], serde_json::json!([]), "{one}");
+    // A client that never acknowledges: its QoS 1 message shows in flight.
+    let mut slow = std::net::TcpStream::connect(format!("127.0.0.1:{port}")).unwrap();
+    let frame = |p: tern_codec::Packet| {
+        let mut b = bytes::BytesMut::new();
+        tern_codec::encode(&p, tern_codec::Protocol::V3_1_1, &mut b).unwrap();
+        b.to_vec()
+    };
+    let connect = tern_codec::Connect::new(tern_codec::Protocol::V3_1_1, "slowpoke");
+    slow.write_all(&frame(tern_codec::Packet::Connect(Box::new(connect))))
+        .unwrap();
+    let subscribe = tern_codec::Subscribe {
+        packet_id: std::num::NonZeroU16::new(1).unwrap(),
+        subscriptions: vec![tern_codec::Subscription {
+            filter: tern_codec::TopicFilter::new("slow/#").unwrap(),
+            options: tern_codec::SubscriptionOptions {
+                qos: tern_codec::QoS::AtLeastOnce,
+                ..Default::default()
+            },
+        }],
+        properties: Default::default(),
+    };
+    slow.write_all(&frame(tern_codec::Packet::Subscribe(subscribe)))
+        .unwrap();
+    let mut acks = [0u8; 4 + 5];
+    slow.read_exact(&mut acks).unwrap();
+    let status = mosquitto(
+        "mosquitto_pub",
+        &port,
+        &["-q", "1", "-t", "slow/1", "-m", "hello"],
+    )
+    .wait()
+    .unwrap();
+    assert!(status.success());
+    let mut tries = 0;
+    let flight = loop {
+        let (_, v) = api(&http, "/api/v1/sessions/slowpoke", Some(TOKEN));
+        if v["inflight"].as_array().is_some_and(|a| !a.is_empty()) {
+            break v;
+        }
+        tries += 1;
+        assert!(
+            tries < 100,
+            "the unacknowledged message shows in flight: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(flight["inflight"][0]["topic"], "slow/1", "{flight}");
+    assert_eq!(flight["inflight"][0]["qos"], 1);
+    assert_eq!(flight["inflight"][0]["state"], "awaiting PUBACK");
+    assert_eq!(flight["inflight"][0]["payload_bytes"], 5);
+    drop(slow);
     // A client id with characters a URL escapes.
     let (code, _) = api(&http, "/api/v1/sessions/kee%70er", Some(TOKEN));
     assert_eq!(code, 200);
 
-    let (code, overview) = api(&http, "/api/v1/overview", Some(TOKEN));
+    // (Once the broker has seen slowpoke's connection close.)
+    let mut tries = 0;
+    let (code, overview) = loop {
+        let (code, o) = api(&http, "/api/v1/overview", Some(TOKEN));
+        if o["sessions"]["online"] == 1 || tries > 100 {
+            break (code, o);
+        }
+        tries += 1;
+        std::thread::sleep(Duration::from_millis(20));
+    };
     assert_eq!(code, 200, "{overview}");
     assert_eq!(overview["sessions"]["online"], 1, "{overview}");
     assert_eq!(overview["sessions"]["offline"], 1);
     assert_eq!(overview["queued"], 3);
     assert_eq!(overview["deepest_queues"][0]["client_id"], "keeper");
+    assert_eq!(
+        overview["limits"]["max_queued_messages"], 1_000_000,
+        "{overview}"
+    );
     let v5 = overview["connections"]
         .as_array()
         .unwrap()

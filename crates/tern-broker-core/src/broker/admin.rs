@@ -64,6 +64,23 @@ pub struct WillView {
     pub due_in: Option<Duration>,
 }
 
+/// One outbound message in flight, as the admin API shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InflightView {
+    /// Its packet id.
+    pub packet_id: u16,
+    /// Its topic.
+    pub topic: Str,
+    /// Its QoS.
+    pub qos: QoS,
+    /// Waiting for PUBACK/PUBREC (false) or, at QoS 2, for PUBCOMP (true).
+    pub released: bool,
+    /// Its payload's size.
+    pub payload_bytes: usize,
+    /// How long since it entered the session.
+    pub age: Duration,
+}
+
 /// One session whole ([`Broker::session_view`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionView {
@@ -75,6 +92,8 @@ pub struct SessionView {
     pub will: Option<WillView>,
     /// The connection up, and its peer address.
     pub connection: Option<(ConnId, Str)>,
+    /// Its outbound messages in flight, in send order (at most 100).
+    pub inflight: Vec<InflightView>,
 }
 
 impl Broker {
@@ -154,6 +173,19 @@ impl Broker {
                 Link::Online((conn, _)) => Some((*conn, Str::from(self.peer(*conn)))),
                 Link::Offline(_) => None,
             },
+            inflight: s
+                .state()
+                .inflight()
+                .take(100)
+                .map(|f| InflightView {
+                    packet_id: f.id.get(),
+                    topic: Str::from(f.message.topic.as_str()),
+                    qos: f.message.qos,
+                    released: f.state == tern_proto::OutboundState::Released,
+                    payload_bytes: f.message.payload.len(),
+                    age: now.saturating_duration_since(f.since),
+                })
+                .collect(),
         })
     }
 }
@@ -176,6 +208,11 @@ pub enum AdminAction {
 }
 
 impl Broker {
+    /// What it runs with (the admin API shows the limits).
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
     /// Durable rounds handed out since this core started: a change made before
     /// [`Broker::poll_round`] is committed once the host has committed this many.
     pub fn durable_rounds(&self) -> u64 {

@@ -47,8 +47,8 @@ mod sys;
 mod timers;
 
 pub use admin::{
-    AdminAction, RetainedView, SessionSummary, SessionView, SessionsPage, SubscriptionView,
-    WillView,
+    AdminAction, InflightView, RetainedView, SessionSummary, SessionView, SessionsPage,
+    SubscriptionView, WillView,
 };
 pub use gauges::{Gauges, SessionGauge};
 pub use round::{Loads, Round, Sealed, Send};

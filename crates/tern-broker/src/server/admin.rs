@@ -42,7 +42,7 @@ pub(crate) enum Query {
 
 /// The core's answer.
 pub(crate) enum Answer {
-    Overview(Box<Gauges>),
+    Overview(Box<(Gauges, Value)>),
     Sessions(SessionsPage),
     Session(Option<Box<SessionView>>),
     Retained(usize, Vec<RetainedView>),
@@ -53,7 +53,23 @@ pub(crate) enum Answer {
 /// Answers `query` from the core's state (on the core task).
 pub(crate) fn answer(broker: &mut Broker, query: Query, now: Instant) -> Answer {
     match query {
-        Query::Overview => Answer::Overview(Box::new(broker.gauges(now, 10))),
+        Query::Overview => {
+            let s = broker.settings();
+            let limits = json!({
+                "max_queued_messages": s.max_queued_messages,
+                "max_queued_bytes": s.max_queued_bytes,
+                "max_queued_total_bytes": s.max_queued_total,
+                "queue_policy": format!("{:?}", s.queue_policy),
+                "memory_window": s.queue_window,
+                "receive_maximum": s.receive_maximum,
+                "maximum_qos": s.maximum_qos as u8,
+                "max_packet_size": s.max_packet_size,
+                "max_keep_alive": s.max_keep_alive,
+                "max_write_backlog_bytes": s.max_write_backlog,
+                "retain_available": s.retain_available,
+            });
+            Answer::Overview(Box::new((broker.gauges(now, 10), limits)))
+        }
         Query::Sessions {
             search,
             offset,
@@ -126,8 +142,9 @@ fn summary(s: &SessionSummary) -> Value {
     })
 }
 
-fn overview(g: &Gauges, monitor: &Monitor) -> Value {
+fn overview(g: &Gauges, limits: &Value, monitor: &Monitor) -> Value {
     json!({
+        "limits": limits,
         "version": env!("CARGO_PKG_VERSION"),
         "ready": monitor.is_ready(),
         "sessions": { "online": g.online, "offline": g.offline },
@@ -187,6 +204,25 @@ fn session(v: &SessionView) -> Value {
         Value::Null,
         |(id, peer)| json!({ "id": id, "peer": &**peer }),
     );
+    out["inflight"] = v
+        .inflight
+        .iter()
+        .map(|f| {
+            let state = match (f.released, f.qos as u8) {
+                (true, _) => "awaiting PUBCOMP",
+                (false, 2) => "awaiting PUBREC",
+                _ => "awaiting PUBACK",
+            };
+            json!({
+                "packet_id": f.packet_id,
+                "topic": &*f.topic,
+                "qos": f.qos as u8,
+                "state": state,
+                "payload_bytes": f.payload_bytes,
+                "age_secs": secs(f.age),
+            })
+        })
+        .collect();
     out
 }
 
@@ -289,7 +325,7 @@ pub(crate) async fn handle(
         tracing::info!(%method, %path, "admin API: action");
     }
     let body = match monitor.ask(query_of).await {
-        Some(Answer::Overview(g)) => overview(&g, monitor),
+        Some(Answer::Overview(o)) => overview(&o.0, &o.1, monitor),
         Some(Answer::Sessions(page)) => json!({
             "total": page.total,
             "sessions": page.sessions.iter().map(summary).collect::<Vec<_>>(),
