@@ -265,8 +265,32 @@ fn the_admin_api_lists_sessions_as_the_clients_left_them_and_refuses_without_the
         s.read_to_string(&mut out).unwrap();
         out[9..12].parse::<u16>().unwrap()
     };
-    // Disconnect: the 5.0 client is told 0x98 and goes; its session ended with it.
+    // Disconnect: the 5.0 client is told 0x98 and goes; its session ended with it, and its
+    // will is published (the server ended the connection).
+    let wills = Command::new("mosquitto_sub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-t",
+            "status/#",
+            "-C",
+            "1",
+            "-W",
+            "10",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
     assert_eq!(act("POST", "/api/v1/sessions/watcher/disconnect"), 200);
+    let will = wills.wait_with_output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&will.stdout).trim(),
+        "gone",
+        "the will"
+    );
     let gone = (0..100).any(|_| {
         std::thread::sleep(Duration::from_millis(50));
         online.try_wait().unwrap().is_some()
