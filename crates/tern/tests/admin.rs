@@ -40,17 +40,12 @@ fn mosquitto(tool: &str, port: &str, args: &[&str]) -> std::process::Child {
         .unwrap()
 }
 
-#[test]
-fn the_admin_api_lists_sessions_as_the_clients_left_them_and_refuses_without_the_token() {
-    let dir = std::env::temp_dir().join(format!("tern-admin-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let broker = BrokerProcess::in_dir(&dir, &format!("[admin]\ntoken = \"{TOKEN}\"\n"));
-    let port = broker.port(0).to_string();
-    let http = broker.metrics.clone().unwrap();
-    // An offline persistent session with a QoS 1 subscription and three messages queued.
+/// `keeper`: an offline persistent session (mosquitto_sub) with a QoS 1 subscription to
+/// `orders/#` and three 7-byte messages queued for it (mosquitto_pub).
+fn keeper_with_three_queued(port: &str) {
     let status = mosquitto(
         "mosquitto_sub",
-        &port,
+        port,
         &["-i", "keeper", "-c", "-q", "1", "-t", "orders/#", "-E"],
     )
     .wait()
@@ -60,13 +55,23 @@ fn the_admin_api_lists_sessions_as_the_clients_left_them_and_refuses_without_the
         let m = format!("order {n}");
         let status = mosquitto(
             "mosquitto_pub",
-            &port,
+            port,
             &["-q", "1", "-t", "orders/new", "-m", &m],
         )
         .wait()
         .unwrap();
         assert!(status.success());
     }
+}
+
+#[test]
+fn the_admin_api_lists_sessions_as_the_clients_left_them_and_refuses_without_the_token() {
+    let dir = std::env::temp_dir().join(format!("tern-admin-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let broker = BrokerProcess::in_dir(&dir, &format!("[admin]\ntoken = \"{TOKEN}\"\n"));
+    let port = broker.port(0).to_string();
+    let http = broker.metrics.clone().unwrap();
+    keeper_with_three_queued(&port);
     // An online one, with a username and a will.
     let mut online = mosquitto(
         "mosquitto_sub",
@@ -451,25 +456,7 @@ fn the_dashboard_in_headless_chromium_shows_the_broker_and_disconnects_a_client(
     );
     let port = broker.port(0).to_string();
     let http = broker.metrics.clone().unwrap();
-    let status = mosquitto(
-        "mosquitto_sub",
-        &port,
-        &["-i", "keeper", "-c", "-q", "1", "-t", "orders/#", "-E"],
-    )
-    .wait()
-    .unwrap();
-    assert!(status.success());
-    for n in 0..3 {
-        let m = format!("order {n}");
-        let status = mosquitto(
-            "mosquitto_pub",
-            &port,
-            &["-q", "1", "-t", "orders/new", "-m", &m],
-        )
-        .wait()
-        .unwrap();
-        assert!(status.success());
-    }
+    keeper_with_three_queued(&port);
     let mut watcher = mosquitto(
         "mosquitto_sub",
         &port,
