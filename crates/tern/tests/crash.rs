@@ -910,6 +910,16 @@ struct Cast {
     wills: Vec<(&'static str, QoS, u32)>,
 }
 
+/// Whether a publisher's messages are checked for order. Not paho-mqtt's: paho 2.2 writes a
+/// new PUBLISH as soon as its socket is up (`_send_publish` checks only for a socket), so
+/// a message published between its reconnect's CONNECT and the CONNACK, on which it resends
+/// what was in flight, goes out ahead of older messages; the broker can only keep the order
+/// it receives. Seen in a 700-kill run: every subscriber alike had the paho publisher's
+/// messages out of order (nothing lost or doubled), and every tern-proto publisher's in order.
+fn in_order(publisher: &str) -> bool {
+    publisher != "pp"
+}
+
 /// Everything wrong with what arrived so far (empty once every claim holds).
 fn evaluate(cast: &Cast, shared: &Shared) -> Vec<String> {
     let delivered = shared.delivered.lock().unwrap();
@@ -921,7 +931,7 @@ fn evaluate(cast: &Cast, shared: &Shared) -> Vec<String> {
     for (s, sub_qos) in &cast.subscribers {
         let got = delivered.get(*s).unwrap_or(&none);
         for p in &cast.publishers {
-            if let Err(e) = check(s, *sub_qos, *p, got, |_| true, true) {
+            if let Err(e) = check(s, *sub_qos, *p, got, |_| true, in_order(p.0)) {
                 problems.push(e);
             }
         }
@@ -943,7 +953,7 @@ fn evaluate(cast: &Cast, shared: &Shared) -> Vec<String> {
             // published, once and in order, not for being there.
             let times = sent_at.get(p.0);
             let required = |seq: u32| times.is_some_and(|t| t[seq as usize] > *since);
-            if let Err(e) = check(s, *sub_qos, *p, got, required, true) {
+            if let Err(e) = check(s, *sub_qos, *p, got, required, in_order(p.0)) {
                 problems.push(e);
             }
         }
