@@ -20,7 +20,8 @@
 //! The claims, checked at the end (and the retained ones after every restart):
 //! - every publish the broker acknowledged reaches every matching persistent subscriber
 //!   at least once, and exactly once for QoS 2 to a QoS 2 subscription; first arrivals in
-//!   each publisher's order; nothing arrives that was never published; a session the
+//!   each publisher's order (the tern-proto publishers': see `in_order` for paho's);
+//!   nothing arrives that was never published; a session the
 //!   broker acknowledged is always there again (Session Present);
 //! - a subscriber that subscribed late gets every message first sent after its SUBACK;
 //! - a shared group gets every acknowledged message, QoS 2 ones exactly once across it;
