@@ -354,7 +354,9 @@ pub(crate) async fn handle(
         None => {
             return (
                 "503 Service Unavailable",
-                error("the broker is not running"),
+                error(
+                    "no answer: the broker is not running, or a store failure may have lost the change",
+                ),
             );
         }
     };

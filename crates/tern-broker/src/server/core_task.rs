@@ -41,6 +41,9 @@ impl CoreTask {
             sys_interval,
         } = self;
         let mut writers: ConnMap<line::Sender<ToConn>> = ConnMap::default();
+        // Counts the core's restarts after store failures: an admin action waiting for its
+        // round's commit gives up when the count moves (the round numbers start again).
+        let generation = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         // One timer, moved to whatever the core says is due next (keep alive, session
         // expiry, will delay): nothing wakes the core while nothing is due.
         let mut timer = std::pin::pin!(tokio::time::sleep(Duration::from_secs(3600)));
@@ -147,6 +150,11 @@ impl CoreTask {
                         }
                         // The round in the making is dropped: sealed, it cannot be sent.
                         let _ = broker.poll_round(|_| 0);
+                        // Admin actions not yet known to be committed get no answer (the
+                        // endpoint says 503): the core starts again from the store, and its
+                        // rounds count from the start again.
+                        acted.clear();
+                        generation.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
                         match w.reset().await {
                             Some(snapshot) => {
                                 let counters = broker.counters().clone();
@@ -182,12 +190,21 @@ impl CoreTask {
                 // The admin actions of this batch are in the rounds handed out so far.
                 let round = broker.durable_rounds();
                 let committed = writer.as_ref().map(writer::Writer::committed);
+                let (generation, born) = (
+                    generation.clone(),
+                    generation.load(std::sync::atomic::Ordering::Acquire),
+                );
                 tokio::spawn(async move {
                     if let Some((count, progress)) = committed {
                         loop {
                             let notified = progress.notified();
                             let mut notified = std::pin::pin!(notified);
                             notified.as_mut().enable();
+                            if generation.load(std::sync::atomic::Ordering::Acquire) != born {
+                                // A store failure since: its commit may never have
+                                // happened. No answer.
+                                return;
+                            }
                             if count.load(std::sync::atomic::Ordering::Acquire) >= round {
                                 break;
                             }
