@@ -82,7 +82,9 @@ props = None
 if v5:
     props = Properties(PacketTypes.CONNECT)
     props.SessionExpiryInterval = 3600
-client.connect("127.0.0.1", port, keepalive=30, clean_start=False if v5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY, properties=props)
+# connect_async: the network thread connects and, like every reconnect, retries until the
+# broker answers (it may be restarting at that moment: the crash suite kills it anytime).
+client.connect_async("127.0.0.1", port, keepalive=30, clean_start=False if v5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY, properties=props)
 client.loop_start()
 
 stop, closed = threading.Event(), threading.Event()

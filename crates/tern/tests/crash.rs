@@ -1078,6 +1078,11 @@ fn run(cycles: u32, durability: &str) {
         ["pub", "pp", "4", "1", &count.to_string()],
         &shared,
     ));
+    // Every publisher connected once (paho's Python takes a moment to start) before the
+    // first kill.
+    wait_until(Duration::from_secs(30), "the publishers", || {
+        shared.ready.load(Ordering::Acquire) == 16
+    });
 
     let started = Instant::now();
     let mut kills = 0;
