@@ -157,14 +157,11 @@ fn the_admin_api_lists_sessions_as_the_clients_left_them_and_refuses_without_the
     assert_eq!(one["inflight"], serde_json::json!([]), "{one}");
     // A client that never acknowledges: its QoS 1 message shows in flight.
     let mut slow = std::net::TcpStream::connect(format!("127.0.0.1:{port}")).unwrap();
-    let frame = |p: tern_codec::Packet| {
-        let mut b = bytes::BytesMut::new();
-        tern_codec::encode(&p, tern_codec::Protocol::V3_1_1, &mut b).unwrap();
-        b.to_vec()
-    };
     let connect = tern_codec::Connect::new(tern_codec::Protocol::V3_1_1, "slowpoke");
-    slow.write_all(&frame(tern_codec::Packet::Connect(Box::new(connect))))
-        .unwrap();
+    slow.write_all(&support::encoded(tern_codec::Packet::Connect(Box::new(
+        connect,
+    ))))
+    .unwrap();
     let subscribe = tern_codec::Subscribe {
         packet_id: std::num::NonZeroU16::new(1).unwrap(),
         subscriptions: vec![tern_codec::Subscription {
@@ -176,7 +173,7 @@ fn the_admin_api_lists_sessions_as_the_clients_left_them_and_refuses_without_the
         }],
         properties: Default::default(),
     };
-    slow.write_all(&frame(tern_codec::Packet::Subscribe(subscribe)))
+    slow.write_all(&support::encoded(tern_codec::Packet::Subscribe(subscribe)))
         .unwrap();
     let mut acks = [0u8; 4 + 5];
     slow.read_exact(&mut acks).unwrap();

@@ -15,7 +15,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 use tern_codec::Packet;
 
-use support::{BrokerProcess, http_get};
+use support::{BrokerProcess, encoded, http_get};
 
 fn broker_with_fault_hook(name: &str, storage: &str) -> (BrokerProcess, std::path::PathBuf) {
     let dir = std::env::temp_dir().join(format!("tern-failstop-{name}-{}", std::process::id()));
@@ -87,12 +87,6 @@ fn the_broker_exits_non_zero_when_its_core_task_dies() {
 #[test]
 fn the_broker_exits_non_zero_when_its_storage_writer_dies() {
     exits_non_zero_and_not_ready_when("writer", true, "");
-}
-
-fn encoded(p: Packet) -> Vec<u8> {
-    let mut b = bytes::BytesMut::new();
-    tern_codec::encode(&p, tern_codec::Protocol::V3_1_1, &mut b).unwrap();
-    b.to_vec()
 }
 
 /// A core that falls behind (slowed by the test-only fault hook: 2 ms over every read it

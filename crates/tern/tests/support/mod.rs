@@ -242,3 +242,10 @@ impl Drop for Mosquitto {
         let _ = std::fs::remove_file(&self.config);
     }
 }
+
+/// `p` as MQTT 3.1.1 bytes, for a raw client.
+pub fn encoded(p: tern_codec::Packet) -> Vec<u8> {
+    let mut b = bytes::BytesMut::new();
+    tern_codec::encode(&p, tern_codec::Protocol::V3_1_1, &mut b).unwrap();
+    b.to_vec()
+}
