@@ -83,6 +83,26 @@ pub struct Counters {
     pub sessions_expired: u64,
     /// The most sessions online at once.
     pub clients_maximum: u64,
+    /// Publishes whose idempotency key the broker already had: acknowledged, not routed.
+    pub idempotent_repeats: u64,
+    /// Receipts sent: routed, settled.
+    pub receipts: [u64; 2],
+    /// Per topic policy (by filter, in the order of the settings): publishes that followed
+    /// it, refused below its minimum QoS, delivered below their QoS by its maximum.
+    pub policies: Vec<(String, PolicyCounters)>,
+}
+
+/// What one topic policy did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PolicyCounters {
+    /// Publishes that followed it.
+    pub publishes: u64,
+    /// Refused: below its minimum QoS.
+    pub refused: u64,
+    /// Taken down to its maximum QoS.
+    pub downgraded: u64,
+    /// Given its default Message Expiry Interval, or cut to its longest.
+    pub expiry_set: u64,
 }
 
 impl Counters {

@@ -30,10 +30,12 @@ mod trie;
 
 pub use broker::{
     AdminAction, Broker, ConnId, ConnIdHasher, ConnMap, Gauges, InflightView, Load, Loads, Output,
-    QUEUED_MESSAGE_OVERHEAD, QueuePolicy, RetainedView, Round, Sealed, Send, SessionGauge,
-    SessionSummary, SessionView, SessionsPage, Settings, SubscriptionView, Traffic, WillView,
+    DEFAULT_KEY_PROPERTY, Idempotency, QUEUED_MESSAGE_OVERHEAD, QueuePolicy, RECEIPT_PROPERTY,
+    RECEIPT_ROUTED, RECEIPT_SETTLED, RetainedView, Round, Sealed, Send, SessionGauge,
+    SessionSummary, SessionView, SessionsPage, Settings, SubscriptionView, TopicPolicy, Traffic,
+    WillView,
 };
-pub use counters::{Counters, DropReason};
+pub use counters::{Counters, DropReason, PolicyCounters};
 pub use refusal::{Admission, Answer, Refusal};
 
 pub use shared::{Member, Readiness, SharedStrategy, SharedSubscriptions};

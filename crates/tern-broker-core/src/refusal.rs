@@ -71,6 +71,8 @@ pub enum Refusal {
     /// The broker holds `max_sessions` sessions already and this CONNECT would make one
     /// more.
     SessionLimit,
+    /// A PUBLISH below its topic policy's minimum QoS.
+    QosBelowMinimum,
 }
 
 /// How a refusal reaches the client.
@@ -118,6 +120,7 @@ impl Refusal {
             Refusal::NoLocalOnShared => ReasonCode::ProtocolError,
             Refusal::ConnAckTooLarge => ReasonCode::PacketTooLarge,
             Refusal::SessionLimit => ReasonCode::QuotaExceeded,
+            Refusal::QosBelowMinimum => ReasonCode::QosNotSupported,
         }
     }
 
@@ -144,6 +147,12 @@ impl Refusal {
                 (false, _) => Answer::Silence,
                 (true, true) => Answer::Ack(code),
                 (true, false) => Answer::Ack(ReasonCode::Success),
+            },
+            // 0x9B is no PUBACK code: a QoS 1 publish hears 0x83 with a Reason String,
+            // a QoS 0 one (no acknowledgement) the DISCONNECT 0x9B.
+            Refusal::QosBelowMinimum => match (acked, v5) {
+                (true, true) => Answer::Ack(ReasonCode::ImplementationSpecificError),
+                _ => Answer::Disconnect(code),
             },
             Refusal::TopicBeyondLimits
             | Refusal::PayloadFormatInvalid
@@ -186,7 +195,8 @@ impl Refusal {
             | Refusal::FilterBeyondLimits
             | Refusal::SubscriptionLimit
             | Refusal::SubscribeNotAuthorized
-            | Refusal::SessionLimit => None,
+            | Refusal::SessionLimit
+            | Refusal::QosBelowMinimum => None,
         }
     }
 
@@ -219,6 +229,7 @@ impl Refusal {
             Refusal::NoLocalOnShared => "No Local on a shared subscription",
             Refusal::ConnAckTooLarge => "no CONNACK fits the client's Maximum Packet Size",
             Refusal::SessionLimit => "the broker holds as many sessions as allowed",
+            Refusal::QosBelowMinimum => "below the minimum QoS of this topic's policy",
         }
     }
 }

@@ -475,6 +475,20 @@ impl Metrics {
             let _ = writeln!(out, "tern_queued_bytes {}", g.queued_bytes);
             family(
                 &mut out,
+                "tern_idempotency_keys",
+                "gauge",
+                "Idempotency keys remembered (publishers' message ids within their window).",
+            );
+            let _ = writeln!(out, "tern_idempotency_keys {}", g.idempotency_keys);
+            family(
+                &mut out,
+                "tern_receipts_waiting",
+                "gauge",
+                "Settled receipts waiting for their message's copies to be acknowledged.",
+            );
+            let _ = writeln!(out, "tern_receipts_waiting {}", g.receipts_waiting);
+            family(
+                &mut out,
                 "tern_queue_oldest_age_seconds",
                 "gauge",
                 "Age of the oldest queued message, all sessions (0 if none).",
@@ -600,6 +614,49 @@ impl Metrics {
             "Offline sessions removed when their expiry interval ran out.",
         );
         let _ = writeln!(out, "tern_sessions_expired_total {}", c.sessions_expired);
+        family(
+            out,
+            "tern_idempotent_repeats_total",
+            "counter",
+            "Publishes whose idempotency key the broker already had: acknowledged, not routed again.",
+        );
+        let _ = writeln!(
+            out,
+            "tern_idempotent_repeats_total {}",
+            c.idempotent_repeats
+        );
+        family(
+            out,
+            "tern_receipts_total",
+            "counter",
+            "Delivery receipts sent to publishers, by kind.",
+        );
+        for (i, kind) in ["routed", "settled"].iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "tern_receipts_total{{kind=\"{kind}\"}} {}",
+                c.receipts[i]
+            );
+        }
+        if !c.policies.is_empty() {
+            for (name, help) in [
+                ("tern_topic_policy_publishes_total", "Publishes accepted under each topic policy."),
+                ("tern_topic_policy_refused_total", "Publishes refused below a topic policy's minimum QoS."),
+                ("tern_topic_policy_downgraded_total", "Publishes taken down to a topic policy's maximum QoS."),
+                ("tern_topic_policy_expiry_set_total", "Publishes given a topic policy's default expiry or cut to its longest."),
+            ] {
+                family(out, name, "counter", help);
+                for (filter, p) in &c.policies {
+                    let v = match name {
+                        "tern_topic_policy_publishes_total" => p.publishes,
+                        "tern_topic_policy_refused_total" => p.refused,
+                        "tern_topic_policy_downgraded_total" => p.downgraded,
+                        _ => p.expiry_set,
+                    };
+                    let _ = writeln!(out, "{name}{{filter=\"{}\"}} {v}", escape(filter));
+                }
+            }
+        }
     }
 }
 

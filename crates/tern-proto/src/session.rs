@@ -337,6 +337,21 @@ impl SessionState {
         self.queue.iter()
     }
 
+    /// The numbers of the messages in the session's memory (waiting in the window or in
+    /// flight; a spilled one is not).
+    pub fn held_ids(&self) -> impl Iterator<Item = MessageId> + '_ {
+        self.queue
+            .iter()
+            .map(|e| e.id)
+            .chain(self.inflight.values().map(|f| f.message_id))
+    }
+
+    /// Whether message `id` may be among the waiting messages kept in the store only
+    /// (past the in-memory window): some are, and its number is in their range.
+    pub fn may_hold_spilled(&self, id: MessageId) -> bool {
+        self.spill.len > 0 && id.0 > self.spill.after
+    }
+
     /// Whether the message numbered `id` is still in the session's memory (waiting in the
     /// window or in flight; a spilled one is not). Walks the session: for callers pruning
     /// their side maps, not for every message.

@@ -143,6 +143,24 @@ pub enum Op {
         /// Client identifier.
         client_id: Str,
     },
+    /// Remembers a publisher's idempotency key until `expires` (written in the same batch
+    /// as the message it came with); a later `PutKey` for the same pair replaces it.
+    PutKey {
+        /// Who published: the username, or the client id of an anonymous client.
+        identity: Str,
+        /// The key the publisher gave.
+        key: Str,
+        /// When the broker may forget it.
+        expires: std::time::SystemTime,
+    },
+    /// Forgets an idempotency key (its window ended). Forgetting a missing key is not an
+    /// error.
+    DeleteKey {
+        /// Who published.
+        identity: Str,
+        /// The key.
+        key: Str,
+    },
 }
 
 /// The message a change puts in the session, if it puts one.
@@ -183,6 +201,8 @@ pub struct Snapshot {
     /// The wills of connected clients, by client identifier: what a restart publishes
     /// for the clients whose connections the crash ended ([`Op::PutWill`]).
     pub wills: BTreeMap<Str, LastWill>,
+    /// Idempotency keys remembered, by (identity, key): when each may be forgotten.
+    pub keys: BTreeMap<(Str, Str), std::time::SystemTime>,
 }
 
 /// Why a store refused or failed a batch. A failed batch changed nothing.
@@ -382,6 +402,16 @@ impl Store for MemoryStore {
                 }
                 Op::DeleteRetained { topic } => {
                     s.retained.remove(topic);
+                }
+                Op::PutKey {
+                    identity,
+                    key,
+                    expires,
+                } => {
+                    s.keys.insert((identity.clone(), key.clone()), *expires);
+                }
+                Op::DeleteKey { identity, key } => {
+                    s.keys.remove(&(identity.clone(), key.clone()));
                 }
             }
         }

@@ -44,6 +44,9 @@ const QUEUE: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("queue_b
 const QUEUE_STATS: TableDefinition<&str, (u64, u64)> = TableDefinition::new("queue_stats");
 const RETAINED: TableDefinition<&str, &[u8]> = TableDefinition::new("retained");
 const WILLS: TableDefinition<&str, &[u8]> = TableDefinition::new("wills");
+/// Idempotency keys: (identity, key) -> when the key may be forgotten, in milliseconds
+/// since the Unix epoch.
+const KEYS: TableDefinition<(&str, &str), u64> = TableDefinition::new("idempotency_keys");
 const MESSAGES: TableDefinition<u64, &[u8]> = TableDefinition::new("messages");
 const REFS: TableDefinition<u64, u32> = TableDefinition::new("message_refs");
 /// `wal_seq`: the number of the last logged batch this state includes.
@@ -166,6 +169,7 @@ impl RedbStore {
         txn.open_table(QUEUE).map_err(backend)?;
         txn.open_table(QUEUE_STATS).map_err(backend)?;
         txn.open_table(REFS).map_err(backend)?;
+        txn.open_table(KEYS).map_err(backend)?;
         txn.commit().map_err(backend)?;
         let anchor = Anchor { instant: now, wall };
         migrate_queues(&db, anchor)
@@ -642,6 +646,27 @@ impl RedbStore {
                 }
                 Op::DeleteWill { client_id } => {
                     t.wills.remove(&**client_id).map_err(backend)?;
+                }
+                // Rare next to the rest (only publishes that carry a key): the table is
+                // opened when one comes.
+                Op::PutKey {
+                    identity,
+                    key,
+                    expires,
+                } => {
+                    let millis = expires
+                        .duration_since(std::time::SystemTime::UNIX_EPOCH)
+                        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+                    txn.open_table(KEYS)
+                        .map_err(backend)?
+                        .insert((&**identity, &**key), millis)
+                        .map_err(backend)?;
+                }
+                Op::DeleteKey { identity, key } => {
+                    txn.open_table(KEYS)
+                        .map_err(backend)?
+                        .remove((&**identity, &**key))
+                        .map_err(backend)?;
                 }
             }
         }
@@ -1154,6 +1179,15 @@ impl RedbStore {
             snapshot.wills.insert(
                 Str::from(client_id.value()),
                 encoding::read_will_record(w.value())?,
+            );
+        }
+        for entry in txn.open_table(KEYS).map_err(backend)?.iter().map_err(backend)? {
+            let (k, millis) = entry.map_err(backend)?;
+            let (identity, key) = k.value();
+            snapshot.keys.insert(
+                (Str::from(identity), Str::from(key)),
+                std::time::SystemTime::UNIX_EPOCH
+                    + std::time::Duration::from_millis(millis.value()),
             );
         }
         Ok(snapshot)

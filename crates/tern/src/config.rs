@@ -24,6 +24,117 @@ pub(crate) struct File {
     pub(crate) admin: Admin,
     pub(crate) sys: Sys,
     pub(crate) log: Log,
+    pub(crate) idempotency: IdempotencyTable,
+    /// `[[topic]]` tables: guarantee policies by topic filter, first match wins.
+    #[serde(rename = "topic")]
+    pub(crate) topics: Vec<TopicTable>,
+}
+
+/// `[idempotency]`: publishers' message ids remembered to drop repeats.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct IdempotencyTable {
+    /// The user property that carries the key; empty: keys are not looked at.
+    pub(crate) property: String,
+    pub(crate) window_secs: u64,
+    pub(crate) max_keys: usize,
+}
+
+impl Default for IdempotencyTable {
+    fn default() -> Self {
+        let d = tern_broker::core::Idempotency::default();
+        IdempotencyTable {
+            property: d.property.map(|p| p.to_string()).unwrap_or_default(),
+            window_secs: d.window.as_secs(),
+            max_keys: d.max_keys,
+        }
+    }
+}
+
+/// One `[[topic]]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TopicTable {
+    filter: String,
+    #[serde(default)]
+    min_qos: u8,
+    #[serde(default = "two")]
+    max_qos: u8,
+    queue_policy: Option<Policy>,
+    max_queued_messages: Option<usize>,
+    max_queued_bytes: Option<usize>,
+    #[serde(default = "yes")]
+    queue_offline: bool,
+    queue_qos0: Option<bool>,
+    expiry_default_secs: Option<u32>,
+    expiry_max_secs: Option<u32>,
+}
+
+fn two() -> u8 {
+    2
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn qos(n: u8) -> QoS {
+    match n {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        _ => QoS::ExactlyOnce,
+    }
+}
+
+fn queue_policy(p: Policy) -> QueuePolicy {
+    match p {
+        Policy::DropOldest => QueuePolicy::DropOldest,
+        Policy::DropNewest => QueuePolicy::DropNewest,
+        Policy::Reject => QueuePolicy::Reject,
+        Policy::Block => QueuePolicy::Block,
+    }
+}
+
+impl File {
+    /// The `[[topic]]` policies, checked: a valid filter (not a shared subscription),
+    /// QoS levels 0-2 with the minimum at most the maximum.
+    pub(crate) fn topic_policies(&self) -> Result<Vec<tern_broker::core::TopicPolicy>, String> {
+        let mut out = Vec::new();
+        for (i, t) in self.topics.iter().enumerate() {
+            let filter = tern_codec::TopicFilter::new(t.filter.clone())
+                .map_err(|e| format!("topic[{i}].filter: '{}': {e}", t.filter))?;
+            if filter.share_group().is_some() {
+                return Err(format!(
+                    "topic[{i}].filter: '{}': a policy covers topics, not a shared subscription",
+                    t.filter
+                ));
+            }
+            if t.min_qos > 2 || t.max_qos > 2 {
+                return Err(format!("topic[{i}] ({}): QoS levels are 0, 1 or 2", t.filter));
+            }
+            if t.min_qos > t.max_qos {
+                return Err(format!(
+                    "topic[{i}] ({}): min_qos {} is above max_qos {}",
+                    t.filter, t.min_qos, t.max_qos
+                ));
+            }
+            if t.max_queued_messages == Some(0) {
+                return Err(format!("topic[{i}].max_queued_messages must be at least 1"));
+            }
+            let mut p = tern_broker::core::TopicPolicy::new(filter);
+            p.min_qos = qos(t.min_qos);
+            p.max_qos = qos(t.max_qos);
+            p.queue_policy = t.queue_policy.map(queue_policy);
+            p.max_queued_messages = t.max_queued_messages;
+            p.max_queued_bytes = t.max_queued_bytes;
+            p.queue_offline = t.queue_offline;
+            p.queue_qos0 = t.queue_qos0;
+            p.expiry_default = t.expiry_default_secs.map(|s| Duration::from_secs(s.into()));
+            p.expiry_max = t.expiry_max_secs.map(|s| Duration::from_secs(s.into()));
+            out.push(p);
+        }
+        Ok(out)
+    }
 }
 
 /// The HTTP endpoint: `/metrics`, `/healthz`, `/readyz`.
@@ -247,6 +358,8 @@ impl Default for File {
             admin: Admin::default(),
             sys: Sys::default(),
             log: Log::default(),
+            idempotency: IdempotencyTable::default(),
+            topics: Vec::new(),
         }
     }
 }
@@ -462,6 +575,13 @@ impl File {
                 return Err(format!("limits.{key} must be at least 1"));
             }
         }
+        if file.idempotency.max_keys == 0 || file.idempotency.window_secs == 0 {
+            return Err(
+                "idempotency: window_secs and max_keys must be at least 1 (property = \"\" turns keys off)"
+                    .into(),
+            );
+        }
+        file.topic_policies()?;
         Ok(file)
     }
 
@@ -518,6 +638,14 @@ impl File {
             max_sessions: (self.limits.max_sessions > 0).then_some(self.limits.max_sessions),
             max_publish_rate: (self.limits.max_publish_rate > 0)
                 .then_some(self.limits.max_publish_rate),
+            idempotency: tern_broker::core::Idempotency {
+                property: (!self.idempotency.property.is_empty())
+                    .then(|| self.idempotency.property.as_str().into()),
+                window: Duration::from_secs(self.idempotency.window_secs),
+                max_keys: self.idempotency.max_keys,
+            },
+            // Checked when the file was read.
+            topics: self.topic_policies().unwrap_or_default().into(),
         }
     }
 }

@@ -439,7 +439,8 @@ fn init_logging(log: &config::Log) -> LogFilter {
 /// SIGHUP reads the password file and ACL again and puts them in force without dropping
 /// anyone, reads each TLS listener's certificate, key, CA and revocation list files again
 /// for the connections that come next (a renewed certificate needs no restart), and
-/// applies the config file's `[log] level` (unless RUST_LOG is set); a file that no longer
+/// applies the config file's `[[topic]]` policies and `[log] level` (unless RUST_LOG is
+/// set); a file that no longer
 /// parses or loads is reported and what was in force stays.
 fn reload_on_hangup(
     control: tern_broker::server::AccessControl,
@@ -457,20 +458,30 @@ fn reload_on_hangup(
         };
         tokio::spawn(async move {
             while hangup.recv().await.is_some() {
-                if let Some(path) = &config_path
-                    && std::env::var_os("RUST_LOG").is_none()
-                {
+                if let Some(path) = &config_path {
                     match read_config(path) {
                         Ok(file) => {
-                            let filter = tracing_subscriber::EnvFilter::new(&file.log.level);
-                            match log_filter.reload(filter) {
-                                Ok(()) => {
-                                    tracing::info!(level = %file.log.level, "SIGHUP: log levels reloaded")
+                            let topics = file.topic_policies().unwrap_or_default();
+                            tracing::info!(
+                                policies = topics.len(),
+                                "SIGHUP: topic policies reloaded"
+                            );
+                            control.replace_topic_policies(topics);
+                            if std::env::var_os("RUST_LOG").is_none() {
+                                let filter = tracing_subscriber::EnvFilter::new(&file.log.level);
+                                match log_filter.reload(filter) {
+                                    Ok(()) => {
+                                        tracing::info!(level = %file.log.level, "SIGHUP: log levels reloaded")
+                                    }
+                                    Err(e) => {
+                                        tracing::error!("SIGHUP: log levels not changed: {e}")
+                                    }
                                 }
-                                Err(e) => tracing::error!("SIGHUP: log levels not changed: {e}"),
                             }
                         }
-                        Err(e) => tracing::error!("SIGHUP: {e}; the log levels stay"),
+                        Err(e) => tracing::error!(
+                            "SIGHUP: {e}; the topic policies and log levels stay"
+                        ),
                     }
                 }
                 match load_access(&auth) {

@@ -36,6 +36,10 @@ pub struct Gauges {
     pub inflight_in: usize,
     /// The sessions with the deepest queues, deepest first.
     pub largest: Vec<SessionGauge>,
+    /// Idempotency keys remembered.
+    pub idempotency_keys: usize,
+    /// Settled receipts waiting for copies to be acknowledged.
+    pub receipts_waiting: usize,
     /// The core's counters at the same moment.
     pub counters: Counters,
 }
@@ -102,6 +106,8 @@ impl Broker {
         largest.truncate(top);
         g.largest = largest;
         g.counters = self.counters.clone();
+        g.idempotency_keys = self.keys.len();
+        g.receipts_waiting = self.receipts.waiting();
         // The broker's own $SYS messages are not counted.
         g.retained = self.retained.keys().filter(|t| !routing::is_sys(t)).count();
         g

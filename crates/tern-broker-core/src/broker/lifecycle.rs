@@ -48,8 +48,10 @@ impl Broker {
         let redeliver = session.with_shared_keys(taken);
         session.conn = Link::Offline(stored);
         tracing::info!(conn, peer = %self.peer(conn), client_id = %client_id, %protocol, reason = %why, "disconnected");
-        for (key, m) in redeliver {
+        for (key, m, id) in redeliver {
+            self.carry_copy(&client_id, id);
             self.deliver_shared(&key, m, None, Some(&client_id), now);
+            self.carry = None;
         }
         let Some(session) = self.sessions.get_mut(&client_id) else {
             return;
@@ -260,9 +262,13 @@ impl Broker {
             for filter in s.subscriptions.keys() {
                 self.remove_subscription(client_id, filter);
             }
-            for (key, m) in redeliver {
+            for (key, m, id) in redeliver {
+                self.carry_copy(client_id, id);
                 self.deliver_shared(&key, m, None, None, now);
+                self.carry = None;
             }
+            // What it held and nobody took over is settled for its receipts.
+            self.settle_copies(client_id, now);
             if let Some((_, will)) = s.pending_will.map(|p| *p) {
                 self.publish_will(client_id, s.username.as_deref(), will, now);
             }

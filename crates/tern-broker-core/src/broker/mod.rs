@@ -35,6 +35,7 @@ use crate::counters::{Counters, DropReason};
 use crate::refusal::{Admission, Answer, Refusal};
 
 mod admin;
+mod beyond;
 mod connect;
 mod gauges;
 mod lifecycle;
@@ -53,7 +54,10 @@ pub use admin::{
 pub use gauges::{Gauges, SessionGauge};
 pub use round::{Loads, Round, Sealed, Send};
 
-pub use settings::{QUEUED_MESSAGE_OVERHEAD, QueuePolicy, Settings};
+pub use settings::{
+    DEFAULT_KEY_PROPERTY, Idempotency, QUEUED_MESSAGE_OVERHEAD, QueuePolicy, RECEIPT_PROPERTY,
+    RECEIPT_ROUTED, RECEIPT_SETTLED, Settings, TopicPolicy,
+};
 pub use sys::Traffic;
 
 /// Identifies one network connection for the lifetime of the process.
@@ -207,10 +211,10 @@ impl Session {
 
     /// Pairs messages taken for redelivery with the shared subscription each came
     /// through (their side-map entries go with them).
-    fn with_shared_keys(&mut self, taken: Vec<Entry>) -> Vec<(Str, Message)> {
+    fn with_shared_keys(&mut self, taken: Vec<Entry>) -> Vec<(Str, Message, MessageId)> {
         taken
             .into_iter()
-            .filter_map(|e| Some((self.via_shared.remove(&e.id)?, e.message)))
+            .filter_map(|e| Some((self.via_shared.remove(&e.id)?, e.message, e.id)))
             .collect()
     }
 
@@ -359,6 +363,14 @@ pub struct Broker {
     counters: Counters,
     sys: sys::Sys,
     acl: Option<std::sync::Arc<crate::acl::Acl>>,
+    /// Idempotency keys remembered.
+    keys: beyond::Keys,
+    /// Settled receipts waiting for their copies.
+    receipts: beyond::Receipts,
+    /// The outcomes of the message being routed, while one that asked for a receipt is.
+    tally: Option<beyond::Tally>,
+    /// The settled receipt a copy handed to another shared-group member counts for.
+    carry: Option<u64>,
 }
 
 impl Broker {
@@ -410,7 +422,12 @@ impl Broker {
             counters: Counters::default(),
             sys: sys::Sys::default(),
             acl: None,
+            keys: beyond::Keys::default(),
+            receipts: beyond::Receipts::default(),
+            tally: None,
+            carry: None,
         };
+        broker.load_keys(snapshot.keys, now);
         // Shared-subscription messages of sessions whose connection was up when the process
         // died, to give to another member as a disconnect would have (§4.8.2).
         let mut redeliver: Vec<(Str, Str, Message)> = Vec::new();
@@ -528,6 +545,12 @@ impl Broker {
     /// reload (SIGHUP) replaces it without touching connections or subscriptions.
     pub fn set_acl(&mut self, acl: Option<std::sync::Arc<crate::acl::Acl>>) {
         self.acl = acl;
+    }
+
+    /// Puts topic policies in force (a reload): messages accepted from now on follow
+    /// them; what is queued already stays.
+    pub fn set_topic_policies(&mut self, topics: std::sync::Arc<[TopicPolicy]>) {
+        self.settings.topics = topics;
     }
 
     /// Whether the session's client may do `permission` on `topic` (no ACL: yes).

@@ -179,6 +179,19 @@ impl Broker {
     /// delivery changes it made join its ops.
     pub(super) fn commit(&mut self, now: Instant) {
         self.drain_listed(now);
+        // Copies awaited by settled receipts that this input acknowledged (or dropped).
+        if self.receipts.has_copies() {
+            let touched: Vec<Str> = self
+                .touched
+                .iter()
+                .filter(|c| self.receipts.awaits(c))
+                .cloned()
+                .collect();
+            for client_id in touched {
+                self.settle_copies(&client_id, now);
+            }
+            self.drain_listed(now);
+        }
         self.collect_changes();
         // Queues got shorter: held publishes may fit now.
         if std::mem::take(&mut self.shrank) && !self.blocked.is_empty() {

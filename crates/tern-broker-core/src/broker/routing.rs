@@ -2,6 +2,7 @@
 //! and shared groups, delivery to online sessions and offline queues (with their limits),
 //! wills.
 
+use super::settings::Limits;
 use super::*;
 use crate::Readiness;
 
@@ -62,9 +63,10 @@ impl Broker {
         exclude: Option<&Str>,
         now: Instant,
     ) -> bool {
-        let (sessions, settings) = (&self.sessions, &self.settings);
+        let sessions = &self.sessions;
         let size = message.payload.len();
-        let readiness = |c: &Str| readiness(sessions.get(c).map(|s| &**s), settings, size);
+        let limits = self.settings.limits(&message.topic);
+        let readiness = |c: &Str| readiness(sessions.get(c).map(|s| &**s), &limits, size);
         let Some((client, member)) =
             self.shared
                 .choose(key, &message.topic.clone(), publisher, exclude, readiness)
@@ -117,7 +119,7 @@ impl Broker {
     pub(super) fn accept(
         &mut self,
         client_id: &Str,
-        message: Message,
+        mut message: Message,
         ack: Option<tern_codec::PacketId>,
         now: Instant,
     ) -> bool {
@@ -129,7 +131,20 @@ impl Broker {
             .conn
             .as_ref()
             .is_some_and(|(_, c)| c.config().protocol.is_v5());
-        let refusal = if message.qos > self.settings.maximum_qos {
+        let policy = self.settings.policy_index(&message.topic);
+        // The QoS the client published at, for the checks; the message travels at most at
+        // its policy's maximum from here on (the client's acknowledgement is its own).
+        let published = message.qos;
+        if let Some(p) = policy {
+            message.qos = message.qos.min(self.settings.topics[p].max_qos);
+        }
+        let key = self.idempotency_key(client_id, &message);
+        // A repeat passes the checks of what it repeats (ACL, QoS) but not the queue
+        // limits: the broker has it already, so nothing would be queued.
+        let repeat = key
+            .as_ref()
+            .is_some_and(|(identity, key)| self.keys.seen(identity, key, now));
+        let refusal = if published > self.settings.maximum_qos {
             // Above what CONNACK advertised: a protocol error.
             Some(Refusal::QosNotSupported)
         } else if message.retain && !self.settings.retain_available {
@@ -151,13 +166,21 @@ impl Broker {
             && std::str::from_utf8(&message.payload).is_err()
         {
             Some(Refusal::PayloadFormatInvalid)
+        } else if let Some(p) = policy
+            && published < self.settings.topics[p].min_qos
+        {
+            self.count_policy(p, |c| c.refused += 1);
+            tracing::info!(client_id = %client_id, topic = %message.topic.as_str(), qos = published as u8, policy = %self.settings.topics[p].filter.as_str(), "publish below the topic policy's minimum QoS: refused");
+            Some(Refusal::QosBelowMinimum)
+        } else if repeat {
+            None
         } else if message.qos != QoS::AtMostOnce
             && self.budget_spent(message.payload.len())
             && let Some(at) = self.queue_for(&message, client_id, now, false)
         {
             tracing::warn!(publisher = %client_id, queued_for = %at, topic = %message.topic.as_str(), budget = self.settings.max_queued_total, "the budget for queued messages is spent: publish refused (quota exceeded)");
             Some(Refusal::StorageFull)
-        } else if self.settings.queue_policy == QueuePolicy::Reject
+        } else if self.settings.limits(&message.topic).policy == QueuePolicy::Reject
             && message.qos != QoS::AtMostOnce
             && let Some(full) = self.queue_for(&message, client_id, now, true)
         {
@@ -169,7 +192,16 @@ impl Broker {
         if let Some(refusal) = refusal {
             return self.refuse_publish(client_id, ack, v5, problem_info, refusal, now);
         }
-        if self.settings.queue_policy == QueuePolicy::Block && message.qos != QoS::AtMostOnce {
+        if repeat {
+            self.repeat(client_id, &message, ack, now);
+            return true;
+        }
+        if let Some(p) = policy {
+            self.apply_policy(p, &mut message, published, now);
+        }
+        if self.settings.limits(&message.topic).policy == QueuePolicy::Block
+            && message.qos != QoS::AtMostOnce
+        {
             // Behind its client's held publishes (order), or held itself if it does not fit.
             let behind = self
                 .sessions
@@ -182,6 +214,68 @@ impl Broker {
         }
         self.route_and_release(client_id, message, ack, v5, problem_info, now);
         true
+    }
+
+    /// A publish whose idempotency key the broker has: acknowledged as a success (its
+    /// receipt, if asked, says `duplicate`), not routed again.
+    fn repeat(
+        &mut self,
+        client_id: &Str,
+        message: &Message,
+        ack: Option<tern_codec::PacketId>,
+        now: Instant,
+    ) {
+        self.counters.idempotent_repeats += 1;
+        tracing::debug!(client_id = %client_id, topic = %message.topic.as_str(), "idempotency key seen before: acknowledged, not routed again");
+        if let Some(asked) = self.begin_tally(message) {
+            if let Some(t) = &mut self.tally {
+                t.settle = None;
+            }
+            self.end_tally(client_id, message, (false, asked.1), true, now);
+        }
+        if let Some(id) = ack {
+            self.release(client_id, id, ReasonCode::Success, "", false);
+        }
+    }
+
+    /// Applies topic policy `p` to an accepted message (`published` at that QoS, already
+    /// taken down to the policy's maximum): its expiry default and ceiling; counts.
+    fn apply_policy(&mut self, p: usize, message: &mut Message, published: QoS, now: Instant) {
+        let policy = &self.settings.topics[p];
+        let downgraded = message.qos < published;
+        let mut expiry = false;
+        if message.expires_at.is_none()
+            && let Some(d) = policy.expiry_default
+        {
+            message.expires_at = Some(now + d);
+            expiry = true;
+        }
+        if let Some(max) = policy.expiry_max {
+            let limit = now + max;
+            if message.expires_at.is_none_or(|t| t > limit) {
+                message.expires_at = Some(limit);
+                expiry = true;
+            }
+        }
+        self.count_policy(p, |c| {
+            c.publishes += 1;
+            c.downgraded += u64::from(downgraded);
+            c.expiry_set += u64::from(expiry);
+        });
+    }
+
+    /// Counts for topic policy `p`.
+    fn count_policy(&mut self, p: usize, f: impl FnOnce(&mut crate::PolicyCounters)) {
+        let filter = self.settings.topics[p].filter.as_str();
+        let counters = &mut self.counters.policies;
+        match counters.iter_mut().find(|(f, _)| f == filter) {
+            Some((_, c)) => f(c),
+            None => {
+                let mut c = crate::PolicyCounters::default();
+                f(&mut c);
+                counters.push((filter.to_string(), c));
+            }
+        }
     }
 
     /// Holds a publish under `queue_policy = "block"`.
@@ -287,9 +381,22 @@ impl Broker {
         problem_info: bool,
         now: Instant,
     ) {
+        if let Some((identity, key)) = self.idempotency_key(client_id, &message) {
+            // Held under `block` behind the message it repeats.
+            if self.keys.seen(&identity, &key, now) {
+                self.repeat(client_id, &message, ack, now);
+                return;
+            }
+            self.remember_key((identity, key), now);
+        }
+        let receipt = self.begin_tally(&message);
+        let kept = receipt.as_ref().map(|_| message.clone());
         let matched = self.route(message, Some(client_id), now);
         if matched == 0 {
             self.counters.drop_n(DropReason::NoSubscribers, 1);
+        }
+        if let (Some(asked), Some(message)) = (receipt, kept) {
+            self.end_tally(client_id, &message, asked, false, now);
         }
         if let Some(id) = ack {
             let reason = if matched == 0 && v5 {
@@ -371,32 +478,32 @@ impl Broker {
         full: bool,
     ) -> Option<Str> {
         let size = message.payload.len();
+        let limits = self.settings.limits(&message.topic);
         // No queue can be full while all of them together are within one queue's limits:
         // the common case costs no routing.
-        if full
-            && self.queued.0 < self.settings.max_queued_messages
-            && self.queued.1 + size <= self.settings.max_queued_bytes
+        if full && self.queued.0 < limits.max_messages && self.queued.1 + size <= limits.max_bytes
         {
             return None;
         }
         for (client_id, delivery) in self.trie.route(&message.topic, Some(publisher)) {
             let qos = effective_qos(message.qos, delivery.qos, QoS::ExactlyOnce);
-            if qos == QoS::AtMostOnce && !self.settings.queue_qos0 {
+            if qos == QoS::AtMostOnce && !limits.queue_qos0 {
                 continue;
             }
             let Some(s) = self.sessions.get_mut(&client_id) else {
                 continue;
             };
-            let (queue, max_messages): (&mut dyn Queue, usize) = match &mut s.conn {
-                Link::Offline(stored) => (stored, self.settings.max_queued_messages),
+            let queue: &mut dyn Queue = match &mut s.conn {
+                Link::Offline(_) if !limits.queue_offline => continue,
+                Link::Offline(stored) => stored,
                 // Online: only a message that would wait behind the window joins the queue.
-                Link::Online((_, c)) if c.would_wait() => (c, self.settings.max_queued_messages),
+                Link::Online((_, c)) if c.would_wait() => c,
                 Link::Online(_) => continue,
             };
             if !full {
                 return Some(client_id);
             }
-            let full = |s: &dyn Queue| queue_full(s, size, max_messages, &self.settings);
+            let full = |s: &dyn Queue| queue_full(s, size, &limits);
             if full(queue) {
                 let expired = queue.remove_expired(now);
                 let still_full = full(queue);
@@ -411,9 +518,9 @@ impl Broker {
             }
         }
         for key in self.shared.matching(&message.topic) {
-            let (sessions, settings) = (&self.sessions, &self.settings);
+            let sessions = &self.sessions;
             let best = self.shared.best(&key, |c| {
-                readiness(sessions.get(c).map(|s| &**s), settings, size)
+                readiness(sessions.get(c).map(|s| &**s), &limits, size)
             });
             match best {
                 Some(Readiness::Full) => return Some(key),
@@ -472,6 +579,7 @@ impl Broker {
     ) {
         if !self.permits(client_id, crate::acl::Permission::Receive, &message.topic) {
             self.counters.drop_n(DropReason::NotAuthorized, 1);
+            self.tally_drop(DropReason::NotAuthorized);
             tracing::debug!(client_id = %client_id, topic = %message.topic.as_str(), "not authorized to receive: not delivered");
             return;
         }
@@ -482,21 +590,24 @@ impl Broker {
             && !message.fits_a_packet(now)
         {
             self.counters.drop_n(DropReason::TooLarge, 1);
+            self.tally_drop(DropReason::TooLarge);
             tracing::warn!(client_id = %client_id, topic = %message.topic.as_str(), "message too large for any PUBLISH once its subscription identifiers are added: dropped for this subscriber");
             return;
         }
         self.touch(client_id);
+        let limits = self.settings.limits(&message.topic);
         let Some(session) = self.sessions.get_mut(client_id) else {
             return;
         };
-        let queues = message.qos != QoS::AtMostOnce || self.settings.queue_qos0;
+        let queues =
+            limits.queue_offline && (message.qos != QoS::AtMostOnce || limits.queue_qos0);
         let queue = match &mut session.conn {
             // Online: a QoS 1/2 message that would wait behind the peer's window joins the
             // queue, bounded by `max_queued_bytes` only (a subscriber that is merely slower
             // than its publishers for a while loses nothing; one that stops acknowledging
             // cannot take all memory). QoS 0 goes out at once.
             Link::Online((_, c)) if message.qos != QoS::AtMostOnce && c.would_wait() => {
-                Some((c as &mut dyn Queue, self.settings.max_queued_messages))
+                Some(c as &mut dyn Queue)
             }
             Link::Online(_) => None,
             // Offline persistent session: QoS 1/2 (and QoS 0 if configured) wait in order,
@@ -506,21 +617,19 @@ impl Broker {
                     let limit = now + age;
                     message.expires_at = Some(message.expires_at.map_or(limit, |t| t.min(limit)));
                 }
-                Some((stored as &mut dyn Queue, self.settings.max_queued_messages))
+                Some(stored as &mut dyn Queue)
             }
             Link::Offline(_) => {
                 self.counters.drop_n(DropReason::Offline, 1);
+                if let Some(t) = &mut self.tally {
+                    t.dropped[DropReason::Offline as usize] += 1;
+                }
                 return;
             }
         };
-        if let Some((queue, max_messages)) = queue {
-            let (room, expired, dropped) = make_room(
-                queue,
-                message.payload.len(),
-                max_messages,
-                &self.settings,
-                now,
-            );
+        let queued = queue.is_some();
+        if let Some(queue) = queue {
+            let (room, expired, dropped) = make_room(queue, message.payload.len(), &limits, now);
             self.counters.drop_n(DropReason::Expired, expired);
             if expired + dropped > 0 {
                 session.prune_via_shared();
@@ -533,11 +642,21 @@ impl Broker {
                 if !quiet {
                     session.queue_full_logged = Some(now);
                     let online = matches!(session.conn, Link::Online(_));
-                    tracing::warn!(client_id = %client_id, dropped, online, policy = ?self.settings.queue_policy, "queue full: messages dropped (counted in tern_dropped_total{{reason=\"queue_full\"}}; logged at most every 10 s per session)");
+                    tracing::warn!(client_id = %client_id, dropped, online, policy = ?limits.policy, "queue full: messages dropped (counted in tern_dropped_total{{reason=\"queue_full\"}}; logged at most every 10 s per session)");
                 }
             }
             if !room {
+                if let Some(t) = &mut self.tally {
+                    t.dropped[DropReason::QueueFull as usize] += 1;
+                }
                 return;
+            }
+        }
+        if let Some(t) = &mut self.tally {
+            if queued {
+                t.queued += 1;
+            } else {
+                t.sent += 1;
             }
         }
         self.counters.delivered(published, message.qos);
@@ -561,6 +680,9 @@ impl Broker {
             && held
         {
             session.via_shared.insert(id, key.clone());
+        }
+        if held && (self.tally.is_some() || self.carry.is_some()) {
+            self.register_copy(client_id, id);
         }
     }
 
@@ -660,24 +782,23 @@ impl Queue for Connection {
 /// How ready a shared subscription's member is to take a message of `size` payload bytes
 /// now: online with room in its window, online behind a full window, offline, or (either of
 /// those last two) with a full queue.
-fn readiness(session: Option<&Session>, settings: &Settings, size: usize) -> Readiness {
-    let max = settings.max_queued_messages;
+fn readiness(session: Option<&Session>, limits: &Limits, size: usize) -> Readiness {
     match session.map(|s| &s.conn) {
         Some(Link::Online((_, c))) if c.would_wait() => {
-            if queue_full(c, size, max, settings) {
+            if queue_full(c, size, limits) {
                 Readiness::Full
             } else {
                 Readiness::Busy
             }
         }
         Some(Link::Online(_)) => Readiness::Ready,
-        Some(Link::Offline(stored)) if queue_full(stored, size, max, settings) => Readiness::Full,
+        Some(Link::Offline(stored)) if queue_full(stored, size, limits) => Readiness::Full,
         _ => Readiness::Offline,
     }
 }
 
-fn queue_full(queue: &dyn Queue, size: usize, max_messages: usize, settings: &Settings) -> bool {
-    queue.queued_len() + 1 > max_messages || queue.queued_bytes() + size > settings.max_queued_bytes
+fn queue_full(queue: &dyn Queue, size: usize, limits: &Limits) -> bool {
+    queue.queued_len() + 1 > limits.max_messages || queue.queued_bytes() + size > limits.max_bytes
 }
 
 /// Makes room in a session's queue for a message of `size` payload bytes, under the queue
@@ -687,17 +808,16 @@ fn queue_full(queue: &dyn Queue, size: usize, max_messages: usize, settings: &Se
 fn make_room(
     queue: &mut dyn Queue,
     size: usize,
-    max_messages: usize,
-    settings: &Settings,
+    limits: &Limits,
     now: Instant,
 ) -> (bool, u64, u64) {
-    let full = |s: &dyn Queue| queue_full(s, size, max_messages, settings);
+    let full = |s: &dyn Queue| queue_full(s, size, limits);
     let mut expired = 0;
     if full(queue) {
         expired = queue.remove_expired(now) as u64;
     }
     let mut dropped = 0;
-    let room = match settings.queue_policy {
+    let room = match limits.policy {
         QueuePolicy::DropNewest | QueuePolicy::Reject | QueuePolicy::Block => !full(queue),
         QueuePolicy::DropOldest => {
             while full(queue) && queue.drop_oldest() {

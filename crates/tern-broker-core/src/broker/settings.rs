@@ -110,6 +110,135 @@ pub struct Settings {
     /// Message rate too high (in the acknowledgement, or a DISCONNECT at QoS 0), 3.x
     /// clients are disconnected. `None`: no limit.
     pub max_publish_rate: Option<u32>,
+    /// Idempotency keys: which user property carries them and how long they are kept.
+    pub idempotency: Idempotency,
+    /// Guarantee policies by topic filter; a message follows the first whose filter
+    /// matches its topic (in this order), or the global settings if none does.
+    pub topics: std::sync::Arc<[TopicPolicy]>,
+}
+
+/// How the broker recognises a message it already has by the publisher's own key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Idempotency {
+    /// The user property whose value is the key; `None`: keys are not looked at.
+    pub property: Option<tern_codec::Str>,
+    /// How long a key is remembered after the message that brought it.
+    pub window: Duration,
+    /// Most keys remembered per publisher identity; the oldest is forgotten first.
+    pub max_keys: usize,
+}
+
+impl Default for Idempotency {
+    fn default() -> Self {
+        Idempotency {
+            property: Some(tern_codec::Str::from_static(DEFAULT_KEY_PROPERTY)),
+            window: Duration::from_secs(600),
+            max_keys: 10_000,
+        }
+    }
+}
+
+/// The user property that carries an idempotency key unless configured otherwise: the
+/// name `tern-client`'s `stamp` and `Dedup` use by default.
+pub const DEFAULT_KEY_PROPERTY: &str = "msg-id";
+
+/// The user property a publisher sets to ask for a delivery receipt ([`RECEIPT_ROUTED`]
+/// or [`RECEIPT_SETTLED`]); the receipt goes to the message's Response Topic.
+pub const RECEIPT_PROPERTY: &str = "tern-receipt";
+/// One receipt, once the message is routed: how many copies were sent, queued, dropped,
+/// denied.
+pub const RECEIPT_ROUTED: &str = "routed";
+/// The routed receipt, and a second one once every QoS 1/2 copy was acknowledged by its
+/// subscriber (or expired, or dropped).
+pub const RECEIPT_SETTLED: &str = "settled";
+
+/// What a topic filter's messages are held to ([`Settings::topics`]). Every limit left
+/// `None` is the global one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicPolicy {
+    /// The topics it covers.
+    pub filter: tern_codec::TopicFilter,
+    /// Lowest QoS a client may publish at: below it the publish is refused (5.0 QoS 1:
+    /// PUBACK 0x83 with a Reason String; 5.0 QoS 0: DISCONNECT 0x9B; 3.x: the connection
+    /// is closed).
+    pub min_qos: QoS,
+    /// Highest QoS the messages travel at: a publish above it is accepted as usual and
+    /// delivered at this QoS (counted as downgraded).
+    pub max_qos: QoS,
+    /// What a full queue does to these messages.
+    pub queue_policy: Option<QueuePolicy>,
+    /// A message of these topics joins a queue only while it holds fewer messages.
+    pub max_queued_messages: Option<usize>,
+    /// ... and fewer payload bytes (the message's own included).
+    pub max_queued_bytes: Option<usize>,
+    /// Whether these messages are queued for offline sessions at all (false: dropped
+    /// for an offline subscriber, counted as `offline`).
+    pub queue_offline: bool,
+    /// Whether QoS 0 messages of these topics are queued for offline sessions.
+    pub queue_qos0: Option<bool>,
+    /// Message Expiry Interval given to a message that has none.
+    pub expiry_default: Option<Duration>,
+    /// Longest Message Expiry Interval: longer ones (and none) are cut to it.
+    pub expiry_max: Option<Duration>,
+}
+
+impl TopicPolicy {
+    /// A policy for `filter` that changes nothing until its fields are set.
+    pub fn new(filter: tern_codec::TopicFilter) -> TopicPolicy {
+        TopicPolicy {
+            filter,
+            min_qos: QoS::AtMostOnce,
+            max_qos: QoS::ExactlyOnce,
+            queue_policy: None,
+            max_queued_messages: None,
+            max_queued_bytes: None,
+            queue_offline: true,
+            queue_qos0: None,
+            expiry_default: None,
+            expiry_max: None,
+        }
+    }
+}
+
+/// The queue rules one message is held to: its topic's policy over the global settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Limits {
+    pub(crate) policy: QueuePolicy,
+    pub(crate) max_messages: usize,
+    pub(crate) max_bytes: usize,
+    pub(crate) queue_qos0: bool,
+    pub(crate) queue_offline: bool,
+}
+
+impl Settings {
+    /// The index of the policy `topic` follows, if any.
+    pub(crate) fn policy_index(&self, topic: &tern_codec::TopicName) -> Option<usize> {
+        if self.topics.is_empty() {
+            return None;
+        }
+        self.topics.iter().position(|p| p.filter.matches(topic))
+    }
+
+    /// The queue rules for a message on `topic`.
+    pub(crate) fn limits(&self, topic: &tern_codec::TopicName) -> Limits {
+        let global = Limits {
+            policy: self.queue_policy,
+            max_messages: self.max_queued_messages,
+            max_bytes: self.max_queued_bytes,
+            queue_qos0: self.queue_qos0,
+            queue_offline: true,
+        };
+        match self.policy_index(topic).map(|i| &self.topics[i]) {
+            None => global,
+            Some(p) => Limits {
+                policy: p.queue_policy.unwrap_or(global.policy),
+                max_messages: p.max_queued_messages.unwrap_or(global.max_messages),
+                max_bytes: p.max_queued_bytes.unwrap_or(global.max_bytes),
+                queue_qos0: p.queue_qos0.unwrap_or(global.queue_qos0),
+                queue_offline: p.queue_offline,
+            },
+        }
+    }
 }
 
 impl Default for Settings {
@@ -142,6 +271,8 @@ impl Default for Settings {
             max_subscriptions: 10_000,
             max_sessions: None,
             max_publish_rate: None,
+            idempotency: Idempotency::default(),
+            topics: std::sync::Arc::from(Vec::new()),
         }
     }
 }

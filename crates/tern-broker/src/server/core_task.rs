@@ -21,6 +21,7 @@ pub(super) struct CoreTask {
     pub(super) inbox: Arc<super::Inbox>,
     pub(super) from_conns: mpsc::UnboundedReceiver<ToCore>,
     pub(super) acl_changes: watch::Receiver<Arc<Access>>,
+    pub(super) topic_changes: watch::Receiver<Option<Arc<[crate::core::TopicPolicy]>>>,
     pub(super) writer: Option<writer::Writer>,
     pub(super) core_metrics: Arc<Metrics>,
     pub(super) core_settings: Settings,
@@ -35,6 +36,7 @@ impl CoreTask {
             mut broker,
             mut from_conns,
             mut acl_changes,
+            mut topic_changes,
             mut writer,
             core_metrics,
             core_settings,
@@ -71,6 +73,12 @@ impl CoreTask {
                 Ok(()) = acl_changes.changed() => {
                     broker.set_acl(acl_changes.borrow_and_update().acl.clone());
                     tracing::info!("ACL reloaded");
+                }
+                Ok(()) = topic_changes.changed() => {
+                    if let Some(topics) = topic_changes.borrow_and_update().clone() {
+                        tracing::info!(policies = topics.len(), "topic policies reloaded");
+                        broker.set_topic_policies(topics);
+                    }
                 }
             }
             // What this round sends is timed from the earliest read it answers (lowered
@@ -165,6 +173,9 @@ impl CoreTask {
                                     SystemTime::now(),
                                 );
                                 broker.set_acl(acl_changes.borrow().acl.clone());
+                                if let Some(topics) = topic_changes.borrow().clone() {
+                                    broker.set_topic_policies(topics);
+                                }
                                 broker.set_counters(counters);
                                 tracing::warn!(
                                     "state reloaded from the last commit; accepting connections again"

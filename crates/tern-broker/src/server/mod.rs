@@ -75,17 +75,26 @@ impl Listener {
 /// new connections check the new password file, and the core applies the new ACL from
 /// the next packet on. Nobody is disconnected.
 #[derive(Clone)]
-pub struct AccessControl(watch::Sender<Arc<Access>>);
+pub struct AccessControl(watch::Sender<Arc<Access>>, TopicControl);
+
+/// Topic policies put in force while the server runs (`None`: the settings' own).
+pub(crate) type TopicControl = watch::Sender<Option<Arc<[crate::core::TopicPolicy]>>>;
 
 impl AccessControl {
     /// Starts with `access`.
     pub fn new(access: Access) -> AccessControl {
-        AccessControl(watch::Sender::new(Arc::new(access)))
+        AccessControl(watch::Sender::new(Arc::new(access)), watch::Sender::new(None))
     }
 
     /// Puts `access` in force.
     pub fn replace(&self, access: Access) {
         self.0.send_replace(Arc::new(access));
+    }
+
+    /// Puts topic policies in force in place of the settings' (a reload): publishes
+    /// accepted from the core's next input on follow them.
+    pub fn replace_topic_policies(&self, topics: Vec<crate::core::TopicPolicy>) {
+        self.1.send_replace(Some(topics.into()));
     }
 
     /// What is in force.
@@ -308,6 +317,7 @@ pub async fn run(server: Server, shutdown: impl Future<Output = ()>) -> Result<(
     } = server;
     let metrics = monitor.metrics().clone();
     let mut acl_changes = access.0.subscribe();
+    let topic_changes = access.1.subscribe();
     let (to_core, from_conns) = mpsc::unbounded_channel::<ToCore>();
     let connect_timeout = settings.connect_timeout;
     let max_packet_size = settings.max_packet_size;
@@ -337,6 +347,7 @@ pub async fn run(server: Server, shutdown: impl Future<Output = ()>) -> Result<(
         broker,
         from_conns,
         acl_changes,
+        topic_changes,
         writer,
         core_metrics,
         core_settings,

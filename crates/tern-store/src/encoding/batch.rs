@@ -83,6 +83,8 @@ pub(super) const PUT_DELIVERY: u8 = 6;
 pub(super) const CHANGE: u8 = 7;
 pub(super) const PUT_WILL: u8 = 8;
 pub(super) const DELETE_WILL: u8 = 9;
+pub(super) const PUT_KEY: u8 = 10;
+pub(super) const DELETE_KEY: u8 = 11;
 
 /// A batch of ops as one record of the write-ahead log.
 pub(crate) fn batch(ops: &[crate::Op], anchor: Anchor) -> Result<Vec<u8>, StoreError> {
@@ -204,6 +206,21 @@ pub(crate) fn batch(ops: &[crate::Op], anchor: Anchor) -> Result<Vec<u8>, StoreE
                 w.u8(DELETE_WILL);
                 w.bytes(client_id.as_bytes());
             }
+            Op::PutKey {
+                identity,
+                key,
+                expires,
+            } => {
+                w.u8(PUT_KEY);
+                w.bytes(identity.as_bytes());
+                w.bytes(key.as_bytes());
+                w.time(*expires);
+            }
+            Op::DeleteKey { identity, key } => {
+                w.u8(DELETE_KEY);
+                w.bytes(identity.as_bytes());
+                w.bytes(key.as_bytes());
+            }
         }
     }
     Ok(w.finish())
@@ -308,6 +325,15 @@ pub(crate) fn read_batch(buf: &[u8], anchor: Anchor) -> Result<Vec<crate::Op>, S
             },
             DELETE_WILL => Op::DeleteWill {
                 client_id: Str::from(r.str()?),
+            },
+            PUT_KEY => Op::PutKey {
+                identity: Str::from(r.str()?),
+                key: Str::from(r.str()?),
+                expires: r.time()?,
+            },
+            DELETE_KEY => Op::DeleteKey {
+                identity: Str::from(r.str()?),
+                key: Str::from(r.str()?),
             },
             _ => return Err(corrupt(what)),
         };
