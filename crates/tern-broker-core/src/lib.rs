@@ -29,8 +29,8 @@ pub mod sim;
 mod trie;
 
 pub use broker::{
-    AdminAction, Broker, ConnId, ConnIdHasher, ConnMap, Gauges, InflightView, Load, Loads, Output,
-    DEFAULT_KEY_PROPERTY, Idempotency, QUEUED_MESSAGE_OVERHEAD, QueuePolicy, RECEIPT_PROPERTY,
+    AdminAction, Broker, ConnId, ConnIdHasher, ConnMap, DEFAULT_KEY_PROPERTY, Gauges, Idempotency,
+    InflightView, Load, Loads, Output, QUEUED_MESSAGE_OVERHEAD, QueuePolicy, RECEIPT_PROPERTY,
     RECEIPT_ROUTED, RECEIPT_SETTLED, RetainedView, Round, Sealed, Send, SessionGauge,
     SessionSummary, SessionView, SessionsPage, Settings, SubscriptionView, TopicPolicy, Traffic,
     WillView,

@@ -640,10 +640,22 @@ impl Metrics {
         }
         if !c.policies.is_empty() {
             for (name, help) in [
-                ("tern_topic_policy_publishes_total", "Publishes accepted under each topic policy."),
-                ("tern_topic_policy_refused_total", "Publishes refused below a topic policy's minimum QoS."),
-                ("tern_topic_policy_downgraded_total", "Publishes taken down to a topic policy's maximum QoS."),
-                ("tern_topic_policy_expiry_set_total", "Publishes given a topic policy's default expiry or cut to its longest."),
+                (
+                    "tern_topic_policy_publishes_total",
+                    "Publishes accepted under each topic policy.",
+                ),
+                (
+                    "tern_topic_policy_refused_total",
+                    "Publishes refused below a topic policy's minimum QoS.",
+                ),
+                (
+                    "tern_topic_policy_downgraded_total",
+                    "Publishes taken down to a topic policy's maximum QoS.",
+                ),
+                (
+                    "tern_topic_policy_expiry_set_total",
+                    "Publishes given a topic policy's default expiry or cut to its longest.",
+                ),
             ] {
                 family(out, name, "counter", help);
                 for (filter, p) in &c.policies {

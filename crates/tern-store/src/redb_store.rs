@@ -1181,7 +1181,12 @@ impl RedbStore {
                 encoding::read_will_record(w.value())?,
             );
         }
-        for entry in txn.open_table(KEYS).map_err(backend)?.iter().map_err(backend)? {
+        for entry in txn
+            .open_table(KEYS)
+            .map_err(backend)?
+            .iter()
+            .map_err(backend)?
+        {
             let (k, millis) = entry.map_err(backend)?;
             let (identity, key) = k.value();
             snapshot.keys.insert(

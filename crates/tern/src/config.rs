@@ -110,7 +110,10 @@ impl File {
                 ));
             }
             if t.min_qos > 2 || t.max_qos > 2 {
-                return Err(format!("topic[{i}] ({}): QoS levels are 0, 1 or 2", t.filter));
+                return Err(format!(
+                    "topic[{i}] ({}): QoS levels are 0, 1 or 2",
+                    t.filter
+                ));
             }
             if t.min_qos > t.max_qos {
                 return Err(format!(

@@ -479,9 +479,9 @@ fn reload_on_hangup(
                                 }
                             }
                         }
-                        Err(e) => tracing::error!(
-                            "SIGHUP: {e}; the topic policies and log levels stay"
-                        ),
+                        Err(e) => {
+                            tracing::error!("SIGHUP: {e}; the topic policies and log levels stay")
+                        }
                     }
                 }
                 match load_access(&auth) {

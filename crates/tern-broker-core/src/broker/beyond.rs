@@ -272,7 +272,14 @@ impl Broker {
             tally.queued,
         );
         let correlation = message.properties.correlation_data.clone();
-        self.send_receipt(publisher, &to, correlation.clone(), RECEIPT_ROUTED, payload, now);
+        self.send_receipt(
+            publisher,
+            &to,
+            correlation.clone(),
+            RECEIPT_ROUTED,
+            payload,
+            now,
+        );
         if !settle {
             return;
         }
@@ -294,18 +301,27 @@ impl Broker {
     /// routed, or of the one it was carried over from.
     pub(super) fn register_copy(&mut self, client_id: &Str, id: MessageId) {
         let receipt = match (&self.tally, self.carry) {
-            (Some(Tally { settle: Some(r), .. }), _) => *r,
+            (
+                Some(Tally {
+                    settle: Some(r), ..
+                }),
+                _,
+            ) => *r,
             (_, Some(r)) => r,
             _ => return,
         };
-        let w = self.receipts.waiting.entry(receipt).or_insert_with(|| Waiting {
-            publisher: Str::new(),
-            to: TopicName::empty(),
-            correlation: None,
-            topic: TopicName::empty(),
-            copies: 0,
-            outstanding: 0,
-        });
+        let w = self
+            .receipts
+            .waiting
+            .entry(receipt)
+            .or_insert_with(|| Waiting {
+                publisher: Str::new(),
+                to: TopicName::empty(),
+                correlation: None,
+                topic: TopicName::empty(),
+                copies: 0,
+                outstanding: 0,
+            });
         w.copies += 1;
         w.outstanding += 1;
         self.receipts
@@ -376,7 +392,14 @@ impl Broker {
             return;
         };
         let payload = settled_payload(&w.topic, w.copies);
-        self.send_receipt(&w.publisher, &w.to, w.correlation, RECEIPT_SETTLED, payload, now);
+        self.send_receipt(
+            &w.publisher,
+            &w.to,
+            w.correlation,
+            RECEIPT_SETTLED,
+            payload,
+            now,
+        );
     }
 
     /// Gives a receipt to the publisher's own session, at QoS 1 (queued if it is offline).

@@ -481,8 +481,7 @@ impl Broker {
         let limits = self.settings.limits(&message.topic);
         // No queue can be full while all of them together are within one queue's limits:
         // the common case costs no routing.
-        if full && self.queued.0 < limits.max_messages && self.queued.1 + size <= limits.max_bytes
-        {
+        if full && self.queued.0 < limits.max_messages && self.queued.1 + size <= limits.max_bytes {
             return None;
         }
         for (client_id, delivery) in self.trie.route(&message.topic, Some(publisher)) {
@@ -599,8 +598,7 @@ impl Broker {
         let Some(session) = self.sessions.get_mut(client_id) else {
             return;
         };
-        let queues =
-            limits.queue_offline && (message.qos != QoS::AtMostOnce || limits.queue_qos0);
+        let queues = limits.queue_offline && (message.qos != QoS::AtMostOnce || limits.queue_qos0);
         let queue = match &mut session.conn {
             // Online: a QoS 1/2 message that would wait behind the peer's window joins the
             // queue, bounded by `max_queued_bytes` only (a subscriber that is merely slower

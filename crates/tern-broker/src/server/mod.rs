@@ -83,7 +83,10 @@ pub(crate) type TopicControl = watch::Sender<Option<Arc<[crate::core::TopicPolic
 impl AccessControl {
     /// Starts with `access`.
     pub fn new(access: Access) -> AccessControl {
-        AccessControl(watch::Sender::new(Arc::new(access)), watch::Sender::new(None))
+        AccessControl(
+            watch::Sender::new(Arc::new(access)),
+            watch::Sender::new(None),
+        )
     }
 
     /// Puts `access` in force.
