@@ -1411,3 +1411,76 @@ fn a_will_is_published_with_its_properties() {
     assert_eq!(props.correlation_data.as_deref(), Some(&b"42"[..]));
     assert_eq!(props.user_properties, [("k".into(), "v".into())]);
 }
+
+/// A QoS 1 PUBLISH carrying the idempotency key `key` (user property `msg-id`).
+fn keyed(topic: &str, payload: &str, key: &str, id: u16) -> Packet {
+    let mut p = Publish::new(
+        TopicName::new(topic).unwrap(),
+        QosPid::AtLeastOnce(NonZeroU16::new(id).unwrap()),
+        payload.to_string(),
+    );
+    p.properties
+        .user_properties
+        .push(("msg-id".into(), key.into()));
+    Packet::Publish(p)
+}
+
+/// An idempotency key is committed with its message: a repeat from a new clean session,
+/// before or after a restart, is acknowledged (0x00) and not routed; after the window, or
+/// once `max_keys` newer keys of the same identity came, the key is new again. Another
+/// identity's key of the same value is its own.
+#[test]
+fn an_idempotency_key_outlives_a_restart_but_not_its_window_or_its_count() {
+    let mut sim = Sim::new(Settings {
+        idempotency: tern_broker_core::Idempotency {
+            window: Duration::from_secs(60),
+            max_keys: 3,
+            ..Default::default()
+        },
+        ..Settings::default()
+    });
+    sim.offline_subscriber(persistent("a"), "t", QoS::AtLeastOnce);
+    let b = sim.connect(Connect::new(Protocol::V5, "b"));
+    sim.send(b, keyed("t", "one", "k1", 1));
+    sim.send(b, keyed("t", "again", "k1", 2));
+    assert_eq!(
+        puback_reasons(&sim, b),
+        [ReasonCode::Success, ReasonCode::Success],
+        "the repeat is acknowledged as a success"
+    );
+    assert!(
+        sim.stored()
+            .keys
+            .contains_key(&("client:b".into(), "k1".into())),
+        "committed with the message"
+    );
+    sim.restart(Duration::from_secs(1));
+    let b = sim.connect(Connect::new(Protocol::V5, "b"));
+    sim.send(b, keyed("t", "after-restart", "k1", 1));
+    let c = sim.connect(Connect::new(Protocol::V5, "c"));
+    sim.send(c, keyed("t", "other-identity", "k1", 1));
+    // Three newer keys push k1 out of b's count.
+    for (i, k) in ["k2", "k3", "k4"].iter().enumerate() {
+        sim.send(b, keyed("t", k, k, 2 + i as u16));
+    }
+    sim.send(b, keyed("t", "after-count", "k1", 5));
+    // k4 is still remembered (k3, k4, k1 are the last three); past the window it is not.
+    sim.send(b, keyed("t", "k4-again", "k4", 6));
+    sim.advance(Duration::from_secs(61));
+    sim.send(b, keyed("t", "k4-after-window", "k4", 7));
+    let a = sim.connect(persistent("a"));
+    ack_all(&mut sim, a);
+    assert_eq!(
+        sim.received(a),
+        [
+            "one",
+            "other-identity",
+            "k2",
+            "k3",
+            "k4",
+            "after-count",
+            "k4-after-window"
+        ]
+    );
+    assert_eq!(sim.broker.counters().idempotent_repeats, 3);
+}

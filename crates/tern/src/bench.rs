@@ -80,6 +80,14 @@ pub(crate) struct BenchCli {
     /// delivered message (from /proc/PID/stat)
     #[arg(long)]
     pid: Option<u32>,
+    /// Put an idempotency key (user property msg-id, unique per message) on every
+    /// publish (5.0)
+    #[arg(long)]
+    key: bool,
+    /// Ask a routed delivery receipt for every publish (5.0; Response Topic
+    /// bench/receipts/CLIENT, which the publisher receives without subscribing)
+    #[arg(long)]
+    receipt: bool,
     /// Print help (-h is the host)
     #[arg(long, action = clap::ArgAction::Help)]
     help: Option<bool>,
@@ -186,6 +194,8 @@ struct Args {
     pairs: usize,
     connections: usize,
     pid: Option<u32>,
+    key: bool,
+    receipt: bool,
 }
 
 impl From<BenchCli> for Args {
@@ -208,6 +218,8 @@ impl From<BenchCli> for Args {
             pairs: c.pairs.max(1),
             connections: c.connections,
             pid: c.pid,
+            key: c.key,
+            receipt: c.receipt,
         }
     }
 }
@@ -347,12 +359,35 @@ fn qos_of(n: u8) -> QoS {
 
 fn options(a: &Args, id: String) -> Options {
     let mut o = Options::new(a.host.clone(), a.port, id).protocol(a.version);
+    if a.key {
+        o = o.stamp("msg-id");
+    }
+
     o.inflight = a.inflight;
     o.keep_alive = 60;
     // The load generator measures the broker: its subscribers read whatever arrives, and
     // a moment's lag in tallying must not turn into the client holding the broker back.
     o.max_unread = usize::MAX;
     o
+}
+
+/// The Response Topic of `--receipt` (receipts go to the publisher's own session, whatever
+/// the topic: one name serves every publisher).
+fn receipt_topic(on: bool) -> Option<tern_codec::TopicName> {
+    on.then(|| tern_codec::TopicName::new("bench/receipts").expect("a valid topic"))
+}
+
+/// The properties of a publish asking for a routed receipt on `to` (none without one).
+fn receipt_properties(
+    to: &Option<tern_codec::TopicName>,
+) -> tern_codec::properties::PublishProperties {
+    let mut p = tern_codec::properties::PublishProperties::default();
+    if let Some(to) = to {
+        p.response_topic = Some(to.clone());
+        p.user_properties
+            .push(("tern-receipt".into(), "routed".into()));
+    }
+    p
 }
 
 async fn connect(a: &Args, id: String) -> Result<(Client, Events), String> {
@@ -367,16 +402,18 @@ async fn publish_all(
     topic: String,
     n: u32,
     count: u64,
-    a: (QoS, usize, usize),
+    a: (QoS, usize, usize, bool),
     epoch: Instant,
     sent: Arc<AtomicU64>,
 ) -> Result<(), String> {
-    let (qos, size, window) = a;
+    let (qos, size, window, receipt) = a;
+    let receipt_to = receipt_topic(receipt);
     let mut outcomes = VecDeque::with_capacity(window);
     for seq in 0..count {
         let o = client
             .publish(topic.clone(), payload(n, seq, epoch, size))
             .qos(qos)
+            .properties(receipt_properties(&receipt_to))
             .send()
             .map_err(|e| e.to_string())?;
         outcomes.push_back(o);
@@ -508,7 +545,7 @@ async fn flow(
             topic(p),
             p as u32,
             count,
-            (qos, a.size, a.window),
+            (qos, a.size, a.window, a.receipt),
             epoch,
             sent.clone(),
         )));
@@ -575,6 +612,7 @@ async fn latency(a: &Args) -> Result<Report, String> {
         .await
         .map_err(|e| e.to_string())?;
     let (publisher, _e) = connect(a, format!("bench-lat-pub-{run}")).await?;
+    let receipt_to = receipt_topic(a.receipt);
     let tally = Tally::new(1, total);
     let deadline = Instant::now() + duration + a.warmup + Duration::from_secs(30);
     let reader = tokio::spawn(collect(events, tally, total, epoch, deadline, true));
@@ -588,6 +626,7 @@ async fn latency(a: &Args) -> Result<Report, String> {
             publisher
                 .publish(topic.clone(), payload(0, seq, epoch, a.size))
                 .qos(qos)
+                .properties(receipt_properties(&receipt_to))
                 .send()
                 .map_err(|e| e.to_string())?,
         );
@@ -770,7 +809,7 @@ async fn backlog(a: &Args) -> Result<Report, String> {
         topic,
         0,
         count,
-        (qos, a.size, a.window),
+        (qos, a.size, a.window, a.receipt),
         epoch,
         sent.clone(),
     )

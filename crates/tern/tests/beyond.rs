@@ -41,12 +41,10 @@ fn paho(args: &[&str]) -> Vec<String> {
 }
 
 /// Starts the paho helper in the background (a subscriber), returned once it printed
-/// `ready` (subscribed).
+/// `ready` (subscribed); kill it when done.
 fn paho_bg(args: &[&str]) -> Child {
     use std::io::BufRead;
-    let mut child = Command::new("timeout")
-        .arg("60")
-        .arg("python3")
+    let mut child = Command::new("python3")
         .arg(script())
         .args(args)
         .stdout(Stdio::piped())
@@ -105,7 +103,7 @@ fn paho_resends_a_completed_qos2_publish_and_an_idempotency_key_stops_the_duplic
             "replay/#",
             "2",
         ])
-        .args(["--timeout", "6"])
+        .args(["--timeout", "12"])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -265,15 +263,15 @@ fn receipts_count_every_outcome_and_settle_after_the_last_acknowledgement() {
         "--persistent",
         "--subscribe-only",
     ]);
-    let online = paho_bg(&["sub", &port, "here", "rc/#", "1", "--timeout", "8"]);
-    let denied = paho_bg(&[
+    let mut online = paho_bg(&["sub", &port, "here", "rc/#", "1", "--timeout", "60"]);
+    let mut denied = paho_bg(&[
         "sub",
         &port,
         "blocked-1",
         "rc/#",
         "1",
         "--timeout",
-        "8",
+        "60",
         "--user",
         "blocked",
         "--pw",
@@ -410,7 +408,10 @@ fn receipts_count_every_outcome_and_settle_after_the_last_acknowledgement() {
         (&"settled".into(), &2.into()),
         "{back:?}"
     );
-    let _ = (online.wait_with_output(), denied.wait_with_output());
+    for child in [&mut online, &mut denied] {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
     let (_, metrics) = support::http_get(broker.metrics.as_ref().unwrap(), "/metrics");
     assert!(
         metrics.contains("tern_receipts_total{kind=\"settled\"} 1"),
@@ -421,46 +422,74 @@ fn receipts_count_every_outcome_and_settle_after_the_last_acknowledgement() {
 
 /// Topic policies: below the minimum QoS refused (5.0 QoS 1: PUBACK 0x83; QoS 0:
 /// DISCONNECT 0x9B), above the maximum delivered lower, telemetry never queued for an
-/// offline session, a default expiry given; SIGHUP puts a changed policy in force.
+/// offline session, a default and a longest expiry, a queue policy and limit of its own
+/// (`reject` under a global `drop-newest`), QoS 0 queued offline for one filter; SIGHUP
+/// puts a changed policy in force.
 #[test]
 fn topic_policies_refuse_downgrade_skip_offline_queues_and_reload_on_sighup() {
     let d = dir("policies");
-    let policies = |min: u8| {
-        format!(
-            "[[topic]]\nfilter = \"pay/#\"\nmin_qos = {min}\n[[topic]]\nfilter = \"tele/#\"\nmax_qos = 0\nqueue_offline = false\n[[topic]]\nfilter = \"exp/#\"\nexpiry_default_secs = 100\n"
-        )
-    };
-    let broker = BrokerProcess::in_dir(&d, &policies(2));
+    let config = "[sessions]\nqueue_policy = \"drop-newest\"\n\
+        [[topic]]\nfilter = \"pay/#\"\nmin_qos = 2\n\
+        [[topic]]\nfilter = \"tele/#\"\nmax_qos = 0\nqueue_offline = false\n\
+        [[topic]]\nfilter = \"exp/#\"\nexpiry_default_secs = 100\nexpiry_max_secs = 200\n\
+        [[topic]]\nfilter = \"orders/#\"\nqueue_policy = \"reject\"\nmax_queued_messages = 1\n\
+        [[topic]]\nfilter = \"cursor/#\"\nqueue_qos0 = true\n";
+    let broker = BrokerProcess::in_dir(&d, config);
     let port = broker.port(0).to_string();
-    paho(&[
-        "sub",
-        &port,
-        "tele-away",
-        "tele/#",
-        "2",
-        "--persistent",
-        "--subscribe-only",
-    ]);
+    for (id, filter, qos) in [
+        ("tele-away", "tele/#", "2"),
+        ("orders-away", "orders/#", "1"),
+        ("cursor-away", "cursor/#", "0"),
+    ] {
+        let r = paho(&[
+            "sub",
+            &port,
+            id,
+            filter,
+            qos,
+            "--persistent",
+            "--subscribe-only",
+        ]);
+        assert!(r.contains(&"done".to_string()), "{r:?}");
+    }
     let watcher = Command::new("timeout")
         .args(["60", "python3", &script(), "sub", &port, "watch", "#", "2"])
-        .args(["--timeout", "6"])
+        .args(["--timeout", "12"])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(1500));
-    let r = paho(&["pub", &port, "p0", "pay/1", "0", "q0"]);
+    let publish = |args: &[&str]| {
+        let mut all = vec!["pub", port.as_str()];
+        all.extend_from_slice(args);
+        paho(&all)
+    };
+    let r = publish(&["p0", "pay/1", "0", "q0"]);
     assert!(
         r.contains(&"disconnect 155".to_string()),
         "DISCONNECT 0x9B: {r:?}"
     );
-    let r = paho(&["pub", &port, "p1", "pay/1", "1", "q1"]);
+    let r = publish(&["p1", "pay/1", "1", "q1"]);
     assert!(r.contains(&"ack 131".to_string()), "PUBACK 0x83: {r:?}");
-    let r = paho(&["pub", &port, "p2", "pay/1", "2", "q2"]);
+    for args in [
+        ["p2", "pay/1", "2", "q2"],
+        ["t2", "tele/1", "2", "reading"],
+        ["e1", "exp/1", "1", "expiring"],
+    ] {
+        let r = publish(&args);
+        assert!(r.contains(&"ack 0".to_string()), "{args:?}: {r:?}");
+    }
+    let r = publish(&["e2", "exp/2", "1", "capped", "--expiry", "5000"]);
     assert!(r.contains(&"ack 0".to_string()), "{r:?}");
-    let r = paho(&["pub", &port, "t2", "tele/1", "2", "reading"]);
+    // orders/# refuses when its offline subscriber's queue (one message) is full, although
+    // the global policy drops: 0x97 Quota exceeded, and the message goes to nobody.
+    let r = publish(&["o1", "orders/1", "1", "first-order"]);
     assert!(r.contains(&"ack 0".to_string()), "{r:?}");
-    let r = paho(&["pub", &port, "e1", "exp/1", "1", "expiring"]);
-    assert!(r.contains(&"ack 0".to_string()), "{r:?}");
+    let r = publish(&["o2", "orders/2", "1", "second-order"]);
+    assert!(r.contains(&"ack 151".to_string()), "PUBACK 0x97: {r:?}");
+    // cursor/# queues QoS 0 for offline sessions.
+    let r = publish(&["c0", "cursor/1", "0", "moved"]);
+    assert!(!r.iter().any(|l| l.starts_with("disconnect")), "{r:?}");
     // The minimum goes to 0: QoS 0 passes after SIGHUP.
     std::fs::write(
         d.join("tern.toml"),
@@ -477,7 +506,7 @@ fn topic_policies_refuse_downgrade_skip_offline_queues_and_reload_on_sighup() {
             .wait_for("topic policies reloaded", Duration::from_secs(10))
             .is_some()
     );
-    let r = paho(&["pub", &port, "p0b", "pay/2", "0", "q0-after"]);
+    let r = publish(&["p0b", "pay/2", "0", "q0-after"]);
     assert!(!r.iter().any(|l| l.starts_with("disconnect")), "{r:?}");
     let out = watcher.wait_with_output().unwrap();
     let lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
@@ -488,7 +517,15 @@ fn topic_policies_refuse_downgrade_skip_offline_queues_and_reload_on_sighup() {
     let payloads: Vec<&str> = got.iter().map(|m| m.3.as_str()).collect();
     assert_eq!(
         payloads,
-        ["q2", "reading", "expiring", "q0-after"],
+        [
+            "q2",
+            "reading",
+            "expiring",
+            "capped",
+            "first-order",
+            "moved",
+            "q0-after"
+        ],
         "{lines:?}"
     );
     assert_eq!(got[1].0, "0", "tele/# travels at QoS 0 at most: {lines:?}");
@@ -497,26 +534,41 @@ fn topic_policies_refuse_downgrade_skip_offline_queues_and_reload_on_sighup() {
         (90..=100).contains(&expiry),
         "the default expiry: {lines:?}"
     );
+    let capped: u32 = got[3].2.parse().unwrap();
+    assert!(
+        (190..=200).contains(&capped),
+        "the longest expiry: {lines:?}"
+    );
     assert_eq!(got[0].2, "-", "pay/# has no expiry: {lines:?}");
-    // Nothing was queued for the offline telemetry subscriber.
-    let away = paho(&[
-        "sub",
-        &port,
-        "tele-away",
-        "tele/#",
-        "2",
-        "--persistent",
-        "--timeout",
-        "2",
-    ]);
-    assert!(messages(&away).is_empty(), "{away:?}");
+    let drain = |id: &str, filter: &str, qos: &str| -> Vec<String> {
+        let r = paho(&[
+            "sub",
+            &port,
+            id,
+            filter,
+            qos,
+            "--persistent",
+            "--timeout",
+            "2",
+        ]);
+        messages(&r).into_iter().map(|m| m.3).collect()
+    };
+    assert!(
+        drain("tele-away", "tele/#", "2").is_empty(),
+        "nothing queued for the offline telemetry subscriber"
+    );
+    assert_eq!(drain("orders-away", "orders/#", "1"), ["first-order"]);
+    assert_eq!(
+        drain("cursor-away", "cursor/#", "0"),
+        ["moved"],
+        "QoS 0 queued for the offline session"
+    );
     let (_, metrics) = support::http_get(broker.metrics.as_ref().unwrap(), "/metrics");
-    assert!(
-        metrics.contains("tern_topic_policy_refused_total{filter=\"pay/#\"} 2"),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains("tern_topic_policy_downgraded_total{filter=\"tele/#\"} 1"),
-        "{metrics}"
-    );
+    for line in [
+        "tern_topic_policy_refused_total{filter=\"pay/#\"} 2",
+        "tern_topic_policy_downgraded_total{filter=\"tele/#\"} 1",
+        "tern_topic_policy_expiry_set_total{filter=\"exp/#\"} 2",
+    ] {
+        assert!(metrics.contains(line), "{line}: {metrics}");
+    }
 }
