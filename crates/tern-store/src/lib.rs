@@ -143,23 +143,27 @@ pub enum Op {
         /// Client identifier.
         client_id: Str,
     },
-    /// Remembers a publisher's idempotency key until `expires` (written in the same batch
-    /// as the message it came with); a later `PutKey` for the same pair replaces it.
+    /// Remembers a publisher's idempotency key until `expires`, in slot `slot` of that
+    /// publisher's ring (written in the same batch as the message it came with). The slot
+    /// held the key this one pushes out of the count window, if any: replaced, so no key
+    /// needs deleting as new ones come.
     PutKey {
-        /// Who published: the username, or the client id of an anonymous client.
+        /// Who published (`user:NAME`, or `client:ID` for an anonymous client).
         identity: Str,
+        /// Its place in the identity's ring of keys.
+        slot: u32,
         /// The key the publisher gave.
         key: Str,
         /// When the broker may forget it.
         expires: std::time::SystemTime,
     },
-    /// Forgets an idempotency key (its window ended). Forgetting a missing key is not an
-    /// error.
+    /// Empties a slot of an identity's ring (its key's window ended). Emptying an empty
+    /// slot is not an error.
     DeleteKey {
         /// Who published.
         identity: Str,
-        /// The key.
-        key: Str,
+        /// The slot.
+        slot: u32,
     },
 }
 
@@ -201,8 +205,9 @@ pub struct Snapshot {
     /// The wills of connected clients, by client identifier: what a restart publishes
     /// for the clients whose connections the crash ended ([`Op::PutWill`]).
     pub wills: BTreeMap<Str, LastWill>,
-    /// Idempotency keys remembered, by (identity, key): when each may be forgotten.
-    pub keys: BTreeMap<(Str, Str), std::time::SystemTime>,
+    /// Idempotency keys remembered, by (identity, slot): the key, and when it may be
+    /// forgotten.
+    pub keys: BTreeMap<(Str, u32), (Str, std::time::SystemTime)>,
 }
 
 /// Why a store refused or failed a batch. A failed batch changed nothing.
@@ -405,13 +410,15 @@ impl Store for MemoryStore {
                 }
                 Op::PutKey {
                     identity,
+                    slot,
                     key,
                     expires,
                 } => {
-                    s.keys.insert((identity.clone(), key.clone()), *expires);
+                    s.keys
+                        .insert((identity.clone(), *slot), (key.clone(), *expires));
                 }
-                Op::DeleteKey { identity, key } => {
-                    s.keys.remove(&(identity.clone(), key.clone()));
+                Op::DeleteKey { identity, slot } => {
+                    s.keys.remove(&(identity.clone(), *slot));
                 }
             }
         }

@@ -44,9 +44,9 @@ const QUEUE: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("queue_b
 const QUEUE_STATS: TableDefinition<&str, (u64, u64)> = TableDefinition::new("queue_stats");
 const RETAINED: TableDefinition<&str, &[u8]> = TableDefinition::new("retained");
 const WILLS: TableDefinition<&str, &[u8]> = TableDefinition::new("wills");
-/// Idempotency keys: (identity, key) -> when the key may be forgotten, in milliseconds
-/// since the Unix epoch.
-const KEYS: TableDefinition<(&str, &str), u64> = TableDefinition::new("idempotency_keys");
+/// Idempotency keys: (identity, slot) -> when the key may be forgotten (milliseconds since
+/// the Unix epoch, 8 bytes little-endian), then the key.
+const KEYS: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("idempotency_keys");
 const MESSAGES: TableDefinition<u64, &[u8]> = TableDefinition::new("messages");
 const REFS: TableDefinition<u64, u32> = TableDefinition::new("message_refs");
 /// `wal_seq`: the number of the last logged batch this state includes.
@@ -116,6 +116,8 @@ struct Tables<'t> {
     messages: Table<'t, u64, &'static [u8]>,
     refs: Table<'t, u64, u32>,
     stats: Table<'t, &'static str, (u64, u64)>,
+    /// Opened when a batch has a key to write (only publishes that carry one do).
+    keys: Option<Table<'t, (&'static str, u32), &'static [u8]>>,
     /// What this batch changed of each session's queue count and payload bytes, written
     /// to `stats` at its end.
     deltas: HashMap<String, (i64, i64)>,
@@ -567,6 +569,18 @@ fn release(t: &mut Tables<'_>, reference: &[u8]) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// The idempotency key table of this batch, opened on first use.
+fn keys_table<'a, 't>(
+    txn: &'t redb::WriteTransaction,
+    slot: &'a mut Option<Table<'t, (&'static str, u32), &'static [u8]>>,
+) -> Result<&'a mut Table<'t, (&'static str, u32), &'static [u8]>, StoreError> {
+    if slot.is_none() {
+        *slot = Some(txn.open_table(KEYS).map_err(backend)?);
+    }
+    slot.as_mut()
+        .ok_or_else(|| StoreError::Backend("the key table did not open".into()))
+}
+
 impl RedbStore {
     /// Applies `batch` inside `txn` (which the caller commits or drops).
     fn apply_batch(
@@ -585,6 +599,7 @@ impl RedbStore {
             messages: txn.open_table(MESSAGES).map_err(backend)?,
             refs: txn.open_table(REFS).map_err(backend)?,
             stats: txn.open_table(QUEUE_STATS).map_err(backend)?,
+            keys: None,
             deltas: HashMap::new(),
             bodies: HashMap::new(),
         };
@@ -647,25 +662,25 @@ impl RedbStore {
                 Op::DeleteWill { client_id } => {
                     t.wills.remove(&**client_id).map_err(backend)?;
                 }
-                // Rare next to the rest (only publishes that carry a key): the table is
-                // opened when one comes.
                 Op::PutKey {
                     identity,
+                    slot,
                     key,
                     expires,
                 } => {
                     let millis = expires
                         .duration_since(std::time::SystemTime::UNIX_EPOCH)
                         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-                    txn.open_table(KEYS)
-                        .map_err(backend)?
-                        .insert((&**identity, &**key), millis)
+                    let mut row = Vec::with_capacity(8 + key.len());
+                    row.extend_from_slice(&millis.to_le_bytes());
+                    row.extend_from_slice(key.as_bytes());
+                    keys_table(txn, &mut t.keys)?
+                        .insert((&**identity, *slot), row.as_slice())
                         .map_err(backend)?;
                 }
-                Op::DeleteKey { identity, key } => {
-                    txn.open_table(KEYS)
-                        .map_err(backend)?
-                        .remove((&**identity, &**key))
+                Op::DeleteKey { identity, slot } => {
+                    keys_table(txn, &mut t.keys)?
+                        .remove((&**identity, *slot))
                         .map_err(backend)?;
                 }
             }
@@ -1187,12 +1202,19 @@ impl RedbStore {
             .iter()
             .map_err(backend)?
         {
-            let (k, millis) = entry.map_err(backend)?;
-            let (identity, key) = k.value();
+            let (k, row) = entry.map_err(backend)?;
+            let (identity, slot) = k.value();
+            let row = row.value();
+            let bad = || StoreError::Backend("a stored idempotency key is corrupt".into());
+            let (millis, key) = row.split_at_checked(8).ok_or_else(bad)?;
+            let millis = u64::from_le_bytes(millis.try_into().map_err(|_| bad())?);
+            let key = std::str::from_utf8(key).map_err(|_| bad())?;
             snapshot.keys.insert(
-                (Str::from(identity), Str::from(key)),
-                std::time::SystemTime::UNIX_EPOCH
-                    + std::time::Duration::from_millis(millis.value()),
+                (Str::from(identity), slot),
+                (
+                    Str::from(key),
+                    std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(millis),
+                ),
             );
         }
         Ok(snapshot)

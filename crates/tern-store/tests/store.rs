@@ -457,6 +457,21 @@ fn arb_rich_op() -> impl Strategy<Value = Op> {
         } else {
             Op::DeleteWill { client_id: i.into() }
         }),
+        // Idempotency keys: a few identities and slots, so puts replace and deletes hit;
+        // deadlines in whole milliseconds (what the file keeps).
+        1 => (id.clone(), 0u32..3, any::<bool>(), 0u64..5).prop_map(|(i, slot, put, k)| {
+            let identity = format!("user:{i}").into();
+            if put {
+                Op::PutKey {
+                    identity,
+                    slot,
+                    key: format!("key-{k}").into(),
+                    expires: SystemTime::UNIX_EPOCH + Duration::from_millis(1_800_000_000_000 + k),
+                }
+            } else {
+                Op::DeleteKey { identity, slot }
+            }
+        }),
         4 => (id.clone(), arb_change(), any::<bool>()).prop_map(|(i, c, shared)| Op::Change {
             client_id: i.into(),
             change: c,

@@ -6,16 +6,23 @@ use super::settings::{RECEIPT_PROPERTY, RECEIPT_ROUTED, RECEIPT_SETTLED};
 use super::*;
 
 /// The idempotency keys the broker remembers: (identity, key) until a deadline, at most
-/// `max_keys` per identity.
+/// `max_keys` per identity. Each identity's keys fill a ring of slots in the store: the
+/// key a new one pushes out of the count window sat in the slot the new one takes.
 #[derive(Debug, Default)]
 pub(super) struct Keys {
     /// (identity, key) -> when it may be forgotten, and its insertion number.
     seen: HashMap<(Str, Str), (Instant, u64)>,
     /// Insertion order (the window is the same for all, so deadlines are in order too).
     order: VecDeque<(Instant, Str, Str, u64)>,
-    /// Each identity's keys in insertion order, for the count bound.
-    per: HashMap<Str, VecDeque<(Str, u64)>>,
+    /// Each identity's keys in insertion order, and the next slot of its ring.
+    per: HashMap<Str, Ring>,
     next: u64,
+}
+
+#[derive(Debug, Default)]
+struct Ring {
+    keys: VecDeque<(Str, u64)>,
+    next_slot: u64,
 }
 
 impl Keys {
@@ -33,64 +40,89 @@ impl Keys {
         self.seen.len()
     }
 
-    /// Remembers `key` until `until`; forgets what expired by `now` and what the count
-    /// bound pushes out, writing each forgotten key's deletion to `ops` (by `wall`).
+    /// Remembers `key` until `until` unless it is remembered already (`None`: a repeat);
+    /// returns the ring slot it takes. Forgets what expired by `now` and what the count
+    /// bound pushes out.
     pub(super) fn remember(
         &mut self,
-        identity: Str,
-        key: Str,
+        identity: &Str,
+        key: &Str,
         until: Instant,
         max_keys: usize,
         now: Instant,
-        ops: &mut Vec<Op>,
-    ) {
-        self.forget_expired(now, ops);
+    ) -> Option<u32> {
+        self.forget_expired(now);
+        let n = self.next + 1;
+        match self.seen.entry((identity.clone(), key.clone())) {
+            std::collections::hash_map::Entry::Occupied(e) if e.get().0 > now => return None,
+            std::collections::hash_map::Entry::Occupied(mut e) => {
+                e.insert((until, n));
+            }
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert((until, n));
+            }
+        }
+        self.next = n;
+        self.order
+            .push_back((until, identity.clone(), key.clone(), n));
+        let max = max_keys.max(1);
+        let ring = match self.per.get_mut(identity) {
+            Some(r) => r,
+            None => self.per.entry(identity.clone()).or_default(),
+        };
+        let slot = (ring.next_slot % max as u64) as u32;
+        ring.next_slot += 1;
+        ring.keys.push_back((key.clone(), n));
+        while ring.keys.len() > max {
+            let Some((old, m)) = ring.keys.pop_front() else {
+                break;
+            };
+            if let std::collections::hash_map::Entry::Occupied(e) =
+                self.seen.entry((identity.clone(), old))
+                && e.get().1 == m
+            {
+                e.remove();
+            }
+        }
+        Some(slot)
+    }
+
+    /// Takes a key read back from the store, in slot `slot` (keys come oldest first).
+    fn restore(&mut self, identity: Str, slot: u32, key: Str, until: Instant) {
         self.next += 1;
         let n = self.next;
         self.seen
             .insert((identity.clone(), key.clone()), (until, n));
         self.order
             .push_back((until, identity.clone(), key.clone(), n));
-        let mine = self.per.entry(identity.clone()).or_default();
-        mine.push_back((key, n));
-        while mine.len() > max_keys.max(1) {
-            let Some((old, m)) = mine.pop_front() else {
-                break;
-            };
-            let pair = (identity.clone(), old);
-            if self.seen.get(&pair).is_some_and(|(_, at)| *at == m) {
-                self.seen.remove(&pair);
-                ops.push(Op::DeleteKey {
-                    identity: pair.0,
-                    key: pair.1,
-                });
-            }
-        }
+        let ring = self.per.entry(identity).or_default();
+        ring.keys.push_back((key, n));
+        ring.next_slot = u64::from(slot) + 1;
     }
 
-    /// Forgets every key whose window ended by `now`.
-    pub(super) fn forget_expired(&mut self, now: Instant, ops: &mut Vec<Op>) {
+    /// Forgets every key whose window ended by `now` (in memory: its slot in the store is
+    /// taken by a later key, or emptied at the next start).
+    pub(super) fn forget_expired(&mut self, now: Instant) {
         while let Some((until, ..)) = self.order.front()
             && *until <= now
         {
             let Some((_, identity, key, n)) = self.order.pop_front() else {
                 break;
             };
-            if let Some(mine) = self.per.get_mut(&identity) {
-                if mine.front().is_some_and(|(_, m)| *m == n) {
-                    mine.pop_front();
+            if let Some(ring) = self.per.get_mut(&identity) {
+                if ring.keys.front().is_some_and(|(_, m)| *m == n) {
+                    ring.keys.pop_front();
                 }
-                if mine.is_empty() {
+                if ring.keys.is_empty() {
+                    // Its slots start again from 0: the store's rows are overwritten in
+                    // order or emptied at the next start.
                     self.per.remove(&identity);
                 }
             }
-            let pair = (identity, key);
-            if self.seen.get(&pair).is_some_and(|(_, m)| *m == n) {
-                self.seen.remove(&pair);
-                ops.push(Op::DeleteKey {
-                    identity: pair.0,
-                    key: pair.1,
-                });
+            if let std::collections::hash_map::Entry::Occupied(e) = self.seen.entry((identity, key))
+                && e.get().1 == n
+            {
+                e.remove();
             }
         }
     }
@@ -164,7 +196,7 @@ fn receipt_asked(message: &Message) -> Option<(bool, TopicName)> {
 
 impl Broker {
     /// The idempotency key a client's message carries, with the identity it is
-    /// remembered under (the username, or the client id of an anonymous client).
+    /// remembered under (`user:NAME`, or `client:ID` for an anonymous client).
     pub(super) fn idempotency_key(&self, client_id: &Str, message: &Message) -> Option<(Str, Str)> {
         let name = self.settings.idempotency.property.as_ref()?;
         if message.properties.user_properties.is_empty() {
@@ -175,47 +207,44 @@ impl Broker {
             .user_properties
             .iter()
             .find(|(k, _)| k == name)?;
-        let identity = self
-            .sessions
-            .get(client_id)
-            .and_then(|s| s.username.as_ref())
-            .map_or_else(|| client_id.clone(), |u| Str::from(format!("user:{u}")));
-        let identity = if identity == *client_id {
-            Str::from(format!("client:{client_id}"))
-        } else {
-            identity
-        };
+        let identity = self.sessions.get(client_id)?.identity.clone();
         Some((identity, key.clone()))
     }
 
-    /// Remembers a key (in memory, and in this input's ops: committed with the message).
-    pub(super) fn remember_key(&mut self, (identity, key): (Str, Str), now: Instant) {
+    /// Remembers a key (in memory, and in this input's ops: committed with the message),
+    /// unless it is remembered already: false for a repeat.
+    pub(super) fn remember_key(&mut self, (identity, key): (Str, Str), now: Instant) -> bool {
         let until = now + self.settings.idempotency.window;
+        let max = self.settings.idempotency.max_keys;
+        let Some(slot) = self.keys.remember(&identity, &key, until, max, now) else {
+            return false;
+        };
         let expires = self.wall(until);
         self.batch.push(Op::PutKey {
-            identity: identity.clone(),
-            key: key.clone(),
+            identity,
+            slot,
+            key,
             expires,
         });
-        let max = self.settings.idempotency.max_keys;
-        self.keys
-            .remember(identity, key, until, max, now, &mut self.batch);
+        true
     }
 
-    /// Takes the keys a store held, forgetting (and deleting) those whose window ended.
-    pub(super) fn load_keys(&mut self, keys: BTreeMap<(Str, Str), SystemTime>, now: Instant) {
-        let mut by_time: Vec<(Instant, Str, Str)> = keys
+    /// Takes the keys a store held, emptying the slots of those whose window ended.
+    pub(super) fn load_keys(
+        &mut self,
+        keys: BTreeMap<(Str, u32), (Str, SystemTime)>,
+        now: Instant,
+    ) {
+        let mut by_time: Vec<(Instant, Str, u32, Str)> = keys
             .into_iter()
-            .map(|((identity, key), at)| (self.instant(at), identity, key))
+            .map(|((identity, slot), (key, at))| (self.instant(at), identity, slot, key))
             .collect();
         by_time.sort();
-        let max = self.settings.idempotency.max_keys;
-        for (until, identity, key) in by_time {
+        for (until, identity, slot, key) in by_time {
             if until <= now {
-                self.batch.push(Op::DeleteKey { identity, key });
+                self.batch.push(Op::DeleteKey { identity, slot });
             } else {
-                self.keys
-                    .remember(identity, key, until, max, now, &mut self.batch);
+                self.keys.restore(identity, slot, key, until);
             }
         }
     }

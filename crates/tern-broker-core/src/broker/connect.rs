@@ -212,10 +212,12 @@ impl Broker {
                 accounted: (0, 0),
                 parked: VecDeque::new(),
                 will_stored: false,
+                identity: Str::new(),
             })
         });
         session.expiry = expiry;
         session.username = connect.username.as_deref().map(Str::from);
+        session.identity = key_identity(&client_id, session.username.as_ref());
         session.expires_at = None;
         // The will is kept in the store while the connection lasts, so that a crash, which
         // ends the connection too, does not lose it.

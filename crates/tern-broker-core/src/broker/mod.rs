@@ -123,6 +123,9 @@ struct Session {
     touched: bool,
     /// The username of its last connection, for the ACL.
     username: Option<Str>,
+    /// Who its client is to idempotency keys: `user:NAME`, or `client:ID` without a
+    /// username (set at each connection).
+    identity: Str,
     /// Start of the current one-second publish-rate window and PUBLISH packets in it.
     rate: (Instant, u32),
     /// When a full queue was last logged for this session (drops are counted always,
@@ -308,6 +311,14 @@ impl Link {
     }
 }
 
+/// Who a client is to idempotency keys: its username, or its client id without one.
+fn key_identity(client_id: &Str, username: Option<&Str>) -> Str {
+    match username {
+        Some(u) => Str::from(format!("user:{u}")),
+        None => Str::from(format!("client:{client_id}")),
+    }
+}
+
 /// The broker core.
 pub struct Broker {
     settings: Settings,
@@ -478,6 +489,7 @@ impl Broker {
                 persisted: true,
                 problem_info: true,
                 touched: false,
+                identity: key_identity(&client_id, r.username.as_ref()),
                 username: r.username,
                 rate: (now, 0),
                 queue_full_logged: None,

@@ -381,13 +381,12 @@ impl Broker {
         problem_info: bool,
         now: Instant,
     ) {
-        if let Some((identity, key)) = self.idempotency_key(client_id, &message) {
-            // Held under `block` behind the message it repeats.
-            if self.keys.seen(&identity, &key, now) {
-                self.repeat(client_id, &message, ack, now);
-                return;
-            }
-            self.remember_key((identity, key), now);
+        if let Some(key) = self.idempotency_key(client_id, &message)
+            && !self.remember_key(key, now)
+        {
+            // A repeat held under `block` behind the message it repeats.
+            self.repeat(client_id, &message, ack, now);
+            return;
         }
         let receipt = self.begin_tally(&message);
         let kept = receipt.as_ref().map(|_| message.clone());

@@ -208,18 +208,20 @@ pub(crate) fn batch(ops: &[crate::Op], anchor: Anchor) -> Result<Vec<u8>, StoreE
             }
             Op::PutKey {
                 identity,
+                slot,
                 key,
                 expires,
             } => {
                 w.u8(PUT_KEY);
                 w.bytes(identity.as_bytes());
+                w.u32(*slot);
                 w.bytes(key.as_bytes());
                 w.time(*expires);
             }
-            Op::DeleteKey { identity, key } => {
+            Op::DeleteKey { identity, slot } => {
                 w.u8(DELETE_KEY);
                 w.bytes(identity.as_bytes());
-                w.bytes(key.as_bytes());
+                w.u32(*slot);
             }
         }
     }
@@ -328,12 +330,13 @@ pub(crate) fn read_batch(buf: &[u8], anchor: Anchor) -> Result<Vec<crate::Op>, S
             },
             PUT_KEY => Op::PutKey {
                 identity: Str::from(r.str()?),
+                slot: r.u32()?,
                 key: Str::from(r.str()?),
                 expires: r.time()?,
             },
             DELETE_KEY => Op::DeleteKey {
                 identity: Str::from(r.str()?),
-                key: Str::from(r.str()?),
+                slot: r.u32()?,
             },
             _ => return Err(corrupt(what)),
         };
