@@ -84,6 +84,10 @@ pub(crate) struct BenchCli {
     /// publish (5.0)
     #[arg(long)]
     key: bool,
+    /// Persistent sessions (expiry one hour) for every client, so QoS 1/2 deliveries are
+    /// committed to the store as they go
+    #[arg(long)]
+    persistent: bool,
     /// Ask a routed delivery receipt for every publish (5.0; Response Topic
     /// bench/receipts/CLIENT, which the publisher receives without subscribing)
     #[arg(long)]
@@ -196,6 +200,7 @@ struct Args {
     pid: Option<u32>,
     key: bool,
     receipt: bool,
+    persistent: bool,
 }
 
 impl From<BenchCli> for Args {
@@ -220,6 +225,7 @@ impl From<BenchCli> for Args {
             pid: c.pid,
             key: c.key,
             receipt: c.receipt,
+            persistent: c.persistent,
         }
     }
 }
@@ -361,6 +367,9 @@ fn options(a: &Args, id: String) -> Options {
     let mut o = Options::new(a.host.clone(), a.port, id).protocol(a.version);
     if a.key {
         o = o.stamp("msg-id");
+    }
+    if a.persistent {
+        o = o.persistent(Duration::from_secs(3600));
     }
 
     o.inflight = a.inflight;
