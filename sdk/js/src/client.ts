@@ -390,6 +390,20 @@ export class TernClient {
     for (const fn of this.listeners.get(event) ?? []) (fn as (...a: unknown[]) => void)(...args);
   }
 
+  /** Resolves once the client is connected (at once if it is). */
+  whenConnected(): Promise<void> {
+    if (this.state === 'connected') return Promise.resolve();
+    return new Promise((resolve) => {
+      const on = (s: ConnectionState) => {
+        if (s === 'connected') {
+          this.off('state', on as Listener);
+          resolve();
+        }
+      };
+      this.on('state', on);
+    });
+  }
+
   /** QoS 1/2 messages not yet acknowledged: waiting for room, and in flight. */
   get unacknowledged(): number {
     return this.queue.length + this.inflight.size;

@@ -81,7 +81,7 @@ export class Tern {
       );
     }
     this.proc = spawn(ternBin, ['broker', '--config', path.join(this.dir, 'tern.toml')], {
-      stdio: ['ignore', 'ignore', 'inherit'],
+      stdio: 'ignore',
       env: { ...process.env, RUST_LOG: 'warn' },
     });
     await waitPort(this.ports.tcp);

@@ -16,7 +16,7 @@ import { Tern, Mosquitto, watcher, counts, sleep } from './helpers.mjs';
 const here = path.dirname(fileURLToPath(import.meta.url));
 
 for (const transport of ['tcp', 'ws']) {
-  test(`per-message QoS 0, 1 and 2 on one ${transport} connection, each promise at its guarantee`, async () => {
+  test(`per-message QoS 0, 1 and 2 on one ${transport} connection, each promise at its guarantee`, { timeout: 120_000 }, async () => {
     const tern = await new Tern().start();
     try {
       const w = await watcher(tern.tcp, 'qos/#');
@@ -53,7 +53,7 @@ for (const transport of ['tcp', 'ws']) {
   });
 }
 
-test('a refusal rejects with the broker reason code (a topic policy: QoS 2 minimum)', async () => {
+test('a refusal rejects with the broker reason code (a topic policy: QoS 2 minimum)', { timeout: 120_000 }, async () => {
   const tern = await new Tern('[[topic]]\nfilter = "pay/#"\nmin_qos = 2\n').start();
   try {
     const client = await connect({ url: tern.tcp });
@@ -70,7 +70,7 @@ test('a refusal rejects with the broker reason code (a topic policy: QoS 2 minim
   }
 });
 
-test('1,000 QoS 2 publishes at once stay within the Receive Maximum and all complete', async () => {
+test('1,000 QoS 2 publishes at once stay within the Receive Maximum and all complete', { timeout: 120_000 }, async () => {
   const tern = await new Tern().start();
   try {
     const w = await watcher(tern.tcp, 'burst/#');
@@ -94,7 +94,7 @@ test('1,000 QoS 2 publishes at once stay within the Receive Maximum and all comp
   }
 });
 
-test('plain MQTT.js with 300 QoS 2 publishes at once is disconnected (0x93): what flow control prevents', async () => {
+test('plain MQTT.js with 300 QoS 2 publishes at once is disconnected (0x93): what flow control prevents', { timeout: 120_000 }, async () => {
   const tern = await new Tern().start();
   try {
     const c = mqtt.connect(tern.tcp, { protocolVersion: 5, reconnectPeriod: 0 });
@@ -108,7 +108,7 @@ test('plain MQTT.js with 300 QoS 2 publishes at once is disconnected (0x93): wha
   }
 });
 
-test('the outbox file survives kill -9 of the publishing process: QoS 2 exactly once', async () => {
+test('the outbox file survives kill -9 of the publishing process: QoS 2 exactly once', { timeout: 120_000 }, async () => {
   const tern = await new Tern().start();
   try {
     const w = await watcher(tern.tcp, 'outbox/#');
@@ -119,7 +119,7 @@ test('the outbox file survives kill -9 of the publishing process: QoS 2 exactly 
         const child = spawn(
           process.execPath,
           [path.join(here, 'publisher.mjs'), tern.tcp, outbox, String(count)],
-          { stdio: ['ignore', 'pipe', 'inherit'] },
+          { stdio: ['ignore', 'pipe', 'ignore'] },
         );
         let acked = 0;
         child.stdout.on('data', (d) => {
@@ -148,7 +148,7 @@ test('the outbox file survives kill -9 of the publishing process: QoS 2 exactly 
   }
 });
 
-test('the broker killed with SIGKILL while publishing QoS 1/2: nothing acknowledged lost, no QoS 2 duplicate', async () => {
+test('the broker killed with SIGKILL while publishing QoS 1/2: nothing acknowledged lost, no QoS 2 duplicate', { timeout: 120_000 }, async () => {
   const tern = await new Tern().start();
   try {
     const w = await watcher(tern.tcp, 'crash/#');
@@ -180,7 +180,7 @@ test('the broker killed with SIGKILL while publishing QoS 1/2: nothing acknowled
   }
 });
 
-test('against Mosquitto: per-message QoS and 1,000 QoS 2 at once', async () => {
+test('against Mosquitto: per-message QoS and 1,000 QoS 2 at once', { timeout: 120_000 }, async () => {
   const mosq = await new Mosquitto().start();
   try {
     const w = await watcher(mosq.tcp, 'm/#');
@@ -199,7 +199,7 @@ test('against Mosquitto: per-message QoS and 1,000 QoS 2 at once', async () => {
   }
 });
 
-test('Dedup drops a repeat of a stamped message', async () => {
+test('Dedup drops a repeat of a stamped message', { timeout: 120_000 }, async () => {
   const tern = await new Tern().start();
   try {
     const client = await connect({ url: tern.tcp });
