@@ -24,11 +24,11 @@ try {
   await page.goto(`http://127.0.0.1:${server.address().port}/`);
   await page.waitForFunction('window.ready === true');
   console.log(`broker: ${process.env.TERN_BIN ?? 'debug build'}; ${N} messages per run, ${REPS} runs`);
-  for (const qos of [0, 1, 2]) {
+  for (const [qos, durability] of [[0, 'strict'], [1, 'strict'], [2, 'strict'], [1, 'relaxed'], [2, 'relaxed']]) {
     const rates = [];
     for (let r = 0; r < REPS; r++) {
-      const rate = await page.evaluate(async (url, n, q) => {
-        const c = await window.tern.connect({ url, outbox: `bench-${q}-${Math.random()}` });
+      const rate = await page.evaluate(async (url, n, q, d) => {
+        const c = await window.tern.connect({ url, outbox: `bench-${q}-${Math.random()}`, durability: d });
         await c.whenConnected();
         const t = performance.now();
         const all = [];
@@ -37,10 +37,11 @@ try {
         const s = (performance.now() - t) / 1000;
         await c.close();
         return n / s;
-      }, tern.ws, N, qos);
+      }, tern.ws, N, qos, durability);
       rates.push(rate);
     }
-    console.log(`QoS ${qos}: ${Math.round(median(rates))} msgs/s (runs: ${rates.map(Math.round).join(', ')})`);
+    const label = qos === 0 ? 'QoS 0' : `QoS ${qos}, outbox ${durability}`;
+    console.log(`${label}: ${Math.round(median(rates))} msgs/s (runs: ${rates.map(Math.round).join(', ')})`);
   }
 } finally {
   await tern.kill();

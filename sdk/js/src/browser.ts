@@ -51,7 +51,7 @@ export async function connect(options: ClientOptions): Promise<TernClient> {
   const backend =
     options.outbox === false
       ? new MemoryBackend()
-      : await IndexedDbBackend.open(`${prefix}:${clientId}`);
+      : await IndexedDbBackend.open(`${prefix}:${clientId}`, options.durability);
   const client = new TernClient(options, clientId, backend);
   await client.start();
   return client;

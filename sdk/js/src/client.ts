@@ -31,6 +31,12 @@ export interface ClientOptions {
    * (default: none, in memory). `false`: in memory only (lost with the page or process).
    */
   outbox?: string | false;
+  /**
+   * Browsers: how the outbox's IndexedDB writes count as done. `strict` (default): on
+   * disk (a power loss keeps them); `relaxed`: handed to the operating system (a reload, a
+   * closed tab or a browser crash keeps them, a machine crash may not), faster.
+   */
+  durability?: 'strict' | 'relaxed';
   /** How long the broker keeps the session while the client is away (s, default 3600). */
   sessionExpiry?: number;
   /**
