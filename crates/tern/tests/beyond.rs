@@ -25,19 +25,7 @@ fn script() -> String {
 
 /// Runs the paho helper to its end (at most 60 s) and returns its lines.
 fn paho(args: &[&str]) -> Vec<String> {
-    let child = Command::new("timeout")
-        .arg("60")
-        .arg("python3")
-        .arg(script())
-        .args(args)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_string)
-        .collect()
+    finish(paho_watch(args))
 }
 
 /// Starts the paho helper in the background (a subscriber), returned once it printed
@@ -57,6 +45,25 @@ fn paho_bg(args: &[&str]) -> Child {
     // The rest is read and dropped (the script must not write to a closed pipe).
     std::thread::spawn(move || for _ in reader.lines() {});
     child
+}
+
+/// Starts a paho subscriber whose output is read when it ends (`finish`).
+fn paho_watch(args: &[&str]) -> Child {
+    Command::new("timeout")
+        .args(["60", "python3", &script()])
+        .args(args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// The lines a `paho_watch` subscriber printed, once it ended.
+fn finish(child: Child) -> Vec<String> {
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
 }
 
 /// The `msg` lines of a subscriber's output: (QoS, topic, expiry, payload).
@@ -92,21 +99,7 @@ fn paho_resends_a_completed_qos2_publish_and_an_idempotency_key_stops_the_duplic
     let d = dir("replay");
     let broker = BrokerProcess::in_dir(&d, "");
     let port = broker.port(0).to_string();
-    let sub = Command::new("timeout")
-        .args([
-            "60",
-            "python3",
-            &script(),
-            "sub",
-            &port,
-            "watcher",
-            "replay/#",
-            "2",
-        ])
-        .args(["--timeout", "12"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let sub = paho_watch(&["sub", &port, "watcher", "replay/#", "2", "--timeout", "12"]);
     std::thread::sleep(Duration::from_millis(1500));
     let plain = paho(&["replay", &port, "replayer-a", "replay/plain"]);
     assert!(
@@ -125,11 +118,7 @@ fn paho_resends_a_completed_qos2_publish_and_an_idempotency_key_stops_the_duplic
         keyed.iter().any(|l| l.starts_with("done cut 2")),
         "{keyed:?}"
     );
-    let out = sub.wait_with_output().unwrap();
-    let lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_string)
-        .collect();
+    let lines = finish(sub);
     let got = messages(&lines);
     let count = |t: &str| got.iter().filter(|m| m.1 == t).count();
     assert_eq!(
@@ -452,12 +441,7 @@ fn topic_policies_refuse_downgrade_skip_offline_queues_and_reload_on_sighup() {
         ]);
         assert!(r.contains(&"done".to_string()), "{r:?}");
     }
-    let watcher = Command::new("timeout")
-        .args(["60", "python3", &script(), "sub", &port, "watch", "#", "2"])
-        .args(["--timeout", "12"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let watcher = paho_watch(&["sub", &port, "watch", "#", "2", "--timeout", "12"]);
     std::thread::sleep(Duration::from_millis(1500));
     let publish = |args: &[&str]| {
         let mut all = vec!["pub", port.as_str()];
@@ -508,11 +492,7 @@ fn topic_policies_refuse_downgrade_skip_offline_queues_and_reload_on_sighup() {
     );
     let r = publish(&["p0b", "pay/2", "0", "q0-after"]);
     assert!(!r.iter().any(|l| l.starts_with("disconnect")), "{r:?}");
-    let out = watcher.wait_with_output().unwrap();
-    let lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_string)
-        .collect();
+    let lines = finish(watcher);
     let got = messages(&lines);
     let payloads: Vec<&str> = got.iter().map(|m| m.3.as_str()).collect();
     assert_eq!(
