@@ -309,6 +309,32 @@ fn receipts_count_every_outcome_and_settle_after_the_last_acknowledgement() {
         r.iter().any(|l| l.starts_with("receipt routed c-f ")),
         "correlation data: {r:?}"
     );
+    // A repeat of a key the broker has: acknowledged, not routed, and its receipt says so.
+    let keyed = |client: &str| {
+        paho(&[
+            "pub",
+            &port,
+            client,
+            "rc/k",
+            "1",
+            "once",
+            "--key",
+            "pay-9",
+            "--receipt",
+            "routed",
+            "--response",
+            "rcpt/k",
+            "--receipts",
+            "1",
+        ])
+    };
+    let first = receipt(&keyed("payer-k"), "routed");
+    let again = receipt(&keyed("payer-k"), "routed");
+    assert_eq!(
+        (&first["duplicate"], &again["duplicate"], &again["matched"]),
+        (&false.into(), &true.into(), &0.into()),
+        "{first} / {again}"
+    );
     // No match at all.
     let r = paho(&[
         "pub",
