@@ -17,8 +17,17 @@ fn node_test(file: &str) {
         std::path::Path::new(sdk).join("dist/index.js").exists(),
         "sdk/js is not built: scripts/test runs `npm ci && npm run build` there"
     );
-    let out = Command::new("node")
-        .args(["--test", "--test-reporter=spec", file])
+    // A test that hangs fails on its own timeout (120 s, in the file); --test-force-exit
+    // ends the run even if one left a socket open, and `timeout` bounds the whole of it.
+    let out = Command::new("timeout")
+        .args([
+            "900",
+            "node",
+            "--test",
+            "--test-force-exit",
+            "--test-reporter=spec",
+            file,
+        ])
         .current_dir(sdk)
         .env("TERN_BIN", env!("CARGO_BIN_EXE_tern"))
         .output()

@@ -310,7 +310,8 @@ export class TernClient {
       if (this.restored.size === 0) return;
       const key = this.restored.get(p.messageId);
       if (key === undefined) return;
-      const refused = (p.reasonCode ?? 0) >= 0x80;
+      // (PUBCOMP 0x92: the flow was completed before; see `completed`.)
+      const refused = (p.reasonCode ?? 0) >= 0x80 && !(p.cmd === 'pubcomp' && p.reasonCode === 0x92);
       if (p.cmd === 'puback' || p.cmd === 'pubcomp' || (p.cmd === 'pubrec' && refused)) {
         this.restored.delete(p.messageId);
         const err = refused
@@ -493,6 +494,13 @@ export class TernClient {
       this.ackReasons.delete(p.messageId);
     } else if (p?.cmd === 'puback' || p?.cmd === 'pubcomp' || p?.cmd === 'pubrec') {
       reasonCode = p.reasonCode ?? reasonCode;
+    }
+    // PUBCOMP 0x92 (Packet Identifier not found) answers a PUBREL sent again for a flow the
+    // broker had already completed (its PUBCOMP was lost with the connection): PUBREC had
+    // said the broker has the message, so the publish succeeded.
+    if (err && reasonCode === 0x92 && (p?.cmd === 'pubcomp' || p?.cmd === 'pubrel')) {
+      err = undefined;
+      reasonCode = 0;
     }
     if (err) {
       const e =

@@ -68,25 +68,45 @@ export class Tern {
   }
 
   async start() {
-    if (!this.ports) {
-      this.ports = { tcp: await freePort(), ws: await freePort(), wss: await freePort() };
-      const [cert, key] = certificate(this.dir);
-      writeFileSync(
-        path.join(this.dir, 'tern.toml'),
-        `[[listener]]\nbind = "127.0.0.1:${this.ports.tcp}"\n` +
-          `[[listener]]\nbind = "127.0.0.1:${this.ports.ws}"\ntransport = "ws"\n` +
-          `[[listener]]\nbind = "127.0.0.1:${this.ports.wss}"\ntransport = "wss"\ncert_file = "${cert}"\nkey_file = "${key}"\n` +
-          `[metrics]\nenabled = false\n[storage]\ndata_dir = "${path.join(this.dir, 'data')}"\n` +
-          this.extra,
-      );
-    }
-    this.proc = spawn(ternBin, ['broker', '--config', path.join(this.dir, 'tern.toml')], {
-      stdio: 'ignore',
-      env: { ...process.env, RUST_LOG: 'warn' },
+    const config = path.join(this.dir, 'tern.toml');
+    const [cert, key] = certificate(this.dir);
+    // The first start takes ports the broker picks itself (no other process can take them
+    // between a free-port check and the bind); restarts reuse them.
+    const bind = (kind) => `127.0.0.1:${this.ports ? this.ports[kind] : 0}`;
+    writeFileSync(
+      config,
+      `[[listener]]\nbind = "${bind('tcp')}"\n` +
+        `[[listener]]\nbind = "${bind('ws')}"\ntransport = "ws"\n` +
+        `[[listener]]\nbind = "${bind('wss')}"\ntransport = "wss"\ncert_file = "${cert}"\nkey_file = "${key}"\n` +
+        `[metrics]\nenabled = false\n[storage]\ndata_dir = "${path.join(this.dir, 'data')}"\n` +
+        this.extra,
+    );
+    const proc = spawn(ternBin, ['broker', '--config', config], {
+      stdio: ['ignore', 'pipe', 'ignore'],
+      env: { ...process.env, RUST_LOG: 'tern=info', NO_COLOR: '1' },
     });
-    await waitPort(this.ports.tcp);
-    await waitPort(this.ports.ws);
-    await waitPort(this.ports.wss);
+    this.proc = proc;
+    const line = await new Promise((resolve, reject) => {
+      let text = '';
+      const timer = setTimeout(() => reject(new Error('tern did not say where it listens')), 15000);
+      proc.once('exit', (code) => {
+        clearTimeout(timer);
+        reject(new Error(`tern exited (${code}) before listening`));
+      });
+      proc.stdout.on('data', (d) => {
+        if (text === null) return;
+        text += d.toString();
+        const m = text.match(/listening on ([^\n]*)/);
+        if (m) {
+          clearTimeout(timer);
+          text = null;
+          resolve(m[1]);
+        }
+      });
+    });
+    const ports = {};
+    for (const m of line.matchAll(/127\.0\.0\.1:(\d+) \((tcp|ws|wss)\)/g)) ports[m[2]] = Number(m[1]);
+    this.ports = ports;
     return this;
   }
 
@@ -127,13 +147,19 @@ export class Tern {
 /** Debian's Mosquitto on a free port (TCP), persistence off. */
 export class Mosquitto {
   async start() {
-    this.port = await freePort();
-    this.dir = mkdtempSync(path.join(tmpdir(), 'tern-sdk-mosq-'));
-    const conf = path.join(this.dir, 'mosquitto.conf');
-    writeFileSync(conf, `listener ${this.port} 127.0.0.1\nallow_anonymous true\npersistence false\n`);
-    this.proc = spawn('/usr/sbin/mosquitto', ['-c', conf], { stdio: 'ignore' });
-    await waitPort(this.port);
-    return this;
+    // A port found free can be taken before Mosquitto binds it (Mosquitto then exits):
+    // started again on another.
+    for (let attempt = 0; attempt < 5; attempt++) {
+      this.port = await freePort();
+      this.dir = mkdtempSync(path.join(tmpdir(), 'tern-sdk-mosq-'));
+      const conf = path.join(this.dir, 'mosquitto.conf');
+      writeFileSync(conf, `listener ${this.port} 127.0.0.1\nallow_anonymous true\npersistence false\n`);
+      this.proc = spawn('/usr/sbin/mosquitto', ['-c', conf], { stdio: 'ignore' });
+      await waitPort(this.port);
+      await sleep(100);
+      if (this.proc.exitCode === null && this.proc.signalCode === null) return this;
+    }
+    throw new Error('Mosquitto did not start in 5 attempts');
   }
   get tcp() {
     return `mqtt://127.0.0.1:${this.port}`;
