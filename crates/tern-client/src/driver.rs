@@ -22,6 +22,23 @@ impl Link {
         state: &mut ClientState,
         established: bool,
     ) -> Result<(Link, bool), Error> {
+        let (link, connect, ack) = Link::dial(options, clean_start).await?;
+        let present = state.handle_connack(
+            &connect,
+            &ack,
+            options.inflight,
+            established,
+            Instant::now(),
+        )?;
+        Ok((link, present))
+    }
+
+    /// Connects, sends CONNECT and waits for the CONNACK; the CONNECT and the CONNACK, for
+    /// [`ClientState::handle_connack`].
+    pub(crate) async fn dial(
+        options: &Options,
+        clean_start: bool,
+    ) -> Result<(Link, Connect, tern_codec::ConnAck), Error> {
         let addr = format!("{}:{}", options.host, options.port);
         let mut stream = transport::open(&options.transport, &options.host, options.port).await?;
         let connect = options.connect_packet(clean_start);
@@ -59,14 +76,7 @@ impl Link {
         .ok()
         .flatten()
         .ok_or_else(|| Error::NoConnAck(addr.clone()))?;
-        let present = state.handle_connack(
-            &connect,
-            &ack,
-            options.inflight,
-            established,
-            Instant::now(),
-        )?;
-        Ok((Link { stream, read }, present))
+        Ok((Link { stream, read }, connect, ack))
     }
 }
 
@@ -274,7 +284,7 @@ pub(crate) async fn serve(
 }
 
 /// Writes what the engine has to send (after anything already in `out`) in one write.
-async fn flush(
+pub(crate) async fn flush(
     link: &mut Link,
     state: &mut ClientState,
     out: &mut BytesMut,

@@ -22,6 +22,7 @@
 //! # }
 //! ```
 
+pub mod bridge;
 mod dedup;
 mod driver;
 mod events;
@@ -126,6 +127,8 @@ pub struct Options {
     /// A user property stamped on every published message with a value unique to it
     /// (5.0 only), for a [`Dedup`] on the receiving side (see [`Options::stamp`]).
     pub stamp: Option<String>,
+    /// Our Receive Maximum in CONNECT (5.0): the bridge's flow control.
+    pub(crate) receive_maximum: Option<std::num::NonZeroU16>,
 }
 
 /// What went wrong.

@@ -37,6 +37,7 @@ impl Options {
             transport: Transport::Tcp,
             outbox: None,
             stamp: None,
+            receive_maximum: None,
         }
     }
 
@@ -260,6 +261,9 @@ impl Options {
         c.keep_alive = self.keep_alive;
         c.username = self.username.as_deref().map(Into::into);
         c.password = self.password.clone();
+        if self.protocol.is_v5() {
+            c.properties.receive_maximum = self.receive_maximum;
+        }
         if self.protocol.is_v5() && !self.session_expiry.is_zero() {
             c.properties.session_expiry_interval =
                 Some(self.session_expiry.as_secs().min(u64::from(u32::MAX)) as u32);

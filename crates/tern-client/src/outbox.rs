@@ -14,7 +14,7 @@ use crate::Error;
 pub(crate) struct Outbox {
     /// `None` only while a commit runs on the blocking pool.
     store: Option<RedbStore>,
-    client_id: Str,
+    client_ids: Vec<Str>,
     ops: Vec<Op>,
 }
 
@@ -28,38 +28,54 @@ impl Outbox {
         path: PathBuf,
         client_id: &str,
     ) -> Result<(Outbox, SessionState), Error> {
-        if client_id.is_empty() {
+        let (outbox, mut states) = Outbox::open_many(path, &[client_id]).await?;
+        let state = states.pop().unwrap_or_else(SessionState::new);
+        Ok((outbox, state))
+    }
+
+    /// Opens (or creates) the file and reads back the sessions kept for `client_ids`
+    /// (in that order): one file whose sessions change together, in one commit
+    /// ([`Outbox::save_many`]), as the bridge needs.
+    pub(crate) async fn open_many(
+        path: PathBuf,
+        client_ids: &[&str],
+    ) -> Result<(Outbox, Vec<SessionState>), Error> {
+        if client_ids.iter().any(|id| id.is_empty()) {
             return Err(Error::Outbox(
                 "an outbox needs a client identifier (it is kept per client)".into(),
             ));
         }
-        let id: Str = client_id.into();
-        let key = id.clone();
+        let ids: Vec<Str> = client_ids.iter().map(|&id| Str::from(id)).collect();
+        let keys = ids.clone();
         tokio::task::spawn_blocking(move || {
             let fail = fail(&path);
             let mut store = RedbStore::open(&path, Instant::now(), SystemTime::now())
                 .map_err(|e| fail(e.to_string()))?;
             let mut snapshot = store.load().map_err(|e| fail(e.to_string()))?;
-            let mut state = match snapshot.sessions.remove(&key) {
-                Some(s) => s.delivery,
-                None => {
-                    store
-                        .commit(&[Op::PutSession {
-                            client_id: key.clone(),
-                            record: SessionRecord::default(),
-                        }])
-                        .map_err(|e| fail(e.to_string()))?;
-                    SessionState::new()
-                }
-            };
-            // The file holds this state: from now on only changes are written.
-            state.track(true);
+            let mut states = Vec::with_capacity(keys.len());
+            for key in &keys {
+                let mut state = match snapshot.sessions.remove(key) {
+                    Some(s) => s.delivery,
+                    None => {
+                        store
+                            .commit(&[Op::PutSession {
+                                client_id: key.clone(),
+                                record: SessionRecord::default(),
+                            }])
+                            .map_err(|e| fail(e.to_string()))?;
+                        SessionState::new()
+                    }
+                };
+                // The file holds this state: from now on only changes are written.
+                state.track(true);
+                states.push(state);
+            }
             let outbox = Outbox {
                 store: Some(store),
-                client_id: key,
+                client_ids: keys,
                 ops: Vec::new(),
             };
-            Ok((outbox, state))
+            Ok((outbox, states))
         })
         .await
         .map_err(|e| Error::Outbox(e.to_string()))?
@@ -68,24 +84,37 @@ impl Outbox {
     /// Writes `changes` (what changed in the session since the last call: the engine's
     /// or the held state's `take_changes`), durably (fsync), in one commit.
     pub(crate) async fn save(&mut self, changes: Option<Changes>) -> Result<(), Error> {
-        match changes {
-            None => return Ok(()),
-            Some(Changes::Some(changes)) => {
-                if changes.is_empty() {
-                    return Ok(());
-                }
-                self.ops
-                    .extend(changes.into_iter().map(|change| Op::Change {
-                        client_id: self.client_id.clone(),
+        self.save_many([changes]).await
+    }
+
+    /// As [`Outbox::save`] for every session of the file, the `i`th change set being
+    /// the `i`th session's of [`Outbox::open_many`]: all of them in one commit, or none.
+    pub(crate) async fn save_many<const N: usize>(
+        &mut self,
+        changes: [Option<Changes>; N],
+    ) -> Result<(), Error> {
+        for (i, changes) in changes.into_iter().enumerate() {
+            let Some(client_id) = self.client_ids.get(i) else {
+                continue;
+            };
+            match changes {
+                None => {}
+                Some(Changes::Some(changes)) => {
+                    self.ops.extend(changes.into_iter().map(|change| Op::Change {
+                        client_id: client_id.clone(),
                         change,
                         shared: None,
                     }));
+                }
+                Some(Changes::All(all)) => self.ops.push(Op::PutDelivery {
+                    client_id: client_id.clone(),
+                    state: all,
+                    shared: Default::default(),
+                }),
             }
-            Some(Changes::All(all)) => self.ops.push(Op::PutDelivery {
-                client_id: self.client_id.clone(),
-                state: all,
-                shared: Default::default(),
-            }),
+        }
+        if self.ops.is_empty() {
+            return Ok(());
         }
         let Some(mut store) = self.store.take() else {
             return Err(Error::Outbox("an earlier write failed".into()));

@@ -70,6 +70,8 @@ pub(crate) struct ClientState {
     max_pending: usize,
     /// Whether a durable outbox follows the session.
     outbox: bool,
+    /// When inbound QoS 1/2 messages are acknowledged (the bridge releases its own).
+    ack_mode: AckMode,
 }
 
 impl ClientState {
@@ -84,6 +86,34 @@ impl ClientState {
             attempt: 0,
             max_pending,
             outbox,
+            ack_mode: AckMode::Immediate,
+        }
+    }
+
+    /// Inbound QoS 1/2 messages wait for [`Connection::ack`] (the bridge acknowledges a
+    /// message once the other side's copy is stored).
+    pub(crate) fn manual_acks(&mut self) {
+        self.ack_mode = AckMode::Manual;
+    }
+
+    /// The session while no connection is up; `None` while one is.
+    pub(crate) fn held(&mut self) -> Option<&mut SessionState> {
+        match self.conn {
+            Some(_) => None,
+            None => Some(&mut self.held),
+        }
+    }
+
+    /// When the connection's engine next needs [`Connection::handle_timeout`].
+    pub(crate) fn conn_timeout(&self) -> Option<Instant> {
+        self.conn.as_ref().and_then(Connection::poll_timeout)
+    }
+
+    /// The session, whether a connection is up or not.
+    pub(crate) fn session(&self) -> &SessionState {
+        match &self.conn {
+            Some(c) => c.session(),
+            None => &self.held,
         }
     }
 
@@ -113,7 +143,7 @@ impl ClientState {
         if ack.reason.is_error() {
             return Err(Error::Refused(ack.reason));
         }
-        let config = Config::negotiate(Role::Client, connect, ack, AckMode::Immediate, inflight);
+        let config = Config::negotiate(Role::Client, connect, ack, self.ack_mode, inflight);
         let mut state = std::mem::replace(&mut self.held, SessionState::new());
         if established && !ack.session_present {
             // QoS 1: at least once still holds; QoS 2 may be doubled if the broker had

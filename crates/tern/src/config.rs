@@ -28,6 +28,100 @@ pub(crate) struct File {
     /// `[[topic]]` tables: guarantee policies by topic filter, first match wins.
     #[serde(rename = "topic")]
     pub(crate) topics: Vec<TopicTable>,
+    /// `[[bridge]]` tables: connections to other brokers (docs/bridge.md).
+    #[serde(rename = "bridge")]
+    pub(crate) bridges: Vec<BridgeTable>,
+}
+
+/// One `[[bridge]]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct BridgeTable {
+    pub(crate) name: String,
+    /// `mqtt://`, `mqtts://`, `ws://` or `wss://` URL of the remote broker.
+    pub(crate) address: String,
+    /// `"5"` (default) or `"3.1.1"`.
+    #[serde(default = "five")]
+    pub(crate) protocol: String,
+    /// The bridge's client id at the remote; default `tern-bridge-NAME`.
+    pub(crate) client_id: Option<String>,
+    pub(crate) username: Option<String>,
+    pub(crate) password: Option<String>,
+    /// TLS: CA certificates the remote is checked against (default: the system's).
+    pub(crate) ca_file: Option<String>,
+    /// TLS: a client certificate and key, for remotes that ask for one.
+    pub(crate) cert_file: Option<String>,
+    pub(crate) key_file: Option<String>,
+    #[serde(default = "sixty")]
+    pub(crate) keep_alive_secs: u16,
+    /// How long the remote keeps the bridge's session while it is away (5.0).
+    #[serde(default = "week")]
+    pub(crate) session_expiry_secs: u32,
+    /// The local broker as the bridge reaches it; default: the first TCP listener, on
+    /// loopback.
+    pub(crate) local_address: Option<String>,
+    pub(crate) local_username: Option<String>,
+    pub(crate) local_password: Option<String>,
+    /// Messages that may wait for one broker before the bridge takes no more from the
+    /// other.
+    #[serde(default = "hundred_thousand")]
+    pub(crate) max_waiting: usize,
+    #[serde(default = "half_second")]
+    pub(crate) reconnect_min_ms: u64,
+    #[serde(default = "half_minute")]
+    pub(crate) reconnect_max_ms: u64,
+    #[serde(rename = "topic")]
+    pub(crate) topics: Vec<BridgeTopic>,
+}
+
+/// One `[[bridge.topic]]` route.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct BridgeTopic {
+    pub(crate) pattern: String,
+    pub(crate) direction: BridgeDirection,
+    #[serde(default = "one")]
+    pub(crate) qos: u8,
+    #[serde(default)]
+    pub(crate) local_prefix: String,
+    #[serde(default)]
+    pub(crate) remote_prefix: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum BridgeDirection {
+    Out,
+    In,
+    Both,
+}
+
+fn five() -> String {
+    "5".into()
+}
+
+fn sixty() -> u16 {
+    60
+}
+
+fn week() -> u32 {
+    7 * 24 * 3600
+}
+
+fn hundred_thousand() -> usize {
+    100_000
+}
+
+fn half_second() -> u64 {
+    500
+}
+
+fn half_minute() -> u64 {
+    30_000
+}
+
+fn one() -> u8 {
+    1
 }
 
 /// `[idempotency]`: publishers' message ids remembered to drop repeats.
@@ -363,6 +457,7 @@ impl Default for File {
             log: Log::default(),
             idempotency: IdempotencyTable::default(),
             topics: Vec::new(),
+            bridges: Vec::new(),
         }
     }
 }
@@ -585,6 +680,14 @@ impl File {
             );
         }
         file.topic_policies()?;
+        for b in &file.bridges {
+            crate::bridges::bridge(b, std::path::Path::new("."), "127.0.0.1:1883")?;
+        }
+        let mut names: Vec<&str> = file.bridges.iter().map(|b| b.name.as_str()).collect();
+        names.sort_unstable();
+        if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+            return Err(format!("bridge '{}' is named twice", w[0]));
+        }
         Ok(file)
     }
 

@@ -4,6 +4,7 @@
 //! asks for help. A usage error names the flag and exits 2.
 
 mod bench;
+mod bridges;
 mod config;
 mod ctl;
 mod pubsub;
@@ -230,6 +231,84 @@ fn main() -> ExitCode {
                 "tern broker listening on {addr} (state in memory only, durability none)"
             ),
         }
+        // Bridges reach this broker at its first TCP listener, on loopback.
+        let local = listeners
+            .iter()
+            .find(|l| l.transport.name() == "tcp")
+            .and_then(|l| l.socket.local_addr().ok())
+            .map(|a| {
+                let ip = match a.ip() {
+                    std::net::IpAddr::V4(v4) if v4.is_unspecified() => {
+                        std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)
+                    }
+                    std::net::IpAddr::V6(v6) if v6.is_unspecified() => {
+                        std::net::IpAddr::V6(std::net::Ipv6Addr::LOCALHOST)
+                    }
+                    ip => ip,
+                };
+                std::net::SocketAddr::new(ip, a.port()).to_string()
+            });
+        let mut bridges = Vec::new();
+        for b in &file.bridges {
+            let local = match (&b.local_address, &local) {
+                (Some(a), _) => a.clone(),
+                (None, Some(l)) => l.clone(),
+                (None, None) => {
+                    eprintln!(
+                        "tern broker: bridge '{}': no TCP listener to reach this broker by; set local_address",
+                        b.name
+                    );
+                    return ExitCode::from(2);
+                }
+            };
+            match bridges::bridge(b, &data_dir, &local) {
+                Ok(bridge) => bridges.push(bridge),
+                Err(e) => {
+                    eprintln!("tern broker: {e}");
+                    return ExitCode::from(2);
+                }
+            }
+        }
+        if !bridges.is_empty()
+            && let Err(e) = std::fs::create_dir_all(&data_dir)
+        {
+            eprintln!("tern broker: cannot create {}: {e}", data_dir.display());
+            return ExitCode::FAILURE;
+        }
+        let (stop_bridges, bridges_stop) = tokio::sync::watch::channel(false);
+        let mut bridge_tasks = Vec::new();
+        let mut bridge_stats = Vec::new();
+        for bridge in bridges {
+            let stats = std::sync::Arc::new(tern_client::bridge::BridgeStats::default());
+            bridge_stats.push((bridge.name.clone(), stats.clone()));
+            let mut stop = bridges_stop.clone();
+            let name = bridge.name.clone();
+            tracing::info!(
+                bridge = %name,
+                remote = %format!("{}:{}", bridge.remote.host, bridge.remote.port),
+                "bridge starting"
+            );
+            bridge_tasks.push(tokio::spawn(async move {
+                let stopped = async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                };
+                if let Err(e) = bridge.run(stats, stopped).await {
+                    tracing::error!(bridge = %name, error = %e, "the bridge stopped");
+                }
+            }));
+        }
+        if !bridge_stats.is_empty() {
+            monitor.add_metrics(Box::new(move |out| bridges::render(&bridge_stats, out)));
+        }
+        // On shutdown the bridges disconnect first (keeping their sessions), then the
+        // server stops.
+        let shutdown = async move {
+            shutdown.await;
+            let _ = stop_bridges.send(true);
+            for task in bridge_tasks {
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(3), task).await;
+            }
+        };
         let control = tern_broker::server::AccessControl::new(access);
         let certificates = file
             .listener

@@ -26,7 +26,7 @@ mod transport;
 mod writer;
 
 pub use conn::COALESCE_BELOW;
-pub use monitor::{Monitor, serve_monitor};
+pub use monitor::{Extra, Monitor, serve_monitor};
 pub use transport::{Tls, TlsFiles, Transport, common_name};
 
 use crate::core::Gauges;

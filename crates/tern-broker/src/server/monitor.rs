@@ -46,7 +46,12 @@ struct Inner {
     listeners: Mutex<Vec<(String, Arc<ConnCounts>)>>,
     /// The admin API's bearer token; `None`: the API is off.
     admin_token: Mutex<Option<String>>,
+    /// Parts of the process outside the server (the bridges) that add their own lines.
+    extra: Mutex<Vec<Extra>>,
 }
+
+/// Appends Prometheus text lines for a part of the process outside the server.
+pub type Extra = Box<dyn Fn(&mut String) + Send + Sync>;
 
 /// What the HTTP endpoint reports on: the server's metrics and readiness, and a way to
 /// ask the running core for its gauges. Made before the server so the endpoint can answer
@@ -69,6 +74,7 @@ impl Monitor {
             core: Mutex::new(None),
             listeners: Mutex::new(Vec::new()),
             admin_token: Mutex::new(None),
+            extra: Mutex::new(Vec::new()),
         }))
     }
 
@@ -151,7 +157,20 @@ impl Monitor {
             }
             None => None,
         };
-        self.0.metrics.render(gauges.as_ref(), &self.connections())
+        let mut text = self.0.metrics.render(gauges.as_ref(), &self.connections());
+        for extra in self.0.extra.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            extra(&mut text);
+        }
+        text
+    }
+
+    /// Adds lines to every `/metrics` answer (written by `f` after the server's own).
+    pub fn add_metrics(&self, f: Extra) {
+        self.0
+            .extra
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(f);
     }
 
     /// Connections open per listener and protocol ("none": no CONNECT yet).
