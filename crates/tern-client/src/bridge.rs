@@ -333,8 +333,8 @@ impl Bridge {
                 tokio::select! {
                     n = read(&mut l.link) => Wake::Read(Side::Local, n),
                     n = read(&mut r.link) => Wake::Read(Side::Remote, n),
-                    d = dialed(&mut l.dialing) => Wake::Dialed(Side::Local, d),
-                    d = dialed(&mut r.dialing) => Wake::Dialed(Side::Remote, d),
+                    d = dialed(&mut l.dialing) => Wake::Dialed(Side::Local, Box::new(d)),
+                    d = dialed(&mut r.dialing) => Wake::Dialed(Side::Remote, Box::new(d)),
                     () = sleep_until(at) => Wake::Timer,
                     () = &mut shutdown => Wake::Stop,
                 }
@@ -351,7 +351,7 @@ impl Bridge {
                 Wake::Dialed(side, result) => {
                     let end = &mut ends[side as usize];
                     end.dialing = None;
-                    end.connected(name, result, &self.routes, now, &stats);
+                    end.connected(name, *result, &self.routes, now, &stats);
                 }
                 Wake::Timer => {
                     for end in &mut ends {
@@ -376,8 +376,8 @@ impl Bridge {
                         .await?;
                     for end in &mut ends {
                         if let Some(link) = &mut end.link {
-                            let _ = flush(link, &mut end.state, &mut out, end.options.protocol)
-                                .await;
+                            let _ =
+                                flush(link, &mut end.state, &mut out, end.options.protocol).await;
                         }
                     }
                     tracing::info!(bridge = name, "bridge stopped");
@@ -392,7 +392,7 @@ type Dial = Pin<Box<dyn Future<Output = Result<(Link, Connect, ConnAck), Error>>
 
 enum Wake {
     Read(Side, std::io::Result<usize>),
-    Dialed(Side, Result<(Link, Connect, ConnAck), Error>),
+    Dialed(Side, Box<Result<(Link, Connect, ConnAck), Error>>),
     Timer,
     Stop,
 }
@@ -557,10 +557,18 @@ impl End {
                         reason = ?reason, "a bridged message was not sent");
                 }
                 tern_proto::Event::Control(Packet::SubAck(a)) => {
+                    let refused = a.reasons.iter().filter(|r| r.is_error()).count();
                     for r in a.reasons.iter().filter(|r| r.is_error()) {
                         tracing::error!(bridge = name, side, reason = ?r,
                             "the broker refused a bridge subscription");
                     }
+                    tracing::info!(
+                        bridge = name,
+                        side,
+                        granted = a.reasons.len() - refused,
+                        refused,
+                        "bridge subscribed"
+                    );
                 }
                 tern_proto::Event::Control(_) => {}
                 tern_proto::Event::Closed { reason, .. } => {
@@ -576,7 +584,13 @@ impl End {
 
 /// Passes what each side has taken to the other, in order, as far as the other has room,
 /// and releases each one's acknowledgement (sent after the next commit).
-fn pass(ends: &mut [End; 2], routes: &[Route], max_waiting: usize, stats: &BridgeStats, now: Instant) {
+fn pass(
+    ends: &mut [End; 2],
+    routes: &[Route],
+    max_waiting: usize,
+    stats: &BridgeStats,
+    now: Instant,
+) {
     for from in [Side::Local, Side::Remote] {
         let [l, r] = ends;
         let (src, dst) = match from {

@@ -100,11 +100,12 @@ impl Outbox {
             match changes {
                 None => {}
                 Some(Changes::Some(changes)) => {
-                    self.ops.extend(changes.into_iter().map(|change| Op::Change {
-                        client_id: client_id.clone(),
-                        change,
-                        shared: None,
-                    }));
+                    self.ops
+                        .extend(changes.into_iter().map(|change| Op::Change {
+                            client_id: client_id.clone(),
+                            change,
+                            shared: None,
+                        }));
                 }
                 Some(Changes::All(all)) => self.ops.push(Op::PutDelivery {
                     client_id: client_id.clone(),

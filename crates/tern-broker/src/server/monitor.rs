@@ -158,7 +158,13 @@ impl Monitor {
             None => None,
         };
         let mut text = self.0.metrics.render(gauges.as_ref(), &self.connections());
-        for extra in self.0.extra.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        for extra in self
+            .0
+            .extra
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
             extra(&mut text);
         }
         text

@@ -235,6 +235,88 @@ impl Mosquitto {
     }
 }
 
+/// Debian's Mosquitto on a fixed port with persistence in `dir`, which [`PersistentMosquitto::stop`]
+/// stops (SIGTERM: it saves its state) and [`PersistentMosquitto::start_again`] starts on the same port.
+pub struct PersistentMosquitto {
+    child: Child,
+    config: std::path::PathBuf,
+    pub port: u16,
+}
+
+impl PersistentMosquitto {
+    pub fn start(dir: &std::path::Path, port: u16) -> PersistentMosquitto {
+        std::fs::create_dir_all(dir).unwrap();
+        // Started as root, Mosquitto writes its file as the `mosquitto` user.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let config = dir.join("mosquitto.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nmax_queued_messages 0\n",
+                dir.display()
+            ),
+        )
+        .unwrap();
+        let child = PersistentMosquitto::spawn(&config, port);
+        PersistentMosquitto {
+            child,
+            config,
+            port,
+        }
+    }
+
+    fn spawn(config: &std::path::Path, port: u16) -> Child {
+        let mut child = Command::new("/usr/sbin/mosquitto")
+            .arg("-c")
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto (scripts/test installs it)");
+        for _ in 0..500 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return child;
+            }
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "mosquitto exited (port {port} taken?)"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        panic!("mosquitto did not listen on {port}");
+    }
+
+    /// SIGTERM (Mosquitto writes its state to its file), and the end of the process.
+    pub fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again after [`PersistentMosquitto::stop`].
+    pub fn start_again(&mut self) {
+        self.child = PersistentMosquitto::spawn(&self.config, self.port);
+    }
+}
+
+impl Drop for PersistentMosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A port that was free a moment ago (for a process that must come back on the same one).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 impl Drop for Mosquitto {
     fn drop(&mut self) {
         let _ = self.child.kill();

@@ -1,0 +1,392 @@
+//! `[[bridge]]` against real brokers: Debian's Mosquitto and a second `tern broker`, with
+//! mosquitto_pub/sub and tern-client as the applications at either end.
+//!
+//! Claims: messages cross in both directions at QoS 0, 1 and 2, at the QoS they were
+//! published with, on the mapped topics; a route both ways does not loop; a QoS 1/2
+//! message acknowledged at the edge reaches the remote's persistent subscriber (QoS 2
+//! exactly once) although the remote is stopped and started again and the edge is killed
+//! with SIGKILL and restarted while publishing goes on.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use support::{BrokerProcess, Mosquitto, PersistentMosquitto, free_port};
+use tern_client::{Backoff, Client, Event, Options, QoS};
+
+fn dir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("tern-bridge-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A `[[bridge]]` table named `cloud` to `127.0.0.1:remote` with `routes` (TOML of
+/// `[[bridge.topic]]` tables), quick to reconnect.
+fn bridge_table(remote: u16, protocol: &str, routes: &str) -> String {
+    format!(
+        "[[bridge]]\nname = \"cloud\"\naddress = \"mqtt://127.0.0.1:{remote}\"\nprotocol = \"{protocol}\"\nreconnect_min_ms = 100\nreconnect_max_ms = 1000\n{routes}"
+    )
+}
+
+fn route(pattern: &str, direction: &str, qos: u8, remote_prefix: &str) -> String {
+    format!(
+        "[[bridge.topic]]\npattern = \"{pattern}\"\ndirection = \"{direction}\"\nqos = {qos}\nremote_prefix = \"{remote_prefix}\"\n"
+    )
+}
+
+/// A broker on `port` (0: any) with `extra` tables, state in `dir/data`.
+fn broker_on(dir: &std::path::Path, port: u16, extra: &str) -> BrokerProcess {
+    std::fs::create_dir_all(dir).unwrap();
+    let config = dir.join("tern.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[listener]]\nbind = \"127.0.0.1:{port}\"\n[storage]\ndata_dir = \"{}\"\n{extra}",
+            dir.join("data").display()
+        ),
+    )
+    .unwrap();
+    BrokerProcess::spawn(
+        Command::new(env!("CARGO_BIN_EXE_tern")),
+        &config,
+        "tern=info,tern_client=info",
+    )
+}
+
+/// Waits until the bridge has subscribed on each of `sides` ("local", "remote").
+fn wait_subscribed(broker: &BrokerProcess, sides: &[&str]) {
+    let mut left: Vec<&str> = sides.to_vec();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !left.is_empty() {
+        let within = deadline.saturating_duration_since(Instant::now());
+        let line = broker
+            .wait_for("bridge subscribed", within)
+            .unwrap_or_else(|| panic!("the bridge did not subscribe on {left:?}"));
+        left.retain(|side| {
+            !line.contains(&format!("side=\"{side}\"")) && !line.contains(&format!("side={side}"))
+        });
+    }
+}
+
+/// `mosquitto_sub` printing `QOS TOPIC PAYLOAD` lines for `count` messages (10 s at most).
+fn sub(port: u16, filter: &str, count: usize) -> Child {
+    let child = Command::new("mosquitto_sub")
+        .args([
+            "-p",
+            &port.to_string(),
+            "-t",
+            filter,
+            "-q",
+            "2",
+            "-V",
+            "mqttv5",
+        ])
+        .args(["-F", "%q %t %p", "-C", &count.to_string(), "-W", "10"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // mosquitto_sub says nothing once subscribed.
+    std::thread::sleep(Duration::from_millis(500));
+    child
+}
+
+fn lines(child: Child) -> Vec<String> {
+    let out = child.wait_with_output().unwrap();
+    let mut lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    lines.sort();
+    lines
+}
+
+fn publish(port: u16, topic: &str, payload: &str, qos: u8) {
+    let ok = Command::new("mosquitto_pub")
+        .args(["-p", &port.to_string(), "-t", topic, "-m", payload])
+        .args(["-q", &qos.to_string(), "-V", "mqttv5"])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "mosquitto_pub to {port} {topic}");
+}
+
+/// Out and in at QoS 0, 1 and 2 through a bridge to `remote_port`.
+fn both_ways(name: &str, remote_port: u16, protocol: &str) {
+    let d = dir(name);
+    let routes = route("up/#", "out", 2, "site-1/") + &route("down/#", "in", 2, "site-1/");
+    let edge = broker_on(&d, 0, &bridge_table(remote_port, protocol, &routes));
+    wait_subscribed(&edge, &["local", "remote"]);
+    let edge_port: u16 = edge.port(0).parse().unwrap();
+    let at_remote = sub(remote_port, "site-1/up/#", 3);
+    let at_edge = sub(edge_port, "down/#", 3);
+    for q in 0..3u8 {
+        publish(edge_port, &format!("up/q{q}"), &format!("u{q}"), q);
+        publish(
+            remote_port,
+            &format!("site-1/down/q{q}"),
+            &format!("d{q}"),
+            q,
+        );
+    }
+    assert_eq!(
+        lines(at_remote),
+        [
+            "0 site-1/up/q0 u0",
+            "1 site-1/up/q1 u1",
+            "2 site-1/up/q2 u2"
+        ],
+        "out: each message at its QoS, under the remote prefix"
+    );
+    assert_eq!(
+        lines(at_edge),
+        ["0 down/q0 d0", "1 down/q1 d1", "2 down/q2 d2"],
+        "in: each message at its QoS, the prefix taken off"
+    );
+}
+
+#[test]
+fn a_bridge_to_mosquitto_carries_every_qos_both_ways() {
+    let (_mosquitto, port) = Mosquitto::start();
+    both_ways("mosq", port, "5");
+}
+
+#[test]
+fn a_bridge_to_mosquitto_at_3_1_1_carries_every_qos_both_ways() {
+    let (_mosquitto, port) = Mosquitto::start();
+    both_ways("mosq311", port, "3.1.1");
+}
+
+#[test]
+fn a_bridge_to_another_tern_carries_every_qos_both_ways() {
+    let d = dir("cloud-both");
+    let cloud = broker_on(&d, 0, "");
+    both_ways("tern", cloud.port(0).parse().unwrap(), "5");
+}
+
+/// Two brokers, one route both ways on the same topics: a message published on either
+/// reaches the subscribers of both once, and nothing comes back.
+#[test]
+fn a_route_both_ways_does_not_loop() {
+    let d = dir("loop");
+    let cloud = broker_on(&d.join("cloud"), 0, "");
+    let cloud_port: u16 = cloud.port(0).parse().unwrap();
+    let edge = broker_on(
+        &d.join("edge"),
+        0,
+        &bridge_table(cloud_port, "5", &route("chat/#", "both", 2, "")),
+    );
+    wait_subscribed(&edge, &["local", "remote"]);
+    let edge_port: u16 = edge.port(0).parse().unwrap();
+    // More than two would come if anything looped; -W ends them.
+    let at_cloud = sub(cloud_port, "chat/#", 10);
+    let at_edge = sub(edge_port, "chat/#", 10);
+    publish(edge_port, "chat/a", "from-edge", 1);
+    publish(cloud_port, "chat/b", "from-cloud", 2);
+    let (c, e) = (lines(at_cloud), lines(at_edge));
+    assert_eq!(
+        c,
+        ["1 chat/a from-edge", "2 chat/b from-cloud"],
+        "at the cloud"
+    );
+    assert_eq!(
+        e,
+        ["1 chat/a from-edge", "2 chat/b from-cloud"],
+        "at the edge"
+    );
+    let metrics = support::http_get(edge.metrics.as_ref().unwrap(), "/metrics").1;
+    for line in [
+        "tern_bridge_forwarded_total{bridge=\"cloud\",direction=\"out\"} 1",
+        "tern_bridge_forwarded_total{bridge=\"cloud\",direction=\"in\"} 1",
+        "tern_bridge_connected{bridge=\"cloud\",side=\"remote\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
+}
+
+/// What the remote's persistent subscriber received: payload -> (count, QoS).
+type Seen = Arc<Mutex<HashMap<String, (usize, QoS)>>>;
+
+fn quick() -> Option<Backoff> {
+    Some(Backoff {
+        initial: Duration::from_millis(100),
+        max: Duration::from_secs(1),
+    })
+}
+
+/// Publishes 600 messages to the edge (QoS 2 for even numbers, 1 for odd) while the
+/// remote goes away (`remote_down`), the edge is killed with SIGKILL and restarted, the
+/// remote comes back (`remote_up`) and the edge is killed and restarted again; then every
+/// one must reach the remote's subscriber, QoS 2 ones once.
+fn through_failures(
+    d: &std::path::Path,
+    remote_port: u16,
+    mut remote_down: impl FnMut(),
+    mut remote_up: impl FnMut(),
+) {
+    const TOTAL: usize = 600;
+    let edge_port = free_port();
+    let edge_config = bridge_table(remote_port, "5", &route("up/#", "out", 2, "site-1/"));
+    let mut edge = broker_on(&d.join("edge"), edge_port, &edge_config);
+    wait_subscribed(&edge, &["local"]);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let seen: Seen = Arc::default();
+    // The remote's subscriber: a persistent session that reconnects quickly.
+    let (keeper, mut events) = rt.block_on(async {
+        let options = Options::new("127.0.0.1", remote_port, "keeper")
+            .persistent(Duration::from_secs(3600))
+            .reconnect(quick());
+        let (client, events) = Client::connect(options).await.unwrap();
+        client
+            .subscribe("site-1/up/#", QoS::ExactlyOnce)
+            .await
+            .unwrap();
+        (client, events)
+    });
+    let record = seen.clone();
+    rt.spawn(async move {
+        while let Some(e) = events.recv().await {
+            if let Event::Message(m) = e {
+                let payload = String::from_utf8_lossy(&m.payload).to_string();
+                let mut seen = record.lock().unwrap();
+                let entry = seen.entry(payload).or_insert((0, m.qos));
+                entry.0 += 1;
+            }
+        }
+    });
+    // The edge's publisher: persistent too, so what it has in flight at the kill is
+    // resent to the restarted edge.
+    let acknowledged = Arc::new(AtomicUsize::new(0));
+    let count = acknowledged.clone();
+    let publisher = rt.spawn(async move {
+        let options = Options::new("127.0.0.1", edge_port, "maker")
+            .persistent(Duration::from_secs(3600))
+            .reconnect(quick());
+        let (client, _events) = Client::connect(options).await.unwrap();
+        for i in 0..TOTAL {
+            let qos = if i % 2 == 0 {
+                QoS::ExactlyOnce
+            } else {
+                QoS::AtLeastOnce
+            };
+            let reason = client
+                .publish("up/m", i.to_string())
+                .qos(qos)
+                .await
+                .unwrap();
+            assert!(!reason.is_error(), "message {i}: {reason:?}");
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        client.disconnect().await;
+    });
+    let wait_acknowledged = |n: usize| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while acknowledged.load(Ordering::SeqCst) < n {
+            assert!(
+                Instant::now() < deadline,
+                "the edge acknowledged {} of {n}",
+                acknowledged.load(Ordering::SeqCst)
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    let after = |more: usize| acknowledged.load(Ordering::SeqCst) + more;
+    wait_acknowledged(100);
+    remote_down();
+    // The edge goes on acknowledging while the remote is away; what it acknowledged
+    // waits in the bridge's file, which a SIGKILL of the edge must not lose.
+    wait_acknowledged(after(100));
+    drop(edge);
+    edge = broker_on(&d.join("edge"), edge_port, &edge_config);
+    wait_acknowledged(after(100));
+    remote_up();
+    // SIGKILL the edge again while messages flow to the remote.
+    wait_acknowledged(after(100));
+    drop(edge);
+    edge = broker_on(&d.join("edge"), edge_port, &edge_config);
+    wait_acknowledged(TOTAL);
+    rt.block_on(publisher).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let n = seen.lock().unwrap().len();
+        if n == TOTAL || Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A little longer, for duplicates that might still come.
+    std::thread::sleep(Duration::from_millis(500));
+    let seen = seen.lock().unwrap().clone();
+    let missing: Vec<usize> = (0..TOTAL)
+        .filter(|i| !seen.contains_key(&i.to_string()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "acknowledged at the edge, never at the remote: {missing:?}"
+    );
+    let doubled: Vec<&String> = seen
+        .iter()
+        .filter(|(p, (n, _))| *n > 1 && p.parse::<usize>().unwrap() % 2 == 0)
+        .map(|(p, _)| p)
+        .collect();
+    assert!(
+        doubled.is_empty(),
+        "QoS 2 messages delivered twice: {doubled:?}"
+    );
+    for (p, (_, qos)) in &seen {
+        let want = if p.parse::<usize>().unwrap() % 2 == 0 {
+            QoS::ExactlyOnce
+        } else {
+            QoS::AtLeastOnce
+        };
+        assert_eq!(*qos, want, "message {p}");
+    }
+    rt.block_on(keeper.disconnect());
+    drop(edge);
+}
+
+#[test]
+fn everything_acknowledged_at_the_edge_reaches_a_tern_remote_through_sigkills() {
+    let d = dir("kills-tern");
+    let remote_port = free_port();
+    let remote = Arc::new(Mutex::new(Some(broker_on(
+        &d.join("cloud"),
+        remote_port,
+        "",
+    ))));
+    let (down, up) = (remote.clone(), remote.clone());
+    let cloud = d.join("cloud");
+    through_failures(
+        &d,
+        remote_port,
+        move || drop(down.lock().unwrap().take()), // SIGKILL
+        move || *up.lock().unwrap() = Some(broker_on(&cloud, remote_port, "")),
+    );
+}
+
+#[test]
+fn everything_acknowledged_at_the_edge_reaches_a_mosquitto_remote_across_its_restart() {
+    let d = dir("kills-mosq");
+    let mosquitto = Arc::new(Mutex::new(PersistentMosquitto::start(
+        &d.join("mosquitto"),
+        free_port(),
+    )));
+    let port = mosquitto.lock().unwrap().port;
+    let (down, up) = (mosquitto.clone(), mosquitto.clone());
+    through_failures(
+        &d,
+        port,
+        move || down.lock().unwrap().stop(),
+        move || up.lock().unwrap().start_again(),
+    );
+}
