@@ -802,6 +802,53 @@ mod tests {
     }
 
     #[test]
+    fn bridge_tables_are_read_and_their_mistakes_named() {
+        let ok = "[[bridge]]\nname = \"cloud\"\naddress = \"mqtt://10.0.0.1:1884\"\n\
+                  [[bridge.topic]]\npattern = \"sensors/#\"\ndirection = \"out\"\n\
+                  remote_prefix = \"site/\"\n";
+        let file = File::parse(ok).unwrap();
+        let b = crate::bridges::bridge(
+            &file.bridges[0],
+            std::path::Path::new("/d"),
+            "127.0.0.1:1883",
+        )
+        .unwrap();
+        assert_eq!((b.remote.host.as_str(), b.remote.port), ("10.0.0.1", 1884));
+        assert_eq!(
+            (b.local.port, b.local.client_id.as_str()),
+            (1883, "tern-bridge-cloud")
+        );
+        assert_eq!(b.store, std::path::Path::new("/d/bridge-cloud.redb"));
+        assert_eq!(b.routes[0].qos, QoS::AtLeastOnce, "qos 1 by default");
+        for (text, says) in [
+            (ok.replace("\"out\"", "\"up\""), "line 6"),
+            (ok.replace("\"out\"", "\"both\"") + "", ""),
+            (
+                ok.replace("name = \"cloud\"", "name = \"cloud\"\nprotocol = \"3.1.1\"")
+                    .replace("\"out\"", "\"both\""),
+                "both directions needs an MQTT 5.0 remote",
+            ),
+            (ok.replace("mqtt://", "http://"), "bridge 'cloud'.address"),
+            (
+                ok.replace("sensors/#", "sensors/#/x"),
+                "is not a topic filter",
+            ),
+            (ok.replace("site/", "site/+/"), "holds a wildcard"),
+            (ok.replace("cloud", "a b"), "bridge.name"),
+            (format!("{ok}{ok}"), "named twice"),
+            (
+                ok.replace("\"out\"\n", "\"out\"\nqos = 3\n"),
+                "is not 0, 1 or 2",
+            ),
+        ] {
+            match File::parse(&text) {
+                Ok(_) => assert!(says.is_empty(), "{text} should fail with {says}"),
+                Err(e) => assert!(!says.is_empty() && e.contains(says), "{text}: {e}"),
+            }
+        }
+    }
+
+    #[test]
     fn an_unknown_key_is_named_with_its_line() {
         let e = File::parse("[listener]\nbind = \"127.0.0.1:1\"\n[sessions]\nmax_queued = 3\n")
             .unwrap_err();
