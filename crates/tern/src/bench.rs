@@ -88,6 +88,10 @@ pub(crate) struct BenchCli {
     /// committed to the store as they go
     #[arg(long)]
     persistent: bool,
+    /// Subscribers connect to this port instead (fanin, fanout, pairs, latency): the far
+    /// end of a bridge whose near end (--port) takes the publishes
+    #[arg(long, value_name = "PORT")]
+    sub_port: Option<u16>,
     /// Ask a routed delivery receipt for every publish (5.0; Response Topic
     /// bench/receipts/CLIENT, which the publisher receives without subscribing)
     #[arg(long)]
@@ -201,6 +205,7 @@ struct Args {
     key: bool,
     receipt: bool,
     persistent: bool,
+    sub_port: Option<u16>,
 }
 
 impl From<BenchCli> for Args {
@@ -226,6 +231,7 @@ impl From<BenchCli> for Args {
             key: c.key,
             receipt: c.receipt,
             persistent: c.persistent,
+            sub_port: c.sub_port,
         }
     }
 }
@@ -405,6 +411,13 @@ async fn connect(a: &Args, id: String) -> Result<(Client, Events), String> {
         .map_err(|e| e.to_string())
 }
 
+/// As [`connect`], for a subscriber: at `--sub-port` if given.
+async fn connect_sub(a: &Args, id: String) -> Result<(Client, Events), String> {
+    let mut o = options(a, id);
+    o.port = a.sub_port.unwrap_or(a.port);
+    Client::connect(o).await.map_err(|e| e.to_string())
+}
+
 /// Publishes `count` messages as publisher `n` on `topic`, `window` under way at once.
 async fn publish_all(
     client: Client,
@@ -515,7 +528,7 @@ async fn flow(
     let mut readers = Vec::new();
     let mut subs = Vec::new();
     for s in 0..subscribers {
-        let (client, events) = connect(a, format!("bench-sub-{run}-{s}")).await?;
+        let (client, events) = connect_sub(a, format!("bench-sub-{run}-{s}")).await?;
         let filter = if paired {
             topic(s)
         } else {
@@ -616,7 +629,7 @@ async fn latency(a: &Args) -> Result<Report, String> {
     let duration = a.duration.unwrap_or(Duration::from_secs(10));
     let total = a.rate * (duration + a.warmup).as_secs();
     let warm = a.rate * a.warmup.as_secs();
-    let (sub, events) = connect(a, format!("bench-lat-sub-{run}")).await?;
+    let (sub, events) = connect_sub(a, format!("bench-lat-sub-{run}")).await?;
     sub.subscribe(&topic, qos)
         .await
         .map_err(|e| e.to_string())?;
