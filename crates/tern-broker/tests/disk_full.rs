@@ -43,6 +43,12 @@ impl Store for Flaky {
     ) -> Result<Vec<(tern_store::Entry, Option<tern_codec::Str>)>, StoreError> {
         self.inner.read_queue(client_id, after, max)
     }
+    fn read_history(
+        &self,
+        read: &tern_store::HistoryRead,
+    ) -> Result<Vec<tern_store::HistoryMessage>, StoreError> {
+        self.inner.read_history(read)
+    }
 }
 
 fn persistent(id: &str) -> Connect {

@@ -165,6 +165,70 @@ pub enum Op {
         /// The slot.
         slot: u32,
     },
+    /// Keeps a message in the history of the topic policy `policy` (its filter), under
+    /// the broker-wide position `seq`, published at `at`.
+    PutHistory {
+        /// The policy's filter.
+        policy: Str,
+        /// The message's position (grows with every message kept, over all policies).
+        seq: u64,
+        /// When it was published.
+        at: std::time::SystemTime,
+        /// The message.
+        message: Message,
+    },
+    /// Forgets the messages of `policy`'s history at positions up to `through`.
+    TrimHistory {
+        /// The policy's filter.
+        policy: Str,
+        /// The last position forgotten.
+        through: u64,
+    },
+}
+
+/// What a start needs to know of one kept message ([`Snapshot::history`]): not the
+/// message, which stays in the store until a replay reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistoryMeta {
+    /// When it was published.
+    pub at: std::time::SystemTime,
+    /// Its topic and payload bytes.
+    pub bytes: u32,
+}
+
+/// A part of the history to read ([`Store::read_history`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryRead {
+    /// The policies (filters) whose histories to read.
+    pub policies: Vec<Str>,
+    /// Only messages whose topic this filter matches.
+    pub filter: Str,
+    /// From this position on.
+    pub from: u64,
+    /// Up to this one.
+    pub through: u64,
+    /// Only messages published at or after this time, if given.
+    pub since: Option<std::time::SystemTime>,
+    /// At most this many.
+    pub max: usize,
+}
+
+/// A message read from the history: its position, when it was published, the message.
+pub type HistoryMessage = (u64, std::time::SystemTime, Message);
+
+/// The bytes a kept message counts for in its policy's size bound.
+pub fn history_bytes(m: &Message) -> u32 {
+    u32::try_from(m.topic.as_str().len() + m.payload.len()).unwrap_or(u32::MAX)
+}
+
+impl HistoryRead {
+    /// Whether `m`, kept at `at` at position `seq`, is one to read.
+    pub fn wants(&self, seq: u64, at: std::time::SystemTime, m: &Message) -> bool {
+        seq >= self.from
+            && seq <= self.through
+            && self.since.is_none_or(|since| at >= since)
+            && tern_codec::matches_with(&self.filter, m.topic.as_str(), |f, t| f == t)
+    }
 }
 
 /// The message a change puts in the session, if it puts one.
@@ -208,6 +272,9 @@ pub struct Snapshot {
     /// Idempotency keys remembered, by (identity, slot): the key, and when it may be
     /// forgotten.
     pub keys: BTreeMap<(Str, u32), (Str, std::time::SystemTime)>,
+    /// The messages kept in topic histories, by (policy filter, position): when each was
+    /// published and its size, not the message itself.
+    pub history: BTreeMap<(Str, u64), HistoryMeta>,
 }
 
 /// Why a store refused or failed a batch. A failed batch changed nothing.
@@ -283,6 +350,9 @@ pub trait Store: Send {
         max: usize,
     ) -> Result<Vec<(Entry, Option<Str>)>, StoreError>;
 
+    /// Up to `read.max` messages of the histories `read` names, in position order.
+    fn read_history(&self, read: &HistoryRead) -> Result<Vec<HistoryMessage>, StoreError>;
+
     /// A reader of queues that works beside the store's writer (another thread reading
     /// what is committed while commits go on), if the backend has one.
     fn reader(&self) -> Option<Box<dyn QueueReader>> {
@@ -298,6 +368,9 @@ pub trait Store: Send {
 
 /// Reads queues from what a store has committed, beside its writer ([`Store::reader`]).
 pub trait QueueReader: Send {
+    /// As [`Store::read_history`], from the last commit.
+    fn read_history(&self, read: &HistoryRead) -> Result<Vec<HistoryMessage>, StoreError>;
+
     /// As [`Store::read_queue`], from the last commit.
     fn read_queue(
         &self,
@@ -311,6 +384,8 @@ pub trait QueueReader: Send {
 #[derive(Debug, Default, Clone)]
 pub struct MemoryStore {
     state: Snapshot,
+    /// The kept messages themselves (the snapshot has only what a start needs of them).
+    history: BTreeMap<(Str, u64), (std::time::SystemTime, Message)>,
     commits: u64,
 }
 
@@ -420,6 +495,32 @@ impl Store for MemoryStore {
                 Op::DeleteKey { identity, slot } => {
                     s.keys.remove(&(identity.clone(), *slot));
                 }
+                Op::PutHistory {
+                    policy,
+                    seq,
+                    at,
+                    message,
+                } => {
+                    let meta = HistoryMeta {
+                        at: *at,
+                        bytes: history_bytes(message),
+                    };
+                    s.history.insert((policy.clone(), *seq), meta);
+                    self.history
+                        .insert((policy.clone(), *seq), (*at, message.clone()));
+                }
+                Op::TrimHistory { policy, through } => {
+                    let keep = s
+                        .history
+                        .split_off(&(policy.clone(), through.saturating_add(1)));
+                    s.history.retain(|(p, _), _| p != policy);
+                    s.history.extend(keep);
+                    let keep = self
+                        .history
+                        .split_off(&(policy.clone(), through.saturating_add(1)));
+                    self.history.retain(|(p, _), _| p != policy);
+                    self.history.extend(keep);
+                }
             }
         }
         self.commits += 1;
@@ -446,5 +547,17 @@ impl Store for MemoryStore {
             .take(max)
             .map(|e| (e.clone(), session.shared.get(&e.id).cloned()))
             .collect())
+    }
+
+    fn read_history(&self, read: &HistoryRead) -> Result<Vec<HistoryMessage>, StoreError> {
+        let mut out: Vec<HistoryMessage> = self
+            .history
+            .iter()
+            .filter(|((p, seq), (at, m))| read.policies.contains(p) && read.wants(*seq, *at, m))
+            .map(|((_, seq), (at, m))| (*seq, *at, m.clone()))
+            .collect();
+        out.sort_by_key(|(seq, _, _)| *seq);
+        out.truncate(read.max);
+        Ok(out)
     }
 }

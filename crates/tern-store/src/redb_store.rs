@@ -47,6 +47,9 @@ const WILLS: TableDefinition<&str, &[u8]> = TableDefinition::new("wills");
 /// Idempotency keys: (identity, slot) -> when the key may be forgotten (milliseconds since
 /// the Unix epoch, 8 bytes little-endian), then the key.
 const KEYS: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("idempotency_keys");
+/// Topic histories: (policy filter, position) -> when it was published (milliseconds since
+/// the Unix epoch, 8 bytes little-endian), then the message.
+const HISTORY: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("history");
 const MESSAGES: TableDefinition<u64, &[u8]> = TableDefinition::new("messages");
 const REFS: TableDefinition<u64, u32> = TableDefinition::new("message_refs");
 /// `wal_seq`: the number of the last logged batch this state includes.
@@ -118,6 +121,8 @@ struct Tables<'t> {
     stats: Table<'t, &'static str, (u64, u64)>,
     /// Opened when a batch has a key to write (only publishes that carry one do).
     keys: Option<Table<'t, (&'static str, u32), &'static [u8]>>,
+    /// Opened when a batch keeps or forgets history.
+    history: Option<Table<'t, (&'static str, u64), &'static [u8]>>,
     /// What this batch changed of each session's queue count and payload bytes, written
     /// to `stats` at its end.
     deltas: HashMap<String, (i64, i64)>,
@@ -570,6 +575,17 @@ fn release(t: &mut Tables<'_>, reference: &[u8]) -> Result<(), StoreError> {
 }
 
 /// The idempotency key table of this batch, opened on first use.
+fn history_table<'a, 't>(
+    txn: &'t redb::WriteTransaction,
+    slot: &'a mut Option<Table<'t, (&'static str, u64), &'static [u8]>>,
+) -> Result<&'a mut Table<'t, (&'static str, u64), &'static [u8]>, StoreError> {
+    if slot.is_none() {
+        *slot = Some(txn.open_table(HISTORY).map_err(backend)?);
+    }
+    slot.as_mut()
+        .ok_or_else(|| StoreError::Backend("the history table did not open".into()))
+}
+
 fn keys_table<'a, 't>(
     txn: &'t redb::WriteTransaction,
     slot: &'a mut Option<Table<'t, (&'static str, u32), &'static [u8]>>,
@@ -600,6 +616,7 @@ impl RedbStore {
             refs: txn.open_table(REFS).map_err(backend)?,
             stats: txn.open_table(QUEUE_STATS).map_err(backend)?,
             keys: None,
+            history: None,
             deltas: HashMap::new(),
             bodies: HashMap::new(),
         };
@@ -681,6 +698,25 @@ impl RedbStore {
                 Op::DeleteKey { identity, slot } => {
                     keys_table(txn, &mut t.keys)?
                         .remove((&**identity, *slot))
+                        .map_err(backend)?;
+                }
+                Op::PutHistory {
+                    policy,
+                    seq,
+                    at,
+                    message,
+                } => {
+                    let body = encoding::message(message, self.anchor)?;
+                    let mut row = Vec::with_capacity(8 + body.len());
+                    row.extend_from_slice(&millis(*at).to_le_bytes());
+                    row.extend_from_slice(&body);
+                    history_table(txn, &mut t.history)?
+                        .insert((&**policy, *seq), row.as_slice())
+                        .map_err(backend)?;
+                }
+                Op::TrimHistory { policy, through } => {
+                    history_table(txn, &mut t.history)?
+                        .retain_in((&**policy, 0)..=(&**policy, *through), |_, _| false)
                         .map_err(backend)?;
                 }
             }
@@ -951,6 +987,13 @@ impl Store for RedbStore {
         read_queue(&*self.db()?, self.anchor, client_id, after, max)
     }
 
+    fn read_history(
+        &self,
+        read: &crate::HistoryRead,
+    ) -> Result<Vec<crate::HistoryMessage>, StoreError> {
+        read_history(&*self.db()?, self.anchor, read)
+    }
+
     fn reader(&self) -> Option<Box<dyn crate::QueueReader>> {
         Some(Box::new(Reader {
             slot: self.slot.clone(),
@@ -967,6 +1010,16 @@ struct Reader {
 }
 
 impl crate::QueueReader for Reader {
+    fn read_history(
+        &self,
+        read: &crate::HistoryRead,
+    ) -> Result<Vec<crate::HistoryMessage>, StoreError> {
+        match current(&self.slot) {
+            Some(db) => read_history(&db, self.anchor, read),
+            None => Ok(Vec::new()),
+        }
+    }
+
     fn read_queue(
         &self,
         client_id: &str,
@@ -980,6 +1033,64 @@ impl crate::QueueReader for Reader {
             None => Ok(Vec::new()),
         }
     }
+}
+
+fn millis(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn from_millis(ms: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(ms)
+}
+
+fn history_row(row: &[u8]) -> Result<(SystemTime, &[u8]), StoreError> {
+    let (at, body) = row
+        .split_at_checked(8)
+        .ok_or_else(|| StoreError::Backend("a history row is too short".into()))?;
+    let mut ms = [0u8; 8];
+    ms.copy_from_slice(at);
+    Ok((from_millis(u64::from_le_bytes(ms)), body))
+}
+
+/// Each policy's part in position order (at most `max` each), merged by position.
+fn read_history(
+    db: &Database,
+    anchor: Anchor,
+    read: &crate::HistoryRead,
+) -> Result<Vec<crate::HistoryMessage>, StoreError> {
+    let mut out = Vec::new();
+    if read.max == 0 || read.from > read.through {
+        return Ok(out);
+    }
+    let txn = db.begin_read().map_err(backend)?;
+    let table = match txn.open_table(HISTORY) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(out),
+        Err(e) => return Err(backend(e)),
+    };
+    for policy in &read.policies {
+        let mut taken = 0;
+        for row in table
+            .range((&**policy, read.from)..=(&**policy, read.through))
+            .map_err(backend)?
+        {
+            let (key, row) = row.map_err(backend)?;
+            let (at, body) = history_row(row.value())?;
+            let message = encoding::read_message(body, anchor)?;
+            let seq = key.value().1;
+            if read.wants(seq, at, &message) {
+                out.push((seq, at, message));
+                taken += 1;
+                if taken == read.max {
+                    break;
+                }
+            }
+        }
+    }
+    out.sort_by_key(|(seq, _, _)| *seq);
+    out.truncate(read.max);
+    Ok(out)
 }
 
 fn read_queue(
@@ -1195,6 +1306,22 @@ impl RedbStore {
                 Str::from(client_id.value()),
                 encoding::read_will_record(w.value())?,
             );
+        }
+        match txn.open_table(HISTORY) {
+            Ok(table) => {
+                for entry in table.iter().map_err(backend)? {
+                    let (key, row) = entry.map_err(backend)?;
+                    let (policy, seq) = key.value();
+                    let (at, body) = history_row(row.value())?;
+                    let bytes = encoding::read_message(body, self.anchor)
+                        .map(|m| crate::history_bytes(&m))?;
+                    snapshot
+                        .history
+                        .insert((Str::from(policy), seq), crate::HistoryMeta { at, bytes });
+                }
+            }
+            Err(redb::TableError::TableDoesNotExist(_)) => {}
+            Err(e) => return Err(backend(e)),
         }
         for entry in txn
             .open_table(KEYS)

@@ -322,6 +322,12 @@ impl Store for Redb {
     ) -> Result<Vec<(Entry, Option<Str>)>, StoreError> {
         self.0.read_queue(client_id, after, max)
     }
+    fn read_history(
+        &self,
+        read: &tern_store::HistoryRead,
+    ) -> Result<Vec<tern_store::HistoryMessage>, StoreError> {
+        self.0.read_history(read)
+    }
 }
 
 fn redb() -> Redb {
@@ -472,6 +478,21 @@ fn arb_rich_op() -> impl Strategy<Value = Op> {
                 Op::DeleteKey { identity, slot }
             }
         }),
+        // Topic histories: two policies, positions that repeat (a put replaces), trims;
+        // times in whole milliseconds (what the file keeps).
+        1 => (0u64..8, any::<bool>(), 0usize..2).prop_map(|(seq, put, p)| {
+            let policy: Str = ["h/#", "x/+"][p].into();
+            if put {
+                Op::PutHistory {
+                    policy,
+                    seq,
+                    at: SystemTime::UNIX_EPOCH + Duration::from_millis(1_800_000_000_000 + seq),
+                    message: message(["h/a", "x/b"][p], &format!("m{seq}")),
+                }
+            } else {
+                Op::TrimHistory { policy, through: seq }
+            }
+        }),
         4 => (id.clone(), arb_change(), any::<bool>()).prop_map(|(i, c, shared)| Op::Change {
             client_id: i.into(),
             change: c,
@@ -568,6 +589,26 @@ proptest! {
                         read.extend(part);
                     }
                     prop_assert_eq!(read, model.read_queue(id, MessageId::new(1).unwrap(), usize::MAX).unwrap());
+                }
+                for read in [
+                    tern_store::HistoryRead {
+                        policies: vec!["h/#".into(), "x/+".into()],
+                        filter: "#".into(),
+                        from: 0,
+                        through: u64::MAX,
+                        since: None,
+                        max: usize::MAX,
+                    },
+                    tern_store::HistoryRead {
+                        policies: vec!["h/#".into(), "x/+".into()],
+                        filter: "h/+".into(),
+                        from: 2,
+                        through: 6,
+                        since: Some(SystemTime::UNIX_EPOCH + Duration::from_millis(1_800_000_000_003)),
+                        max: 2,
+                    },
+                ] {
+                    prop_assert_eq!(real.read_history(&read).unwrap(), model.read_history(&read).unwrap());
                 }
                 let copies: usize = snapshot
                     .sessions

@@ -364,6 +364,12 @@ impl Store for Memory {
     ) -> Result<Vec<(tern_store::Entry, Option<tern_codec::Str>)>, StoreError> {
         Ok(Vec::new())
     }
+    fn read_history(
+        &self,
+        _: &tern_store::HistoryRead,
+    ) -> Result<Vec<tern_store::HistoryMessage>, StoreError> {
+        Ok(Vec::new())
+    }
 }
 
 /// The core's side of the test-only fault hook ([`writer::fault_hook`]).

@@ -85,6 +85,8 @@ pub(super) const PUT_WILL: u8 = 8;
 pub(super) const DELETE_WILL: u8 = 9;
 pub(super) const PUT_KEY: u8 = 10;
 pub(super) const DELETE_KEY: u8 = 11;
+pub(super) const PUT_HISTORY: u8 = 12;
+pub(super) const TRIM_HISTORY: u8 = 13;
 
 /// A batch of ops as one record of the write-ahead log.
 pub(crate) fn batch(ops: &[crate::Op], anchor: Anchor) -> Result<Vec<u8>, StoreError> {
@@ -223,6 +225,23 @@ pub(crate) fn batch(ops: &[crate::Op], anchor: Anchor) -> Result<Vec<u8>, StoreE
                 w.bytes(identity.as_bytes());
                 w.u32(*slot);
             }
+            Op::PutHistory {
+                policy,
+                seq,
+                at,
+                message: m,
+            } => {
+                w.u8(PUT_HISTORY);
+                w.bytes(policy.as_bytes());
+                w.u64(*seq);
+                w.time(*at);
+                w.bytes(&message(m, anchor)?);
+            }
+            Op::TrimHistory { policy, through } => {
+                w.u8(TRIM_HISTORY);
+                w.bytes(policy.as_bytes());
+                w.u64(*through);
+            }
         }
     }
     Ok(w.finish())
@@ -337,6 +356,16 @@ pub(crate) fn read_batch(buf: &[u8], anchor: Anchor) -> Result<Vec<crate::Op>, S
             DELETE_KEY => Op::DeleteKey {
                 identity: Str::from(r.str()?),
                 slot: r.u32()?,
+            },
+            PUT_HISTORY => Op::PutHistory {
+                policy: Str::from(r.str()?),
+                seq: r.u64()?,
+                at: r.time()?,
+                message: read_message(r.bytes()?, anchor)?,
+            },
+            TRIM_HISTORY => Op::TrimHistory {
+                policy: Str::from(r.str()?),
+                through: r.u64()?,
             },
             _ => return Err(corrupt(what)),
         };
