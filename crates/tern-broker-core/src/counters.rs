@@ -85,6 +85,12 @@ pub struct Counters {
     pub clients_maximum: u64,
     /// Publishes whose idempotency key the broker already had: acknowledged, not routed.
     pub idempotent_repeats: u64,
+    /// Trims of topic histories (by age or size).
+    pub history_trimmed: u64,
+    /// Replays started.
+    pub replays: u64,
+    /// Messages read from histories and delivered by replays.
+    pub replayed: u64,
     /// Receipts sent: routed, settled.
     pub receipts: [u64; 2],
     /// Per topic policy (by filter, in the order of the settings): publishes that followed

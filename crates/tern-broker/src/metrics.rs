@@ -487,6 +487,33 @@ impl Metrics {
                 "Settled receipts waiting for their message's copies to be acknowledged.",
             );
             let _ = writeln!(out, "tern_receipts_waiting {}", g.receipts_waiting);
+            if !g.history.is_empty() {
+                family(
+                    &mut out,
+                    "tern_history_messages",
+                    "gauge",
+                    "Messages kept in each topic policy's history.",
+                );
+                for (policy, n, _) in &g.history {
+                    let _ = writeln!(out, "tern_history_messages{{policy=\"{policy}\"}} {n}");
+                }
+                family(
+                    &mut out,
+                    "tern_history_bytes",
+                    "gauge",
+                    "Topic and payload bytes kept in each topic policy's history.",
+                );
+                for (policy, _, b) in &g.history {
+                    let _ = writeln!(out, "tern_history_bytes{{policy=\"{policy}\"}} {b}");
+                }
+            }
+            family(
+                &mut out,
+                "tern_replays_active",
+                "gauge",
+                "Replays of topic history under way.",
+            );
+            let _ = writeln!(out, "tern_replays_active {}", g.replaying);
             family(
                 &mut out,
                 "tern_queue_oldest_age_seconds",
@@ -625,6 +652,26 @@ impl Metrics {
             "tern_idempotent_repeats_total {}",
             c.idempotent_repeats
         );
+        for (name, help, v) in [
+            (
+                "tern_replays_total",
+                "Replays of topic history started.",
+                c.replays,
+            ),
+            (
+                "tern_replayed_total",
+                "Messages read from topic histories and delivered by replays.",
+                c.replayed,
+            ),
+            (
+                "tern_history_trims_total",
+                "Times the oldest messages of a topic history were forgotten (age or size).",
+                c.history_trimmed,
+            ),
+        ] {
+            family(out, name, "counter", help);
+            let _ = writeln!(out, "{name} {v}");
+        }
         family(
             out,
             "tern_receipts_total",

@@ -216,6 +216,23 @@ pub struct HistoryRead {
 /// A message read from the history: its position, when it was published, the message.
 pub type HistoryMessage = (u64, std::time::SystemTime, Message);
 
+/// Messages read from a history as a broker core takes loaded messages: entries numbered
+/// by position, `now` as the time each joins a queue.
+pub fn history_entries(read: Vec<HistoryMessage>, now: std::time::Instant) -> QueuePart {
+    read.into_iter()
+        .filter_map(|(seq, _, message)| {
+            Some((
+                Entry {
+                    id: MessageId::new(seq)?,
+                    since: now,
+                    message,
+                },
+                None,
+            ))
+        })
+        .collect()
+}
+
 /// The bytes a kept message counts for in its policy's size bound.
 pub fn history_bytes(m: &Message) -> u32 {
     u32::try_from(m.topic.as_str().len() + m.payload.len()).unwrap_or(u32::MAX)

@@ -162,6 +162,10 @@ pub(crate) struct TopicTable {
     queue_qos0: Option<bool>,
     expiry_default_secs: Option<u32>,
     expiry_max_secs: Option<u32>,
+    /// Keep these topics' messages this long for replay (`90s`, `10m`, `24h`, `7d`).
+    history: Option<String>,
+    /// ... within this many topic and payload bytes.
+    history_max_bytes: Option<u64>,
 }
 
 fn two() -> u8 {
@@ -228,6 +232,23 @@ impl File {
             p.queue_qos0 = t.queue_qos0;
             p.expiry_default = t.expiry_default_secs.map(|s| Duration::from_secs(s.into()));
             p.expiry_max = t.expiry_max_secs.map(|s| Duration::from_secs(s.into()));
+            p.history = match &t.history {
+                None => None,
+                Some(h) => match tern_broker::core::parse_duration(h) {
+                    Some(d) if !d.is_zero() => Some(d),
+                    _ => {
+                        return Err(format!(
+                            "topic[{i}].history: '{h}' is not a duration like \"90s\", \"10m\", \"24h\" or \"7d\""
+                        ));
+                    }
+                },
+            };
+            if t.history_max_bytes.is_some() && p.history.is_none() {
+                return Err(format!(
+                    "topic[{i}].history_max_bytes needs history (how long messages are kept)"
+                ));
+            }
+            p.history_max_bytes = t.history_max_bytes;
             out.push(p);
         }
         Ok(out)
@@ -680,6 +701,14 @@ impl File {
             );
         }
         file.topic_policies()?;
+        if file.storage.durability == Durability::None
+            && file.topics.iter().any(|t| t.history.is_some())
+        {
+            return Err(
+                "topic history keeps messages in the store: it needs storage.durability \"sync\" or \"batched\""
+                    .into(),
+            );
+        }
         for b in &file.bridges {
             crate::bridges::bridge(b, std::path::Path::new("."), "127.0.0.1:1883")?;
         }

@@ -212,6 +212,7 @@ impl Broker {
                 accounted: (0, 0),
                 parked: VecDeque::new(),
                 will_stored: false,
+                replay: None,
                 identity: Str::new(),
             })
         });

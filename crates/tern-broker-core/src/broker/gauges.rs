@@ -40,6 +40,10 @@ pub struct Gauges {
     pub idempotency_keys: usize,
     /// Settled receipts waiting for copies to be acknowledged.
     pub receipts_waiting: usize,
+    /// Topic histories: (policy filter, messages kept, their topic and payload bytes).
+    pub history: Vec<(String, u64, u64)>,
+    /// Replays under way.
+    pub replaying: usize,
     /// The core's counters at the same moment.
     pub counters: Counters,
 }
@@ -108,6 +112,12 @@ impl Broker {
         g.counters = self.counters.clone();
         g.idempotency_keys = self.keys.len();
         g.receipts_waiting = self.receipts.waiting();
+        g.history = self.history_sizes();
+        g.replaying = self
+            .sessions
+            .values()
+            .filter(|s| s.replay.is_some())
+            .count();
         // The broker's own $SYS messages are not counted.
         g.retained = self.retained.keys().filter(|t| !routing::is_sys(t)).count();
         g

@@ -38,6 +38,7 @@ mod admin;
 mod beyond;
 mod connect;
 mod gauges;
+mod history;
 mod lifecycle;
 mod persist;
 mod round;
@@ -52,6 +53,7 @@ pub use admin::{
     SubscriptionView, WillView,
 };
 pub use gauges::{Gauges, SessionGauge};
+pub use history::{POSITION, REPLAY_FROM, REPLAY_SINCE, parse_duration, since_time};
 pub use round::{Loads, Round, Sealed, Send};
 
 pub use settings::{
@@ -147,6 +149,8 @@ struct Session {
     parked: VecDeque<Parked>,
     /// The store holds this connection's will (`Op::PutWill`), to drop when it ends.
     will_stored: bool,
+    /// A replay of topic history under way for one of its subscriptions.
+    replay: Option<Box<history::Replay>>,
 }
 
 /// A publish held under [`QueuePolicy::Block`] until the queues it would overflow have
@@ -262,6 +266,10 @@ pub struct Load {
     pub early: bool,
     /// See `early`.
     pub born: u64,
+    /// Not a queue but a part of the topic histories (a replay), read with
+    /// `Store::read_history` and answered, as [`tern_store::QueuePart`] entries numbered by
+    /// position ([`tern_store::history_entries`]), with [`Broker::handle_loaded`].
+    pub history: Option<Box<tern_store::HistoryRead>>,
 }
 
 /// A session's live connection, whose engine holds the delivery state, or that state on
@@ -382,6 +390,10 @@ pub struct Broker {
     tally: Option<beyond::Tally>,
     /// The settled receipt a copy handed to another shared-group member counts for.
     carry: Option<u64>,
+    /// The topic histories' index.
+    histories: history::Histories,
+    /// Sessions with a replay under way (their live copies for the replayed filter wait).
+    replaying: std::collections::HashSet<Str>,
 }
 
 impl Broker {
@@ -437,8 +449,11 @@ impl Broker {
             receipts: beyond::Receipts::default(),
             tally: None,
             carry: None,
+            histories: history::Histories::default(),
+            replaying: std::collections::HashSet::new(),
         };
         broker.load_keys(snapshot.keys, now);
+        broker.load_history(snapshot.history);
         // Shared-subscription messages of sessions whose connection was up when the process
         // died, to give to another member as a disconnect would have (§4.8.2).
         let mut redeliver: Vec<(Str, Str, Message)> = Vec::new();
@@ -499,6 +514,7 @@ impl Broker {
                 via_shared,
                 parked: VecDeque::new(),
                 will_stored: false,
+                replay: None,
             };
             broker.queued.0 += session.accounted.0;
             broker.queued.1 += session.accounted.1;

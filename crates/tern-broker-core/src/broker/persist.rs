@@ -32,6 +32,9 @@ impl Broker {
     /// Collects the recorded delivery changes of the sessions this input touched.
     pub(super) fn collect_changes(&mut self) {
         for client_id in std::mem::take(&mut self.touched) {
+            if !self.replaying.is_empty() && self.replaying.contains(&client_id) {
+                self.resume_replay(&client_id);
+            }
             let Some(s) = self.sessions.get_mut(&client_id) else {
                 continue;
             };
@@ -102,6 +105,7 @@ impl Broker {
                             max,
                             early: self.settings.queue_policy != QueuePolicy::DropOldest,
                             born: s.born,
+                            history: None,
                         });
                     }
                 }
@@ -123,6 +127,10 @@ impl Broker {
         messages: Vec<(Entry, Option<Str>)>,
         now: Instant,
     ) {
+        if load.history.is_some() {
+            self.history_loaded(load, messages, now);
+            return;
+        }
         let token = load.token;
         let Some(client_id) = self
             .sessions

@@ -17,6 +17,10 @@ impl Broker {
     ) -> usize {
         // $SYS messages are the broker's own, made again after a restart: never stored.
         let durable = !is_sys(&message.topic);
+        let mut message = message;
+        if durable && !self.histories_empty() {
+            self.keep_history(&mut message, now);
+        }
         if message.retain {
             if message.payload.is_empty() {
                 if self.retained.remove(&message.topic).is_some() && durable {
@@ -42,6 +46,12 @@ impl Broker {
             copy.retain = message.retain && delivery.retain_as_published;
             if !delivery.subscription_ids.is_empty() {
                 copy.properties.subscription_identifiers = delivery.subscription_ids;
+            }
+            if !self.replaying.is_empty()
+                && self.replaying.contains(&client_id)
+                && self.held_by_replay(&client_id, &copy, message.qos)
+            {
+                continue;
             }
             self.deliver(&client_id, copy, message.qos, None, now);
         }

@@ -180,6 +180,10 @@ pub struct TopicPolicy {
     pub expiry_default: Option<Duration>,
     /// Longest Message Expiry Interval: longer ones (and none) are cut to it.
     pub expiry_max: Option<Duration>,
+    /// Keep the messages of these topics for this long, for replay (docs/history.md).
+    pub history: Option<Duration>,
+    /// ... and at most this many topic and payload bytes of them (the oldest go first).
+    pub history_max_bytes: Option<u64>,
 }
 
 impl TopicPolicy {
@@ -196,6 +200,8 @@ impl TopicPolicy {
             queue_qos0: None,
             expiry_default: None,
             expiry_max: None,
+            history: None,
+            history_max_bytes: None,
         }
     }
 }

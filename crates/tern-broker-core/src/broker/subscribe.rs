@@ -40,6 +40,14 @@ impl Broker {
                 (options, s.properties.subscription_identifier),
             );
             reasons.push(ReasonCode::granted(options.qos));
+            self.start_replay(
+                client_id,
+                &sub.filter,
+                options,
+                s.properties.subscription_identifier,
+                &s.properties,
+                now,
+            );
             let send = match sub.options.retain_handling {
                 // Retained messages are not sent for shared subscriptions (§4.8.2).
                 _ if sub.filter.share_group().is_some() => false,

@@ -7,21 +7,25 @@ impl Broker {
     /// When [`Broker::handle_timeout`] must next be called, if ever: the earliest keep
     /// alive, session expiry or will delay of any session.
     pub fn poll_timeout(&mut self) -> Option<Instant> {
+        let history = self.history_deadline();
         // Entries replaced by earlier ones would only wake the driver for nothing.
         while let Some(Reverse((at, client_id))) = self.timers.peek() {
             match self.sessions.get(client_id) {
-                Some(s) if s.scheduled == Some(*at) => return Some(*at),
+                Some(s) if s.scheduled == Some(*at) => {
+                    return Some(history.map_or(*at, |h| h.min(*at)));
+                }
                 _ => {
                     self.timers.pop();
                 }
             }
         }
-        None
+        history
     }
 
     /// Timers: whatever is due at `now` (keep alive of connections, expiry of offline
     /// sessions, delayed wills); sessions with nothing due are not looked at.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.trim_history(now);
         while let Some(Reverse((at, _))) = self.timers.peek()
             && *at <= now
         {

@@ -261,7 +261,13 @@ fn spawn_reader(
         .spawn(move || {
             let guard = PanicGuard(fatal);
             while let Ok(load) = rx.recv() {
-                match reader.read_queue(&load.client_id, load.after, load.max) {
+                let read = match &load.history {
+                    Some(h) => reader
+                        .read_history(h)
+                        .map(|m| tern_store::history_entries(m, std::time::Instant::now())),
+                    None => reader.read_queue(&load.client_id, load.after, load.max),
+                };
+                match read {
                     Ok(messages) => answer(&to_core, &metrics, load, messages),
                     Err(error) => {
                         tracing::error!(%error, client_id = %load.client_id, "reading a queue back from the store failed: stopping");
@@ -432,7 +438,14 @@ fn run(
                     }
                     // Read once the batch that may hold them is committed.
                     for load in loads {
-                        match p.store.read_queue(&load.client_id, load.after, load.max) {
+                        let read = match &load.history {
+                            Some(h) => p
+                                .store
+                                .read_history(h)
+                                .map(|m| tern_store::history_entries(m, std::time::Instant::now())),
+                            None => p.store.read_queue(&load.client_id, load.after, load.max),
+                        };
+                        match read {
                             Ok(messages) => answer(to_core, metrics, load, messages),
                             Err(error) => {
                                 // Queued messages that cannot be read back would never be
