@@ -223,7 +223,11 @@ use state::Done;
 
 enum Command {
     Publish(Message, Done<ReasonCode>),
-    Subscribe(Vec<Subscription>, Done<Vec<ReasonCode>>),
+    Subscribe(
+        Vec<Subscription>,
+        tern_codec::Props<tern_codec::properties::SubscribeProperties>,
+        Done<Vec<ReasonCode>>,
+    ),
     Unsubscribe(Vec<TopicFilter>, Done<Vec<ReasonCode>>),
     Disconnect(oneshot::Sender<()>),
     Idle(oneshot::Sender<()>),
@@ -391,6 +395,28 @@ impl Client {
         &self,
         filters: &[(&str, SubscriptionOptions)],
     ) -> Result<Vec<ReasonCode>, Error> {
+        self.subscribe_with_properties(filters, &[]).await
+    }
+
+    /// As [`Client::subscribe_with`], with User Properties on the SUBSCRIBE (5.0), for
+    /// example a Tern topic-history replay.
+    ///
+    /// ```no_run
+    /// # async fn run(client: tern_client::Client) -> Result<(), tern_client::Error> {
+    /// use tern_client::{QoS, SubscriptionOptions};
+    /// let options = SubscriptionOptions { qos: QoS::AtLeastOnce, ..Default::default() };
+    /// // The last ten minutes of orders, then the live ones.
+    /// client
+    ///     .subscribe_with_properties(&[("orders/#", options)], &[("replay-since", "10m")])
+    ///     .await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn subscribe_with_properties(
+        &self,
+        filters: &[(&str, SubscriptionOptions)],
+        user_properties: &[(&str, &str)],
+    ) -> Result<Vec<ReasonCode>, Error> {
         let mut subscriptions = Vec::with_capacity(filters.len());
         for (f, options) in filters {
             let filter = TopicFilter::new(*f).map_err(|_| Error::Topic(f.to_string()))?;
@@ -400,7 +426,11 @@ impl Client {
             });
         }
         let (tx, rx) = oneshot::channel();
-        self.send(Command::Subscribe(subscriptions, tx))?;
+        let mut properties = tern_codec::Props::<tern_codec::properties::SubscribeProperties>::NONE;
+        for (k, v) in user_properties {
+            properties.user_properties.push(((*k).into(), (*v).into()));
+        }
+        self.send(Command::Subscribe(subscriptions, properties, tx))?;
         rx.await.unwrap_or(Err(Error::Closed))
     }
 

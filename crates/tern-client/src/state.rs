@@ -312,8 +312,8 @@ impl ClientState {
                 self.pending.idle.push(done);
                 self.check_idle();
             }
-            crate::Command::Subscribe(subscriptions, done) => {
-                let id = conn.subscribe(subscriptions);
+            crate::Command::Subscribe(subscriptions, properties, done) => {
+                let id = conn.subscribe_with_properties(subscriptions, properties);
                 self.request(done, id);
             }
             crate::Command::Unsubscribe(filters, done) => {
@@ -360,7 +360,7 @@ impl ClientState {
                     return Offline::Queued(id, done);
                 }
             }
-            crate::Command::Subscribe(_, done) | crate::Command::Unsubscribe(_, done) => {
+            crate::Command::Subscribe(_, _, done) | crate::Command::Unsubscribe(_, done) => {
                 let _ = done.send(Err(Error::Closed));
             }
             crate::Command::Idle(done) => {
@@ -641,7 +641,7 @@ mod tests {
         };
         let _ = pair
             .client
-            .command(Command::Subscribe(vec![sub], tx), pair.now);
+            .command(Command::Subscribe(vec![sub], Default::default(), tx), pair.now);
         pair.cut();
         assert!(matches!(rx.try_recv(), Ok(Err(Error::Closed))));
     }

@@ -134,6 +134,14 @@ pub(crate) struct SubCli {
     /// Drop messages whose user property KEY was already seen (last 10,000)
     #[arg(long, value_name = "KEY")]
     dedup: Option<String>,
+    /// Replay the topic history first (a Tern broker): from this long ago (90s, 10m, 2h,
+    /// 1d) or a Unix time in milliseconds, then live (5.0)
+    #[arg(long, value_name = "WHEN")]
+    since: Option<String>,
+    /// Replay the topic history first from this position (a message's history-position),
+    /// then live (5.0)
+    #[arg(long, value_name = "POSITION")]
+    from: Option<u64>,
 }
 
 fn parse_qos(v: &str) -> Result<u8, String> {
@@ -201,6 +209,8 @@ impl From<SubCli> for Args {
             verbose: c.verbose,
             format: c.format,
             dedup: c.dedup,
+            since: c.since,
+            from: c.from,
             ..c.conn.into_args()
         }
     }
@@ -259,6 +269,8 @@ struct Args {
     verbose: bool,
     format: Option<String>,
     dedup: Option<String>,
+    since: Option<String>,
+    from: Option<u64>,
 }
 
 /// The connection options the flags describe (and, from an `mqtt[s]://` URL, a topic).
@@ -598,6 +610,23 @@ fn subscribe_inner(mut a: Args) -> Result<(), Failure> {
     {
         return Err(Failure::usage(format!("'{f}' is not a valid topic filter")));
     }
+    let mut replay: Vec<(&'static str, String)> = Vec::new();
+    if let Some(since) = &a.since {
+        if tern_broker::core::since_time(since, std::time::SystemTime::now()).is_none() {
+            return Err(Failure::usage(format!(
+                "--since '{since}' is neither a duration (90s, 10m, 2h, 1d) nor Unix milliseconds"
+            )));
+        }
+        replay.push((tern_broker::core::REPLAY_SINCE, since.clone()));
+    }
+    if let Some(from) = a.from {
+        replay.push((tern_broker::core::REPLAY_FROM, from.to_string()));
+    }
+    if !replay.is_empty() && !o.protocol.is_v5() {
+        return Err(Failure::usage("--since and --from need MQTT 5 (-V 5)"));
+    }
+    // Asked once: a resubscription after a reconnect goes on live.
+    let replay = std::sync::Arc::new(std::sync::Mutex::new(Some(replay)));
     o = o.reconnect(Some(Backoff::default()));
     let q = qos(a.qos);
     let filters = a.topics.clone();
@@ -608,6 +637,7 @@ fn subscribe_inner(mut a: Args) -> Result<(), Failure> {
         let (client, mut events) = Client::connect(o).await.map_err(connect_failure)?;
         let subscribe = |client: Client| {
             let filters = filters.clone();
+            let replay = replay.lock().map(|mut r| r.take()).unwrap_or_default().unwrap_or_default();
             async move {
                 let list: Vec<(&str, SubscriptionOptions)> = filters
                     .iter()
@@ -621,7 +651,12 @@ fn subscribe_inner(mut a: Args) -> Result<(), Failure> {
                         )
                     })
                     .collect();
-                let codes = client.subscribe_with(&list).await.map_err(|e| match e {
+                let props: Vec<(&str, &str)> =
+                    replay.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                let codes = client
+                    .subscribe_with_properties(&list, &props)
+                    .await
+                    .map_err(|e| match e {
                     Error::Topic(t) => Failure::usage(format!("'{t}' is not a valid topic filter")),
                     e => Failure(Exit::Connection, e.to_string()),
                 })?;

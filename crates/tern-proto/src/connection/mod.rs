@@ -486,12 +486,22 @@ impl Connection {
         &mut self,
         subscriptions: Vec<tern_codec::Subscription>,
     ) -> Result<PacketId, crate::IdsExhausted> {
+        self.subscribe_with_properties(subscriptions, Default::default())
+    }
+
+    /// As [`Connection::subscribe`], with SUBSCRIBE properties (5.0: a Subscription
+    /// Identifier, User Properties).
+    pub fn subscribe_with_properties(
+        &mut self,
+        subscriptions: Vec<tern_codec::Subscription>,
+        properties: tern_codec::Props<tern_codec::properties::SubscribeProperties>,
+    ) -> Result<PacketId, crate::IdsExhausted> {
         let id = self.request_id()?;
         self.transmit
             .push_back(Packet::Subscribe(tern_codec::Subscribe {
                 packet_id: id,
                 subscriptions,
-                properties: Default::default(),
+                properties,
             }));
         Ok(id)
     }
