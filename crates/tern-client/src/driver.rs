@@ -249,7 +249,7 @@ pub(crate) async fn serve(
                 // One clock reading for the whole batch of commands.
                 let now = Instant::now();
                 let mut next = c;
-                for _ in 0..1024 {
+                for turn in 0..1024 {
                     let Some(c) = next else {
                         state.dropped();
                         if let Some(o) = outbox {
@@ -272,7 +272,12 @@ pub(crate) async fn serve(
                         }
                         return ("disconnected by the application".into(), true);
                     }
-                    // Whatever else is already waiting goes into the same write.
+                    // Whatever else is already waiting goes into the same write, up to
+                    // 1,024 commands a turn (the next one is taken on the next turn, not
+                    // taken out of the channel and dropped here).
+                    if turn == 1023 {
+                        break;
+                    }
                     match commands.try_recv() {
                         Ok(c) => next = Some(c),
                         Err(_) => break,

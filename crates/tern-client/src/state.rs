@@ -639,9 +639,10 @@ mod tests {
             filter,
             options: Default::default(),
         };
-        let _ = pair
-            .client
-            .command(Command::Subscribe(vec![sub], Default::default(), tx), pair.now);
+        let _ = pair.client.command(
+            Command::Subscribe(vec![sub], Default::default(), tx),
+            pair.now,
+        );
         pair.cut();
         assert!(matches!(rx.try_recv(), Ok(Err(Error::Closed))));
     }

@@ -432,3 +432,30 @@ async fn a_paused_client_still_reads_its_ping_responses_and_stays_connected() {
     publisher.disconnect().await;
     sub.disconnect().await;
 }
+
+/// More publishes handed over at once than the client takes in one turn (1,024): every
+/// one is sent and acknowledged, none dropped between turns (each used to lose the
+/// 1,025th, its outcome `Closed`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_larger_than_one_turn_of_commands_is_sent_whole() {
+    let broker = Broker::tern().await;
+    let (client, _events) = Client::connect(Options::new("127.0.0.1", broker.port(), "burst"))
+        .await
+        .unwrap();
+    let outcomes: Vec<_> = (0..3000)
+        .map(|i| {
+            client
+                .publish("burst/t", format!("{i}"))
+                .qos(QoS::AtLeastOnce)
+                .send()
+                .unwrap()
+        })
+        .collect();
+    for (i, o) in outcomes.into_iter().enumerate() {
+        let r = o.await;
+        assert!(
+            matches!(r, Ok(ref c) if !c.is_error()),
+            "publish {i}: {r:?}"
+        );
+    }
+}
