@@ -637,7 +637,11 @@ fn subscribe_inner(mut a: Args) -> Result<(), Failure> {
         let (client, mut events) = Client::connect(o).await.map_err(connect_failure)?;
         let subscribe = |client: Client| {
             let filters = filters.clone();
-            let replay = replay.lock().map(|mut r| r.take()).unwrap_or_default().unwrap_or_default();
+            let replay = replay
+                .lock()
+                .map(|mut r| r.take())
+                .unwrap_or_default()
+                .unwrap_or_default();
             async move {
                 let list: Vec<(&str, SubscriptionOptions)> = filters
                     .iter()
@@ -657,9 +661,11 @@ fn subscribe_inner(mut a: Args) -> Result<(), Failure> {
                     .subscribe_with_properties(&list, &props)
                     .await
                     .map_err(|e| match e {
-                    Error::Topic(t) => Failure::usage(format!("'{t}' is not a valid topic filter")),
-                    e => Failure(Exit::Connection, e.to_string()),
-                })?;
+                        Error::Topic(t) => {
+                            Failure::usage(format!("'{t}' is not a valid topic filter"))
+                        }
+                        e => Failure(Exit::Connection, e.to_string()),
+                    })?;
                 for (f, c) in filters.iter().zip(&codes) {
                     if c.is_error() {
                         return Err(Failure(

@@ -8,7 +8,8 @@
 //! fixed when the SUBSCRIBE is handled).
 //!
 //! What stays in memory per policy is an index of buckets (up to [`BUCKET`] consecutive
-//! messages: their last position, newest time and bytes), enough to trim by age and size;
+//! messages and a 32nd of the size bound: their last position, newest time and bytes),
+//! enough to trim by age and by size (to within about 3 % of the bound);
 //! the messages are read back from the store in batches of [`BATCH`] as a replay needs
 //! them ([`crate::Load::history`]), the next batch asked for once the subscriber's queue
 //! has drained below [`BATCH`].
@@ -138,10 +139,12 @@ impl Broker {
                 }
                 continue;
             }
+            let cap = self.bucket_bytes(&policy);
             self.histories.logs.entry(policy).or_default().push(
                 seq,
                 meta.at,
                 u64::from(meta.bytes),
+                cap,
             );
         }
         for policy in gone {
@@ -157,6 +160,17 @@ impl Broker {
     /// Whether no policy keeps a history (the common case costs one check per message).
     pub(super) fn histories_empty(&self) -> bool {
         self.settings.topics.is_empty() || !self.settings.topics.iter().any(|p| p.history.is_some())
+    }
+
+    /// The bytes at which a bucket of `policy`'s index is full: a 32nd of its size bound,
+    /// so that trimming by size keeps within about 3 % of the bound.
+    fn bucket_bytes(&self, policy: &str) -> u64 {
+        self.settings
+            .topics
+            .iter()
+            .find(|p| p.filter.as_str() == policy)
+            .and_then(|p| p.history_max_bytes)
+            .map_or(u64::MAX, |max| (max / 32).max(1))
     }
 
     fn keeps_history(&self, policy: &str) -> bool {
@@ -192,8 +206,9 @@ impl Broker {
             at,
             message: message.clone(),
         });
+        let cap = max_bytes.map_or(u64::MAX, |max| (max / 32).max(1));
         let log = self.histories.logs.entry(filter.clone()).or_default();
-        log.push(seq, at, u64::from(bytes));
+        log.push(seq, at, u64::from(bytes), cap);
         if let Some(max) = max_bytes {
             while log.bytes > max && log.buckets.len() > 1 {
                 let through = log.pop();
@@ -444,11 +459,13 @@ impl Broker {
 }
 
 impl Log {
-    fn push(&mut self, seq: u64, at: SystemTime, bytes: u64) {
+    /// Adds a message; a bucket takes up to [`BUCKET`] messages and `cap` bytes.
+    fn push(&mut self, seq: u64, at: SystemTime, bytes: u64, cap: u64) {
         self.bytes += bytes;
         self.count += 1;
         if let Some(b) = self.buckets.back_mut()
             && b.count < BUCKET
+            && b.bytes < cap
         {
             b.last = seq;
             b.at = b.at.max(at);
