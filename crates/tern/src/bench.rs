@@ -26,10 +26,12 @@ use tern_client::{Client, Event, Events, Options, Protocol, QoS};
   idle       open N idle connections; broker memory per connection from /proc (--connections, --pid)
   backlog    K messages queued for an offline persistent subscriber, then replayed (--count;
              the broker's offline queue limit applies: raise it, or the excess counts as lost)
+  replay     K messages kept in a topic history, then replayed to a new subscriber (Tern,
+             with a [[topic]] policy keeping history for bench/replay/#; --count)
 exit code: 0 when every QoS 1/2 message arrived once and in order per publisher, 1 otherwise")]
 pub(crate) struct BenchCli {
     /// fanin, fanout, pairs, latency, idle or backlog
-    #[arg(value_parser = ["fanin", "fanout", "pairs", "latency", "idle", "backlog"])]
+    #[arg(value_parser = ["fanin", "fanout", "pairs", "latency", "idle", "backlog", "replay"])]
     scenario: String,
     /// The broker's host
     #[arg(short = 'h', long, default_value = "127.0.0.1")]
@@ -256,6 +258,7 @@ pub(crate) fn run(cli: BenchCli) -> ExitCode {
             "pairs" => flow(&a, a.pairs, a.pairs, true).await,
             "latency" => latency(&a).await,
             "idle" => idle(&a).await,
+            "replay" => replay(&a).await,
             _ => backlog(&a).await,
         }
     });
@@ -809,6 +812,65 @@ async fn idle(a: &Args) -> Result<Report, String> {
 
 /// A persistent subscriber goes offline, K messages are published, the subscriber comes
 /// back: how fast the broker replays them.
+/// K messages published to a topic whose history the broker keeps, then a new subscriber
+/// asks for them (`replay-since` the moment before the first) and the time to receive
+/// them all is measured.
+async fn replay(a: &Args) -> Result<Report, String> {
+    let count = default_count(a);
+    let qos = qos_of(a.qos.max(1));
+    let epoch = Instant::now();
+    let run = format!("{:x}", std::process::id());
+    let topic = format!("bench/replay/{run}");
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+        .saturating_sub(1000);
+    let (publisher, _e) = connect(a, format!("bench-replay-pub-{run}")).await?;
+    let sent = Arc::new(AtomicU64::new(0));
+    publish_all(
+        publisher.clone(),
+        topic.clone(),
+        0,
+        count,
+        (qos, a.size, a.window, a.receipt),
+        epoch,
+        sent.clone(),
+    )
+    .await?;
+    publisher.disconnect().await;
+    let start = Instant::now();
+    let (sub, events) = connect(a, format!("bench-replay-sub-{run}")).await?;
+    let options = tern_client::SubscriptionOptions {
+        qos,
+        ..Default::default()
+    };
+    let since = since.to_string();
+    sub.subscribe_with_properties(
+        &[(topic.as_str(), options)],
+        &[(tern_broker::core::REPLAY_SINCE, since.as_str())],
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + a.duration.unwrap_or(Duration::from_secs(60));
+    let tally = collect(events, Tally::new(1, count), count, epoch, deadline, false).await;
+    let last = tally.last.unwrap_or(start);
+    sub.disconnect().await;
+    Ok(Report {
+        scenario: "replay".into(),
+        qos: a.qos.max(1),
+        version: version(a.version),
+        size: a.size,
+        sent: sent.load(Ordering::Relaxed),
+        expected: count,
+        delivered: tally.delivered,
+        lost: count.saturating_sub(tally.delivered),
+        duplicates: tally.duplicates,
+        reordered: tally.reordered,
+        seconds: (last - start).as_secs_f64(),
+        ..Report::default()
+    })
+}
+
 async fn backlog(a: &Args) -> Result<Report, String> {
     let count = default_count(a);
     let qos = qos_of(a.qos.max(1));
