@@ -390,3 +390,52 @@ fn everything_acknowledged_at_the_edge_reaches_a_mosquitto_remote_across_its_res
         move || up.lock().unwrap().start_again(),
     );
 }
+
+/// The remote reached over TLS (`mqtts://`) and over WebSocket on TLS (`wss://`), its
+/// certificate checked against `ca_file`: messages go out at QoS 2 on each.
+#[test]
+fn a_bridge_reaches_its_remote_over_tls_and_secure_websocket() {
+    let d = dir("tls");
+    let [ca, cert, key] = support::certificates(&d);
+    let cloud = BrokerProcess::in_dir(
+        &d.join("cloud"),
+        &format!(
+            "transport = \"tls\"\ncert_file = \"{cert}\"\nkey_file = \"{key}\"\n\
+             [[listener]]\nbind = \"127.0.0.1:0\"\ntransport = \"wss\"\ncert_file = \"{cert}\"\nkey_file = \"{key}\"\n\
+             [[listener]]\nbind = \"127.0.0.1:0\"\n"
+        ),
+    );
+    let plain: u16 = cloud.port(2).parse().unwrap();
+    for (name, address) in [
+        ("tls", format!("mqtts://localhost:{}", cloud.port(0))),
+        ("wss", format!("wss://localhost:{}/mqtt", cloud.port(1))),
+    ] {
+        let table = format!(
+            "[[bridge]]\nname = \"{name}\"\naddress = \"{address}\"\nca_file = \"{ca}\"\nreconnect_min_ms = 100\n{}",
+            route("up/#", "out", 2, &format!("{name}/"))
+        );
+        let edge = broker_on(&d.join(name), 0, &table);
+        wait_subscribed(&edge, &["local"]);
+        let edge_port: u16 = edge.port(0).parse().unwrap();
+        // The remote side is connected once its metric says so.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let connected = format!("tern_bridge_connected{{bridge=\"{name}\",side=\"remote\"}} 1");
+        while !support::http_get(edge.metrics.as_ref().unwrap(), "/metrics")
+            .1
+            .contains(&connected)
+        {
+            assert!(
+                Instant::now() < deadline,
+                "{name}: the bridge did not connect"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let at_cloud = sub(plain, &format!("{name}/up/#"), 1);
+        publish(edge_port, "up/x", name, 2);
+        assert_eq!(
+            lines(at_cloud),
+            [format!("2 {name}/up/x {name}")],
+            "over {name}"
+        );
+    }
+}
