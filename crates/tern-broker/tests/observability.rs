@@ -423,6 +423,7 @@ fn readiness_follows_startup_and_shutdown_while_health_stays_up() {
         max_connections: None,
         monitor: monitor.clone(),
         sys_interval: None,
+        cluster: None,
     };
     let running = rt.spawn(run(server, async {
         let _ = stopped.await;

@@ -97,6 +97,7 @@ async fn tern(certs: &[PathBuf; 3]) -> (Ports, tokio::sync::oneshot::Sender<()>)
         max_connections: None,
         monitor: tern_broker::server::Monitor::new(),
         sys_interval: None,
+        cluster: None,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(tern_broker::server::run(server, async {

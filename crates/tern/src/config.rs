@@ -31,6 +31,54 @@ pub(crate) struct File {
     /// `[[bridge]]` tables: connections to other brokers (docs/bridge.md).
     #[serde(rename = "bridge")]
     pub(crate) bridges: Vec<BridgeTable>,
+    /// `[cluster]`: this broker as a node of a cluster on NATS (docs/cluster.md).
+    pub(crate) cluster: Option<ClusterTable>,
+}
+
+/// `[cluster]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct ClusterTable {
+    /// `nats://HOST:PORT` URLs of the NATS cluster.
+    pub(crate) nats_urls: Vec<String>,
+    /// This node's name; default: the host name and the listener's port.
+    pub(crate) node_id: String,
+    pub(crate) nats_user: Option<String>,
+    pub(crate) nats_password: Option<String>,
+    pub(crate) nats_token: Option<String>,
+    /// Stream replicas for QoS 1/2 messages (the next step; checked, not yet used).
+    pub(crate) replicas: u8,
+}
+
+impl Default for ClusterTable {
+    fn default() -> Self {
+        ClusterTable {
+            nats_urls: Vec::new(),
+            node_id: String::new(),
+            nats_user: None,
+            nats_password: None,
+            nats_token: None,
+            replicas: 3,
+        }
+    }
+}
+
+impl ClusterTable {
+    /// What the NATS link needs.
+    pub(crate) fn link_config(&self) -> tern_cluster::Config {
+        tern_cluster::Config {
+            urls: self.nats_urls.clone(),
+            node_id: if self.node_id.is_empty() {
+                std::fs::read_to_string("/etc/hostname")
+                    .map(|h| h.trim().to_string())
+                    .unwrap_or_else(|_| "tern".into())
+            } else {
+                self.node_id.clone()
+            },
+            user: self.nats_user.clone().zip(self.nats_password.clone()),
+            token: self.nats_token.clone(),
+        }
+    }
 }
 
 /// One `[[bridge]]` table.
@@ -479,6 +527,7 @@ impl Default for File {
             idempotency: IdempotencyTable::default(),
             topics: Vec::new(),
             bridges: Vec::new(),
+            cluster: None,
         }
     }
 }
@@ -712,12 +761,42 @@ impl File {
         for b in &file.bridges {
             crate::bridges::bridge(b, std::path::Path::new("."), "127.0.0.1:1883")?;
         }
+        file.check_cluster()?;
         let mut names: Vec<&str> = file.bridges.iter().map(|b| b.name.as_str()).collect();
         names.sort_unstable();
         if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
             return Err(format!("bridge '{}' is named twice", w[0]));
         }
         Ok(file)
+    }
+
+    /// The `[cluster]` table's mistakes, if it has any.
+    pub(crate) fn check_cluster(&self) -> Result<(), String> {
+        let Some(c) = &self.cluster else {
+            return Ok(());
+        };
+        if c.nats_urls.is_empty() {
+            return Err("cluster.nats_urls: at least one nats://HOST:PORT".into());
+        }
+        for u in &c.nats_urls {
+            let rest = u
+                .strip_prefix("nats://")
+                .or_else(|| u.strip_prefix("tls://"))
+                .unwrap_or(u);
+            let ok = rest
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+            if !ok {
+                return Err(format!("cluster.nats_urls: '{u}' is not nats://HOST:PORT"));
+            }
+        }
+        if !(1..=5).contains(&c.replicas) {
+            return Err(format!("cluster.replicas: {} is not 1 to 5", c.replicas));
+        }
+        if c.nats_user.is_some() != c.nats_password.is_some() {
+            return Err("cluster: nats_user and nats_password go together".into());
+        }
+        Ok(())
     }
 
     /// The broker core's settings.
@@ -781,6 +860,7 @@ impl File {
             },
             // Checked when the file was read.
             topics: self.topic_policies().unwrap_or_default().into(),
+            cluster: self.cluster.is_some(),
         }
     }
 }

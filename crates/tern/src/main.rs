@@ -70,6 +70,9 @@ struct BrokerArgs {
     /// Check FILE (and the files it names) and exit
     #[arg(long, value_name = "FILE", conflicts_with_all = ["config", "bind", "data_dir", "metrics"])]
     check_config: Option<String>,
+    /// Be a node of a cluster on these NATS servers (nats://HOST:PORT[,...]; docs/cluster.md)
+    #[arg(long, value_name = "URLS")]
+    cluster: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -118,6 +121,17 @@ fn main() -> ExitCode {
         },
     };
     let mut file = file;
+    if let Some(urls) = &a.cluster {
+        let urls: Vec<String> = urls.split(',').map(|u| u.trim().to_string()).collect();
+        let table = file
+            .cluster
+            .get_or_insert_with(config::ClusterTable::default);
+        table.nats_urls = urls;
+        if let Err(e) = file.check_cluster() {
+            eprintln!("tern broker: --cluster: {e}");
+            return ExitCode::from(2);
+        }
+    }
     if let Some(bind) = bind {
         // --bind: the first listener's address.
         file.listener[0].bind = bind;
@@ -333,6 +347,7 @@ fn main() -> ExitCode {
             monitor,
             sys_interval: (file.sys.interval_secs > 0)
                 .then(|| std::time::Duration::from_secs(file.sys.interval_secs)),
+            cluster: file.cluster.as_ref().map(|c| c.link_config()),
         };
         let result = tern_broker::server::run(server, shutdown).await;
         let _ = monitor_stop.send(());

@@ -394,6 +394,11 @@ pub struct Broker {
     histories: history::Histories,
     /// Sessions with a replay under way (their live copies for the replayed filter wait).
     replaying: std::collections::HashSet<Str>,
+    /// Cluster: messages for the other nodes, and interest changes, since the last take.
+    forwards: Vec<Message>,
+    interest: Vec<(String, bool)>,
+    /// Cluster: the message being routed came from another node (not forwarded again).
+    from_remote: bool,
 }
 
 impl Broker {
@@ -451,6 +456,9 @@ impl Broker {
             carry: None,
             histories: history::Histories::default(),
             replaying: std::collections::HashSet::new(),
+            forwards: Vec::new(),
+            interest: Vec::new(),
+            from_remote: false,
         };
         broker.load_keys(snapshot.keys, now);
         broker.load_history(snapshot.history);

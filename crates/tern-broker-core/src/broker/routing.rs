@@ -21,6 +21,9 @@ impl Broker {
         if durable && !self.histories_empty() {
             self.keep_history(&mut message, now);
         }
+        if self.settings.cluster && durable && !self.from_remote && message.qos == QoS::AtMostOnce {
+            self.forwards.push(message.clone());
+        }
         if message.retain {
             if message.payload.is_empty() {
                 if self.retained.remove(&message.topic).is_some() && durable {
@@ -106,22 +109,30 @@ impl Broker {
     ) -> bool {
         // A new member or subscriber may take what is held.
         self.shrank = true;
-        if filter.share_group().is_some() {
+        let new = if filter.share_group().is_some() {
             self.shared
                 .subscribe(filter, client_id.clone(), Member { options, id })
         } else {
             self.trie.subscribe(filter, client_id.clone(), options, id)
+        };
+        if new && self.settings.cluster {
+            self.interest.push((filter.filter().to_string(), true));
         }
+        new
     }
 
     pub(super) fn remove_subscription(&mut self, client_id: &Str, filter: &TopicFilter) -> bool {
         // A full subscriber gone from a topic may let what is held through.
         self.shrank = true;
-        if filter.share_group().is_some() {
+        let existed = if filter.share_group().is_some() {
             self.shared.unsubscribe(filter, client_id)
         } else {
             self.trie.unsubscribe(filter, client_id)
+        };
+        if existed && self.settings.cluster {
+            self.interest.push((filter.filter().to_string(), false));
         }
+        existed
     }
 
     /// Checks a client's message against what the broker allows, routes it and releases
@@ -835,4 +846,30 @@ fn make_room(
         }
     };
     (room, expired, dropped + u64::from(!room))
+}
+
+impl Broker {
+    /// Cluster: messages from another node, routed to this node's sessions only (never
+    /// forwarded again).
+    pub fn handle_remote(&mut self, messages: Vec<Message>, now: Instant) {
+        self.from_remote = true;
+        for m in messages {
+            self.route(m, None, now);
+        }
+        self.from_remote = false;
+        self.commit(now);
+    }
+
+    /// Cluster: the QoS 0 messages this node's clients published since the last call, for
+    /// the other nodes.
+    pub fn take_forwards(&mut self) -> Vec<Message> {
+        std::mem::take(&mut self.forwards)
+    }
+
+    /// Cluster: filters this node's sessions started (`true`) or stopped (`false`) holding
+    /// since the last call, one entry per session and filter, in order (shared
+    /// subscriptions by their filter).
+    pub fn take_interest(&mut self) -> Vec<(String, bool)> {
+        std::mem::take(&mut self.interest)
+    }
 }

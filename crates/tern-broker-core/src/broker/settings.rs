@@ -112,6 +112,10 @@ pub struct Settings {
     pub max_publish_rate: Option<u32>,
     /// Idempotency keys: which user property carries them and how long they are kept.
     pub idempotency: Idempotency,
+    /// This broker is a node of a cluster (docs/cluster.md): the QoS 0 messages its clients
+    /// publish are handed out for the other nodes ([`crate::Broker::take_forwards`]), and
+    /// the filters its sessions hold are reported ([`crate::Broker::take_interest`]).
+    pub cluster: bool,
     /// Guarantee policies by topic filter; a message follows the first whose filter
     /// matches its topic (in this order), or the global settings if none does.
     pub topics: std::sync::Arc<[TopicPolicy]>,
@@ -278,6 +282,7 @@ impl Default for Settings {
             max_sessions: None,
             max_publish_rate: None,
             idempotency: Idempotency::default(),
+            cluster: false,
             topics: std::sync::Arc::from(Vec::new()),
         }
     }

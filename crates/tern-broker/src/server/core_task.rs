@@ -26,6 +26,8 @@ pub(super) struct CoreTask {
     pub(super) core_metrics: Arc<Metrics>,
     pub(super) core_settings: Settings,
     pub(super) sys_interval: Option<Duration>,
+    /// The link to the other nodes, if this broker is a node of a cluster.
+    pub(super) cluster: Option<mpsc::UnboundedSender<tern_cluster::Out>>,
 }
 
 impl CoreTask {
@@ -41,6 +43,7 @@ impl CoreTask {
             core_metrics,
             core_settings,
             sys_interval,
+            cluster,
         } = self;
         let mut writers: ConnMap<line::Sender<ToConn>> = ConnMap::default();
         // Counts the core's restarts after store failures: an admin action waiting for its
@@ -120,6 +123,9 @@ impl CoreTask {
                         let (load, messages) = *loaded;
                         broker.handle_loaded(&load, messages, now);
                     }
+                    ToCore::Remote(messages) => {
+                        broker.handle_remote(messages, now);
+                    }
                     ToCore::Gauges(reply) => {
                         let _ = reply.send(broker.gauges(now, 10));
                     }
@@ -197,6 +203,13 @@ impl CoreTask {
                 };
             }
             dispatch(&mut broker, &writers, writer.as_ref(), since);
+            if let Some(link) = &cluster {
+                let forwards = broker.take_forwards();
+                let interest = broker.take_interest();
+                if !forwards.is_empty() || !interest.is_empty() {
+                    let _ = link.send(tern_cluster::Out { forwards, interest });
+                }
+            }
             if !acted.is_empty() {
                 // The admin actions of this batch are in the rounds handed out so far.
                 let round = broker.durable_rounds();

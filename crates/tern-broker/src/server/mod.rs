@@ -122,6 +122,9 @@ pub struct Server {
     pub monitor: Monitor,
     /// How often `$SYS/broker/...` is published; `None`: never.
     pub sys_interval: Option<Duration>,
+    /// The NATS cluster this broker is a node of, if any (docs/cluster.md); the core's
+    /// `Settings::cluster` must be set with it.
+    pub cluster: Option<tern_cluster::Config>,
 }
 
 /// What the connections have read and handed to the core that the core has not yet taken,
@@ -220,6 +223,8 @@ pub(crate) enum ToCore {
     Gauges(tokio::sync::oneshot::Sender<Gauges>),
     /// The admin API asks about the sessions.
     Admin(admin::Query, tokio::sync::oneshot::Sender<admin::Answer>),
+    /// Messages from other nodes of the cluster.
+    Remote(Vec<tern_proto::Message>),
     Shutdown,
 }
 
@@ -273,6 +278,7 @@ pub async fn serve(
         max_connections: None,
         monitor: Monitor::new(),
         sys_interval: None,
+        cluster: None,
     };
     run(server, shutdown).await
 }
@@ -317,6 +323,7 @@ pub async fn run(server: Server, shutdown: impl Future<Output = ()>) -> Result<(
         max_connections,
         monitor,
         sys_interval,
+        cluster,
     } = server;
     let metrics = monitor.metrics().clone();
     let mut acl_changes = access.0.subscribe();
@@ -345,6 +352,21 @@ pub async fn run(server: Server, shutdown: impl Future<Output = ()>) -> Result<(
         .map(|p| writer::Writer::spawn(p, lazy, to_core.clone(), metrics.clone(), fatal.clone()));
     let core_metrics = metrics.clone();
     let inbox = Arc::new(Inbox::new());
+    let cluster = match cluster {
+        Some(config) => {
+            tracing::info!(nats = %config.urls.join(","), node = %config.node_id, "cluster: connecting to NATS");
+            let client = tern_cluster::connect(&config)
+                .await
+                .map_err(|e| ServerError::Failed(e.to_string()))?;
+            let (tx, rx) = mpsc::unbounded_channel();
+            let to_core = to_core.clone();
+            tokio::spawn(tern_cluster::run(client, rx, move |batch| {
+                let _ = to_core.send(ToCore::Remote(batch));
+            }));
+            Some(tx)
+        }
+        None => None,
+    };
     let task = core_task::CoreTask {
         inbox: inbox.clone(),
         broker,
@@ -355,6 +377,7 @@ pub async fn run(server: Server, shutdown: impl Future<Output = ()>) -> Result<(
         core_metrics,
         core_settings,
         sys_interval,
+        cluster,
     };
     let mut core = tokio::spawn(task.run());
 

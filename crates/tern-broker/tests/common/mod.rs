@@ -187,6 +187,7 @@ impl Broker {
                     max_connections,
                     monitor: server_monitor,
                     sys_interval,
+                    cluster: None,
                 };
                 tern_broker::server::run(server, async {
                     let _ = stopped.await;

