@@ -101,7 +101,15 @@ pub async fn run(
                         tracing::debug!(topic = m.topic.as_str(), "a topic with no NATS subject stays on this node");
                         continue;
                     };
-                    if let Err(e) = client.publish(subject, m.payload.clone()).await {
+                    let sent = match props_header(&m) {
+                        Some(props) => {
+                            let mut headers = async_nats::HeaderMap::new();
+                            headers.insert(PROPS_HEADER, props.as_str());
+                            client.publish_with_headers(subject, headers, m.payload.clone()).await
+                        }
+                        None => client.publish(subject, m.payload.clone()).await,
+                    };
+                    if let Err(e) = sent {
                         tracing::warn!(error = %e, "publishing to NATS failed: a QoS 0 message did not reach the other nodes");
                     }
                 }
@@ -142,11 +150,72 @@ fn take(
         return None;
     }
     let topic = TopicName::new(subject_to_topic(subject)).ok()?;
-    Some(Message::new(
-        topic,
-        Bytes::clone(&m.payload),
-        QoS::AtMostOnce,
-    ))
+    let props = m
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(PROPS_HEADER))
+        .and_then(|v| read_props(v.as_str()));
+    let mut message = Message::new(topic, Bytes::clone(&m.payload), QoS::AtMostOnce);
+    if let Some(p) = props {
+        let expires_at = p.message_expiry_interval.map(|secs| {
+            std::time::Instant::now() + std::time::Duration::from_secs(u64::from(secs))
+        });
+        message.properties = p;
+        message.properties.message_expiry_interval = None;
+        message.expires_at = expires_at;
+    }
+    Some(message)
+}
+
+/// The NATS header that carries a message's MQTT 5 properties between nodes: a PUBLISH
+/// with no payload, in hex (NATS header values are text).
+pub const PROPS_HEADER: &str = "Tern-Props";
+
+/// The header value for `m`'s properties (its expiry as what is left of it), if it has
+/// any.
+fn props_header(m: &Message) -> Option<String> {
+    if m.properties.is_empty() && m.expires_at.is_none() {
+        return None;
+    }
+    let mut properties = m.properties.clone();
+    if let Some(at) = m.expires_at {
+        let left = at.saturating_duration_since(std::time::Instant::now());
+        let secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
+        properties.message_expiry_interval = Some(secs.clamp(1, u64::from(u32::MAX)) as u32);
+    }
+    let p = tern_codec::Publish {
+        dup: false,
+        qos_pid: tern_codec::QosPid::AtMostOnce,
+        retain: false,
+        topic: m.topic.clone(),
+        payload: Bytes::new(),
+        properties,
+    };
+    let mut out = bytes::BytesMut::new();
+    tern_codec::encode(
+        &tern_codec::Packet::Publish(p),
+        tern_codec::Protocol::V5,
+        &mut out,
+    )
+    .ok()?;
+    Some(out.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// The properties a [`PROPS_HEADER`] value carries.
+fn read_props(hex: &str) -> Option<tern_codec::Props<tern_codec::properties::PublishProperties>> {
+    let bytes: Option<Vec<u8>> = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+        .collect();
+    let mut buf = bytes::BytesMut::from(bytes?.as_slice());
+    match tern_codec::decode(
+        &mut buf,
+        tern_codec::Protocol::V5,
+        tern_codec::MAX_PACKET_SIZE,
+    ) {
+        Ok(Some(tern_codec::Packet::Publish(p))) => Some(p.properties),
+        _ => None,
+    }
 }
 
 /// Whether the NATS subject `subject` matches the pattern `pattern` (`*` one token, `>`

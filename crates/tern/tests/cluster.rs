@@ -263,3 +263,59 @@ fn qos0_crosses_nodes_once_each_on_the_subjects_of_nats_mqtt_gateway() {
         "overlapping filters on one node: once"
     );
 }
+
+/// MQTT 5 properties (user properties, content type, response topic, correlation data)
+/// travel with a message from one node to another.
+#[test]
+fn mqtt5_properties_cross_nodes() {
+    let d = std::env::temp_dir().join(format!("tern-cluster-props-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    let nats = Nats::start(&d);
+    let a = node(&d, "a", &nats.url(0));
+    let b = node(&d, "b", &nats.url(1));
+    let (pa, pb): (u16, u16) = (a.port(0).parse().unwrap(), b.port(0).parse().unwrap());
+    let on_b = Command::new("mosquitto_sub")
+        .args([
+            "-p",
+            &pb.to_string(),
+            "-V",
+            "mqttv5",
+            "-t",
+            "req/#",
+            "-C",
+            "1",
+            "-W",
+            "10",
+        ])
+        .args(["-F", "%t %p %C %R %D %P"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    settle();
+    assert!(
+        Command::new("mosquitto_pub")
+            .args([
+                "-p",
+                &pa.to_string(),
+                "-V",
+                "mqttv5",
+                "-t",
+                "req/x",
+                "-m",
+                "ping"
+            ])
+            .args(["-D", "publish", "user-property", "trace", "t-1"])
+            .args(["-D", "publish", "content-type", "text/plain"])
+            .args(["-D", "publish", "response-topic", "resp/a"])
+            .args(["-D", "publish", "correlation-data", "c42"])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert_eq!(
+        lines(on_b),
+        ["req/x ping text/plain resp/a c42 trace:t-1"],
+        "the properties as published"
+    );
+}
