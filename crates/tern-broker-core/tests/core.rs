@@ -1485,3 +1485,49 @@ fn an_idempotency_key_outlives_a_restart_but_not_its_window_or_its_count() {
     );
     assert_eq!(sim.broker.counters().idempotent_repeats, 3);
 }
+
+/// A cluster node applies a batch of the cluster's stream once: its progress is committed
+/// with the copies, so the same batch again (a redelivery after a crash, before the stream
+/// heard the acknowledgement) is skipped, and asked to be acknowledged again.
+#[test]
+fn a_cluster_stream_batch_is_applied_once_across_a_restart() {
+    let mut sim = Sim::new(Settings {
+        cluster: true,
+        ..Settings::default()
+    });
+    sim.offline_subscriber(persistent("a"), "pay/#", QoS::ExactlyOnce);
+    let batch = |payloads: &[&str]| -> Vec<tern_proto::Message> {
+        payloads
+            .iter()
+            .map(|p| {
+                tern_proto::Message::new(
+                    TopicName::new("pay/x").unwrap(),
+                    p.to_string(),
+                    QoS::ExactlyOnce,
+                )
+            })
+            .collect()
+    };
+    let now = sim.now;
+    sim.broker
+        .handle_remote_durable(7, batch(&["one", "two"]), now);
+    assert_eq!(sim.broker.take_applied(), Some(7));
+    sim.pump();
+    assert_eq!(sim.stored().cluster_applied, 7, "committed with the copies");
+    sim.restart(Duration::from_secs(1));
+    let now = sim.now;
+    sim.broker
+        .handle_remote_durable(7, batch(&["one", "two"]), now);
+    assert_eq!(
+        sim.broker.take_applied(),
+        Some(7),
+        "acknowledged again, not applied again"
+    );
+    sim.broker.handle_remote_durable(9, batch(&["three"]), now);
+    sim.pump();
+    // Nothing of the remote messages goes to other nodes again.
+    assert!(sim.broker.take_forwards().is_empty());
+    let a = sim.connect(persistent("a"));
+    ack_all(&mut sim, a);
+    assert_eq!(sim.received(a), ["one", "two", "three"]);
+}

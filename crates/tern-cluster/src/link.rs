@@ -28,7 +28,17 @@ pub struct Config {
     pub user: Option<(String, String)>,
     /// A NATS token, if the cluster asks for one.
     pub token: Option<String>,
+    /// Replicas of the cluster's stream of QoS 1/2 messages.
+    pub replicas: usize,
 }
+
+/// The JetStream stream holding the cluster's QoS 1/2 messages, one message each, on
+/// `tern.m.` and the topic's subject.
+pub const STREAM: &str = "TERN";
+const STREAM_PREFIX: &str = "tern.m.";
+const NODE_HEADER: &str = "Tern-Node";
+const QOS_HEADER: &str = "Tern-Qos";
+const RETAIN_HEADER: &str = "Tern-Retain";
 
 /// What the core hands the link after a round: QoS 0 messages its clients published, and
 /// filters its sessions started (`true`) or stopped (`false`) holding.
@@ -38,6 +48,11 @@ pub struct Out {
     pub forwards: Vec<Message>,
     /// Interest changes, in order.
     pub interest: Vec<(String, bool)>,
+    /// Told once every QoS 1/2 message of `forwards` is in the cluster's stream (the
+    /// round's acknowledgements wait for it).
+    pub stored: Option<tokio::sync::oneshot::Sender<()>>,
+    /// The stream is applied and committed through this sequence: acknowledge it.
+    pub applied: Option<u64>,
 }
 
 /// Why the link could not start.
@@ -80,9 +95,25 @@ pub async fn connect(config: &Config) -> Result<async_nats::Client, Error> {
 /// other nodes handed to `deliver` in batches.
 pub async fn run(
     client: async_nats::Client,
+    config: Config,
+    applied: u64,
     mut out: mpsc::UnboundedReceiver<Out>,
     deliver: impl Fn(Vec<Message>) + Send + 'static,
+    deliver_durable: impl Fn(u64, Vec<Message>) + Send + 'static,
 ) {
+    let js = async_nats::jetstream::new(client.clone());
+    let (applied_tx, applied_rx) = tokio::sync::watch::channel(applied);
+    let consumer = tokio::spawn(consume(
+        js.clone(),
+        config.clone(),
+        applied,
+        applied_rx,
+        deliver_durable,
+    ));
+    let boot = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let mut published: u64 = 0;
     // Subject -> (how many filters need it, the task reading its subscription).
     let mut subs: BTreeMap<String, (usize, tokio::task::JoinHandle<()>)> = BTreeMap::new();
     // Filter -> its subjects, as subscribed.
@@ -93,10 +124,41 @@ pub async fn run(
         tokio::select! {
             o = out.recv() => {
                 let Some(o) = o else { break };
+                if let Some(seq) = o.applied {
+                    applied_tx.send_if_modified(|a| {
+                        let newer = seq > *a;
+                        *a = (*a).max(seq);
+                        newer
+                    });
+                }
                 for (filter, add) in o.interest {
                     interest(&client, &mut subs, &mut filters, &in_tx, filter, add).await;
                 }
+                let mut acks = Vec::new();
                 for m in o.forwards {
+                    if m.qos != QoS::AtMostOnce {
+                        let Ok(subject) = topic_to_subject(m.topic.as_str()) else {
+                            tracing::warn!(topic = m.topic.as_str(), "a QoS 1/2 message whose topic has no NATS subject stays on this node");
+                            continue;
+                        };
+                        published += 1;
+                        let mut headers = async_nats::HeaderMap::new();
+                        headers.insert("Nats-Msg-Id", format!("{}-{boot:x}-{published}", config.node_id).as_str());
+                        headers.insert(NODE_HEADER, config.node_id.as_str());
+                        headers.insert(QOS_HEADER, if m.qos == QoS::ExactlyOnce { "2" } else { "1" });
+                        if m.retain {
+                            headers.insert(RETAIN_HEADER, "1");
+                        }
+                        if let Some(props) = props_header(&m) {
+                            headers.insert(PROPS_HEADER, props.as_str());
+                        }
+                        let subject = format!("{STREAM_PREFIX}{subject}");
+                        let ack = js
+                            .publish_with_headers(subject.clone(), headers.clone(), m.payload.clone())
+                            .await;
+                        acks.push((subject, headers, m.payload.clone(), ack));
+                        continue;
+                    }
                     let Ok(subject) = topic_to_subject(m.topic.as_str()) else {
                         tracing::debug!(topic = m.topic.as_str(), "a topic with no NATS subject stays on this node");
                         continue;
@@ -112,6 +174,36 @@ pub async fn run(
                     if let Err(e) = sent {
                         tracing::warn!(error = %e, "publishing to NATS failed: a QoS 0 message did not reach the other nodes");
                     }
+                }
+                if let Some(stored) = o.stored {
+                    // Waited for beside the loop: the round's acknowledgements wait for
+                    // this, the loop does not. A message the stream did not take is
+                    // published again with the same Nats-Msg-Id (the stream drops a
+                    // repeat) until it does.
+                    let js = js.clone();
+                    tokio::spawn(async move {
+                        for (subject, headers, payload, ack) in acks {
+                            let mut ack = ack.map_err(|e| e.to_string());
+                            loop {
+                                let done = match ack {
+                                    Ok(future) => future.await.map(|_| ()).map_err(|e| e.to_string()),
+                                    Err(e) => Err(e),
+                                };
+                                match done {
+                                    Ok(()) => break,
+                                    Err(e) => {
+                                        tracing::warn!(error = %e, subject = %subject, "the cluster's stream did not take a message: publishing it again");
+                                        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+                                        ack = js
+                                            .publish_with_headers(subject.clone(), headers.clone(), payload.clone())
+                                            .await
+                                            .map_err(|e| e.to_string());
+                                    }
+                                }
+                            }
+                        }
+                        let _ = stored.send(());
+                    });
                 }
             }
             Some((via, first)) = in_rx.recv() => {
@@ -135,6 +227,151 @@ pub async fn run(
     for (_, (_, task)) in subs {
         task.abort();
     }
+    consumer.abort();
+}
+
+/// The node's name as a JetStream consumer name allows it.
+fn consumer_name(node: &str) -> String {
+    let clean: String = node
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("tern-node-{clean}")
+}
+
+/// Reads the cluster's stream for this node (one durable consumer per node, not per
+/// session), a batch at a time: hands it to the core, waits until the core has committed
+/// it (`applied`), then acknowledges it (all up to its last sequence). Messages this node
+/// published itself are only counted (its sessions had them when they were published).
+async fn consume(
+    js: async_nats::jetstream::Context,
+    config: Config,
+    start: u64,
+    mut applied: tokio::sync::watch::Receiver<u64>,
+    deliver: impl Fn(u64, Vec<Message>) + Send + 'static,
+) {
+    use async_nats::jetstream::{consumer, stream};
+    let stream = loop {
+        let made = js
+            .get_or_create_stream(stream::Config {
+                name: STREAM.into(),
+                subjects: vec![format!("{STREAM_PREFIX}>")],
+                num_replicas: config.replicas.max(1),
+                storage: stream::StorageType::File,
+                duplicate_window: std::time::Duration::from_secs(120),
+                max_age: std::time::Duration::from_secs(7 * 86_400),
+                ..Default::default()
+            })
+            .await;
+        match made {
+            Ok(s) => break s,
+            Err(e) => {
+                tracing::warn!(error = %e, "the cluster's stream is not there yet: trying again");
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+        }
+    };
+    let name = consumer_name(&config.node_id);
+    let deliver_policy = if start > 0 {
+        consumer::DeliverPolicy::ByStartSequence {
+            start_sequence: start + 1,
+        }
+    } else {
+        consumer::DeliverPolicy::New
+    };
+    let consumer = loop {
+        let made = stream
+            .get_or_create_consumer(
+                &name,
+                consumer::pull::Config {
+                    durable_name: Some(name.clone()),
+                    ack_policy: consumer::AckPolicy::All,
+                    deliver_policy,
+                    max_ack_pending: 20_000,
+                    ..Default::default()
+                },
+            )
+            .await;
+        match made {
+            Ok(c) => break c,
+            Err(e) => {
+                tracing::warn!(error = %e, "this node's consumer of the cluster's stream is not there yet: trying again");
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+        }
+    };
+    tracing::info!(consumer = %name, from = start, "cluster: reading the stream of QoS 1/2 messages");
+    loop {
+        let batch = consumer
+            .fetch()
+            .max_messages(256)
+            .expires(std::time::Duration::from_millis(500))
+            .messages()
+            .await;
+        let mut batch = match batch {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the cluster's stream failed: trying again");
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        let mut messages = Vec::new();
+        let mut last = None;
+        while let Some(Ok(m)) = batch.next().await {
+            let Ok(info) = m.info() else { continue };
+            let seq = info.stream_sequence;
+            let own = m
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(NODE_HEADER))
+                .is_some_and(|n| n.as_str() == config.node_id);
+            if !own && let Some(message) = from_stream(&m) {
+                messages.push(message);
+            }
+            last = Some((seq, m));
+        }
+        let Some((seq, m)) = last else { continue };
+        deliver(seq, messages);
+        if applied.wait_for(|a| *a >= seq).await.is_err() {
+            return;
+        }
+        if let Err(e) = m.ack().await {
+            tracing::warn!(error = %e, "acknowledging the cluster's stream failed (its messages come again and are skipped)");
+        }
+    }
+}
+
+/// A QoS 1/2 message of the cluster's stream.
+fn from_stream(m: &async_nats::jetstream::Message) -> Option<Message> {
+    let subject = m.subject.as_str().strip_prefix(STREAM_PREFIX)?;
+    let topic = TopicName::new(subject_to_topic(subject)).ok()?;
+    let header = |name: &str| {
+        m.headers
+            .as_ref()
+            .and_then(|h| h.get(name))
+            .map(|v| v.as_str().to_string())
+    };
+    let qos = match header(QOS_HEADER).as_deref() {
+        Some("2") => QoS::ExactlyOnce,
+        _ => QoS::AtLeastOnce,
+    };
+    let mut message = Message::new(topic, Bytes::clone(&m.payload), qos);
+    message.retain = header(RETAIN_HEADER).as_deref() == Some("1");
+    if let Some(p) = header(PROPS_HEADER).and_then(|v: String| read_props(v.as_str())) {
+        message.expires_at = p.message_expiry_interval.map(|secs| {
+            std::time::Instant::now() + std::time::Duration::from_secs(u64::from(secs))
+        });
+        message.properties = p;
+        message.properties.message_expiry_interval = None;
+    }
+    Some(message)
 }
 
 /// The message a copy from NATS is, if this copy is the one to take: it came through the

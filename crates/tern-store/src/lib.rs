@@ -184,6 +184,9 @@ pub enum Op {
         /// The last position forgotten.
         through: u64,
     },
+    /// A cluster node has applied the cluster's message stream up to this sequence: its
+    /// messages are in this node's sessions (written in the same batch as their copies).
+    ClusterApplied(u64),
 }
 
 /// What a start needs to know of one kept message ([`Snapshot::history`]): not the
@@ -292,6 +295,8 @@ pub struct Snapshot {
     /// The messages kept in topic histories, by (policy filter, position): when each was
     /// published and its size, not the message itself.
     pub history: BTreeMap<(Str, u64), HistoryMeta>,
+    /// A cluster node: how far it has applied the cluster's message stream (0: not yet).
+    pub cluster_applied: u64,
 }
 
 /// Why a store refused or failed a batch. A failed batch changed nothing.
@@ -526,6 +531,7 @@ impl Store for MemoryStore {
                     self.history
                         .insert((policy.clone(), *seq), (*at, message.clone()));
                 }
+                Op::ClusterApplied(seq) => s.cluster_applied = *seq,
                 Op::TrimHistory { policy, through } => {
                     let keep = s
                         .history

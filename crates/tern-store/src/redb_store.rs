@@ -714,6 +714,12 @@ impl RedbStore {
                         .insert((&**policy, *seq), row.as_slice())
                         .map_err(backend)?;
                 }
+                Op::ClusterApplied(seq) => {
+                    txn.open_table(META)
+                        .map_err(backend)?
+                        .insert("cluster_applied", *seq)
+                        .map_err(backend)?;
+                }
                 Op::TrimHistory { policy, through } => {
                     history_table(txn, &mut t.history)?
                         .retain_in((&**policy, 0)..=(&**policy, *through), |_, _| false)
@@ -1170,6 +1176,16 @@ impl RedbStore {
             })
         };
         let mut snapshot = Snapshot::default();
+        match txn.open_table(META) {
+            Ok(meta) => {
+                snapshot.cluster_applied = meta
+                    .get("cluster_applied")
+                    .map_err(backend)?
+                    .map_or(0, |v| v.value());
+            }
+            Err(redb::TableError::TableDoesNotExist(_)) => {}
+            Err(e) => return Err(backend(e)),
+        }
         for entry in sessions.iter().map_err(backend)? {
             let (id, rec) = entry.map_err(backend)?;
             let id = id.value();

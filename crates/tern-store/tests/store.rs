@@ -478,6 +478,8 @@ fn arb_rich_op() -> impl Strategy<Value = Op> {
                 Op::DeleteKey { identity, slot }
             }
         }),
+        // A cluster node's progress through the stream.
+        1 => (0u64..1000).prop_map(Op::ClusterApplied),
         // Topic histories: two policies, positions that repeat (a put replaces), trims;
         // times in whole milliseconds (what the file keeps).
         1 => (0u64..8, any::<bool>(), 0usize..2).prop_map(|(seq, put, p)| {

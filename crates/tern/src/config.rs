@@ -46,7 +46,7 @@ pub(crate) struct ClusterTable {
     pub(crate) nats_user: Option<String>,
     pub(crate) nats_password: Option<String>,
     pub(crate) nats_token: Option<String>,
-    /// Stream replicas for QoS 1/2 messages (the next step; checked, not yet used).
+    /// Replicas of the cluster's stream of QoS 1/2 messages.
     pub(crate) replicas: u8,
 }
 
@@ -77,6 +77,7 @@ impl ClusterTable {
             },
             user: self.nats_user.clone().zip(self.nats_password.clone()),
             token: self.nats_token.clone(),
+            replicas: usize::from(self.replicas),
         }
     }
 }
@@ -789,6 +790,12 @@ impl File {
             if !ok {
                 return Err(format!("cluster.nats_urls: '{u}' is not nats://HOST:PORT"));
             }
+        }
+        if self.storage.durability == Durability::None {
+            return Err(
+                "a cluster node keeps what it applied of the cluster's stream in its store: it needs storage.durability \"sync\" or \"batched\""
+                    .into(),
+            );
         }
         if !(1..=5).contains(&c.replicas) {
             return Err(format!("cluster.replicas: {} is not 1 to 5", c.replicas));

@@ -319,3 +319,159 @@ fn mqtt5_properties_cross_nodes() {
         "the properties as published"
     );
 }
+
+/// A node on fixed ports (it comes back on the same one after a SIGKILL).
+fn node_on(dir: &Path, name: &str, urls: &str, port: u16) -> BrokerProcess {
+    let dir = dir.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("tern.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[listener]]\nbind = \"127.0.0.1:{port}\"\n[storage]\ndata_dir = \"{}\"\n\
+             [cluster]\nnats_urls = [{}]\nnode_id = \"{name}\"\n",
+            dir.join("data").display(),
+            urls.split(',')
+                .map(|u| format!("\"{u}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    )
+    .unwrap();
+    let node = BrokerProcess::spawn(
+        Command::new(env!("CARGO_BIN_EXE_tern")),
+        &config,
+        "tern=info,tern_cluster=info,async_nats=info",
+    );
+    node.wait_for(
+        "reading the stream of QoS 1/2 messages",
+        Duration::from_secs(30),
+    )
+    .expect("the node reads the cluster's stream");
+    node
+}
+
+/// QoS 1/2 messages published on node a reach a persistent QoS 2 subscriber on node b
+/// while b is SIGKILLed and restarted (b applies the stream once: its progress is in the
+/// commit that stores the copies), then while a is: every message a acknowledged arrives,
+/// the QoS 2 ones once (from b's side; a crash of a between the stream and its own commit
+/// may double a QoS 2 message, docs/cluster.md).
+#[test]
+fn qos1_and_2_cross_nodes_through_sigkills_of_either_node() {
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    use tern_client::{Backoff, Client, Event, Options, QoS};
+
+    const TOTAL: usize = 300;
+    let d = std::env::temp_dir().join(format!("tern-cluster-kills-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    let nats = Nats::start(&d);
+    let (pa, pb) = (free_port(), free_port());
+    let (ua, ub) = (nats.url(0), nats.url(1));
+    let mut a = Some(node_on(&d, "a", &ua, pa));
+    let mut b = Some(node_on(&d, "b", &ub, pb));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let quick = Some(Backoff {
+        initial: Duration::from_millis(100),
+        max: Duration::from_secs(1),
+    });
+    let seen: Arc<Mutex<HashMap<String, (usize, QoS)>>> = Arc::default();
+    let record = seen.clone();
+    let (keeper, mut events) = rt.block_on(async {
+        let o = Options::new("127.0.0.1", pb, "keeper")
+            .persistent(Duration::from_secs(3600))
+            .reconnect(quick);
+        let (c, e) = Client::connect(o).await.unwrap();
+        c.subscribe("pay/#", QoS::ExactlyOnce).await.unwrap();
+        (c, e)
+    });
+    rt.spawn(async move {
+        while let Some(e) = events.recv().await {
+            if let Event::Message(m) = e {
+                let p = String::from_utf8_lossy(&m.payload).to_string();
+                record.lock().unwrap().entry(p).or_insert((0, m.qos)).0 += 1;
+            }
+        }
+    });
+    let acked = Arc::new(AtomicUsize::new(0));
+    let count = acked.clone();
+    let publisher = rt.spawn(async move {
+        let o = Options::new("127.0.0.1", pa, "payer")
+            .persistent(Duration::from_secs(3600))
+            .reconnect(quick);
+        let (c, _e) = Client::connect(o).await.unwrap();
+        for i in 0..TOTAL {
+            let qos = if i % 2 == 0 {
+                QoS::ExactlyOnce
+            } else {
+                QoS::AtLeastOnce
+            };
+            let r = c.publish("pay/x", i.to_string()).qos(qos).await.unwrap();
+            assert!(!r.is_error(), "{i}: {r:?}");
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        c.disconnect().await;
+    });
+    let wait = |n: usize| {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while acked.load(Ordering::SeqCst) < n {
+            assert!(
+                Instant::now() < deadline,
+                "acknowledged {} of {n}",
+                acked.load(Ordering::SeqCst)
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    wait(60);
+    drop(b.take()); // SIGKILL the subscriber's node; a goes on acknowledging
+    wait(120);
+    b = Some(node_on(&d, "b", &ub, pb));
+    wait(180);
+    drop(a.take()); // SIGKILL the publisher's node mid-stream
+    a = Some(node_on(&d, "a", &ua, pa));
+    wait(TOTAL);
+    rt.block_on(publisher).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while seen.lock().unwrap().len() < TOTAL && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let seen = seen.lock().unwrap().clone();
+    let missing: Vec<usize> = (0..TOTAL)
+        .filter(|i| !seen.contains_key(&i.to_string()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "acknowledged on a, never at b's subscriber: {missing:?}"
+    );
+    for (p, (n, qos)) in &seen {
+        let i: usize = p.parse().unwrap();
+        let want = if i.is_multiple_of(2) {
+            QoS::ExactlyOnce
+        } else {
+            QoS::AtLeastOnce
+        };
+        assert_eq!(*qos, want, "message {i}");
+        // b's side is exactly once; a's SIGKILL can double one QoS 2 message in flight
+        // at that moment (documented), never more.
+        if want == QoS::ExactlyOnce {
+            assert!(*n <= 2, "QoS 2 message {i} delivered {n} times");
+        }
+    }
+    let doubled: Vec<&String> = seen
+        .iter()
+        .filter(|(p, (n, _))| *n > 1 && p.parse::<usize>().unwrap() % 2 == 0)
+        .map(|(p, _)| p)
+        .collect();
+    assert!(doubled.len() <= 1, "QoS 2 messages doubled: {doubled:?}");
+    rt.block_on(keeper.disconnect());
+    drop((a, b));
+}

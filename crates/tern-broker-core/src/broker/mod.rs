@@ -399,6 +399,13 @@ pub struct Broker {
     interest: Vec<(String, bool)>,
     /// Cluster: the message being routed came from another node (not forwarded again).
     from_remote: bool,
+    /// Cluster: the last sequence of the cluster's stream applied (committed), and one
+    /// applied in this round, for the driver to acknowledge once committed.
+    cluster_applied: u64,
+    applied_now: Option<u64>,
+    /// Cluster: a QoS 1/2 message was forwarded in this round (the round waits for it to
+    /// be in the stream before its acknowledgements go out).
+    forwarded_durable: bool,
 }
 
 impl Broker {
@@ -459,6 +466,9 @@ impl Broker {
             forwards: Vec::new(),
             interest: Vec::new(),
             from_remote: false,
+            cluster_applied: snapshot.cluster_applied,
+            applied_now: None,
+            forwarded_durable: false,
         };
         broker.load_keys(snapshot.keys, now);
         broker.load_history(snapshot.history);

@@ -189,7 +189,9 @@ impl Broker {
         let ops = self.take_ops();
         let loads = std::mem::take(&mut self.loads);
         let connack_sealed = std::mem::take(&mut self.connack_sealed);
-        if ops.is_empty() && loads.is_empty() {
+        // A QoS 1/2 message for the other nodes: its acknowledgement waits for the stream.
+        let forwarded = std::mem::take(&mut self.forwarded_durable);
+        if ops.is_empty() && loads.is_empty() && !forwarded {
             return Round::Ready(sends);
         }
         self.rounds += 1;

@@ -21,7 +21,8 @@ impl Broker {
         if durable && !self.histories_empty() {
             self.keep_history(&mut message, now);
         }
-        if self.settings.cluster && durable && !self.from_remote && message.qos == QoS::AtMostOnce {
+        if self.settings.cluster && durable && !self.from_remote {
+            self.forwarded_durable |= message.qos != QoS::AtMostOnce;
             self.forwards.push(message.clone());
         }
         if message.retain {
@@ -860,10 +861,43 @@ impl Broker {
         self.commit(now);
     }
 
-    /// Cluster: the QoS 0 messages this node's clients published since the last call, for
-    /// the other nodes.
+    /// Cluster: the messages this node's clients published since the last call, for the
+    /// other nodes (QoS 0 over core NATS, QoS 1/2 into the cluster's stream, before the
+    /// acknowledgements of the round they came in go out).
     pub fn take_forwards(&mut self) -> Vec<Message> {
         std::mem::take(&mut self.forwards)
+    }
+
+    /// Cluster: QoS 1/2 messages of the cluster's stream, from `first` to `last` (stream
+    /// sequences), for this node's sessions: routed as from a publisher elsewhere, once
+    /// (sequences this node has applied already are skipped), and the progress stored in
+    /// the same commit as their copies ([`Broker::take_applied`]).
+    pub fn handle_remote_durable(&mut self, last: u64, messages: Vec<Message>, now: Instant) {
+        if last <= self.cluster_applied {
+            // Applied before (a redelivery after a restart): acknowledged again, at once.
+            self.applied_now = Some(last);
+            return;
+        }
+        self.from_remote = true;
+        for m in messages {
+            self.route(m, None, now);
+        }
+        self.from_remote = false;
+        self.cluster_applied = last;
+        self.applied_now = Some(last);
+        self.batch.push(Op::ClusterApplied(last));
+        self.commit(now);
+    }
+
+    /// Cluster: the stream sequence applied in the round just handed out, to acknowledge
+    /// to the stream once that round is committed.
+    pub fn take_applied(&mut self) -> Option<u64> {
+        self.applied_now.take()
+    }
+
+    /// Cluster: the last stream sequence this node applied (0: none).
+    pub fn cluster_applied(&self) -> u64 {
+        self.cluster_applied
     }
 
     /// Cluster: filters this node's sessions started (`true`) or stopped (`false`) holding

@@ -126,6 +126,9 @@ impl CoreTask {
                     ToCore::Remote(messages) => {
                         broker.handle_remote(messages, now);
                     }
+                    ToCore::RemoteDurable(last, messages) => {
+                        broker.handle_remote_durable(last, messages, now);
+                    }
                     ToCore::Gauges(reply) => {
                         let _ = reply.send(broker.gauges(now, 10));
                     }
@@ -202,14 +205,13 @@ impl CoreTask {
                     None
                 };
             }
-            dispatch(&mut broker, &writers, writer.as_ref(), since);
-            if let Some(link) = &cluster {
-                let forwards = broker.take_forwards();
-                let interest = broker.take_interest();
-                if !forwards.is_empty() || !interest.is_empty() {
-                    let _ = link.send(tern_cluster::Out { forwards, interest });
-                }
-            }
+            dispatch(
+                &mut broker,
+                &writers,
+                writer.as_ref(),
+                since,
+                cluster.as_ref(),
+            );
             if !acted.is_empty() {
                 // The admin actions of this batch are in the rounds handed out so far.
                 let round = broker.durable_rounds();
@@ -250,7 +252,13 @@ impl CoreTask {
             }
         }
         broker.shutdown(Instant::now());
-        dispatch(&mut broker, &writers, writer.as_ref(), Instant::now());
+        dispatch(
+            &mut broker,
+            &writers,
+            writer.as_ref(),
+            Instant::now(),
+            cluster.as_ref(),
+        );
         if let Some(w) = writer.take() {
             let _ = tokio::task::spawn_blocking(move || w.finish()).await;
         }
@@ -269,8 +277,44 @@ fn dispatch(
     writers: &ConnMap<line::Sender<ToConn>>,
     writer: Option<&writer::Writer>,
     since: Instant,
+    cluster: Option<&mpsc::UnboundedSender<tern_cluster::Out>>,
 ) {
     let round = broker.poll_round(|conn| writers.get(&conn).map_or(0, line::Sender::backlog));
+    // A cluster node: the round's messages for the other nodes go to the link; its QoS
+    // 1/2 ones gate the round's sends, and what it applied of the stream is acknowledged
+    // once it is committed.
+    let mut hooks = writer::Hooks::default();
+    if let Some(link) = cluster {
+        let forwards = broker.take_forwards();
+        let interest = broker.take_interest();
+        let stored = if forwards
+            .iter()
+            .any(|m| m.qos != tern_codec::QoS::AtMostOnce)
+        {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            hooks.gate = Some(rx);
+            Some(tx)
+        } else {
+            None
+        };
+        if !forwards.is_empty() || !interest.is_empty() {
+            let _ = link.send(tern_cluster::Out {
+                forwards,
+                interest,
+                stored,
+                applied: None,
+            });
+        }
+        if let Some(seq) = broker.take_applied() {
+            let link = link.clone();
+            hooks.after = Some(Box::new(move || {
+                let _ = link.send(tern_cluster::Out {
+                    applied: Some(seq),
+                    ..Default::default()
+                });
+            }));
+        }
+    }
     let to_lines = |sends: Vec<Send>| -> writer::Sends {
         let mut out = Vec::with_capacity(sends.len());
         for send in sends {
@@ -324,16 +368,26 @@ fn dispatch(
                 ops,
                 sealed.map(|sealed| to_lines(behind.into_iter().chain(sealed).collect())),
                 loads,
+                hooks,
             );
         }
         (Round::Ready(sends), Some(w)) if w.busy() => {
+            if let Some(after) = hooks.after.take() {
+                // Nothing of this round to commit: what it acknowledges was committed.
+                after();
+            }
             let (behind, now): (Vec<Send>, Vec<Send>) = sends.into_iter().partition(waits);
             writer::send_all(to_lines(now));
             if !behind.is_empty() {
                 w.behind(to_lines(behind));
             }
         }
-        (Round::Ready(sends), _) => writer::send_all(to_lines(sends)),
+        (Round::Ready(sends), _) => {
+            if let Some(after) = hooks.after.take() {
+                after();
+            }
+            writer::send_all(to_lines(sends));
+        }
         (
             Round::Durable {
                 ops,

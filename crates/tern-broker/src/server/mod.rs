@@ -223,8 +223,10 @@ pub(crate) enum ToCore {
     Gauges(tokio::sync::oneshot::Sender<Gauges>),
     /// The admin API asks about the sessions.
     Admin(admin::Query, tokio::sync::oneshot::Sender<admin::Answer>),
-    /// Messages from other nodes of the cluster.
+    /// QoS 0 messages from other nodes of the cluster.
     Remote(Vec<tern_proto::Message>),
+    /// QoS 1/2 messages of the cluster's stream, through this sequence.
+    RemoteDurable(u64, Vec<tern_proto::Message>),
     Shutdown,
 }
 
@@ -345,6 +347,7 @@ pub async fn run(server: Server, shutdown: impl Future<Output = ()>) -> Result<(
     };
     let core_settings = settings.clone();
     let mut broker = Broker::resume(settings, snapshot, Instant::now(), SystemTime::now());
+    let broker_applied = broker.cluster_applied();
     broker.set_acl(acl_changes.borrow_and_update().acl.clone());
     // Whatever dies reports here (the storage writer thread's panic guard).
     let (fatal, mut fatal_rx) = mpsc::unbounded_channel::<String>();
@@ -353,16 +356,31 @@ pub async fn run(server: Server, shutdown: impl Future<Output = ()>) -> Result<(
     let core_metrics = metrics.clone();
     let inbox = Arc::new(Inbox::new());
     let cluster = match cluster {
+        Some(_) if writer.is_none() => {
+            return Err(ServerError::Failed(
+                "a cluster node needs its store (durability sync or batched)".into(),
+            ));
+        }
         Some(config) => {
             tracing::info!(nats = %config.urls.join(","), node = %config.node_id, "cluster: connecting to NATS");
             let client = tern_cluster::connect(&config)
                 .await
                 .map_err(|e| ServerError::Failed(e.to_string()))?;
             let (tx, rx) = mpsc::unbounded_channel();
-            let to_core = to_core.clone();
-            tokio::spawn(tern_cluster::run(client, rx, move |batch| {
-                let _ = to_core.send(ToCore::Remote(batch));
-            }));
+            let (to_core, to_core_durable) = (to_core.clone(), to_core.clone());
+            let applied = broker_applied;
+            tokio::spawn(tern_cluster::run(
+                client,
+                config,
+                applied,
+                rx,
+                move |batch| {
+                    let _ = to_core.send(ToCore::Remote(batch));
+                },
+                move |last, batch| {
+                    let _ = to_core_durable.send(ToCore::RemoteDurable(last, batch));
+                },
+            ));
             Some(tx)
         }
         None => None,

@@ -30,6 +30,7 @@ enum Job {
         ops: Vec<Op>,
         sends: Sealed<Sends>,
         loads: Loads,
+        hooks: Hooks,
     },
     /// A round that changed nothing durable, queued behind the commits ahead of it.
     Behind(Sends),
@@ -38,8 +39,17 @@ enum Job {
 
 /// A job's sends as they wait in a group.
 enum Waiting {
-    Sealed(Sealed<Sends>, Loads),
+    Sealed(Sealed<Sends>, Loads, Hooks),
     Behind(Sends),
+}
+
+/// What a cluster node adds to a round: its commit waits for `gate` (the round's QoS 1/2
+/// messages are in the cluster's stream), and `after` runs once the round is committed
+/// and sent (the stream messages it applied are acknowledged).
+#[derive(Default)]
+pub(crate) struct Hooks {
+    pub(crate) gate: Option<oneshot::Receiver<()>>,
+    pub(crate) after: Option<Box<dyn FnOnce() + Send>>,
 }
 
 /// Most batches folded into one commit; bounds the latency of the first one.
@@ -140,7 +150,13 @@ impl Writer {
     /// Commits `ops`, then opens and sends `sends`, then reads the `loads` and hands them
     /// to the core. The connections count the sends as held
     /// ([`super::line::Sender::held`]) until then.
-    pub(crate) fn submit(&self, ops: Vec<Op>, sends: Sealed<Sends>, mut loads: Loads) {
+    pub(crate) fn submit(
+        &self,
+        ops: Vec<Op>,
+        sends: Sealed<Sends>,
+        mut loads: Loads,
+        hooks: Hooks,
+    ) {
         let sends = sends.map(|s| {
             hold_all(&s);
             s
@@ -150,7 +166,12 @@ impl Writer {
                 let _ = reader.send(load);
             }
         }
-        self.queue(Job::Commit { ops, sends, loads });
+        self.queue(Job::Commit {
+            ops,
+            sends,
+            loads,
+            hooks,
+        });
     }
 
     /// Sends `sends` once everything submitted before them is.
@@ -360,7 +381,12 @@ fn run(
         let mut reset = None;
         while let Some(job) = next {
             match job {
-                Job::Commit { ops, sends, loads } => {
+                Job::Commit {
+                    ops,
+                    sends,
+                    loads,
+                    hooks,
+                } => {
                     #[cfg(debug_assertions)]
                     for op in &ops {
                         if let Op::PutRetained { message } = op {
@@ -368,7 +394,7 @@ fn run(
                         }
                     }
                     in_group += 1;
-                    group.push((ops, Waiting::Sealed(sends, loads)));
+                    group.push((ops, Waiting::Sealed(sends, loads, hooks)));
                 }
                 Job::Behind(sends) => group.push((Vec::new(), Waiting::Behind(sends))),
                 Job::Reset(reply) => {
@@ -386,7 +412,16 @@ fn run(
             let n = group.len();
             let mut ops = Vec::new();
             let mut waiting = Vec::with_capacity(n);
-            for (o, w) in group.drain(..) {
+            for (o, mut w) in group.drain(..) {
+                // A cluster node's QoS 1/2 messages are in the cluster's stream before
+                // this node commits what they did here (a crash in between: nothing
+                // committed, the publisher sends again; the link retries until the
+                // stream has them).
+                if let Waiting::Sealed(_, _, hooks) = &mut w
+                    && let Some(gate) = hooks.gate.take()
+                {
+                    let _ = gate.blocking_recv();
+                }
                 ops.extend(o);
                 waiting.push(w);
             }
@@ -427,14 +462,17 @@ fn run(
                     committed.fetch_add(std::mem::take(&mut in_group), Ordering::Release);
                     let mut loads = Vec::new();
                     for w in waiting {
-                        let sends = match w {
-                            Waiting::Sealed(s, l) => {
+                        let (sends, after) = match w {
+                            Waiting::Sealed(s, l, hooks) => {
                                 loads.extend(l.open(&receipt));
-                                s.open(&receipt)
+                                (s.open(&receipt), hooks.after)
                             }
-                            Waiting::Behind(s) => s,
+                            Waiting::Behind(s) => (s, None),
                         };
                         release_all(sends, false);
+                        if let Some(after) = after {
+                            after();
+                        }
                     }
                     // Read once the batch that may hold them is committed.
                     for load in loads {
@@ -471,7 +509,7 @@ fn run(
                     }
                     for w in waiting {
                         let sends = match w {
-                            Waiting::Sealed(s, l) => {
+                            Waiting::Sealed(s, l, _hooks) => {
                                 let _unread = l.failed(&error);
                                 s.failed(&error)
                             }

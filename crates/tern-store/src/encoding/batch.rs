@@ -87,6 +87,7 @@ pub(super) const PUT_KEY: u8 = 10;
 pub(super) const DELETE_KEY: u8 = 11;
 pub(super) const PUT_HISTORY: u8 = 12;
 pub(super) const TRIM_HISTORY: u8 = 13;
+pub(super) const CLUSTER_APPLIED: u8 = 14;
 
 /// A batch of ops as one record of the write-ahead log.
 pub(crate) fn batch(ops: &[crate::Op], anchor: Anchor) -> Result<Vec<u8>, StoreError> {
@@ -242,6 +243,10 @@ pub(crate) fn batch(ops: &[crate::Op], anchor: Anchor) -> Result<Vec<u8>, StoreE
                 w.bytes(policy.as_bytes());
                 w.u64(*through);
             }
+            Op::ClusterApplied(seq) => {
+                w.u8(CLUSTER_APPLIED);
+                w.u64(*seq);
+            }
         }
     }
     Ok(w.finish())
@@ -367,6 +372,7 @@ pub(crate) fn read_batch(buf: &[u8], anchor: Anchor) -> Result<Vec<crate::Op>, S
                 policy: Str::from(r.str()?),
                 through: r.u64()?,
             },
+            CLUSTER_APPLIED => Op::ClusterApplied(r.u64()?),
             _ => return Err(corrupt(what)),
         };
         ops.push(op);
