@@ -1487,8 +1487,8 @@ fn an_idempotency_key_outlives_a_restart_but_not_its_window_or_its_count() {
 }
 
 /// A cluster node applies a batch of the cluster's stream once: its progress is committed
-/// with the copies, so the same batch again (a redelivery after a crash, before the stream
-/// heard the acknowledgement) is skipped, and asked to be acknowledged again.
+/// with the copies, so the same batch again (read again after a restart) is skipped, and
+/// reported as applied so the reader goes on.
 #[test]
 fn a_cluster_stream_batch_is_applied_once_across_a_restart() {
     let mut sim = Sim::new(Settings {
@@ -1521,7 +1521,7 @@ fn a_cluster_stream_batch_is_applied_once_across_a_restart() {
     assert_eq!(
         sim.broker.take_applied(),
         Some(7),
-        "acknowledged again, not applied again"
+        "reported again, not applied again"
     );
     sim.broker.handle_remote_durable(9, batch(&["three"]), now);
     sim.pump();

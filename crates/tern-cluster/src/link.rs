@@ -51,7 +51,7 @@ pub struct Out {
     /// Told once every QoS 1/2 message of `forwards` is in the cluster's stream (the
     /// round's acknowledgements wait for it).
     pub stored: Option<tokio::sync::oneshot::Sender<()>>,
-    /// The stream is applied and committed through this sequence: acknowledge it.
+    /// The stream is applied and committed through this sequence: read on.
     pub applied: Option<u64>,
 }
 
@@ -230,25 +230,11 @@ pub async fn run(
     consumer.abort();
 }
 
-/// The node's name as a JetStream consumer name allows it.
-fn consumer_name(node: &str) -> String {
-    let clean: String = node
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    format!("tern-node-{clean}")
-}
-
-/// Reads the cluster's stream for this node (one durable consumer per node, not per
-/// session), a batch at a time: hands it to the core, waits until the core has committed
-/// it (`applied`), then acknowledges it (all up to its last sequence). Messages this node
-/// published itself are only counted (its sessions had them when they were published).
+/// Reads the cluster's stream for this node (one ordered consumer per node, not per
+/// session, from the sequence after the last one the node's store says it applied), a
+/// batch at a time: hands it to the core and reads on once the core has committed it
+/// (`applied`). Messages this node published itself are only counted (its sessions had
+/// them when they were published).
 async fn consume(
     js: async_nats::jetstream::Context,
     config: Config,
@@ -277,7 +263,6 @@ async fn consume(
             }
         }
     };
-    let name = consumer_name(&config.node_id);
     let deliver_policy = if start > 0 {
         consumer::DeliverPolicy::ByStartSequence {
             start_sequence: start + 1,
@@ -285,65 +270,71 @@ async fn consume(
     } else {
         consumer::DeliverPolicy::New
     };
-    let consumer = loop {
+    // An ordered consumer from where this node's store says it is: no acknowledgements
+    // for JetStream to keep (the node's progress is in its own commits), in order, gaps
+    // mended by the client; made again at each start, so one per node, never per session.
+    let mut messages = loop {
         let made = stream
-            .get_or_create_consumer(
-                &name,
-                consumer::pull::Config {
-                    durable_name: Some(name.clone()),
-                    ack_policy: consumer::AckPolicy::All,
-                    deliver_policy,
-                    max_ack_pending: 20_000,
-                    ..Default::default()
-                },
-            )
+            .create_consumer(consumer::pull::OrderedConfig {
+                deliver_policy,
+                ..Default::default()
+            })
             .await;
-        match made {
-            Ok(c) => break c,
+        let messages = match made {
+            Ok(c) => c.messages().await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match messages {
+            Ok(m) => break m,
             Err(e) => {
-                tracing::warn!(error = %e, "this node's consumer of the cluster's stream is not there yet: trying again");
+                tracing::warn!(error = %e, "this node's reader of the cluster's stream is not there yet: trying again");
                 tokio::time::sleep(std::time::Duration::from_millis(500)).await;
             }
         }
     };
-    tracing::info!(consumer = %name, from = start, "cluster: reading the stream of QoS 1/2 messages");
+    tracing::info!(
+        from = start,
+        "cluster: reading the stream of QoS 1/2 messages"
+    );
     loop {
-        let batch = consumer
-            .fetch()
-            .max_messages(256)
-            .expires(std::time::Duration::from_millis(500))
-            .messages()
-            .await;
-        let mut batch = match batch {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::warn!(error = %e, "reading the cluster's stream failed: trying again");
-                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-                continue;
+        // A batch: what has arrived, up to 256, waiting only for the first.
+        let mut batch = Vec::new();
+        let mut last = 0;
+        let mut next = messages.next().await;
+        loop {
+            match next {
+                Some(Ok(m)) => {
+                    let Ok(info) = m.info() else { break };
+                    last = info.stream_sequence;
+                    let own = m
+                        .headers
+                        .as_ref()
+                        .and_then(|h| h.get(NODE_HEADER))
+                        .is_some_and(|n| n.as_str() == config.node_id);
+                    if !own && let Some(message) = from_stream(&m) {
+                        batch.push(message);
+                    }
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "reading the cluster's stream: an error (the reader goes on)");
+                }
+                None => return,
             }
-        };
-        let mut messages = Vec::new();
-        let mut last = None;
-        while let Some(Ok(m)) = batch.next().await {
-            let Ok(info) = m.info() else { continue };
-            let seq = info.stream_sequence;
-            let own = m
-                .headers
-                .as_ref()
-                .and_then(|h| h.get(NODE_HEADER))
-                .is_some_and(|n| n.as_str() == config.node_id);
-            if !own && let Some(message) = from_stream(&m) {
-                messages.push(message);
+            if last > 0 && batch.len() >= 256 {
+                break;
             }
-            last = Some((seq, m));
+            match futures_util::FutureExt::now_or_never(messages.next()) {
+                Some(n) => next = n,
+                None => break,
+            }
         }
-        let Some((seq, m)) = last else { continue };
-        deliver(seq, messages);
-        if applied.wait_for(|a| *a >= seq).await.is_err() {
+        if last == 0 {
+            continue;
+        }
+        deliver(last, batch);
+        // One batch at a time: the next once this one is committed.
+        if applied.wait_for(|a| *a >= last).await.is_err() {
             return;
-        }
-        if let Err(e) = m.ack().await {
-            tracing::warn!(error = %e, "acknowledging the cluster's stream failed (its messages come again and are skipped)");
         }
     }
 }

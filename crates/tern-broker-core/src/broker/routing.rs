@@ -874,7 +874,7 @@ impl Broker {
     /// the same commit as their copies ([`Broker::take_applied`]).
     pub fn handle_remote_durable(&mut self, last: u64, messages: Vec<Message>, now: Instant) {
         if last <= self.cluster_applied {
-            // Applied before (a redelivery after a restart): acknowledged again, at once.
+            // Applied before (read again after a restart): reported, so the reader goes on.
             self.applied_now = Some(last);
             return;
         }
@@ -889,8 +889,8 @@ impl Broker {
         self.commit(now);
     }
 
-    /// Cluster: the stream sequence applied in the round just handed out, to acknowledge
-    /// to the stream once that round is committed.
+    /// Cluster: the stream sequence applied in the round just handed out, for the reader
+    /// of the stream to go on once that round is committed.
     pub fn take_applied(&mut self) -> Option<u64> {
         self.applied_now.take()
     }
