@@ -141,32 +141,9 @@ impl Drop for Nats {
     }
 }
 
-/// A `tern broker` node of the cluster on `urls`.
+/// A `tern broker` node of the cluster on `urls`, on any port.
 fn node(dir: &Path, name: &str, urls: &str) -> BrokerProcess {
-    let dir = dir.join(name);
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("tern.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[[listener]]\nbind = \"127.0.0.1:0\"\n[storage]\ndata_dir = \"{}\"\n\
-             [cluster]\nnats_urls = [{}]\nnode_id = \"{name}\"\n",
-            dir.join("data").display(),
-            urls.split(',')
-                .map(|u| format!("\"{u}\""))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-    )
-    .unwrap();
-    let node = BrokerProcess::spawn(
-        Command::new(env!("CARGO_BIN_EXE_tern")),
-        &config,
-        "tern=info,async_nats=info",
-    );
-    node.wait_for("connected successfully", Duration::from_secs(20))
-        .expect("the node connects to NATS");
-    node
+    node_on(dir, name, urls, 0)
 }
 
 /// `mosquitto_sub` on `port` for `filters`, printing `TOPIC PAYLOAD`, until `count`
@@ -320,7 +297,8 @@ fn mqtt5_properties_cross_nodes() {
     );
 }
 
-/// A node on fixed ports (it comes back on the same one after a SIGKILL).
+/// A `tern broker` node of the cluster on `urls`, listening on `port` (a fixed one comes
+/// back on the same port after a SIGKILL), once it reads the cluster's stream.
 fn node_on(dir: &Path, name: &str, urls: &str, port: u16) -> BrokerProcess {
     let dir = dir.join(name);
     std::fs::create_dir_all(&dir).unwrap();
