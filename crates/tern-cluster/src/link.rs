@@ -163,13 +163,18 @@ pub async fn run(
                         tracing::debug!(topic = m.topic.as_str(), "a topic with no NATS subject stays on this node");
                         continue;
                     };
-                    let sent = match props_header(&m) {
-                        Some(props) => {
-                            let mut headers = async_nats::HeaderMap::new();
+                    let props = props_header(&m);
+                    let sent = if props.is_none() && !m.retain {
+                        client.publish(subject, m.payload.clone()).await
+                    } else {
+                        let mut headers = async_nats::HeaderMap::new();
+                        if let Some(props) = props {
                             headers.insert(PROPS_HEADER, props.as_str());
-                            client.publish_with_headers(subject, headers, m.payload.clone()).await
                         }
-                        None => client.publish(subject, m.payload.clone()).await,
+                        if m.retain {
+                            headers.insert(RETAIN_HEADER, "1");
+                        }
+                        client.publish_with_headers(subject, headers, m.payload.clone()).await
                     };
                     if let Err(e) = sent {
                         tracing::warn!(error = %e, "publishing to NATS failed: a QoS 0 message did not reach the other nodes");
@@ -384,6 +389,12 @@ fn take(
         .and_then(|h| h.get(PROPS_HEADER))
         .and_then(|v| read_props(v.as_str()));
     let mut message = Message::new(topic, Bytes::clone(&m.payload), QoS::AtMostOnce);
+    // A retained message is retained on every node that takes it (an empty one clears).
+    message.retain = m
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(RETAIN_HEADER))
+        .is_some_and(|v| v.as_str() == "1");
     if let Some(p) = props {
         let expires_at = p.message_expiry_interval.map(|secs| {
             std::time::Instant::now() + std::time::Duration::from_secs(u64::from(secs))

@@ -461,3 +461,73 @@ fn qos1_and_2_cross_nodes_through_sigkills_of_either_node() {
     rt.block_on(keeper.disconnect());
     drop((a, b));
 }
+
+/// A retained message published on one node is retained on the others (QoS 0 over core
+/// NATS, QoS 1 through the stream), and an empty one clears it everywhere.
+#[test]
+fn retained_messages_are_retained_on_every_node() {
+    let d = std::env::temp_dir().join(format!("tern-cluster-retained-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    let nats = Nats::start(&d);
+    let a = node(&d, "a", &nats.url(0));
+    let b = node(&d, "b", &nats.url(1));
+    let (pa, pb): (u16, u16) = (a.port(0).parse().unwrap(), b.port(0).parse().unwrap());
+    // Node b needs a subscriber for QoS 0 to reach it (interest), then keeps the message.
+    let warm = sub(pb, &["state/#"], 2);
+    settle();
+    for (topic, payload, qos) in [("state/q0", "zero", "0"), ("state/q1", "one", "1")] {
+        assert!(
+            Command::new("mosquitto_pub")
+                .args([
+                    "-p",
+                    &pa.to_string(),
+                    "-t",
+                    topic,
+                    "-m",
+                    payload,
+                    "-q",
+                    qos,
+                    "-r"
+                ])
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+    assert_eq!(lines(warm).len(), 2);
+    // A new subscriber on b gets both as retained messages of b.
+    let out = Command::new("mosquitto_sub")
+        .args(["-p", &pb.to_string(), "-t", "state/#", "-C", "2", "-W", "5"])
+        .args(["-F", "%r %t %p"])
+        .output()
+        .unwrap();
+    let mut got: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    got.sort();
+    assert_eq!(got, ["1 state/q0 zero", "1 state/q1 one"]);
+    // An empty retained message on a clears the topic on b too (the subscriber, whose
+    // interest brings it to b, gets the two retained messages, then the empty one).
+    let watching = sub(pb, &["state/#"], 3);
+    settle();
+    assert!(
+        Command::new("mosquitto_pub")
+            .args(["-p", &pa.to_string(), "-t", "state/q0", "-n", "-r"])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert_eq!(lines(watching).len(), 3);
+    let out = Command::new("mosquitto_sub")
+        .args(["-p", &pb.to_string(), "-t", "state/#", "-C", "2", "-W", "2"])
+        .args(["-F", "%r %t %p"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "1 state/q1 one",
+        "state/q0 cleared on b"
+    );
+}
