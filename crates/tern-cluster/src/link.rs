@@ -53,7 +53,13 @@ pub struct Out {
     pub stored: Option<tokio::sync::oneshot::Sender<()>>,
     /// The stream is applied and committed through this sequence: read on.
     pub applied: Option<u64>,
+    /// Client ids that connected to this node (the other nodes close their connections
+    /// of the same ids).
+    pub claims: Vec<String>,
 }
+
+/// The KV bucket that says which node each client id last connected to.
+pub const CLIENTS: &str = "TERN_CLIENTS";
 
 /// Why the link could not start.
 #[derive(Debug, thiserror::Error)]
@@ -100,8 +106,11 @@ pub async fn run(
     mut out: mpsc::UnboundedReceiver<Out>,
     deliver: impl Fn(Vec<Message>) + Send + 'static,
     deliver_durable: impl Fn(u64, Vec<Message>) + Send + 'static,
+    taken_over: impl Fn(String) + Send + 'static,
 ) {
     let js = async_nats::jetstream::new(client.clone());
+    let (claims_tx, claims_rx) = mpsc::unbounded_channel::<String>();
+    let takeovers = tokio::spawn(claim(js.clone(), config.clone(), claims_rx, taken_over));
     let (applied_tx, applied_rx) = tokio::sync::watch::channel(applied);
     let consumer = tokio::spawn(consume(
         js.clone(),
@@ -133,6 +142,9 @@ pub async fn run(
                 }
                 for (filter, add) in o.interest {
                     interest(&client, &mut subs, &mut filters, &in_tx, filter, add).await;
+                }
+                for c in o.claims {
+                    let _ = claims_tx.send(c);
                 }
                 let mut acks = Vec::new();
                 for m in o.forwards {
@@ -233,6 +245,89 @@ pub async fn run(
         task.abort();
     }
     consumer.abort();
+    takeovers.abort();
+}
+
+/// Client ids in [`CLIENTS`]: the bytes in hex (a key allows few characters).
+fn client_key(client_id: &str) -> String {
+    client_id.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+fn client_of(key: &str) -> Option<String> {
+    let bytes: Option<Vec<u8>> = (0..key.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(key.get(i..i + 2)?, 16).ok())
+        .collect();
+    String::from_utf8(bytes?).ok()
+}
+
+/// Writes each client id that connects here to [`CLIENTS`] (this node's name, under the
+/// id), and watches the bucket: a later write of an id by another node (a higher
+/// revision than this node's own) means the client connected there, and its connection
+/// here is closed (`taken_over`).
+async fn claim(
+    js: async_nats::jetstream::Context,
+    config: Config,
+    mut claims: mpsc::UnboundedReceiver<String>,
+    taken_over: impl Fn(String) + Send + 'static,
+) {
+    use async_nats::jetstream::kv;
+    let store = loop {
+        let made = match js.get_key_value(CLIENTS).await {
+            Ok(s) => Ok(s),
+            Err(_) => js
+                .create_key_value(kv::Config {
+                    bucket: CLIENTS.into(),
+                    history: 1,
+                    num_replicas: config.replicas.max(1),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| e.to_string()),
+        };
+        match made {
+            Ok(s) => break s,
+            Err(e) => {
+                tracing::warn!(error = %e, "the cluster's client table is not there yet: trying again");
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+        }
+    };
+    let mut watch = loop {
+        match store.watch_all().await {
+            Ok(w) => break w,
+            Err(e) => {
+                tracing::warn!(error = %e, "watching the cluster's client table failed: trying again");
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+        }
+    };
+    // Each id this node wrote, with the revision of its write.
+    let mut mine: HashMap<String, u64> = HashMap::new();
+    loop {
+        tokio::select! {
+            c = claims.recv() => {
+                let Some(client_id) = c else { return };
+                match store.put(client_key(&client_id), Bytes::from(config.node_id.clone())).await {
+                    Ok(revision) => {
+                        mine.insert(client_id, revision);
+                    }
+                    Err(e) => tracing::warn!(error = %e, client_id = %client_id, "writing the cluster's client table failed"),
+                }
+            }
+            e = watch.next() => {
+                let Some(Ok(entry)) = e else { continue };
+                if entry.operation != kv::Operation::Put || entry.value.as_ref() == config.node_id.as_bytes() {
+                    continue;
+                }
+                let Some(client_id) = client_of(&entry.key) else { continue };
+                if mine.get(&client_id).is_some_and(|r| entry.revision > *r) {
+                    mine.remove(&client_id);
+                    taken_over(client_id);
+                }
+            }
+        }
+    }
 }
 
 /// Reads the cluster's stream for this node (one ordered consumer per node, not per

@@ -531,3 +531,60 @@ fn retained_messages_are_retained_on_every_node() {
         "state/q0 cleared on b"
     );
 }
+
+/// A client id that connects to node b while connected to node a: a closes its connection
+/// with DISCONNECT 0x8E Session taken over (5.0), as one broker does for a second
+/// connection of an id; the new connection stays.
+#[test]
+fn connecting_on_another_node_takes_the_client_id_over() {
+    use tern_client::{Client, Event, Options};
+    let d = std::env::temp_dir().join(format!("tern-cluster-takeover-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    let nats = Nats::start(&d);
+    let a = node(&d, "a", &nats.url(0));
+    let b = node(&d, "b", &nats.url(1));
+    let (pa, pb): (u16, u16) = (a.port(0).parse().unwrap(), b.port(0).parse().unwrap());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let (first, mut events) =
+            Client::connect(Options::new("127.0.0.1", pa, "device-7").reconnect(None))
+                .await
+                .unwrap();
+        // The cluster learns that a has device-7.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (second, mut second_events) =
+            Client::connect(Options::new("127.0.0.1", pb, "device-7").reconnect(None))
+                .await
+                .unwrap();
+        let why = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match events.recv().await {
+                    Some(Event::Disconnected { reason }) => return reason,
+                    Some(_) => {}
+                    None => return "events ended".to_string(),
+                }
+            }
+        })
+        .await
+        .expect("node a closes the first connection");
+        assert!(why.contains("0x8E"), "{why}");
+        // The connection on b is not closed in turn.
+        let more = tokio::time::timeout(Duration::from_millis(1500), async {
+            loop {
+                match second_events.recv().await {
+                    Some(Event::Disconnected { reason }) => return Some(reason),
+                    Some(_) => {}
+                    None => return None,
+                }
+            }
+        })
+        .await;
+        assert!(more.is_err(), "the new connection stays: {more:?}");
+        drop(first);
+        second.disconnect().await;
+    });
+}

@@ -182,6 +182,9 @@ impl Broker {
 
         let ack = self.connack(&connect, present, assigned);
         tracing::info!(conn, peer = %self.peer(conn), client_id = %client_id, protocol = %v, session_present = present, "connected");
+        if self.settings.cluster {
+            self.claims.push(client_id.clone());
+        }
         let config = Config::negotiate(
             Role::Server,
             &connect,

@@ -406,6 +406,9 @@ pub struct Broker {
     /// Cluster: a QoS 1/2 message was forwarded in this round (the round waits for it to
     /// be in the stream before its acknowledgements go out).
     forwarded_durable: bool,
+    /// Cluster: client ids that connected here since the last take (the cluster learns
+    /// that this node has them now).
+    claims: Vec<Str>,
 }
 
 impl Broker {
@@ -469,6 +472,7 @@ impl Broker {
             cluster_applied: snapshot.cluster_applied,
             applied_now: None,
             forwarded_durable: false,
+            claims: Vec::new(),
         };
         broker.load_keys(snapshot.keys, now);
         broker.load_history(snapshot.history);

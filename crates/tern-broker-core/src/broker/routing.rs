@@ -895,6 +895,33 @@ impl Broker {
         self.applied_now.take()
     }
 
+    /// Cluster: client ids that connected to this node since the last call.
+    pub fn take_claims(&mut self) -> Vec<Str> {
+        std::mem::take(&mut self.claims)
+    }
+
+    /// Cluster: the client `client_id` connected to another node after its connection
+    /// here: the connection here is closed as a takeover would close it (5.0: DISCONNECT
+    /// 0x8E Session taken over); its session stays here.
+    pub fn handle_taken_over(&mut self, client_id: &str, now: Instant) {
+        let Some(key) = self
+            .sessions
+            .get_key_value(client_id)
+            .map(|(k, _)| k.clone())
+        else {
+            return;
+        };
+        if self
+            .sessions
+            .get(&key)
+            .is_some_and(|s| s.conn.as_ref().is_some())
+        {
+            tracing::info!(client_id = %key, "the client connected to another node: this connection is closed (session taken over)");
+            self.kick(&key, ReasonCode::SessionTakenOver, now);
+            self.commit(now);
+        }
+    }
+
     /// Cluster: the last stream sequence this node applied (0: none).
     pub fn cluster_applied(&self) -> u64 {
         self.cluster_applied

@@ -129,6 +129,9 @@ impl CoreTask {
                     ToCore::RemoteDurable(last, messages) => {
                         broker.handle_remote_durable(last, messages, now);
                     }
+                    ToCore::TakenOver(client_id) => {
+                        broker.handle_taken_over(&client_id, now);
+                    }
                     ToCore::Gauges(reply) => {
                         let _ = reply.send(broker.gauges(now, 10));
                     }
@@ -297,12 +300,18 @@ fn dispatch(
         } else {
             None
         };
-        if !forwards.is_empty() || !interest.is_empty() {
+        let claims: Vec<String> = broker
+            .take_claims()
+            .into_iter()
+            .map(|c| c.to_string())
+            .collect();
+        if !forwards.is_empty() || !interest.is_empty() || !claims.is_empty() {
             let _ = link.send(tern_cluster::Out {
                 forwards,
                 interest,
                 stored,
                 applied: None,
+                claims,
             });
         }
         if let Some(seq) = broker.take_applied() {

@@ -227,6 +227,8 @@ pub(crate) enum ToCore {
     Remote(Vec<tern_proto::Message>),
     /// QoS 1/2 messages of the cluster's stream, through this sequence.
     RemoteDurable(u64, Vec<tern_proto::Message>),
+    /// The client connected to another node of the cluster after its connection here.
+    TakenOver(String),
     Shutdown,
 }
 
@@ -367,7 +369,8 @@ pub async fn run(server: Server, shutdown: impl Future<Output = ()>) -> Result<(
                 .await
                 .map_err(|e| ServerError::Failed(e.to_string()))?;
             let (tx, rx) = mpsc::unbounded_channel();
-            let (to_core, to_core_durable) = (to_core.clone(), to_core.clone());
+            let (to_core, to_core_durable, to_core_taken) =
+                (to_core.clone(), to_core.clone(), to_core.clone());
             let applied = broker_applied;
             tokio::spawn(tern_cluster::run(
                 client,
@@ -379,6 +382,9 @@ pub async fn run(server: Server, shutdown: impl Future<Output = ()>) -> Result<(
                 },
                 move |last, batch| {
                     let _ = to_core_durable.send(ToCore::RemoteDurable(last, batch));
+                },
+                move |client_id| {
+                    let _ = to_core_taken.send(ToCore::TakenOver(client_id));
                 },
             ));
             Some(tx)
