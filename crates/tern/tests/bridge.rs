@@ -148,6 +148,56 @@ fn both_ways(name: &str, remote_port: u16, protocol: &str) {
         ["0 down/q0 d0", "1 down/q1 d1", "2 down/q2 d2"],
         "in: each message at its QoS, the prefix taken off"
     );
+    // A retained message stays retained at the remote (a subscriber that comes later gets
+    // it, RETAIN set), with its user properties in 5.0.
+    assert!(
+        Command::new("mosquitto_pub")
+            .args([
+                "-p",
+                &edge_port.to_string(),
+                "-t",
+                "up/state",
+                "-m",
+                "on",
+                "-q",
+                "1",
+                "-r"
+            ])
+            .args(["-V", "mqttv5", "-D", "publish", "user-property", "k", "v"])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let want = if protocol == "5" {
+        "1 site-1/up/state on k:v"
+    } else {
+        "1 site-1/up/state on "
+    };
+    loop {
+        let out = Command::new("mosquitto_sub")
+            .args([
+                "-p",
+                &remote_port.to_string(),
+                "-t",
+                "site-1/up/state",
+                "-V",
+                "mqttv5",
+            ])
+            .args(["-F", "%r %t %p %P", "-C", "1", "-W", "2"])
+            .output()
+            .unwrap();
+        let got = String::from_utf8_lossy(&out.stdout)
+            .trim_end_matches('\n')
+            .to_string();
+        if got == want.trim_end() || got == want {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "retained at the remote: got {got:?}, want {want:?}"
+        );
+    }
 }
 
 #[test]

@@ -146,6 +146,39 @@ fn node(dir: &Path, name: &str, urls: &str) -> BrokerProcess {
     node_on(dir, name, urls, 0)
 }
 
+/// A fresh directory for test `name`.
+fn fresh(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("tern-cluster-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A NATS cluster and two nodes on it (a on the first server, b on the second), and
+/// their MQTT ports; the processes go when the value is dropped.
+struct Two {
+    _nats: Nats,
+    _a: BrokerProcess,
+    _b: BrokerProcess,
+    pa: u16,
+    pb: u16,
+}
+
+fn two_nodes(name: &str) -> Two {
+    let d = fresh(name);
+    let nats = Nats::start(&d);
+    let a = node(&d, "a", &nats.url(0));
+    let b = node(&d, "b", &nats.url(1));
+    let (pa, pb) = (a.port(0).parse().unwrap(), b.port(0).parse().unwrap());
+    Two {
+        _nats: nats,
+        _a: a,
+        _b: b,
+        pa,
+        pb,
+    }
+}
+
 /// `mosquitto_sub` on `port` for `filters`, printing `TOPIC PAYLOAD`, until `count`
 /// messages or 10 s.
 fn sub(port: u16, filters: &[&str], count: usize) -> Child {
@@ -192,9 +225,7 @@ fn settle() {
 
 #[test]
 fn qos0_crosses_nodes_once_each_on_the_subjects_of_nats_mqtt_gateway() {
-    let d = std::env::temp_dir().join(format!("tern-cluster-qos0-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
+    let d = fresh("qos0");
     let nats = Nats::start(&d);
     let a = node(&d, "a", &format!("{},{}", nats.url(0), nats.url(1)));
     let b = node(&d, "b", &nats.url(2));
@@ -245,13 +276,8 @@ fn qos0_crosses_nodes_once_each_on_the_subjects_of_nats_mqtt_gateway() {
 /// travel with a message from one node to another.
 #[test]
 fn mqtt5_properties_cross_nodes() {
-    let d = std::env::temp_dir().join(format!("tern-cluster-props-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    let nats = Nats::start(&d);
-    let a = node(&d, "a", &nats.url(0));
-    let b = node(&d, "b", &nats.url(1));
-    let (pa, pb): (u16, u16) = (a.port(0).parse().unwrap(), b.port(0).parse().unwrap());
+    let two = two_nodes("props");
+    let (pa, pb) = (two.pa, two.pb);
     let on_b = Command::new("mosquitto_sub")
         .args([
             "-p",
@@ -342,9 +368,7 @@ fn qos1_and_2_cross_nodes_through_sigkills_of_either_node() {
     use tern_client::{Backoff, Client, Event, Options, QoS};
 
     const TOTAL: usize = 300;
-    let d = std::env::temp_dir().join(format!("tern-cluster-kills-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
+    let d = fresh("kills");
     let nats = Nats::start(&d);
     let (pa, pb) = (free_port(), free_port());
     let (ua, ub) = (nats.url(0), nats.url(1));
@@ -466,13 +490,8 @@ fn qos1_and_2_cross_nodes_through_sigkills_of_either_node() {
 /// NATS, QoS 1 through the stream), and an empty one clears it everywhere.
 #[test]
 fn retained_messages_are_retained_on_every_node() {
-    let d = std::env::temp_dir().join(format!("tern-cluster-retained-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    let nats = Nats::start(&d);
-    let a = node(&d, "a", &nats.url(0));
-    let b = node(&d, "b", &nats.url(1));
-    let (pa, pb): (u16, u16) = (a.port(0).parse().unwrap(), b.port(0).parse().unwrap());
+    let two = two_nodes("retained");
+    let (pa, pb) = (two.pa, two.pb);
     // Node b needs a subscriber for QoS 0 to reach it (interest), then keeps the message.
     let warm = sub(pb, &["state/#"], 2);
     settle();
@@ -538,13 +557,8 @@ fn retained_messages_are_retained_on_every_node() {
 #[test]
 fn connecting_on_another_node_takes_the_client_id_over() {
     use tern_client::{Client, Event, Options};
-    let d = std::env::temp_dir().join(format!("tern-cluster-takeover-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    let nats = Nats::start(&d);
-    let a = node(&d, "a", &nats.url(0));
-    let b = node(&d, "b", &nats.url(1));
-    let (pa, pb): (u16, u16) = (a.port(0).parse().unwrap(), b.port(0).parse().unwrap());
+    let two = two_nodes("takeover");
+    let (pa, pb) = (two.pa, two.pb);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
