@@ -368,25 +368,26 @@ impl Broker {
         }
     }
 
-    /// Whether a live copy for `client_id` is held by its replay (and holds it).
-    pub(super) fn held_by_replay(
+    /// Holds a live copy for `client_id` if its replay covers the copy's topic; gives the
+    /// copy back otherwise (to be delivered now).
+    pub(super) fn hold_for_replay(
         &mut self,
         client_id: &Str,
-        copy: &Message,
+        copy: Message,
         published: QoS,
-    ) -> bool {
+    ) -> Option<Message> {
         let Some(r) = self
             .sessions
             .get_mut(client_id)
             .and_then(|s| s.replay.as_mut())
         else {
-            return false;
+            return Some(copy);
         };
         if !r.filter.matches(&copy.topic) {
-            return false;
+            return Some(copy);
         }
-        r.held.push((copy.clone(), published));
-        true
+        r.held.push((copy, published));
+        None
     }
 
     /// A batch of a replay read from the store: delivered in order; the next batch asked

@@ -51,12 +51,14 @@ impl Broker {
             if !delivery.subscription_ids.is_empty() {
                 copy.properties.subscription_identifiers = delivery.subscription_ids;
             }
-            if !self.replaying.is_empty()
-                && self.replaying.contains(&client_id)
-                && self.held_by_replay(&client_id, &copy, message.qos)
-            {
-                continue;
-            }
+            let copy = if !self.replaying.is_empty() && self.replaying.contains(&client_id) {
+                match self.hold_for_replay(&client_id, copy, message.qos) {
+                    Some(copy) => copy,
+                    None => continue,
+                }
+            } else {
+                copy
+            };
             self.deliver(&client_id, copy, message.qos, None, now);
         }
         for key in self.shared.matching(&message.topic) {
