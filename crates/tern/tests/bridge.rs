@@ -10,14 +10,11 @@
 
 mod support;
 
-use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use support::{BrokerProcess, Mosquitto, PersistentMosquitto, free_port};
-use tern_client::{Backoff, Client, Event, Options, QoS};
+use support::{BrokerProcess, Flow, Mosquitto, PersistentMosquitto, free_port};
 
 fn dir(name: &str) -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!("tern-bridge-{name}-{}", std::process::id()));
@@ -259,16 +256,6 @@ fn a_route_both_ways_does_not_loop() {
     }
 }
 
-/// What the remote's persistent subscriber received: payload -> (count, QoS).
-type Seen = Arc<Mutex<HashMap<String, (usize, QoS)>>>;
-
-fn quick() -> Option<Backoff> {
-    Some(Backoff {
-        initial: Duration::from_millis(100),
-        max: Duration::from_secs(1),
-    })
-}
-
 /// Publishes 600 messages to the edge (QoS 2 for even numbers, 1 for odd) while the
 /// remote goes away (`remote_down`), the edge is killed with SIGKILL and restarted, the
 /// remote comes back (`remote_up`) and the edge is killed and restarted again; then every
@@ -279,129 +266,50 @@ fn through_failures(
     mut remote_down: impl FnMut(),
     mut remote_up: impl FnMut(),
 ) {
-    const TOTAL: usize = 600;
     let edge_port = free_port();
     let edge_config = bridge_table(remote_port, "5", &route("up/#", "out", 2, "site-1/"));
     let mut edge = broker_on(&d.join("edge"), edge_port, &edge_config);
     wait_subscribed(&edge, &["local"]);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let seen: Seen = Arc::default();
-    // The remote's subscriber: a persistent session that reconnects quickly.
-    let (keeper, mut events) = rt.block_on(async {
-        let options = Options::new("127.0.0.1", remote_port, "keeper")
-            .persistent(Duration::from_secs(3600))
-            .reconnect(quick());
-        let (client, events) = Client::connect(options).await.unwrap();
-        client
-            .subscribe("site-1/up/#", QoS::ExactlyOnce)
-            .await
-            .unwrap();
-        (client, events)
-    });
-    let record = seen.clone();
-    rt.spawn(async move {
-        while let Some(e) = events.recv().await {
-            if let Event::Message(m) = e {
-                let payload = String::from_utf8_lossy(&m.payload).to_string();
-                let mut seen = record.lock().unwrap();
-                let entry = seen.entry(payload).or_insert((0, m.qos));
-                entry.0 += 1;
-            }
-        }
-    });
-    // The edge's publisher: persistent too, so what it has in flight at the kill is
-    // resent to the restarted edge.
-    let acknowledged = Arc::new(AtomicUsize::new(0));
-    let count = acknowledged.clone();
-    let publisher = rt.spawn(async move {
-        let options = Options::new("127.0.0.1", edge_port, "maker")
-            .persistent(Duration::from_secs(3600))
-            .reconnect(quick());
-        let (client, _events) = Client::connect(options).await.unwrap();
-        for i in 0..TOTAL {
-            let qos = if i % 2 == 0 {
-                QoS::ExactlyOnce
-            } else {
-                QoS::AtLeastOnce
-            };
-            let reason = client
-                .publish("up/m", i.to_string())
-                .qos(qos)
-                .await
-                .unwrap();
-            assert!(!reason.is_error(), "message {i}: {reason:?}");
-            count.fetch_add(1, Ordering::SeqCst);
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        client.disconnect().await;
-    });
-    let wait_acknowledged = |n: usize| {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while acknowledged.load(Ordering::SeqCst) < n {
-            assert!(
-                Instant::now() < deadline,
-                "the edge acknowledged {} of {n}",
-                acknowledged.load(Ordering::SeqCst)
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    };
-    let after = |more: usize| acknowledged.load(Ordering::SeqCst) + more;
-    wait_acknowledged(100);
+    // The remote's subscriber and the edge's publisher, both persistent: what the
+    // publisher has in flight at a kill is resent to the restarted edge.
+    let flow = Flow::start(
+        remote_port,
+        "site-1/up/#",
+        edge_port,
+        "up/m",
+        600,
+        Duration::from_millis(2),
+    );
+    let after = |more: usize| flow.acked() + more;
+    flow.wait_acked(100);
     remote_down();
     // The edge goes on acknowledging while the remote is away; what it acknowledged
     // waits in the bridge's file, which a SIGKILL of the edge must not lose.
-    wait_acknowledged(after(100));
+    flow.wait_acked(after(100));
     drop(edge);
     edge = broker_on(&d.join("edge"), edge_port, &edge_config);
-    wait_acknowledged(after(100));
+    flow.wait_acked(after(100));
     remote_up();
     // SIGKILL the edge again while messages flow to the remote.
-    wait_acknowledged(after(100));
+    flow.wait_acked(after(100));
     drop(edge);
     edge = broker_on(&d.join("edge"), edge_port, &edge_config);
-    wait_acknowledged(TOTAL);
-    rt.block_on(publisher).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let n = seen.lock().unwrap().len();
-        if n == TOTAL || Instant::now() > deadline {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    // A little longer, for duplicates that might still come.
-    std::thread::sleep(Duration::from_millis(500));
-    let seen = seen.lock().unwrap().clone();
-    let missing: Vec<usize> = (0..TOTAL)
-        .filter(|i| !seen.contains_key(&i.to_string()))
-        .collect();
+    let got = flow.finish();
     assert!(
-        missing.is_empty(),
-        "acknowledged at the edge, never at the remote: {missing:?}"
+        got.missing.is_empty(),
+        "acknowledged at the edge, never at the remote: {:?}",
+        got.missing
     );
-    let doubled: Vec<&String> = seen
-        .iter()
-        .filter(|(p, (n, _))| *n > 1 && p.parse::<usize>().unwrap() % 2 == 0)
-        .map(|(p, _)| p)
-        .collect();
     assert!(
-        doubled.is_empty(),
-        "QoS 2 messages delivered twice: {doubled:?}"
+        got.doubled_qos2.is_empty(),
+        "QoS 2 messages delivered twice: {:?}",
+        got.doubled_qos2
     );
-    for (p, (_, qos)) in &seen {
-        let want = if p.parse::<usize>().unwrap() % 2 == 0 {
-            QoS::ExactlyOnce
-        } else {
-            QoS::AtLeastOnce
-        };
-        assert_eq!(*qos, want, "message {p}");
-    }
-    rt.block_on(keeper.disconnect());
+    assert!(
+        got.wrong_qos.is_empty(),
+        "at another QoS: {:?}",
+        got.wrong_qos
+    );
     drop(edge);
 }
 

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{BrokerProcess, free_port};
+use support::{BrokerProcess, Flow, free_port};
 
 /// nats-server from the PATH, or where pip put it (scripts/test installs it).
 fn nats_server() -> PathBuf {
@@ -362,127 +362,44 @@ fn node_on(dir: &Path, name: &str, urls: &str, port: u16) -> BrokerProcess {
 /// may double a QoS 2 message, docs/cluster.md).
 #[test]
 fn qos1_and_2_cross_nodes_through_sigkills_of_either_node() {
-    use std::collections::HashMap;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::{Arc, Mutex};
-    use tern_client::{Backoff, Client, Event, Options, QoS};
-
-    const TOTAL: usize = 300;
     let d = fresh("kills");
     let nats = Nats::start(&d);
     let (pa, pb) = (free_port(), free_port());
     let (ua, ub) = (nats.url(0), nats.url(1));
     let mut a = Some(node_on(&d, "a", &ua, pa));
     let mut b = Some(node_on(&d, "b", &ub, pb));
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let quick = Some(Backoff {
-        initial: Duration::from_millis(100),
-        max: Duration::from_secs(1),
-    });
-    let seen: Arc<Mutex<HashMap<String, (usize, QoS)>>> = Arc::default();
-    let record = seen.clone();
-    let (keeper, mut events) = rt.block_on(async {
-        let o = Options::new("127.0.0.1", pb, "keeper")
-            .persistent(Duration::from_secs(3600))
-            .reconnect(quick);
-        let (c, e) = Client::connect(o).await.unwrap();
-        c.subscribe("pay/#", QoS::ExactlyOnce).await.unwrap();
-        (c, e)
-    });
-    rt.spawn(async move {
-        while let Some(e) = events.recv().await {
-            if let Event::Message(m) = e {
-                let p = String::from_utf8_lossy(&m.payload).to_string();
-                record.lock().unwrap().entry(p).or_insert((0, m.qos)).0 += 1;
-            }
-        }
-    });
-    let acked = Arc::new(AtomicUsize::new(0));
-    let count = acked.clone();
-    let publisher = rt.spawn(async move {
-        let o = Options::new("127.0.0.1", pa, "payer")
-            .persistent(Duration::from_secs(3600))
-            .reconnect(quick);
-        let (c, _e) = Client::connect(o).await.unwrap();
-        for i in 0..TOTAL {
-            let qos = if i % 2 == 0 {
-                QoS::ExactlyOnce
-            } else {
-                QoS::AtLeastOnce
-            };
-            let r = c.publish("pay/x", i.to_string()).qos(qos).await.unwrap();
-            assert!(!r.is_error(), "{i}: {r:?}");
-            count.fetch_add(1, Ordering::SeqCst);
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        c.disconnect().await;
-    });
-    let wait = |n: usize| {
-        let deadline = Instant::now() + Duration::from_secs(90);
-        while acked.load(Ordering::SeqCst) < n {
-            assert!(
-                Instant::now() < deadline,
-                "acknowledged {} of {n}",
-                acked.load(Ordering::SeqCst)
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    };
-    wait(60);
+    let flow = Flow::start(pb, "pay/#", pa, "pay/x", 300, Duration::from_millis(5));
+    flow.wait_acked(60);
     drop(b.take()); // SIGKILL the subscriber's node; a goes on acknowledging
-    wait(120);
+    flow.wait_acked(120);
     b = Some(node_on(&d, "b", &ub, pb));
-    wait(180);
+    flow.wait_acked(180);
     drop(a.take()); // SIGKILL the publisher's node mid-stream
     a = Some(node_on(&d, "a", &ua, pa));
-    wait(TOTAL);
-    rt.block_on(publisher).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while seen.lock().unwrap().len() < TOTAL && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    std::thread::sleep(Duration::from_millis(500));
-    let seen = seen.lock().unwrap().clone();
-    let missing: Vec<usize> = (0..TOTAL)
-        .filter(|i| !seen.contains_key(&i.to_string()))
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "acknowledged on a, never at b's subscriber: {missing:?}"
-    );
-    for (p, (n, qos)) in &seen {
-        let i: usize = p.parse().unwrap();
-        let want = if i.is_multiple_of(2) {
-            QoS::ExactlyOnce
-        } else {
-            QoS::AtLeastOnce
-        };
-        assert_eq!(*qos, want, "message {i}");
-        // b's side is exactly once; a's SIGKILL can double one QoS 2 message in flight
-        // at that moment (documented), never more.
-        if want == QoS::ExactlyOnce {
-            assert!(*n <= 2, "QoS 2 message {i} delivered {n} times");
-        }
-    }
-    let doubled: Vec<&String> = seen
-        .iter()
-        .filter(|(p, (n, _))| *n > 1 && p.parse::<usize>().unwrap() % 2 == 0)
-        .map(|(p, _)| p)
-        .collect();
-    let qos1_again = seen
-        .iter()
-        .filter(|(p, (n, _))| *n > 1 && p.parse::<usize>().unwrap() % 2 == 1)
-        .count();
+    let got = flow.finish();
     eprintln!(
-        "cluster kills: {TOTAL} acknowledged, all delivered; QoS 2 doubled: {}, QoS 1 delivered more than once: {qos1_again}",
-        doubled.len()
+        "cluster kills: 300 acknowledged; missing {}; QoS 2 doubled: {}, QoS 1 delivered more than once: {}",
+        got.missing.len(),
+        got.doubled_qos2.len(),
+        got.again_qos1
     );
-    assert!(doubled.len() <= 1, "QoS 2 messages doubled: {doubled:?}");
-    rt.block_on(keeper.disconnect());
+    assert!(
+        got.missing.is_empty(),
+        "acknowledged on a, never at b's subscriber: {:?}",
+        got.missing
+    );
+    assert!(
+        got.wrong_qos.is_empty(),
+        "at another QoS: {:?}",
+        got.wrong_qos
+    );
+    // b's side is exactly once; a's SIGKILL can double one QoS 2 message in flight at
+    // that moment (docs/cluster.md), never more.
+    assert!(
+        got.doubled_qos2.len() <= 1,
+        "QoS 2 messages doubled: {:?}",
+        got.doubled_qos2
+    );
     drop((a, b));
 }
 

@@ -331,3 +331,168 @@ pub fn encoded(p: tern_codec::Packet) -> Vec<u8> {
     tern_codec::encode(&p, tern_codec::Protocol::V3_1_1, &mut b).unwrap();
     b.to_vec()
 }
+
+/// What a [`Flow`]'s subscriber received of its publisher's messages.
+#[derive(Debug)]
+pub struct Delivered {
+    /// Acknowledged to the publisher, never received.
+    pub missing: Vec<usize>,
+    /// QoS 2 messages received more than once.
+    pub doubled_qos2: Vec<usize>,
+    /// QoS 1 messages received more than once (allowed).
+    pub again_qos1: usize,
+    /// Messages received at another QoS than published.
+    pub wrong_qos: Vec<usize>,
+}
+
+/// A crash test's traffic: a persistent QoS 2 subscriber at `sub_port` on `filter`, then a
+/// persistent publisher at `pub_port` publishing `total` numbered messages to `topic` (QoS
+/// 2 for even numbers, QoS 1 for odd), each awaited, `pace` apart; both reconnect quickly
+/// to a broker that comes back on the same port.
+pub struct Flow {
+    rt: tokio::runtime::Runtime,
+    seen: std::sync::Arc<
+        std::sync::Mutex<std::collections::HashMap<usize, (usize, tern_client::QoS)>>,
+    >,
+    acked: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    publisher: Option<tokio::task::JoinHandle<()>>,
+    keeper: tern_client::Client,
+    total: usize,
+}
+
+impl Flow {
+    pub fn start(
+        sub_port: u16,
+        filter: &str,
+        pub_port: u16,
+        topic: &str,
+        total: usize,
+        pace: std::time::Duration,
+    ) -> Flow {
+        use std::sync::atomic::Ordering;
+        use tern_client::{Backoff, Client, Event, Options, QoS};
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let quick = Some(Backoff {
+            initial: std::time::Duration::from_millis(100),
+            max: std::time::Duration::from_secs(1),
+        });
+        let persistent = |port: u16, id: &str| {
+            Options::new("127.0.0.1", port, id)
+                .persistent(std::time::Duration::from_secs(3600))
+                .reconnect(quick)
+        };
+        let (keeper, mut events) = rt.block_on(async {
+            let (c, e) = Client::connect(persistent(sub_port, "keeper"))
+                .await
+                .unwrap();
+            c.subscribe(filter, QoS::ExactlyOnce).await.unwrap();
+            (c, e)
+        });
+        let seen: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<usize, (usize, QoS)>>> =
+            Default::default();
+        let record = seen.clone();
+        rt.spawn(async move {
+            while let Some(e) = events.recv().await {
+                if let Event::Message(m) = e
+                    && let Ok(i) = String::from_utf8_lossy(&m.payload).parse::<usize>()
+                {
+                    record.lock().unwrap().entry(i).or_insert((0, m.qos)).0 += 1;
+                }
+            }
+        });
+        let acked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = acked.clone();
+        let options = persistent(pub_port, "maker");
+        let topic = topic.to_string();
+        let publisher = rt.spawn(async move {
+            let (c, _e) = Client::connect(options).await.unwrap();
+            for i in 0..total {
+                let qos = if i % 2 == 0 {
+                    QoS::ExactlyOnce
+                } else {
+                    QoS::AtLeastOnce
+                };
+                let r = c
+                    .publish(topic.as_str(), i.to_string())
+                    .qos(qos)
+                    .await
+                    .unwrap();
+                assert!(!r.is_error(), "message {i}: {r:?}");
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(pace).await;
+            }
+            c.disconnect().await;
+        });
+        Flow {
+            rt,
+            seen,
+            acked,
+            publisher: Some(publisher),
+            keeper,
+            total,
+        }
+    }
+
+    /// Messages the publisher's broker has acknowledged so far.
+    pub fn acked(&self) -> usize {
+        self.acked.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Waits (90 s at most) until `n` messages are acknowledged.
+    pub fn wait_acked(&self, n: usize) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+        while self.acked() < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "acknowledged {} of {n}",
+                self.acked()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
+    /// Waits for every message to be acknowledged and received (60 s at most, then half
+    /// a second more for late duplicates), and says what arrived.
+    pub fn finish(mut self) -> Delivered {
+        use tern_client::QoS;
+        self.wait_acked(self.total);
+        if let Some(p) = self.publisher.take() {
+            self.rt.block_on(p).unwrap();
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while self.seen.lock().unwrap().len() < self.total && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        self.rt.block_on(self.keeper.disconnect());
+        let seen = self.seen.lock().unwrap().clone();
+        let mut d = Delivered {
+            missing: (0..self.total).filter(|i| !seen.contains_key(i)).collect(),
+            doubled_qos2: Vec::new(),
+            again_qos1: 0,
+            wrong_qos: Vec::new(),
+        };
+        let mut got: Vec<_> = seen.into_iter().collect();
+        got.sort();
+        for (i, (n, qos)) in got {
+            let want = if i % 2 == 0 {
+                QoS::ExactlyOnce
+            } else {
+                QoS::AtLeastOnce
+            };
+            if qos != want {
+                d.wrong_qos.push(i);
+            }
+            match (want, n > 1) {
+                (QoS::ExactlyOnce, true) => d.doubled_qos2.push(i),
+                (_, true) => d.again_qos1 += 1,
+                _ => {}
+            }
+        }
+        d
+    }
+}
