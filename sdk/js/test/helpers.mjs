@@ -122,11 +122,7 @@ export class Tern {
 
   /** SIGKILL, and wait for the process to be gone. */
   async kill() {
-    const p = this.proc;
-    if (!p || p.exitCode !== null || p.signalCode !== null) return;
-    const gone = new Promise((r) => p.once('exit', r));
-    p.kill('SIGKILL');
-    await gone;
+    await killProcess(this.proc);
   }
 
   async restart() {
@@ -142,6 +138,14 @@ export class Tern {
     }
     throw new Error('tern did not start again');
   }
+}
+
+/** SIGKILL `p`, and wait for it to be gone (nothing if it already is). */
+async function killProcess(p) {
+  if (!p || p.exitCode !== null || p.signalCode !== null) return;
+  const gone = new Promise((r) => p.once('exit', r));
+  p.kill('SIGKILL');
+  await gone;
 }
 
 /** Debian's Mosquitto on a free port (TCP), persistence off. */
@@ -165,11 +169,7 @@ export class Mosquitto {
     return `mqtt://127.0.0.1:${this.port}`;
   }
   async kill() {
-    const p = this.proc;
-    if (!p || p.exitCode !== null || p.signalCode !== null) return;
-    const gone = new Promise((r) => p.once('exit', r));
-    p.kill('SIGKILL');
-    await gone;
+    await killProcess(this.proc);
   }
 }
 
