@@ -1531,3 +1531,67 @@ fn a_cluster_stream_batch_is_applied_once_across_a_restart() {
     ack_all(&mut sim, a);
     assert_eq!(sim.received(a), ["one", "two", "three"]);
 }
+
+/// A cluster node keeps the retained messages the cluster's retained stream gives it (an
+/// empty one clears, one already expired clears), committed to its store and delivered to
+/// nobody; a retained message arriving with a message from another node is delivered but
+/// not kept (the retained stream says what is retained, in one order for every node).
+#[test]
+fn a_cluster_node_keeps_what_the_retained_stream_says_not_what_messages_carry() {
+    let mut sim = Sim::new(Settings {
+        cluster: true,
+        ..Settings::default()
+    });
+    let s = sim.connect(Connect::new(Protocol::V3_1_1, "watcher"));
+    sim.subscribe(s, "state/#", QoS::AtMostOnce);
+    let retained = |topic: &str, payload: &str| {
+        let mut m = tern_proto::Message::new(
+            TopicName::new(topic).unwrap(),
+            payload.to_string(),
+            QoS::AtLeastOnce,
+        );
+        m.retain = true;
+        m
+    };
+    let now = sim.now;
+    let expired = retained("state/old", "stale").with_expiry(Duration::from_secs(1), now);
+    sim.broker.handle_retained(
+        vec![
+            retained("state/a", "1"),
+            retained("state/b", "2"),
+            retained("state/b", ""),
+            expired.clone(),
+        ],
+        now,
+    );
+    sim.pump();
+    assert!(sim.received(s).is_empty(), "kept, not delivered");
+    let kept: Vec<String> = sim
+        .stored()
+        .retained
+        .keys()
+        .map(|t| t.to_string())
+        .collect();
+    assert_eq!(kept, ["state/a", "state/old"]);
+    sim.broker
+        .handle_remote(vec![retained("state/c", "from-b")], now);
+    sim.pump();
+    assert_eq!(sim.received(s), ["from-b"], "delivered");
+    let kept: Vec<String> = sim
+        .stored()
+        .retained
+        .keys()
+        .map(|t| t.to_string())
+        .collect();
+    assert_eq!(kept, ["state/a", "state/old"], "not kept from a message");
+    // Expired by the time the stream's copy is read: clears the topic.
+    sim.broker
+        .handle_retained(vec![expired], now + Duration::from_secs(2));
+    sim.broker
+        .handle_retained(vec![retained("state/a", "")], now);
+    sim.pump();
+    assert!(sim.stored().retained.is_empty());
+    let late = sim.connect(Connect::new(Protocol::V3_1_1, "late"));
+    sim.subscribe(late, "state/#", QoS::AtMostOnce);
+    assert!(sim.received(late).is_empty());
+}

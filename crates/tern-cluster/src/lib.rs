@@ -8,4 +8,4 @@
 pub mod link;
 pub mod subject;
 
-pub use link::{Config, Error, Out, connect, run};
+pub use link::{Config, Error, Inbound, Out, connect, run};

@@ -58,6 +58,25 @@ pub struct Out {
     pub claims: Vec<String>,
 }
 
+/// The JetStream stream holding the cluster's retained messages: the last message of each
+/// topic (an empty one: cleared), on `tern.r.` and the topic's subject.
+pub const RETAINED: &str = "TERN_RETAINED";
+const RETAINED_PREFIX: &str = "tern.r.";
+
+/// What the link hands the core.
+#[derive(Debug)]
+pub enum Inbound {
+    /// QoS 0 messages other nodes' clients published, for this node's subscribers.
+    Remote(Vec<Message>),
+    /// QoS 1/2 messages of the cluster's stream, through this stream sequence.
+    Durable(u64, Vec<Message>),
+    /// Retained messages of the cluster (an empty payload clears the topic): what this
+    /// node keeps as retained, delivered to nobody.
+    Retained(Vec<Message>),
+    /// The client connected to another node after its connection here.
+    TakenOver(String),
+}
+
 /// The KV bucket that says which node each client id last connected to.
 pub const CLIENTS: &str = "TERN_CLIENTS";
 
@@ -97,27 +116,39 @@ pub async fn connect(config: &Config) -> Result<async_nats::Client, Error> {
         })
 }
 
-/// Runs the link until `out` closes: forwards, subscriptions by interest, and messages from
-/// other nodes handed to `deliver` in batches.
+/// Runs the link until `out` closes: forwards, subscriptions by interest, and what comes
+/// from the cluster handed to `deliver` in batches.
 pub async fn run(
     client: async_nats::Client,
     config: Config,
     applied: u64,
     mut out: mpsc::UnboundedReceiver<Out>,
-    deliver: impl Fn(Vec<Message>) + Send + 'static,
-    deliver_durable: impl Fn(u64, Vec<Message>) + Send + 'static,
-    taken_over: impl Fn(String) + Send + 'static,
+    deliver: impl Fn(Inbound) + Send + Sync + 'static,
 ) {
+    let deliver = std::sync::Arc::new(deliver);
     let js = async_nats::jetstream::new(client.clone());
     let (claims_tx, claims_rx) = mpsc::unbounded_channel::<String>();
-    let takeovers = tokio::spawn(claim(js.clone(), config.clone(), claims_rx, taken_over));
+    let to_core = deliver.clone();
+    let takeovers = tokio::spawn(claim(js.clone(), config.clone(), claims_rx, move |c| {
+        to_core(Inbound::TakenOver(c));
+    }));
     let (applied_tx, applied_rx) = tokio::sync::watch::channel(applied);
+    let to_core = deliver.clone();
     let consumer = tokio::spawn(consume(
         js.clone(),
         config.clone(),
         applied,
         applied_rx,
-        deliver_durable,
+        move |last, batch| to_core(Inbound::Durable(last, batch)),
+    ));
+    // Retained topics this node has written and not yet read back from [`RETAINED`].
+    let pending: Pending = Default::default();
+    let to_core = deliver.clone();
+    let retained = tokio::spawn(consume_retained(
+        js.clone(),
+        config.clone(),
+        pending.clone(),
+        move |batch| to_core(Inbound::Retained(batch)),
     ));
     let boot = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -148,6 +179,39 @@ pub async fn run(
                 }
                 let mut acks = Vec::new();
                 for m in o.forwards {
+                    if m.retain && let Ok(subject) = topic_to_subject(m.topic.as_str()) {
+                        // The cluster's copy of a retained topic, one per topic; a QoS 1/2
+                        // one is stored before the round's acknowledgements go out.
+                        published += 1;
+                        let mut headers = async_nats::HeaderMap::new();
+                        headers.insert("Nats-Msg-Id", format!("{}-{boot:x}-{published}", config.node_id).as_str());
+                        headers.insert(NODE_HEADER, config.node_id.as_str());
+                        headers.insert(QOS_HEADER, match m.qos { QoS::ExactlyOnce => "2", QoS::AtLeastOnce => "1", QoS::AtMostOnce => "0" });
+                        if let Some(props) = props_header(&m) {
+                            headers.insert(PROPS_HEADER, props.as_str());
+                        }
+                        let subject = format!("{RETAINED_PREFIX}{subject}");
+                        *lock(&pending).entry(subject.clone()).or_default() += 1;
+                        let ack = js
+                            .publish_with_headers(subject.clone(), headers.clone(), m.payload.clone())
+                            .await;
+                        if m.qos == QoS::AtMostOnce {
+                            // Not waited for; a loss only leaves the topic as it was.
+                            let pending = pending.clone();
+                            tokio::spawn(async move {
+                                let done = match ack {
+                                    Ok(future) => future.await.map(|_| ()).map_err(|e| e.to_string()),
+                                    Err(e) => Err(e.to_string()),
+                                };
+                                if let Err(e) = done {
+                                    tracing::warn!(error = %e, subject = %subject, "the cluster's retained stream did not take a QoS 0 retained message");
+                                    release(&pending, &subject);
+                                }
+                            });
+                        } else {
+                            acks.push((subject, headers, m.payload.clone(), ack));
+                        }
+                    }
                     if m.qos != QoS::AtMostOnce {
                         let Ok(subject) = topic_to_subject(m.topic.as_str()) else {
                             tracing::warn!(topic = m.topic.as_str(), "a QoS 1/2 message whose topic has no NATS subject stays on this node");
@@ -236,7 +300,7 @@ pub async fn run(
                     next = in_rx.try_recv().ok();
                 }
                 if !batch.is_empty() {
-                    deliver(batch);
+                    deliver(Inbound::Remote(batch));
                 }
             }
         }
@@ -246,6 +310,161 @@ pub async fn run(
     }
     consumer.abort();
     takeovers.abort();
+    retained.abort();
+}
+
+/// Retained subjects (of [`RETAINED`]) this node wrote, with how many of its writes have
+/// not come back from the stream yet.
+type Pending = std::sync::Arc<std::sync::Mutex<HashMap<String, usize>>>;
+
+fn lock(p: &Pending) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
+    p.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// One of this node's writes of `subject` came back (or never will).
+fn release(p: &Pending, subject: &str) {
+    let mut p = lock(p);
+    if let Some(n) = p.get_mut(subject) {
+        *n -= 1;
+        if *n == 0 {
+            p.remove(subject);
+        }
+    }
+}
+
+/// Reads [`RETAINED`] for this node: first the last message of every subject (what the
+/// cluster retains), then each change, handed to the core in batches to keep (not to
+/// deliver). The stream's order is the cluster's: every node ends with the last write of
+/// each topic. A node applies its own writes at once (its subscribers see a retained
+/// message the moment it is published) and so, while a write of its own to a topic has
+/// not come back from the stream, skips other nodes' writes to that topic that the
+/// stream ordered before it.
+async fn consume_retained(
+    js: async_nats::jetstream::Context,
+    config: Config,
+    pending: Pending,
+    deliver: impl Fn(Vec<Message>) + Send + 'static,
+) {
+    use async_nats::jetstream::{consumer, stream};
+    let stream = loop {
+        let made = js
+            .get_or_create_stream(stream::Config {
+                name: RETAINED.into(),
+                subjects: vec![format!("{RETAINED_PREFIX}>")],
+                num_replicas: config.replicas.max(1),
+                storage: stream::StorageType::File,
+                max_messages_per_subject: 1,
+                duplicate_window: std::time::Duration::from_secs(120),
+                ..Default::default()
+            })
+            .await;
+        match made {
+            Ok(s) => break s,
+            Err(e) => {
+                tracing::warn!(error = %e, "the cluster's retained stream is not there yet: trying again");
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+        }
+    };
+    let mut messages = loop {
+        let made = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                deliver_policy: consumer::DeliverPolicy::LastPerSubject,
+                filter_subject: format!("{RETAINED_PREFIX}>"),
+                ..Default::default()
+            })
+            .await;
+        let messages = match made {
+            Ok(c) => c.messages().await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match messages {
+            Ok(m) => break m,
+            Err(e) => {
+                tracing::warn!(error = %e, "this node's reader of the retained stream is not there yet: trying again");
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+        }
+    };
+    tracing::info!("cluster: reading the retained messages");
+    loop {
+        let mut batch = Vec::new();
+        let mut next = messages.next().await;
+        loop {
+            match next {
+                Some(Ok(m)) => {
+                    let own = m
+                        .headers
+                        .as_ref()
+                        .and_then(|h| h.get(NODE_HEADER))
+                        .is_some_and(|n| n.as_str() == config.node_id);
+                    let subject = m.subject.as_str();
+                    if own {
+                        release(&pending, subject);
+                    }
+                    if (own || !lock(&pending).contains_key(subject))
+                        && let Some(message) = retained_from_stream(&m)
+                    {
+                        batch.push(message);
+                    }
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "reading the retained stream: an error (the reader goes on)");
+                }
+                None => return,
+            }
+            if batch.len() >= 256 {
+                break;
+            }
+            match futures_util::FutureExt::now_or_never(messages.next()) {
+                Some(n) => next = n,
+                None => break,
+            }
+        }
+        if !batch.is_empty() {
+            deliver(batch);
+        }
+    }
+}
+
+/// The retained message a message of [`RETAINED`] is (an empty payload: cleared). Its
+/// expiry counts from when the stream stored it; one expired by now clears the topic.
+fn retained_from_stream(m: &async_nats::jetstream::Message) -> Option<Message> {
+    let subject = m.subject.as_str().strip_prefix(RETAINED_PREFIX)?;
+    let topic = TopicName::new(subject_to_topic(subject)).ok()?;
+    let header = |name: &str| {
+        m.headers
+            .as_ref()
+            .and_then(|h| h.get(name))
+            .map(|v| v.as_str().to_string())
+    };
+    let qos = match header(QOS_HEADER).as_deref() {
+        Some("2") => QoS::ExactlyOnce,
+        Some("1") => QoS::AtLeastOnce,
+        _ => QoS::AtMostOnce,
+    };
+    let mut message = Message::new(topic, Bytes::clone(&m.payload), qos);
+    message.retain = true;
+    if let Some(p) = header(PROPS_HEADER).and_then(|v: String| read_props(v.as_str())) {
+        if let Some(secs) = p.message_expiry_interval {
+            let age = m.info().ok().map_or(0, |i| {
+                let stored = i.published.unix_timestamp_nanos();
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos() as i128);
+                u64::try_from((now - stored) / 1_000_000_000).unwrap_or(0)
+            });
+            let left = u64::from(secs).saturating_sub(age);
+            if left == 0 {
+                message.payload = Bytes::new();
+            }
+            message.expires_at =
+                Some(std::time::Instant::now() + std::time::Duration::from_secs(left));
+        }
+        message.properties = p;
+        message.properties.message_expiry_interval = None;
+    }
+    Some(message)
 }
 
 /// Client ids in [`CLIENTS`]: the bytes in hex (a key allows few characters).

@@ -423,11 +423,14 @@ fn node_on(dir: &Path, name: &str, urls: &str, port: u16) -> BrokerProcess {
         &config,
         "tern=info,tern_cluster=info,async_nats=info",
     );
-    node.wait_for(
-        "reading the stream of QoS 1/2 messages",
-        Duration::from_secs(30),
-    )
-    .expect("the node reads the cluster's stream");
+    // Both readers, in either order.
+    let mut waiting = vec!["the stream of QoS 1/2 messages", "the retained messages"];
+    while !waiting.is_empty() {
+        let line = node
+            .wait_for("cluster: reading", Duration::from_secs(30))
+            .expect("the node reads the cluster's streams");
+        waiting.retain(|w| !line.contains(w));
+    }
     node
 }
 
@@ -479,69 +482,84 @@ fn qos1_and_2_cross_nodes_through_sigkills_of_either_node() {
     drop((a, b));
 }
 
-/// A retained message published on one node is retained on the others (QoS 0 over core
-/// NATS, QoS 1 through the stream), and an empty one clears it everywhere.
+/// Retained messages are kept in one place, the cluster's retained stream, and every node
+/// keeps what it says: a retained message published on one node (QoS 0 or 1) is retained on
+/// the others, a node with no subscriber included; an empty one clears it everywhere; a node
+/// that was down while topics were set and cleared has them as the cluster does once it is
+/// back; and nodes writing the same topic in turn end with the same, last, value.
 #[test]
-fn retained_messages_are_retained_on_every_node() {
-    let two = two_nodes("retained");
-    let (pa, pb) = (two.pa, two.pb);
-    // Node b needs a subscriber for QoS 0 to reach it (interest), then keeps the message.
-    let warm = sub(pb, &["state/#"], 2);
-    settle();
-    for (topic, payload, qos) in [("state/q0", "zero", "0"), ("state/q1", "one", "1")] {
-        assert!(
-            Command::new("mosquitto_pub")
-                .args([
-                    "-p",
-                    &pa.to_string(),
-                    "-t",
-                    topic,
-                    "-m",
-                    payload,
-                    "-q",
-                    qos,
-                    "-r"
-                ])
-                .status()
-                .unwrap()
-                .success()
+fn retained_messages_are_kept_in_one_place_for_every_node() {
+    let d = fresh("retained");
+    let nats = Nats::start(&d);
+    let urls = nats.urls();
+    let pb = free_port();
+    let a = node(&d, "a", &urls);
+    let mut b = Some(node_on(&d, "b", &urls, pb));
+    let pa: u16 = a.port(0).parse().unwrap();
+    let retain = |port: u16, topic: &str, payload: Option<&str>, qos: &str| {
+        let mut c = Command::new("mosquitto_pub");
+        c.args(["-p", &port.to_string(), "-t", topic, "-q", qos, "-r"]);
+        match payload {
+            Some(p) => c.args(["-m", p]),
+            None => c.arg("-n"),
+        };
+        assert!(c.status().unwrap().success());
+    };
+    // What a new subscriber to state/# on `port` gets: retained messages only.
+    let retained_on = |port: u16, want: usize| -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let out = Command::new("mosquitto_sub")
+                .args(["-p", &port.to_string(), "-t", "state/#", "-W", "1"])
+                .args(["-F", "%r %t %p", "--retained-only"])
+                .output()
+                .unwrap();
+            let mut got: Vec<String> = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(str::to_string)
+                .collect();
+            got.sort();
+            if got.len() == want || Instant::now() > deadline {
+                return got;
+            }
+        }
+    };
+    // Nobody subscribes on b: it keeps them all the same.
+    retain(pa, "state/q0", Some("zero"), "0");
+    retain(pa, "state/q1", Some("one"), "1");
+    retain(pa, "state/gone", Some("soon"), "1");
+    assert_eq!(
+        retained_on(pb, 3),
+        ["1 state/gone soon", "1 state/q0 zero", "1 state/q1 one"]
+    );
+    // b is down while a clears one, changes one and sets one.
+    drop(b.take());
+    retain(pa, "state/gone", None, "1");
+    retain(pa, "state/q0", Some("zero-2"), "0");
+    retain(pa, "state/late", Some("new"), "1");
+    b = Some(node_on(&d, "b", &urls, pb));
+    let want = ["1 state/late new", "1 state/q0 zero-2", "1 state/q1 one"];
+    assert_eq!(retained_on(pb, 3), want, "b, back, as the cluster is");
+    assert_eq!(retained_on(pa, 3), want, "a");
+    // a and b write one topic in turn (each write acknowledged, so in the stream, before
+    // the next): both end with the last.
+    for i in 0..10 {
+        retain(
+            if i % 2 == 0 { pa } else { pb },
+            "state/turns",
+            Some(&format!("v{i}")),
+            "1",
         );
     }
-    assert_eq!(lines(warm).len(), 2);
-    // A new subscriber on b gets both as retained messages of b.
-    let out = Command::new("mosquitto_sub")
-        .args(["-p", &pb.to_string(), "-t", "state/#", "-C", "2", "-W", "5"])
-        .args(["-F", "%r %t %p"])
-        .output()
-        .unwrap();
-    let mut got: Vec<String> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_string)
-        .collect();
-    got.sort();
-    assert_eq!(got, ["1 state/q0 zero", "1 state/q1 one"]);
-    // An empty retained message on a clears the topic on b too (the subscriber, whose
-    // interest brings it to b, gets the two retained messages, then the empty one).
-    let watching = sub(pb, &["state/#"], 3);
-    settle();
-    assert!(
-        Command::new("mosquitto_pub")
-            .args(["-p", &pa.to_string(), "-t", "state/q0", "-n", "-r"])
-            .status()
-            .unwrap()
-            .success()
-    );
-    assert_eq!(lines(watching).len(), 3);
-    let out = Command::new("mosquitto_sub")
-        .args(["-p", &pb.to_string(), "-t", "state/#", "-C", "2", "-W", "2"])
-        .args(["-F", "%r %t %p"])
-        .output()
-        .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
+    let with_turns = [
+        "1 state/late new",
+        "1 state/q0 zero-2",
         "1 state/q1 one",
-        "state/q0 cleared on b"
-    );
+        "1 state/turns v9",
+    ];
+    assert_eq!(retained_on(pa, 4), with_turns, "a ends with the last write");
+    assert_eq!(retained_on(pb, 4), with_turns, "b ends with the last write");
+    drop((a, b));
 }
 
 /// A client id that connects to node b while connected to node a: a closes its connection

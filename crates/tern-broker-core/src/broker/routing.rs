@@ -25,7 +25,9 @@ impl Broker {
             self.forwarded_durable |= message.qos != QoS::AtMostOnce;
             self.forwards.push(message.clone());
         }
-        if message.retain {
+        // A cluster keeps retained messages in one place: a node keeps what the cluster's
+        // retained stream says (`handle_retained`), not what arrives with a message.
+        if message.retain && !self.from_remote {
             if message.payload.is_empty() {
                 if self.retained.remove(&message.topic).is_some() && durable {
                     self.batch.push(Op::DeleteRetained {
@@ -860,6 +862,24 @@ impl Broker {
             self.route(m, None, now);
         }
         self.from_remote = false;
+        self.commit(now);
+    }
+
+    /// Cluster: the cluster's retained messages, in its order (an empty payload clears the
+    /// topic), kept as this node's retained messages and delivered to nobody.
+    pub fn handle_retained(&mut self, messages: Vec<Message>, now: Instant) {
+        for message in messages {
+            if message.payload.is_empty() || message.is_expired(now) {
+                if self.retained.remove(&message.topic).is_some() {
+                    self.batch.push(Op::DeleteRetained {
+                        topic: message.topic.clone(),
+                    });
+                }
+            } else {
+                self.retained.insert(message.topic.clone(), message.clone());
+                self.batch.push(Op::PutRetained { message });
+            }
+        }
         self.commit(now);
     }
 

@@ -132,6 +132,9 @@ impl CoreTask {
                     ToCore::TakenOver(client_id) => {
                         broker.handle_taken_over(&client_id, now);
                     }
+                    ToCore::Retained(messages) => {
+                        broker.handle_retained(messages, now);
+                    }
                     ToCore::Gauges(reply) => {
                         let _ = reply.send(broker.gauges(now, 10));
                     }

@@ -229,6 +229,8 @@ pub(crate) enum ToCore {
     RemoteDurable(u64, Vec<tern_proto::Message>),
     /// The client connected to another node of the cluster after its connection here.
     TakenOver(String),
+    /// The cluster's retained messages (an empty one clears its topic), to keep.
+    Retained(Vec<tern_proto::Message>),
     Shutdown,
 }
 
@@ -369,22 +371,22 @@ pub async fn run(server: Server, shutdown: impl Future<Output = ()>) -> Result<(
                 .await
                 .map_err(|e| ServerError::Failed(e.to_string()))?;
             let (tx, rx) = mpsc::unbounded_channel();
-            let (to_core, to_core_durable, to_core_taken) =
-                (to_core.clone(), to_core.clone(), to_core.clone());
+            let to_core = to_core.clone();
             let applied = broker_applied;
             tokio::spawn(tern_cluster::run(
                 client,
                 config,
                 applied,
                 rx,
-                move |batch| {
-                    let _ = to_core.send(ToCore::Remote(batch));
-                },
-                move |last, batch| {
-                    let _ = to_core_durable.send(ToCore::RemoteDurable(last, batch));
-                },
-                move |client_id| {
-                    let _ = to_core_taken.send(ToCore::TakenOver(client_id));
+                move |inbound| {
+                    let _ = to_core.send(match inbound {
+                        tern_cluster::Inbound::Remote(batch) => ToCore::Remote(batch),
+                        tern_cluster::Inbound::Durable(last, batch) => {
+                            ToCore::RemoteDurable(last, batch)
+                        }
+                        tern_cluster::Inbound::Retained(batch) => ToCore::Retained(batch),
+                        tern_cluster::Inbound::TakenOver(client_id) => ToCore::TakenOver(client_id),
+                    });
                 },
             ));
             Some(tx)
