@@ -1496,15 +1496,15 @@ fn a_cluster_stream_batch_is_applied_once_across_a_restart() {
         ..Settings::default()
     });
     sim.offline_subscriber(persistent("a"), "pay/#", QoS::ExactlyOnce);
-    let batch = |payloads: &[&str]| -> Vec<tern_proto::Message> {
+    let batch = |payloads: &[&str]| -> Vec<tern_broker_core::Remote> {
         payloads
             .iter()
             .map(|p| {
-                tern_proto::Message::new(
+                tern_broker_core::Remote::plain(tern_proto::Message::new(
                     TopicName::new("pay/x").unwrap(),
                     p.to_string(),
                     QoS::ExactlyOnce,
-                )
+                ))
             })
             .collect()
     };
@@ -1573,8 +1573,12 @@ fn a_cluster_node_keeps_what_the_retained_stream_says_not_what_messages_carry() 
         .map(|t| t.to_string())
         .collect();
     assert_eq!(kept, ["state/a", "state/old"]);
-    sim.broker
-        .handle_remote(vec![retained("state/c", "from-b")], now);
+    sim.broker.handle_remote(
+        vec![tern_broker_core::Remote::plain(retained(
+            "state/c", "from-b",
+        ))],
+        now,
+    );
     sim.pump();
     assert_eq!(sim.received(s), ["from-b"], "delivered");
     let kept: Vec<String> = sim

@@ -6,6 +6,7 @@
 //! read and write the same messages.
 
 pub mod link;
+pub mod shares;
 pub mod subject;
 
-pub use link::{Config, Error, Inbound, Out, connect, run};
+pub use link::{Config, Error, Inbound, Interest, Out, Remote, connect, run};

@@ -15,6 +15,7 @@ use tern_codec::{QoS, TopicName};
 use tern_proto::Message;
 use tokio::sync::mpsc;
 
+use crate::shares::{self, SHARE_HEADER};
 use crate::subject::{filter_to_subjects, subject_to_topic, topic_to_subject};
 
 /// How a node reaches NATS.
@@ -47,7 +48,7 @@ pub struct Out {
     /// Messages for the other nodes.
     pub forwards: Vec<Message>,
     /// Interest changes, in order.
-    pub interest: Vec<(String, bool)>,
+    pub interest: Vec<Interest>,
     /// Told once every QoS 1/2 message of `forwards` is in the cluster's stream (the
     /// round's acknowledgements wait for it).
     pub stored: Option<tokio::sync::oneshot::Sender<()>>,
@@ -63,13 +64,36 @@ pub struct Out {
 pub const RETAINED: &str = "TERN_RETAINED";
 const RETAINED_PREFIX: &str = "tern.r.";
 
+/// A filter a session of this node started (`add`) or stopped holding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Interest {
+    /// The filter (of a shared subscription: without `$share/GROUP/`).
+    pub filter: String,
+    /// For a shared subscription, the whole `$share/GROUP/FILTER`.
+    pub share: Option<String>,
+    /// Started (true) or stopped holding.
+    pub add: bool,
+}
+
+/// A message from the cluster and who on this node gets it.
+#[derive(Debug, Clone)]
+pub struct Remote {
+    /// The message.
+    pub message: Message,
+    /// Whether this node's plain (not shared) subscribers get it: false for this node's
+    /// own message, back for its shared groups.
+    pub plain: bool,
+    /// The shared subscriptions (`$share/GROUP/FILTER`) it was given to this node for.
+    pub shared: Vec<String>,
+}
+
 /// What the link hands the core.
 #[derive(Debug)]
 pub enum Inbound {
-    /// QoS 0 messages other nodes' clients published, for this node's subscribers.
-    Remote(Vec<Message>),
+    /// QoS 0 messages from the cluster, for this node's subscribers.
+    Remote(Vec<Remote>),
     /// QoS 1/2 messages of the cluster's stream, through this stream sequence.
-    Durable(u64, Vec<Message>),
+    Durable(u64, Vec<Remote>),
     /// Retained messages of the cluster (an empty payload clears the topic): what this
     /// node keeps as retained, delivered to nobody.
     Retained(Vec<Message>),
@@ -132,15 +156,27 @@ pub async fn run(
     let takeovers = tokio::spawn(claim(js.clone(), config.clone(), claims_rx, move |c| {
         to_core(Inbound::TakenOver(c));
     }));
+    let table: shares::Shared = Default::default();
+    let (share_tx, share_rx) = mpsc::unbounded_channel();
+    let share_keeper = tokio::spawn(shares::run(
+        js.clone(),
+        config.node_id.clone(),
+        config.replicas,
+        table.clone(),
+        share_rx,
+    ));
     let (applied_tx, applied_rx) = tokio::sync::watch::channel(applied);
     let to_core = deliver.clone();
     let consumer = tokio::spawn(consume(
         js.clone(),
         config.clone(),
+        table.clone(),
         applied,
         applied_rx,
         move |last, batch| to_core(Inbound::Durable(last, batch)),
     ));
+    let me = config.node_id.clone();
+    let mut turns: u64 = 0;
     // Retained topics this node has written and not yet read back from [`RETAINED`].
     let pending: Pending = Default::default();
     let to_core = deliver.clone();
@@ -171,14 +207,28 @@ pub async fn run(
                         newer
                     });
                 }
-                for (filter, add) in o.interest {
-                    interest(&client, &mut subs, &mut filters, &in_tx, filter, add).await;
+                for i in o.interest {
+                    if let Some(share) = &i.share
+                        && shares::lock(&table).local(&me, share, i.add, std::time::Instant::now())
+                    {
+                        let _ = share_tx.send(if i.add {
+                            shares::Change::Join(share.clone())
+                        } else {
+                            shares::Change::Leave(share.clone())
+                        });
+                    }
+                    interest(&client, &mut subs, &mut filters, &in_tx, i.filter, i.add).await;
                 }
                 for c in o.claims {
                     let _ = claims_tx.send(c);
                 }
                 let mut acks = Vec::new();
+                let mut back = Vec::new();
                 for m in o.forwards {
+                    // The node of each shared subscription that gets it.
+                    turns += 1;
+                    let assigned = shares::lock(&table).assign(&me, m.topic.as_str(), turns, std::time::Instant::now());
+                    let share = (!assigned.is_empty()).then(|| shares::header(&assigned));
                     if m.retain && let Ok(subject) = topic_to_subject(m.topic.as_str()) {
                         // The cluster's copy of a retained topic, one per topic; a QoS 1/2
                         // one is stored before the round's acknowledgements go out.
@@ -225,6 +275,9 @@ pub async fn run(
                         if m.retain {
                             headers.insert(RETAIN_HEADER, "1");
                         }
+                        if let Some(share) = &share {
+                            headers.insert(SHARE_HEADER, share.as_str());
+                        }
                         if let Some(props) = props_header(&m) {
                             headers.insert(PROPS_HEADER, props.as_str());
                         }
@@ -239,8 +292,18 @@ pub async fn run(
                         tracing::debug!(topic = m.topic.as_str(), "a topic with no NATS subject stays on this node");
                         continue;
                     };
+                    // This node's own shared groups get it here (NATS does not send a
+                    // node what it published).
+                    let mine: Vec<String> = assigned
+                        .iter()
+                        .filter(|(_, node)| *node == me)
+                        .map(|(s, _)| s.clone())
+                        .collect();
+                    if !mine.is_empty() {
+                        back.push(Remote { message: m.clone(), plain: false, shared: mine });
+                    }
                     let props = props_header(&m);
-                    let sent = if props.is_none() && !m.retain {
+                    let sent = if props.is_none() && !m.retain && share.is_none() {
                         client.publish(subject, m.payload.clone()).await
                     } else {
                         let mut headers = async_nats::HeaderMap::new();
@@ -250,11 +313,17 @@ pub async fn run(
                         if m.retain {
                             headers.insert(RETAIN_HEADER, "1");
                         }
+                        if let Some(share) = &share {
+                            headers.insert(SHARE_HEADER, share.as_str());
+                        }
                         client.publish_with_headers(subject, headers, m.payload.clone()).await
                     };
                     if let Err(e) = sent {
                         tracing::warn!(error = %e, "publishing to NATS failed: a QoS 0 message did not reach the other nodes");
                     }
+                }
+                if !back.is_empty() {
+                    deliver(Inbound::Remote(back));
                 }
                 if let Some(stored) = o.stored {
                     // Waited for beside the loop: the round's acknowledgements wait for
@@ -291,7 +360,7 @@ pub async fn run(
                 let mut batch = Vec::new();
                 let mut next = Some((via, first));
                 while let Some((via, m)) = next.take() {
-                    if let Some(message) = take(&subs, &via, m) {
+                    if let Some(message) = take(&subs, &via, m, &table, &me) {
                         batch.push(message);
                     }
                     if batch.len() >= 1024 {
@@ -311,6 +380,7 @@ pub async fn run(
     consumer.abort();
     takeovers.abort();
     retained.abort();
+    share_keeper.abort();
 }
 
 /// Retained subjects (of [`RETAINED`]) this node wrote, with how many of its writes have
@@ -557,9 +627,10 @@ async fn claim(
 async fn consume(
     js: async_nats::jetstream::Context,
     config: Config,
+    table: shares::Shared,
     start: u64,
     mut applied: tokio::sync::watch::Receiver<u64>,
-    deliver: impl Fn(u64, Vec<Message>) + Send + 'static,
+    deliver: impl Fn(u64, Vec<Remote>) + Send + 'static,
 ) {
     use async_nats::jetstream::{consumer, stream};
     let stream = loop {
@@ -630,8 +701,24 @@ async fn consume(
                         .as_ref()
                         .and_then(|h| h.get(NODE_HEADER))
                         .is_some_and(|n| n.as_str() == config.node_id);
-                    if !own && let Some(message) = from_stream(&m) {
-                        batch.push(message);
+                    // This node's own messages come back only for its shared groups
+                    // the publish gave them to.
+                    let shared = shared_for_me(
+                        m.headers.as_ref(),
+                        &table,
+                        &config.node_id,
+                        own,
+                        m.subject.as_str(),
+                        last,
+                    );
+                    if (!own || !shared.is_empty())
+                        && let Some(message) = from_stream(&m)
+                    {
+                        batch.push(Remote {
+                            message,
+                            plain: !own,
+                            shared,
+                        });
                     }
                 }
                 Some(Err(e)) => {
@@ -690,7 +777,9 @@ fn take(
     subs: &BTreeMap<String, (usize, tokio::task::JoinHandle<()>)>,
     via: &str,
     m: async_nats::Message,
-) -> Option<Message> {
+    table: &shares::Shared,
+    me: &str,
+) -> Option<Remote> {
     let subject = m.subject.as_str();
     let first = subs.keys().find(|pattern| matches(pattern, subject))?;
     if first != via {
@@ -717,7 +806,40 @@ fn take(
         message.properties.message_expiry_interval = None;
         message.expires_at = expires_at;
     }
-    Some(message)
+    let salt = shares::fnv(&m.payload);
+    let shared = shared_for_me(m.headers.as_ref(), table, me, false, subject, salt);
+    Some(Remote {
+        message,
+        plain: true,
+        shared,
+    })
+}
+
+/// The shared subscriptions of this node a message from the cluster is for: those its
+/// `Tern-Share` header names this node for; for a message from outside Tern (no header),
+/// those this node's view of the table picks it for (by `salt`, the same on every node).
+fn shared_for_me(
+    headers: Option<&async_nats::HeaderMap>,
+    table: &shares::Shared,
+    me: &str,
+    own: bool,
+    subject: &str,
+    salt: u64,
+) -> Vec<String> {
+    match headers.and_then(|h| h.get(SHARE_HEADER)) {
+        Some(v) => shares::for_me(v.as_str(), me),
+        None if own => Vec::new(),
+        None => {
+            let subject = subject.strip_prefix(STREAM_PREFIX).unwrap_or(subject);
+            let topic = subject_to_topic(subject);
+            shares::lock(table)
+                .assign(me, &topic, salt, std::time::Instant::now())
+                .into_iter()
+                .filter(|(_, node)| node == me)
+                .map(|(s, _)| s)
+                .collect()
+        }
+    }
 }
 
 /// The NATS header that carries a message's MQTT 5 properties between nodes: a PUBLISH

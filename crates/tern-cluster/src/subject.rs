@@ -57,6 +57,9 @@ pub fn filter_to_subjects(filter: &str) -> Result<Vec<String>, SubjectError> {
 }
 
 fn convert(mt: &str, wildcards: bool) -> Result<String, SubjectError> {
+    if !tern_codec::fits_nats_subject(mt) {
+        return Err(SubjectError::Unsupported(mt.to_string()));
+    }
     let b = mt.as_bytes();
     let mut res: Vec<u8> = Vec::with_capacity(b.len() + 4);
     let end = b.len().saturating_sub(1);
@@ -70,9 +73,6 @@ fn convert(mt: &str, wildcards: bool) -> Result<String, SubjectError> {
                 } else {
                     res.push(b'.');
                 }
-            }
-            b' ' | b'\t' | b'\n' | b'\r' | 0x0c | 0x7f => {
-                return Err(SubjectError::Unsupported(mt.to_string()));
             }
             b'.' => res.extend_from_slice(b"//"),
             b'+' | b'#' => {

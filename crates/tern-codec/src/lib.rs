@@ -60,7 +60,7 @@ pub use packet::{
 };
 pub use properties::{PayloadFormat, PropertyList, Props, SubscriptionId, UserProperty};
 pub use reason::ReasonCode;
-pub use topic::{TopicFilter, TopicName, matches_with};
+pub use topic::{TopicFilter, TopicName, fits_nats_subject, matches_with};
 pub use types::{PacketId, Protocol, QoS, QosPid, Str};
 
 /// The largest packet MQTT can express: a 5-byte fixed header and the maximum remaining

@@ -150,6 +150,14 @@ impl TopicFilter {
     }
 }
 
+/// Whether `topic` (a topic name or filter) can be a NATS subject: it holds no whitespace
+/// and no DEL. A Tern cluster carries only such topics between its nodes.
+pub fn fits_nats_subject(topic: &str) -> bool {
+    !topic
+        .bytes()
+        .any(|c| matches!(c, b' ' | b'\t' | b'\n' | b'\r' | 0x0c | 0x7f))
+}
+
 /// Whether `topic` matches the filter text `filter` as [`TopicFilter::matches`] says, with
 /// `level_eq(filter_level, topic_level)` deciding whether a level that is not a wildcard
 /// matches (a caller with placeholders in its levels, such as an ACL pattern, substitutes

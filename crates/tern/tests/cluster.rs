@@ -667,3 +667,73 @@ fn qos1_and_2_cross_nodes_through_sigkills_of_nats_servers_the_stream_leader_inc
     );
     drop((a, b));
 }
+
+/// A shared subscription with members on two nodes: each message, whichever node it is
+/// published on and at whatever QoS, reaches one member of the group, cluster-wide
+/// (members on both nodes get some), while a plain subscriber gets every message once.
+#[test]
+fn a_shared_subscription_across_nodes_gives_each_message_to_one_member() {
+    let two = two_nodes("shared");
+    let (pa, pb) = (two.pa, two.pb);
+    let member = |port: u16| {
+        Command::new("mosquitto_sub")
+            .args(["-p", &port.to_string(), "-t", "$share/workers/jobs/#"])
+            .args(["-q", "2", "-v", "-W", "12"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let (on_a, on_b) = (member(pa), member(pb));
+    let plain = Command::new("mosquitto_sub")
+        .args(["-p", &pb.to_string(), "-t", "jobs/#", "-q", "2", "-v"])
+        .args(["-C", "120", "-W", "12"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The members reach the cluster's table of shared subscriptions.
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut expected = Vec::new();
+    for (port, node, qos) in [
+        (pa, "a", "0"),
+        (pb, "b", "0"),
+        (pa, "a", "1"),
+        (pb, "b", "2"),
+    ] {
+        let lines: Vec<String> = (0..30).map(|i| format!("{node}-q{qos}-{i}")).collect();
+        let mut p = Command::new("mosquitto_pub")
+            .args(["-p", &port.to_string(), "-t", "jobs/x", "-q", qos, "-l"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap();
+        {
+            use std::io::Write;
+            let mut stdin = p.stdin.take().unwrap();
+            stdin.write_all(lines.join("\n").as_bytes()).unwrap();
+            stdin.write_all(b"\n").unwrap();
+        }
+        assert!(p.wait().unwrap().success());
+        expected.extend(lines.into_iter().map(|l| format!("jobs/x {l}")));
+    }
+    expected.sort();
+    let (got_a, got_b) = (lines(on_a), lines(on_b));
+    eprintln!(
+        "shared across nodes: member on a got {}, member on b got {}",
+        got_a.len(),
+        got_b.len()
+    );
+    let mut both: Vec<String> = got_a.iter().chain(&got_b).cloned().collect();
+    both.sort();
+    assert_eq!(both, expected, "each message to exactly one member");
+    assert!(
+        !got_a.is_empty() && !got_b.is_empty(),
+        "members on both nodes get messages: {} and {}",
+        got_a.len(),
+        got_b.len()
+    );
+    assert_eq!(
+        lines(plain),
+        expected,
+        "a plain subscriber: every message once"
+    );
+}

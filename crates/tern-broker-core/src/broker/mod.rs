@@ -55,6 +55,7 @@ pub use admin::{
 pub use gauges::{Gauges, SessionGauge};
 pub use history::{POSITION, REPLAY_FROM, REPLAY_SINCE, parse_duration, since_time};
 pub use round::{Loads, Round, Sealed, Send};
+pub use routing::{Interest, Remote};
 
 pub use settings::{
     DEFAULT_KEY_PROPERTY, Idempotency, QUEUED_MESSAGE_OVERHEAD, QueuePolicy, RECEIPT_PROPERTY,
@@ -396,9 +397,14 @@ pub struct Broker {
     replaying: std::collections::HashSet<Str>,
     /// Cluster: messages for the other nodes, and interest changes, since the last take.
     forwards: Vec<Message>,
-    interest: Vec<(String, bool)>,
+    interest: Vec<Interest>,
     /// Cluster: the message being routed came from another node (not forwarded again).
     from_remote: bool,
+    /// Cluster: for the message from the cluster being routed, whether this node's
+    /// (non-shared) subscribers get it, and the shared subscriptions the cluster gave it to
+    /// this node for.
+    remote_plain: bool,
+    remote_shared: Vec<String>,
     /// Cluster: the last sequence of the cluster's stream applied (committed), and one
     /// applied in this round, for the driver to acknowledge once committed.
     cluster_applied: u64,
@@ -469,6 +475,8 @@ impl Broker {
             forwards: Vec::new(),
             interest: Vec::new(),
             from_remote: false,
+            remote_plain: true,
+            remote_shared: Vec::new(),
             cluster_applied: snapshot.cluster_applied,
             applied_now: None,
             forwarded_durable: false,

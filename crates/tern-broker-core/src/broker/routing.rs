@@ -43,7 +43,13 @@ impl Broker {
                 }
             }
         }
-        let deliveries = self.trie.route(&message.topic, publisher);
+        // A message from the cluster reaches this node's plain subscribers unless it is
+        // this node's own, back for its shared groups.
+        let deliveries = if self.from_remote && !self.remote_plain {
+            HashMap::default()
+        } else {
+            self.trie.route(&message.topic, publisher)
+        };
         let mut matched = deliveries.len();
         for (client_id, delivery) in deliveries {
             let mut copy = message.clone();
@@ -63,7 +69,22 @@ impl Broker {
             };
             self.deliver(&client_id, copy, message.qos, None, now);
         }
-        for key in self.shared.matching(&message.topic) {
+        // In a cluster the link picks the node of each shared group that gets a message
+        // (docs/cluster.md): a message that crosses nodes reaches this node's groups only
+        // when it comes back from the cluster for them.
+        let keys = if !self.settings.cluster {
+            self.shared.matching(&message.topic)
+        } else if self.from_remote {
+            std::mem::take(&mut self.remote_shared)
+                .into_iter()
+                .map(Str::from)
+                .collect()
+        } else if !durable || !tern_codec::fits_nats_subject(message.topic.as_str()) {
+            self.shared.matching(&message.topic)
+        } else {
+            Vec::new()
+        };
+        for key in keys {
             if self.deliver_shared(&key, message.clone(), publisher, None, now) {
                 matched += 1;
             }
@@ -121,7 +142,7 @@ impl Broker {
             self.trie.subscribe(filter, client_id.clone(), options, id)
         };
         if new && self.settings.cluster {
-            self.interest.push((filter.filter().to_string(), true));
+            self.interest.push(Interest::of(filter, true));
         }
         new
     }
@@ -135,7 +156,7 @@ impl Broker {
             self.trie.unsubscribe(filter, client_id)
         };
         if existed && self.settings.cluster {
-            self.interest.push((filter.filter().to_string(), false));
+            self.interest.push(Interest::of(filter, false));
         }
         existed
     }
@@ -853,16 +874,69 @@ fn make_room(
     (room, expired, dropped + u64::from(!room))
 }
 
+/// Cluster: a message from the cluster and who on this node gets it.
+#[derive(Debug, Clone)]
+pub struct Remote {
+    /// The message.
+    pub message: Message,
+    /// Whether this node's subscribers (not shared ones) get it: false for this node's
+    /// own message, back from the cluster for its shared groups only.
+    pub plain: bool,
+    /// The shared subscriptions (`$share/GROUP/FILTER`) the cluster gave it to this node
+    /// for: one member of each gets it.
+    pub shared: Vec<String>,
+}
+
+impl Remote {
+    /// Another node's message for this node's plain subscribers only.
+    pub fn plain(message: Message) -> Remote {
+        Remote {
+            message,
+            plain: true,
+            shared: Vec::new(),
+        }
+    }
+}
+
+/// Cluster: a filter a session of this node started (`add`) or stopped holding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Interest {
+    /// The filter (of a shared subscription: its filter without `$share/GROUP/`).
+    pub filter: String,
+    /// For a shared subscription, the whole `$share/GROUP/FILTER`.
+    pub share: Option<String>,
+    /// Started (true) or stopped holding.
+    pub add: bool,
+}
+
+impl Interest {
+    fn of(filter: &tern_codec::TopicFilter, add: bool) -> Interest {
+        Interest {
+            filter: filter.filter().to_string(),
+            share: filter.share_group().map(|_| filter.as_str().to_string()),
+            add,
+        }
+    }
+}
+
 impl Broker {
-    /// Cluster: messages from another node, routed to this node's sessions only (never
+    /// Cluster: messages from the cluster, routed to this node's sessions only (never
     /// forwarded again).
-    pub fn handle_remote(&mut self, messages: Vec<Message>, now: Instant) {
+    pub fn handle_remote(&mut self, messages: Vec<Remote>, now: Instant) {
         self.from_remote = true;
         for m in messages {
-            self.route(m, None, now);
+            self.route_remote(m, now);
         }
         self.from_remote = false;
         self.commit(now);
+    }
+
+    fn route_remote(&mut self, m: Remote, now: Instant) {
+        self.remote_plain = m.plain;
+        self.remote_shared = m.shared;
+        self.route(m.message, None, now);
+        self.remote_plain = true;
+        self.remote_shared.clear();
     }
 
     /// Cluster: the cluster's retained messages, in its order (an empty payload clears the
@@ -894,7 +968,7 @@ impl Broker {
     /// sequences), for this node's sessions: routed as from a publisher elsewhere, once
     /// (sequences this node has applied already are skipped), and the progress stored in
     /// the same commit as their copies ([`Broker::take_applied`]).
-    pub fn handle_remote_durable(&mut self, last: u64, messages: Vec<Message>, now: Instant) {
+    pub fn handle_remote_durable(&mut self, last: u64, messages: Vec<Remote>, now: Instant) {
         if last <= self.cluster_applied {
             // Applied before (read again after a restart): reported, so the reader goes on.
             self.applied_now = Some(last);
@@ -902,7 +976,7 @@ impl Broker {
         }
         self.from_remote = true;
         for m in messages {
-            self.route(m, None, now);
+            self.route_remote(m, now);
         }
         self.from_remote = false;
         self.cluster_applied = last;
@@ -952,7 +1026,7 @@ impl Broker {
     /// Cluster: filters this node's sessions started (`true`) or stopped (`false`) holding
     /// since the last call, one entry per session and filter, in order (shared
     /// subscriptions by their filter).
-    pub fn take_interest(&mut self) -> Vec<(String, bool)> {
+    pub fn take_interest(&mut self) -> Vec<Interest> {
         std::mem::take(&mut self.interest)
     }
 }

@@ -292,7 +292,15 @@ fn dispatch(
     let mut hooks = writer::Hooks::default();
     if let Some(link) = cluster {
         let forwards = broker.take_forwards();
-        let interest = broker.take_interest();
+        let interest: Vec<tern_cluster::Interest> = broker
+            .take_interest()
+            .into_iter()
+            .map(|i| tern_cluster::Interest {
+                filter: i.filter,
+                share: i.share,
+                add: i.add,
+            })
+            .collect();
         let stored = if forwards
             .iter()
             .any(|m| m.qos != tern_codec::QoS::AtMostOnce)

@@ -223,10 +223,10 @@ pub(crate) enum ToCore {
     Gauges(tokio::sync::oneshot::Sender<Gauges>),
     /// The admin API asks about the sessions.
     Admin(admin::Query, tokio::sync::oneshot::Sender<admin::Answer>),
-    /// QoS 0 messages from other nodes of the cluster.
-    Remote(Vec<tern_proto::Message>),
+    /// QoS 0 messages from the cluster.
+    Remote(Vec<crate::core::Remote>),
     /// QoS 1/2 messages of the cluster's stream, through this sequence.
-    RemoteDurable(u64, Vec<tern_proto::Message>),
+    RemoteDurable(u64, Vec<crate::core::Remote>),
     /// The client connected to another node of the cluster after its connection here.
     TakenOver(String),
     /// The cluster's retained messages (an empty one clears its topic), to keep.
@@ -379,10 +379,20 @@ pub async fn run(server: Server, shutdown: impl Future<Output = ()>) -> Result<(
                 applied,
                 rx,
                 move |inbound| {
+                    let remote = |batch: Vec<tern_cluster::Remote>| -> Vec<crate::core::Remote> {
+                        batch
+                            .into_iter()
+                            .map(|r| crate::core::Remote {
+                                message: r.message,
+                                plain: r.plain,
+                                shared: r.shared,
+                            })
+                            .collect()
+                    };
                     let _ = to_core.send(match inbound {
-                        tern_cluster::Inbound::Remote(batch) => ToCore::Remote(batch),
+                        tern_cluster::Inbound::Remote(batch) => ToCore::Remote(remote(batch)),
                         tern_cluster::Inbound::Durable(last, batch) => {
-                            ToCore::RemoteDurable(last, batch)
+                            ToCore::RemoteDurable(last, remote(batch))
                         }
                         tern_cluster::Inbound::Retained(batch) => ToCore::Retained(batch),
                         tern_cluster::Inbound::TakenOver(client_id) => ToCore::TakenOver(client_id),
