@@ -33,7 +33,8 @@ pub use broker::{
     InflightView, Interest, Load, Loads, Output, POSITION, QUEUED_MESSAGE_OVERHEAD, QueuePolicy,
     RECEIPT_PROPERTY, RECEIPT_ROUTED, RECEIPT_SETTLED, REPLAY_FROM, REPLAY_SINCE, Remote,
     RetainedView, Round, Sealed, Send, SessionGauge, SessionSummary, SessionView, SessionsPage,
-    Settings, SubscriptionView, TopicPolicy, Traffic, WillView, parse_duration, since_time,
+    Settings, SubscriptionView, TopicPolicy, Traffic, WillChange, WillView, parse_duration,
+    since_time,
 };
 pub use counters::{Counters, DropReason, PolicyCounters};
 pub use refusal::{Admission, Answer, Refusal};

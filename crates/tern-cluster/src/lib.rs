@@ -8,5 +8,6 @@
 pub mod link;
 pub mod shares;
 pub mod subject;
+pub mod wills;
 
 pub use link::{Config, Error, Inbound, Interest, Out, Remote, connect, run};

@@ -57,6 +57,8 @@ pub struct Out {
     /// Client ids that connected to this node (the other nodes close their connections
     /// of the same ids).
     pub claims: Vec<String>,
+    /// Wills of this node's connections, kept by the cluster while they last.
+    pub wills: Vec<crate::wills::Change>,
 }
 
 /// The JetStream stream holding the cluster's retained messages: the last message of each
@@ -99,6 +101,9 @@ pub enum Inbound {
     Retained(Vec<Message>),
     /// The client connected to another node after its connection here.
     TakenOver(String),
+    /// The will of a client of a node that is gone, for this node to publish as that
+    /// client's.
+    Will(crate::wills::Will),
 }
 
 /// The KV bucket that says which node each client id last connected to.
@@ -177,6 +182,19 @@ pub async fn run(
     ));
     let me = config.node_id.clone();
     let mut turns: u64 = 0;
+    let boot = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let (wills_tx, wills_rx) = mpsc::unbounded_channel();
+    let to_core = deliver.clone();
+    let wills = tokio::spawn(crate::wills::run(
+        js.clone(),
+        config.node_id.clone(),
+        format!("{boot:x}"),
+        config.replicas,
+        wills_rx,
+        move |w| to_core(Inbound::Will(w)),
+    ));
     // Retained topics this node has written and not yet read back from [`RETAINED`].
     let pending: Pending = Default::default();
     let to_core = deliver.clone();
@@ -186,9 +204,6 @@ pub async fn run(
         pending.clone(),
         move |batch| to_core(Inbound::Retained(batch)),
     ));
-    let boot = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
     let mut published: u64 = 0;
     // Subject -> (how many filters need it, the task reading its subscription).
     let mut subs: BTreeMap<String, (usize, tokio::task::JoinHandle<()>)> = BTreeMap::new();
@@ -221,6 +236,9 @@ pub async fn run(
                 }
                 for c in o.claims {
                     let _ = claims_tx.send(c);
+                }
+                for w in o.wills {
+                    let _ = wills_tx.send(w);
                 }
                 let mut acks = Vec::new();
                 let mut back = Vec::new();
@@ -381,6 +399,7 @@ pub async fn run(
     takeovers.abort();
     retained.abort();
     share_keeper.abort();
+    wills.abort();
 }
 
 /// Retained subjects (of [`RETAINED`]) this node wrote, with how many of its writes have

@@ -786,3 +786,99 @@ fn without_a_nats_quorum_qos1_and_2_publishers_are_held_then_nothing_is_lost() {
     );
     drop((a, b));
 }
+
+/// The wills of the clients of a node that dies (SIGKILL, not restarted) are published
+/// once, cluster-wide, by a node that lives: a 3.1.1 will at once once the node is seen
+/// gone, a 5.0 will after its Will Delay Interval; subscribers on both surviving nodes get
+/// each once. A client that disconnected normally from the dead node, and a client still
+/// connected to a live node, have no will published.
+#[test]
+fn wills_of_the_clients_of_a_dead_node_are_published_once_by_a_survivor() {
+    let d = fresh("wills");
+    let nats = Nats::start(&d);
+    let urls = nats.urls();
+    let a = node(&d, "a", &urls);
+    let b = node(&d, "b", &urls);
+    let c = node(&d, "c", &urls);
+    let port = |n: &BrokerProcess| -> String { n.port(0).to_string() };
+    let (pa, pb, pc) = (port(&a), port(&b), port(&c));
+    let watch = |p: &str| {
+        Command::new("mosquitto_sub")
+            .args(["-p", p, "-t", "wills/#", "-q", "1", "-W", "24"])
+            .args(["-F", "%U %t %p"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let (on_b, on_c) = (watch(&pb), watch(&pc));
+    let client = |p: &str, id: &str, extra: &[&str]| {
+        Command::new("mosquitto_sub")
+            .args(["-p", p, "-i", id, "-t", "x/none"])
+            .args(["--will-topic", &format!("wills/{id}"), "--will-qos", "1"])
+            .args(["--will-payload", &format!("{id}-gone")])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut dev1 = client(&pa, "dev1", &[]);
+    let mut dev2 = client(
+        &pa,
+        "dev2",
+        &[
+            "-V",
+            "mqttv5",
+            "-x",
+            "60",
+            "-D",
+            "will",
+            "will-delay-interval",
+            "3",
+        ],
+    );
+    let mut dev3 = client(&pb, "dev3", &[]);
+    // Connects with a will and disconnects normally: no will.
+    assert!(
+        Command::new("mosquitto_pub")
+            .args(["-p", &pa, "-i", "polite", "-t", "x/y", "-m", "hi"])
+            .args(["--will-topic", "wills/polite", "--will-payload", "no"])
+            .status()
+            .unwrap()
+            .success()
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    drop(a); // SIGKILL, for good
+    let got = |child: Child| -> Vec<(f64, String)> {
+        let out = child.wait_with_output().unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| {
+                let (t, rest) = l.split_once(' ')?;
+                Some((t.parse().ok()?, rest.to_string()))
+            })
+            .collect()
+    };
+    for (node, received) in [("b", got(on_b)), ("c", got(on_c))] {
+        let mut what: Vec<&str> = received.iter().map(|(_, m)| m.as_str()).collect();
+        what.sort();
+        assert_eq!(
+            what,
+            ["wills/dev1 dev1-gone", "wills/dev2 dev2-gone"],
+            "on node {node}: each will of the dead node's clients once, no other"
+        );
+        let at = |m: &str| received.iter().find(|(_, x)| x.starts_with(m)).unwrap().0;
+        let waited = at("wills/dev2") - at("wills/dev1");
+        eprintln!("node {node}: the delayed will came {waited:.1} s after the other");
+        assert!(
+            waited >= 2.5,
+            "the Will Delay Interval (3 s) is kept: {waited}"
+        );
+    }
+    for p in [&mut dev1, &mut dev2, &mut dev3] {
+        let _ = p.kill();
+        let _ = p.wait();
+    }
+    drop((b, c));
+}

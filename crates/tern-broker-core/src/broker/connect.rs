@@ -230,6 +230,14 @@ impl Broker {
                 client_id: client_id.clone(),
                 will: will.clone(),
             });
+            if self.settings.cluster {
+                self.will_changes.push(WillChange::Put {
+                    client_id: client_id.clone(),
+                    username: connect.username.clone(),
+                    will: will.clone(),
+                    session_expiry: u32::try_from(expiry.as_secs()).unwrap_or(u32::MAX),
+                });
+            }
             session.will_stored = true;
             // The client may take its CONNACK as "my will is kept": it waits for the
             // commit even when it resumes a session.

@@ -30,6 +30,10 @@ impl Broker {
             self.batch.push(Op::DeleteWill {
                 client_id: client_id.clone(),
             });
+            if self.settings.cluster {
+                self.will_changes
+                    .push(WillChange::Delete(client_id.clone()));
+            }
         }
         // Held publishes die with the connection, unacknowledged: the client sends them
         // again when it is back.
@@ -113,6 +117,10 @@ impl Broker {
                 self.batch.push(Op::DeleteWill {
                     client_id: client_id.clone(),
                 });
+                if self.settings.cluster {
+                    self.will_changes
+                        .push(WillChange::Delete(client_id.clone()));
+                }
             }
             self.touch(&client_id);
             self.park(&client_id, now);

@@ -55,7 +55,7 @@ pub use admin::{
 pub use gauges::{Gauges, SessionGauge};
 pub use history::{POSITION, REPLAY_FROM, REPLAY_SINCE, parse_duration, since_time};
 pub use round::{Loads, Round, Sealed, Send};
-pub use routing::{Interest, Remote};
+pub use routing::{Interest, Remote, WillChange};
 
 pub use settings::{
     DEFAULT_KEY_PROPERTY, Idempotency, QUEUED_MESSAGE_OVERHEAD, QueuePolicy, RECEIPT_PROPERTY,
@@ -405,6 +405,8 @@ pub struct Broker {
     /// this node for.
     remote_plain: bool,
     remote_shared: Vec<String>,
+    /// Cluster: wills of this node's connections, kept by the cluster while they last.
+    will_changes: Vec<WillChange>,
     /// Cluster: the last sequence of the cluster's stream applied (committed), and one
     /// applied in this round, for the driver to acknowledge once committed.
     cluster_applied: u64,
@@ -477,6 +479,7 @@ impl Broker {
             from_remote: false,
             remote_plain: true,
             remote_shared: Vec::new(),
+            will_changes: Vec::new(),
             cluster_applied: snapshot.cluster_applied,
             applied_now: None,
             forwarded_durable: false,
@@ -570,6 +573,11 @@ impl Broker {
             broker.batch.push(Op::DeleteWill {
                 client_id: owner.clone(),
             });
+            // A cluster node's crash wills are the cluster's (it keeps them and publishes
+            // them once, from whichever node claims them).
+            if broker.settings.cluster {
+                continue;
+            }
             let delay = u64::from(will.properties.will_delay_interval.unwrap_or(0));
             match broker.sessions.get_mut(&owner) {
                 Some(s) if delay > 0 => {

@@ -919,7 +919,44 @@ impl Interest {
     }
 }
 
+/// Cluster: a change to the wills of this node's connections.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WillChange {
+    /// A client connected with a will.
+    Put {
+        /// The client.
+        client_id: Str,
+        /// Its user name.
+        username: Option<Str>,
+        /// The will.
+        will: tern_codec::LastWill,
+        /// Its session's expiry interval, in seconds (the will waits for its delay or the
+        /// session's end, whichever comes first).
+        session_expiry: u32,
+    },
+    /// The client's connection ended (its will, if due, is published by this node).
+    Delete(Str),
+}
+
 impl Broker {
+    /// Cluster: changes to the wills of this node's connections since the last call.
+    pub fn take_will_changes(&mut self) -> Vec<WillChange> {
+        std::mem::take(&mut self.will_changes)
+    }
+
+    /// Cluster: the will of `client_id`, a client of a node that is gone, which this node
+    /// claimed: published as that client's (its ACL checked), like a local publish.
+    pub fn handle_cluster_will(
+        &mut self,
+        client_id: &str,
+        username: Option<&str>,
+        will: tern_codec::LastWill,
+        now: Instant,
+    ) {
+        self.publish_will(&Str::from(client_id), username, will, now);
+        self.commit(now);
+    }
+
     /// Cluster: messages from the cluster, routed to this node's sessions only (never
     /// forwarded again).
     pub fn handle_remote(&mut self, messages: Vec<Remote>, now: Instant) {

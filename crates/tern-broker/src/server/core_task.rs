@@ -135,6 +135,15 @@ impl CoreTask {
                     ToCore::Retained(messages) => {
                         broker.handle_retained(messages, now);
                     }
+                    ToCore::ClusterWill(w) => {
+                        let w = *w;
+                        broker.handle_cluster_will(
+                            &w.client_id,
+                            w.username.as_deref(),
+                            w.will,
+                            now,
+                        );
+                    }
                     ToCore::Gauges(reply) => {
                         let _ = reply.send(broker.gauges(now, 10));
                     }
@@ -316,13 +325,34 @@ fn dispatch(
             .into_iter()
             .map(|c| c.to_string())
             .collect();
-        if !forwards.is_empty() || !interest.is_empty() || !claims.is_empty() {
+        let wills: Vec<tern_cluster::wills::Change> = broker
+            .take_will_changes()
+            .into_iter()
+            .map(|c| match c {
+                crate::core::WillChange::Put {
+                    client_id,
+                    username,
+                    will,
+                    session_expiry,
+                } => tern_cluster::wills::Change::Put(tern_cluster::wills::Will {
+                    client_id: client_id.to_string(),
+                    username: username.map(|u| u.to_string()),
+                    will,
+                    session_expiry,
+                }),
+                crate::core::WillChange::Delete(client_id) => {
+                    tern_cluster::wills::Change::Delete(client_id.to_string())
+                }
+            })
+            .collect();
+        if !forwards.is_empty() || !interest.is_empty() || !claims.is_empty() || !wills.is_empty() {
             let _ = link.send(tern_cluster::Out {
                 forwards,
                 interest,
                 stored,
                 applied: None,
                 claims,
+                wills,
             });
         }
         if let Some(seq) = broker.take_applied() {

@@ -231,6 +231,8 @@ pub(crate) enum ToCore {
     TakenOver(String),
     /// The cluster's retained messages (an empty one clears its topic), to keep.
     Retained(Vec<tern_proto::Message>),
+    /// The will of a client of a cluster node that is gone, to publish as that client's.
+    ClusterWill(Box<tern_cluster::wills::Will>),
     Shutdown,
 }
 
@@ -396,6 +398,7 @@ pub async fn run(server: Server, shutdown: impl Future<Output = ()>) -> Result<(
                         }
                         tern_cluster::Inbound::Retained(batch) => ToCore::Retained(batch),
                         tern_cluster::Inbound::TakenOver(client_id) => ToCore::TakenOver(client_id),
+                        tern_cluster::Inbound::Will(w) => ToCore::ClusterWill(Box::new(w)),
                     });
                 },
             ));

@@ -1,0 +1,346 @@
+//! Wills of the clients of a node that died, published once by a node that lives.
+//!
+//! Node liveness: each node writes its name and the time it started ("boot") to the KV
+//! bucket [`NODES`] every [`BEAT`]; every node watches it. A node is gone when it has not
+//! written for [`GONE_AFTER`], or when it wrote another boot (it restarted: its clients'
+//! connections ended with the old process).
+//!
+//! Wills: while a client with a will is connected to a node, the node keeps the will in
+//! the KV bucket [`WILLS`] under the client id (owner node and boot, and the will with the
+//! client's user name as a CONNECT packet); it deletes it when the connection ends (the
+//! node itself then publishes the will or not, as a single broker does), but only if the
+//! entry is still its own (a later connection elsewhere may have written it). Every node
+//! looks at the wills whose owner is gone: it claims one by compare-and-set (the owner
+//! becomes itself, marked claimed); the one whose write wins waits for the will's delay,
+//! checks that the entry is still its claim (the client did not come back), hands the will
+//! to its core, which publishes it as the client's, and deletes the entry. A claimer that
+//! dies before publishing is gone in its turn, and another node claims the will again.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use tern_codec::{Connect, LastWill, Packet, Protocol, Str};
+
+/// The KV bucket of node liveness.
+pub const NODES: &str = "TERN_NODES";
+/// The KV bucket of the wills of connected clients.
+pub const WILLS: &str = "TERN_WILLS";
+/// How often a node says it lives.
+pub const BEAT: Duration = Duration::from_secs(2);
+/// A node that has not said so for this long is gone.
+pub const GONE_AFTER: Duration = Duration::from_secs(10);
+
+/// A will as the cluster keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Will {
+    /// The client whose will it is.
+    pub client_id: String,
+    /// Its user name (the ACL decides with it).
+    pub username: Option<String>,
+    /// The will.
+    pub will: LastWill,
+    /// The session's expiry interval in seconds: the will waits for its delay or the
+    /// session's end, whichever comes first.
+    pub session_expiry: u32,
+}
+
+impl Will {
+    /// How long after its connection ended the will is published.
+    pub fn delay(&self) -> u32 {
+        self.will
+            .properties
+            .will_delay_interval
+            .unwrap_or(0)
+            .min(self.session_expiry)
+    }
+}
+
+/// A change the core made to the wills of this node's connections.
+#[derive(Debug, Clone)]
+pub enum Change {
+    /// A client connected with this will.
+    Put(Will),
+    /// The connection of this client ended: its will is this node's business now.
+    Delete(String),
+}
+
+/// The entry of a will: `owner`, `boot`, whether it is claimed, then the CONNECT.
+fn encode(owner: &str, boot: &str, claimed: bool, will: &Will) -> Option<Bytes> {
+    let mut c = Connect::new(Protocol::V5, will.client_id.as_str());
+    c.will = Some(will.will.clone());
+    c.username = will.username.as_deref().map(Str::from);
+    c.properties.session_expiry_interval = Some(will.session_expiry);
+    let mut out = BytesMut::new();
+    out.extend_from_slice(format!("{owner}\n{boot}\n{}\n", u8::from(claimed)).as_bytes());
+    tern_codec::encode(&Packet::Connect(Box::new(c)), Protocol::V5, &mut out).ok()?;
+    Some(out.freeze())
+}
+
+/// An entry read back: owner, boot, claimed, the will.
+fn decode(value: &[u8]) -> Option<(String, String, bool, Will)> {
+    let mut parts = value.splitn(4, |b| *b == b'\n');
+    let owner = String::from_utf8(parts.next()?.to_vec()).ok()?;
+    let boot = String::from_utf8(parts.next()?.to_vec()).ok()?;
+    let claimed = parts.next()? == b"1";
+    let mut buf = BytesMut::from(parts.next()?);
+    let Ok(Some(Packet::Connect(c))) =
+        tern_codec::decode(&mut buf, Protocol::V5, tern_codec::MAX_PACKET_SIZE)
+    else {
+        return None;
+    };
+    Some((
+        owner,
+        boot,
+        claimed,
+        Will {
+            client_id: c.client_id.to_string(),
+            username: c.username.map(|u| u.to_string()),
+            session_expiry: c.properties.session_expiry_interval.unwrap_or(0),
+            will: c.will?,
+        },
+    ))
+}
+
+fn hex(s: &str) -> String {
+    s.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<String> {
+    let bytes: Option<Vec<u8>> = (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect();
+    String::from_utf8(bytes?).ok()
+}
+
+/// Who lives, as this node sees it.
+#[derive(Debug, Default)]
+pub struct Liveness {
+    /// Node -> its boot and when this node last saw it write.
+    nodes: HashMap<String, (String, Instant)>,
+    /// When this node started watching (a node never seen is gone only after
+    /// [`GONE_AFTER`] from then).
+    since: Option<Instant>,
+}
+
+impl Liveness {
+    /// `node` wrote `boot` (seen at `now`).
+    pub fn beat(&mut self, node: &str, boot: &str, now: Instant) {
+        self.nodes.insert(node.to_string(), (boot.to_string(), now));
+    }
+
+    /// Whether the process `(node, boot)` is gone at `now`.
+    pub fn gone(&self, node: &str, boot: &str, now: Instant) -> bool {
+        match self.nodes.get(node) {
+            Some((b, _)) if b != boot => true,
+            Some((_, at)) => now.saturating_duration_since(*at) >= GONE_AFTER,
+            None => self
+                .since
+                .is_some_and(|s| now.saturating_duration_since(s) >= GONE_AFTER),
+        }
+    }
+}
+
+/// A will this node claimed: the revision of its claim, when to publish.
+struct Claim {
+    revision: u64,
+    at: Instant,
+    will: Will,
+}
+
+/// Keeps this node's liveness and its clients' wills in NATS, and publishes (through
+/// `publish`) the wills of clients whose node is gone, once across the cluster.
+pub async fn run(
+    js: async_nats::jetstream::Context,
+    node: String,
+    boot: String,
+    replicas: usize,
+    mut changes: tokio::sync::mpsc::UnboundedReceiver<Change>,
+    publish: impl Fn(Will) + Send + 'static,
+) {
+    use async_nats::jetstream::kv;
+    let bucket = |name: &'static str| {
+        let js = js.clone();
+        async move {
+            loop {
+                let made = match js.get_key_value(name).await {
+                    Ok(s) => Ok(s),
+                    Err(_) => js
+                        .create_key_value(kv::Config {
+                            bucket: name.into(),
+                            history: 1,
+                            num_replicas: replicas.max(1),
+                            ..Default::default()
+                        })
+                        .await
+                        .map_err(|e| e.to_string()),
+                };
+                match made {
+                    Ok(s) => break s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, bucket = name, "a cluster bucket is not there yet: trying again");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+            }
+        }
+    };
+    let nodes = bucket(NODES).await;
+    let wills = bucket(WILLS).await;
+    let watch = |store: kv::Store| async move {
+        loop {
+            match store.watch_all().await {
+                Ok(w) => break w,
+                Err(e) => {
+                    tracing::warn!(error = %e, "watching a cluster bucket failed: trying again");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+    };
+    let mut node_watch = watch(nodes.clone()).await;
+    let mut will_watch = watch(wills.clone()).await;
+    let mut live = Liveness {
+        since: Some(Instant::now()),
+        ..Default::default()
+    };
+    // Wills in the bucket: key -> (revision, owner, boot, claimed, will).
+    let mut known: HashMap<String, (u64, String, String, bool, Will)> = HashMap::new();
+    // This node's own entries (of its connected clients), by client: the revision.
+    let mut mine: HashMap<String, u64> = HashMap::new();
+    let mut claims: HashMap<String, Claim> = HashMap::new();
+    let mut beat = tokio::time::interval(BEAT);
+    let mut look = tokio::time::interval(Duration::from_millis(500));
+    tracing::info!(node = %node, boot = %boot, "cluster: keeping liveness and wills");
+    loop {
+        tokio::select! {
+            _ = beat.tick() => {
+                if let Err(e) = nodes.put(hex(&node), Bytes::from(boot.clone())).await {
+                    tracing::warn!(error = %e, "saying this node lives failed");
+                }
+            }
+            c = changes.recv() => {
+                let Some(c) = c else { return };
+                match c {
+                    Change::Put(w) => {
+                        let Some(value) = encode(&node, &boot, false, &w) else { continue };
+                        match wills.put(hex(&w.client_id), value).await {
+                            Ok(rev) => {
+                                mine.insert(w.client_id.clone(), rev);
+                            }
+                            Err(e) => tracing::warn!(error = %e, client_id = %w.client_id, "keeping a will in the cluster failed"),
+                        }
+                    }
+                    Change::Delete(client_id) => {
+                        if let Some(rev) = mine.remove(&client_id) {
+                            // Only this node's own entry: a later connection elsewhere
+                            // wrote a newer one, which stays.
+                            let _ = wills.delete_expect_revision(hex(&client_id), Some(rev)).await;
+                        }
+                    }
+                }
+            }
+            e = node_watch.next() => {
+                let Some(Ok(entry)) = e else { continue };
+                if entry.operation == kv::Operation::Put
+                    && let Some(who) = unhex(&entry.key)
+                {
+                    live.beat(&who, &String::from_utf8_lossy(&entry.value), Instant::now());
+                }
+            }
+            e = will_watch.next() => {
+                let Some(Ok(entry)) = e else { continue };
+                match entry.operation {
+                    kv::Operation::Put => {
+                        if let Some((owner, b, claimed, w)) = decode(&entry.value) {
+                            known.insert(entry.key.clone(), (entry.revision, owner, b, claimed, w));
+                        }
+                    }
+                    kv::Operation::Delete | kv::Operation::Purge => {
+                        known.remove(&entry.key);
+                    }
+                }
+            }
+            _ = look.tick() => {
+                let now = Instant::now();
+                // Claim the wills of processes that are gone.
+                let orphans: Vec<(String, u64, Will)> = known
+                    .iter()
+                    .filter(|(key, (_, owner, b, _, _))| {
+                        let alive_here = owner == &node && b == &boot;
+                        !(claims.contains_key(*key) || alive_here)
+                            && live.gone(owner, b, now)
+                    })
+                    .map(|(key, (rev, _, _, _, w))| (key.clone(), *rev, w.clone()))
+                    .collect();
+                for (key, rev, w) in orphans {
+                    let Some(value) = encode(&node, &boot, true, &w) else { continue };
+                    if let Ok(claimed) = wills.update(&key, value, rev).await {
+                        let delay = w.delay();
+                        tracing::info!(client_id = %w.client_id, delay, "cluster: the will of a client of a node that is gone is this node's to publish");
+                        claims.insert(key, Claim { revision: claimed, at: now + Duration::from_secs(u64::from(delay)), will: w });
+                    }
+                }
+                // Publish the claims that are due, if still this node's.
+                let due: Vec<String> = claims.iter().filter(|(_, c)| c.at <= now).map(|(k, _)| k.clone()).collect();
+                for key in due {
+                    let Some(c) = claims.remove(&key) else { continue };
+                    match wills.entry(key.clone()).await {
+                        Ok(Some(e)) if e.revision == c.revision && e.operation == kv::Operation::Put => {
+                            tracing::info!(client_id = %c.will.client_id, "cluster: publishing the will of a client of a node that is gone");
+                            publish(c.will);
+                            let _ = wills.delete_expect_revision(&key, Some(c.revision)).await;
+                        }
+                        Ok(_) => {
+                            tracing::info!(client_id = %c.will.client_id, "cluster: the client came back: its will is not published");
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "reading a claimed will failed: trying again");
+                            claims.insert(key, c);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_will_entry_reads_back_as_written() {
+        let w = Will {
+            client_id: "dev-1".into(),
+            username: Some("alice".into()),
+            will: LastWill {
+                topic: tern_codec::TopicName::new("wills/dev-1").unwrap(),
+                payload: Bytes::from_static(b"gone\nfor good"),
+                qos: tern_codec::QoS::AtLeastOnce,
+                retain: true,
+                properties: tern_codec::Props::NONE,
+            },
+            session_expiry: 7,
+        };
+        let v = encode("n\u{e9}", "b1", true, &w).unwrap();
+        assert_eq!(decode(&v), Some(("n\u{e9}".into(), "b1".into(), true, w)));
+    }
+
+    #[test]
+    fn a_node_is_gone_when_silent_or_restarted() {
+        let t0 = Instant::now();
+        let mut l = Liveness {
+            since: Some(t0),
+            ..Default::default()
+        };
+        l.beat("a", "1", t0);
+        assert!(!l.gone("a", "1", t0 + Duration::from_secs(3)));
+        assert!(l.gone("a", "0", t0), "an older boot is gone");
+        assert!(l.gone("a", "1", t0 + GONE_AFTER));
+        assert!(!l.gone("z", "1", t0), "never seen: given time");
+        assert!(l.gone("z", "1", t0 + GONE_AFTER));
+    }
+}
