@@ -882,3 +882,34 @@ fn wills_of_the_clients_of_a_dead_node_are_published_once_by_a_survivor() {
     }
     drop((b, c));
 }
+
+/// paho-mqtt (a client nobody here wrote) across three nodes, at MQTT 3.1, 3.1.1 and 5.0:
+/// QoS 0, 1 and 2 published on node a reach subscribers on b and c once each, at their
+/// QoS, in order; a persistent session on c finds its queued messages when it comes back
+/// (tests/interop/paho_cluster.py).
+#[test]
+fn paho_at_every_version_across_three_nodes() {
+    let d = fresh("paho");
+    let nats = Nats::start(&d);
+    let urls = nats.urls();
+    let (a, b, c) = (
+        node(&d, "a", &urls),
+        node(&d, "b", &urls),
+        node(&d, "c", &urls),
+    );
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/interop/paho_cluster.py");
+    for level in ["3", "4", "5"] {
+        let out = Command::new("python3")
+            .arg(&script)
+            .args([a.port(0), b.port(0), c.port(0), level])
+            .output()
+            .expect("python3 with paho-mqtt (scripts/test installs it)");
+        let text = String::from_utf8_lossy(&out.stdout);
+        eprintln!("{text}");
+        assert!(
+            out.status.success(),
+            "MQTT level {level}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
