@@ -29,12 +29,12 @@ pub mod sim;
 mod trie;
 
 pub use broker::{
-    AdminAction, Broker, ConnId, ConnIdHasher, ConnMap, DEFAULT_KEY_PROPERTY, Gauges, Idempotency,
-    InflightView, Interest, Load, Loads, Output, POSITION, QUEUED_MESSAGE_OVERHEAD, QueuePolicy,
-    RECEIPT_PROPERTY, RECEIPT_ROUTED, RECEIPT_SETTLED, REPLAY_FROM, REPLAY_SINCE, Remote,
-    RetainedView, Round, Sealed, Send, SessionGauge, SessionSummary, SessionView, SessionsPage,
-    Settings, SubscriptionView, TopicPolicy, Traffic, WillChange, WillView, parse_duration,
-    since_time,
+    AdminAction, Broker, ConnId, ConnIdHasher, ConnMap, DEFAULT_KEY_PROPERTY, Forward, Gauges,
+    Idempotency, InflightView, Interest, Load, Loads, Output, POSITION, QUEUED_MESSAGE_OVERHEAD,
+    QueuePolicy, RECEIPT_PROPERTY, RECEIPT_ROUTED, RECEIPT_SETTLED, REPLAY_FROM, REPLAY_SINCE,
+    Remote, RetainedView, Round, Sealed, Send, SessionGauge, SessionSummary, SessionView,
+    SessionsPage, Settings, SubscriptionView, TopicPolicy, Traffic, WillChange, WillView,
+    parse_duration, since_time,
 };
 pub use counters::{Counters, DropReason, PolicyCounters};
 pub use refusal::{Admission, Answer, Refusal};

@@ -10,4 +10,4 @@ pub mod shares;
 pub mod subject;
 pub mod wills;
 
-pub use link::{Config, Error, Inbound, Interest, Out, Remote, connect, run};
+pub use link::{Config, Error, Forward, Inbound, Interest, Out, Remote, connect, run};

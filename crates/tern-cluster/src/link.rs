@@ -46,7 +46,7 @@ const RETAIN_HEADER: &str = "Tern-Retain";
 #[derive(Debug, Default)]
 pub struct Out {
     /// Messages for the other nodes.
-    pub forwards: Vec<Message>,
+    pub forwards: Vec<Forward>,
     /// Interest changes, in order.
     pub interest: Vec<Interest>,
     /// Told once every QoS 1/2 message of `forwards` is in the cluster's stream (the
@@ -65,6 +65,25 @@ pub struct Out {
 /// topic (an empty one: cleared), on `tern.r.` and the topic's subject.
 pub const RETAINED: &str = "TERN_RETAINED";
 const RETAINED_PREFIX: &str = "tern.r.";
+
+/// A message of this node's clients for the other nodes.
+#[derive(Debug, Clone)]
+pub struct Forward {
+    /// The message.
+    pub message: Message,
+    /// The client that published it and its packet id (QoS 1/2).
+    pub origin: Option<(String, u16)>,
+    /// A QoS 1/2 message's number among this node's forwards, counted across restarts.
+    pub number: u64,
+}
+
+/// Headers of this node's QoS 1/2 messages: the process that put it in the stream (its
+/// boot), the message's number among the node's forwards, the client and packet id.
+const BOOT_HEADER: &str = "Tern-Boot";
+/// The header of the stream's marker message (not an MQTT message).
+const MARKER_HEADER: &str = "Tern-Marker";
+const NUMBER_HEADER: &str = "Tern-Number";
+const ORIGIN_HEADER: &str = "Tern-Origin";
 
 /// A filter a session of this node started (`add`) or stopped holding.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,6 +106,9 @@ pub struct Remote {
     pub plain: bool,
     /// The shared subscriptions (`$share/GROUP/FILTER`) it was given to this node for.
     pub shared: Vec<String>,
+    /// This node's own QoS 1/2 message put in the stream by an earlier run of the node:
+    /// its number among the node's forwards, and the client and packet id it came with.
+    pub earlier: Option<(u64, Option<(String, u16)>)>,
 }
 
 /// What the link hands the core.
@@ -152,9 +174,13 @@ pub async fn run(
     config: Config,
     applied: u64,
     mut out: mpsc::UnboundedReceiver<Out>,
+    ready: tokio::sync::oneshot::Sender<()>,
     deliver: impl Fn(Inbound) + Send + Sync + 'static,
 ) {
     let deliver = std::sync::Arc::new(deliver);
+    let boot = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
     let js = async_nats::jetstream::new(client.clone());
     let (claims_tx, claims_rx) = mpsc::unbounded_channel::<String>();
     let to_core = deliver.clone();
@@ -176,15 +202,13 @@ pub async fn run(
         js.clone(),
         config.clone(),
         table.clone(),
+        (format!("{boot:x}"), ready),
         applied,
         applied_rx,
         move |last, batch| to_core(Inbound::Durable(last, batch)),
     ));
     let me = config.node_id.clone();
     let mut turns: u64 = 0;
-    let boot = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
     let (wills_tx, wills_rx) = mpsc::unbounded_channel();
     let to_core = deliver.clone();
     let wills = tokio::spawn(crate::wills::run(
@@ -242,7 +266,10 @@ pub async fn run(
                 }
                 let mut acks = Vec::new();
                 let mut back = Vec::new();
-                for m in o.forwards {
+                #[cfg(debug_assertions)]
+                let crash = o.forwards.iter().any(|f| fault_hook(f.message.topic.as_str()));
+                for f in o.forwards {
+                    let m = f.message;
                     // The node of each shared subscription that gets it.
                     turns += 1;
                     let assigned = shares::lock(&table).assign(&me, m.topic.as_str(), turns, std::time::Instant::now());
@@ -290,6 +317,12 @@ pub async fn run(
                         headers.insert("Nats-Msg-Id", format!("{}-{boot:x}-{published}", config.node_id).as_str());
                         headers.insert(NODE_HEADER, config.node_id.as_str());
                         headers.insert(QOS_HEADER, if m.qos == QoS::ExactlyOnce { "2" } else { "1" });
+                        headers.insert(BOOT_HEADER, format!("{boot:x}").as_str());
+                        headers.insert(NUMBER_HEADER, f.number.to_string().as_str());
+                        if let Some((client, pid)) = &f.origin {
+                            let hex: String = client.bytes().map(|b| format!("{b:02x}")).collect();
+                            headers.insert(ORIGIN_HEADER, format!("{hex}:{pid}").as_str());
+                        }
                         if m.retain {
                             headers.insert(RETAIN_HEADER, "1");
                         }
@@ -318,7 +351,7 @@ pub async fn run(
                         .map(|(s, _)| s.clone())
                         .collect();
                     if !mine.is_empty() {
-                        back.push(Remote { message: m.clone(), plain: false, shared: mine });
+                        back.push(Remote { message: m.clone(), plain: false, shared: mine, earlier: None });
                     }
                     let props = props_header(&m);
                     let sent = if props.is_none() && !m.retain && share.is_none() {
@@ -370,6 +403,12 @@ pub async fn run(
                                 }
                             }
                         }
+                        // Test-only: the node dies between the stream and its commit.
+                        #[cfg(debug_assertions)]
+                        if crash {
+                            tracing::warn!("fault hook: aborting after the stream stored the round, before its commit");
+                            std::process::abort();
+                        }
                         let _ = stored.send(());
                     });
                 }
@@ -400,6 +439,14 @@ pub async fn run(
     retained.abort();
     share_keeper.abort();
     wills.abort();
+}
+
+/// Test-only fault injection (debug builds, `TERN_FAULT_HOOK=1`): a QoS 1/2 message on
+/// `tern/fault/after-stream` makes the node abort once the stream has stored its round and
+/// before the round is committed, as a SIGKILL at that moment would.
+#[cfg(debug_assertions)]
+fn fault_hook(topic: &str) -> bool {
+    topic == "tern/fault/after-stream" && std::env::var("TERN_FAULT_HOOK").is_ok_and(|v| v == "1")
 }
 
 /// Retained subjects (of [`RETAINED`]) this node wrote, with how many of its writes have
@@ -647,6 +694,7 @@ async fn consume(
     js: async_nats::jetstream::Context,
     config: Config,
     table: shares::Shared,
+    (boot, ready): (String, tokio::sync::oneshot::Sender<()>),
     start: u64,
     mut applied: tokio::sync::watch::Receiver<u64>,
     deliver: impl Fn(u64, Vec<Remote>) + Send + 'static,
@@ -672,12 +720,50 @@ async fn consume(
             }
         }
     };
-    let deliver_policy = if start > 0 {
-        consumer::DeliverPolicy::ByStartSequence {
-            start_sequence: start + 1,
+    // A node new to the cluster starts at the stream's end, and says so in a commit first
+    // (so that, should it crash, it reads its own first messages back from there).
+    let mut caught_up = stream.cached_info().state.last_sequence;
+    if caught_up == 0 {
+        // An empty stream gets one marker message (the same id from every node, so one),
+        // so that a node's first commit can name a position in it.
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", "tern-marker");
+        headers.insert(MARKER_HEADER, "1");
+        loop {
+            let put = match js
+                .publish_with_headers(
+                    format!("{STREAM_PREFIX}$tern"),
+                    headers.clone(),
+                    Bytes::new(),
+                )
+                .await
+            {
+                Ok(ack) => ack.await.map(|a| a.sequence).map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match put {
+                Ok(seq) => {
+                    caught_up = seq;
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "marking the cluster's new stream failed: trying again");
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                }
+            }
         }
+    }
+    let start = if start == 0 && caught_up > 0 {
+        deliver(caught_up, Vec::new());
+        if applied.wait_for(|a| *a >= caught_up).await.is_err() {
+            return;
+        }
+        caught_up
     } else {
-        consumer::DeliverPolicy::New
+        start
+    };
+    let deliver_policy = consumer::DeliverPolicy::ByStartSequence {
+        start_sequence: start + 1,
     };
     // An ordered consumer from where this node's store says it is: no acknowledgements
     // for JetStream to keep (the node's progress is in its own commits), in order, gaps
@@ -701,8 +787,16 @@ async fn consume(
             }
         }
     };
+    // The node serves its clients once it has applied what the stream held when it
+    // started: messages of its own that a crash left without their round here are redone
+    // before their publishers can send them again (docs/cluster.md, "After a crash").
+    let mut ready = Some(ready);
+    if caught_up <= start {
+        ready.take().map(|r| r.send(()));
+    }
     tracing::info!(
         from = start,
+        through = caught_up,
         "cluster: reading the stream of QoS 1/2 messages"
     );
     loop {
@@ -715,6 +809,10 @@ async fn consume(
                 Some(Ok(m)) => {
                     let Ok(info) = m.info() else { break };
                     last = info.stream_sequence;
+                    let marker = m
+                        .headers
+                        .as_ref()
+                        .is_some_and(|h| h.get(MARKER_HEADER).is_some());
                     let own = m
                         .headers
                         .as_ref()
@@ -730,13 +828,22 @@ async fn consume(
                         m.subject.as_str(),
                         last,
                     );
-                    if (!own || !shared.is_empty())
+                    // ... and, put there by an earlier run of this node, for the core to see
+                    // whether a crash lost their round here.
+                    let earlier = if own {
+                        earlier_run(m.headers.as_ref(), &boot)
+                    } else {
+                        None
+                    };
+                    if !marker
+                        && (!own || !shared.is_empty() || earlier.is_some())
                         && let Some(message) = from_stream(&m)
                     {
                         batch.push(Remote {
                             message,
                             plain: !own,
                             shared,
+                            earlier,
                         });
                     }
                 }
@@ -761,7 +868,35 @@ async fn consume(
         if applied.wait_for(|a| *a >= last).await.is_err() {
             return;
         }
+        if last >= caught_up
+            && let Some(r) = ready.take()
+        {
+            tracing::info!(through = last, "cluster: caught up with the stream");
+            let _ = r.send(());
+        }
     }
+}
+
+/// For this node's own message: its number and origin if an earlier run of the node put
+/// it in the stream.
+fn earlier_run(
+    headers: Option<&async_nats::HeaderMap>,
+    boot: &str,
+) -> Option<(u64, Option<(String, u16)>)> {
+    let h = headers?;
+    if h.get(BOOT_HEADER)?.as_str() == boot {
+        return None;
+    }
+    let number = h.get(NUMBER_HEADER)?.as_str().parse().ok()?;
+    let origin = h.get(ORIGIN_HEADER).and_then(|v| {
+        let (hex, pid) = v.as_str().split_once(':')?;
+        let bytes: Option<Vec<u8>> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+            .collect();
+        Some((String::from_utf8(bytes?).ok()?, pid.parse().ok()?))
+    });
+    Some((number, origin))
 }
 
 /// A QoS 1/2 message of the cluster's stream.
@@ -831,6 +966,7 @@ fn take(
         message,
         plain: true,
         shared,
+        earlier: None,
     })
 }
 

@@ -187,6 +187,11 @@ pub enum Op {
     /// A cluster node has applied the cluster's message stream up to this sequence: its
     /// messages are in this node's sessions (written in the same batch as their copies).
     ClusterApplied(u64),
+    /// A cluster node has put this many QoS 1/2 messages of its own clients into the
+    /// cluster's stream (counted across restarts; each message says its number), the ones of
+    /// this batch included: a message of its own with a higher number that it reads back
+    /// after a crash is one whose batch was lost.
+    ClusterForwarded(u64),
 }
 
 /// What a start needs to know of one kept message ([`Snapshot::history`]): not the
@@ -297,6 +302,9 @@ pub struct Snapshot {
     pub history: BTreeMap<(Str, u64), HistoryMeta>,
     /// A cluster node: how far it has applied the cluster's message stream (0: not yet).
     pub cluster_applied: u64,
+    /// A cluster node: how many QoS 1/2 messages of its own it has forwarded
+    /// ([`Op::ClusterForwarded`]).
+    pub cluster_forwarded: u64,
 }
 
 /// Why a store refused or failed a batch. A failed batch changed nothing.
@@ -532,6 +540,7 @@ impl Store for MemoryStore {
                         .insert((policy.clone(), *seq), (*at, message.clone()));
                 }
                 Op::ClusterApplied(seq) => s.cluster_applied = *seq,
+                Op::ClusterForwarded(n) => s.cluster_forwarded = *n,
                 Op::TrimHistory { policy, through } => {
                     let keep = s
                         .history

@@ -720,6 +720,12 @@ impl RedbStore {
                         .insert("cluster_applied", *seq)
                         .map_err(backend)?;
                 }
+                Op::ClusterForwarded(n) => {
+                    txn.open_table(META)
+                        .map_err(backend)?
+                        .insert("cluster_forwarded", *n)
+                        .map_err(backend)?;
+                }
                 Op::TrimHistory { policy, through } => {
                     history_table(txn, &mut t.history)?
                         .retain_in((&**policy, 0)..=(&**policy, *through), |_, _| false)
@@ -1180,6 +1186,10 @@ impl RedbStore {
             Ok(meta) => {
                 snapshot.cluster_applied = meta
                     .get("cluster_applied")
+                    .map_err(backend)?
+                    .map_or(0, |v| v.value());
+                snapshot.cluster_forwarded = meta
+                    .get("cluster_forwarded")
                     .map_err(backend)?
                     .map_or(0, |v| v.value());
             }

@@ -480,6 +480,7 @@ fn arb_rich_op() -> impl Strategy<Value = Op> {
         }),
         // A cluster node's progress through the stream.
         1 => (0u64..1000).prop_map(Op::ClusterApplied),
+        1 => (0u64..1000).prop_map(Op::ClusterForwarded),
         // Topic histories: two policies, positions that repeat (a put replaces), trims;
         // times in whole milliseconds (what the file keeps).
         1 => (0u64..8, any::<bool>(), 0usize..2).prop_map(|(seq, put, p)| {

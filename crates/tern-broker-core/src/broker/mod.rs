@@ -55,7 +55,7 @@ pub use admin::{
 pub use gauges::{Gauges, SessionGauge};
 pub use history::{POSITION, REPLAY_FROM, REPLAY_SINCE, parse_duration, since_time};
 pub use round::{Loads, Round, Sealed, Send};
-pub use routing::{Interest, Remote, WillChange};
+pub use routing::{Forward, Interest, Remote, WillChange};
 
 pub use settings::{
     DEFAULT_KEY_PROPERTY, Idempotency, QUEUED_MESSAGE_OVERHEAD, QueuePolicy, RECEIPT_PROPERTY,
@@ -396,8 +396,13 @@ pub struct Broker {
     /// Sessions with a replay under way (their live copies for the replayed filter wait).
     replaying: std::collections::HashSet<Str>,
     /// Cluster: messages for the other nodes, and interest changes, since the last take.
-    forwards: Vec<Message>,
+    forwards: Vec<Forward>,
     interest: Vec<Interest>,
+    /// Cluster: QoS 1/2 messages of this node's clients forwarded, ever (committed with
+    /// each round that forwards); and the client and packet id of the publish being routed.
+    cluster_forwarded: u64,
+    forwarded_at_start: u64,
+    origin: Option<(Str, u16)>,
     /// Cluster: the message being routed came from another node (not forwarded again).
     from_remote: bool,
     /// Cluster: for the message from the cluster being routed, whether this node's
@@ -481,6 +486,9 @@ impl Broker {
             remote_shared: Vec::new(),
             will_changes: Vec::new(),
             cluster_applied: snapshot.cluster_applied,
+            cluster_forwarded: snapshot.cluster_forwarded,
+            forwarded_at_start: snapshot.cluster_forwarded,
+            origin: None,
             applied_now: None,
             forwarded_durable: false,
             claims: Vec::new(),

@@ -186,6 +186,12 @@ impl Broker {
             }
             sends.push(send);
         }
+        if self.forwarded_durable {
+            // The count of this node's QoS 1/2 forwards goes in the commit that holds
+            // their effects here (docs/cluster.md, "After a crash").
+            self.batch
+                .push(tern_store::Op::ClusterForwarded(self.cluster_forwarded));
+        }
         let ops = self.take_ops();
         let loads = std::mem::take(&mut self.loads);
         let connack_sealed = std::mem::take(&mut self.connack_sealed);

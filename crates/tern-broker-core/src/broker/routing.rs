@@ -22,8 +22,18 @@ impl Broker {
             self.keep_history(&mut message, now);
         }
         if self.settings.cluster && durable && !self.from_remote {
-            self.forwarded_durable |= message.qos != QoS::AtMostOnce;
-            self.forwards.push(message.clone());
+            let number = if message.qos == QoS::AtMostOnce {
+                0
+            } else {
+                self.forwarded_durable = true;
+                self.cluster_forwarded += 1;
+                self.cluster_forwarded
+            };
+            self.forwards.push(Forward {
+                message: message.clone(),
+                origin: self.origin.as_ref().map(|(c, p)| (c.to_string(), *p)),
+                number,
+            });
         }
         // A cluster keeps retained messages in one place: a node keeps what the cluster's
         // retained stream says (`handle_retained`), not what arrives with a message.
@@ -437,7 +447,9 @@ impl Broker {
         }
         let receipt = self.begin_tally(&message);
         let kept = receipt.as_ref().map(|_| message.clone());
+        self.origin = ack.map(|p| (client_id.clone(), p.get()));
         let matched = self.route(message, Some(client_id), now);
+        self.origin = None;
         if matched == 0 {
             self.counters.drop_n(DropReason::NoSubscribers, 1);
         }
@@ -874,6 +886,18 @@ fn make_room(
     (room, expired, dropped + u64::from(!room))
 }
 
+/// Cluster: a message of this node's clients for the other nodes.
+#[derive(Debug, Clone)]
+pub struct Forward {
+    /// The message.
+    pub message: Message,
+    /// The client that published it and the packet id it came with (QoS 1/2).
+    pub origin: Option<(String, u16)>,
+    /// For a QoS 1/2 message, its number among this node's forwards (counted across
+    /// restarts, committed with the round); 0 for QoS 0.
+    pub number: u64,
+}
+
 /// Cluster: a message from the cluster and who on this node gets it.
 #[derive(Debug, Clone)]
 pub struct Remote {
@@ -885,6 +909,12 @@ pub struct Remote {
     /// The shared subscriptions (`$share/GROUP/FILTER`) the cluster gave it to this node
     /// for: one member of each gets it.
     pub shared: Vec<String>,
+    /// This node's own QoS 1/2 message, put in the stream by an earlier run of the node:
+    /// its number among the node's forwards ([`Forward::number`]), and the client and
+    /// packet id it was published with. One numbered past what the node's store says it
+    /// forwarded was in the stream when the node crashed before committing its round: its
+    /// effects on this node (copies for its sessions, the inbound QoS 2 id) are redone.
+    pub earlier: Option<(u64, Option<(String, u16)>)>,
 }
 
 impl Remote {
@@ -894,6 +924,7 @@ impl Remote {
             message,
             plain: true,
             shared: Vec::new(),
+            earlier: None,
         }
     }
 }
@@ -969,11 +1000,64 @@ impl Broker {
     }
 
     fn route_remote(&mut self, m: Remote, now: Instant) {
-        self.remote_plain = m.plain;
+        let mut publisher = None;
+        let mut plain = m.plain;
+        if let Some((number, _)) = &m.earlier {
+            if *number <= self.forwarded_at_start {
+                // Its round was committed here before the crash: its copies for this
+                // node's subscribers were made then; its shared groups get it now.
+                if m.shared.is_empty() {
+                    return;
+                }
+                plain = false;
+            } else {
+                plain = true;
+            }
+        }
+        if let Some((number, origin)) = m.earlier.filter(|(n, _)| *n > self.forwarded_at_start) {
+            publisher = origin.as_ref().map(|(c, _)| Str::from(c.as_str()));
+            if let Some((client, pid)) = &origin {
+                self.redo_inbound(client, *pid, m.message.qos);
+            }
+            tracing::info!(topic = %m.message.topic.as_str(), number, "cluster: a message this node put in the stream before a crash lost its round here: its copies on this node are made now");
+        }
+        self.remote_plain = plain;
         self.remote_shared = m.shared;
-        self.route(m.message, None, now);
+        self.route(m.message, publisher.as_ref(), now);
         self.remote_plain = true;
         self.remote_shared.clear();
+    }
+
+    /// The inbound QoS 2 id of a message whose round a crash lost after the stream had it:
+    /// held again in its (offline) session, so the client's resend is answered with PUBREC
+    /// and not stored a second time.
+    fn redo_inbound(&mut self, client: &str, pid: u16, qos: QoS) {
+        if qos != QoS::ExactlyOnce {
+            return;
+        }
+        let (Some(id), Some(key)) = (
+            tern_codec::PacketId::new(pid),
+            self.sessions.get_key_value(client).map(|(k, _)| k.clone()),
+        ) else {
+            return;
+        };
+        let Some(session) = self.sessions.get_mut(&key) else {
+            return;
+        };
+        match &mut session.conn {
+            Link::Offline(state) => {
+                if state.inbound_qos2().all(|(held, _)| held != id) {
+                    state.apply(&tern_proto::Change::Inbound(
+                        id,
+                        tern_proto::InboundState::Received,
+                    ));
+                    self.touch(&key);
+                }
+            }
+            Link::Online(_) => {
+                tracing::warn!(client_id = %client, "cluster: a QoS 2 message lost its round in a crash, and its client is back already: a resend of it may be stored twice");
+            }
+        }
     }
 
     /// Cluster: the cluster's retained messages, in its order (an empty payload clears the
@@ -997,7 +1081,7 @@ impl Broker {
     /// Cluster: the messages this node's clients published since the last call, for the
     /// other nodes (QoS 0 over core NATS, QoS 1/2 into the cluster's stream, before the
     /// acknowledgements of the round they came in go out).
-    pub fn take_forwards(&mut self) -> Vec<Message> {
+    pub fn take_forwards(&mut self) -> Vec<Forward> {
         std::mem::take(&mut self.forwards)
     }
 

@@ -300,7 +300,15 @@ fn dispatch(
     // once it is committed.
     let mut hooks = writer::Hooks::default();
     if let Some(link) = cluster {
-        let forwards = broker.take_forwards();
+        let forwards: Vec<tern_cluster::Forward> = broker
+            .take_forwards()
+            .into_iter()
+            .map(|f| tern_cluster::Forward {
+                message: f.message,
+                origin: f.origin,
+                number: f.number,
+            })
+            .collect();
         let interest: Vec<tern_cluster::Interest> = broker
             .take_interest()
             .into_iter()
@@ -312,7 +320,7 @@ fn dispatch(
             .collect();
         let stored = if forwards
             .iter()
-            .any(|m| m.qos != tern_codec::QoS::AtMostOnce)
+            .any(|f| f.message.qos != tern_codec::QoS::AtMostOnce)
         {
             let (tx, rx) = tokio::sync::oneshot::channel();
             hooks.gate = Some(rx);

@@ -361,6 +361,7 @@ pub async fn run(server: Server, shutdown: impl Future<Output = ()>) -> Result<(
         .map(|p| writer::Writer::spawn(p, lazy, to_core.clone(), metrics.clone(), fatal.clone()));
     let core_metrics = metrics.clone();
     let inbox = Arc::new(Inbox::new());
+    let mut cluster_ready = None;
     let cluster = match cluster {
         Some(_) if writer.is_none() => {
             return Err(ServerError::Failed(
@@ -375,11 +376,14 @@ pub async fn run(server: Server, shutdown: impl Future<Output = ()>) -> Result<(
             let (tx, rx) = mpsc::unbounded_channel();
             let to_core = to_core.clone();
             let applied = broker_applied;
+            let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+            cluster_ready = Some(ready_rx);
             tokio::spawn(tern_cluster::run(
                 client,
                 config,
                 applied,
                 rx,
+                ready_tx,
                 move |inbound| {
                     let remote = |batch: Vec<tern_cluster::Remote>| -> Vec<crate::core::Remote> {
                         batch
@@ -388,6 +392,7 @@ pub async fn run(server: Server, shutdown: impl Future<Output = ()>) -> Result<(
                                 message: r.message,
                                 plain: r.plain,
                                 shared: r.shared,
+                                earlier: r.earlier,
                             })
                             .collect()
                     };
@@ -419,6 +424,15 @@ pub async fn run(server: Server, shutdown: impl Future<Output = ()>) -> Result<(
         cluster,
     };
     let mut core = tokio::spawn(task.run());
+    // A cluster node serves once it has applied what the stream held when it started
+    // (its own messages whose round a crash lost are redone first), or after 30 s.
+    if let Some(ready) = cluster_ready
+        && tokio::time::timeout(std::time::Duration::from_secs(30), ready)
+            .await
+            .is_err()
+    {
+        tracing::warn!("cluster: not caught up with the stream after 30 s: serving anyway");
+    }
 
     let next_conn = Arc::new(AtomicU64::new(0));
     let total = Arc::new(AtomicUsize::new(0));

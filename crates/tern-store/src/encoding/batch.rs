@@ -88,6 +88,7 @@ pub(super) const DELETE_KEY: u8 = 11;
 pub(super) const PUT_HISTORY: u8 = 12;
 pub(super) const TRIM_HISTORY: u8 = 13;
 pub(super) const CLUSTER_APPLIED: u8 = 14;
+pub(super) const CLUSTER_FORWARDED: u8 = 15;
 
 /// A batch of ops as one record of the write-ahead log.
 pub(crate) fn batch(ops: &[crate::Op], anchor: Anchor) -> Result<Vec<u8>, StoreError> {
@@ -247,6 +248,10 @@ pub(crate) fn batch(ops: &[crate::Op], anchor: Anchor) -> Result<Vec<u8>, StoreE
                 w.u8(CLUSTER_APPLIED);
                 w.u64(*seq);
             }
+            Op::ClusterForwarded(n) => {
+                w.u8(CLUSTER_FORWARDED);
+                w.u64(*n);
+            }
         }
     }
     Ok(w.finish())
@@ -373,6 +378,7 @@ pub(crate) fn read_batch(buf: &[u8], anchor: Anchor) -> Result<Vec<crate::Op>, S
                 through: r.u64()?,
             },
             CLUSTER_APPLIED => Op::ClusterApplied(r.u64()?),
+            CLUSTER_FORWARDED => Op::ClusterForwarded(r.u64()?),
             _ => return Err(corrupt(what)),
         };
         ops.push(op);

@@ -122,6 +122,11 @@ impl BrokerProcess {
         }
     }
 
+    /// Whether the process has ended.
+    pub fn exited(&mut self) -> bool {
+        self.child.try_wait().ok().flatten().is_some()
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
