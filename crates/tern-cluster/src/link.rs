@@ -268,11 +268,17 @@ pub async fn run(
                 let mut back = Vec::new();
                 #[cfg(debug_assertions)]
                 let crash = o.forwards.iter().any(|f| fault_hook(f.message.topic.as_str()));
+                // Most clusters have no shared subscriptions: one look per batch.
+                let any_shares = !shares::lock(&table).is_empty();
                 for f in o.forwards {
                     let m = f.message;
                     // The node of each shared subscription that gets it.
                     turns += 1;
-                    let assigned = shares::lock(&table).assign(&me, m.topic.as_str(), turns, std::time::Instant::now());
+                    let assigned = if any_shares {
+                        shares::lock(&table).assign(&me, m.topic.as_str(), turns, std::time::Instant::now())
+                    } else {
+                        Vec::new()
+                    };
                     let share = (!assigned.is_empty()).then(|| shares::header(&assigned));
                     if m.retain && let Ok(subject) = topic_to_subject(m.topic.as_str()) {
                         // The cluster's copy of a retained topic, one per topic; a QoS 1/2

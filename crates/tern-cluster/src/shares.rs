@@ -63,6 +63,11 @@ impl Table {
         }
     }
 
+    /// Whether no node has members of any shared subscription.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
     /// This node's subscriptions (to write again).
     pub fn mine(&self) -> Vec<String> {
         self.mine.keys().cloned().collect()
