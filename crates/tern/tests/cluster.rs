@@ -814,8 +814,10 @@ fn without_a_nats_quorum_qos1_and_2_publishers_are_held_then_nothing_is_lost() {
 /// The wills of the clients of a node that dies (SIGKILL, not restarted) are published
 /// once, cluster-wide, by a node that lives: a 3.1.1 will at once once the node is seen
 /// gone, a 5.0 will after its Will Delay Interval; subscribers on both surviving nodes get
-/// each once. A client that disconnected normally from the dead node, and a client still
-/// connected to a live node, have no will published.
+/// each once; so is the will of a client whose connection ended just before its node died
+/// (it was waiting for its 5 s delay on that node). A client that disconnected normally
+/// from the dead node, and a client still connected to a live node, have no will
+/// published.
 #[test]
 fn wills_of_the_clients_of_a_dead_node_are_published_once_by_a_survivor() {
     let d = fresh("wills");
@@ -863,6 +865,22 @@ fn wills_of_the_clients_of_a_dead_node_are_published_once_by_a_survivor() {
         ],
     );
     let mut dev3 = client(&pb, "dev3", &[]);
+    // Its connection ends without DISCONNECT just before its node dies: its will is
+    // waiting for its delay (5 s) on a when a dies.
+    let mut dev4 = client(
+        &pa,
+        "dev4",
+        &[
+            "-V",
+            "mqttv5",
+            "-x",
+            "60",
+            "-D",
+            "will",
+            "will-delay-interval",
+            "5",
+        ],
+    );
     // Connects with a will and disconnects normally: no will.
     assert!(
         Command::new("mosquitto_pub")
@@ -873,6 +891,9 @@ fn wills_of_the_clients_of_a_dead_node_are_published_once_by_a_survivor() {
             .success()
     );
     std::thread::sleep(Duration::from_millis(1500));
+    let _ = dev4.kill();
+    let _ = dev4.wait();
+    std::thread::sleep(Duration::from_millis(500));
     drop(a); // SIGKILL, for good
     let got = |child: Child| -> Vec<(f64, String)> {
         let out = child.wait_with_output().unwrap();
@@ -889,7 +910,11 @@ fn wills_of_the_clients_of_a_dead_node_are_published_once_by_a_survivor() {
         what.sort();
         assert_eq!(
             what,
-            ["wills/dev1 dev1-gone", "wills/dev2 dev2-gone"],
+            [
+                "wills/dev1 dev1-gone",
+                "wills/dev2 dev2-gone",
+                "wills/dev4 dev4-gone"
+            ],
             "on node {node}: each will of the dead node's clients once, no other"
         );
         let at = |m: &str| received.iter().find(|(_, x)| x.starts_with(m)).unwrap().0;
@@ -898,6 +923,11 @@ fn wills_of_the_clients_of_a_dead_node_are_published_once_by_a_survivor() {
         assert!(
             waited >= 2.5,
             "the Will Delay Interval (3 s) is kept: {waited}"
+        );
+        let waited = at("wills/dev4") - at("wills/dev1");
+        assert!(
+            waited >= 4.5,
+            "a will waiting for its delay when its node died waits it out: {waited}"
         );
     }
     for p in [&mut dev1, &mut dev2, &mut dev3] {

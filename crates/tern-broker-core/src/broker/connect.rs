@@ -243,9 +243,14 @@ impl Broker {
             // commit even when it resumes a session.
             self.connack_sealed.push(conn);
         }
+        // Back in time: a delayed will from the last connection is not sent (in a cluster
+        // its entry goes, unless this connection's will has just replaced it).
+        if session.pending_will.take().is_some() && self.settings.cluster && connect.will.is_none()
+        {
+            self.will_changes
+                .push(WillChange::Delete(client_id.clone()));
+        }
         session.will = connect.will.map(Box::new);
-        // Back in time: a delayed will from the last connection is not sent.
-        session.pending_will = None;
         session.problem_info = connect
             .properties
             .request_problem_information

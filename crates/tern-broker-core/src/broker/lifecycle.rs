@@ -26,14 +26,13 @@ impl Broker {
         };
         debug_assert_eq!(id, conn);
         // Its will is published, delayed (in the session's record) or discarded now.
+        // (A cluster keeps a delayed one until it is due: see below.)
+        let mut forget_in_cluster = false;
         if std::mem::take(&mut session.will_stored) {
             self.batch.push(Op::DeleteWill {
                 client_id: client_id.clone(),
             });
-            if self.settings.cluster {
-                self.will_changes
-                    .push(WillChange::Delete(client_id.clone()));
-            }
+            forget_in_cluster = self.settings.cluster;
         }
         // Held publishes die with the connection, unacknowledged: the client sends them
         // again when it is back.
@@ -67,9 +66,15 @@ impl Broker {
                 self.publish_will(&client_id, username.as_deref(), *will, now);
             } else {
                 // Sent when the delay passes or the session ends, whichever comes first,
-                // unless the client reconnects in time [MQTT-3.1.3-9].
+                // unless the client reconnects in time [MQTT-3.1.3-9]. A cluster keeps
+                // it too, so that it is published should this node die meanwhile.
                 session.pending_will = Some(Box::new((now + Duration::from_secs(delay), *will)));
+                forget_in_cluster = false;
             }
+        }
+        if forget_in_cluster {
+            self.will_changes
+                .push(WillChange::Delete(client_id.clone()));
         }
         self.park(&client_id, now);
     }
@@ -279,6 +284,10 @@ impl Broker {
             self.settle_copies(client_id, now);
             if let Some((_, will)) = s.pending_will.map(|p| *p) {
                 self.publish_will(client_id, s.username.as_deref(), will, now);
+                if self.settings.cluster {
+                    self.will_changes
+                        .push(WillChange::Delete(client_id.clone()));
+                }
             }
         }
     }

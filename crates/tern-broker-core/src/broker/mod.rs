@@ -511,8 +511,11 @@ impl Broker {
                 Some(at) => broker.instant(at),
                 None => now + r.expiry,
             };
+            // A cluster node's delayed wills are the cluster's after a crash (it keeps them
+            // until they are due and publishes them once).
             let pending_will = r
                 .pending_will
+                .filter(|_| !broker.settings.cluster)
                 .map(|p| Box::new((broker.instant(p.at), p.will)));
             let mut delivery = stored.delivery;
             // Ids whose PUBREC was never released belong to messages not accepted.

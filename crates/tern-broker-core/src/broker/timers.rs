@@ -82,6 +82,10 @@ impl Broker {
             let username = session.username.clone();
             self.put_session(client_id);
             self.publish_will(client_id, username.as_deref(), will, now);
+            if self.settings.cluster {
+                self.will_changes
+                    .push(WillChange::Delete(client_id.clone()));
+            }
         }
     }
 }
