@@ -1184,3 +1184,39 @@ fn tls_websocket_passwords_and_acls_hold_on_every_node() {
     rt.block_on(bob.disconnect());
     drop((a, b));
 }
+
+/// A node whose one configured nats-server is SIGKILLed moves to another server of the
+/// cluster (learned from the cluster itself, not configured) and goes on acknowledging;
+/// every acknowledged message reaches the subscriber on the other node, QoS 2 ones once.
+#[test]
+fn a_node_whose_nats_server_dies_moves_to_another_and_loses_nothing() {
+    let d = fresh("moves");
+    let mut nats = Nats::start(&d);
+    let a = node(&d, "a", &nats.url(0));
+    let b = node(&d, "b", &format!("{},{}", nats.url(1), nats.url(2)));
+    let (pa, pb): (u16, u16) = (a.port(0).parse().unwrap(), b.port(0).parse().unwrap());
+    let flow = Flow::start(pb, "pay/#", pa, "pay/x", 150, Duration::from_millis(5));
+    flow.wait_acked(50);
+    nats.kill(0);
+    let at_kill = flow.acked();
+    // Goes on through another server (it was never given one).
+    flow.wait_acked(at_kill + 20);
+    let got = flow.finish();
+    eprintln!(
+        "node a's server killed at {at_kill} acknowledged; 150 acknowledged; missing {}; QoS 2 doubled: {}",
+        got.missing.len(),
+        got.doubled_qos2.len()
+    );
+    assert!(got.missing.is_empty(), "lost: {:?}", got.missing);
+    assert!(
+        got.wrong_qos.is_empty(),
+        "at another QoS: {:?}",
+        got.wrong_qos
+    );
+    assert!(
+        got.doubled_qos2.is_empty(),
+        "QoS 2 messages doubled: {:?}",
+        got.doubled_qos2
+    );
+    drop((a, b));
+}
