@@ -5,6 +5,8 @@
 //! topics to subjects is nats-server's MQTT gateway's ([`subject`]), so NATS applications
 //! read and write the same messages.
 
+mod hex;
+mod kv;
 pub mod link;
 pub mod shares;
 pub mod subject;

@@ -326,7 +326,7 @@ pub async fn run(
                         headers.insert(BOOT_HEADER, format!("{boot:x}").as_str());
                         headers.insert(NUMBER_HEADER, f.number.to_string().as_str());
                         if let Some((client, pid)) = &f.origin {
-                            let hex: String = client.bytes().map(|b| format!("{b:02x}")).collect();
+                            let hex = crate::hex::encode(client.as_bytes());
                             headers.insert(ORIGIN_HEADER, format!("{hex}:{pid}").as_str());
                         }
                         if m.retain {
@@ -508,26 +508,16 @@ async fn consume_retained(
             }
         }
     };
-    let mut messages = loop {
-        let made = stream
-            .create_consumer(consumer::pull::OrderedConfig {
-                deliver_policy: consumer::DeliverPolicy::LastPerSubject,
-                filter_subject: format!("{RETAINED_PREFIX}>"),
-                ..Default::default()
-            })
-            .await;
-        let messages = match made {
-            Ok(c) => c.messages().await.map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        match messages {
-            Ok(m) => break m,
-            Err(e) => {
-                tracing::warn!(error = %e, "this node's reader of the retained stream is not there yet: trying again");
-                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-            }
-        }
-    };
+    let mut messages = ordered_reader(
+        &stream,
+        consumer::pull::OrderedConfig {
+            deliver_policy: consumer::DeliverPolicy::LastPerSubject,
+            filter_subject: format!("{RETAINED_PREFIX}>"),
+            ..Default::default()
+        },
+        "retained stream",
+    )
+    .await;
     tracing::info!("cluster: reading the retained messages");
     loop {
         let mut batch = Vec::new();
@@ -572,54 +562,65 @@ async fn consume_retained(
 /// The retained message a message of [`RETAINED`] is (an empty payload: cleared). Its
 /// expiry counts from when the stream stored it; one expired by now clears the topic.
 fn retained_from_stream(m: &async_nats::jetstream::Message) -> Option<Message> {
-    let subject = m.subject.as_str().strip_prefix(RETAINED_PREFIX)?;
+    let (mut message, expiry) = stream_message(m, RETAINED_PREFIX, QoS::AtMostOnce)?;
+    message.retain = true;
+    if let Some(secs) = expiry {
+        let age = m.info().ok().map_or(0, |i| {
+            let stored = i.published.unix_timestamp_nanos();
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as i128);
+            u64::try_from((now - stored) / 1_000_000_000).unwrap_or(0)
+        });
+        let left = u64::from(secs).saturating_sub(age);
+        if left == 0 {
+            message.payload = Bytes::new();
+        }
+        message.expires_at = Some(std::time::Instant::now() + std::time::Duration::from_secs(left));
+    }
+    Some(message)
+}
+
+/// The MQTT message a stream message on `prefix` carries (topic, payload, QoS from its
+/// header or `default`, properties), and its Message Expiry Interval for the caller to
+/// count from where it stands.
+fn stream_message(
+    m: &async_nats::jetstream::Message,
+    prefix: &str,
+    default: QoS,
+) -> Option<(Message, Option<u32>)> {
+    let subject = m.subject.as_str().strip_prefix(prefix)?;
     let topic = TopicName::new(subject_to_topic(subject)).ok()?;
     let header = |name: &str| {
         m.headers
             .as_ref()
             .and_then(|h| h.get(name))
-            .map(|v| v.as_str().to_string())
+            .map(|v| v.as_str())
     };
-    let qos = match header(QOS_HEADER).as_deref() {
+    let qos = match header(QOS_HEADER) {
         Some("2") => QoS::ExactlyOnce,
         Some("1") => QoS::AtLeastOnce,
-        _ => QoS::AtMostOnce,
+        Some("0") => QoS::AtMostOnce,
+        _ => default,
     };
     let mut message = Message::new(topic, Bytes::clone(&m.payload), qos);
-    message.retain = true;
-    if let Some(p) = header(PROPS_HEADER).and_then(|v: String| read_props(v.as_str())) {
-        if let Some(secs) = p.message_expiry_interval {
-            let age = m.info().ok().map_or(0, |i| {
-                let stored = i.published.unix_timestamp_nanos();
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_nanos() as i128);
-                u64::try_from((now - stored) / 1_000_000_000).unwrap_or(0)
-            });
-            let left = u64::from(secs).saturating_sub(age);
-            if left == 0 {
-                message.payload = Bytes::new();
-            }
-            message.expires_at =
-                Some(std::time::Instant::now() + std::time::Duration::from_secs(left));
-        }
+    message.retain = header(RETAIN_HEADER) == Some("1");
+    let mut expiry = None;
+    if let Some(p) = header(PROPS_HEADER).and_then(read_props) {
+        expiry = p.message_expiry_interval;
         message.properties = p;
         message.properties.message_expiry_interval = None;
     }
-    Some(message)
+    Some((message, expiry))
 }
 
 /// Client ids in [`CLIENTS`]: the bytes in hex (a key allows few characters).
 fn client_key(client_id: &str) -> String {
-    client_id.bytes().map(|b| format!("{b:02x}")).collect()
+    crate::hex::encode(client_id.as_bytes())
 }
 
 fn client_of(key: &str) -> Option<String> {
-    let bytes: Option<Vec<u8>> = (0..key.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(key.get(i..i + 2)?, 16).ok())
-        .collect();
-    String::from_utf8(bytes?).ok()
+    crate::hex::text(key)
 }
 
 /// Writes each client id that connects here to [`CLIENTS`] (this node's name, under the
@@ -633,36 +634,8 @@ async fn claim(
     taken_over: impl Fn(String) + Send + 'static,
 ) {
     use async_nats::jetstream::kv;
-    let store = loop {
-        let made = match js.get_key_value(CLIENTS).await {
-            Ok(s) => Ok(s),
-            Err(_) => js
-                .create_key_value(kv::Config {
-                    bucket: CLIENTS.into(),
-                    history: 1,
-                    num_replicas: config.replicas.max(1),
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| e.to_string()),
-        };
-        match made {
-            Ok(s) => break s,
-            Err(e) => {
-                tracing::warn!(error = %e, "the cluster's client table is not there yet: trying again");
-                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-            }
-        }
-    };
-    let mut watch = loop {
-        match store.watch_all().await {
-            Ok(w) => break w,
-            Err(e) => {
-                tracing::warn!(error = %e, "watching the cluster's client table failed: trying again");
-                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-            }
-        }
-    };
+    let store = crate::kv::bucket(&js, CLIENTS, config.replicas, std::time::Duration::ZERO).await;
+    let mut watch = crate::kv::watch_all(&store).await;
     // Each id this node wrote, with the revision of its write.
     let mut mine: HashMap<String, u64> = HashMap::new();
     loop {
@@ -774,25 +747,15 @@ async fn consume(
     // An ordered consumer from where this node's store says it is: no acknowledgements
     // for JetStream to keep (the node's progress is in its own commits), in order, gaps
     // mended by the client; made again at each start, so one per node, never per session.
-    let mut messages = loop {
-        let made = stream
-            .create_consumer(consumer::pull::OrderedConfig {
-                deliver_policy,
-                ..Default::default()
-            })
-            .await;
-        let messages = match made {
-            Ok(c) => c.messages().await.map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        match messages {
-            Ok(m) => break m,
-            Err(e) => {
-                tracing::warn!(error = %e, "this node's reader of the cluster's stream is not there yet: trying again");
-                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-            }
-        }
-    };
+    let mut messages = ordered_reader(
+        &stream,
+        consumer::pull::OrderedConfig {
+            deliver_policy,
+            ..Default::default()
+        },
+        "cluster's stream",
+    )
+    .await;
     // The node serves its clients once it has applied what the stream held when it
     // started: messages of its own that a crash left without their round here are redone
     // before their publishers can send them again (docs/cluster.md, "After a crash").
@@ -896,38 +859,37 @@ fn earlier_run(
     let number = h.get(NUMBER_HEADER)?.as_str().parse().ok()?;
     let origin = h.get(ORIGIN_HEADER).and_then(|v| {
         let (hex, pid) = v.as_str().split_once(':')?;
-        let bytes: Option<Vec<u8>> = (0..hex.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
-            .collect();
-        Some((String::from_utf8(bytes?).ok()?, pid.parse().ok()?))
+        Some((crate::hex::text(hex)?, pid.parse().ok()?))
     });
     Some((number, origin))
 }
 
+/// An ordered consumer of `stream` (made again until JetStream has it), read as messages.
+async fn ordered_reader(
+    stream: &async_nats::jetstream::stream::Stream,
+    config: async_nats::jetstream::consumer::pull::OrderedConfig,
+    what: &str,
+) -> async_nats::jetstream::consumer::pull::Ordered {
+    loop {
+        let messages = match stream.create_consumer(config.clone()).await {
+            Ok(c) => c.messages().await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match messages {
+            Ok(m) => return m,
+            Err(e) => {
+                tracing::warn!(error = %e, "this node's reader of the {what} is not there yet: trying again");
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
 /// A QoS 1/2 message of the cluster's stream.
 fn from_stream(m: &async_nats::jetstream::Message) -> Option<Message> {
-    let subject = m.subject.as_str().strip_prefix(STREAM_PREFIX)?;
-    let topic = TopicName::new(subject_to_topic(subject)).ok()?;
-    let header = |name: &str| {
-        m.headers
-            .as_ref()
-            .and_then(|h| h.get(name))
-            .map(|v| v.as_str().to_string())
-    };
-    let qos = match header(QOS_HEADER).as_deref() {
-        Some("2") => QoS::ExactlyOnce,
-        _ => QoS::AtLeastOnce,
-    };
-    let mut message = Message::new(topic, Bytes::clone(&m.payload), qos);
-    message.retain = header(RETAIN_HEADER).as_deref() == Some("1");
-    if let Some(p) = header(PROPS_HEADER).and_then(|v: String| read_props(v.as_str())) {
-        message.expires_at = p.message_expiry_interval.map(|secs| {
-            std::time::Instant::now() + std::time::Duration::from_secs(u64::from(secs))
-        });
-        message.properties = p;
-        message.properties.message_expiry_interval = None;
-    }
+    let (mut message, expiry) = stream_message(m, STREAM_PREFIX, QoS::AtLeastOnce)?;
+    message.expires_at = expiry
+        .map(|secs| std::time::Instant::now() + std::time::Duration::from_secs(u64::from(secs)));
     Some(message)
 }
 
@@ -1034,16 +996,12 @@ fn props_header(m: &Message) -> Option<String> {
         &mut out,
     )
     .ok()?;
-    Some(out.iter().map(|b| format!("{b:02x}")).collect())
+    Some(crate::hex::encode(&out))
 }
 
 /// The properties a [`PROPS_HEADER`] value carries.
 fn read_props(hex: &str) -> Option<tern_codec::Props<tern_codec::properties::PublishProperties>> {
-    let bytes: Option<Vec<u8>> = (0..hex.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
-        .collect();
-    let mut buf = bytes::BytesMut::from(bytes?.as_slice());
+    let mut buf = bytes::BytesMut::from(crate::hex::decode(hex)?.as_slice());
     match tern_codec::decode(
         &mut buf,
         tern_codec::Protocol::V5,

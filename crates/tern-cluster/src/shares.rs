@@ -137,15 +137,11 @@ pub fn fnv(bytes: &[u8]) -> u64 {
 }
 
 fn hex(s: &str) -> String {
-    s.bytes().map(|b| format!("{b:02x}")).collect()
+    crate::hex::encode(s.as_bytes())
 }
 
 fn unhex(s: &str) -> Option<String> {
-    let bytes: Option<Vec<u8>> = (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect();
-    String::from_utf8(bytes?).ok()
+    crate::hex::text(s)
 }
 
 /// The `Tern-Share` header value for these assignments.
@@ -205,38 +201,9 @@ pub async fn run(
     mut changes: tokio::sync::mpsc::UnboundedReceiver<Change>,
 ) {
     use async_nats::jetstream::kv;
-    let store = loop {
-        let made = match js.get_key_value(SHARES).await {
-            Ok(s) => Ok(s),
-            Err(_) => js
-                .create_key_value(kv::Config {
-                    bucket: SHARES.into(),
-                    history: 1,
-                    num_replicas: replicas.max(1),
-                    // Entries of nodes gone for good go in the end.
-                    max_age: Duration::from_secs(3600),
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| e.to_string()),
-        };
-        match made {
-            Ok(s) => break s,
-            Err(e) => {
-                tracing::warn!(error = %e, "the cluster's table of shared subscriptions is not there yet: trying again");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        }
-    };
-    let mut watch = loop {
-        match store.watch_all().await {
-            Ok(w) => break w,
-            Err(e) => {
-                tracing::warn!(error = %e, "watching the cluster's shared subscriptions failed: trying again");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        }
-    };
+    // Entries of nodes gone for good go in the end.
+    let store = crate::kv::bucket(&js, SHARES, replicas, Duration::from_secs(3600)).await;
+    let mut watch = crate::kv::watch_all(&store).await;
     let mut refresh = tokio::time::interval(REFRESH);
     loop {
         tokio::select! {

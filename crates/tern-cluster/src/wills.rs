@@ -104,15 +104,11 @@ fn decode(value: &[u8]) -> Option<(String, String, bool, Will)> {
 }
 
 fn hex(s: &str) -> String {
-    s.bytes().map(|b| format!("{b:02x}")).collect()
+    crate::hex::encode(s.as_bytes())
 }
 
 fn unhex(s: &str) -> Option<String> {
-    let bytes: Option<Vec<u8>> = (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect();
-    String::from_utf8(bytes?).ok()
+    crate::hex::text(s)
 }
 
 /// Who lives, as this node sees it.
@@ -161,47 +157,10 @@ pub async fn run(
     publish: impl Fn(Will) + Send + 'static,
 ) {
     use async_nats::jetstream::kv;
-    let bucket = |name: &'static str| {
-        let js = js.clone();
-        async move {
-            loop {
-                let made = match js.get_key_value(name).await {
-                    Ok(s) => Ok(s),
-                    Err(_) => js
-                        .create_key_value(kv::Config {
-                            bucket: name.into(),
-                            history: 1,
-                            num_replicas: replicas.max(1),
-                            ..Default::default()
-                        })
-                        .await
-                        .map_err(|e| e.to_string()),
-                };
-                match made {
-                    Ok(s) => break s,
-                    Err(e) => {
-                        tracing::warn!(error = %e, bucket = name, "a cluster bucket is not there yet: trying again");
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                    }
-                }
-            }
-        }
-    };
-    let nodes = bucket(NODES).await;
-    let wills = bucket(WILLS).await;
-    let watch = |store: kv::Store| async move {
-        loop {
-            match store.watch_all().await {
-                Ok(w) => break w,
-                Err(e) => {
-                    tracing::warn!(error = %e, "watching a cluster bucket failed: trying again");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-            }
-        }
-    };
-    let mut node_watch = watch(nodes.clone()).await;
-    let mut will_watch = watch(wills.clone()).await;
+    let nodes = crate::kv::bucket(&js, NODES, replicas, Duration::ZERO).await;
+    let wills = crate::kv::bucket(&js, WILLS, replicas, Duration::ZERO).await;
+    let mut node_watch = crate::kv::watch_all(&nodes).await;
+    let mut will_watch = crate::kv::watch_all(&wills).await;
     let mut live = Liveness {
         since: Some(Instant::now()),
         ..Default::default()

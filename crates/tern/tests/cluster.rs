@@ -481,28 +481,9 @@ fn qos1_and_2_cross_nodes_through_sigkills_of_either_node() {
             a = Some(node_on(&d, "a", &ua, pa));
         }
     }
-    let got = flow.finish();
-    eprintln!(
-        "cluster kills: 10 ({kills_of_a} of a); {total} acknowledged; missing {}; QoS 2 doubled: {}, QoS 1 delivered more than once: {}",
-        got.missing.len(),
-        got.doubled_qos2.len(),
-        got.again_qos1
-    );
-    assert!(
-        got.missing.is_empty(),
-        "acknowledged on a, never at b's subscriber: {:?}",
-        got.missing
-    );
-    assert!(
-        got.wrong_qos.is_empty(),
-        "at another QoS: {:?}",
-        got.wrong_qos
-    );
-    assert!(
-        got.doubled_qos2.is_empty(),
-        "QoS 2 messages doubled: {:?}",
-        got.doubled_qos2
-    );
+    flow.finish().assert_each_once(&format!(
+        "ten kills ({kills_of_a} of a), {total} acknowledged"
+    ));
     drop((a, b));
 }
 
@@ -667,28 +648,9 @@ fn qos1_and_2_cross_nodes_through_sigkills_of_nats_servers_the_stream_leader_inc
         nats.restart(victim);
         step += 50;
     }
-    let got = flow.finish();
-    eprintln!(
-        "NATS kills {killed:?} (server, was the stream's leader): 300 acknowledged; missing {}; QoS 2 doubled: {}, QoS 1 delivered more than once: {}",
-        got.missing.len(),
-        got.doubled_qos2.len(),
-        got.again_qos1
-    );
-    assert!(
-        got.missing.is_empty(),
-        "acknowledged on a, never at b's subscriber: {:?}",
-        got.missing
-    );
-    assert!(
-        got.wrong_qos.is_empty(),
-        "at another QoS: {:?}",
-        got.wrong_qos
-    );
-    assert!(
-        got.doubled_qos2.is_empty(),
-        "QoS 2 messages doubled: {:?}",
-        got.doubled_qos2
-    );
+    flow.finish().assert_each_once(&format!(
+        "NATS kills {killed:?} (server, was the stream's leader), 300 acknowledged"
+    ));
     drop((a, b));
 }
 
@@ -791,23 +753,8 @@ fn without_a_nats_quorum_qos1_and_2_publishers_are_held_then_nothing_is_lost() {
     );
     nats.restart(x);
     nats.restart(y);
-    let got = flow.finish();
-    eprintln!(
-        "quorum back: 200 acknowledged; missing {}; QoS 2 doubled: {}",
-        got.missing.len(),
-        got.doubled_qos2.len()
-    );
-    assert!(got.missing.is_empty(), "lost: {:?}", got.missing);
-    assert!(
-        got.wrong_qos.is_empty(),
-        "at another QoS: {:?}",
-        got.wrong_qos
-    );
-    assert!(
-        got.doubled_qos2.is_empty(),
-        "QoS 2 messages doubled: {:?}",
-        got.doubled_qos2
-    );
+    flow.finish()
+        .assert_each_once("quorum back, 200 acknowledged");
     drop((a, b));
 }
 
@@ -1201,22 +1148,8 @@ fn a_node_whose_nats_server_dies_moves_to_another_and_loses_nothing() {
     let at_kill = flow.acked();
     // Goes on through another server (it was never given one).
     flow.wait_acked(at_kill + 20);
-    let got = flow.finish();
-    eprintln!(
-        "node a's server killed at {at_kill} acknowledged; 150 acknowledged; missing {}; QoS 2 doubled: {}",
-        got.missing.len(),
-        got.doubled_qos2.len()
-    );
-    assert!(got.missing.is_empty(), "lost: {:?}", got.missing);
-    assert!(
-        got.wrong_qos.is_empty(),
-        "at another QoS: {:?}",
-        got.wrong_qos
-    );
-    assert!(
-        got.doubled_qos2.is_empty(),
-        "QoS 2 messages doubled: {:?}",
-        got.doubled_qos2
-    );
+    flow.finish().assert_each_once(&format!(
+        "node a's server killed at {at_kill} acknowledged, 150 acknowledged"
+    ));
     drop((a, b));
 }

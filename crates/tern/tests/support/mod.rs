@@ -350,6 +350,34 @@ pub struct Delivered {
     pub wrong_qos: Vec<usize>,
 }
 
+impl Delivered {
+    /// Says what arrived (`what` names the run), and asserts that every acknowledged
+    /// message arrived, at its QoS, the QoS 2 ones exactly once.
+    pub fn assert_each_once(&self, what: &str) {
+        eprintln!(
+            "{what}: missing {}; QoS 2 doubled: {}; QoS 1 delivered more than once: {}",
+            self.missing.len(),
+            self.doubled_qos2.len(),
+            self.again_qos1
+        );
+        assert!(
+            self.missing.is_empty(),
+            "{what}: acknowledged, never received: {:?}",
+            self.missing
+        );
+        assert!(
+            self.wrong_qos.is_empty(),
+            "{what}: at another QoS: {:?}",
+            self.wrong_qos
+        );
+        assert!(
+            self.doubled_qos2.is_empty(),
+            "{what}: QoS 2 messages doubled: {:?}",
+            self.doubled_qos2
+        );
+    }
+}
+
 /// A crash test's traffic: a persistent QoS 2 subscriber at `sub_port` on `filter`, then a
 /// persistent publisher at `pub_port` publishing `total` numbered messages to `topic` (QoS
 /// 2 for even numbers, QoS 1 for odd), each awaited, `pace` apart; both reconnect quickly
