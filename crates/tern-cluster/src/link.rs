@@ -181,6 +181,7 @@ pub async fn run(
     let boot = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
+    let boot_hex = format!("{boot:x}");
     let js = async_nats::jetstream::new(client.clone());
     let (claims_tx, claims_rx) = mpsc::unbounded_channel::<String>();
     let to_core = deliver.clone();
@@ -202,7 +203,7 @@ pub async fn run(
         js.clone(),
         config.clone(),
         table.clone(),
-        (format!("{boot:x}"), ready),
+        (boot_hex.clone(), ready),
         applied,
         applied_rx,
         move |last, batch| to_core(Inbound::Durable(last, batch)),
@@ -214,7 +215,7 @@ pub async fn run(
     let wills = tokio::spawn(crate::wills::run(
         js.clone(),
         config.node_id.clone(),
-        format!("{boot:x}"),
+        boot_hex.clone(),
         config.replicas,
         wills_rx,
         move |w| to_core(Inbound::Will(w)),
@@ -280,17 +281,12 @@ pub async fn run(
                         Vec::new()
                     };
                     let share = (!assigned.is_empty()).then(|| shares::header(&assigned));
-                    if m.retain && let Ok(subject) = topic_to_subject(m.topic.as_str()) {
+                    let subject = topic_to_subject(m.topic.as_str());
+                    if m.retain && let Ok(subject) = &subject {
                         // The cluster's copy of a retained topic, one per topic; a QoS 1/2
                         // one is stored before the round's acknowledgements go out.
                         published += 1;
-                        let mut headers = async_nats::HeaderMap::new();
-                        headers.insert("Nats-Msg-Id", format!("{}-{boot:x}-{published}", config.node_id).as_str());
-                        headers.insert(NODE_HEADER, config.node_id.as_str());
-                        headers.insert(QOS_HEADER, match m.qos { QoS::ExactlyOnce => "2", QoS::AtLeastOnce => "1", QoS::AtMostOnce => "0" });
-                        if let Some(props) = props_header(&m) {
-                            headers.insert(PROPS_HEADER, props.as_str());
-                        }
+                        let headers = stream_headers(&config.node_id, &boot_hex, published, &m);
                         let subject = format!("{RETAINED_PREFIX}{subject}");
                         *lock(&pending).entry(subject.clone()).or_default() += 1;
                         let ack = js
@@ -314,16 +310,13 @@ pub async fn run(
                         }
                     }
                     if m.qos != QoS::AtMostOnce {
-                        let Ok(subject) = topic_to_subject(m.topic.as_str()) else {
+                        let Ok(subject) = &subject else {
                             tracing::warn!(topic = m.topic.as_str(), "a QoS 1/2 message whose topic has no NATS subject stays on this node");
                             continue;
                         };
                         published += 1;
-                        let mut headers = async_nats::HeaderMap::new();
-                        headers.insert("Nats-Msg-Id", format!("{}-{boot:x}-{published}", config.node_id).as_str());
-                        headers.insert(NODE_HEADER, config.node_id.as_str());
-                        headers.insert(QOS_HEADER, if m.qos == QoS::ExactlyOnce { "2" } else { "1" });
-                        headers.insert(BOOT_HEADER, format!("{boot:x}").as_str());
+                        let mut headers = stream_headers(&config.node_id, &boot_hex, published, &m);
+                        headers.insert(BOOT_HEADER, boot_hex.as_str());
                         headers.insert(NUMBER_HEADER, f.number.to_string().as_str());
                         if let Some((client, pid)) = &f.origin {
                             let hex = crate::hex::encode(client.as_bytes());
@@ -335,9 +328,6 @@ pub async fn run(
                         if let Some(share) = &share {
                             headers.insert(SHARE_HEADER, share.as_str());
                         }
-                        if let Some(props) = props_header(&m) {
-                            headers.insert(PROPS_HEADER, props.as_str());
-                        }
                         let subject = format!("{STREAM_PREFIX}{subject}");
                         let ack = js
                             .publish_with_headers(subject.clone(), headers.clone(), m.payload.clone())
@@ -345,7 +335,7 @@ pub async fn run(
                         acks.push((subject, headers, m.payload.clone(), ack));
                         continue;
                     }
-                    let Ok(subject) = topic_to_subject(m.topic.as_str()) else {
+                    let Ok(subject) = subject else {
                         tracing::debug!(topic = m.topic.as_str(), "a topic with no NATS subject stays on this node");
                         continue;
                     };
@@ -453,6 +443,27 @@ pub async fn run(
 #[cfg(debug_assertions)]
 fn fault_hook(topic: &str) -> bool {
     topic == "tern/fault/after-stream" && std::env::var("TERN_FAULT_HOOK").is_ok_and(|v| v == "1")
+}
+
+/// The headers every message this node puts in a stream carries: its `Nats-Msg-Id` (the
+/// node, its boot, a count: JetStream drops a repeat), the node, the QoS and the
+/// properties.
+fn stream_headers(node: &str, boot: &str, n: u64, m: &Message) -> async_nats::HeaderMap {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", format!("{node}-{boot}-{n}").as_str());
+    headers.insert(NODE_HEADER, node);
+    headers.insert(
+        QOS_HEADER,
+        match m.qos {
+            QoS::ExactlyOnce => "2",
+            QoS::AtLeastOnce => "1",
+            QoS::AtMostOnce => "0",
+        },
+    );
+    if let Some(props) = props_header(m) {
+        headers.insert(PROPS_HEADER, props.as_str());
+    }
+    headers
 }
 
 /// Retained subjects (of [`RETAINED`]) this node wrote, with how many of its writes have

@@ -924,7 +924,7 @@ fn paho_at_every_version_across_three_nodes() {
 /// once.
 #[test]
 fn a_qos2_message_whose_round_a_crash_lost_after_the_stream_is_not_stored_twice() {
-    use tern_client::{Backoff, Client, Event, Options, QoS};
+    use tern_client::{Client, Event, QoS};
     let d = fresh("gap");
     let nats = Nats::start(&d);
     let urls = nats.urls();
@@ -937,15 +937,7 @@ fn a_qos2_message_whose_round_a_crash_lost_after_the_stream_is_not_stored_twice(
         .enable_all()
         .build()
         .unwrap();
-    let quick = Some(Backoff {
-        initial: Duration::from_millis(100),
-        max: Duration::from_millis(500),
-    });
-    let persistent = |port: u16, id: &str| {
-        Options::new("127.0.0.1", port, id)
-            .persistent(Duration::from_secs(3600))
-            .reconnect(quick)
-    };
+    let persistent = support::persistent;
     let topic = "tern/fault/after-stream";
     let counts = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
     let mut keep = Vec::new();

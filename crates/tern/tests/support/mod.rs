@@ -378,6 +378,17 @@ impl Delivered {
     }
 }
 
+/// A tern-client with a persistent session (an hour) that reconnects quickly (100 ms,
+/// backing off to 1 s): the crash tests' clients.
+pub fn persistent(port: u16, id: &str) -> tern_client::Options {
+    tern_client::Options::new("127.0.0.1", port, id)
+        .persistent(std::time::Duration::from_secs(3600))
+        .reconnect(Some(tern_client::Backoff {
+            initial: std::time::Duration::from_millis(100),
+            max: std::time::Duration::from_secs(1),
+        }))
+}
+
 /// A crash test's traffic: a persistent QoS 2 subscriber at `sub_port` on `filter`, then a
 /// persistent publisher at `pub_port` publishing `total` numbered messages to `topic` (QoS
 /// 2 for even numbers, QoS 1 for odd), each awaited, `pace` apart; both reconnect quickly
@@ -403,21 +414,12 @@ impl Flow {
         pace: std::time::Duration,
     ) -> Flow {
         use std::sync::atomic::Ordering;
-        use tern_client::{Backoff, Client, Event, Options, QoS};
+        use tern_client::{Client, Event, QoS};
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .unwrap();
-        let quick = Some(Backoff {
-            initial: std::time::Duration::from_millis(100),
-            max: std::time::Duration::from_secs(1),
-        });
-        let persistent = |port: u16, id: &str| {
-            Options::new("127.0.0.1", port, id)
-                .persistent(std::time::Duration::from_secs(3600))
-                .reconnect(quick)
-        };
         let (keeper, mut events) = rt.block_on(async {
             let (c, e) = Client::connect(persistent(sub_port, "keeper"))
                 .await
