@@ -1532,6 +1532,15 @@ fn a_cluster_stream_batch_is_applied_once_across_a_restart() {
     assert_eq!(sim.received(a), ["one", "two", "three"]);
 }
 
+/// The topics the store keeps a retained message for.
+fn retained_topics(sim: &Sim) -> Vec<String> {
+    sim.stored()
+        .retained
+        .keys()
+        .map(|t| t.to_string())
+        .collect()
+}
+
 /// A cluster node keeps the retained messages the cluster's retained stream gives it (an
 /// empty one clears, one already expired clears), committed to its store and delivered to
 /// nobody; a retained message arriving with a message from another node is delivered but
@@ -1566,12 +1575,7 @@ fn a_cluster_node_keeps_what_the_retained_stream_says_not_what_messages_carry() 
     );
     sim.pump();
     assert!(sim.received(s).is_empty(), "kept, not delivered");
-    let kept: Vec<String> = sim
-        .stored()
-        .retained
-        .keys()
-        .map(|t| t.to_string())
-        .collect();
+    let kept = retained_topics(&sim);
     assert_eq!(kept, ["state/a", "state/old"]);
     sim.broker.handle_remote(
         vec![tern_broker_core::Remote::plain(retained(
@@ -1581,12 +1585,7 @@ fn a_cluster_node_keeps_what_the_retained_stream_says_not_what_messages_carry() 
     );
     sim.pump();
     assert_eq!(sim.received(s), ["from-b"], "delivered");
-    let kept: Vec<String> = sim
-        .stored()
-        .retained
-        .keys()
-        .map(|t| t.to_string())
-        .collect();
+    let kept = retained_topics(&sim);
     assert_eq!(kept, ["state/a", "state/old"], "not kept from a message");
     // Expired by the time the stream's copy is read: clears the topic.
     sim.broker

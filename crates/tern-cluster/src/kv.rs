@@ -1,4 +1,5 @@
-//! The cluster's KV buckets: made (or found) and watched, trying again until NATS answers.
+//! The cluster's streams and KV buckets: made (or found) and watched, trying again until
+//! NATS answers.
 
 use std::time::Duration;
 
@@ -43,6 +44,23 @@ pub(crate) async fn watch_all(store: &kv::Store) -> kv::Watch {
             Ok(w) => return w,
             Err(e) => {
                 tracing::warn!(error = %e, "watching a cluster bucket failed: trying again");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+/// The stream `config` describes (`what` names it in logs), made if it is not there yet.
+pub(crate) async fn stream(
+    js: &jetstream::Context,
+    config: jetstream::stream::Config,
+    what: &str,
+) -> jetstream::stream::Stream {
+    loop {
+        match js.get_or_create_stream(config.clone()).await {
+            Ok(s) => return s,
+            Err(e) => {
+                tracing::warn!(error = %e, "the cluster's {what} is not there yet: trying again");
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }

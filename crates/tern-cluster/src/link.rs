@@ -499,26 +499,20 @@ async fn consume_retained(
     deliver: impl Fn(Vec<Message>) + Send + 'static,
 ) {
     use async_nats::jetstream::{consumer, stream};
-    let stream = loop {
-        let made = js
-            .get_or_create_stream(stream::Config {
-                name: RETAINED.into(),
-                subjects: vec![format!("{RETAINED_PREFIX}>")],
-                num_replicas: config.replicas.max(1),
-                storage: stream::StorageType::File,
-                max_messages_per_subject: 1,
-                duplicate_window: std::time::Duration::from_secs(120),
-                ..Default::default()
-            })
-            .await;
-        match made {
-            Ok(s) => break s,
-            Err(e) => {
-                tracing::warn!(error = %e, "the cluster's retained stream is not there yet: trying again");
-                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-            }
-        }
-    };
+    let stream = crate::kv::stream(
+        &js,
+        stream::Config {
+            name: RETAINED.into(),
+            subjects: vec![format!("{RETAINED_PREFIX}>")],
+            num_replicas: config.replicas.max(1),
+            storage: stream::StorageType::File,
+            max_messages_per_subject: 1,
+            duplicate_window: std::time::Duration::from_secs(120),
+            ..Default::default()
+        },
+        "retained stream",
+    )
+    .await;
     let mut messages = ordered_reader(
         &stream,
         consumer::pull::OrderedConfig {
@@ -690,26 +684,20 @@ async fn consume(
     deliver: impl Fn(u64, Vec<Remote>) + Send + 'static,
 ) {
     use async_nats::jetstream::{consumer, stream};
-    let stream = loop {
-        let made = js
-            .get_or_create_stream(stream::Config {
-                name: STREAM.into(),
-                subjects: vec![format!("{STREAM_PREFIX}>")],
-                num_replicas: config.replicas.max(1),
-                storage: stream::StorageType::File,
-                duplicate_window: std::time::Duration::from_secs(120),
-                max_age: std::time::Duration::from_secs(7 * 86_400),
-                ..Default::default()
-            })
-            .await;
-        match made {
-            Ok(s) => break s,
-            Err(e) => {
-                tracing::warn!(error = %e, "the cluster's stream is not there yet: trying again");
-                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-            }
-        }
-    };
+    let stream = crate::kv::stream(
+        &js,
+        stream::Config {
+            name: STREAM.into(),
+            subjects: vec![format!("{STREAM_PREFIX}>")],
+            num_replicas: config.replicas.max(1),
+            storage: stream::StorageType::File,
+            duplicate_window: std::time::Duration::from_secs(120),
+            max_age: std::time::Duration::from_secs(7 * 86_400),
+            ..Default::default()
+        },
+        "stream",
+    )
+    .await;
     // A node new to the cluster starts at the stream's end, and says so in a commit first
     // (so that, should it crash, it reads its own first messages back from there).
     let mut caught_up = stream.cached_info().state.last_sequence;
