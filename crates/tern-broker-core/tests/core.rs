@@ -1598,3 +1598,38 @@ fn a_cluster_node_keeps_what_the_retained_stream_says_not_what_messages_carry() 
     sim.subscribe(late, "state/#", QoS::AtMostOnce);
     assert!(sim.received(late).is_empty());
 }
+
+/// A cluster node cannot see the other nodes' subscribers: a 5.0 publisher is told
+/// Success, not 0x10 No matching subscribers, for a topic that crosses nodes even when no
+/// session of this node subscribes; a topic with no NATS subject (it stays on the node)
+/// still gets 0x10. A single node still says 0x10.
+#[test]
+fn a_cluster_node_never_says_no_matching_subscribers_for_a_topic_that_crosses_nodes() {
+    for cluster in [true, false] {
+        let mut sim = Sim::new(Settings {
+            cluster,
+            ..Settings::default()
+        });
+        let p = sim.connect(Connect::new(Protocol::V5, "p"));
+        sim.publish(p, "no/sub", "nobody here", 1);
+        sim.publish(p, "no sub", "stays here", 2);
+        let acks: Vec<ReasonCode> = sim
+            .outputs
+            .iter()
+            .filter_map(|o| match o {
+                Output::Send(c, Packet::PubAck(a)) if *c == p => Some(a.reason),
+                _ => None,
+            })
+            .collect();
+        let crossing = if cluster {
+            ReasonCode::Success
+        } else {
+            ReasonCode::NoMatchingSubscribers
+        };
+        assert_eq!(
+            acks,
+            [crossing, ReasonCode::NoMatchingSubscribers],
+            "cluster: {cluster}"
+        );
+    }
+}

@@ -435,7 +435,10 @@ fn node_full(
         ),
     )
     .unwrap();
-    let mut command = Command::new(env!("CARGO_BIN_EXE_tern"));
+    // `TERN_BIN` runs another build (scripts/cluster-crash runs a copy, so that building
+    // meanwhile does not change the binary under a long run).
+    let bin = std::env::var_os("TERN_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_tern").into());
+    let mut command = Command::new(bin);
     command.envs(env.iter().copied());
     let node = BrokerProcess::spawn(
         command,
@@ -454,7 +457,8 @@ fn node_full(
 }
 
 /// QoS 1/2 messages published on node a reach a persistent QoS 2 subscriber on node b
-/// through ten SIGKILLs, of b (the subscriber's node: it applies the stream once, its
+/// through ten SIGKILLs (`TERN_CLUSTER_KILLS` of them: `scripts/cluster-crash N` runs the
+/// long form, with each kill a random 0-250 ms after its turn), of b (the subscriber's node: it applies the stream once, its
 /// progress in the commit that stores the copies) and of a (the publisher's node, which
 /// its publisher reconnects to) in turn, each node restarted on its port: every message a
 /// acknowledged arrives, at its QoS, the QoS 2 ones exactly once (a kill of a between the
@@ -467,11 +471,27 @@ fn qos1_and_2_cross_nodes_through_sigkills_of_either_node() {
     let (ua, ub) = (nats.url(0), nats.url(1));
     let mut a = Some(node_on(&d, "a", &ua, pa));
     let mut b = Some(node_on(&d, "b", &ub, pb));
-    let total = 440;
+    let kills: usize = std::env::var("TERN_CLUSTER_KILLS")
+        .ok()
+        .and_then(|k| k.parse().ok())
+        .unwrap_or(10);
+    let long = kills > 10;
+    let total = 40 * (kills + 1);
     let flow = Flow::start(pb, "pay/#", pa, "pay/x", total, Duration::from_millis(5));
     let mut kills_of_a = 0;
-    for k in 0..10 {
+    let mut seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64;
+    for k in 0..kills {
         flow.wait_acked(40 * (k + 1));
+        if long {
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            std::thread::sleep(Duration::from_millis((seed >> 33) % 250));
+            if k % 20 == 19 {
+                eprintln!("cluster-crash: {} kills", k + 1);
+            }
+        }
         if k % 2 == 0 {
             drop(b.take()); // SIGKILL the subscriber's node
             b = Some(node_on(&d, "b", &ub, pb));
@@ -482,8 +502,11 @@ fn qos1_and_2_cross_nodes_through_sigkills_of_either_node() {
         }
     }
     flow.finish().assert_each_once(&format!(
-        "ten kills ({kills_of_a} of a), {total} acknowledged"
+        "{kills} kills ({kills_of_a} of a), {total} acknowledged"
     ));
+    eprintln!(
+        "cluster-crash: {kills} kills ({kills_of_a} of a), {total} messages acknowledged, each delivered (QoS 2 once)"
+    );
     drop((a, b));
 }
 

@@ -21,6 +21,12 @@ impl Broker {
         if durable && !self.histories_empty() {
             self.keep_history(&mut message, now);
         }
+        // In a cluster, a message that crosses nodes (its topic has a NATS subject) may
+        // have subscribers on other nodes: never "no matching subscribers" here.
+        let crosses = self.settings.cluster
+            && durable
+            && !self.from_remote
+            && tern_codec::fits_nats_subject(message.topic.as_str());
         if self.settings.cluster && durable && !self.from_remote {
             let number = if message.qos == QoS::AtMostOnce {
                 0
@@ -99,7 +105,7 @@ impl Broker {
                 matched += 1;
             }
         }
-        matched
+        if crosses { matched.max(1) } else { matched }
     }
 
     /// Gives a message to one member of the shared subscription `key`. Returns false if
