@@ -413,6 +413,19 @@ impl Flow {
         total: usize,
         pace: std::time::Duration,
     ) -> Flow {
+        Flow::start_as("", sub_port, filter, pub_port, topic, total, pace)
+    }
+
+    /// [`Flow::start`] with its two clients' ids prefixed by `name` (for two flows at once).
+    pub fn start_as(
+        name: &str,
+        sub_port: u16,
+        filter: &str,
+        pub_port: u16,
+        topic: &str,
+        total: usize,
+        pace: std::time::Duration,
+    ) -> Flow {
         use std::sync::atomic::Ordering;
         use tern_client::{Client, Event, QoS};
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -421,7 +434,7 @@ impl Flow {
             .build()
             .unwrap();
         let (keeper, mut events) = rt.block_on(async {
-            let (c, e) = Client::connect(persistent(sub_port, "keeper"))
+            let (c, e) = Client::connect(persistent(sub_port, &format!("{name}keeper")))
                 .await
                 .unwrap();
             c.subscribe(filter, QoS::ExactlyOnce).await.unwrap();
@@ -441,7 +454,7 @@ impl Flow {
         });
         let acked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let count = acked.clone();
-        let options = persistent(pub_port, "maker");
+        let options = persistent(pub_port, &format!("{name}maker"));
         let topic = topic.to_string();
         let publisher = rt.spawn(async move {
             let (c, _e) = Client::connect(options).await.unwrap();
