@@ -40,6 +40,9 @@ pub enum Refusal {
     ConnectionLimit,
     /// Admission could not be decided (the password check failed to run).
     ServerUnavailable,
+    /// A cluster node cut off from NATS takes no connections until it is back (the
+    /// cluster may hand its clients' wills and sessions to other nodes meanwhile).
+    CutOff,
     /// A PUBLISH above the Maximum QoS the CONNACK advertised [MQTT-3.2.2-11].
     QosNotSupported,
     /// A retained PUBLISH where the CONNACK said Retain Available 0 [MQTT-3.2.2-14].
@@ -106,7 +109,7 @@ impl Refusal {
             Refusal::NotAuthorized => ReasonCode::NotAuthorized,
             Refusal::BadUserNameOrPassword => ReasonCode::BadUserNameOrPassword,
             Refusal::ConnectionLimit => ReasonCode::QuotaExceeded,
-            Refusal::ServerUnavailable => ReasonCode::ServerUnavailable,
+            Refusal::ServerUnavailable | Refusal::CutOff => ReasonCode::ServerUnavailable,
             Refusal::QosNotSupported => ReasonCode::QosNotSupported,
             Refusal::RetainNotSupported => ReasonCode::RetainNotSupported,
             Refusal::RateTooHigh => ReasonCode::MessageRateTooHigh,
@@ -187,6 +190,7 @@ impl Refusal {
             | Refusal::BadUserNameOrPassword
             | Refusal::ConnectionLimit
             | Refusal::ServerUnavailable
+            | Refusal::CutOff
             | Refusal::RateTooHigh
             | Refusal::TopicBeyondLimits
             | Refusal::PublishNotAuthorized
@@ -213,6 +217,7 @@ impl Refusal {
             Refusal::BadUserNameOrPassword => "bad user name or password",
             Refusal::ConnectionLimit => "connection limit reached",
             Refusal::ServerUnavailable => "admission could not be decided",
+            Refusal::CutOff => "this cluster node is cut off from NATS",
             Refusal::QosNotSupported => "above the Maximum QoS the server offers",
             Refusal::RetainNotSupported => "retained messages are not available",
             Refusal::RateTooHigh => "over the publish rate the server allows",
@@ -261,7 +266,7 @@ mod tests {
 
     use super::*;
 
-    const ALL: [Refusal; 25] = [
+    const ALL: [Refusal; 26] = [
         Refusal::ClientIdNotValid,
         Refusal::KeepAliveTooLong,
         Refusal::UnsupportedProtocolVersion,
@@ -273,6 +278,7 @@ mod tests {
         Refusal::BadUserNameOrPassword,
         Refusal::ConnectionLimit,
         Refusal::ServerUnavailable,
+        Refusal::CutOff,
         Refusal::QosNotSupported,
         Refusal::RetainNotSupported,
         Refusal::RateTooHigh,

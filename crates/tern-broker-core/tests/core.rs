@@ -1633,3 +1633,53 @@ fn a_cluster_node_never_says_no_matching_subscribers_for_a_topic_that_crosses_no
         );
     }
 }
+
+/// A cluster node cut off from NATS closes its connections (5.0: DISCONNECT 0x9C Use
+/// another server) without publishing their wills or letting the cluster forget them
+/// (the cluster publishes them once), drops the delayed will it was waiting on, refuses
+/// new connections with 0x88 Server unavailable, and takes them again once back.
+#[test]
+fn a_cluster_node_cut_off_closes_its_connections_and_leaves_their_wills_to_the_cluster() {
+    let mut sim = Sim::new(Settings {
+        cluster: true,
+        ..Settings::default()
+    });
+    let w = watcher(&mut sim);
+    // A will waiting for its delay, and a connected client with a will.
+    let waiting = sim.connect(will_client(30, 3600));
+    sim.close(waiting);
+    let mut c = will_client(0, 3600);
+    c.client_id = "now".into();
+    let now_conn = sim.connect(c);
+    let _ = sim.broker.take_will_changes();
+    let now = sim.now;
+    sim.broker.handle_cut_off(true, now);
+    sim.pump();
+    let disconnect = sim.outputs.iter().find_map(|o| match o {
+        Output::Send(c, Packet::Disconnect(d)) if *c == now_conn => Some(d.reason),
+        _ => None,
+    });
+    assert_eq!(disconnect, Some(ReasonCode::UseAnotherServer));
+    assert!(sim.outputs.contains(&Output::Close(now_conn)));
+    assert!(sim.outputs.contains(&Output::Close(w)), "every connection");
+    assert!(
+        sim.broker.take_will_changes().is_empty(),
+        "the cluster keeps the wills"
+    );
+    sim.advance(Duration::from_secs(40));
+    assert!(sim.broker.take_forwards().is_empty(), "no will published here");
+    let refused = sim.connect(Connect::new(Protocol::V5, "late"));
+    let ack = sim.outputs.iter().rev().find_map(|o| match o {
+        Output::Send(c, Packet::ConnAck(a)) if *c == refused => Some(a.reason),
+        _ => None,
+    });
+    assert_eq!(ack, Some(ReasonCode::ServerUnavailable));
+    let now = sim.now;
+    sim.broker.handle_cut_off(false, now);
+    let back = sim.connect(Connect::new(Protocol::V5, "back"));
+    let ack = sim.outputs.iter().rev().find_map(|o| match o {
+        Output::Send(c, Packet::ConnAck(a)) if *c == back => Some(a.reason),
+        _ => None,
+    });
+    assert_eq!(ack, Some(ReasonCode::Success));
+}

@@ -126,6 +126,9 @@ pub enum Inbound {
     /// The will of a client of a node that is gone, for this node to publish as that
     /// client's.
     Will(crate::wills::Will),
+    /// This node cannot reach NATS (`true`) for long enough that the other nodes will soon
+    /// take it for gone, or reaches it again (`false`): `crate::wills`.
+    CutOff(bool),
 }
 
 /// The KV bucket that says which node each client id last connected to.
@@ -156,6 +159,12 @@ pub async fn connect(config: &Config) -> Result<async_nats::Client, Error> {
     options = options
         .no_echo()
         .name(format!("tern-{}", config.node_id))
+        // Back within a second of NATS answering again (the default backs off to 4 s and
+        // more): a node cut off closes its connections, and the sooner it is back, the
+        // sooner it takes them again (`crate::wills`).
+        .reconnect_delay_callback(|attempts| {
+            std::time::Duration::from_millis((attempts as u64 * 100).min(1000))
+        })
         .retry_on_initial_connect();
     let urls: Vec<String> = config.urls.clone();
     options
@@ -212,6 +221,7 @@ pub async fn run(
     let mut turns: u64 = 0;
     let (wills_tx, wills_rx) = mpsc::unbounded_channel();
     let to_core = deliver.clone();
+    let cut = deliver.clone();
     let wills = tokio::spawn(crate::wills::run(
         js.clone(),
         config.node_id.clone(),
@@ -219,6 +229,7 @@ pub async fn run(
         config.replicas,
         wills_rx,
         move |w| to_core(Inbound::Will(w)),
+        move |c| cut(Inbound::CutOff(c)),
     ));
     // Retained topics this node has written and not yet read back from [`RETAINED`].
     let pending: Pending = Default::default();

@@ -15,6 +15,16 @@
 //! checks that the entry is still its claim (the client did not come back), hands the will
 //! to its core, which publishes it as the client's, and deletes the entry. A claimer that
 //! dies before publishing is gone in its turn, and another node claims the will again.
+//!
+//! A node that cannot say it lives (cut off from NATS, or NATS without a quorum) for
+//! [`CUT_OFF_AFTER`] is told so (`cut_off(true)`): its core closes its connections without
+//! publishing their wills and takes none until NATS answers again (`cut_off(false)`). The
+//! others take it for gone only later ([`GONE_AFTER`]), so they never publish the will of
+//! a client that is still connected to it. Back in time, it claims its own entries as a
+//! survivor would (compare-and-set on its revision), so each of those wills is published
+//! once, by it or by a survivor. A will entry is claimed only once it has been known for
+//! [`GONE_AFTER`]: a node just back writes new entries before every other node has seen it
+//! say it lives again.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -31,6 +41,10 @@ pub const WILLS: &str = "TERN_WILLS";
 pub const BEAT: Duration = Duration::from_secs(2);
 /// A node that has not said so for this long is gone.
 pub const GONE_AFTER: Duration = Duration::from_secs(10);
+/// A node whose last write saying it lives that NATS acknowledged was sent this long ago
+/// is cut off: the others will take it for gone within `GONE_AFTER - CUT_OFF_AFTER`, so it
+/// closes its connections and leaves their wills to the cluster first.
+pub const CUT_OFF_AFTER: Duration = Duration::from_secs(6);
 
 /// A will as the cluster keeps it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -155,6 +169,7 @@ pub async fn run(
     replicas: usize,
     mut changes: tokio::sync::mpsc::UnboundedReceiver<Change>,
     publish: impl Fn(Will) + Send + 'static,
+    cut_off: impl Fn(bool) + Send + 'static,
 ) {
     use async_nats::jetstream::kv;
     let nodes = crate::kv::bucket(&js, NODES, replicas, Duration::ZERO).await;
@@ -165,23 +180,50 @@ pub async fn run(
         since: Some(Instant::now()),
         ..Default::default()
     };
-    // Wills in the bucket: key -> (revision, owner, boot, claimed, will).
-    let mut known: HashMap<String, (u64, String, String, bool, Will)> = HashMap::new();
+    // Wills in the bucket: key -> (revision, owner, boot, claimed, will, when seen).
+    let mut known: HashMap<String, (u64, String, String, bool, Will, Instant)> = HashMap::new();
+    // Liveness, written beside this loop (whose KV calls may wait seconds while NATS is
+    // away): the node learns here when it is cut off and when it is back.
+    let (back_tx, mut back) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let beats = tokio::spawn(keep_saying_it_lives(
+        nodes.clone(),
+        hex(&node),
+        boot.clone(),
+        move |cut| {
+            cut_off(cut);
+            if !cut {
+                let _ = back_tx.send(());
+            }
+        },
+    ));
     // This node's own entries (of its connected clients), by client: the revision.
     let mut mine: HashMap<String, u64> = HashMap::new();
     let mut claims: HashMap<String, Claim> = HashMap::new();
-    let mut beat = tokio::time::interval(BEAT);
     let mut look = tokio::time::interval(Duration::from_millis(500));
     tracing::info!(node = %node, boot = %boot, "cluster: keeping liveness and wills");
     loop {
         tokio::select! {
-            _ = beat.tick() => {
-                if let Err(e) = nodes.put(hex(&node), Bytes::from(boot.clone())).await {
-                    tracing::warn!(error = %e, "saying this node lives failed");
+            Some(()) = back.recv() => {
+                // The connections it closed when cut off: their wills are claimed here as a
+                // survivor would claim them (unless one already has).
+                let now = Instant::now();
+                for (client_id, rev) in mine.drain() {
+                    let key = hex(&client_id);
+                    let Some((_, _, _, _, w, _)) = known.get(&key).filter(|k| k.0 == rev) else { continue };
+                    let w = w.clone();
+                    let Some(value) = encode(&node, &boot, true, &w) else { continue };
+                    if let Ok(claimed) = wills.update(&key, value, rev).await {
+                        tracing::info!(client_id = %w.client_id, "cluster: back from being cut off: the will of a connection closed then is this node's to publish");
+                        let at = now + Duration::from_secs(u64::from(w.delay()));
+                        claims.insert(key, Claim { revision: claimed, at, will: w });
+                    }
                 }
             }
             c = changes.recv() => {
-                let Some(c) = c else { return };
+                let Some(c) = c else {
+                    beats.abort();
+                    return;
+                };
                 match c {
                     Change::Put(w) => {
                         let Some(value) = encode(&node, &boot, false, &w) else { continue };
@@ -214,7 +256,7 @@ pub async fn run(
                 match entry.operation {
                     kv::Operation::Put => {
                         if let Some((owner, b, claimed, w)) = decode(&entry.value) {
-                            known.insert(entry.key.clone(), (entry.revision, owner, b, claimed, w));
+                            known.insert(entry.key.clone(), (entry.revision, owner, b, claimed, w, Instant::now()));
                         }
                     }
                     kv::Operation::Delete | kv::Operation::Purge => {
@@ -227,12 +269,13 @@ pub async fn run(
                 // Claim the wills of processes that are gone.
                 let orphans: Vec<(String, u64, Will)> = known
                     .iter()
-                    .filter(|(key, (_, owner, b, _, _))| {
+                    .filter(|(key, (_, owner, b, _, _, seen))| {
                         let alive_here = owner == &node && b == &boot;
                         !(claims.contains_key(*key) || alive_here)
+                            && now.saturating_duration_since(*seen) >= GONE_AFTER
                             && live.gone(owner, b, now)
                     })
-                    .map(|(key, (rev, _, _, _, w))| (key.clone(), *rev, w.clone()))
+                    .map(|(key, (rev, _, _, _, w, _))| (key.clone(), *rev, w.clone()))
                     .collect();
                 for (key, rev, w) in orphans {
                     let Some(value) = encode(&node, &boot, true, &w) else { continue };
@@ -262,6 +305,53 @@ pub async fn run(
                     }
                 }
             }
+        }
+    }
+}
+
+/// Writes this node's boot under its name every [`BEAT`] (each write waited for beside the
+/// next), and tells `cut_off` when the last write NATS acknowledged was sent more than
+/// [`CUT_OFF_AFTER`] ago (`true`) and when one is acknowledged again (`false`).
+async fn keep_saying_it_lives(
+    nodes: async_nats::jetstream::kv::Store,
+    key: String,
+    boot: String,
+    cut_off: impl Fn(bool) + Send + 'static,
+) {
+    let last_ok = std::sync::Arc::new(std::sync::Mutex::new(Instant::now()));
+    let mut cut = false;
+    let mut next = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tick.tick().await;
+        let now = Instant::now();
+        if now >= next {
+            next = now + BEAT;
+            let (nodes, key, value, last_ok) = (
+                nodes.clone(),
+                key.clone(),
+                Bytes::from(boot.clone()),
+                last_ok.clone(),
+            );
+            tokio::spawn(async move {
+                match nodes.put(key, value).await {
+                    Ok(_) => {
+                        let mut at = last_ok
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner);
+                        *at = (*at).max(now);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "saying this node lives failed"),
+                }
+            });
+        }
+        let at = *last_ok
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now_cut = now.saturating_duration_since(at) > CUT_OFF_AFTER;
+        if now_cut != cut {
+            cut = now_cut;
+            cut_off(cut);
         }
     }
 }

@@ -1289,3 +1289,152 @@ fn a_node_whose_nats_server_dies_moves_to_another_and_loses_nothing() {
     ));
     drop((a, b));
 }
+
+/// A raw MQTT 3.1.1 client `id` with a will (`wills/ID`, payload `ID-gone`, QoS 1, keep
+/// alive 60 s) on `port`: the CONNACK's return code and, if accepted, what tells when the
+/// server closes the connection (the time, in seconds since the epoch).
+fn will_client(port: u16, id: &str) -> (u8, Option<std::sync::mpsc::Receiver<f64>>) {
+    use std::io::{Read, Write};
+    let text = |s: &str| -> Vec<u8> {
+        let mut v = (s.len() as u16).to_be_bytes().to_vec();
+        v.extend_from_slice(s.as_bytes());
+        v
+    };
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x0E, 0, 60];
+    body.extend(text(id));
+    body.extend(text(&format!("wills/{id}")));
+    body.extend(text(&format!("{id}-gone")));
+    let mut packet = vec![0x10, body.len() as u8];
+    packet.extend(body);
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(&packet).unwrap();
+    let mut ack = [0u8; 4];
+    s.read_exact(&mut ack).unwrap();
+    assert_eq!(ack[0], 0x20, "a CONNACK");
+    if ack[3] != 0 {
+        return (ack[3], None);
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
+        let _ = tx.send(epoch_secs());
+    });
+    (0, Some(rx))
+}
+
+fn epoch_secs() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// A node cut off from NATS never lets the others publish the will of a client still
+/// connected to it: node a (reaching NATS only through a proxy the test cuts) closes its
+/// connections 4-6.5 s into the cut (6 s after its last acknowledged "I live"), before b
+/// takes it for gone (10 s after the last one it saw) and publishes their wills, once; a
+/// refuses connections while cut off (3.1.1 return code 3) and takes them again once back,
+/// without publishing those wills a second time. Back right after closing them (the
+/// proxy healed the moment a closes), a publishes their wills itself, once, before b
+/// would.
+#[test]
+fn a_node_cut_off_from_nats_closes_its_clients_before_the_cluster_publishes_their_wills() {
+    let d = fresh("cut-wills");
+    let nats = Nats::start_with(&d, ", no_advertise: true");
+    let proxy = Cuttable::to(nats.ports[0]);
+    let a = node(&d, "a", &proxy.url());
+    let b = node(&d, "b", &nats.urls());
+    let (pa, pb): (u16, u16) = (a.port(0).parse().unwrap(), b.port(0).parse().unwrap());
+    let on_b = Command::new("mosquitto_sub")
+        .args([
+            "-p",
+            &pb.to_string(),
+            "-t",
+            "wills/#",
+            "-q",
+            "1",
+            "-W",
+            "40",
+        ])
+        .args(["-F", "%U %t %p"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let closed_within = |rx: std::sync::mpsc::Receiver<f64>, from: f64| -> f64 {
+        rx.recv_timeout(Duration::from_secs(15))
+            .expect("a closes its connections when cut off from NATS")
+            - from
+    };
+    let (rc, dev1) = will_client(pa, "dev1");
+    assert_eq!(rc, 0);
+    std::thread::sleep(Duration::from_secs(3));
+    // Long: b takes a for gone.
+    let cut = epoch_secs();
+    proxy.cut();
+    let dev1_closed = closed_within(dev1.unwrap(), cut);
+    std::thread::sleep(Duration::from_secs(1));
+    let (refused, _) = will_client(pa, "late");
+    assert_eq!(refused, 3, "refused while cut off: Server unavailable");
+    std::thread::sleep(Duration::from_secs(7));
+    proxy.heal();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let dev2 = loop {
+        match will_client(pa, "dev2") {
+            (0, Some(closed)) => break closed,
+            _ => {
+                assert!(
+                    Instant::now() < deadline,
+                    "a takes connections again once back"
+                );
+                std::thread::sleep(Duration::from_millis(250));
+            }
+        }
+    };
+    std::thread::sleep(Duration::from_secs(3));
+    // Short: healed the moment a closes its connections.
+    let cut2 = epoch_secs();
+    proxy.cut();
+    let dev2_closed = closed_within(dev2, cut2);
+    proxy.heal();
+    let reclaimed = a.wait_for("back from being cut off", Duration::from_secs(10));
+    let out = on_b.wait_with_output().unwrap();
+    let wills: Vec<(f64, String)> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let (t, rest) = l.split_once(' ')?;
+            Some((t.parse().ok()?, rest.to_string()))
+        })
+        .collect();
+    eprintln!(
+        "dev1 closed {dev1_closed:.1} s into the first cut, dev2 {dev2_closed:.1} s into the \
+         second; wills on b (s after the first cut): {:?}",
+        wills
+            .iter()
+            .map(|(t, w)| (format!("{:.1}", t - cut), w))
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        (3.5..7.0).contains(&dev1_closed),
+        "{dev1_closed:.1} s into the cut"
+    );
+    assert!(
+        (3.5..7.0).contains(&dev2_closed),
+        "{dev2_closed:.1} s into the cut"
+    );
+    let of = |id: &str| -> Vec<f64> {
+        wills
+            .iter()
+            .filter(|(_, w)| w == &format!("wills/{id} {id}-gone"))
+            .map(|(t, _)| *t)
+            .collect()
+    };
+    let (w1, w2) = (of("dev1"), of("dev2"));
+    assert_eq!(w1.len(), 1, "dev1's will once: {wills:?}");
+    assert!(w1[0] - cut > dev1_closed, "after its connection closed");
+    assert_eq!(w2.len(), 1, "dev2's will once: {wills:?}");
+    assert!(w2[0] - cut2 > dev2_closed, "after its connection closed");
+    assert_eq!(wills.len(), 2, "no other will: {wills:?}");
+    assert!(reclaimed.is_some(), "a, back first, published dev2's will");
+    drop((a, b));
+}

@@ -124,6 +124,9 @@ impl Broker {
                 return self.refuse(conn, Refusal::ClientIdNotValid, Some(&connect));
             }
         }
+        if self.cut_off {
+            return self.refuse(conn, Refusal::CutOff, Some(&connect));
+        }
         if self.settings.server_reference.is_some() {
             let moved = self.settings.server_moved;
             return self.refuse(conn, Refusal::Redirected { moved }, Some(&connect));

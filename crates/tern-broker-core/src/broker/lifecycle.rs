@@ -72,11 +72,45 @@ impl Broker {
                 forget_in_cluster = false;
             }
         }
-        if forget_in_cluster {
+        if forget_in_cluster && !self.cut_off {
             self.will_changes
                 .push(WillChange::Delete(client_id.clone()));
         }
         self.park(&client_id, now);
+    }
+
+    /// Cluster: this node is cut off from NATS (`true`: it could not say it lives for long
+    /// enough that the other nodes will soon take it for gone) or back (`false`). Cut off,
+    /// it closes every connection (5.0: DISCONNECT 0x9C Use another server) without
+    /// publishing their wills, drops the delayed wills it waits on, and refuses new
+    /// connections (0x88 Server unavailable): the cluster holds those wills and publishes
+    /// each once, a surviving node if this one stays away, this one (its link reclaims
+    /// them) if it comes back first. Its clients can go on at another node meanwhile,
+    /// rather than stay with a node the cluster is about to declare dead.
+    pub fn handle_cut_off(&mut self, cut_off: bool, now: Instant) {
+        if cut_off == self.cut_off {
+            return;
+        }
+        self.cut_off = cut_off;
+        if !cut_off {
+            tracing::info!("cluster: this node reaches NATS again: it takes connections");
+            return;
+        }
+        let online: Vec<Str> = self.conns.values().cloned().collect();
+        tracing::warn!(
+            connections = online.len(),
+            "cluster: this node is cut off from NATS: its connections are closed (their wills are the cluster's) and new ones refused until it is back"
+        );
+        for client_id in online {
+            if let Some(s) = self.sessions.get_mut(&client_id) {
+                s.will = None;
+            }
+            self.kick(&client_id, ReasonCode::UseAnotherServer, now);
+        }
+        for s in self.sessions.values_mut() {
+            s.pending_will = None;
+        }
+        self.commit(now);
     }
 
     /// A session whose connection just ended: it ends too (expiry zero), or waits offline

@@ -422,6 +422,9 @@ pub struct Broker {
     /// Cluster: client ids that connected here since the last take (the cluster learns
     /// that this node has them now).
     claims: Vec<Str>,
+    /// Cluster: this node is cut off from NATS ([`Broker::handle_cut_off`]): it has closed
+    /// its connections, leaving their wills to the cluster, and refuses new ones.
+    cut_off: bool,
 }
 
 impl Broker {
@@ -492,6 +495,7 @@ impl Broker {
             applied_now: None,
             forwarded_durable: false,
             claims: Vec::new(),
+            cut_off: false,
         };
         broker.load_keys(snapshot.keys, now);
         broker.load_history(snapshot.history);

@@ -132,6 +132,9 @@ impl CoreTask {
                     ToCore::TakenOver(client_id) => {
                         broker.handle_taken_over(&client_id, now);
                     }
+                    ToCore::CutOff(cut) => {
+                        broker.handle_cut_off(cut, now);
+                    }
                     ToCore::Retained(messages) => {
                         broker.handle_retained(messages, now);
                     }

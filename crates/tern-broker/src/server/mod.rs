@@ -229,6 +229,8 @@ pub(crate) enum ToCore {
     RemoteDurable(u64, Vec<crate::core::Remote>),
     /// The client connected to another node of the cluster after its connection here.
     TakenOver(String),
+    /// This cluster node is cut off from NATS (`true`) or back (`false`).
+    CutOff(bool),
     /// The cluster's retained messages (an empty one clears its topic), to keep.
     Retained(Vec<tern_proto::Message>),
     /// The will of a client of a cluster node that is gone, to publish as that client's.
@@ -403,6 +405,7 @@ pub async fn run(server: Server, shutdown: impl Future<Output = ()>) -> Result<(
                         }
                         tern_cluster::Inbound::Retained(batch) => ToCore::Retained(batch),
                         tern_cluster::Inbound::TakenOver(client_id) => ToCore::TakenOver(client_id),
+                        tern_cluster::Inbound::CutOff(cut) => ToCore::CutOff(cut),
                         tern_cluster::Inbound::Will(w) => ToCore::ClusterWill(Box::new(w)),
                     });
                 },
