@@ -1667,7 +1667,10 @@ fn a_cluster_node_cut_off_closes_its_connections_and_leaves_their_wills_to_the_c
         "the cluster keeps the wills"
     );
     sim.advance(Duration::from_secs(40));
-    assert!(sim.broker.take_forwards().is_empty(), "no will published here");
+    assert!(
+        sim.broker.take_forwards().is_empty(),
+        "no will published here"
+    );
     let refused = sim.connect(Connect::new(Protocol::V5, "late"));
     let ack = sim.outputs.iter().rev().find_map(|o| match o {
         Output::Send(c, Packet::ConnAck(a)) if *c == refused => Some(a.reason),

@@ -314,12 +314,24 @@ impl Drop for PersistentMosquitto {
 }
 
 /// A port that was free a moment ago (for a process that must come back on the same one).
+/// A port free now for a server a test starts. Taken below the kernel's ephemeral range
+/// (32768 and up here), where no outgoing connection can take it before the server binds
+/// it (a port the kernel handed out for port 0 could be, and nats-server then failed to
+/// listen); each test process starts at its own place (by pid) and counts up.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    let start = std::process::id().wrapping_mul(7_919) % SPAN;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        assert!(n < SPAN, "no free port below the ephemeral range");
+        let port = (LOW + (start + n) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 impl Drop for Mosquitto {
