@@ -221,15 +221,15 @@ pub async fn run(
     let mut turns: u64 = 0;
     let (wills_tx, wills_rx) = mpsc::unbounded_channel();
     let to_core = deliver.clone();
-    let cut = deliver.clone();
+    let (awake, ticker) = crate::wills::Awake::start();
     let wills = tokio::spawn(crate::wills::run(
         js.clone(),
         config.node_id.clone(),
         boot_hex.clone(),
         config.replicas,
         wills_rx,
-        move |w| to_core(Inbound::Will(w)),
-        move |c| cut(Inbound::CutOff(c)),
+        move |inbound| to_core(inbound),
+        awake.clone(),
     ));
     // Retained topics this node has written and not yet read back from [`RETAINED`].
     let pending: Pending = Default::default();
@@ -251,6 +251,8 @@ pub async fn run(
         tokio::select! {
             o = out.recv() => {
                 let Some(o) = o else { break };
+                // Nothing of what the node did on waking from a freeze reaches the cluster.
+                awake.check();
                 if let Some(seq) = o.applied {
                     applied_tx.send_if_modified(|a| {
                         let newer = seq > *a;
@@ -446,6 +448,7 @@ pub async fn run(
     retained.abort();
     share_keeper.abort();
     wills.abort();
+    ticker.abort();
 }
 
 /// Test-only fault injection (debug builds, `TERN_FAULT_HOOK=1`): a QoS 1/2 message on

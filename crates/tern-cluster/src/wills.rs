@@ -41,6 +41,68 @@ pub const WILLS: &str = "TERN_WILLS";
 pub const BEAT: Duration = Duration::from_secs(2);
 /// A node that has not said so for this long is gone.
 pub const GONE_AFTER: Duration = Duration::from_secs(10);
+/// A node that finds it did not run for this long (SIGSTOP, a paused VM: its clock moved
+/// on, its tasks did not) stops at once ([`Awake::check`]).
+pub const FROZEN_AFTER: Duration = Duration::from_secs(5);
+
+/// When this process last ran its liveness ticker, to tell a node that was frozen.
+///
+/// A node frozen for seconds wakes up with stale views: its clients may have moved to
+/// other nodes and sent again what it had read from them before it froze, the others may
+/// be publishing their wills, and it has seen no other node say it lives for as long, so
+/// it would take them for gone. It must not put any of that into the cluster: whatever
+/// part of the node wakes first and finds the ticker this far behind aborts the process
+/// (restarted, it recovers from its store and the stream, as after a SIGKILL).
+#[derive(Debug, Clone)]
+pub struct Awake {
+    base: Instant,
+    last: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Awake {
+    /// Starts the ticker (a task of its own, every 250 ms).
+    pub fn start() -> (Awake, tokio::task::JoinHandle<()>) {
+        let awake = Awake {
+            base: Instant::now(),
+            last: Default::default(),
+        };
+        let ticking = awake.clone();
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
+            loop {
+                tick.tick().await;
+                ticking.tick();
+            }
+        });
+        (awake, task)
+    }
+
+    fn now(&self) -> u64 {
+        self.base.elapsed().as_millis() as u64
+    }
+
+    /// The ticker ran (after checking that it had not been frozen).
+    fn tick(&self) {
+        self.check();
+        self.last
+            .store(self.now(), std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Aborts the process if the ticker has not run for [`FROZEN_AFTER`].
+    pub fn check(&self) {
+        let last = self.last.load(std::sync::atomic::Ordering::SeqCst);
+        let gap = self.now().saturating_sub(last);
+        if gap > FROZEN_AFTER.as_millis() as u64 {
+            tracing::error!(
+                frozen_ms = gap,
+                "cluster: this node did not run for {} s (paused?): it stops now rather than act on what it knew before; restart it",
+                gap / 1000
+            );
+            std::process::abort();
+        }
+    }
+}
+
 /// A node whose last write saying it lives that NATS acknowledged was sent this long ago
 /// is cut off: the others will take it for gone within `GONE_AFTER - CUT_OFF_AFTER`, so it
 /// closes its connections and leaves their wills to the cluster first.
@@ -168,9 +230,18 @@ pub async fn run(
     boot: String,
     replicas: usize,
     mut changes: tokio::sync::mpsc::UnboundedReceiver<Change>,
-    publish: impl Fn(Will) + Send + 'static,
-    cut_off: impl Fn(bool) + Send + 'static,
+    to_core: impl Fn(crate::link::Inbound) + Send + Sync + 'static,
+    awake: Awake,
 ) {
+    let to_core = std::sync::Arc::new(to_core);
+    let publish = {
+        let to_core = to_core.clone();
+        move |w: Will| to_core(crate::link::Inbound::Will(w))
+    };
+    let cut_off = {
+        let to_core = to_core.clone();
+        move |c: bool| to_core(crate::link::Inbound::CutOff(c))
+    };
     use async_nats::jetstream::kv;
     let nodes = crate::kv::bucket(&js, NODES, replicas, Duration::ZERO).await;
     let wills = crate::kv::bucket(&js, WILLS, replicas, Duration::ZERO).await;
@@ -265,6 +336,8 @@ pub async fn run(
                 }
             }
             _ = look.tick() => {
+                // Never claim on a view a freeze made stale.
+                awake.check();
                 let now = Instant::now();
                 // Claim the wills of processes that are gone.
                 let orphans: Vec<(String, u64, Will)> = known

@@ -1438,3 +1438,73 @@ fn a_node_cut_off_from_nats_closes_its_clients_before_the_cluster_publishes_thei
     assert!(reclaimed.is_some(), "a, back first, published dev2's will");
     drop((a, b));
 }
+
+/// A node frozen (SIGSTOP) while its client gives up on it and sends again to another
+/// node writes nothing into the cluster when it wakes (SIGCONT): a client connected to
+/// node a sends a QoS 2 PUBLISH that a's kernel takes while a is frozen; 7 s later the
+/// client sends the same message to node b (mosquitto_pub, QoS 2); a is woken. a stops at
+/// once (it did not run for more than 5 s: docs/cluster.md), without putting the message
+/// it read into the stream, and the subscriber on b gets the message once.
+#[test]
+fn a_frozen_node_stops_when_it_wakes_and_puts_nothing_into_the_cluster() {
+    use std::io::{Read, Write};
+    let d = fresh("frozen");
+    let nats = Nats::start(&d);
+    let urls = nats.urls();
+    let mut a = node(&d, "a", &urls);
+    let b = node(&d, "b", &urls);
+    let (pa, pb) = (a.port(0).to_string(), b.port(0).to_string());
+    let watch = Command::new("mosquitto_sub")
+        .args(["-p", &pb, "-t", "frozen/#", "-q", "2", "-v", "-W", "20"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    settle();
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", pa.parse::<u16>().unwrap())).unwrap();
+    // CONNECT, 3.1.1, clean session, client id "mover", keep alive 60 s.
+    s.write_all(&[
+        0x10, 17, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 5, b'm', b'o', b'v', b'e', b'r',
+    ])
+    .unwrap();
+    let mut ack = [0u8; 4];
+    s.read_exact(&mut ack).unwrap();
+    assert_eq!(ack, [0x20, 2, 0, 0]);
+    let pid = a.child.id().to_string();
+    let signal = |sig: &str| {
+        assert!(
+            Command::new("kill")
+                .args([sig, &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    signal("-STOP");
+    // PUBLISH, QoS 2, packet id 1, "frozen/x", "once": taken by a's kernel, not by a.
+    let mut publish = vec![0x34, 16, 0, 8];
+    publish.extend_from_slice(b"frozen/x");
+    publish.extend_from_slice(&[0, 1]);
+    publish.extend_from_slice(b"once");
+    s.write_all(&publish).unwrap();
+    std::thread::sleep(Duration::from_secs(7));
+    // The client gives up on a and sends the message to b.
+    assert!(
+        Command::new("mosquitto_pub")
+            .args([
+                "-p", &pb, "-i", "mover", "-q", "2", "-t", "frozen/x", "-m", "once"
+            ])
+            .status()
+            .unwrap()
+            .success()
+    );
+    signal("-CONT");
+    // The subscriber listens 20 s in all: a has 10 s awake to do harm.
+    let out = watch.wait_with_output().unwrap();
+    let got: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(got, ["frozen/x once"], "the message once, from b");
+    assert!(a.exited(), "a stopped when it woke from a freeze");
+    drop(b);
+}
