@@ -1508,3 +1508,88 @@ fn a_frozen_node_stops_when_it_wakes_and_puts_nothing_into_the_cluster() {
     assert!(a.exited(), "a stopped when it woke from a freeze");
     drop(b);
 }
+
+/// The NATS consumers JetStream keeps, summed over the three servers' `/jsz`.
+fn consumers(nats: &Nats) -> u64 {
+    (0..3)
+        .filter_map(|i| http_get(nats.http[i], "/jsz"))
+        .filter_map(|body| serde_json::from_str::<serde_json::Value>(&body).ok())
+        .map(|v| v["consumers"].as_u64().unwrap_or(0))
+        .sum()
+}
+
+/// Sessions cost JetStream nothing per session: 10,000 persistent sessions (tern-client,
+/// one QoS 1 subscription each, 250 at a time) made across three nodes and left offline
+/// add no JetStream consumer (the servers' `/jsz`, summed: each node's readers and
+/// watchers only, the same before and after), and every one of them is present again
+/// when its client comes back to its node. (Coming back on another node waits for
+/// sessions in KV: docs/cluster.md.)
+#[test]
+fn ten_thousand_persistent_sessions_across_three_nodes_add_no_jetstream_consumer() {
+    use tern_client::{Client, Event, QoS};
+    let d = fresh("scale");
+    let nats = Nats::start(&d);
+    let urls = nats.urls();
+    let nodes = [
+        node(&d, "a", &urls),
+        node(&d, "b", &urls),
+        node(&d, "c", &urls),
+    ];
+    let ports: Vec<u16> = nodes.iter().map(|n| n.port(0).parse().unwrap()).collect();
+    settle();
+    let before = consumers(&nats);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let total = 10_000;
+    let visit = |subscribe: bool| -> usize {
+        rt.block_on(async {
+            let mut present = 0;
+            for wave in (0..total).collect::<Vec<usize>>().chunks(250) {
+                let visits = wave.iter().map(|&i| {
+                    let options = support::persistent(ports[i % 3], &format!("s{i}"));
+                    async move {
+                        let (c, mut events) = Client::connect(options).await.unwrap();
+                        let was = loop {
+                            match events.recv().await {
+                                Some(Event::Connected { session_present }) => break session_present,
+                                Some(_) => {}
+                                None => panic!("no CONNACK for s{i}"),
+                            }
+                        };
+                        if subscribe {
+                            c.subscribe(&format!("scale/{i}/#"), QoS::AtLeastOnce)
+                                .await
+                                .unwrap();
+                        }
+                        c.disconnect().await;
+                        was
+                    }
+                });
+                present += futures_util::future::join_all(visits)
+                    .await
+                    .into_iter()
+                    .filter(|p| *p)
+                    .count();
+            }
+            present
+        })
+    };
+    let started = Instant::now();
+    assert_eq!(visit(true), 0, "new sessions");
+    let made = started.elapsed();
+    std::thread::sleep(Duration::from_secs(1));
+    let after = consumers(&nats);
+    let started = Instant::now();
+    let back = visit(false);
+    eprintln!(
+        "{total} persistent sessions made in {made:?}, back in {:?}; JetStream consumers \
+         (summed over the servers): {before} before, {after} after",
+        started.elapsed()
+    );
+    assert_eq!(back, total, "every session present on its node");
+    assert_eq!(after, before, "no consumer per session");
+    drop(nodes);
+}
