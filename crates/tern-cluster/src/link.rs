@@ -808,7 +808,7 @@ async fn consume(
                         &config.node_id,
                         own,
                         m.subject.as_str(),
-                        last,
+                        || last,
                     );
                     // ... and, put there by an earlier run of this node, for the core to see
                     // whether a crash lost their round here.
@@ -941,8 +941,9 @@ fn take(
         message.properties.message_expiry_interval = None;
         message.expires_at = expires_at;
     }
-    let salt = shares::fnv(&m.payload);
-    let shared = shared_for_me(m.headers.as_ref(), table, me, false, subject, salt);
+    let shared = shared_for_me(m.headers.as_ref(), table, me, false, subject, || {
+        shares::fnv(&m.payload)
+    });
     Some(Remote {
         message,
         plain: true,
@@ -954,22 +955,28 @@ fn take(
 /// The shared subscriptions of this node a message from the cluster is for: those its
 /// `Tern-Share` header names this node for; for a message from outside Tern (no header),
 /// those this node's view of the table picks it for (by `salt`, the same on every node).
+/// With no shared subscription in the table (most clusters), one look at it and nothing
+/// else per message: no topic made, no clock read, no hash.
 fn shared_for_me(
     headers: Option<&async_nats::HeaderMap>,
     table: &shares::Shared,
     me: &str,
     own: bool,
     subject: &str,
-    salt: u64,
+    salt: impl FnOnce() -> u64,
 ) -> Vec<String> {
     match headers.and_then(|h| h.get(SHARE_HEADER)) {
         Some(v) => shares::for_me(v.as_str(), me),
         None if own => Vec::new(),
         None => {
+            let table = shares::lock(table);
+            if table.is_empty() {
+                return Vec::new();
+            }
             let subject = subject.strip_prefix(STREAM_PREFIX).unwrap_or(subject);
             let topic = subject_to_topic(subject);
-            shares::lock(table)
-                .assign(me, &topic, salt, std::time::Instant::now())
+            table
+                .assign(me, &topic, salt(), std::time::Instant::now())
                 .into_iter()
                 .filter(|(_, node)| node == me)
                 .map(|(s, _)| s)

@@ -1554,7 +1554,9 @@ fn ten_thousand_persistent_sessions_across_three_nodes_add_no_jetstream_consumer
                         let (c, mut events) = Client::connect(options).await.unwrap();
                         let was = loop {
                             match events.recv().await {
-                                Some(Event::Connected { session_present }) => break session_present,
+                                Some(Event::Connected { session_present }) => {
+                                    break session_present;
+                                }
                                 Some(_) => {}
                                 None => panic!("no CONNACK for s{i}"),
                             }
