@@ -1294,25 +1294,10 @@ fn a_node_whose_nats_server_dies_moves_to_another_and_loses_nothing() {
 /// alive 60 s) on `port`: the CONNACK's return code and, if accepted, what tells when the
 /// server closes the connection (the time, in seconds since the epoch).
 fn will_client(port: u16, id: &str) -> (u8, Option<std::sync::mpsc::Receiver<f64>>) {
-    use std::io::{Read, Write};
-    let text = |s: &str| -> Vec<u8> {
-        let mut v = (s.len() as u16).to_be_bytes().to_vec();
-        v.extend_from_slice(s.as_bytes());
-        v
-    };
-    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x0E, 0, 60];
-    body.extend(text(id));
-    body.extend(text(&format!("wills/{id}")));
-    body.extend(text(&format!("{id}-gone")));
-    let mut packet = vec![0x10, body.len() as u8];
-    packet.extend(body);
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.write_all(&packet).unwrap();
-    let mut ack = [0u8; 4];
-    s.read_exact(&mut ack).unwrap();
-    assert_eq!(ack[0], 0x20, "a CONNACK");
-    if ack[3] != 0 {
-        return (ack[3], None);
+    use std::io::Read;
+    let (code, mut s) = raw_connect(port, id, true);
+    if code != 0 {
+        return (code, None);
     }
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -1321,6 +1306,33 @@ fn will_client(port: u16, id: &str) -> (u8, Option<std::sync::mpsc::Receiver<f64
         let _ = tx.send(epoch_secs());
     });
     (0, Some(rx))
+}
+
+/// A CONNECT written by hand (MQTT 3.1.1, clean session, keep alive 60 s; with a will
+/// `wills/ID`, payload `ID-gone`, QoS 1, if asked) to `port`: the CONNACK's return code
+/// and the connection.
+fn raw_connect(port: u16, id: &str, will: bool) -> (u8, std::net::TcpStream) {
+    use std::io::{Read, Write};
+    let text = |s: &str| -> Vec<u8> {
+        let mut v = (s.len() as u16).to_be_bytes().to_vec();
+        v.extend_from_slice(s.as_bytes());
+        v
+    };
+    let flags = if will { 0x0E } else { 0x02 };
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, flags, 0, 60];
+    body.extend(text(id));
+    if will {
+        body.extend(text(&format!("wills/{id}")));
+        body.extend(text(&format!("{id}-gone")));
+    }
+    let mut packet = vec![0x10, body.len() as u8];
+    packet.extend(body);
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(&packet).unwrap();
+    let mut ack = [0u8; 4];
+    s.read_exact(&mut ack).unwrap();
+    assert_eq!(ack[..2], [0x20, 2], "a CONNACK");
+    (ack[3], s)
 }
 
 fn epoch_secs() -> f64 {
@@ -1447,7 +1459,7 @@ fn a_node_cut_off_from_nats_closes_its_clients_before_the_cluster_publishes_thei
 /// it read into the stream, and the subscriber on b gets the message once.
 #[test]
 fn a_frozen_node_stops_when_it_wakes_and_puts_nothing_into_the_cluster() {
-    use std::io::{Read, Write};
+    use std::io::Write;
     let d = fresh("frozen");
     let nats = Nats::start(&d);
     let urls = nats.urls();
@@ -1460,15 +1472,8 @@ fn a_frozen_node_stops_when_it_wakes_and_puts_nothing_into_the_cluster() {
         .spawn()
         .unwrap();
     settle();
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", pa.parse::<u16>().unwrap())).unwrap();
-    // CONNECT, 3.1.1, clean session, client id "mover", keep alive 60 s.
-    s.write_all(&[
-        0x10, 17, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 5, b'm', b'o', b'v', b'e', b'r',
-    ])
-    .unwrap();
-    let mut ack = [0u8; 4];
-    s.read_exact(&mut ack).unwrap();
-    assert_eq!(ack, [0x20, 2, 0, 0]);
+    let (accepted, mut s) = raw_connect(pa.parse().unwrap(), "mover", false);
+    assert_eq!(accepted, 0);
     let pid = a.child.id().to_string();
     let signal = |sig: &str| {
         assert!(
