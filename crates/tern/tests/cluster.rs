@@ -902,6 +902,39 @@ fn a_node_cut_off_from_nats_holds_its_publishers_then_loses_nothing() {
     drop((a, b));
 }
 
+/// `mosquitto_sub` on `port` for `wills/#` (QoS 1) for `secs` seconds, printing each
+/// will with the time it arrived.
+fn watch_wills(port: &str, secs: u32) -> Child {
+    Command::new("mosquitto_sub")
+        .args([
+            "-p",
+            port,
+            "-t",
+            "wills/#",
+            "-q",
+            "1",
+            "-W",
+            &secs.to_string(),
+        ])
+        .args(["-F", "%U %t %p"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// What a [`watch_wills`] saw: (seconds since the epoch, "TOPIC PAYLOAD").
+fn wills_seen(watch: Child) -> Vec<(f64, String)> {
+    let out = watch.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let (t, rest) = l.split_once(' ')?;
+            Some((t.parse().ok()?, rest.to_string()))
+        })
+        .collect()
+}
+
 /// The wills of the clients of a node that dies (SIGKILL, not restarted) are published
 /// once, cluster-wide, by a node that lives: a 3.1.1 will at once once the node is seen
 /// gone, a 5.0 will after its Will Delay Interval; subscribers on both surviving nodes get
@@ -919,16 +952,7 @@ fn wills_of_the_clients_of_a_dead_node_are_published_once_by_a_survivor() {
     let c = node(&d, "c", &urls);
     let port = |n: &BrokerProcess| -> String { n.port(0).to_string() };
     let (pa, pb, pc) = (port(&a), port(&b), port(&c));
-    let watch = |p: &str| {
-        Command::new("mosquitto_sub")
-            .args(["-p", p, "-t", "wills/#", "-q", "1", "-W", "24"])
-            .args(["-F", "%U %t %p"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
-    };
-    let (on_b, on_c) = (watch(&pb), watch(&pc));
+    let (on_b, on_c) = (watch_wills(&pb, 24), watch_wills(&pc, 24));
     let client = |p: &str, id: &str, extra: &[&str]| {
         Command::new("mosquitto_sub")
             .args(["-p", p, "-i", id, "-t", "x/none"])
@@ -986,17 +1010,7 @@ fn wills_of_the_clients_of_a_dead_node_are_published_once_by_a_survivor() {
     let _ = dev4.wait();
     std::thread::sleep(Duration::from_millis(500));
     drop(a); // SIGKILL, for good
-    let got = |child: Child| -> Vec<(f64, String)> {
-        let out = child.wait_with_output().unwrap();
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| {
-                let (t, rest) = l.split_once(' ')?;
-                Some((t.parse().ok()?, rest.to_string()))
-            })
-            .collect()
-    };
-    for (node, received) in [("b", got(on_b)), ("c", got(on_c))] {
+    for (node, received) in [("b", wills_seen(on_b)), ("c", wills_seen(on_c))] {
         let mut what: Vec<&str> = received.iter().map(|(_, m)| m.as_str()).collect();
         what.sort();
         assert_eq!(
@@ -1358,21 +1372,7 @@ fn a_node_cut_off_from_nats_closes_its_clients_before_the_cluster_publishes_thei
     let a = node(&d, "a", &proxy.url());
     let b = node(&d, "b", &nats.urls());
     let (pa, pb): (u16, u16) = (a.port(0).parse().unwrap(), b.port(0).parse().unwrap());
-    let on_b = Command::new("mosquitto_sub")
-        .args([
-            "-p",
-            &pb.to_string(),
-            "-t",
-            "wills/#",
-            "-q",
-            "1",
-            "-W",
-            "40",
-        ])
-        .args(["-F", "%U %t %p"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let on_b = watch_wills(&pb.to_string(), 40);
     let closed_within = |rx: std::sync::mpsc::Receiver<f64>, from: f64| -> f64 {
         rx.recv_timeout(Duration::from_secs(15))
             .expect("a closes its connections when cut off from NATS")
@@ -1410,14 +1410,7 @@ fn a_node_cut_off_from_nats_closes_its_clients_before_the_cluster_publishes_thei
     let dev2_closed = closed_within(dev2, cut2);
     proxy.heal();
     let reclaimed = a.wait_for("back from being cut off", Duration::from_secs(10));
-    let out = on_b.wait_with_output().unwrap();
-    let wills: Vec<(f64, String)> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| {
-            let (t, rest) = l.split_once(' ')?;
-            Some((t.parse().ok()?, rest.to_string()))
-        })
-        .collect();
+    let wills = wills_seen(on_b);
     eprintln!(
         "dev1 closed {dev1_closed:.1} s into the first cut, dev2 {dev2_closed:.1} s into the \
          second; wills on b (s after the first cut): {:?}",
