@@ -30,11 +30,11 @@ mod trie;
 
 pub use broker::{
     AdminAction, Broker, ConnId, ConnIdHasher, ConnMap, DEFAULT_KEY_PROPERTY, Forward, Gauges,
-    Idempotency, InflightView, Interest, Load, Loads, Output, POSITION, QUEUED_MESSAGE_OVERHEAD,
-    QueuePolicy, RECEIPT_PROPERTY, RECEIPT_ROUTED, RECEIPT_SETTLED, REPLAY_FROM, REPLAY_SINCE,
-    Remote, RetainedView, Round, Sealed, Send, SessionGauge, SessionSummary, SessionView,
-    SessionsPage, Settings, SubscriptionView, TopicPolicy, Traffic, WillChange, WillView,
-    parse_duration, since_time,
+    Idempotency, InflightView, Interest, Load, Loads, MovedIn, Output, POSITION,
+    QUEUED_MESSAGE_OVERHEAD, QueuePolicy, RECEIPT_PROPERTY, RECEIPT_ROUTED, RECEIPT_SETTLED,
+    REPLAY_FROM, REPLAY_SINCE, Remote, RetainedView, Round, Sealed, Send, SessionGauge,
+    SessionSummary, SessionView, SessionsPage, Settings, Source, SubscriptionView, TopicPolicy,
+    Traffic, WillChange, WillView, parse_duration, since_time,
 };
 pub use counters::{Counters, DropReason, PolicyCounters};
 pub use refusal::{Admission, Answer, Refusal};

@@ -43,6 +43,9 @@ pub enum Refusal {
     /// A cluster node cut off from NATS takes no connections until it is back (the
     /// cluster may hand its clients' wills and sessions to other nodes meanwhile).
     CutOff,
+    /// A cluster node could not get the client's session from the node that has it
+    /// (it did not answer in time): the client tries again.
+    SessionElsewhere,
     /// A PUBLISH above the Maximum QoS the CONNACK advertised [MQTT-3.2.2-11].
     QosNotSupported,
     /// A retained PUBLISH where the CONNACK said Retain Available 0 [MQTT-3.2.2-14].
@@ -109,7 +112,9 @@ impl Refusal {
             Refusal::NotAuthorized => ReasonCode::NotAuthorized,
             Refusal::BadUserNameOrPassword => ReasonCode::BadUserNameOrPassword,
             Refusal::ConnectionLimit => ReasonCode::QuotaExceeded,
-            Refusal::ServerUnavailable | Refusal::CutOff => ReasonCode::ServerUnavailable,
+            Refusal::ServerUnavailable | Refusal::CutOff | Refusal::SessionElsewhere => {
+                ReasonCode::ServerUnavailable
+            }
             Refusal::QosNotSupported => ReasonCode::QosNotSupported,
             Refusal::RetainNotSupported => ReasonCode::RetainNotSupported,
             Refusal::RateTooHigh => ReasonCode::MessageRateTooHigh,
@@ -191,6 +196,7 @@ impl Refusal {
             | Refusal::ConnectionLimit
             | Refusal::ServerUnavailable
             | Refusal::CutOff
+            | Refusal::SessionElsewhere
             | Refusal::RateTooHigh
             | Refusal::TopicBeyondLimits
             | Refusal::PublishNotAuthorized
@@ -218,6 +224,9 @@ impl Refusal {
             Refusal::ConnectionLimit => "connection limit reached",
             Refusal::ServerUnavailable => "admission could not be decided",
             Refusal::CutOff => "this cluster node is cut off from NATS",
+            Refusal::SessionElsewhere => {
+                "the cluster node that has this client's session did not give it in time"
+            }
             Refusal::QosNotSupported => "above the Maximum QoS the server offers",
             Refusal::RetainNotSupported => "retained messages are not available",
             Refusal::RateTooHigh => "over the publish rate the server allows",
@@ -266,7 +275,7 @@ mod tests {
 
     use super::*;
 
-    const ALL: [Refusal; 26] = [
+    const ALL: [Refusal; 27] = [
         Refusal::ClientIdNotValid,
         Refusal::KeepAliveTooLong,
         Refusal::UnsupportedProtocolVersion,
@@ -279,6 +288,7 @@ mod tests {
         Refusal::ConnectionLimit,
         Refusal::ServerUnavailable,
         Refusal::CutOff,
+        Refusal::SessionElsewhere,
         Refusal::QosNotSupported,
         Refusal::RetainNotSupported,
         Refusal::RateTooHigh,

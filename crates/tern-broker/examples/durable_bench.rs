@@ -295,6 +295,7 @@ fn restart(sessions: usize, messages: usize) {
                         }],
                         pending_will: None,
                         username: None,
+                        fed: None,
                     },
                 });
                 for k in 0..per {

@@ -8,8 +8,9 @@
 mod hex;
 mod kv;
 pub mod link;
+pub mod moves;
 pub mod shares;
 pub mod subject;
 pub mod wills;
 
-pub use link::{Config, Error, Forward, Inbound, Interest, Out, Remote, connect, run};
+pub use link::{Config, Error, Fed, Forward, Inbound, Interest, Out, Remote, connect, run};

@@ -59,6 +59,9 @@ pub struct Out {
     pub claims: Vec<String>,
     /// Wills of this node's connections, kept by the cluster while they last.
     pub wills: Vec<crate::wills::Change>,
+    /// Client ids whose sessions to fetch from the nodes that have them
+    /// ([`Inbound::Moved`] answers).
+    pub fetches: Vec<String>,
 }
 
 /// The JetStream stream holding the cluster's retained messages: the last message of each
@@ -109,6 +112,25 @@ pub struct Remote {
     /// This node's own QoS 1/2 message put in the stream by an earlier run of the node:
     /// its number among the node's forwards, and the client and packet id it came with.
     pub earlier: Option<(u64, Option<(String, u16)>)>,
+    /// For a message of the cluster's stream, where it comes from.
+    pub source: Option<Source>,
+}
+
+/// Where a message of the cluster's stream comes from (the sessions that moved to this
+/// node take only what their last node did not give them).
+#[derive(Debug, Clone)]
+pub struct Source {
+    /// Its stream sequence.
+    pub seq: u64,
+    /// The node that put it there ("" for a message from outside Tern).
+    pub node: std::sync::Arc<str>,
+    /// Its number among that node's QoS 1/2 forwards (0 if none).
+    pub number: u64,
+    /// This node's own message, read back for the sessions that moved here only.
+    pub own: bool,
+    /// For this node's own message, the client that published it (a subscription of its
+    /// own with No Local does not get it).
+    pub publisher: Option<String>,
 }
 
 /// What the link hands the core.
@@ -129,6 +151,15 @@ pub enum Inbound {
     /// This node cannot reach NATS (`true`) for long enough that the other nodes will soon
     /// take it for gone, or reaches it again (`false`): `crate::wills`.
     CutOff(bool),
+    /// Another node asks for this client's session: the core closes its connection here
+    /// and, once that is committed, answers with the session as the store has it (`None`:
+    /// no session here to give).
+    Give(
+        String,
+        tokio::sync::oneshot::Sender<Option<crate::moves::Given>>,
+    ),
+    /// The answer to a fetch ([`Out::fetches`]) of this client's session.
+    Moved(String, crate::moves::Fetched),
 }
 
 /// The KV bucket that says which node each client id last connected to.
@@ -181,7 +212,7 @@ pub async fn connect(config: &Config) -> Result<async_nats::Client, Error> {
 pub async fn run(
     client: async_nats::Client,
     config: Config,
-    applied: u64,
+    (applied, fed): (u64, Fed),
     mut out: mpsc::UnboundedReceiver<Out>,
     ready: tokio::sync::oneshot::Sender<()>,
     deliver: impl Fn(Inbound) + Send + Sync + 'static,
@@ -207,15 +238,32 @@ pub async fn run(
         share_rx,
     ));
     let (applied_tx, applied_rx) = tokio::sync::watch::channel(applied);
+    let (moves_tx, moves_rx) = mpsc::unbounded_channel();
     let to_core = deliver.clone();
     let consumer = tokio::spawn(consume(
         js.clone(),
         config.clone(),
         table.clone(),
         (boot_hex.clone(), ready),
-        applied,
-        applied_rx,
-        move |last, batch| to_core(Inbound::Durable(last, batch)),
+        (applied, applied_rx),
+        (moves_rx, fed),
+        move |inbound| to_core(inbound),
+    ));
+    let to_core = deliver.clone();
+    let giver = tokio::spawn(crate::moves::serve(
+        client.clone(),
+        config.node_id.clone(),
+        move |client_id, reply| to_core(Inbound::Give(client_id, reply)),
+    ));
+    let (fetch_tx, fetch_rx) = mpsc::unbounded_channel();
+    let to_core = deliver.clone();
+    let fetcher = tokio::spawn(crate::moves::fetch(
+        client.clone(),
+        js.clone(),
+        config.clone(),
+        fetch_rx,
+        moves_tx,
+        move |inbound| to_core(inbound),
     ));
     let me = config.node_id.clone();
     let mut turns: u64 = 0;
@@ -274,6 +322,9 @@ pub async fn run(
                 }
                 for c in o.claims {
                     let _ = claims_tx.send(c);
+                }
+                for f in o.fetches {
+                    let _ = fetch_tx.send(f);
                 }
                 for w in o.wills {
                     let _ = wills_tx.send(w);
@@ -360,7 +411,7 @@ pub async fn run(
                         .map(|(s, _)| s.clone())
                         .collect();
                     if !mine.is_empty() {
-                        back.push(Remote { message: m.clone(), plain: false, shared: mine, earlier: None });
+                        back.push(Remote { message: m.clone(), plain: false, shared: mine, earlier: None, source: None });
                     }
                     let props = props_header(&m);
                     let sent = if props.is_none() && !m.retain && share.is_none() {
@@ -444,6 +495,8 @@ pub async fn run(
         task.abort();
     }
     consumer.abort();
+    giver.abort();
+    fetcher.abort();
     takeovers.abort();
     retained.abort();
     share_keeper.abort();
@@ -634,7 +687,7 @@ fn stream_message(
 }
 
 /// Client ids in [`CLIENTS`]: the bytes in hex (a key allows few characters).
-fn client_key(client_id: &str) -> String {
+pub(crate) fn client_key(client_id: &str) -> String {
     crate::hex::encode(client_id.as_bytes())
 }
 
@@ -693,9 +746,12 @@ async fn consume(
     config: Config,
     table: shares::Shared,
     (boot, ready): (String, tokio::sync::oneshot::Sender<()>),
-    start: u64,
-    mut applied: tokio::sync::watch::Receiver<u64>,
-    deliver: impl Fn(u64, Vec<Remote>) + Send + 'static,
+    (start, mut applied): (u64, tokio::sync::watch::Receiver<u64>),
+    (mut moves, fed): (
+        mpsc::UnboundedReceiver<(String, crate::moves::Given, String)>,
+        Fed,
+    ),
+    deliver: impl Fn(Inbound) + Send + 'static,
 ) {
     use async_nats::jetstream::{consumer, stream};
     let stream = crate::kv::stream(
@@ -746,7 +802,7 @@ async fn consume(
         }
     }
     let start = if start == 0 && caught_up > 0 {
-        deliver(caught_up, Vec::new());
+        deliver(Inbound::Durable(caught_up, Vec::new()));
         if applied.wait_for(|a| *a >= caught_up).await.is_err() {
             return;
         }
@@ -781,11 +837,40 @@ async fn consume(
         through = caught_up,
         "cluster: reading the stream of QoS 1/2 messages"
     );
+    // Where this node has applied the stream to (its sessions have everything up to it).
+    let mut pos = start;
+    // The nodes' names, each allocated once.
+    let mut names: Vec<std::sync::Arc<str>> = Vec::new();
     loop {
-        // A batch: what has arrived, up to 256, waiting only for the first.
+        // A batch: what has arrived, up to 256, waiting only for the first. Between two
+        // batches, a session that moved here is caught up with the stream.
         let mut batch = Vec::new();
         let mut last = 0;
-        let mut next = messages.next().await;
+        let mut next = tokio::select! {
+            n = messages.next() => n,
+            Some((client_id, given, from)) = moves.recv() => {
+                let read = catch_up(&stream, given.applied, pos, &config.node_id, &mut names);
+                let fetched = match tokio::time::timeout(CATCH_UP_TIMEOUT, read).await {
+                    Ok(catch_up) => {
+                        // From the next batch on, this node's own messages are read back
+                        // for it.
+                        fed.store(true, std::sync::atomic::Ordering::Release);
+                        crate::moves::Fetched::Moved(Box::new(crate::moves::Arrived {
+                            given,
+                            from,
+                            catch_up,
+                        }))
+                    }
+                    Err(_) => {
+                        tracing::warn!(client_id = %client_id, "cluster: reading the stream for a session that moved here took too long: the client is refused for now");
+                        crate::moves::Fetched::Unavailable
+                    }
+                };
+                deliver(Inbound::Moved(client_id, fetched));
+                continue;
+            }
+        };
+        let own_wanted = fed.load(std::sync::atomic::Ordering::Acquire);
         loop {
             match next {
                 Some(Ok(m)) => {
@@ -817,15 +902,21 @@ async fn consume(
                     } else {
                         None
                     };
+                    // ... and, once a session moved here, for such sessions.
+                    let for_moved = own && own_wanted && earlier.is_none();
                     if !marker
-                        && (!own || !shared.is_empty() || earlier.is_some())
+                        && (!own || !shared.is_empty() || earlier.is_some() || for_moved)
                         && let Some(message) = from_stream(&m)
                     {
+                        let source = earlier
+                            .is_none()
+                            .then(|| source_of(&m, last, own, &mut names));
                         batch.push(Remote {
                             message,
-                            plain: !own,
+                            plain: !own || for_moved,
                             shared,
                             earlier,
+                            source,
                         });
                     }
                 }
@@ -845,11 +936,12 @@ async fn consume(
         if last == 0 {
             continue;
         }
-        deliver(last, batch);
+        deliver(Inbound::Durable(last, batch));
         // One batch at a time: the next once this one is committed.
         if applied.wait_for(|a| *a >= last).await.is_err() {
             return;
         }
+        pos = pos.max(last);
         if last >= caught_up
             && let Some(r) = ready.take()
         {
@@ -857,6 +949,103 @@ async fn consume(
             let _ = r.send(());
         }
     }
+}
+
+/// Set once this node has a session that moved here from another node: such a session
+/// takes this node's own QoS 1/2 messages from the stream (docs/cluster.md), so the
+/// reader hands them to the core too.
+pub type Fed = std::sync::Arc<std::sync::atomic::AtomicBool>;
+/// How long reading the stream for a session that moved here may take.
+const CATCH_UP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Where a message of the stream comes from (`seq`), its node's name taken from `names`.
+fn source_of(
+    m: &async_nats::jetstream::Message,
+    seq: u64,
+    own: bool,
+    names: &mut Vec<std::sync::Arc<str>>,
+) -> Source {
+    let header = |name: &str| {
+        m.headers
+            .as_ref()
+            .and_then(|h| h.get(name))
+            .map(|v| v.as_str())
+    };
+    let node = header(NODE_HEADER).unwrap_or("");
+    let node = match names.iter().find(|n| &***n == node) {
+        Some(n) => n.clone(),
+        None => {
+            let n: std::sync::Arc<str> = node.into();
+            names.push(n.clone());
+            n
+        }
+    };
+    let publisher = own
+        .then(|| header(ORIGIN_HEADER))
+        .flatten()
+        .and_then(|v| crate::hex::text(v.split_once(':')?.0));
+    Source {
+        seq,
+        node,
+        number: header(NUMBER_HEADER)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+        own,
+        publisher,
+    }
+}
+
+/// The stream's messages after `after` through `through`, for a session that moved here
+/// (read with a consumer of its own, gone when done).
+async fn catch_up(
+    stream: &async_nats::jetstream::stream::Stream,
+    after: u64,
+    through: u64,
+    me: &str,
+    names: &mut Vec<std::sync::Arc<str>>,
+) -> Vec<Remote> {
+    use async_nats::jetstream::consumer;
+    let mut out = Vec::new();
+    if after >= through {
+        return out;
+    }
+    let mut messages = ordered_reader(
+        stream,
+        consumer::pull::OrderedConfig {
+            deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: after + 1,
+            },
+            ..Default::default()
+        },
+        "cluster's stream (a session's catch-up)",
+    )
+    .await;
+    while let Some(next) = messages.next().await {
+        let Ok(m) = next else { continue };
+        let Ok(info) = m.info() else { continue };
+        let seq = info.stream_sequence;
+        if seq > through {
+            break;
+        }
+        let headers = m.headers.as_ref();
+        let marker = headers.is_some_and(|h| h.get(MARKER_HEADER).is_some());
+        let own = headers
+            .and_then(|h| h.get(NODE_HEADER))
+            .is_some_and(|n| n.as_str() == me);
+        if !marker && let Some(message) = from_stream(&m) {
+            out.push(Remote {
+                message,
+                plain: true,
+                shared: Vec::new(),
+                earlier: None,
+                source: Some(source_of(&m, seq, own, names)),
+            });
+        }
+        if seq >= through {
+            break;
+        }
+    }
+    out
 }
 
 /// For this node's own message: its number and origin if an earlier run of the node put
@@ -949,6 +1138,7 @@ fn take(
         plain: true,
         shared,
         earlier: None,
+        source: None,
     })
 }
 

@@ -65,6 +65,23 @@ pub struct SessionRecord {
     /// The username of the session's last connection (the ACL's `%u` while it is
     /// offline).
     pub username: Option<Str>,
+    /// Cluster: the session moved to this node from another, and takes its QoS 1/2
+    /// messages that cross nodes from the cluster's stream from then on.
+    pub fed: Option<Fed>,
+}
+
+/// Cluster: a session that moved to this node from another ([`SessionRecord::fed`]): it
+/// takes every QoS 1/2 message that crosses nodes from the cluster's stream, in the
+/// stream's order (this node's own clients' messages too, which its other sessions get
+/// when they are published), except what it held already when it moved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fed {
+    /// It held every message of the stream up to this sequence when it moved.
+    pub after: u64,
+    /// The node it moved from.
+    pub from: Str,
+    /// It held that node's own messages numbered up to this (0: none beyond `after`).
+    pub through: u64,
 }
 
 /// One session as stored.
@@ -396,8 +413,76 @@ pub trait Store: Send {
     }
 }
 
+/// One session as a store holds it, taken out to move to another cluster node
+/// ([`QueueReader::export_session`]), with the cluster positions committed with it.
+#[derive(Debug, Clone)]
+pub struct Exported {
+    /// Its client identifier.
+    pub client_id: Str,
+    /// The session, its whole queue read.
+    pub session: StoredSession,
+    /// [`Snapshot::cluster_applied`] as of the same commit.
+    pub cluster_applied: u64,
+    /// [`Snapshot::cluster_forwarded`] as of the same commit.
+    pub cluster_forwarded: u64,
+}
+
+impl Exported {
+    /// The session as bytes for another process (the write-ahead log's encoding of the
+    /// ops that make it; times as wall-clock, read back against the reader's clocks):
+    /// `now` and `wall` are the same moment.
+    pub fn encode(&self, now: std::time::Instant, wall: SystemTime) -> Result<Vec<u8>, StoreError> {
+        let ops = [
+            Op::PutSession {
+                client_id: self.client_id.clone(),
+                record: self.session.record.clone(),
+            },
+            Op::PutDelivery {
+                client_id: self.client_id.clone(),
+                state: self.session.delivery.clone(),
+                shared: self.session.shared.clone(),
+            },
+        ];
+        encoding::batch(&ops, encoding::Anchor { instant: now, wall })
+    }
+
+    /// A session [`Exported::encode`] wrote (the cluster positions are not in the bytes:
+    /// 0 here, for the caller to fill in).
+    pub fn decode(
+        buf: &[u8],
+        now: std::time::Instant,
+        wall: SystemTime,
+    ) -> Result<Exported, StoreError> {
+        let ops = encoding::read_batch(buf, encoding::Anchor { instant: now, wall })?;
+        let bad = || StoreError::Backend("a session from another node is unreadable".into());
+        let mut ops = ops.into_iter();
+        let (
+            Some(Op::PutSession { client_id, record }),
+            Some(Op::PutDelivery { state, shared, .. }),
+            None,
+        ) = (ops.next(), ops.next(), ops.next())
+        else {
+            return Err(bad());
+        };
+        Ok(Exported {
+            client_id,
+            session: StoredSession {
+                record,
+                delivery: state,
+                shared,
+            },
+            cluster_applied: 0,
+            cluster_forwarded: 0,
+        })
+    }
+}
+
 /// Reads queues from what a store has committed, beside its writer ([`Store::reader`]).
 pub trait QueueReader: Send {
+    /// The session `client_id` as of the last commit, its whole queue read, with the
+    /// cluster positions of that commit; `None` if the store has no such session.
+    fn export_session(&self, client_id: &str) -> Result<Option<Exported>, StoreError>;
+
     /// As [`Store::read_history`], from the last commit.
     fn read_history(&self, read: &HistoryRead) -> Result<Vec<HistoryMessage>, StoreError>;
 

@@ -983,11 +983,11 @@ impl Store for RedbStore {
     }
 
     fn load(&self) -> Result<Snapshot, StoreError> {
-        self.read_all(true)
+        read_all(&*self.db()?, self.anchor, true, None)
     }
 
     fn load_spilled(&self) -> Result<Snapshot, StoreError> {
-        self.read_all(false)
+        read_all(&*self.db()?, self.anchor, false, None)
     }
 
     fn read_queue(
@@ -1044,6 +1044,24 @@ impl crate::QueueReader for Reader {
             Some(db) => read_queue(&db, self.anchor, client_id, after, max),
             None => Ok(Vec::new()),
         }
+    }
+
+    fn export_session(&self, client_id: &str) -> Result<Option<crate::Exported>, StoreError> {
+        let Some(db) = current(&self.slot) else {
+            return Err(StoreError::Backend(
+                "the store is being opened again".into(),
+            ));
+        };
+        let mut snapshot = read_all(&db, self.anchor, true, Some(client_id))?;
+        Ok(snapshot
+            .sessions
+            .pop_first()
+            .map(|(client_id, session)| crate::Exported {
+                client_id,
+                session,
+                cluster_applied: snapshot.cluster_applied,
+                cluster_forwarded: snapshot.cluster_forwarded,
+            }))
     }
 }
 
@@ -1144,11 +1162,16 @@ fn read_queue(
     Ok(out)
 }
 
-impl RedbStore {
-    /// Everything, or (`queues` false) everything but the queued messages, which are
-    /// counted instead.
-    fn read_all(&self, queues: bool) -> Result<Snapshot, StoreError> {
-        let db = self.db()?;
+/// Everything the store holds, from one read transaction (`queues`: with the waiting
+/// messages; without, counted only); `only`: that one session and the cluster positions,
+/// nothing else.
+fn read_all(
+    db: &Database,
+    anchor: Anchor,
+    queues: bool,
+    only: Option<&str>,
+) -> Result<Snapshot, StoreError> {
+    {
         let txn = db.begin_read().map_err(backend)?;
         let sessions = txn.open_table(SESSIONS).map_err(backend)?;
         let delivery = txn.open_table(DELIVERY).map_err(backend)?;
@@ -1161,7 +1184,6 @@ impl RedbStore {
         let messages = txn.open_table(MESSAGES).map_err(backend)?;
         // Each body decoded once, its copies sharing topic, payload and properties.
         let mut bodies: HashMap<u64, encoding::Body> = HashMap::new();
-        let anchor = self.anchor;
         let mut copy_of = |reference: &[u8]| -> Result<Loaded, StoreError> {
             let (key, copy) = encoding::read_reference(reference)?;
             if let std::collections::hash_map::Entry::Vacant(slot) = bodies.entry(key) {
@@ -1196,7 +1218,11 @@ impl RedbStore {
             Err(redb::TableError::TableDoesNotExist(_)) => {}
             Err(e) => return Err(backend(e)),
         }
-        for entry in sessions.iter().map_err(backend)? {
+        let rows = match only {
+            Some(id) => sessions.range(id..=id),
+            None => sessions.iter(),
+        };
+        for entry in rows.map_err(backend)? {
             let (id, rec) = entry.map_err(backend)?;
             let id = id.value();
             let record = encoding::read_record(rec.value())?;
@@ -1318,13 +1344,16 @@ impl RedbStore {
                 },
             );
         }
+        if only.is_some() {
+            return Ok(snapshot);
+        }
         for entry in retained.iter().map_err(backend)? {
             let (topic, m) = entry.map_err(backend)?;
             let topic = TopicName::new(topic.value())
                 .map_err(|_| StoreError::Backend("a stored retained topic is invalid".into()))?;
             snapshot
                 .retained
-                .insert(topic, encoding::read_message(m.value(), self.anchor)?);
+                .insert(topic, encoding::read_message(m.value(), anchor)?);
         }
         for entry in wills.iter().map_err(backend)? {
             let (client_id, w) = entry.map_err(backend)?;
@@ -1339,8 +1368,8 @@ impl RedbStore {
                     let (key, row) = entry.map_err(backend)?;
                     let (policy, seq) = key.value();
                     let (at, body) = history_row(row.value())?;
-                    let bytes = encoding::read_message(body, self.anchor)
-                        .map(|m| crate::history_bytes(&m))?;
+                    let bytes =
+                        encoding::read_message(body, anchor).map(|m| crate::history_bytes(&m))?;
                     snapshot
                         .history
                         .insert((Str::from(policy), seq), crate::HistoryMeta { at, bytes });

@@ -59,6 +59,12 @@ fn record(expiry: u64) -> SessionRecord {
         }],
         pending_will: None,
         username: expiry.is_multiple_of(2).then(|| "alice".into()),
+        // Both with and without a username before it.
+        fed: expiry.is_multiple_of(3).then(|| tern_store::Fed {
+            after: expiry * 10,
+            from: "node-b".into(),
+            through: expiry,
+        }),
     }
 }
 
@@ -328,6 +334,64 @@ impl Store for Redb {
     ) -> Result<Vec<tern_store::HistoryMessage>, StoreError> {
         self.0.read_history(read)
     }
+}
+
+/// A cluster node gives a session to another: the reader beside the writer reads that one
+/// session whole (queue, flights, inbound ids, shared side map) with the cluster positions
+/// of the same commit, and it crosses to another process as bytes unchanged.
+#[test]
+fn one_session_is_read_whole_for_another_node_and_crosses_as_bytes() {
+    let mut store = redb();
+    let pid = |n| tern_codec::PacketId::new(n).unwrap();
+    let mut batch = vec![put("a", 10), put("b", 11), enqueue("b", "b1")];
+    for p in ["1", "2", "3"] {
+        batch.push(Op::Change {
+            client_id: "a".into(),
+            change: Change::Queued(entry(message("a/b", p))),
+            shared: (p == "2").then(|| "$share/g/a/#".into()),
+        });
+    }
+    batch.push(change("a", Change::Launched(pid(7))));
+    batch.push(change("a", Change::Released(pid(7))));
+    batch.push(change(
+        "a",
+        Change::Inbound(pid(9), tern_proto::InboundState::Received),
+    ));
+    batch.push(Op::ClusterApplied(41));
+    batch.push(Op::ClusterForwarded(5));
+    store.commit(&batch).unwrap();
+    let reader = store.0.reader().unwrap();
+    let loaded = store.load().unwrap().sessions[&Str::from("a")].clone();
+    let e = reader.export_session("a").unwrap().unwrap();
+    assert_eq!(e.client_id, "a");
+    assert_eq!((e.cluster_applied, e.cluster_forwarded), (41, 5));
+    assert_eq!(e.session, loaded, "the session as a whole load has it");
+    assert_eq!(e.session.delivery.inflight_len(), 1);
+    assert_eq!(e.session.delivery.queued_len(), 2);
+    assert_eq!(e.session.shared.len(), 1, "with its shared side map");
+    assert!(reader.export_session("nobody").unwrap().is_none());
+    let (now, wall) = anchor();
+    let bytes = e.encode(now, wall).unwrap();
+    let back = tern_store::Exported::decode(&bytes, now, wall).unwrap();
+    assert_eq!(back.client_id, "a");
+    assert_eq!(back.session, e.session, "read back as written");
+    assert!(tern_store::Exported::decode(&bytes[..bytes.len() / 2], now, wall).is_err());
+    // Put in another store, it is that session there.
+    let mut other = redb();
+    other
+        .commit(&[
+            Op::PutSession {
+                client_id: "a".into(),
+                record: back.session.record.clone(),
+            },
+            Op::PutDelivery {
+                client_id: "a".into(),
+                state: back.session.delivery.clone(),
+                shared: back.session.shared.clone(),
+            },
+        ])
+        .unwrap();
+    assert_eq!(other.load().unwrap().sessions[&Str::from("a")], loaded);
 }
 
 fn redb() -> Redb {

@@ -9,6 +9,10 @@ impl Broker {
     /// answers. A CONNECT given straight to `handle_packet` counts as granted.
     pub fn handle_admission(&mut self, conn: ConnId, admission: Admission, now: Instant) {
         match admission {
+            Admission::Granted(connect) if self.parks(&connect) => {
+                self.park_connect(conn, connect);
+                self.commit(now);
+            }
             Admission::Granted(connect) => self.handle_packet(conn, Packet::Connect(connect), now),
             Admission::Refused(protocol, refusal) => {
                 self.refuse_before_connect(conn, protocol, refusal);
@@ -220,8 +224,11 @@ impl Broker {
                 will_stored: false,
                 replay: None,
                 identity: Str::new(),
+                fed: None,
+                given: false,
             })
         });
+        session.given = false;
         session.expiry = expiry;
         session.username = connect.username.as_deref().map(Str::from);
         session.identity = key_identity(&client_id, session.username.as_ref());

@@ -7,6 +7,9 @@ impl Broker {
     /// The socket of `conn` closed (or is being closed). Publishes the will unless the
     /// client disconnected normally, and ends or parks the session.
     pub fn handle_closed(&mut self, conn: ConnId, now: Instant) {
+        if !self.parked_conns.is_empty() {
+            self.unpark(conn);
+        }
         self.close(conn, now, &"connection closed by the peer or lost");
         self.peers.remove(&conn);
         self.commit(now);

@@ -40,6 +40,7 @@ mod connect;
 mod gauges;
 mod history;
 mod lifecycle;
+mod moving;
 mod persist;
 mod round;
 mod routing;
@@ -54,6 +55,7 @@ pub use admin::{
 };
 pub use gauges::{Gauges, SessionGauge};
 pub use history::{POSITION, REPLAY_FROM, REPLAY_SINCE, parse_duration, since_time};
+pub use moving::{MovedIn, Source};
 pub use round::{Loads, Round, Sealed, Send};
 pub use routing::{Forward, Interest, Remote, WillChange};
 
@@ -152,6 +154,11 @@ struct Session {
     will_stored: bool,
     /// A replay of topic history under way for one of its subscriptions.
     replay: Option<Box<history::Replay>>,
+    /// Cluster: it moved here from another node and takes the QoS 1/2 messages that
+    /// cross nodes from the cluster's stream ([`tern_store::Fed`]).
+    fed: Option<Box<tern_store::Fed>>,
+    /// Cluster: another node fetched it; it goes once the client is there.
+    given: bool,
 }
 
 /// A publish held under [`QueuePolicy::Block`] until the queues it would overflow have
@@ -425,6 +432,19 @@ pub struct Broker {
     /// Cluster: this node is cut off from NATS ([`Broker::handle_cut_off`]): it has closed
     /// its connections, leaving their wills to the cluster, and refuses new ones.
     cut_off: bool,
+    /// Cluster: CONNECTs parked while their sessions are fetched from other nodes, by
+    /// client id; the packets that followed each, by connection; ids to fetch since the
+    /// last take.
+    fetching: HashMap<Str, (ConnId, Box<Connect>)>,
+    parked_conns: ConnMap<Vec<Packet>>,
+    fetches: Vec<Str>,
+    /// Cluster: while a moved session's missed messages are routed, the one session that
+    /// gets them; and where the message being routed from the stream comes from.
+    only: Option<Str>,
+    source: Option<Source>,
+    /// Cluster: a session fed from the stream ([`tern_store::Fed`]) has been here since
+    /// the process started (this node reads its own messages back for such sessions).
+    fed_here: bool,
 }
 
 impl Broker {
@@ -496,6 +516,12 @@ impl Broker {
             forwarded_durable: false,
             claims: Vec::new(),
             cut_off: false,
+            fetching: HashMap::new(),
+            parked_conns: ConnMap::default(),
+            fetches: Vec::new(),
+            only: None,
+            source: None,
+            fed_here: false,
         };
         broker.load_keys(snapshot.keys, now);
         broker.load_history(snapshot.history);
@@ -503,71 +529,7 @@ impl Broker {
         // died, to give to another member as a disconnect would have (§4.8.2).
         let mut redeliver: Vec<(Str, Str, Message)> = Vec::new();
         for (client_id, stored) in snapshot.sessions {
-            let r = stored.record;
-            // No stored deadline: the session's connection was up at the crash.
-            let was_online = r.expires_at.is_none();
-            let mut subscriptions = BTreeMap::new();
-            for sub in r.subscriptions {
-                broker.add_subscription(&client_id, &sub.filter, sub.options, sub.id);
-                subscriptions.insert(sub.filter, (sub.options, sub.id));
-            }
-            let expires_at = match r.expires_at {
-                Some(at) => broker.instant(at),
-                None => now + r.expiry,
-            };
-            // A cluster node's delayed wills are the cluster's after a crash (it keeps them
-            // until they are due and publishes them once).
-            let pending_will = r
-                .pending_will
-                .filter(|_| !broker.settings.cluster)
-                .map(|p| Box::new((broker.instant(p.at), p.will)));
-            let mut delivery = stored.delivery;
-            // Ids whose PUBREC was never released belong to messages not accepted.
-            delivery.drop_unreleased_inbound();
-            delivery.track(true);
-            // Offline: nothing queued in memory (a store that loads lazily kept it there).
-            delivery.set_window(broker.settings.queue_window);
-            delivery.spill_all();
-            let mut via_shared: HashMap<MessageId, Str> = stored.shared.into_iter().collect();
-            if !via_shared.is_empty() {
-                via_shared.retain(|id, _| delivery.holds(*id));
-            }
-            if was_online && !via_shared.is_empty() {
-                let taken = delivery.take_redeliverable(|id| via_shared.contains_key(&id), false);
-                for e in taken {
-                    if let Some(key) = via_shared.remove(&e.id) {
-                        redeliver.push((client_id.clone(), key, e.message));
-                    }
-                }
-            }
-            let accounted = (delivery.queued_len(), delivery.queued_bytes());
-            let session = Session {
-                born: 0,
-                conn: Link::Offline(delivery),
-                subscriptions,
-                expiry: r.expiry,
-                expires_at: Some(expires_at),
-                will: None,
-                pending_will,
-                persisted: true,
-                problem_info: true,
-                touched: false,
-                identity: key_identity(&client_id, r.username.as_ref()),
-                username: r.username,
-                rate: (now, 0),
-                queue_full_logged: None,
-                scheduled: None,
-                drain_due: false,
-                accounted,
-                via_shared,
-                parked: VecDeque::new(),
-                will_stored: false,
-                replay: None,
-            };
-            broker.queued.0 += session.accounted.0;
-            broker.queued.1 += session.accounted.1;
-            broker.sessions.insert(client_id.clone(), Box::new(session));
-            broker.schedule(&client_id);
+            broker.restore_session(client_id, stored, now, &mut redeliver);
         }
         if !redeliver.is_empty() {
             tracing::info!(
@@ -622,6 +584,87 @@ impl Broker {
         broker
     }
 
+    /// A session as a store held it, offline (its expiry and delayed will counting from
+    /// their stored deadlines; one whose connection was up when the store was written
+    /// counts as disconnected `now`), with its subscriptions in the trie; shared messages
+    /// of such a connection go to `redeliver`, for another member.
+    fn restore_session(
+        &mut self,
+        client_id: Str,
+        stored: tern_store::StoredSession,
+        now: Instant,
+        redeliver: &mut Vec<(Str, Str, Message)>,
+    ) {
+        let r = stored.record;
+        // No stored deadline: the session's connection was up at the crash.
+        let was_online = r.expires_at.is_none();
+        let mut subscriptions = BTreeMap::new();
+        for sub in r.subscriptions {
+            self.add_subscription(&client_id, &sub.filter, sub.options, sub.id);
+            subscriptions.insert(sub.filter, (sub.options, sub.id));
+        }
+        let expires_at = match r.expires_at {
+            Some(at) => self.instant(at),
+            None => now + r.expiry,
+        };
+        // A cluster node's delayed wills are the cluster's after a crash (it keeps them
+        // until they are due and publishes them once).
+        let pending_will = r
+            .pending_will
+            .filter(|_| !self.settings.cluster)
+            .map(|p| Box::new((self.instant(p.at), p.will)));
+        let mut delivery = stored.delivery;
+        // Ids whose PUBREC was never released belong to messages not accepted.
+        delivery.drop_unreleased_inbound();
+        delivery.track(true);
+        // Offline: nothing queued in memory (a store that loads lazily kept it there).
+        delivery.set_window(self.settings.queue_window);
+        delivery.spill_all();
+        let mut via_shared: HashMap<MessageId, Str> = stored.shared.into_iter().collect();
+        if !via_shared.is_empty() {
+            via_shared.retain(|id, _| delivery.holds(*id));
+        }
+        if was_online && !via_shared.is_empty() {
+            let taken = delivery.take_redeliverable(|id| via_shared.contains_key(&id), false);
+            for e in taken {
+                if let Some(key) = via_shared.remove(&e.id) {
+                    redeliver.push((client_id.clone(), key, e.message));
+                }
+            }
+        }
+        let accounted = (delivery.queued_len(), delivery.queued_bytes());
+        let session = Session {
+            born: 0,
+            conn: Link::Offline(delivery),
+            subscriptions,
+            expiry: r.expiry,
+            expires_at: Some(expires_at),
+            will: None,
+            pending_will,
+            persisted: true,
+            problem_info: true,
+            touched: false,
+            identity: key_identity(&client_id, r.username.as_ref()),
+            username: r.username,
+            rate: (now, 0),
+            queue_full_logged: None,
+            scheduled: None,
+            drain_due: false,
+            accounted,
+            via_shared,
+            parked: VecDeque::new(),
+            will_stored: false,
+            replay: None,
+            fed: r.fed.map(Box::new),
+            given: false,
+        };
+        self.fed_here |= session.fed.is_some();
+        self.queued.0 += session.accounted.0;
+        self.queued.1 += session.accounted.1;
+        self.sessions.insert(client_id.clone(), Box::new(session));
+        self.schedule(&client_id);
+    }
+
     /// Puts `acl` in force (`None`: everything allowed), from the next packet on; a
     /// reload (SIGHUP) replaces it without touching connections or subscriptions.
     pub fn set_acl(&mut self, acl: Option<std::sync::Arc<crate::acl::Acl>>) {
@@ -666,6 +709,15 @@ impl Broker {
 
     /// A packet decoded from `conn`.
     pub fn handle_packet(&mut self, conn: ConnId, packet: Packet, now: Instant) {
+        // Behind a CONNECT parked while its session is fetched from another node.
+        let packet = if self.parked_conns.is_empty() {
+            packet
+        } else {
+            match self.park_packet(conn, packet) {
+                Ok(()) => return,
+                Err(p) => p,
+            }
+        };
         let Some(client_id) = self.conns.get(&conn).cloned() else {
             match packet {
                 Packet::Connect(c) => {

@@ -264,6 +264,7 @@ impl Broker {
                 will: will.clone(),
             }),
             username: s.username.clone(),
+            fed: s.fed.as_deref().cloned(),
         };
         self.batch.push(Op::PutSession {
             client_id: client_id.clone(),

@@ -27,6 +27,8 @@ impl Broker {
             && durable
             && !self.from_remote
             && tern_codec::fits_nats_subject(message.topic.as_str());
+        // Its copies for the sessions that moved here come back through the stream.
+        let streamed = crosses && message.qos != QoS::AtMostOnce && self.fed_here;
         if self.settings.cluster && durable && !self.from_remote {
             let number = if message.qos == QoS::AtMostOnce {
                 0
@@ -68,6 +70,21 @@ impl Broker {
         };
         let mut matched = deliveries.len();
         for (client_id, delivery) in deliveries {
+            if (self.only.is_some() || self.source.is_some())
+                && (self.only.as_ref().is_some_and(|only| *only != client_id)
+                    || !self.admits(&client_id))
+            {
+                matched -= 1;
+                continue;
+            }
+            if streamed
+                && self
+                    .sessions
+                    .get(&client_id)
+                    .is_some_and(|s| s.fed.is_some())
+            {
+                continue;
+            }
             let mut copy = message.clone();
             copy.qos = effective_qos(message.qos, delivery.qos, QoS::ExactlyOnce);
             // Forwarded normally, the RETAIN flag is cleared unless asked to keep it.
@@ -921,6 +938,10 @@ pub struct Remote {
     /// forwarded was in the stream when the node crashed before committing its round: its
     /// effects on this node (copies for its sessions, the inbound QoS 2 id) are redone.
     pub earlier: Option<(u64, Option<(String, u16)>)>,
+    /// A message of the cluster's stream: where it comes from (the sessions that moved
+    /// here take only what their last node did not give them; [`Source::own`]: for them
+    /// only).
+    pub source: Option<Source>,
 }
 
 impl Remote {
@@ -931,6 +952,7 @@ impl Remote {
             plain: true,
             shared: Vec::new(),
             earlier: None,
+            source: None,
         }
     }
 }
@@ -1005,7 +1027,7 @@ impl Broker {
         self.commit(now);
     }
 
-    fn route_remote(&mut self, m: Remote, now: Instant) {
+    pub(super) fn route_remote(&mut self, m: Remote, now: Instant) {
         let mut publisher = None;
         let mut plain = m.plain;
         if let Some((number, _)) = &m.earlier {
@@ -1027,9 +1049,14 @@ impl Broker {
             }
             tracing::info!(topic = %m.message.topic.as_str(), number, "cluster: a message this node put in the stream before a crash lost its round here: its copies on this node are made now");
         }
+        if let Some(p) = m.source.as_ref().and_then(|s| s.publisher.as_deref()) {
+            publisher = Some(Str::from(p));
+        }
         self.remote_plain = plain;
         self.remote_shared = m.shared;
+        self.source = m.source;
         self.route(m.message, publisher.as_ref(), now);
+        self.source = None;
         self.remote_plain = true;
         self.remote_shared.clear();
     }
@@ -1141,6 +1168,16 @@ impl Broker {
         {
             tracing::info!(client_id = %key, "the client connected to another node: this connection is closed (session taken over)");
             self.kick(&key, ReasonCode::SessionTakenOver, now);
+            self.commit(now);
+        }
+        // A session another node fetched lives on there now.
+        if self
+            .sessions
+            .get(&key)
+            .is_some_and(|s| s.given && s.conn.as_ref().is_none())
+        {
+            tracing::info!(client_id = %key, "cluster: the session moved to another node; its copy here goes");
+            self.discard_session(&key);
             self.commit(now);
         }
     }

@@ -28,7 +28,11 @@ pub(super) struct CoreTask {
     pub(super) sys_interval: Option<Duration>,
     /// The link to the other nodes, if this broker is a node of a cluster.
     pub(super) cluster: Option<mpsc::UnboundedSender<tern_cluster::Out>>,
+    /// A cluster node: reads the sessions it gives to other nodes from its store.
+    pub(super) exporter: Option<Exporter>,
 }
+
+pub(super) type Exporter = Arc<std::sync::Mutex<Box<dyn tern_store::QueueReader>>>;
 
 impl CoreTask {
     /// Runs until shutdown (or the store cannot be read back after a failure).
@@ -44,6 +48,7 @@ impl CoreTask {
             core_settings,
             sys_interval,
             cluster,
+            exporter,
         } = self;
         let mut writers: ConnMap<line::Sender<ToConn>> = ConnMap::default();
         // Counts the core's restarts after store failures: an admin action waiting for its
@@ -93,6 +98,7 @@ impl CoreTask {
             let mut handled = 0;
             let mut closed = Vec::new();
             let mut acted = Vec::new();
+            let mut gives = Vec::new();
             while let Some(msg) = next {
                 let now = Instant::now();
                 match msg {
@@ -138,6 +144,18 @@ impl CoreTask {
                     ToCore::Retained(messages) => {
                         broker.handle_retained(messages, now);
                     }
+                    ToCore::Give(client_id, reply) => match &exporter {
+                        Some(_) if broker.handle_give(&client_id, now) => {
+                            gives.push((client_id, reply));
+                        }
+                        _ => {
+                            let _ = reply.send(None);
+                        }
+                    },
+                    ToCore::Moved(client_id, moved) => match moved {
+                        Ok(m) => broker.handle_moved(&client_id, m.map(|m| *m), now),
+                        Err(()) => broker.handle_unavailable(&client_id, now),
+                    },
                     ToCore::ClusterWill(w) => {
                         let w = *w;
                         broker.handle_cluster_will(
@@ -230,30 +248,25 @@ impl CoreTask {
                 since,
                 cluster.as_ref(),
             );
-            if !acted.is_empty() {
-                // The admin actions of this batch are in the rounds handed out so far.
-                let round = broker.durable_rounds();
-                let committed = writer.as_ref().map(writer::Writer::committed);
-                let (generation, born) = (
-                    generation.clone(),
-                    generation.load(std::sync::atomic::Ordering::Acquire),
-                );
+            if let (false, Some(exporter)) = (gives.is_empty(), &exporter) {
+                // The sessions given are read from the store once the rounds that closed
+                // their connections here are committed.
+                let wait = committed_wait(&broker, writer.as_ref(), &generation);
+                let exporter = exporter.clone();
                 tokio::spawn(async move {
-                    if let Some((count, progress)) = committed {
-                        loop {
-                            let notified = progress.notified();
-                            let mut notified = std::pin::pin!(notified);
-                            notified.as_mut().enable();
-                            if generation.load(std::sync::atomic::Ordering::Acquire) != born {
-                                // A store failure since: its commit may never have
-                                // happened. No answer.
-                                return;
-                            }
-                            if count.load(std::sync::atomic::Ordering::Acquire) >= round {
-                                break;
-                            }
-                            notified.await;
-                        }
+                    if !wait.await {
+                        return;
+                    }
+                    let _ = tokio::task::spawn_blocking(move || export(&exporter, gives)).await;
+                });
+            }
+            if !acted.is_empty() {
+                // The admin actions of this batch are in the rounds handed out so far; a
+                // store failure since gives no answer (their commit may never happen).
+                let wait = committed_wait(&broker, writer.as_ref(), &generation);
+                tokio::spawn(async move {
+                    if !wait.await {
+                        return;
                     }
                     for (answer, reply) in acted {
                         let _ = reply.send(answer);
@@ -280,6 +293,75 @@ impl CoreTask {
         if let Some(w) = writer.take() {
             let _ = tokio::task::spawn_blocking(move || w.finish()).await;
         }
+    }
+}
+
+/// Waits until the rounds handed out so far are committed; false if a store failure came
+/// between (their commit may never happen).
+fn committed_wait(
+    broker: &Broker,
+    writer: Option<&writer::Writer>,
+    generation: &Arc<std::sync::atomic::AtomicU64>,
+) -> impl std::future::Future<Output = bool> + use<> {
+    let round = broker.durable_rounds();
+    let committed = writer.map(writer::Writer::committed);
+    let (generation, born) = (
+        generation.clone(),
+        generation.load(std::sync::atomic::Ordering::Acquire),
+    );
+    async move {
+        let Some((count, progress)) = committed else {
+            return true;
+        };
+        loop {
+            let notified = progress.notified();
+            let mut notified = std::pin::pin!(notified);
+            notified.as_mut().enable();
+            if generation.load(std::sync::atomic::Ordering::Acquire) != born {
+                return false;
+            }
+            if count.load(std::sync::atomic::Ordering::Acquire) >= round {
+                return true;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Reads each session given to another node from the store and answers with it.
+fn export(
+    exporter: &Exporter,
+    gives: Vec<(
+        String,
+        tokio::sync::oneshot::Sender<Option<tern_cluster::moves::Given>>,
+    )>,
+) {
+    let reader = exporter
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    for (client_id, reply) in gives {
+        let given = match reader.export_session(&client_id) {
+            Ok(Some(e)) => match e.encode(Instant::now(), SystemTime::now()) {
+                Ok(bytes) => Some(tern_cluster::moves::Given {
+                    session: bytes.into(),
+                    applied: e.cluster_applied,
+                    forwarded: e.cluster_forwarded,
+                }),
+                Err(err) => {
+                    tracing::error!(error = %err, client_id = %client_id, "a session to give to another node could not be written out");
+                    None
+                }
+            },
+            Ok(None) => None,
+            Err(err) => {
+                tracing::error!(error = %err, client_id = %client_id, "a session to give to another node could not be read");
+                None
+            }
+        };
+        if given.is_some() {
+            tracing::info!(client_id = %client_id, "cluster: a session given to another node");
+        }
+        let _ = reply.send(given);
     }
 }
 
@@ -356,21 +438,31 @@ fn dispatch(
                 }
             })
             .collect();
-        if !forwards.is_empty() || !interest.is_empty() || !claims.is_empty() || !wills.is_empty() {
+        let fetches: Vec<String> = broker
+            .take_fetches()
+            .into_iter()
+            .map(|c| c.to_string())
+            .collect();
+        if !forwards.is_empty() || !interest.is_empty() || !wills.is_empty() || !fetches.is_empty()
+        {
             let _ = link.send(tern_cluster::Out {
                 forwards,
                 interest,
                 stored,
-                applied: None,
-                claims,
                 wills,
+                fetches,
+                ..Default::default()
             });
         }
-        if let Some(seq) = broker.take_applied() {
+        // Claims of client ids go out once the round is committed: the node that had the
+        // client lets go of a session it gave only then.
+        let applied = broker.take_applied();
+        if applied.is_some() || !claims.is_empty() {
             let link = link.clone();
             hooks.after = Some(Box::new(move || {
                 let _ = link.send(tern_cluster::Out {
-                    applied: Some(seq),
+                    applied,
+                    claims,
                     ..Default::default()
                 });
             }));

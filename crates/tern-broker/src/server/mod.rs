@@ -235,6 +235,14 @@ pub(crate) enum ToCore {
     Retained(Vec<tern_proto::Message>),
     /// The will of a client of a cluster node that is gone, to publish as that client's.
     ClusterWill(Box<tern_cluster::wills::Will>),
+    /// Another cluster node asks for this client's session.
+    Give(
+        String,
+        tokio::sync::oneshot::Sender<Option<tern_cluster::moves::Given>>,
+    ),
+    /// The answer to a fetch of this client's session: moved here, nothing to move, or
+    /// (`Err`) not available now.
+    Moved(String, Result<Option<Box<crate::core::MovedIn>>, ()>),
     Shutdown,
 }
 
@@ -359,6 +367,11 @@ pub async fn run(server: Server, shutdown: impl Future<Output = ()>) -> Result<(
     broker.set_acl(acl_changes.borrow_and_update().acl.clone());
     // Whatever dies reports here (the storage writer thread's panic guard).
     let (fatal, mut fatal_rx) = mpsc::unbounded_channel::<String>();
+    // A cluster node reads the sessions it gives to other nodes beside the writer.
+    let exporter = match (&persistence, &cluster) {
+        (Some(p), Some(_)) => p.store.reader().map(|r| Arc::new(std::sync::Mutex::new(r))),
+        _ => None,
+    };
     let writer = persistence
         .map(|p| writer::Writer::spawn(p, lazy, to_core.clone(), metrics.clone(), fatal.clone()));
     let core_metrics = metrics.clone();
@@ -380,10 +393,11 @@ pub async fn run(server: Server, shutdown: impl Future<Output = ()>) -> Result<(
             let applied = broker_applied;
             let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
             cluster_ready = Some(ready_rx);
+            let fed: tern_cluster::Fed = Arc::new(broker.has_fed().into());
             tokio::spawn(tern_cluster::run(
                 client,
                 config,
-                applied,
+                (applied, fed),
                 rx,
                 ready_tx,
                 move |inbound| {
@@ -395,6 +409,13 @@ pub async fn run(server: Server, shutdown: impl Future<Output = ()>) -> Result<(
                                 plain: r.plain,
                                 shared: r.shared,
                                 earlier: r.earlier,
+                                source: r.source.map(|s| crate::core::Source {
+                                    seq: s.seq,
+                                    node: s.node,
+                                    number: s.number,
+                                    own: s.own,
+                                    publisher: s.publisher,
+                                }),
                             })
                             .collect()
                     };
@@ -407,6 +428,36 @@ pub async fn run(server: Server, shutdown: impl Future<Output = ()>) -> Result<(
                         tern_cluster::Inbound::TakenOver(client_id) => ToCore::TakenOver(client_id),
                         tern_cluster::Inbound::CutOff(cut) => ToCore::CutOff(cut),
                         tern_cluster::Inbound::Will(w) => ToCore::ClusterWill(Box::new(w)),
+                        tern_cluster::Inbound::Give(client_id, reply) => ToCore::Give(client_id, reply),
+                        tern_cluster::Inbound::Moved(client_id, fetched) => {
+                            let moved = match fetched {
+                                tern_cluster::moves::Fetched::Moved(a) => {
+                                    let a = *a;
+                                    match tern_store::Exported::decode(
+                                        &a.given.session,
+                                        Instant::now(),
+                                        SystemTime::now(),
+                                    ) {
+                                        Ok(mut session) => {
+                                            session.cluster_applied = a.given.applied;
+                                            session.cluster_forwarded = a.given.forwarded;
+                                            Ok(Some(Box::new(crate::core::MovedIn {
+                                                session,
+                                                from: a.from,
+                                                catch_up: remote(a.catch_up),
+                                            })))
+                                        }
+                                        Err(e) => {
+                                            tracing::error!(error = %e, client_id = %client_id, "cluster: a session from another node is unreadable: the client is refused");
+                                            Err(())
+                                        }
+                                    }
+                                }
+                                tern_cluster::moves::Fetched::Nothing => Ok(None),
+                                tern_cluster::moves::Fetched::Unavailable => Err(()),
+                            };
+                            ToCore::Moved(client_id, moved)
+                        }
                     });
                 },
             ));
@@ -425,6 +476,7 @@ pub async fn run(server: Server, shutdown: impl Future<Output = ()>) -> Result<(
         core_settings,
         sys_interval,
         cluster,
+        exporter,
     };
     let mut core = tokio::spawn(task.run());
     // A cluster node serves once it has applied what the stream held when it started

@@ -312,9 +312,18 @@ pub(crate) fn record(rec: &SessionRecord) -> Result<Vec<u8>, StoreError> {
         }
         None => w.u8(0),
     }
-    // Added after version 2 shipped: a record that ends before it has no username.
-    if let Some(u) = &rec.username {
-        w.bytes(u.as_bytes());
+    // Added after version 2 shipped: a record that ends before it has no username; one
+    // that goes on after the username (length u32::MAX: none) is a cluster session fed
+    // from the stream.
+    match (&rec.username, &rec.fed) {
+        (Some(u), _) => w.bytes(u.as_bytes()),
+        (None, Some(_)) => w.u32(u32::MAX),
+        (None, None) => {}
+    }
+    if let Some(f) = &rec.fed {
+        w.u64(f.after);
+        w.bytes(f.from.as_bytes());
+        w.u64(f.through);
     }
     Ok(w.finish())
 }
@@ -359,8 +368,20 @@ pub(crate) fn read_record(buf: &[u8]) -> Result<SessionRecord, StoreError> {
     };
     let username = if r.at_end() {
         None
+    } else if r.buf.starts_with(&u32::MAX.to_le_bytes()) {
+        r.u32()?;
+        None
     } else {
         Some(Str::from(r.str()?))
+    };
+    let fed = if r.at_end() {
+        None
+    } else {
+        Some(crate::Fed {
+            after: r.u64()?,
+            from: Str::from(r.str()?),
+            through: r.u64()?,
+        })
     };
     Ok(SessionRecord {
         expiry,
@@ -368,6 +389,7 @@ pub(crate) fn read_record(buf: &[u8]) -> Result<SessionRecord, StoreError> {
         subscriptions,
         pending_will,
         username,
+        fed,
     })
 }
 
