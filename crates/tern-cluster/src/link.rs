@@ -710,17 +710,27 @@ async fn claim(
     let mut watch = crate::kv::watch_all(&store).await;
     // Each id this node wrote, with the revision of its write.
     let mut mine: HashMap<String, u64> = HashMap::new();
+    // Writes under way, many at once (one at a time, a burst of connections would wait
+    // seconds to be known as here, and a session fetched meanwhile would be missed).
+    let mut writes = futures_util::stream::FuturesUnordered::new();
     loop {
         tokio::select! {
             c = claims.recv() => {
                 let Some(client_id) = c else { return };
-                match store.put(client_key(&client_id), Bytes::from(config.node_id.clone())).await {
-                    Ok(revision) => {
-                        mine.insert(client_id, revision);
-                    }
-                    Err(e) => tracing::warn!(error = %e, client_id = %client_id, "writing the cluster's client table failed"),
-                }
+                let store = store.clone();
+                let node = Bytes::from(config.node_id.clone());
+                writes.push(async move {
+                    let put = store.put(client_key(&client_id), node).await;
+                    (client_id, put)
+                });
             }
+            Some((client_id, put)) = writes.next(), if !writes.is_empty() => match put {
+                Ok(revision) => {
+                    let r = mine.entry(client_id).or_insert(revision);
+                    *r = (*r).max(revision);
+                }
+                Err(e) => tracing::warn!(error = %e, client_id = %client_id, "writing the cluster's client table failed"),
+            },
             e = watch.next() => {
                 let Some(Ok(entry)) = e else { continue };
                 if entry.operation != kv::Operation::Put || entry.value.as_ref() == config.node_id.as_bytes() {

@@ -1507,6 +1507,41 @@ fn a_frozen_node_stops_when_it_wakes_and_puts_nothing_into_the_cluster() {
     drop(b);
 }
 
+/// A persistent session follows its client from node to node (docs/cluster.md, "How a
+/// session moves"): paho-mqtt (3.1.1 and 5.0) subscribed at QoS 2 on a moves to b (its
+/// socket dropped), to c (DISCONNECT) and back to a (dropped) while publishers on all
+/// three nodes publish 300 messages each at QoS 1 and QoS 2; each CONNACK says session
+/// present, every QoS 2 message arrives once, every QoS 1 message at least once, each
+/// publisher's in order (`tests/interop/paho_cluster_move.py`).
+#[test]
+fn a_persistent_session_moves_with_its_client_from_node_to_node_exactly_once() {
+    let d = fresh("move");
+    let nats = Nats::start(&d);
+    let urls = nats.urls();
+    let (a, b, c) = (
+        node(&d, "a", &urls),
+        node(&d, "b", &urls),
+        node(&d, "c", &urls),
+    );
+    settle();
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/interop/paho_cluster_move.py");
+    for level in ["4", "5"] {
+        let out = Command::new("python3")
+            .arg(&script)
+            .args([a.port(0), b.port(0), c.port(0), level, "300"])
+            .output()
+            .expect("python3 with paho-mqtt (scripts/test installs it)");
+        let text = String::from_utf8_lossy(&out.stdout);
+        eprintln!("MQTT level {level}: {text}");
+        assert!(
+            out.status.success(),
+            "MQTT level {level}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
 /// The NATS consumers JetStream keeps, summed over the three servers' `/jsz`.
 fn consumers(nats: &Nats) -> u64 {
     (0..3)
@@ -1520,8 +1555,8 @@ fn consumers(nats: &Nats) -> u64 {
 /// one QoS 1 subscription each, 250 at a time) made across three nodes and left offline
 /// add no JetStream consumer (the servers' `/jsz`, summed: each node's readers and
 /// watchers only, the same before and after), and every one of them is present again
-/// when its client comes back to its node. (Coming back on another node waits for
-/// sessions in KV: docs/cluster.md.)
+/// when its client comes back on the next node (it moves there: docs/cluster.md, "How a
+/// session moves"), with no consumer left behind by the moves either.
 #[test]
 fn ten_thousand_persistent_sessions_across_three_nodes_add_no_jetstream_consumer() {
     use tern_client::{Client, Event, QoS};
@@ -1542,12 +1577,12 @@ fn ten_thousand_persistent_sessions_across_three_nodes_add_no_jetstream_consumer
         .build()
         .unwrap();
     let total = 10_000;
-    let visit = |subscribe: bool| -> usize {
+    let visit = |subscribe: bool, shift: usize| -> usize {
         rt.block_on(async {
             let mut present = 0;
             for wave in (0..total).collect::<Vec<usize>>().chunks(250) {
                 let visits = wave.iter().map(|&i| {
-                    let options = support::persistent(ports[i % 3], &format!("s{i}"));
+                    let options = support::persistent(ports[(i + shift) % 3], &format!("s{i}"));
                     async move {
                         let (c, mut events) = Client::connect(options).await.unwrap();
                         let was = loop {
@@ -1578,18 +1613,22 @@ fn ten_thousand_persistent_sessions_across_three_nodes_add_no_jetstream_consumer
         })
     };
     let started = Instant::now();
-    assert_eq!(visit(true), 0, "new sessions");
+    assert_eq!(visit(true, 0), 0, "new sessions");
     let made = started.elapsed();
     std::thread::sleep(Duration::from_secs(1));
     let after = consumers(&nats);
     let started = Instant::now();
-    let back = visit(false);
+    let back = visit(false, 1);
+    let moved = started.elapsed();
+    std::thread::sleep(Duration::from_secs(1));
+    let after_moves = consumers(&nats);
     eprintln!(
-        "{total} persistent sessions made in {made:?}, back in {:?}; JetStream consumers \
-         (summed over the servers): {before} before, {after} after",
-        started.elapsed()
+        "{total} persistent sessions made in {made:?}, moved to the next node in \
+         {moved:?}; JetStream consumers (summed over the servers): {before} before, \
+         {after} after, {after_moves} after the moves"
     );
-    assert_eq!(back, total, "every session present on its node");
+    assert_eq!(back, total, "every session present on the next node");
     assert_eq!(after, before, "no consumer per session");
+    assert_eq!(after_moves, before, "no consumer left by the moves");
     drop(nodes);
 }
