@@ -9,7 +9,7 @@ use std::num::NonZeroU16;
 use std::time::Duration;
 
 use tern_broker_core::sim::Sim;
-use tern_broker_core::{ConnId, DropReason, Output, QueuePolicy, Settings};
+use tern_broker_core::{Admission, ConnId, DropReason, Output, QueuePolicy, Settings};
 
 /// Messages dropped because a session queue was full (or refused for it).
 fn dropped(sim: &Sim) -> u64 {
@@ -48,7 +48,8 @@ fn sessions(sim: &Sim) -> usize {
 }
 use tern_codec::properties::{ConnectProperties, WillProperties};
 use tern_codec::{
-    Connect, Disconnect, LastWill, Packet, Protocol, Publish, QoS, QosPid, ReasonCode, TopicName,
+    Connect, Disconnect, LastWill, Packet, Protocol, Publish, QoS, QosPid, ReasonCode, Str,
+    TopicName,
 };
 
 fn persistent(id: &str) -> Connect {
@@ -1685,4 +1686,199 @@ fn a_cluster_node_cut_off_closes_its_connections_and_leaves_their_wills_to_the_c
         _ => None,
     });
     assert_eq!(ack, Some(ReasonCode::Success));
+}
+
+/// A stream message of the cluster from `node` (its number `number` there), at `seq`.
+fn streamed(
+    seq: u64,
+    node: &str,
+    number: u64,
+    own: bool,
+    payload: &str,
+) -> tern_broker_core::Remote {
+    tern_broker_core::Remote {
+        message: tern_proto::Message::new(
+            TopicName::new("t/x").unwrap(),
+            payload.to_string(),
+            QoS::AtLeastOnce,
+        ),
+        plain: true,
+        shared: Vec::new(),
+        earlier: None,
+        source: Some(tern_broker_core::Source {
+            seq,
+            node: node.into(),
+            number,
+            own,
+            publisher: None,
+        }),
+    }
+}
+
+fn mover() -> Connect {
+    let mut c = Connect::new(Protocol::V5, "x");
+    c.clean_start = false;
+    c.properties = ConnectProperties {
+        session_expiry_interval: Some(3600),
+        ..Default::default()
+    }
+    .into();
+    c
+}
+
+/// A session moving between cluster nodes (docs/cluster.md, "How a session moves"). On
+/// node a, the session `x` (QoS 2 on `t/#`) is given away: its connection closes with
+/// 0x8E, and it goes once the cluster says the client is elsewhere. On node b, x's
+/// CONNECT waits while its session is fetched; the session arrives as a's store had it
+/// (stream position 100, a's own messages through number 7) with what the stream had past
+/// 100; x gets, then and later, only what it did not hold: nothing at or below 100, none
+/// of a's messages numbered up to 7, b's own messages (which b's other sessions got when
+/// they were published) from the stream only; and after b restarts, still so.
+#[test]
+fn a_session_moved_from_another_node_takes_from_the_stream_only_what_it_did_not_hold() {
+    let cluster = Settings {
+        cluster: true,
+        ..Settings::default()
+    };
+    // Node a: x subscribed, online; a message of a's publisher waits in it.
+    let mut a = Sim::new(cluster.clone());
+    let xa = a.connect(mover());
+    a.subscribe(xa, "t/#", QoS::ExactlyOnce);
+    let now = a.now;
+    assert!(a.broker.handle_give("x", now), "a session to give");
+    a.pump();
+    let kicked = a.outputs.iter().find_map(|o| match o {
+        Output::Send(c, Packet::Disconnect(d)) if *c == xa => Some(d.reason),
+        _ => None,
+    });
+    assert_eq!(kicked, Some(ReasonCode::SessionTakenOver));
+    let p = a.connect(Connect::new(Protocol::V5, "pub-a"));
+    a.publish(p, "t/x", "held on a", 1);
+    let given = a.stored().sessions[&Str::from("x")].clone();
+    assert_eq!(given.delivery.queued_len(), 1, "what a held for x");
+    a.broker.handle_taken_over("x", now);
+    a.pump();
+    assert!(
+        !a.stored().sessions.contains_key(&Str::from("x")),
+        "gone from a once the client is elsewhere"
+    );
+
+    // Node b: y, a plain local subscriber, and x coming back.
+    let mut b = Sim::new(cluster);
+    let y = b.connect(Connect::new(Protocol::V5, "y"));
+    b.subscribe(y, "t/#", QoS::ExactlyOnce);
+    let xb: ConnId = 50;
+    let now = b.now;
+    b.broker
+        .handle_admission(xb, Admission::Granted(Box::new(mover())), now);
+    b.pump();
+    assert_eq!(b.broker.take_fetches(), [Str::from("x")]);
+    assert!(
+        !b.outputs
+            .iter()
+            .any(|o| matches!(o, Output::Send(c, _) if *c == xb)),
+        "no CONNACK while the session is fetched"
+    );
+    let moved = tern_broker_core::MovedIn {
+        session: tern_store::Exported {
+            client_id: "x".into(),
+            session: given,
+            cluster_applied: 100,
+            cluster_forwarded: 7,
+        },
+        from: "a".into(),
+        catch_up: vec![
+            streamed(99, "c", 40, false, "c at 99"),
+            streamed(101, "a", 7, false, "a's 7"),
+            streamed(102, "a", 8, false, "a's 8"),
+            streamed(103, "c", 41, false, "c at 103"),
+            streamed(104, "b", 3, true, "b's 3"),
+        ],
+    };
+    b.broker.handle_moved("x", Some(moved), now);
+    b.pump();
+    let present = b.outputs.iter().find_map(|o| match o {
+        Output::Send(c, Packet::ConnAck(a)) if *c == xb => Some(a.session_present),
+        _ => None,
+    });
+    assert_eq!(present, Some(true), "CONNACK: session present");
+    assert_eq!(
+        b.received(xb),
+        ["held on a", "a's 8", "c at 103", "b's 3"],
+        "what x held, then what it missed, in the stream's order"
+    );
+    assert!(b.received(y).is_empty(), "the catch-up is x's alone");
+    let fed = b.stored().sessions[&Str::from("x")].record.fed.clone();
+    assert_eq!(
+        fed,
+        Some(tern_store::Fed {
+            after: 100,
+            from: "a".into(),
+            through: 7,
+        })
+    );
+    // A local publish on b: y at once; x from the stream, in its order.
+    let pb = b.connect(Connect::new(Protocol::V5, "pub-b"));
+    b.publish(pb, "t/x", "b's 4", 1);
+    assert_eq!(b.received(y), ["b's 4"]);
+    assert_eq!(b.received(xb).len(), 4, "x does not take it locally");
+    let now = b.now;
+    b.broker.handle_remote_durable(
+        110,
+        vec![
+            streamed(105, "a", 6, false, "a's 6 late"),
+            streamed(106, "b", 4, true, "b's 4"),
+            streamed(107, "c", 42, false, "c at 107"),
+        ],
+        now,
+    );
+    b.pump();
+    assert_eq!(
+        &b.received(xb)[4..],
+        ["b's 4", "c at 107"],
+        "a's message it held is not taken again; b's own from the stream"
+    );
+    assert_eq!(
+        b.received(y),
+        ["b's 4", "a's 6 late", "c at 107"],
+        "y: everything once, b's own when published"
+    );
+    // After a restart of b, x still takes b's own messages from the stream, and only x.
+    b.restart(Duration::from_secs(1));
+    let y2 = b.connect({
+        let mut c = Connect::new(Protocol::V5, "y");
+        c.clean_start = false;
+        c
+    });
+    b.subscribe(y2, "t/#", QoS::ExactlyOnce);
+    let x2 = b.connect(mover());
+    let now = b.now;
+    b.broker
+        .handle_remote_durable(120, vec![streamed(111, "b", 5, true, "b's 5")], now);
+    b.pump();
+    assert!(b.received(x2).ends_with(&["b's 5".to_string()]));
+    assert!(!b.received(y2).contains(&"b's 5".to_string()));
+}
+
+/// A node that cannot get a session from the node that has it refuses the CONNECT with
+/// 0x88 Server unavailable (the client tries again), rather than start it afresh.
+#[test]
+fn a_session_that_cannot_be_fetched_refuses_its_client_for_now() {
+    let mut b = Sim::new(Settings {
+        cluster: true,
+        ..Settings::default()
+    });
+    let now = b.now;
+    b.broker
+        .handle_admission(7, Admission::Granted(Box::new(mover())), now);
+    b.pump();
+    assert_eq!(b.broker.take_fetches().len(), 1);
+    b.broker.handle_unavailable("x", now);
+    b.pump();
+    let ack = b.outputs.iter().find_map(|o| match o {
+        Output::Send(7, Packet::ConnAck(a)) => Some(a.reason),
+        _ => None,
+    });
+    assert_eq!(ack, Some(ReasonCode::ServerUnavailable));
+    assert!(b.outputs.contains(&Output::Close(7)));
 }

@@ -139,7 +139,7 @@ impl Broker {
             self.kick(&client_id, ReasonCode::SessionTakenOver, now);
             self.discard_session(&client_id);
         }
-        tracing::info!(client_id = %client_id, from = %m.from, queued = session.delivery.queued_len(), inflight = session.delivery.inflight_len(), catch_up = m.catch_up.len(), "cluster: a session moved here from another node");
+        tracing::info!(client_id = %client_id, from = %m.from, queued = session.delivery.queued_len(), inflight = session.delivery.inflight_len(), inbound_qos2 = session.delivery.inbound_qos2().count(), catch_up = m.catch_up.len(), "cluster: a session moved here from another node");
         let mut session = session;
         // What it holds of the stream: everything up to the giver's position, and, unless
         // it took the giver's own messages from the stream there too, the giver's own
