@@ -158,10 +158,12 @@ pub(crate) async fn fetch(
 ) {
     let answer = Arc::new(answer);
     let clients = crate::kv::bucket(&js, CLIENTS, config.replicas, Duration::ZERO).await;
+    let nodes = crate::kv::bucket(&js, crate::wills::NODES, config.replicas, Duration::ZERO).await;
     while let Some(client_id) = ids.recv().await {
-        let (client, clients, answer, to_reader, me) = (
+        let (client, clients, nodes, answer, to_reader, me) = (
             client.clone(),
             clients.clone(),
+            nodes.clone(),
             answer.clone(),
             to_reader.clone(),
             config.node_id.clone(),
@@ -184,6 +186,10 @@ pub(crate) async fn fetch(
                     let _ = to_reader.send((client_id, given, owner));
                 }
                 Ok(None) => answer(Inbound::Moved(client_id, Fetched::Nothing)),
+                Err(Asked::Gone) if lately_alive(&nodes, &owner).await => {
+                    tracing::warn!(client_id = %client_id, node = %owner, "cluster: the node that has this client's session is down, and may be back soon: the client is refused for now");
+                    answer(Inbound::Moved(client_id, Fetched::Unavailable));
+                }
                 Err(Asked::Gone) => {
                     tracing::warn!(client_id = %client_id, node = %owner, "cluster: the node that had this client's session is gone: the session starts afresh here");
                     answer(Inbound::Moved(client_id, Fetched::Nothing));
@@ -195,6 +201,19 @@ pub(crate) async fn fetch(
             }
         });
     }
+}
+
+/// Whether `node` said it lives within [`crate::wills::GONE_AFTER`] (by the time NATS
+/// stored its last beat): a node that died that recently may be restarting, with the
+/// sessions it holds.
+async fn lately_alive(nodes: &async_nats::jetstream::kv::Store, node: &str) -> bool {
+    let Ok(Some(beat)) = nodes.entry(crate::hex::encode(node.as_bytes())).await else {
+        return false;
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    now - beat.created.unix_timestamp() < crate::wills::GONE_AFTER.as_secs() as i64
 }
 
 enum Asked {

@@ -1326,13 +1326,20 @@ fn will_client(port: u16, id: &str) -> (u8, Option<std::sync::mpsc::Receiver<f64
 /// `wills/ID`, payload `ID-gone`, QoS 1, if asked) to `port`: the CONNACK's return code
 /// and the connection.
 fn raw_connect(port: u16, id: &str, will: bool) -> (u8, std::net::TcpStream) {
+    let (code, _, s) = raw_connect_as(port, id, will, true);
+    (code, s)
+}
+
+/// [`raw_connect`], with a clean session or not: the CONNACK's return code, its session
+/// present flag, and the connection.
+fn raw_connect_as(port: u16, id: &str, will: bool, clean: bool) -> (u8, bool, std::net::TcpStream) {
     use std::io::{Read, Write};
     let text = |s: &str| -> Vec<u8> {
         let mut v = (s.len() as u16).to_be_bytes().to_vec();
         v.extend_from_slice(s.as_bytes());
         v
     };
-    let flags = if will { 0x0E } else { 0x02 };
+    let flags = if will { 0x0C } else { 0x00 } | if clean { 0x02 } else { 0x00 };
     let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, flags, 0, 60];
     body.extend(text(id));
     if will {
@@ -1346,7 +1353,7 @@ fn raw_connect(port: u16, id: &str, will: bool) -> (u8, std::net::TcpStream) {
     let mut ack = [0u8; 4];
     s.read_exact(&mut ack).unwrap();
     assert_eq!(ack[..2], [0x20, 2], "a CONNACK");
-    (ack[3], s)
+    (ack[3], ack[2] & 1 == 1, s)
 }
 
 fn epoch_secs() -> f64 {
@@ -1549,6 +1556,85 @@ fn a_persistent_session_moves_with_its_client_from_node_to_node_exactly_once() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+/// `mosquitto_sub` with a persistent session (`-c -i ID`, QoS 1, `-v`) on `port` for
+/// `filter`, until `count` messages or `secs`.
+fn persistent_sub(port: u16, id: &str, filter: &str, count: usize, secs: u32) -> Child {
+    Command::new("mosquitto_sub")
+        .args([
+            "-p",
+            &port.to_string(),
+            "-c",
+            "-i",
+            id,
+            "-q",
+            "1",
+            "-v",
+            "-t",
+            filter,
+        ])
+        .args(["-C", &count.to_string(), "-W", &secs.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// A session whose node died (docs/cluster.md, "How a session moves"): while that node
+/// may be coming back (it said it lives within the last 10 s), its client is refused on
+/// another node (3.1.1 return code 3, Server unavailable), not started afresh there; once
+/// the node is back, the session moves, with the message queued in it while the client
+/// was away; a node gone for longer, and its clients start afresh elsewhere (session
+/// present 0).
+#[test]
+fn a_session_whose_node_died_waits_for_it_then_moves_with_what_it_held() {
+    let d = fresh("dead-owner");
+    let nats = Nats::start(&d);
+    let urls = nats.urls();
+    let mut a = Some(node(&d, "a", &urls));
+    let b = node(&d, "b", &urls);
+    let pa: u16 = a.as_ref().unwrap().port(0).parse().unwrap();
+    let pb: u16 = b.port(0).parse().unwrap();
+    for id in ["dz", "dy"] {
+        lines(persistent_sub(pa, id, "dead/#", 1, 1));
+    }
+    settle();
+    assert!(
+        Command::new("mosquitto_pub")
+            .args([
+                "-p",
+                &pb.to_string(),
+                "-q",
+                "1",
+                "-t",
+                "dead/x",
+                "-m",
+                "queued"
+            ])
+            .status()
+            .unwrap()
+            .success()
+    );
+    std::thread::sleep(Duration::from_millis(700));
+    drop(a.take()); // SIGKILL
+    let (code, _, _) = raw_connect_as(pb, "dz", false, false);
+    assert_eq!(code, 3, "refused on b while a may come back");
+    a = Some(node_on(&d, "a", &urls, pa));
+    assert_eq!(
+        lines(persistent_sub(pb, "dz", "dead/#", 1, 15)),
+        ["dead/x queued"],
+        "a back: the session moves to b with what it held"
+    );
+    drop(a.take()); // for good
+    std::thread::sleep(Duration::from_secs(11));
+    let (code, present, _) = raw_connect_as(pb, "dy", false, false);
+    assert_eq!(
+        (code, present),
+        (0, false),
+        "a gone for longer than 10 s: dy starts afresh on b"
+    );
+    drop(b);
 }
 
 /// The NATS consumers JetStream keeps, summed over the three servers' `/jsz`.
