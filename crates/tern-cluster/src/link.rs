@@ -31,6 +31,10 @@ pub struct Config {
     pub token: Option<String>,
     /// Replicas of the cluster's stream of QoS 1/2 messages.
     pub replicas: usize,
+    /// How long after a node's last sign of life its clients, reconnecting to another
+    /// node, are refused there (the node may be back with their sessions) rather than
+    /// started afresh (`crate::moves`). Zero: afresh at once.
+    pub session_wait: std::time::Duration,
 }
 
 /// The JetStream stream holding the cluster's QoS 1/2 messages, one message each, on

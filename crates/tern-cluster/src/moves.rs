@@ -160,6 +160,7 @@ pub(crate) async fn fetch(
     let clients = crate::kv::bucket(&js, CLIENTS, config.replicas, Duration::ZERO).await;
     let nodes = crate::kv::bucket(&js, crate::wills::NODES, config.replicas, Duration::ZERO).await;
     while let Some(client_id) = ids.recv().await {
+        let wait = config.session_wait;
         let (client, clients, nodes, answer, to_reader, me) = (
             client.clone(),
             clients.clone(),
@@ -186,7 +187,7 @@ pub(crate) async fn fetch(
                     let _ = to_reader.send((client_id, given, owner));
                 }
                 Ok(None) => answer(Inbound::Moved(client_id, Fetched::Nothing)),
-                Err(Asked::Gone) if lately_alive(&nodes, &owner).await => {
+                Err(Asked::Gone) if lately_alive(&nodes, &owner, wait).await => {
                     tracing::warn!(client_id = %client_id, node = %owner, "cluster: the node that has this client's session is down, and may be back soon: the client is refused for now");
                     answer(Inbound::Moved(client_id, Fetched::Unavailable));
                 }
@@ -203,17 +204,23 @@ pub(crate) async fn fetch(
     }
 }
 
-/// Whether `node` said it lives within [`crate::wills::GONE_AFTER`] (by the time NATS
-/// stored its last beat): a node that died that recently may be restarting, with the
-/// sessions it holds.
-async fn lately_alive(nodes: &async_nats::jetstream::kv::Store, node: &str) -> bool {
+/// Whether `node` said it lives within `wait` (by the time NATS stored its last beat): a
+/// node that died that recently may be restarting, with the sessions it holds.
+async fn lately_alive(
+    nodes: &async_nats::jetstream::kv::Store,
+    node: &str,
+    wait: Duration,
+) -> bool {
+    if wait.is_zero() {
+        return false;
+    }
     let Ok(Some(beat)) = nodes.entry(crate::hex::encode(node.as_bytes())).await else {
         return false;
     };
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);
-    now - beat.created.unix_timestamp() < crate::wills::GONE_AFTER.as_secs() as i64
+    now - beat.created.unix_timestamp() < wait.as_secs() as i64
 }
 
 enum Asked {

@@ -48,6 +48,9 @@ pub(crate) struct ClusterTable {
     pub(crate) nats_token: Option<String>,
     /// Replicas of the cluster's stream of QoS 1/2 messages.
     pub(crate) replicas: u8,
+    /// How long after a node's last sign of life its clients, reconnecting elsewhere,
+    /// wait for it (refused) rather than start afresh.
+    pub(crate) session_wait_secs: u64,
 }
 
 impl Default for ClusterTable {
@@ -59,6 +62,7 @@ impl Default for ClusterTable {
             nats_password: None,
             nats_token: None,
             replicas: 3,
+            session_wait_secs: 10,
         }
     }
 }
@@ -78,6 +82,7 @@ impl ClusterTable {
             user: self.nats_user.clone().zip(self.nats_password.clone()),
             token: self.nats_token.clone(),
             replicas: usize::from(self.replicas),
+            session_wait: Duration::from_secs(self.session_wait_secs),
         }
     }
 }

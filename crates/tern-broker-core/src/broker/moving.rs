@@ -220,6 +220,9 @@ impl Broker {
         let Some(src) = &self.source else {
             return true;
         };
+        if !self.fed_here {
+            return !src.own;
+        }
         match self.sessions.get(client_id).and_then(|s| s.fed.as_deref()) {
             None => !src.own,
             Some(f) => src.seq > f.after && !(*src.node == *f.from && src.number <= f.through),
