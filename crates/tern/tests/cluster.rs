@@ -1514,6 +1514,88 @@ fn a_frozen_node_stops_when_it_wakes_and_puts_nothing_into_the_cluster() {
     drop(b);
 }
 
+/// A node paused for less than the freeze limit while its client, with a persistent
+/// session, goes to another node: that node gets the session only once the paused one,
+/// awake, has given it (having either taken the QoS 2 PUBLISH it read before the pause,
+/// with its packet id, or closed the connection without reading it), so the client's
+/// resend (DUP, same packet id) is answered with PUBREC there and the subscriber gets the
+/// message once, whichever came first on the paused node.
+#[test]
+fn a_node_paused_briefly_gives_the_session_only_when_awake_and_qos2_stays_once() {
+    use std::io::{Read, Write};
+    let d = fresh("paused");
+    let nats = Nats::start(&d);
+    let urls = nats.urls();
+    let mut a = node(&d, "a", &urls);
+    let b = node(&d, "b", &urls);
+    let (pa, pb): (u16, u16) = (a.port(0).parse().unwrap(), b.port(0).parse().unwrap());
+    let watch = Command::new("mosquitto_sub")
+        .args([
+            "-p",
+            &pb.to_string(),
+            "-t",
+            "paused/#",
+            "-q",
+            "2",
+            "-v",
+            "-W",
+            "15",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    settle();
+    let (accepted, _, mut s) = raw_connect_as(pa, "brief", false, false);
+    assert_eq!(accepted, 0);
+    let pid = a.pid().to_string();
+    let signal = |sig: &str| {
+        assert!(
+            Command::new("kill")
+                .args([sig, &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    // PUBLISH, QoS 2, packet id 1, "paused/x", "once"; DUP set for the resend.
+    let publish = |dup: bool| {
+        let mut p = vec![if dup { 0x3C } else { 0x34 }, 16, 0, 8];
+        p.extend_from_slice(b"paused/x");
+        p.extend_from_slice(&[0, 1]);
+        p.extend_from_slice(b"once");
+        p
+    };
+    signal("-STOP");
+    s.write_all(&publish(false)).unwrap();
+    // The client gives up on a and goes to b, which waits for a's answer.
+    let to_b = std::thread::spawn(move || raw_connect_as(pb, "brief", false, false));
+    std::thread::sleep(Duration::from_secs(3));
+    signal("-CONT");
+    let (code, present, mut s2) = to_b.join().unwrap();
+    assert_eq!(
+        (code, present),
+        (0, true),
+        "b has the session, from a awake"
+    );
+    s2.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s2.write_all(&publish(true)).unwrap();
+    let mut rec = [0u8; 4];
+    s2.read_exact(&mut rec).unwrap();
+    assert_eq!(rec, [0x50, 2, 0, 1], "PUBREC for the resend");
+    s2.write_all(&[0x62, 2, 0, 1]).unwrap();
+    let mut comp = [0u8; 4];
+    s2.read_exact(&mut comp).unwrap();
+    assert_eq!(comp, [0x70, 2, 0, 1], "PUBCOMP");
+    let out = watch.wait_with_output().unwrap();
+    let got: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(got, ["paused/x once"], "the message once");
+    assert!(!a.exited(), "a 3 s pause is no freeze: a goes on");
+    drop((a, b, s));
+}
+
 /// A persistent session follows its client from node to node (docs/cluster.md, "How a
 /// session moves"): paho-mqtt (3.1.1 and 5.0) subscribed at QoS 2 on a moves to b (its
 /// socket dropped), to c (DISCONNECT) and back to a (dropped) while publishers on all
