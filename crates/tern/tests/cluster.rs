@@ -1719,6 +1719,36 @@ fn a_session_whose_node_died_waits_for_it_then_moves_with_what_it_held() {
     drop(b);
 }
 
+/// A clean start on another node ends the session cluster-wide [MQTT-3.1.2-4]: a client
+/// with a session (and a subscription) on node a connects to node b with a clean session;
+/// a message published after that does not wait for it anywhere, and back on a without a
+/// clean session it finds no session (session present 0), not a's old one.
+#[test]
+fn a_clean_start_on_another_node_ends_the_session_everywhere() {
+    let two = two_nodes("clean-elsewhere");
+    let (pa, pb) = (two.pa, two.pb);
+    lines(persistent_sub(pa, "cs", "cs/#", 1, 1));
+    settle();
+    let (code, present, s) = raw_connect_as(pb, "cs", false, true);
+    assert_eq!((code, present), (0, false));
+    drop(s);
+    settle();
+    assert!(
+        Command::new("mosquitto_pub")
+            .args(["-p", &pb.to_string(), "-q", "1", "-t", "cs/x", "-m", "late"])
+            .status()
+            .unwrap()
+            .success()
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let (code, present, _s) = raw_connect_as(pa, "cs", false, false);
+    assert_eq!(
+        (code, present),
+        (0, false),
+        "a's old session ended with the clean start on b"
+    );
+}
+
 /// The NATS consumers JetStream keeps, summed over the three servers' `/jsz`.
 fn consumers(nats: &Nats) -> u64 {
     (0..3)

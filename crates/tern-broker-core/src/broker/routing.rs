@@ -1152,7 +1152,9 @@ impl Broker {
 
     /// Cluster: the client `client_id` connected to another node after its connection
     /// here: the connection here is closed as a takeover would close it (5.0: DISCONNECT
-    /// 0x8E Session taken over); its session stays here.
+    /// 0x8E Session taken over), and the session here goes: given to that node, it lives
+    /// on there; not given, the client started afresh there (a clean start, or its
+    /// session could not be had), which ends this one as a clean start would.
     pub fn handle_taken_over(&mut self, client_id: &str, now: Instant) {
         let Some(key) = self
             .sessions
@@ -1170,15 +1172,19 @@ impl Broker {
             self.kick(&key, ReasonCode::SessionTakenOver, now);
             self.commit(now);
         }
-        // A session another node fetched lives on there now.
-        if self
-            .sessions
-            .get(&key)
-            .is_some_and(|s| s.given && s.conn.as_ref().is_none())
-        {
-            tracing::info!(client_id = %key, "cluster: the session moved to another node; its copy here goes");
-            self.discard_session(&key);
-            self.commit(now);
+        match self.sessions.get(&key) {
+            Some(s) if s.conn.as_ref().is_some() => {}
+            Some(s) if s.given => {
+                tracing::info!(client_id = %key, "cluster: the session moved to another node; its copy here goes");
+                self.discard_session(&key);
+                self.commit(now);
+            }
+            Some(_) => {
+                tracing::info!(client_id = %key, "cluster: the client started afresh on another node; its session here ends");
+                self.end_session(&key, now);
+                self.commit(now);
+            }
+            None => {}
         }
     }
 
