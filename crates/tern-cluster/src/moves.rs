@@ -170,12 +170,23 @@ pub(crate) async fn fetch(
             config.node_id.clone(),
         );
         tokio::spawn(async move {
-            let owner = match clients.get(crate::link::client_key(&client_id)).await {
-                Ok(v) => v.and_then(|v| String::from_utf8(v.to_vec()).ok()),
-                Err(e) => {
-                    tracing::warn!(error = %e, client_id = %client_id, "reading the cluster's client table failed");
-                    answer(Inbound::Moved(client_id, Fetched::Unavailable));
-                    return;
+            // A read that fails (JetStream busy: a leader being elected) is tried again
+            // before the client is refused.
+            let key = crate::link::client_key(&client_id);
+            let mut tries = 0;
+            let owner = loop {
+                match clients.get(key.clone()).await {
+                    Ok(v) => break v.and_then(|v| String::from_utf8(v.to_vec()).ok()),
+                    Err(e) if tries < 4 => {
+                        tries += 1;
+                        tracing::debug!(error = %e, client_id = %client_id, "reading the cluster's client table failed: trying again");
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, client_id = %client_id, "reading the cluster's client table failed: the client is refused for now");
+                        answer(Inbound::Moved(client_id, Fetched::Unavailable));
+                        return;
+                    }
                 }
             };
             let Some(owner) = owner.filter(|o| *o != me) else {

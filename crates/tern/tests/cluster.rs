@@ -1679,7 +1679,12 @@ fn a_session_whose_node_died_waits_for_it_then_moves_with_what_it_held() {
     let pa: u16 = a.as_ref().unwrap().port(0).parse().unwrap();
     let pb: u16 = b.port(0).parse().unwrap();
     for id in ["dz", "dy"] {
-        lines(persistent_sub(pa, id, "dead/#", 1, 1));
+        let made = persistent_sub(pa, id, "dead/#", 1, 1).wait().unwrap();
+        assert_eq!(
+            made.code(),
+            Some(27),
+            "{id}: connected, subscribed, timed out"
+        );
     }
     settle();
     assert!(
@@ -1727,7 +1732,8 @@ fn a_session_whose_node_died_waits_for_it_then_moves_with_what_it_held() {
 fn a_clean_start_on_another_node_ends_the_session_everywhere() {
     let two = two_nodes("clean-elsewhere");
     let (pa, pb) = (two.pa, two.pb);
-    lines(persistent_sub(pa, "cs", "cs/#", 1, 1));
+    let made = persistent_sub(pa, "cs", "cs/#", 1, 1).wait().unwrap();
+    assert_eq!(made.code(), Some(27), "connected, subscribed, timed out");
     settle();
     let (code, present, s) = raw_connect_as(pb, "cs", false, true);
     assert_eq!((code, present), (0, false));
