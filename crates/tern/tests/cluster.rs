@@ -1755,6 +1755,37 @@ fn a_clean_start_on_another_node_ends_the_session_everywhere() {
     );
 }
 
+/// A session too large for one NATS message moves in chunks: 600 QoS 1 messages of 1 KB
+/// wait in a session on node a (about 0.6 MB, three chunks of 256 KB); its client comes
+/// back on node b and gets every one of them.
+#[test]
+fn a_large_session_moves_in_chunks() {
+    use std::io::Write;
+    let two = two_nodes("large");
+    let (pa, pb) = (two.pa, two.pb);
+    let made = persistent_sub(pa, "big", "big/#", 1, 1).wait().unwrap();
+    assert_eq!(made.code(), Some(27), "connected, subscribed, timed out");
+    settle();
+    let mut publisher = Command::new("mosquitto_pub")
+        .args(["-p", &pa.to_string(), "-q", "1", "-t", "big/x", "-l"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = publisher.stdin.take().unwrap();
+    for n in 0..600 {
+        writeln!(input, "{n:04}-{}", "x".repeat(1000)).unwrap();
+    }
+    drop(input);
+    assert!(publisher.wait().unwrap().success());
+    std::thread::sleep(Duration::from_secs(1));
+    let got: std::collections::BTreeSet<String> =
+        lines(persistent_sub(pb, "big", "big/#", 600, 20))
+            .iter()
+            .filter_map(|l| l.strip_prefix("big/x ").map(|p| p[..4].to_string()))
+            .collect();
+    assert_eq!(got.len(), 600, "every queued message, through b");
+}
+
 /// The NATS consumers JetStream keeps, summed over the three servers' `/jsz`.
 fn consumers(nats: &Nats) -> u64 {
     (0..3)
