@@ -351,9 +351,23 @@ fn lines(child: Child) -> Vec<String> {
 }
 
 fn publish(port: u16, topic: &str, payload: &str) {
+    publish_at(port, topic, payload, "0");
+}
+
+/// [`publish`] at QoS `qos` (returns once the broker acknowledged it).
+fn publish_at(port: u16, topic: &str, payload: &str, qos: &str) {
     assert!(
         Command::new("mosquitto_pub")
-            .args(["-p", &port.to_string(), "-t", topic, "-m", payload])
+            .args([
+                "-p",
+                &port.to_string(),
+                "-q",
+                qos,
+                "-t",
+                topic,
+                "-m",
+                payload
+            ])
             .status()
             .unwrap()
             .success()
@@ -1663,6 +1677,17 @@ fn persistent_sub(port: u16, id: &str, filter: &str, count: usize, secs: u32) ->
         .unwrap()
 }
 
+/// A persistent session `id` on `port` subscribed to `filter` at QoS 1, left offline
+/// (mosquitto_sub connected, subscribed and timed out: exit 27).
+fn make_session(port: u16, id: &str, filter: &str) {
+    let made = persistent_sub(port, id, filter, 1, 1).wait().unwrap();
+    assert_eq!(
+        made.code(),
+        Some(27),
+        "{id}: connected, subscribed, timed out"
+    );
+}
+
 /// A session whose node died (docs/cluster.md, "How a session moves"): while that node
 /// may be coming back (it said it lives within the last 10 s), its client is refused on
 /// another node (3.1.1 return code 3, Server unavailable), not started afresh there; once
@@ -1679,30 +1704,10 @@ fn a_session_whose_node_died_waits_for_it_then_moves_with_what_it_held() {
     let pa: u16 = a.as_ref().unwrap().port(0).parse().unwrap();
     let pb: u16 = b.port(0).parse().unwrap();
     for id in ["dz", "dy"] {
-        let made = persistent_sub(pa, id, "dead/#", 1, 1).wait().unwrap();
-        assert_eq!(
-            made.code(),
-            Some(27),
-            "{id}: connected, subscribed, timed out"
-        );
+        make_session(pa, id, "dead/#");
     }
     settle();
-    assert!(
-        Command::new("mosquitto_pub")
-            .args([
-                "-p",
-                &pb.to_string(),
-                "-q",
-                "1",
-                "-t",
-                "dead/x",
-                "-m",
-                "queued"
-            ])
-            .status()
-            .unwrap()
-            .success()
-    );
+    publish_at(pb, "dead/x", "queued", "1");
     std::thread::sleep(Duration::from_millis(700));
     drop(a.take()); // SIGKILL
     let (code, _, _) = raw_connect_as(pb, "dz", false, false);
@@ -1732,20 +1737,13 @@ fn a_session_whose_node_died_waits_for_it_then_moves_with_what_it_held() {
 fn a_clean_start_on_another_node_ends_the_session_everywhere() {
     let two = two_nodes("clean-elsewhere");
     let (pa, pb) = (two.pa, two.pb);
-    let made = persistent_sub(pa, "cs", "cs/#", 1, 1).wait().unwrap();
-    assert_eq!(made.code(), Some(27), "connected, subscribed, timed out");
+    make_session(pa, "cs", "cs/#");
     settle();
     let (code, present, s) = raw_connect_as(pb, "cs", false, true);
     assert_eq!((code, present), (0, false));
     drop(s);
     settle();
-    assert!(
-        Command::new("mosquitto_pub")
-            .args(["-p", &pb.to_string(), "-q", "1", "-t", "cs/x", "-m", "late"])
-            .status()
-            .unwrap()
-            .success()
-    );
+    publish_at(pb, "cs/x", "late", "1");
     std::thread::sleep(Duration::from_millis(500));
     let (code, present, _s) = raw_connect_as(pa, "cs", false, false);
     assert_eq!(
@@ -1763,8 +1761,7 @@ fn a_large_session_moves_in_chunks() {
     use std::io::Write;
     let two = two_nodes("large");
     let (pa, pb) = (two.pa, two.pb);
-    let made = persistent_sub(pa, "big", "big/#", 1, 1).wait().unwrap();
-    assert_eq!(made.code(), Some(27), "connected, subscribed, timed out");
+    make_session(pa, "big", "big/#");
     settle();
     let mut publisher = Command::new("mosquitto_pub")
         .args(["-p", &pa.to_string(), "-q", "1", "-t", "big/x", "-l"])
