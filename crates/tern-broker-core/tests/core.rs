@@ -1795,7 +1795,17 @@ fn a_session_moved_from_another_node_takes_from_the_stream_only_what_it_did_not_
             streamed(104, "b", 3, true, "b's 3"),
         ],
     };
-    b.broker.handle_moved("x", Some(moved), now);
+    b.broker.handle_moved("x", Some(moved), Some(9), now);
+    b.pump();
+    // Installed, but x is answered only once the cluster says it is here.
+    assert!(
+        !b.outputs
+            .iter()
+            .any(|o| matches!(o, Output::Send(c, _) if *c == xb)),
+        "no CONNACK before the claim"
+    );
+    assert_eq!(b.broker.take_claims_first(), [(Str::from("x"), 9)]);
+    b.broker.handle_claimed("x", true, now);
     b.pump();
     let present = b.outputs.iter().find_map(|o| match o {
         Output::Send(c, Packet::ConnAck(a)) if *c == xb => Some(a.session_present),
@@ -1881,4 +1891,79 @@ fn a_session_that_cannot_be_fetched_refuses_its_client_for_now() {
     });
     assert_eq!(ack, Some(ReasonCode::ServerUnavailable));
     assert!(b.outputs.contains(&Output::Close(7)));
+}
+
+/// No two nodes serve one session: a node answers a client whose session it holds only
+/// after it claimed the client in the cluster (on the client table's revision its fetch
+/// read), when that session moved here or is one this node gave away and resumes. On
+/// node a, x's session is given (to a node that may have installed it, or died first);
+/// x comes back to a: no CONNACK until the claim; a failed claim (another node claimed x
+/// on that revision first) refuses x with 0x88 and keeps the session; a claim that holds
+/// resumes it, session present, with what it held.
+#[test]
+fn a_given_session_is_resumed_only_once_the_cluster_says_its_client_is_here() {
+    let mut a = Sim::new(Settings {
+        cluster: true,
+        ..Settings::default()
+    });
+    let xa = a.connect(mover());
+    a.subscribe(xa, "t/#", QoS::ExactlyOnce);
+    let now = a.now;
+    assert!(a.broker.handle_give("x", now));
+    a.pump();
+    let p = a.connect(Connect::new(Protocol::V5, "pub-a"));
+    a.publish(p, "t/x", "held on a", 1);
+    let answered = |a: &Sim, conn: ConnId| {
+        a.outputs.iter().find_map(|o| match o {
+            Output::Send(c, Packet::ConnAck(ack)) if *c == conn => {
+                Some((ack.reason, ack.session_present))
+            }
+            _ => None,
+        })
+    };
+    // x back on a; the table still says a (revision 5): the claim first.
+    let x2: ConnId = 60;
+    a.broker
+        .handle_admission(x2, Admission::Granted(Box::new(mover())), now);
+    a.pump();
+    assert_eq!(a.broker.take_fetches(), [Str::from("x")]);
+    a.broker.handle_moved("x", None, Some(5), now);
+    a.pump();
+    assert_eq!(answered(&a, x2), None, "no CONNACK before the claim");
+    assert_eq!(a.broker.take_claims_first(), [(Str::from("x"), 5)]);
+    // Another node claimed x on revision 5 first: refused for now, the session kept.
+    a.broker.handle_claimed("x", false, now);
+    a.pump();
+    assert_eq!(
+        answered(&a, x2),
+        Some((ReasonCode::ServerUnavailable, false))
+    );
+    assert!(a.outputs.contains(&Output::Close(x2)));
+    assert!(a.stored().sessions.contains_key(&Str::from("x")));
+    // Again, and this time the claim holds.
+    let x3: ConnId = 61;
+    a.broker
+        .handle_admission(x3, Admission::Granted(Box::new(mover())), now);
+    a.pump();
+    assert_eq!(a.broker.take_fetches(), [Str::from("x")]);
+    a.broker.handle_moved("x", None, Some(5), now);
+    a.pump();
+    assert_eq!(a.broker.take_claims_first(), [(Str::from("x"), 5)]);
+    assert_eq!(answered(&a, x3), None);
+    a.broker.handle_claimed("x", true, now);
+    a.pump();
+    assert_eq!(answered(&a, x3), Some((ReasonCode::Success, true)));
+    assert_eq!(a.received(x3), ["held on a"]);
+    // Resumed, it is no longer a given copy: a plain reconnection needs no claim.
+    a.broker.handle_closed(x3, now);
+    a.pump();
+    let x4: ConnId = 62;
+    a.broker
+        .handle_admission(x4, Admission::Granted(Box::new(mover())), now);
+    a.pump();
+    assert_eq!(a.broker.take_fetches(), [Str::from("x")]);
+    a.broker.handle_moved("x", None, Some(6), now);
+    a.pump();
+    assert!(a.broker.take_claims_first().is_empty());
+    assert_eq!(answered(&a, x4), Some((ReasonCode::Success, true)));
 }

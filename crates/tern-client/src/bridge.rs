@@ -416,7 +416,9 @@ struct End {
 impl End {
     fn dial(&mut self) {
         let options = self.options.clone();
-        self.dialing = Some(Box::pin(async move { Link::dial(&options, false).await }));
+        self.dialing = Some(Box::pin(
+            async move { Link::dial(&options, false, 0).await },
+        ));
     }
 
     fn next_timer(&self) -> Option<Instant> {

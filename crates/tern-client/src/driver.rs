@@ -11,6 +11,8 @@ const CONNACK_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) struct Link {
     pub(crate) stream: Box<dyn transport::Io>,
     pub(crate) read: BytesMut,
+    /// Which of the options' addresses it is connected to.
+    pub(crate) at: usize,
 }
 
 impl Link {
@@ -21,8 +23,9 @@ impl Link {
         clean_start: bool,
         state: &mut ClientState,
         established: bool,
+        at: usize,
     ) -> Result<(Link, bool), Error> {
-        let (link, connect, ack) = Link::dial(options, clean_start).await?;
+        let (link, connect, ack) = Link::dial(options, clean_start, at).await?;
         let present = state.handle_connack(
             &connect,
             &ack,
@@ -33,14 +36,16 @@ impl Link {
         Ok((link, present))
     }
 
-    /// Connects, sends CONNECT and waits for the CONNACK; the CONNECT and the CONNACK, for
-    /// [`ClientState::handle_connack`].
+    /// Connects to address `at` of the options, sends CONNECT and waits for the CONNACK;
+    /// the CONNECT and the CONNACK, for [`ClientState::handle_connack`].
     pub(crate) async fn dial(
         options: &Options,
         clean_start: bool,
+        at: usize,
     ) -> Result<(Link, Connect, tern_codec::ConnAck), Error> {
-        let addr = format!("{}:{}", options.host, options.port);
-        let mut stream = transport::open(&options.transport, &options.host, options.port).await?;
+        let (host, port) = options.address(at);
+        let addr = format!("{host}:{port}");
+        let mut stream = transport::open(&options.transport, host, port).await?;
         let connect = options.connect_packet(clean_start);
         let mut out = BytesMut::new();
         tern_codec::encode(
@@ -76,7 +81,8 @@ impl Link {
         .ok()
         .flatten()
         .ok_or_else(|| Error::NoConnAck(addr.clone()))?;
-        Ok((Link { stream, read }, connect, ack))
+        let at = at % options.addresses();
+        Ok((Link { stream, read, at }, connect, ack))
     }
 }
 
@@ -113,7 +119,10 @@ pub(crate) async fn drive(
                 return;
             }
         };
+        // Each attempt goes to the next address (the same one when there is one).
+        let mut at = link.at;
         link = loop {
+            at = (at + 1) % options.addresses();
             let sleep = tokio::time::sleep(state.next_attempt(backoff, jitter_seed()));
             tokio::pin!(sleep);
             loop {
@@ -142,7 +151,7 @@ pub(crate) async fn drive(
             // A persistent session is resumed; otherwise each connection starts afresh
             // (and what waited is sent as new).
             let clean = options.session_expiry.is_zero();
-            match Link::open(&options, clean, &mut state, true).await {
+            match Link::open(&options, clean, &mut state, true, at).await {
                 Ok((l, session_present)) => {
                     events.send(vec![Event::Connected { session_present }]);
                     break l;

@@ -86,6 +86,10 @@ pub struct Options {
     pub host: String,
     /// Its port.
     pub port: u16,
+    /// Other brokers of the same cluster ([`Options::failover`]): each reconnection tries
+    /// the next address in turn (`host:port`, then these, round and round), and a first
+    /// connect tries them in order until one answers.
+    pub failover: Vec<(String, u16)>,
     /// The client identifier (empty: the broker assigns one; 3.1.1 needs a clean start).
     pub client_id: String,
     /// MQTT 3.1.1 or 5.0 (default).
@@ -279,8 +283,18 @@ impl Client {
         // was lost: resumed if the broker kept the session, sent as new otherwise.
         let mut state = state::ClientState::new(state, options.max_pending, outbox.is_some());
         let restored = state.has_unfinished();
-        let (link, session_present) =
-            Link::open(&options, options.clean_start, &mut state, restored).await?;
+        // The first address that answers (each in order; the last one's error otherwise).
+        let mut at = 0;
+        let (link, session_present) = loop {
+            match Link::open(&options, options.clean_start, &mut state, restored, at).await {
+                Ok(opened) => break opened,
+                Err(e) if at + 1 < options.addresses() => {
+                    tracing::debug!(error = %e, "connect failed; trying the next address");
+                    at += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        };
         let (commands, rx) = mpsc::unbounded_channel();
         let (tx, events_rx) = mpsc::unbounded_channel();
         let unread = Arc::new(Unread {

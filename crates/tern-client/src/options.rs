@@ -22,6 +22,7 @@ impl Options {
         Options {
             host: host.into(),
             port,
+            failover: Vec::new(),
             client_id: client_id.into(),
             protocol: Protocol::V5,
             clean_start: true,
@@ -241,6 +242,36 @@ impl Options {
     pub fn reconnect(mut self, backoff: Option<Backoff>) -> Options {
         self.reconnect = backoff;
         self
+    }
+
+    /// Another broker of the same cluster to connect to when one does not answer: a
+    /// reconnection goes to the next address in turn (`host:port` first, then each one
+    /// added here, round and round), so a client whose node died reconnects to another
+    /// one, where a persistent session follows it (docs/cluster.md); a first connect tries
+    /// them in order. The transport (TLS, WebSocket) is the same for all.
+    ///
+    /// ```
+    /// let o = tern_client::Options::new("10.0.0.1", 1883, "a")
+    ///     .failover("10.0.0.2", 1883)
+    ///     .failover("10.0.0.3", 1883);
+    /// assert_eq!(o.failover.len(), 2);
+    /// ```
+    pub fn failover(mut self, host: impl Into<String>, port: u16) -> Options {
+        self.failover.push((host.into(), port));
+        self
+    }
+
+    /// How many addresses there are to connect to (at least one).
+    pub(crate) fn addresses(&self) -> usize {
+        1 + self.failover.len()
+    }
+
+    /// Address `at` (wrapping): `host:port` for 0, then the failover ones.
+    pub(crate) fn address(&self, at: usize) -> (&str, u16) {
+        match at % self.addresses() {
+            0 => (self.host.as_str(), self.port),
+            i => (self.failover[i - 1].0.as_str(), self.failover[i - 1].1),
+        }
     }
 
     /// Received messages that may wait for the application before the client stops

@@ -66,6 +66,11 @@ pub struct Out {
     /// Client ids whose sessions to fetch from the nodes that have them
     /// ([`Inbound::Moved`] answers).
     pub fetches: Vec<String>,
+    /// Client ids to claim before their clients are answered, by compare-and-set on the
+    /// client table's revision the fetch read ([`Inbound::Claimed`] answers): a session
+    /// that moved here (or one this node gave and resumes) is the client's only once the
+    /// cluster says so, so no two nodes ever serve it.
+    pub first_claims: Vec<(String, u64)>,
 }
 
 /// The JetStream stream holding the cluster's retained messages: the last message of each
@@ -164,6 +169,9 @@ pub enum Inbound {
     ),
     /// The answer to a fetch ([`Out::fetches`]) of this client's session.
     Moved(String, crate::moves::Fetched),
+    /// The answer to a first claim ([`Out::first_claims`]): whether the cluster now says
+    /// the client is here (`false`: another node claimed it meanwhile, or NATS failed).
+    Claimed(String, bool),
 }
 
 /// The KV bucket that says which node each client id last connected to.
@@ -227,10 +235,10 @@ pub async fn run(
         .map_or(0, |d| d.as_nanos());
     let boot_hex = format!("{boot:x}");
     let js = async_nats::jetstream::new(client.clone());
-    let (claims_tx, claims_rx) = mpsc::unbounded_channel::<String>();
+    let (claims_tx, claims_rx) = mpsc::unbounded_channel::<(String, Option<u64>)>();
     let to_core = deliver.clone();
-    let takeovers = tokio::spawn(claim(js.clone(), config.clone(), claims_rx, move |c| {
-        to_core(Inbound::TakenOver(c));
+    let takeovers = tokio::spawn(claim(js.clone(), config.clone(), claims_rx, move |i| {
+        to_core(i);
     }));
     let table: shares::Shared = Default::default();
     let (share_tx, share_rx) = mpsc::unbounded_channel();
@@ -243,12 +251,16 @@ pub async fn run(
     ));
     let (applied_tx, applied_rx) = tokio::sync::watch::channel(applied);
     let (moves_tx, moves_rx) = mpsc::unbounded_channel();
+    // Whether the node has applied what the stream held when it started: it gives
+    // sessions only then (a session of a publisher whose round a crash lost gets that
+    // round's QoS 2 packet ids back first).
+    let (caught_tx, caught_rx) = tokio::sync::watch::channel(false);
     let to_core = deliver.clone();
     let consumer = tokio::spawn(consume(
         js.clone(),
         config.clone(),
         table.clone(),
-        (boot_hex.clone(), ready),
+        (boot_hex.clone(), ready, caught_tx),
         (applied, applied_rx),
         (moves_rx, fed),
         move |inbound| to_core(inbound),
@@ -257,6 +269,7 @@ pub async fn run(
     let giver = tokio::spawn(crate::moves::serve(
         client.clone(),
         config.node_id.clone(),
+        caught_rx,
         move |client_id, reply| to_core(Inbound::Give(client_id, reply)),
     ));
     let (fetch_tx, fetch_rx) = mpsc::unbounded_channel();
@@ -325,7 +338,10 @@ pub async fn run(
                     interest(&client, &mut subs, &mut filters, &in_tx, i.filter, i.add).await;
                 }
                 for c in o.claims {
-                    let _ = claims_tx.send(c);
+                    let _ = claims_tx.send((c, None));
+                }
+                for (c, revision) in o.first_claims {
+                    let _ = claims_tx.send((c, Some(revision)));
                 }
                 for f in o.fetches {
                     let _ = fetch_tx.send(f);
@@ -700,14 +716,15 @@ fn client_of(key: &str) -> Option<String> {
 }
 
 /// Writes each client id that connects here to [`CLIENTS`] (this node's name, under the
-/// id), and watches the bucket: a later write of an id by another node (a higher
-/// revision than this node's own) means the client connected there, and its connection
-/// here is closed (`taken_over`).
+/// id; with a revision: by compare-and-set on it, answered with [`Inbound::Claimed`]),
+/// and watches the bucket: a later write of an id by another node (a higher revision
+/// than this node's own) means the client connected there, and its connection here is
+/// closed ([`Inbound::TakenOver`]).
 async fn claim(
     js: async_nats::jetstream::Context,
     config: Config,
-    mut claims: mpsc::UnboundedReceiver<String>,
-    taken_over: impl Fn(String) + Send + 'static,
+    mut claims: mpsc::UnboundedReceiver<(String, Option<u64>)>,
+    to_core: impl Fn(Inbound) + Send + 'static,
 ) {
     use async_nats::jetstream::kv;
     let store = crate::kv::bucket(&js, CLIENTS, config.replicas, std::time::Duration::ZERO).await;
@@ -720,21 +737,31 @@ async fn claim(
     loop {
         tokio::select! {
             c = claims.recv() => {
-                let Some(client_id) = c else { return };
+                let Some((client_id, expected)) = c else { return };
                 let store = store.clone();
                 let node = Bytes::from(config.node_id.clone());
                 writes.push(async move {
-                    let put = store.put(client_key(&client_id), node).await;
-                    (client_id, put)
+                    let key = client_key(&client_id);
+                    let put = match expected {
+                        None => store.put(key, node).await.map_err(|e| e.to_string()),
+                        Some(r) => store.update(key, node, r).await.map_err(|e| e.to_string()),
+                    };
+                    (client_id, expected.is_some(), put)
                 });
             }
-            Some((client_id, put)) = writes.next(), if !writes.is_empty() => match put {
-                Ok(revision) => {
-                    let r = mine.entry(client_id).or_insert(revision);
-                    *r = (*r).max(revision);
+            Some((client_id, first, put)) = writes.next(), if !writes.is_empty() => {
+                match &put {
+                    Ok(revision) => {
+                        let r = mine.entry(client_id.clone()).or_insert(*revision);
+                        *r = (*r).max(*revision);
+                    }
+                    Err(e) if first => tracing::warn!(error = %e, client_id = %client_id, "cluster: claiming a client whose session moved here failed (another node claimed it, or NATS is busy): the client is refused for now"),
+                    Err(e) => tracing::warn!(error = %e, client_id = %client_id, "writing the cluster's client table failed"),
                 }
-                Err(e) => tracing::warn!(error = %e, client_id = %client_id, "writing the cluster's client table failed"),
-            },
+                if first {
+                    to_core(Inbound::Claimed(client_id, put.is_ok()));
+                }
+            }
             e = watch.next() => {
                 let Some(Ok(entry)) = e else { continue };
                 if entry.operation != kv::Operation::Put || entry.value.as_ref() == config.node_id.as_bytes() {
@@ -743,7 +770,7 @@ async fn claim(
                 let Some(client_id) = client_of(&entry.key) else { continue };
                 if mine.get(&client_id).is_some_and(|r| entry.revision > *r) {
                     mine.remove(&client_id);
-                    taken_over(client_id);
+                    to_core(Inbound::TakenOver(client_id));
                 }
             }
         }
@@ -759,10 +786,14 @@ async fn consume(
     js: async_nats::jetstream::Context,
     config: Config,
     table: shares::Shared,
-    (boot, ready): (String, tokio::sync::oneshot::Sender<()>),
+    (boot, ready, caught): (
+        String,
+        tokio::sync::oneshot::Sender<()>,
+        tokio::sync::watch::Sender<bool>,
+    ),
     (start, mut applied): (u64, tokio::sync::watch::Receiver<u64>),
     (mut moves, fed): (
-        mpsc::UnboundedReceiver<(String, crate::moves::Given, String)>,
+        mpsc::UnboundedReceiver<(String, crate::moves::Given, String, u64)>,
         Fed,
     ),
     deliver: impl Fn(Inbound) + Send + 'static,
@@ -845,6 +876,7 @@ async fn consume(
     let mut ready = Some(ready);
     if caught_up <= start {
         ready.take().map(|r| r.send(()));
+        let _ = caught.send(true);
     }
     tracing::info!(
         from = start,
@@ -862,7 +894,7 @@ async fn consume(
         let mut last = 0;
         let mut next = tokio::select! {
             n = messages.next() => n,
-            Some((client_id, given, from)) = moves.recv() => {
+            Some((client_id, given, from, revision)) = moves.recv() => {
                 let read = catch_up(&stream, given.applied, pos, &config.node_id, &mut names);
                 let fetched = match tokio::time::timeout(CATCH_UP_TIMEOUT, read).await {
                     Ok(catch_up) => {
@@ -872,6 +904,7 @@ async fn consume(
                         crate::moves::Fetched::Moved(Box::new(crate::moves::Arrived {
                             given,
                             from,
+                            revision,
                             catch_up,
                         }))
                     }
@@ -961,6 +994,7 @@ async fn consume(
         {
             tracing::info!(through = last, "cluster: caught up with the stream");
             let _ = r.send(());
+            let _ = caught.send(true);
         }
     }
 }

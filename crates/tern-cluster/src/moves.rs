@@ -53,6 +53,10 @@ pub struct Arrived {
     pub given: Given,
     /// The node that gave it.
     pub from: String,
+    /// The revision of the client table's entry that named that node: this node claims
+    /// the client by compare-and-set on it before it answers the client
+    /// ([`Out::first_claims`](crate::Out::first_claims)).
+    pub revision: u64,
     /// The stream's messages after `given.applied` up to where this node's reader stood,
     /// in order.
     pub catch_up: Vec<Remote>,
@@ -64,8 +68,9 @@ pub enum Fetched {
     /// The session moved here.
     Moved(Box<Arrived>),
     /// This node has the latest of it, or nobody has it, or the node that had it is gone:
-    /// the client goes on with what this node has.
-    Nothing,
+    /// the client goes on with what this node has. With the revision of the client
+    /// table's entry read, if there was one.
+    Nothing(Option<u64>),
     /// The node that has it did not answer in time (or the stream could not be read):
     /// the client is refused for now and tries again.
     Unavailable,
@@ -78,8 +83,15 @@ type Cache = Arc<Mutex<HashMap<String, (Arc<Given>, Instant)>>>;
 pub(crate) async fn serve(
     client: async_nats::Client,
     node_id: String,
+    mut caught_up: tokio::sync::watch::Receiver<bool>,
     give: impl Fn(String, oneshot::Sender<Option<Given>>) + Send + Sync + 'static,
 ) {
+    // Not before the node has applied what the stream held when it started: until then a
+    // session here may lack what a crash lost (a publisher's QoS 2 packet id), and the
+    // nodes that ask hear nobody answer (their clients wait, as for a node restarting).
+    if caught_up.wait_for(|c| *c).await.is_err() {
+        return;
+    }
     let give = Arc::new(give);
     let cache: Cache = Arc::default();
     let subject = format!("{GIVE_PREFIX}{node_id}");
@@ -153,7 +165,7 @@ pub(crate) async fn fetch(
     js: async_nats::jetstream::Context,
     config: Config,
     mut ids: mpsc::UnboundedReceiver<String>,
-    to_reader: mpsc::UnboundedSender<(String, Given, String)>,
+    to_reader: mpsc::UnboundedSender<(String, Given, String, u64)>,
     answer: impl Fn(Inbound) + Send + Sync + 'static,
 ) {
     let answer = Arc::new(answer);
@@ -174,9 +186,12 @@ pub(crate) async fn fetch(
             // before the client is refused.
             let key = crate::link::client_key(&client_id);
             let mut tries = 0;
-            let owner = loop {
-                match clients.get(key.clone()).await {
-                    Ok(v) => break v.and_then(|v| String::from_utf8(v.to_vec()).ok()),
+            let entry = loop {
+                match clients.entry(key.clone()).await {
+                    Ok(e) => {
+                        break e
+                            .filter(|e| e.operation == async_nats::jetstream::kv::Operation::Put);
+                    }
                     Err(e) if tries < 4 => {
                         tries += 1;
                         tracing::debug!(error = %e, client_id = %client_id, "reading the cluster's client table failed: trying again");
@@ -189,22 +204,25 @@ pub(crate) async fn fetch(
                     }
                 }
             };
+            let revision = entry.as_ref().map(|e| e.revision);
+            let owner = entry.and_then(|e| String::from_utf8(e.value.to_vec()).ok());
             let Some(owner) = owner.filter(|o| *o != me) else {
-                answer(Inbound::Moved(client_id, Fetched::Nothing));
+                answer(Inbound::Moved(client_id, Fetched::Nothing(revision)));
                 return;
             };
+            let revision = revision.unwrap_or_default();
             match ask(&client, &owner, &client_id).await {
                 Ok(Some(given)) => {
-                    let _ = to_reader.send((client_id, given, owner));
+                    let _ = to_reader.send((client_id, given, owner, revision));
                 }
-                Ok(None) => answer(Inbound::Moved(client_id, Fetched::Nothing)),
+                Ok(None) => answer(Inbound::Moved(client_id, Fetched::Nothing(Some(revision)))),
                 Err(Asked::Gone) if lately_alive(&nodes, &owner, wait).await => {
                     tracing::warn!(client_id = %client_id, node = %owner, "cluster: the node that has this client's session is down, and may be back soon: the client is refused for now");
                     answer(Inbound::Moved(client_id, Fetched::Unavailable));
                 }
                 Err(Asked::Gone) => {
                     tracing::warn!(client_id = %client_id, node = %owner, "cluster: the node that had this client's session is gone: the session starts afresh here");
-                    answer(Inbound::Moved(client_id, Fetched::Nothing));
+                    answer(Inbound::Moved(client_id, Fetched::Nothing(Some(revision))));
                 }
                 Err(Asked::Failed(e)) => {
                     tracing::warn!(error = %e, client_id = %client_id, node = %owner, "cluster: the node that has this client's session did not give it: the client is refused for now");

@@ -429,6 +429,9 @@ pub struct Broker {
     /// Cluster: client ids that connected here since the last take (the cluster learns
     /// that this node has them now).
     claims: Vec<Str>,
+    /// Cluster: client ids to claim before their parked CONNECTs are answered, with the
+    /// client table's revision their fetch read ([`Broker::take_claims_first`]).
+    claims_first: Vec<(Str, u64)>,
     /// Cluster: this node is cut off from NATS ([`Broker::handle_cut_off`]): it has closed
     /// its connections, leaving their wills to the cluster, and refuses new ones.
     cut_off: bool,
@@ -515,6 +518,7 @@ impl Broker {
             applied_now: None,
             forwarded_durable: false,
             claims: Vec::new(),
+            claims_first: Vec::new(),
             cut_off: false,
             fetching: HashMap::new(),
             parked_conns: ConnMap::default(),

@@ -100,12 +100,58 @@ impl Broker {
 
     /// Cluster: the answer to a fetch of `client_id`'s session: the session another node
     /// gave (installed here, replacing whatever this node had of it), or `None` (this
-    /// node has the latest, or nobody has one, or the node that had it is gone). Then the
-    /// parked CONNECT goes on as a CONNECT does.
-    pub fn handle_moved(&mut self, client_id: &str, moved: Option<MovedIn>, now: Instant) {
+    /// node has the latest, or nobody has one, or the node that had it is gone);
+    /// `revision`: that of the client table's entry the fetch read, if any.
+    ///
+    /// Then the parked CONNECT goes on as a CONNECT does, except when the session moved
+    /// here, or is one this node gave to another and now resumes: its client is then
+    /// answered only once the cluster says the client is here, by a claim on that
+    /// revision ([`Broker::take_claims_first`], [`Broker::handle_claimed`]), written after
+    /// this round's commit. So the node that gave it still has it should this one fail
+    /// first, and no two nodes ever serve one session (a second node's claim on the same
+    /// revision fails, and its client is refused for now).
+    pub fn handle_moved(
+        &mut self,
+        client_id: &str,
+        moved: Option<MovedIn>,
+        revision: Option<u64>,
+        now: Instant,
+    ) {
+        let gave = self.sessions.get(client_id).is_some_and(|s| s.given);
+        let claim = revision.filter(|_| moved.is_some() || gave);
         if let Some(m) = moved {
             self.install(m, now);
         }
+        match claim {
+            Some(revision) if self.fetching.contains_key(client_id) => {
+                self.claims_first.push((Str::from(client_id), revision));
+            }
+            _ => self.answer_parked(client_id, now),
+        }
+        self.commit(now);
+    }
+
+    /// Cluster: client ids to claim, each on the revision given, once the round is
+    /// committed ([`Broker::handle_moved`]); the answers: [`Broker::handle_claimed`].
+    pub fn take_claims_first(&mut self) -> Vec<(Str, u64)> {
+        std::mem::take(&mut self.claims_first)
+    }
+
+    /// Cluster: the cluster says `client_id` is here now (`claimed`), and its parked
+    /// CONNECT is answered; or another node claimed it first (or NATS failed), and the
+    /// client is refused for now (0x88) to try again.
+    pub fn handle_claimed(&mut self, client_id: &str, claimed: bool, now: Instant) {
+        if claimed {
+            self.answer_parked(client_id, now);
+            self.commit(now);
+        } else {
+            self.handle_unavailable(client_id, now);
+        }
+    }
+
+    /// The parked CONNECT of `client_id` (if its connection is still there) goes on as a
+    /// CONNECT does, with the packets that waited behind it.
+    fn answer_parked(&mut self, client_id: &str, now: Instant) {
         if let Some((conn, connect)) = self.fetching.remove(client_id) {
             let packets = self.parked_conns.remove(&conn).unwrap_or_default();
             self.handle_packet(conn, Packet::Connect(connect), now);
@@ -113,7 +159,6 @@ impl Broker {
                 self.handle_packet(conn, p, now);
             }
         }
-        self.commit(now);
     }
 
     /// Cluster: the session of `client_id` could not be fetched (the node that has it did

@@ -153,9 +153,14 @@ impl CoreTask {
                         }
                     },
                     ToCore::Moved(client_id, moved) => match moved {
-                        Ok(m) => broker.handle_moved(&client_id, m.map(|m| *m), now),
+                        Ok((m, revision)) => {
+                            broker.handle_moved(&client_id, m.map(|m| *m), revision, now);
+                        }
                         Err(()) => broker.handle_unavailable(&client_id, now),
                     },
+                    ToCore::Claimed(client_id, claimed) => {
+                        broker.handle_claimed(&client_id, claimed, now);
+                    }
                     ToCore::ClusterWill(w) => {
                         let w = *w;
                         broker.handle_cluster_will(
@@ -418,6 +423,11 @@ fn dispatch(
             .into_iter()
             .map(|c| c.to_string())
             .collect();
+        let first_claims: Vec<(String, u64)> = broker
+            .take_claims_first()
+            .into_iter()
+            .map(|(c, r)| (c.to_string(), r))
+            .collect();
         let wills: Vec<tern_cluster::wills::Change> = broker
             .take_will_changes()
             .into_iter()
@@ -457,12 +467,13 @@ fn dispatch(
         // Claims of client ids go out once the round is committed: the node that had the
         // client lets go of a session it gave only then.
         let applied = broker.take_applied();
-        if applied.is_some() || !claims.is_empty() {
+        if applied.is_some() || !claims.is_empty() || !first_claims.is_empty() {
             let link = link.clone();
             hooks.after = Some(Box::new(move || {
                 let _ = link.send(tern_cluster::Out {
                     applied,
                     claims,
+                    first_claims,
                     ..Default::default()
                 });
             }));

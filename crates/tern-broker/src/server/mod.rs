@@ -241,10 +241,15 @@ pub(crate) enum ToCore {
         tokio::sync::oneshot::Sender<Option<tern_cluster::moves::Given>>,
     ),
     /// The answer to a fetch of this client's session: moved here, nothing to move, or
-    /// (`Err`) not available now.
-    Moved(String, Result<Option<Box<crate::core::MovedIn>>, ()>),
+    /// (`Err`) not available now; with the client table's revision the fetch read.
+    Moved(String, MovedAnswer),
+    /// The answer to a claim made before a client is answered: whether it holds.
+    Claimed(String, bool),
     Shutdown,
 }
+
+/// A fetched session (or none) with the client table's revision read; `Err`: none now.
+type MovedAnswer = Result<(Option<Box<crate::core::MovedIn>>, Option<u64>), ()>;
 
 /// What a connection task is told, through its [`line`]. Kept to one pointer, so a queue
 /// of them stays small.
@@ -441,11 +446,14 @@ pub async fn run(server: Server, shutdown: impl Future<Output = ()>) -> Result<(
                                         Ok(mut session) => {
                                             session.cluster_applied = a.given.applied;
                                             session.cluster_forwarded = a.given.forwarded;
-                                            Ok(Some(Box::new(crate::core::MovedIn {
-                                                session,
-                                                from: a.from,
-                                                catch_up: remote(a.catch_up),
-                                            })))
+                                            Ok((
+                                                Some(Box::new(crate::core::MovedIn {
+                                                    session,
+                                                    from: a.from,
+                                                    catch_up: remote(a.catch_up),
+                                                })),
+                                                Some(a.revision),
+                                            ))
                                         }
                                         Err(e) => {
                                             tracing::error!(error = %e, client_id = %client_id, "cluster: a session from another node is unreadable: the client is refused");
@@ -453,10 +461,13 @@ pub async fn run(server: Server, shutdown: impl Future<Output = ()>) -> Result<(
                                         }
                                     }
                                 }
-                                tern_cluster::moves::Fetched::Nothing => Ok(None),
+                                tern_cluster::moves::Fetched::Nothing(revision) => Ok((None, revision)),
                                 tern_cluster::moves::Fetched::Unavailable => Err(()),
                             };
                             ToCore::Moved(client_id, moved)
+                        }
+                        tern_cluster::Inbound::Claimed(client_id, claimed) => {
+                            ToCore::Claimed(client_id, claimed)
                         }
                     });
                 },

@@ -63,8 +63,22 @@ impl BrokerProcess {
             }
         };
         let (tx, rx) = std::sync::mpsc::channel();
+        // TERN_TEST_LOG=file: every broker's lines appended there too (for a failure's
+        // story), each after its config's path.
+        let mut copy = std::env::var_os("TERN_TEST_LOG").and_then(|f| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(f)
+                .ok()
+        });
+        let name = config.display().to_string();
         std::thread::spawn(move || {
+            use std::io::Write;
             for line in lines.map_while(Result::ok) {
+                if let Some(f) = copy.as_mut() {
+                    let _ = writeln!(f, "{name}: {line}");
+                }
                 let _ = tx.send(line);
             }
         });
@@ -401,6 +415,13 @@ pub fn persistent(port: u16, id: &str) -> tern_client::Options {
         }))
 }
 
+/// [`persistent`] at the first of `ports`, failing over to the others in turn.
+pub fn across(ports: &[u16], id: &str) -> tern_client::Options {
+    ports[1..]
+        .iter()
+        .fold(persistent(ports[0], id), |o, &p| o.failover("127.0.0.1", p))
+}
+
 /// A crash test's traffic: a persistent QoS 2 subscriber at `sub_port` on `filter`, then a
 /// persistent publisher at `pub_port` publishing `total` numbered messages to `topic` (QoS
 /// 2 for even numbers, QoS 1 for odd), each awaited, `pace` apart; both reconnect quickly
@@ -438,6 +459,20 @@ impl Flow {
         total: usize,
         pace: std::time::Duration,
     ) -> Flow {
+        Flow::start_across(name, &[sub_port], filter, &[pub_port], topic, total, pace)
+    }
+
+    /// [`Flow::start_as`] with clients that connect to the first of their ports and
+    /// reconnect to the next one each time (tern-client's failover: cluster nodes).
+    pub fn start_across(
+        name: &str,
+        sub_ports: &[u16],
+        filter: &str,
+        pub_ports: &[u16],
+        topic: &str,
+        total: usize,
+        pace: std::time::Duration,
+    ) -> Flow {
         use std::sync::atomic::Ordering;
         use tern_client::{Client, Event, QoS};
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -446,7 +481,7 @@ impl Flow {
             .build()
             .unwrap();
         let (keeper, mut events) = rt.block_on(async {
-            let (c, e) = Client::connect(persistent(sub_port, &format!("{name}keeper")))
+            let (c, e) = Client::connect(across(sub_ports, &format!("{name}keeper")))
                 .await
                 .unwrap();
             c.subscribe(filter, QoS::ExactlyOnce).await.unwrap();
@@ -457,6 +492,16 @@ impl Flow {
         let record = seen.clone();
         rt.spawn(async move {
             while let Some(e) = events.recv().await {
+                if std::env::var_os("TERN_TEST_LOG").is_some() {
+                    match &e {
+                        Event::Message(m) => eprintln!(
+                            "flow: got {} qos {:?}",
+                            String::from_utf8_lossy(&m.payload),
+                            m.qos
+                        ),
+                        other => eprintln!("flow: {other:?}"),
+                    }
+                }
                 if let Event::Message(m) = e
                     && let Ok(i) = String::from_utf8_lossy(&m.payload).parse::<usize>()
                 {
@@ -466,7 +511,7 @@ impl Flow {
         });
         let acked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let count = acked.clone();
-        let options = persistent(pub_port, &format!("{name}maker"));
+        let options = across(pub_ports, &format!("{name}maker"));
         let topic = topic.to_string();
         let publisher = rt.spawn(async move {
             let (c, _e) = Client::connect(options).await.unwrap();
