@@ -1967,3 +1967,41 @@ fn a_given_session_is_resumed_only_once_the_cluster_says_its_client_is_here() {
     assert!(a.broker.take_claims_first().is_empty());
     assert_eq!(answered(&a, x4), Some((ReasonCode::Success, true)));
 }
+
+/// A node applies each message of the cluster's stream once: a batch from its reader that
+/// holds messages it applied before (its reader read part of the stream again: async-nats
+/// remakes an ordered consumer that resets before its first message from the stream's
+/// start) routes only those past the sequence it applied, whatever the batch's last one.
+#[test]
+fn a_stream_message_applied_before_is_not_routed_again() {
+    let mut b = Sim::new(Settings {
+        cluster: true,
+        ..Settings::default()
+    });
+    let x = b.connect(mover());
+    b.subscribe(x, "t/#", QoS::AtLeastOnce);
+    let now = b.now;
+    b.broker.handle_remote_durable(
+        11,
+        vec![
+            streamed(10, "a", 1, false, "first"),
+            streamed(11, "a", 2, false, "second"),
+        ],
+        now,
+    );
+    b.pump();
+    assert_eq!(b.received(x), ["first", "second"]);
+    // Read again from the start, with one new message at the end.
+    b.broker.handle_remote_durable(
+        12,
+        vec![
+            streamed(10, "a", 1, false, "first"),
+            streamed(11, "a", 2, false, "second"),
+            streamed(12, "a", 3, false, "third"),
+        ],
+        now,
+    );
+    b.pump();
+    assert_eq!(b.received(x), ["first", "second", "third"]);
+    assert_eq!(b.broker.cluster_applied(), 12);
+}

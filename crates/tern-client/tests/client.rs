@@ -459,3 +459,68 @@ async fn a_burst_larger_than_one_turn_of_commands_is_sent_whole() {
         );
     }
 }
+
+/// Failover between brokers of one cluster (`Options::failover`): a first connect whose
+/// first address answers nobody goes on to the next, and a connection lost when its
+/// broker dies is made again to the next address, where publishing goes on.
+#[tokio::test]
+async fn a_client_fails_over_to_the_next_address_when_its_broker_is_gone() {
+    use common::free_port;
+    let first = Broker::mosquitto().await;
+    let second = Broker::tern().await;
+    // Nobody at the first address: the first connect goes to the next one.
+    let dead = free_port();
+    let (c, mut events) = Client::connect(
+        Options::new("127.0.0.1", dead, "fo-1")
+            .failover("127.0.0.1", second.port())
+            .reconnect(None),
+    )
+    .await
+    .unwrap();
+    c.subscribe("fo/#", QoS::AtLeastOnce).await.unwrap();
+    c.publish("fo/a", "on the second")
+        .qos(QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    assert_eq!(
+        &next_message(&mut events).await.payload[..],
+        b"on the second"
+    );
+    c.disconnect().await;
+    // Connected to the first; it dies: the client reconnects to the second.
+    let quick = Backoff {
+        initial: Duration::from_millis(50),
+        max: Duration::from_millis(200),
+    };
+    let (c, mut events) = Client::connect(
+        Options::new("127.0.0.1", first.port(), "fo-2")
+            .failover("127.0.0.1", second.port())
+            .reconnect(Some(quick)),
+    )
+    .await
+    .unwrap();
+    drop(first);
+    let back = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut lost = false;
+        loop {
+            match events.recv().await {
+                Some(Event::Disconnected { .. }) => lost = true,
+                Some(Event::Connected { .. }) if lost => return true,
+                Some(_) => {}
+                None => return false,
+            }
+        }
+    })
+    .await;
+    assert_eq!(back, Ok(true), "reconnected after its broker died");
+    c.subscribe("fo/#", QoS::AtLeastOnce).await.unwrap();
+    c.publish("fo/b", "after failover")
+        .qos(QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    assert_eq!(
+        &next_message(&mut events).await.payload[..],
+        b"after failover"
+    );
+    c.disconnect().await;
+}

@@ -918,8 +918,23 @@ async fn consume(
             }
         };
         let own_wanted = fed.load(std::sync::atomic::Ordering::Acquire);
+        let mut reopen = false;
         loop {
             match next {
+                // async-nats (0.46) makes an ordered consumer that resets before its first
+                // message again from the stream's start (DeliverPolicy::All), whatever it
+                // was asked: what this node applied already is skipped here, or it would
+                // be routed twice.
+                Some(Ok(m)) if m.info().is_ok_and(|i| i.stream_sequence <= pos.max(last)) => {
+                    // Far behind: read on from where this node stands with a consumer
+                    // of its own rather than skip through the whole stream.
+                    if m.info()
+                        .is_ok_and(|i| pos.max(last) - i.stream_sequence > 1_000)
+                    {
+                        reopen = true;
+                        break;
+                    }
+                }
                 Some(Ok(m)) => {
                     let Ok(info) = m.info() else { break };
                     last = info.stream_sequence;
@@ -979,6 +994,23 @@ async fn consume(
                 Some(n) => next = n,
                 None => break,
             }
+        }
+        if reopen {
+            tracing::warn!(
+                from = pos.max(last) + 1,
+                "cluster: the stream's reader started again from the stream's start: read on from this node's position"
+            );
+            messages = ordered_reader(
+                &stream,
+                consumer::pull::OrderedConfig {
+                    deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                        start_sequence: pos.max(last) + 1,
+                    },
+                    ..Default::default()
+                },
+                "cluster's stream",
+            )
+            .await;
         }
         if last == 0 {
             continue;
@@ -1072,6 +1104,10 @@ async fn catch_up(
         let Ok(m) = next else { continue };
         let Ok(info) = m.info() else { continue };
         let seq = info.stream_sequence;
+        if seq <= after {
+            // A reset consumer reading from the stream's start (see `consume`).
+            continue;
+        }
         if seq > through {
             break;
         }

@@ -188,7 +188,11 @@ impl Broker {
         let present = self.sessions.contains_key(&client_id);
 
         let ack = self.connack(&connect, present, assigned);
-        tracing::info!(conn, peer = %self.peer(conn), client_id = %client_id, protocol = %v, session_present = present, "connected");
+        let (queued, inflight) = self.sessions.get(&client_id).map_or((0, 0), |s| {
+            let st = s.state();
+            (st.queued_len(), st.inflight_len())
+        });
+        tracing::info!(conn, peer = %self.peer(conn), client_id = %client_id, protocol = %v, session_present = present, queued, inflight, "connected");
         if self.settings.cluster {
             self.claims.push(client_id.clone());
         }

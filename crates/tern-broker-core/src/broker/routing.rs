@@ -1129,7 +1129,13 @@ impl Broker {
             return;
         }
         self.from_remote = true;
+        let applied = self.cluster_applied;
         for m in messages {
+            // A message applied before (the reader read part of the stream again) is
+            // not routed twice.
+            if m.source.as_ref().is_some_and(|s| s.seq <= applied) {
+                continue;
+            }
             self.route_remote(m, now);
         }
         self.from_remote = false;
