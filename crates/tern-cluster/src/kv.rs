@@ -38,6 +38,19 @@ pub(crate) async fn bucket(
 }
 
 /// A watch of every key of `store`: its current entries, then each change.
+/// [`watch_all`] that first gives the last value of every key (then each change).
+pub(crate) async fn watch_all_with_history(store: &kv::Store) -> kv::Watch {
+    loop {
+        match store.watch_with_history(">").await {
+            Ok(w) => return w,
+            Err(e) => {
+                tracing::warn!(error = %e, "watching a cluster bucket failed: trying again");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
 pub(crate) async fn watch_all(store: &kv::Store) -> kv::Watch {
     loop {
         match store.watch_all().await {

@@ -154,6 +154,10 @@ pub enum Inbound {
     Retained(Vec<Message>),
     /// The client connected to another node after its connection here.
     TakenOver(String),
+    /// Another node says it has this client, which this run of the node never had: a
+    /// copy of its session left here by an earlier run (its node restarted before it saw
+    /// the client move) is stale.
+    Elsewhere(String),
     /// The will of a client of a node that is gone, for this node to publish as that
     /// client's.
     Will(crate::wills::Will),
@@ -728,7 +732,9 @@ async fn claim(
 ) {
     use async_nats::jetstream::kv;
     let store = crate::kv::bucket(&js, CLIENTS, config.replicas, std::time::Duration::ZERO).await;
-    let mut watch = crate::kv::watch_all(&store).await;
+    // The last owner of every client first (a copy an earlier run of this node left of a
+    // session whose client went elsewhere goes), then each change.
+    let mut watch = crate::kv::watch_all_with_history(&store).await;
     // Each id this node wrote, with the revision of its write.
     let mut mine: HashMap<String, u64> = HashMap::new();
     // Writes under way, many at once (one at a time, a burst of connections would wait
@@ -768,9 +774,13 @@ async fn claim(
                     continue;
                 }
                 let Some(client_id) = client_of(&entry.key) else { continue };
-                if mine.get(&client_id).is_some_and(|r| entry.revision > *r) {
-                    mine.remove(&client_id);
-                    to_core(Inbound::TakenOver(client_id));
+                match mine.get(&client_id) {
+                    Some(r) if entry.revision > *r => {
+                        mine.remove(&client_id);
+                        to_core(Inbound::TakenOver(client_id));
+                    }
+                    Some(_) => {}
+                    None => to_core(Inbound::Elsewhere(client_id)),
                 }
             }
         }

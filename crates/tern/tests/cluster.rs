@@ -1885,3 +1885,83 @@ fn ten_thousand_persistent_sessions_across_three_nodes_add_no_jetstream_consumer
     assert_eq!(after_moves, before, "no consumer left by the moves");
     drop(nodes);
 }
+
+/// A session's expiry holds across nodes (MQTT 5.0, Session Expiry Interval 3 s, with
+/// mosquitto_sub): a session made on node a and offline moves to node b within its
+/// expiry with what was queued for it; offline again on b, a message published on a is
+/// queued in it there; 5 s later the session is gone on every node: its client, back
+/// on a, is told session present 0 (b, asked, has nothing left to give; a dropped its own
+/// copy when b claimed the client).
+#[test]
+fn a_session_expiry_holds_on_whichever_node_has_the_session() {
+    let two = two_nodes("expiry");
+    let (pa, pb) = (two.pa, two.pb);
+    let sub5 = |port: u16, count: usize, secs: u32| {
+        Command::new("mosquitto_sub")
+            .args(["-V", "mqttv5", "-p", &port.to_string(), "-c", "-i", "ex"])
+            .args(["-x", "3", "-q", "1", "-v", "-t", "ex/#"])
+            .args(["-C", &count.to_string(), "-W", &secs.to_string()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let made = sub5(pa, 1, 1).wait().unwrap();
+    assert_eq!(made.code(), Some(27), "connected, subscribed, timed out");
+    settle();
+    publish_at(pb, "ex/x", "kept", "1");
+    // Within the expiry, on b: the session moved, with its message.
+    assert_eq!(lines(sub5(pb, 1, 10)), ["ex/x kept"]);
+    settle();
+    publish_at(pa, "ex/x", "expires", "1");
+    std::thread::sleep(Duration::from_secs(5));
+    let (code, present, _s) = raw_connect_as(pa, "ex", false, false);
+    assert_eq!(
+        (code, present),
+        (0, false),
+        "the session expired on b, and a kept no copy"
+    );
+}
+
+/// A node keeps no copy of a session whose client went elsewhere while it was down: a
+/// session on node a (offline); a SIGKILLed; its client starts afresh on node b (which
+/// claims it in the cluster's client table); a, restarted, reads the table and drops its
+/// copy (which would otherwise take messages for nobody until it expired: for a 3.1.1
+/// client, never). Seen through a's admin API.
+#[test]
+fn a_copy_of_a_session_left_behind_on_a_restarted_node_goes() {
+    let d = fresh("stale");
+    let nats = Nats::start(&d);
+    let (pa, ua) = (free_port(), nats.url(0));
+    let admin = "[admin]\ntoken = \"t\"\n";
+    let mut a = Some(node_full(&d, "a", &ua, pa, &[], admin));
+    let b = node(&d, "b", &nats.url(1));
+    let pb: u16 = b.port(0).parse().unwrap();
+    // `tern ctl session st` on a: 0 found, 4 not found (404).
+    let on_a = |a: &BrokerProcess| -> Option<i32> {
+        Command::new(env!("CARGO_BIN_EXE_tern"))
+            .args(["ctl", "--endpoint", a.metrics.as_deref().unwrap()])
+            .args(["--token", "t", "session", "st"])
+            .output()
+            .unwrap()
+            .status
+            .code()
+    };
+    make_session(pa, "st", "st/#");
+    settle();
+    assert_eq!(on_a(a.as_ref().unwrap()), Some(0), "the session is on a");
+    drop(a.take());
+    let (code, present, s) = raw_connect_as(pb, "st", false, true);
+    assert_eq!((code, present), (0, false));
+    drop(s);
+    settle();
+    a = Some(node_full(&d, "a", &ua, pa, &[], admin));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = on_a(a.as_ref().unwrap());
+    while last != Some(4) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        last = on_a(a.as_ref().unwrap());
+    }
+    assert_eq!(last, Some(4), "a dropped the copy its earlier run left");
+    drop((a, b));
+}

@@ -282,6 +282,29 @@ impl Broker {
 
     /// Removes a session without the effects of its end (no will, nothing of it handed to
     /// other shared-group members): it lives on elsewhere.
+    /// Cluster: another node says it has `client_id`, a client this run of the node never
+    /// claimed (the cluster's client table, read at start and watched). A session of it
+    /// here, offline and not being fetched, is a copy an earlier run left (it restarted
+    /// before it saw the client move, or the client started afresh elsewhere while it was
+    /// down): it goes, without a will or anything handed on, since the client's session
+    /// lives on there. Otherwise it would take messages until it expired (for a 3.1.1
+    /// client, never) and no one would read them.
+    pub fn handle_elsewhere(&mut self, client_id: &str, now: Instant) {
+        if self.fetching.contains_key(client_id) {
+            return;
+        }
+        let Some((key, s)) = self.sessions.get_key_value(client_id) else {
+            return;
+        };
+        if s.conn.as_ref().is_some() {
+            return;
+        }
+        let key = key.clone();
+        tracing::info!(client_id = %key, "cluster: the client is on another node: the copy of its session an earlier run left here goes");
+        self.discard_session(&key);
+        self.commit(now);
+    }
+
     pub(super) fn discard_session(&mut self, client_id: &Str) {
         let Some(s) = self.sessions.remove(client_id) else {
             return;

@@ -138,6 +138,9 @@ impl CoreTask {
                     ToCore::TakenOver(client_id) => {
                         broker.handle_taken_over(&client_id, now);
                     }
+                    ToCore::Elsewhere(client_id) => {
+                        broker.handle_elsewhere(&client_id, now);
+                    }
                     ToCore::CutOff(cut) => {
                         broker.handle_cut_off(cut, now);
                     }

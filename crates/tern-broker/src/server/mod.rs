@@ -229,6 +229,8 @@ pub(crate) enum ToCore {
     RemoteDurable(u64, Vec<crate::core::Remote>),
     /// The client connected to another node of the cluster after its connection here.
     TakenOver(String),
+    /// Another node has this client, which this run never had here.
+    Elsewhere(String),
     /// This cluster node is cut off from NATS (`true`) or back (`false`).
     CutOff(bool),
     /// The cluster's retained messages (an empty one clears its topic), to keep.
@@ -431,6 +433,7 @@ pub async fn run(server: Server, shutdown: impl Future<Output = ()>) -> Result<(
                         }
                         tern_cluster::Inbound::Retained(batch) => ToCore::Retained(batch),
                         tern_cluster::Inbound::TakenOver(client_id) => ToCore::TakenOver(client_id),
+                        tern_cluster::Inbound::Elsewhere(client_id) => ToCore::Elsewhere(client_id),
                         tern_cluster::Inbound::CutOff(cut) => ToCore::CutOff(cut),
                         tern_cluster::Inbound::Will(w) => ToCore::ClusterWill(Box::new(w)),
                         tern_cluster::Inbound::Give(client_id, reply) => ToCore::Give(client_id, reply),
