@@ -1853,6 +1853,19 @@ fn a_session_moved_from_another_node_takes_from_the_stream_only_what_it_did_not_
         ["b's 4", "a's 6 late", "c at 107"],
         "y: everything once, b's own when published"
     );
+    // b's publisher publishes once more; b dies after that round's commit, before its
+    // reader reads the message back: x, which takes b's messages from the stream only,
+    // gets it from the restarted b's reader (an earlier run's message, its round
+    // committed), and y, who had it at once, does not get it again.
+    b.publish(pb, "t/x", "b's 6", 2);
+    assert!(b.received(y).ends_with(&["b's 6".to_string()]));
+    let n6 = b
+        .broker
+        .take_forwards()
+        .iter()
+        .rfind(|f| &f.message.payload[..] == b"b's 6")
+        .map(|f| f.number)
+        .unwrap();
     // After a restart of b, x still takes b's own messages from the stream, and only x.
     b.restart(Duration::from_secs(1));
     let y2 = b.connect({
@@ -1868,6 +1881,17 @@ fn a_session_moved_from_another_node_takes_from_the_stream_only_what_it_did_not_
     b.pump();
     assert!(b.received(x2).ends_with(&["b's 5".to_string()]));
     assert!(!b.received(y2).contains(&"b's 5".to_string()));
+    let mut earlier = streamed(121, "b", n6, true, "b's 6");
+    earlier.plain = false;
+    earlier.earlier = Some((n6, Some(("pub-b".into(), 2))));
+    b.broker.handle_remote_durable(121, vec![earlier], now);
+    b.pump();
+    assert_eq!(
+        b.received(x2).iter().filter(|m| *m == "b's 6").count(),
+        1,
+        "x gets b's message of the run before"
+    );
+    assert!(!b.received(y2).contains(&"b's 6".to_string()));
 }
 
 /// A node that cannot get a session from the node that has it refuses the CONNECT with

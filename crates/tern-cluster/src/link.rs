@@ -980,9 +980,9 @@ async fn consume(
                         && (!own || !shared.is_empty() || earlier.is_some() || for_moved)
                         && let Some(message) = from_stream(&m)
                     {
-                        let source = earlier
-                            .is_none()
-                            .then(|| source_of(&m, last, own, &mut names));
+                        // (An earlier run's own message too: the sessions that moved here
+                        // take it by their rule if its round was committed.)
+                        let source = Some(source_of(&m, last, own, &mut names));
                         batch.push(Remote {
                             message,
                             plain: !own || for_moved,

@@ -280,8 +280,6 @@ impl Broker {
         self.fed_here
     }
 
-    /// Removes a session without the effects of its end (no will, nothing of it handed to
-    /// other shared-group members): it lives on elsewhere.
     /// Cluster: another node says it has `client_id`, a client this run of the node never
     /// claimed (the cluster's client table, read at start and watched). A session of it
     /// here, offline and not being fetched, is a copy an earlier run left (it restarted
@@ -305,6 +303,8 @@ impl Broker {
         self.commit(now);
     }
 
+    /// Removes a session without the effects of its end (no will, nothing of it handed to
+    /// other shared-group members): it lives on elsewhere.
     pub(super) fn discard_session(&mut self, client_id: &Str) {
         let Some(s) = self.sessions.remove(client_id) else {
             return;

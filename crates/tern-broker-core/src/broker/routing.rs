@@ -1030,16 +1030,22 @@ impl Broker {
     pub(super) fn route_remote(&mut self, m: Remote, now: Instant) {
         let mut publisher = None;
         let mut plain = m.plain;
+        let mut source = m.source;
         if let Some((number, _)) = &m.earlier {
             if *number <= self.forwarded_at_start {
                 // Its round was committed here before the crash: its copies for this
-                // node's subscribers were made then; its shared groups get it now.
-                if m.shared.is_empty() {
+                // node's subscribers were made then, but for the sessions that moved
+                // here, which take this node's messages from the stream (they get it now,
+                // by their rule: its source says it is this node's own, which no other
+                // session takes); its shared groups get it now.
+                if m.shared.is_empty() && !self.fed_here {
                     return;
                 }
-                plain = false;
+                plain = self.fed_here && source.is_some();
             } else {
+                // Its round was lost: every session here gets it.
                 plain = true;
+                source = None;
             }
         }
         if let Some((number, origin)) = m.earlier.filter(|(n, _)| *n > self.forwarded_at_start) {
@@ -1049,12 +1055,12 @@ impl Broker {
             }
             tracing::info!(topic = %m.message.topic.as_str(), number, "cluster: a message this node put in the stream before a crash lost its round here: its copies on this node are made now");
         }
-        if let Some(p) = m.source.as_ref().and_then(|s| s.publisher.as_deref()) {
+        if let Some(p) = source.as_ref().and_then(|s| s.publisher.as_deref()) {
             publisher = Some(Str::from(p));
         }
         self.remote_plain = plain;
         self.remote_shared = m.shared;
-        self.source = m.source;
+        self.source = source;
         self.route(m.message, publisher.as_ref(), now);
         self.source = None;
         self.remote_plain = true;
