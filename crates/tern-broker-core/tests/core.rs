@@ -1974,9 +1974,11 @@ fn a_given_session_is_resumed_only_once_the_cluster_says_its_client_is_here() {
     a.pump();
     assert_eq!(a.broker.take_claims_first(), [(Str::from("x"), 5)]);
     assert_eq!(answered(&a, x3), None);
+    let _ = a.broker.take_claims();
     a.broker.handle_claimed("x", true, now);
     a.pump();
     assert_eq!(answered(&a, x3), Some((ReasonCode::Success, true)));
+    assert!(a.broker.take_claims().is_empty(), "claimed once, not again");
     assert_eq!(a.received(x3), ["held on a"]);
     // Resumed, it is no longer a given copy: a plain reconnection needs no claim.
     a.broker.handle_closed(x3, now);
@@ -1990,6 +1992,7 @@ fn a_given_session_is_resumed_only_once_the_cluster_says_its_client_is_here() {
     a.pump();
     assert!(a.broker.take_claims_first().is_empty());
     assert_eq!(answered(&a, x4), Some((ReasonCode::Success, true)));
+    assert_eq!(a.broker.take_claims(), [Str::from("x")], "a plain claim");
 }
 
 /// A node applies each message of the cluster's stream once: a batch from its reader that

@@ -193,7 +193,7 @@ impl Broker {
             (st.queued_len(), st.inflight_len())
         });
         tracing::info!(conn, peer = %self.peer(conn), client_id = %client_id, protocol = %v, session_present = present, queued, inflight, "connected");
-        if self.settings.cluster {
+        if self.settings.cluster && self.claimed.as_ref() != Some(&client_id) {
             self.claims.push(client_id.clone());
         }
         let config = Config::negotiate(

@@ -432,6 +432,9 @@ pub struct Broker {
     /// Cluster: client ids to claim before their parked CONNECTs are answered, with the
     /// client table's revision their fetch read ([`Broker::take_claims_first`]).
     claims_first: Vec<(Str, u64)>,
+    /// Cluster: the client whose parked CONNECT is being answered after its claim held
+    /// (it needs no second claim).
+    claimed: Option<Str>,
     /// Cluster: this node is cut off from NATS ([`Broker::handle_cut_off`]): it has closed
     /// its connections, leaving their wills to the cluster, and refuses new ones.
     cut_off: bool,
@@ -519,6 +522,7 @@ impl Broker {
             forwarded_durable: false,
             claims: Vec::new(),
             claims_first: Vec::new(),
+            claimed: None,
             cut_off: false,
             fetching: HashMap::new(),
             parked_conns: ConnMap::default(),

@@ -142,7 +142,9 @@ impl Broker {
     /// client is refused for now (0x88) to try again.
     pub fn handle_claimed(&mut self, client_id: &str, claimed: bool, now: Instant) {
         if claimed {
+            self.claimed = Some(Str::from(client_id));
             self.answer_parked(client_id, now);
+            self.claimed = None;
             self.commit(now);
         } else {
             self.handle_unavailable(client_id, now);
