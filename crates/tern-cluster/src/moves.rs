@@ -187,7 +187,18 @@ pub(crate) async fn fetch(
             let key = crate::link::client_key(&client_id);
             let mut tries = 0;
             let entry = loop {
-                match clients.entry(key.clone()).await {
+                // Each try bounded (a bucket with no leader yet, as in a cluster just made,
+                // would hold the client for the request's whole timeout each time).
+                let read = match tokio::time::timeout(
+                    Duration::from_millis(1500),
+                    clients.entry(key.clone()),
+                )
+                .await
+                {
+                    Ok(r) => r.map_err(|e| e.to_string()),
+                    Err(_) => Err("no answer in 1.5 s".to_string()),
+                };
+                match read {
                     Ok(e) => {
                         break e
                             .filter(|e| e.operation == async_nats::jetstream::kv::Operation::Put);

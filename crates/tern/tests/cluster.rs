@@ -1689,18 +1689,25 @@ fn persistent_sub(port: u16, id: &str, filter: &str, count: usize, secs: u32) ->
         .unwrap()
 }
 
+/// Runs `sub` (a mosquitto_sub for one message, given its timeout in seconds) until it
+/// exits timed out (27: connected, subscribed, nothing came), 30 s at most; its last exit.
+fn until_subscribed(mut sub: impl FnMut(u32) -> Child) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut made = sub(1).wait().unwrap();
+    while made.code() != Some(27) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        made = sub(2).wait().unwrap();
+    }
+    made
+}
+
 /// A persistent session `id` on `port` subscribed to `filter` at QoS 1, left offline
 /// (mosquitto_sub connected, subscribed and timed out: exit 27).
 fn make_session(port: u16, id: &str, filter: &str) {
-    // A fresh cluster's first fetch (its client table being made) can take longer than
-    // mosquitto_sub's second: it gives up unanswered (255), and tries again.
-    let mut made = persistent_sub(port, id, filter, 1, 1).wait().unwrap();
-    for _ in 0..3 {
-        if made.code() != Some(255) {
-            break;
-        }
-        made = persistent_sub(port, id, filter, 1, 2).wait().unwrap();
-    }
+    // In a cluster just made, the first fetch waits for the client table's bucket to
+    // have a leader: mosquitto_sub gives up unanswered (255) or is refused for now (0x88),
+    // and tries again (30 s at most).
+    let made = until_subscribed(|secs| persistent_sub(port, id, filter, 1, secs));
     assert_eq!(
         made.code(),
         Some(27),
@@ -1914,7 +1921,7 @@ fn a_session_expiry_holds_on_whichever_node_has_the_session() {
             .spawn()
             .unwrap()
     };
-    let made = sub5(pa, 1, 1).wait().unwrap();
+    let made = until_subscribed(|secs| sub5(pa, 1, secs));
     assert_eq!(made.code(), Some(27), "connected, subscribed, timed out");
     settle();
     publish_at(pb, "ex/x", "kept", "1");
