@@ -1573,6 +1573,9 @@ fn a_node_paused_briefly_gives_the_session_only_when_awake_and_qos2_stays_once()
     settle();
     let (accepted, _, mut s) = raw_connect_as(pa, "brief", false, false);
     assert_eq!(accepted, 0);
+    // The cluster's client table says a has the client (written after a's commit; in a
+    // cluster just made, the bucket's first writes wait for its leader) before a pauses.
+    std::thread::sleep(Duration::from_secs(2));
     let pid = a.pid().to_string();
     let signal = |sig: &str| {
         assert!(
