@@ -242,7 +242,7 @@ pub async fn run(
     let (claims_tx, claims_rx) = mpsc::unbounded_channel::<(String, Option<u64>)>();
     let to_core = deliver.clone();
     let takeovers = tokio::spawn(claim(js.clone(), config.clone(), claims_rx, move |i| {
-        to_core(i);
+        to_core(i)
     }));
     let table: shares::Shared = Default::default();
     let (share_tx, share_rx) = mpsc::unbounded_channel();
