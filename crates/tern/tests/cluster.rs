@@ -535,8 +535,8 @@ fn node_full(
     node
 }
 
-/// QoS 1/2 messages published on node a reach a persistent QoS 2 subscriber on node b
-/// through ten SIGKILLs (`TERN_CLUSTER_KILLS` of them: `scripts/cluster-crash N` runs the
+/// QoS 1/2 messages (one alone, then 16 at once, in turn) published on node a reach a
+/// persistent QoS 2 subscriber on node b through ten SIGKILLs (`TERN_CLUSTER_KILLS` of them: `scripts/cluster-crash N` runs the
 /// long form, with each kill a random 0-250 ms after its turn), of b (the subscriber's node: it applies the stream once, its
 /// progress in the commit that stores the copies) and of a (the publisher's node) in turn,
 /// each node restarted on its port. Both clients reconnect to the other node first (so
@@ -561,7 +561,8 @@ fn qos1_and_2_cross_nodes_through_sigkills_of_either_node() {
     let total = 40 * (kills + 1);
     // Each client reconnects to the other node first: its session follows it there once
     // the node it left answers (docs/cluster.md, "How a session moves").
-    let flow = Flow::start_across(
+    // Single messages and bursts of 16 in turn: kills land in fast batches too.
+    let flow = Flow::start_bursts(
         "",
         &[pb, pa],
         "pay/#",
@@ -569,6 +570,7 @@ fn qos1_and_2_cross_nodes_through_sigkills_of_either_node() {
         "pay/x",
         total,
         Duration::from_millis(5),
+        16,
     );
     let mut kills_of_a = 0;
     let mut seed = std::time::SystemTime::now()
@@ -600,6 +602,56 @@ fn qos1_and_2_cross_nodes_through_sigkills_of_either_node() {
         "cluster-crash: {kills} kills ({kills_of_a} of a), {total} messages acknowledged, each delivered (QoS 2 once)"
     );
     drop((a, b));
+}
+
+/// A node writes a round of many QoS 1/2 messages to the cluster's stream as one fast
+/// batch (nats-server 2.14's fast ingest: one flow acknowledgement for many messages) and
+/// a lone message on its own: a publisher on node a sends bursts of 32 messages at once
+/// between single ones; every message reaches the persistent QoS 2 subscriber on node b
+/// once, at its QoS, in the order published, and a's metrics show both kinds of write.
+#[test]
+fn bursts_of_qos1_and_2_go_to_the_stream_in_fast_batches_in_order_once_each() {
+    let d = fresh("bursts");
+    let nats = Nats::start(&d);
+    let (pa, pb) = (free_port(), free_port());
+    let a = node_on(&d, "a", &nats.url(0), pa);
+    let _b = node_on(&d, "b", &nats.url(1), pb);
+    let flow = Flow::start_bursts(
+        "",
+        &[pb],
+        "burst/#",
+        &[pa],
+        "burst/x",
+        660,
+        Duration::from_millis(5),
+        32,
+    );
+    let delivered = flow.finish();
+    delivered.assert_each_once("bursts of 32 across nodes");
+    assert!(
+        delivered.out_of_order.is_empty(),
+        "out of order: {:?}",
+        delivered.out_of_order
+    );
+    let (_, text) = support::http_get(a.metrics.as_deref().unwrap(), "/metrics");
+    let metric = |line: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(line)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{line} in a's metrics:\n{text}"))
+    };
+    let (batches, batched, single) = (
+        metric("tern_cluster_stream_batches_total "),
+        metric("tern_cluster_stream_messages_total{how=\"batch\"} "),
+        metric("tern_cluster_stream_messages_total{how=\"single\"} "),
+    );
+    eprintln!("a wrote {batched} messages in {batches} fast batches, {single} one by one");
+    assert!(
+        batches > 0 && batched >= 8 * batches,
+        "fast batches: {batches}, {batched} messages"
+    );
+    assert!(single > 0, "messages one by one: {single}");
+    // The marker message of a new stream aside, every message went one way or the other.
+    assert_eq!(batched + single, 660, "messages a wrote to the stream");
 }
 
 /// Retained messages are kept in one place, the cluster's retained stream, and every node

@@ -374,6 +374,8 @@ pub struct Delivered {
     pub again_qos1: usize,
     /// Messages received at another QoS than published.
     pub wrong_qos: Vec<usize>,
+    /// Messages whose first copy came after the first copy of a later-published one.
+    pub out_of_order: Vec<usize>,
 }
 
 impl Delivered {
@@ -431,6 +433,8 @@ pub struct Flow {
     seen: std::sync::Arc<
         std::sync::Mutex<std::collections::HashMap<usize, (usize, tern_client::QoS)>>,
     >,
+    /// The messages in the order their first copies came.
+    firsts: std::sync::Arc<std::sync::Mutex<Vec<usize>>>,
     acked: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     publisher: Option<tokio::task::JoinHandle<()>>,
     keeper: tern_client::Client,
@@ -473,6 +477,23 @@ impl Flow {
         total: usize,
         pace: std::time::Duration,
     ) -> Flow {
+        Flow::start_bursts(name, sub_ports, filter, pub_ports, topic, total, pace, 1)
+    }
+
+    /// [`Flow::start_across`] whose publisher sends, in turn, one message and `burst`
+    /// messages at once (in order, all in flight together, each then awaited), `pace`
+    /// after each: a broker reads a burst in one go and handles it as one round.
+    #[allow(clippy::too_many_arguments)]
+    pub fn start_bursts(
+        name: &str,
+        sub_ports: &[u16],
+        filter: &str,
+        pub_ports: &[u16],
+        topic: &str,
+        total: usize,
+        pace: std::time::Duration,
+        burst: usize,
+    ) -> Flow {
         use std::sync::atomic::Ordering;
         use tern_client::{Client, Event, QoS};
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -490,6 +511,8 @@ impl Flow {
         let seen: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<usize, (usize, QoS)>>> =
             Default::default();
         let record = seen.clone();
+        let firsts: std::sync::Arc<std::sync::Mutex<Vec<usize>>> = Default::default();
+        let first = firsts.clone();
         rt.spawn(async move {
             while let Some(e) = events.recv().await {
                 if std::env::var_os("TERN_TEST_LOG").is_some() {
@@ -505,7 +528,12 @@ impl Flow {
                 if let Event::Message(m) = e
                     && let Ok(i) = String::from_utf8_lossy(&m.payload).parse::<usize>()
                 {
-                    record.lock().unwrap().entry(i).or_insert((0, m.qos)).0 += 1;
+                    let mut seen = record.lock().unwrap();
+                    let e = seen.entry(i).or_insert((0, m.qos));
+                    if e.0 == 0 {
+                        first.lock().unwrap().push(i);
+                    }
+                    e.0 += 1;
                 }
             }
         });
@@ -515,19 +543,28 @@ impl Flow {
         let topic = topic.to_string();
         let publisher = rt.spawn(async move {
             let (c, _e) = Client::connect(options).await.unwrap();
-            for i in 0..total {
-                let qos = if i % 2 == 0 {
-                    QoS::ExactlyOnce
-                } else {
-                    QoS::AtLeastOnce
-                };
-                let r = c
-                    .publish(topic.as_str(), i.to_string())
-                    .qos(qos)
-                    .await
-                    .unwrap();
-                assert!(!r.is_error(), "message {i}: {r:?}");
-                count.fetch_add(1, Ordering::SeqCst);
+            let mut i = 0;
+            let mut turn = 0;
+            while i < total {
+                let n = if turn % 2 == 0 { 1 } else { burst.max(1) }.min(total - i);
+                turn += 1;
+                let sends = (i..i + n).map(|i| {
+                    let qos = if i % 2 == 0 {
+                        QoS::ExactlyOnce
+                    } else {
+                        QoS::AtLeastOnce
+                    };
+                    let c = &c;
+                    let count = &count;
+                    let topic = topic.as_str();
+                    async move {
+                        let r = c.publish(topic, i.to_string()).qos(qos).await.unwrap();
+                        assert!(!r.is_error(), "message {i}: {r:?}");
+                        count.fetch_add(1, Ordering::SeqCst);
+                    }
+                });
+                futures_util::future::join_all(sends).await;
+                i += n;
                 tokio::time::sleep(pace).await;
             }
             c.disconnect().await;
@@ -535,6 +572,7 @@ impl Flow {
         Flow {
             rt,
             seen,
+            firsts,
             acked,
             publisher: Some(publisher),
             keeper,
@@ -580,7 +618,15 @@ impl Flow {
             doubled_qos2: Vec::new(),
             again_qos1: 0,
             wrong_qos: Vec::new(),
+            out_of_order: Vec::new(),
         };
+        let mut latest = None;
+        for &i in self.firsts.lock().unwrap().iter() {
+            if latest.is_some_and(|l| i < l) {
+                d.out_of_order.push(i);
+            }
+            latest = latest.max(Some(i));
+        }
         let mut got: Vec<_> = seen.into_iter().collect();
         got.sort();
         for (i, (n, qos)) in got {
