@@ -115,8 +115,6 @@ pub struct Metrics {
     pub(crate) commit_latency: Histogram,
     /// From reading the input that produced a PUBLISH to writing it, by QoS.
     pub(crate) latency: [Histogram; 3],
-    /// A cluster node's writes to the cluster's stream.
-    pub(crate) cluster: std::sync::OnceLock<std::sync::Arc<tern_cluster::StreamStats>>,
 }
 
 impl Default for Metrics {
@@ -153,7 +151,6 @@ impl Metrics {
             store_failures: AtomicU64::new(0),
             commit_latency: Histogram::default(),
             latency: Default::default(),
-            cluster: std::sync::OnceLock::new(),
         }
     }
 
@@ -382,38 +379,6 @@ impl Metrics {
             "Batches of queued messages read back from the store as session windows drained.",
         );
         let _ = writeln!(out, "tern_store_queue_reads_total {}", r(&self.store_loads));
-        if let Some(c) = self.cluster.get() {
-            family(
-                &mut out,
-                "tern_cluster_stream_messages_total",
-                "counter",
-                "QoS 1/2 messages this node wrote to the cluster's stream, in fast batches or one by one.",
-            );
-            let _ = writeln!(
-                out,
-                "tern_cluster_stream_messages_total{{how=\"batch\"}} {}",
-                r(&c.batched)
-            );
-            let _ = writeln!(
-                out,
-                "tern_cluster_stream_messages_total{{how=\"single\"}} {}",
-                r(&c.single)
-            );
-            family(
-                &mut out,
-                "tern_cluster_stream_batches_total",
-                "counter",
-                "Fast batches this node wrote to the cluster's stream.",
-            );
-            let _ = writeln!(out, "tern_cluster_stream_batches_total {}", r(&c.batches));
-            family(
-                &mut out,
-                "tern_cluster_stream_republished_total",
-                "counter",
-                "Messages published to the cluster's stream again because it had not said it took them.",
-            );
-            let _ = writeln!(out, "tern_cluster_stream_republished_total {}", r(&c.again));
-        }
         family(
             &mut out,
             "tern_store_failing",

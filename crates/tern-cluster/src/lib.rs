@@ -13,6 +13,4 @@ pub mod shares;
 pub mod subject;
 pub mod wills;
 
-pub use link::{
-    Config, Error, Fed, Forward, Inbound, Interest, Out, Remote, StreamStats, connect, run,
-};
+pub use link::{Config, Error, Fed, Forward, Inbound, Interest, Out, Remote, connect, run};

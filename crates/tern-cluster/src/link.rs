@@ -35,21 +35,6 @@ pub struct Config {
     /// node, are refused there (the node may be back with their sessions) rather than
     /// started afresh (`crate::moves`). Zero: afresh at once.
     pub session_wait: std::time::Duration,
-    /// How the node writes to the cluster's stream (the metrics endpoint reads it).
-    pub stats: std::sync::Arc<StreamStats>,
-}
-
-/// How a node wrote QoS 1/2 messages to the cluster's stream, counted since it started.
-#[derive(Debug, Default)]
-pub struct StreamStats {
-    /// Fast batches written.
-    pub batches: std::sync::atomic::AtomicU64,
-    /// Messages written in fast batches.
-    pub batched: std::sync::atomic::AtomicU64,
-    /// Messages written one by one (rounds too small for a batch).
-    pub single: std::sync::atomic::AtomicU64,
-    /// Messages published again because the stream had not said it took them.
-    pub again: std::sync::atomic::AtomicU64,
 }
 
 /// The JetStream stream holding the cluster's QoS 1/2 messages, one message each, on
@@ -274,20 +259,11 @@ pub async fn run(
     // sessions only then (a session of a publisher whose round a crash lost gets that
     // round's QoS 2 packet ids back first).
     let (caught_tx, caught_rx) = tokio::sync::watch::channel(false);
-    // Whether the stream takes fast batches (known once `consume` has it).
-    let batched = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (rounds_tx, rounds_rx) = mpsc::unbounded_channel();
-    let writer = tokio::spawn(write_stream(
-        js.clone(),
-        batched.clone(),
-        config.stats.clone(),
-        rounds_rx,
-    ));
     let to_core = deliver.clone();
     let consumer = tokio::spawn(consume(
         js.clone(),
         config.clone(),
-        (table.clone(), batched.clone()),
+        table.clone(),
         (boot_hex.clone(), ready, caught_tx),
         (applied, applied_rx),
         (moves_rx, fed),
@@ -378,7 +354,6 @@ pub async fn run(
                     let _ = wills_tx.send(w);
                 }
                 let mut acks = Vec::new();
-                let mut to_stream = Vec::new();
                 let mut back = Vec::new();
                 #[cfg(debug_assertions)]
                 let crash = o.forwards.iter().any(|f| fault_hook(f.message.topic.as_str()));
@@ -441,7 +416,11 @@ pub async fn run(
                         if let Some(share) = &share {
                             headers.insert(SHARE_HEADER, share.as_str());
                         }
-                        to_stream.push((format!("{STREAM_PREFIX}{subject}"), headers, m.payload.clone()));
+                        let subject = format!("{STREAM_PREFIX}{subject}");
+                        let ack = js
+                            .publish_with_headers(subject.clone(), headers.clone(), m.payload.clone())
+                            .await;
+                        acks.push((subject, headers, m.payload.clone(), ack));
                         continue;
                     }
                     let Ok(subject) = subject else {
@@ -481,13 +460,40 @@ pub async fn run(
                 if !back.is_empty() {
                     deliver(Inbound::Remote(back));
                 }
-                if o.stored.is_some() || !to_stream.is_empty() {
-                    let _ = rounds_tx.send(Round {
-                        messages: to_stream,
-                        retained: acks,
-                        stored: o.stored,
+                if let Some(stored) = o.stored {
+                    // Waited for beside the loop: the round's acknowledgements wait for
+                    // this, the loop does not. A message the stream did not take is
+                    // published again with the same Nats-Msg-Id (the stream drops a
+                    // repeat) until it does.
+                    let js = js.clone();
+                    tokio::spawn(async move {
+                        for (subject, headers, payload, ack) in acks {
+                            let mut ack = ack.map_err(|e| e.to_string());
+                            loop {
+                                let done = match ack {
+                                    Ok(future) => future.await.map(|_| ()).map_err(|e| e.to_string()),
+                                    Err(e) => Err(e),
+                                };
+                                match done {
+                                    Ok(()) => break,
+                                    Err(e) => {
+                                        tracing::warn!(error = %e, subject = %subject, "the cluster's stream did not take a message: publishing it again");
+                                        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+                                        ack = js
+                                            .publish_with_headers(subject.clone(), headers.clone(), payload.clone())
+                                            .await
+                                            .map_err(|e| e.to_string());
+                                    }
+                                }
+                            }
+                        }
+                        // Test-only: the node dies between the stream and its commit.
                         #[cfg(debug_assertions)]
-                        crash,
+                        if crash {
+                            tracing::warn!("fault hook: aborting after the stream stored the round, before its commit");
+                            std::process::abort();
+                        }
+                        let _ = stored.send(());
                     });
                 }
             }
@@ -513,7 +519,6 @@ pub async fn run(
         task.abort();
     }
     consumer.abort();
-    writer.abort();
     giver.abort();
     fetcher.abort();
     takeovers.abort();
@@ -521,215 +526,6 @@ pub async fn run(
     share_keeper.abort();
     wills.abort();
     ticker.abort();
-}
-
-/// A round's QoS 1/2 messages for [`STREAM`] (subject, headers, payload), its retained
-/// messages' writes under way, and whom to tell once all are stored.
-struct Round {
-    messages: Vec<(String, async_nats::HeaderMap, Bytes)>,
-    retained: Vec<RetainedWrite>,
-    stored: Option<tokio::sync::oneshot::Sender<()>>,
-    #[cfg(debug_assertions)]
-    crash: bool,
-}
-
-type RetainedWrite = (
-    String,
-    async_nats::HeaderMap,
-    Bytes,
-    Result<
-        async_nats::jetstream::context::PublishAckFuture,
-        async_nats::jetstream::context::PublishError,
-    >,
-);
-
-/// Rounds of at least this many messages go to the stream as one fast batch (one flow
-/// acknowledgement for many messages, instead of one acknowledgement each); fewer go one
-/// by one (a batch costs a round trip to start, which a lone message would wait for).
-const FAST_BATCH_MIN: usize = 8;
-
-/// Writes the rounds' messages to [`STREAM`] in the order the rounds came, the rounds
-/// queued meanwhile together: as one fast batch (nats-server 2.14's fast ingest, ADR-50:
-/// each message stored as it comes, the server acknowledging every so many, a gap failing
-/// the batch) when there are enough of them and the stream takes batches, else one by
-/// one. Each round is told once its messages, and everything before them, are stored;
-/// what the stream did not take is published again with the same `Nats-Msg-Id` (the
-/// stream drops a repeat) until it does.
-async fn write_stream(
-    js: async_nats::jetstream::Context,
-    batched: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    stats: std::sync::Arc<StreamStats>,
-    mut rounds: mpsc::UnboundedReceiver<Round>,
-) {
-    use jetstream_extra::batch_publish_fast::{FastPublishExt, GapMode};
-    use std::sync::atomic::Ordering::Relaxed;
-    // The previous group's wait: a group is told stored only after the one before it.
-    let mut before: Option<tokio::task::JoinHandle<()>> = None;
-    while let Some(first) = rounds.recv().await {
-        let mut group = vec![first];
-        let mut count = group[0].messages.len();
-        while count < 4096
-            && let Ok(r) = rounds.try_recv()
-        {
-            count += r.messages.len();
-            group.push(r);
-        }
-        let messages: Vec<_> = group
-            .iter_mut()
-            .flat_map(|r| std::mem::take(&mut r.messages))
-            .collect();
-        let mut sent: Sent = Sent::Nothing;
-        if count >= FAST_BATCH_MIN && batched.load(Relaxed) {
-            match js
-                .fast_publish()
-                .gap_mode(GapMode::Fail)
-                .ack_timeout(std::time::Duration::from_secs(5))
-                .build()
-            {
-                Ok(mut batch) => {
-                    let mut added = Ok(());
-                    for (subject, headers, payload) in &messages {
-                        let m = async_nats::jetstream::message::OutboundMessage {
-                            subject: subject.as_str().into(),
-                            payload: payload.clone(),
-                            headers: Some(headers.clone()),
-                        };
-                        if let Err(e) = batch.add_message(m).await {
-                            added = Err(e.to_string());
-                            break;
-                        }
-                    }
-                    stats.batches.fetch_add(1, Relaxed);
-                    stats.batched.fetch_add(messages.len() as u64, Relaxed);
-                    sent = Sent::Batch(Box::new(batch), added);
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "a fast batch could not start: writing its messages one by one")
-                }
-            }
-        }
-        if matches!(sent, Sent::Nothing) {
-            let mut acks = Vec::with_capacity(messages.len());
-            for (subject, headers, payload) in &messages {
-                acks.push(
-                    js.publish_with_headers(subject.clone(), headers.clone(), payload.clone())
-                        .await
-                        .map_err(|e| e.to_string()),
-                );
-            }
-            stats.single.fetch_add(messages.len() as u64, Relaxed);
-            sent = Sent::Each(acks);
-        }
-        // Waited for beside the writer: the rounds' acknowledgements wait for this, the
-        // next group's messages do not.
-        let js = js.clone();
-        let stats = stats.clone();
-        let previous = before.take();
-        before = Some(tokio::spawn(async move {
-            let mut again = Vec::new();
-            match sent {
-                Sent::Nothing => {}
-                Sent::Batch(batch, added) => {
-                    let n = messages.len() as u64;
-                    let closed = match added {
-                        Ok(()) => batch.close().await.map_err(|e| e.to_string()),
-                        Err(e) => Err(e),
-                    };
-                    match closed {
-                        Ok(ack) if ack.batch_size == n => {}
-                        Ok(ack) => {
-                            tracing::warn!(
-                                stored = ack.batch_size,
-                                of = n,
-                                "the cluster's stream took part of a fast batch: publishing it again"
-                            );
-                            again = messages.iter().map(|_| Err(String::new())).collect();
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "the cluster's stream did not take a fast batch: publishing it again");
-                            again = messages.iter().map(|_| Err(String::new())).collect();
-                        }
-                    }
-                }
-                Sent::Each(acks) => again = acks,
-            }
-            for (ack, (subject, headers, payload)) in again.into_iter().zip(&messages) {
-                stored_once(&js, subject, headers, payload, ack, &stats).await;
-            }
-            if let Some(previous) = previous {
-                let _ = previous.await;
-            }
-            for round in group {
-                for (subject, headers, payload, ack) in round.retained {
-                    stored_once(
-                        &js,
-                        &subject,
-                        &headers,
-                        &payload,
-                        ack.map_err(|e| e.to_string()),
-                        &stats,
-                    )
-                    .await;
-                }
-                // Test-only: the node dies between the stream and its commit.
-                #[cfg(debug_assertions)]
-                if round.crash {
-                    tracing::warn!(
-                        "fault hook: aborting after the stream stored the round, before its commit"
-                    );
-                    std::process::abort();
-                }
-                if let Some(stored) = round.stored {
-                    let _ = stored.send(());
-                }
-            }
-        }));
-    }
-}
-
-/// How a group of messages went to the stream.
-enum Sent {
-    Nothing,
-    Batch(
-        Box<jetstream_extra::batch_publish_fast::FastPublisher>,
-        Result<(), String>,
-    ),
-    Each(Vec<Result<async_nats::jetstream::context::PublishAckFuture, String>>),
-}
-
-/// Waits for one message's acknowledgement, publishing it again (same `Nats-Msg-Id`)
-/// until the stream has it.
-async fn stored_once(
-    js: &async_nats::jetstream::Context,
-    subject: &str,
-    headers: &async_nats::HeaderMap,
-    payload: &Bytes,
-    ack: Result<async_nats::jetstream::context::PublishAckFuture, String>,
-    stats: &StreamStats,
-) {
-    let mut ack = ack;
-    loop {
-        let done = match ack {
-            Ok(future) => future.await.map(|_| ()).map_err(|e| e.to_string()),
-            Err(e) => Err(e),
-        };
-        match done {
-            Ok(()) => return,
-            Err(e) => {
-                if !e.is_empty() {
-                    tracing::warn!(error = %e, subject = %subject, "the cluster's stream did not take a message: publishing it again");
-                    tokio::time::sleep(std::time::Duration::from_millis(250)).await;
-                }
-                stats
-                    .again
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                ack = js
-                    .publish_with_headers(subject.to_string(), headers.clone(), payload.clone())
-                    .await
-                    .map_err(|e| e.to_string());
-            }
-        }
-    }
 }
 
 /// Test-only fault injection (debug builds, `TERN_FAULT_HOOK=1`): a QoS 1/2 message on
@@ -999,10 +795,7 @@ async fn claim(
 async fn consume(
     js: async_nats::jetstream::Context,
     config: Config,
-    (table, batched): (
-        shares::Shared,
-        std::sync::Arc<std::sync::atomic::AtomicBool>,
-    ),
+    table: shares::Shared,
     (boot, ready, caught): (
         String,
         tokio::sync::oneshot::Sender<()>,
@@ -1025,26 +818,11 @@ async fn consume(
             storage: stream::StorageType::File,
             duplicate_window: std::time::Duration::from_secs(120),
             max_age: std::time::Duration::from_secs(7 * 86_400),
-            allow_batch_publish: true,
             ..Default::default()
         },
         "stream",
     )
     .await;
-    // A stream made by an earlier Tern (or a server before 2.14) takes no fast batches:
-    // asked once to, and written message by message if it will not.
-    let mut takes_batches = stream.cached_info().config.allow_batch_publish;
-    if !takes_batches {
-        let mut config = stream.cached_info().config.clone();
-        config.allow_batch_publish = true;
-        match js.update_stream(config).await {
-            Ok(info) => takes_batches = info.config.allow_batch_publish,
-            Err(e) => {
-                tracing::warn!(error = %e, "the cluster's stream takes no fast batches: writing QoS 1/2 messages one by one")
-            }
-        }
-    }
-    batched.store(takes_batches, std::sync::atomic::Ordering::Relaxed);
     // A node new to the cluster starts at the stream's end, and says so in a commit first
     // (so that, should it crash, it reads its own first messages back from there).
     let mut caught_up = stream.cached_info().state.last_sequence;

@@ -83,7 +83,6 @@ impl ClusterTable {
             token: self.nats_token.clone(),
             replicas: usize::from(self.replicas),
             session_wait: Duration::from_secs(self.session_wait_secs),
-            stats: Default::default(),
         }
     }
 }

@@ -604,17 +604,17 @@ fn qos1_and_2_cross_nodes_through_sigkills_of_either_node() {
     drop((a, b));
 }
 
-/// A node writes a round of many QoS 1/2 messages to the cluster's stream as one fast
-/// batch (nats-server 2.14's fast ingest: one flow acknowledgement for many messages) and
-/// a lone message on its own: a publisher on node a sends bursts of 32 messages at once
-/// between single ones; every message reaches the persistent QoS 2 subscriber on node b
-/// once, at its QoS, in the order published, and a's metrics show both kinds of write.
+/// Per-publisher order holds across nodes when a node handles many QoS 1/2 messages of
+/// one publisher in one round (they go to the cluster's stream together, the round
+/// acknowledged once the stream has them all): a publisher on node a sends bursts of 32
+/// messages at once between single ones; every message reaches the persistent QoS 2
+/// subscriber on node b once, at its QoS, in the order published.
 #[test]
-fn bursts_of_qos1_and_2_go_to_the_stream_in_fast_batches_in_order_once_each() {
+fn bursts_of_qos1_and_2_cross_nodes_in_order_once_each() {
     let d = fresh("bursts");
     let nats = Nats::start(&d);
     let (pa, pb) = (free_port(), free_port());
-    let a = node_on(&d, "a", &nats.url(0), pa);
+    let _a = node_on(&d, "a", &nats.url(0), pa);
     let _b = node_on(&d, "b", &nats.url(1), pb);
     let flow = Flow::start_bursts(
         "",
@@ -633,25 +633,6 @@ fn bursts_of_qos1_and_2_go_to_the_stream_in_fast_batches_in_order_once_each() {
         "out of order: {:?}",
         delivered.out_of_order
     );
-    let (_, text) = support::http_get(a.metrics.as_deref().unwrap(), "/metrics");
-    let metric = |line: &str| -> u64 {
-        text.lines()
-            .find_map(|l| l.strip_prefix(line)?.trim().parse().ok())
-            .unwrap_or_else(|| panic!("{line} in a's metrics:\n{text}"))
-    };
-    let (batches, batched, single) = (
-        metric("tern_cluster_stream_batches_total "),
-        metric("tern_cluster_stream_messages_total{how=\"batch\"} "),
-        metric("tern_cluster_stream_messages_total{how=\"single\"} "),
-    );
-    eprintln!("a wrote {batched} messages in {batches} fast batches, {single} one by one");
-    assert!(
-        batches > 0 && batched >= 8 * batches,
-        "fast batches: {batches}, {batched} messages"
-    );
-    assert!(single > 0, "messages one by one: {single}");
-    // The marker message of a new stream aside, every message went one way or the other.
-    assert_eq!(batched + single, 660, "messages a wrote to the stream");
 }
 
 /// Retained messages are kept in one place, the cluster's retained stream, and every node

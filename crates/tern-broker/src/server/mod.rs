@@ -392,7 +392,6 @@ pub async fn run(server: Server, shutdown: impl Future<Output = ()>) -> Result<(
         }
         Some(config) => {
             tracing::info!(nats = %config.urls.join(","), node = %config.node_id, "cluster: connecting to NATS");
-            let _ = metrics.cluster.set(config.stats.clone());
             let client = tern_cluster::connect(&config)
                 .await
                 .map_err(|e| ServerError::Failed(e.to_string()))?;
