@@ -31,6 +31,27 @@ async function openPage() {
   return page;
 }
 
+// The page offline or back online, as DevTools' network panel does it. puppeteer-core
+// 25.19's page.setOfflineMode sends Network.emulateNetworkConditionsByRule without the
+// top-level `offline` that Chromium 148 requires ("mandatory field missing"), so the two
+// commands go from a DevTools session of the page's own, kept for the page's life (the
+// emulation ends with the session that set it).
+const sessions = new WeakMap();
+async function setOffline(page, offline) {
+  let cdp = sessions.get(page);
+  if (!cdp) {
+    cdp = await page.createCDPSession();
+    await cdp.send('Network.enable');
+    sessions.set(page, cdp);
+  }
+  const conditions = { offline, latency: 0, downloadThroughput: -1, uploadThroughput: -1 };
+  await cdp.send('Network.overrideNetworkState', conditions);
+  await cdp.send('Network.emulateNetworkConditionsByRule', {
+    offline,
+    matchedNetworkConditions: [{ urlPattern: '', ...conditions }],
+  });
+}
+
 for (const scheme of ['ws', 'wss']) {
   test(`per-message QoS 0, 1 and 2 on one ${scheme}:// connection from the page`, { timeout: 120_000 }, async () => {
     const tern = await new Tern().start();
@@ -185,7 +206,7 @@ test('offline in the page: publishes wait in the outbox, unresolved, and drain w
       window.states = [];
       window.client.on('state', (s) => window.states.push(s));
     }, tern.ws);
-    await page.setOfflineMode(true);
+    await setOffline(page, true);
     await page.waitForFunction('window.client.state === "offline"');
     await page.evaluate(() => {
       window.acked = 0;
@@ -197,7 +218,7 @@ test('offline in the page: publishes wait in the outbox, unresolved, and drain w
     await sleep(1000);
     const waiting = await page.evaluate(() => ({ acked: window.acked, left: window.client.unacknowledged }));
     assert.deepEqual(waiting, { acked: 0, left: 50 }, 'nothing resolves while offline');
-    await page.setOfflineMode(false);
+    await setOffline(page, false);
     await page.evaluate(() => Promise.all(window.all));
     const states = await page.evaluate(() => window.states);
     assert.ok(states.includes('offline') && states.at(-1) === 'connected', states.join(' '));
