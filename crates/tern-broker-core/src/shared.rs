@@ -203,6 +203,9 @@ impl SharedSubscriptions {
 /// How ready a shared subscription's member is to take a message now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Readiness {
+    /// Cluster: its session was given to another node (it moves there): taken only when
+    /// no other member can, and then held for the cluster ([`crate::Broker`] hands it on).
+    Given,
     /// Its queue is full (offline, or online behind a full window): passed over while any
     /// other member can take the message.
     Full,

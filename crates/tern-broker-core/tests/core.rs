@@ -1711,8 +1711,91 @@ fn streamed(
             number,
             own,
             publisher: None,
+            handed: false,
         }),
     }
+}
+
+/// [`streamed`] for the shared subscription `$share/g/t/#` on this node only (another
+/// node's publish named this node for the group), handed back once already or not.
+fn for_group(seq: u64, payload: &str, handed: bool) -> tern_broker_core::Remote {
+    let mut r = streamed(seq, "b", seq, false, payload);
+    r.plain = false;
+    r.shared = vec!["$share/g/t/#".to_string()];
+    if let Some(s) = r.source.as_mut() {
+        s.handed = handed;
+    }
+    r
+}
+
+fn handed(a: &mut Sim) -> Vec<(String, String)> {
+    a.broker
+        .take_handed_back()
+        .into_iter()
+        .map(|(m, share)| (String::from_utf8_lossy(&m.payload).to_string(), share))
+        .collect()
+}
+
+/// Cluster: a shared-group message that only a session given to another node could take
+/// here is not put in the given copy (the session as exported has gone to the other
+/// node, and the copy goes once the client is there): it is held, and handed back to the
+/// cluster for the group when the copy goes. A message the cluster gave this node for a
+/// group with no member here any more is handed back at once, but only once (not one
+/// that was handed back already). A given session that is resumed here instead gets what
+/// was held for it.
+#[test]
+fn shared_group_messages_for_a_given_session_go_back_to_the_cluster() {
+    let mut a = Sim::new(Settings {
+        cluster: true,
+        ..Settings::default()
+    });
+    let share = "$share/g/t/#".to_string();
+    let xa = a.connect(mover());
+    a.subscribe(xa, &share, QoS::ExactlyOnce);
+    let now = a.now;
+    assert!(a.broker.handle_give("x", now));
+    a.pump();
+    a.broker
+        .handle_remote_durable(2, vec![for_group(2, "one", false)], now);
+    a.pump();
+    assert!(
+        handed(&mut a).is_empty(),
+        "held while the session may stay here"
+    );
+    a.broker.handle_taken_over("x", now);
+    a.pump();
+    assert_eq!(handed(&mut a), [("one".to_string(), share.clone())]);
+    // The group has no member here now.
+    a.broker
+        .handle_remote_durable(3, vec![for_group(3, "two", false)], now);
+    a.pump();
+    assert_eq!(handed(&mut a), [("two".to_string(), share.clone())]);
+    a.broker
+        .handle_remote_durable(4, vec![for_group(4, "three", true)], now);
+    a.pump();
+    assert!(handed(&mut a).is_empty(), "handed back once only");
+
+    // Given, then resumed here (its claim holds): it gets what was held.
+    let xb = a.connect(mover());
+    a.subscribe(xb, &share, QoS::ExactlyOnce);
+    let now = a.now;
+    assert!(a.broker.handle_give("x", now));
+    a.pump();
+    a.broker
+        .handle_remote_durable(5, vec![for_group(5, "four", false)], now);
+    a.pump();
+    let x2: ConnId = 70;
+    a.broker
+        .handle_admission(x2, Admission::Granted(Box::new(mover())), now);
+    a.pump();
+    assert_eq!(a.broker.take_fetches(), [Str::from("x")]);
+    a.broker.handle_moved("x", None, Some(9), now);
+    a.pump();
+    assert_eq!(a.broker.take_claims_first(), [(Str::from("x"), 9)]);
+    a.broker.handle_claimed("x", true, now);
+    a.pump();
+    assert!(handed(&mut a).is_empty());
+    assert_eq!(a.received(x2), ["four"]);
 }
 
 fn mover() -> Connect {

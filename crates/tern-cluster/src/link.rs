@@ -71,6 +71,9 @@ pub struct Out {
     /// that moved here (or one this node gave and resumes) is the client's only once the
     /// cluster says so, so no two nodes ever serve it.
     pub first_claims: Vec<(String, u64)>,
+    /// QoS 1/2 messages for shared groups no member on this node could take (the
+    /// subscription and the message): put in the stream again for another node's members.
+    pub handed_back: Vec<(Message, String)>,
 }
 
 /// The JetStream stream holding the cluster's retained messages: the last message of each
@@ -96,6 +99,10 @@ const BOOT_HEADER: &str = "Tern-Boot";
 const MARKER_HEADER: &str = "Tern-Marker";
 const NUMBER_HEADER: &str = "Tern-Number";
 const ORIGIN_HEADER: &str = "Tern-Origin";
+/// On a message a node handed back to the cluster for a shared group (its first node had
+/// no member left to take it): for the group its `Tern-Share` names, not for plain
+/// subscribers (they had it).
+const HANDED_HEADER: &str = "Tern-Handed";
 
 /// A filter a session of this node started (`add`) or stopped holding.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -140,6 +147,9 @@ pub struct Source {
     /// For this node's own message, the client that published it (a subscription of its
     /// own with No Local does not get it).
     pub publisher: Option<String>,
+    /// Handed back by a node none of whose members could take it: for the shared group
+    /// its `Tern-Share` names only.
+    pub handed: bool,
 }
 
 /// What the link hands the core.
@@ -460,6 +470,23 @@ pub async fn run(
                 if !back.is_empty() {
                     deliver(Inbound::Remote(back));
                 }
+                for (m, share) in o.handed_back {
+                    let Ok(subject) = topic_to_subject(m.topic.as_str()) else {
+                        continue;
+                    };
+                    published += 1;
+                    turns += 1;
+                    let mut headers = stream_headers(&config.node_id, &boot_hex, published, &m);
+                    headers.insert(HANDED_HEADER, "1");
+                    tokio::spawn(hand_back(
+                        js.clone(),
+                        table.clone(),
+                        (me.clone(), turns),
+                        format!("{STREAM_PREFIX}{subject}"),
+                        (headers, m.payload.clone()),
+                        share,
+                    ));
+                }
                 if let Some(stored) = o.stored {
                     // Waited for beside the loop: the round's acknowledgements wait for
                     // this, the loop does not. A message the stream did not take is
@@ -526,6 +553,49 @@ pub async fn run(
     share_keeper.abort();
     wills.abort();
     ticker.abort();
+}
+
+/// Puts a message this node handed back into the stream for the shared subscription
+/// `share`, named for another node with members (one that joined may not be in this
+/// node's view yet: looked for again for 5 s), until the stream takes it. Not waited for
+/// by any round: a crash before it is stored loses it for the group (docs/cluster.md).
+async fn hand_back(
+    js: async_nats::jetstream::Context,
+    table: shares::Shared,
+    (me, turn): (String, u64),
+    subject: String,
+    (mut headers, payload): (async_nats::HeaderMap, Bytes),
+    share: String,
+) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let node = loop {
+        if let Some(node) = shares::lock(&table).other(&me, &share, turn, std::time::Instant::now())
+        {
+            break node;
+        }
+        if std::time::Instant::now() > deadline {
+            tracing::warn!(share = %share, subject = %subject, "no other node has members of a shared subscription: a message handed back for it reaches none");
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    headers.insert(SHARE_HEADER, shares::header(&[(share, node)]).as_str());
+    loop {
+        let stored = match js
+            .publish_with_headers(subject.clone(), headers.clone(), payload.clone())
+            .await
+        {
+            Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match stored {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, subject = %subject, "the cluster's stream did not take a handed-back message: publishing it again");
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            }
+        }
+    }
 }
 
 /// Test-only fault injection (debug builds, `TERN_FAULT_HOOK=1`): a QoS 1/2 message on
@@ -982,13 +1052,14 @@ async fn consume(
                     {
                         // (An earlier run's own message too: the sessions that moved here
                         // take it by their rule if its round was committed.)
-                        let source = Some(source_of(&m, last, own, &mut names));
+                        let source = source_of(&m, last, own, &mut names);
+                        let plain = (!own || for_moved) && !source.handed;
                         batch.push(Remote {
                             message,
-                            plain: !own || for_moved,
+                            plain,
                             shared,
                             earlier,
-                            source,
+                            source: Some(source),
                         });
                     }
                 }
@@ -1082,6 +1153,7 @@ fn source_of(
             .unwrap_or(0),
         own,
         publisher,
+        handed: header(HANDED_HEADER).is_some(),
     }
 }
 
@@ -1127,12 +1199,13 @@ async fn catch_up(
             .and_then(|h| h.get(NODE_HEADER))
             .is_some_and(|n| n.as_str() == me);
         if !marker && let Some(message) = from_stream(&m) {
+            let source = source_of(&m, seq, own, names);
             out.push(Remote {
                 message,
-                plain: true,
+                plain: !source.handed,
                 shared: Vec::new(),
                 earlier: None,
-                source: Some(source_of(&m, seq, own, names)),
+                source: Some(source),
             });
         }
         if seq >= through {

@@ -63,6 +63,21 @@ impl Table {
         }
     }
 
+    /// A live node other than `me` with members of `share` (the `turn`th of them), if any.
+    pub fn other(&self, me: &str, share: &str, turn: u64, now: Instant) -> Option<String> {
+        let nodes: Vec<&String> = self
+            .nodes
+            .get(share)?
+            .iter()
+            .filter(|(node, at)| node.as_str() != me && now.saturating_duration_since(**at) < STALE)
+            .map(|(node, _)| node)
+            .collect();
+        if nodes.is_empty() {
+            return None;
+        }
+        Some(nodes[(turn % nodes.len() as u64) as usize].clone())
+    }
+
     /// Whether no node has members of any shared subscription.
     pub fn is_empty(&self) -> bool {
         self.nodes.is_empty()

@@ -872,6 +872,57 @@ fn a_shared_subscription_across_nodes_gives_each_message_to_one_member() {
     );
 }
 
+/// A persistent member of a shared subscription whose session moves between nodes while
+/// the group's messages flow loses none of them: the member (the only one of its group)
+/// is on node a, the publisher on node b sends QoS 1/2 messages (single ones and bursts
+/// of 32 in turn); midway the member is kicked off a (`tern ctl kick`), reconnects to b,
+/// and its session moves there. Every message b acknowledged reaches the member, QoS 2
+/// ones once, whichever node the publishing node named for the group around the move.
+#[test]
+fn a_shared_subscription_member_moving_between_nodes_loses_nothing() {
+    let d = fresh("sharemove");
+    let nats = Nats::start(&d);
+    let (pa, pb) = (free_port(), free_port());
+    let admin = "[admin]\ntoken = \"t\"\n";
+    let a = node_full(&d, "a", &nats.url(0), pa, &[], admin);
+    let _b = node_on(&d, "b", &nats.url(1), pb);
+    // The member's session first, on a, so that b knows of the group before the first
+    // message (Flow's subscriber resumes it).
+    make_session(pa, "keeper", "$share/g/sm/#");
+    std::thread::sleep(Duration::from_millis(1500));
+    let total = 1320;
+    let flow = Flow::start_bursts(
+        "",
+        &[pa, pb],
+        "$share/g/sm/#",
+        &[pb],
+        "sm/x",
+        total,
+        Duration::from_millis(5),
+        32,
+    );
+    flow.wait_acked(400);
+    let ctl = |args: &[&str]| -> Option<i32> {
+        Command::new(env!("CARGO_BIN_EXE_tern"))
+            .args(["ctl", "--endpoint", a.metrics.as_deref().unwrap()])
+            .args(["--token", "t"])
+            .args(args)
+            .output()
+            .unwrap()
+            .status
+            .code()
+    };
+    assert_eq!(ctl(&["kick", "keeper"]), Some(0), "the member kicked off a");
+    let delivered = flow.finish();
+    // The session left a (its copy there is gone: 404, exit 4).
+    assert_eq!(
+        ctl(&["session", "keeper"]),
+        Some(4),
+        "the member's session moved off a"
+    );
+    delivered.assert_each_once("a shared-subscription member moving from a to b");
+}
+
 /// Two of the three NATS servers SIGKILLed (JetStream loses its quorum) in the middle of
 /// QoS 1/2 traffic from node a to a persistent subscriber on node b: node a acknowledges
 /// nothing more while the stream cannot store (publishers are held, not answered); once

@@ -276,6 +276,8 @@ impl Broker {
         self.conns.insert(conn, client_id.clone());
         self.outputs
             .push_back(Output::Send(conn, Packet::ConnAck(ack)));
+        // A session this node gave and resumes: the group messages held meanwhile.
+        self.release_held(&client_id, now);
         self.drain(&client_id, now);
         self.schedule(&client_id);
     }

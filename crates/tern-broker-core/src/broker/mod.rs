@@ -417,6 +417,11 @@ pub struct Broker {
     /// this node for.
     remote_plain: bool,
     remote_shared: Vec<String>,
+    /// Cluster: shared-group messages held for sessions given to other nodes (their only
+    /// members here), by client id: handed back when the copy goes.
+    held_for_given: HashMap<Str, Vec<(Str, Message)>>,
+    /// Cluster: shared-group messages for the link to hand back to the cluster.
+    handed_back: Vec<(Message, String)>,
     /// Cluster: wills of this node's connections, kept by the cluster while they last.
     will_changes: Vec<WillChange>,
     /// Cluster: the last sequence of the cluster's stream applied (committed), and one
@@ -513,6 +518,8 @@ impl Broker {
             from_remote: false,
             remote_plain: true,
             remote_shared: Vec::new(),
+            held_for_given: HashMap::new(),
+            handed_back: Vec::new(),
             will_changes: Vec::new(),
             cluster_applied: snapshot.cluster_applied,
             cluster_forwarded: snapshot.cluster_forwarded,

@@ -31,6 +31,9 @@ pub struct Source {
     /// For this node's own message, the client that published it (its own subscriptions
     /// with No Local do not get it).
     pub publisher: Option<String>,
+    /// Handed back to the cluster by a node none of whose members could take it (its
+    /// shared groups only; not handed back again).
+    pub handed: bool,
 }
 
 /// Cluster: a session another node gave this one ([`Broker::handle_moved`]).
@@ -301,12 +304,35 @@ impl Broker {
         }
         let key = key.clone();
         tracing::info!(client_id = %key, "cluster: the client is on another node: the copy of its session an earlier run left here goes");
+        self.hand_back_held(&key);
         self.discard_session(&key);
         self.commit(now);
     }
 
     /// Removes a session without the effects of its end (no will, nothing of it handed to
     /// other shared-group members): it lives on elsewhere.
+    /// Cluster: the shared-group messages held for `client_id`'s given copy go back to the
+    /// cluster for their groups ([`Broker::take_handed_back`]).
+    pub(super) fn hand_back_held(&mut self, client_id: &Str) {
+        if let Some(held) = self.held_for_given.remove(client_id) {
+            tracing::info!(client_id = %client_id, messages = held.len(), "cluster: shared-group messages held for a session that moved go back to the cluster");
+            self.handed_back
+                .extend(held.into_iter().map(|(key, m)| (m, key.to_string())));
+        }
+    }
+
+    /// Cluster: the shared-group messages held for `client_id` while it was given, for it
+    /// now that it stays here (or for another member).
+    pub(super) fn release_held(&mut self, client_id: &Str, now: Instant) {
+        if let Some(held) = self.held_for_given.remove(client_id) {
+            for (key, m) in held {
+                if !self.deliver_shared(&key, m.clone(), None, None, now) {
+                    self.handed_back.push((m, key.to_string()));
+                }
+            }
+        }
+    }
+
     pub(super) fn discard_session(&mut self, client_id: &Str) {
         let Some(s) = self.sessions.remove(client_id) else {
             return;

@@ -120,6 +120,14 @@ impl Broker {
         for key in keys {
             if self.deliver_shared(&key, message.clone(), publisher, None, now) {
                 matched += 1;
+            } else if self.from_remote
+                && message.qos != QoS::AtMostOnce
+                && self.source.as_ref().is_some_and(|s| !s.handed)
+            {
+                // Cluster: the cluster gave it to this node for a group with no member
+                // here any more (its last one left, or moved, before the other nodes
+                // saw): handed back for the group's members elsewhere, once.
+                self.handed_back.push((message.clone(), key.to_string()));
             }
         }
         if crosses { matched.max(1) } else { matched }
@@ -145,6 +153,19 @@ impl Broker {
         else {
             return false;
         };
+        if self.sessions.get(&client).is_some_and(|s| s.given) {
+            // Cluster: the only members here are sessions given to other nodes: their
+            // copies here go once the client is there, and what the exported session did
+            // not have would go with them. Held, and handed back to the cluster for the
+            // group when the copy goes (or given to the session if it stays here).
+            if message.qos != QoS::AtMostOnce {
+                self.held_for_given
+                    .entry(client)
+                    .or_default()
+                    .push((key.clone(), message));
+            }
+            return true;
+        }
         let published = message.qos;
         message.qos = effective_qos(message.qos, member.options.qos, QoS::ExactlyOnce);
         message.retain = message.retain && member.options.retain_as_published;
@@ -862,6 +883,9 @@ impl Queue for Connection {
 /// now: online with room in its window, online behind a full window, offline, or (either of
 /// those last two) with a full queue.
 fn readiness(session: Option<&Session>, limits: &Limits, size: usize) -> Readiness {
+    if session.is_some_and(|s| s.given) {
+        return Readiness::Given;
+    }
     match session.map(|s| &s.conn) {
         Some(Link::Online((_, c))) if c.would_wait() => {
             if queue_full(c, size, limits) {
@@ -1117,6 +1141,14 @@ impl Broker {
         self.commit(now);
     }
 
+    /// Cluster: QoS 1/2 messages for shared groups that no member on this node can take
+    /// (the group is gone here, or its only members are sessions given to other nodes),
+    /// since the last call: for the link to put in the stream again for the group's
+    /// members on other nodes.
+    pub fn take_handed_back(&mut self) -> Vec<(Message, String)> {
+        std::mem::take(&mut self.handed_back)
+    }
+
     /// Cluster: the messages this node's clients published since the last call, for the
     /// other nodes (QoS 0 over core NATS, QoS 1/2 into the cluster's stream, before the
     /// acknowledgements of the round they came in go out).
@@ -1188,6 +1220,7 @@ impl Broker {
             Some(s) if s.conn.as_ref().is_some() => {}
             Some(s) if s.given => {
                 tracing::info!(client_id = %key, "cluster: the session moved to another node; its copy here goes");
+                self.hand_back_held(&key);
                 self.discard_session(&key);
                 self.commit(now);
             }

@@ -456,7 +456,12 @@ fn dispatch(
             .into_iter()
             .map(|c| c.to_string())
             .collect();
-        if !forwards.is_empty() || !interest.is_empty() || !wills.is_empty() || !fetches.is_empty()
+        let handed_back = broker.take_handed_back();
+        if !forwards.is_empty()
+            || !interest.is_empty()
+            || !wills.is_empty()
+            || !fetches.is_empty()
+            || !handed_back.is_empty()
         {
             let _ = link.send(tern_cluster::Out {
                 forwards,
@@ -464,6 +469,7 @@ fn dispatch(
                 stored,
                 wills,
                 fetches,
+                handed_back,
                 ..Default::default()
             });
         }

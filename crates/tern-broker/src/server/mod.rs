@@ -422,6 +422,7 @@ pub async fn run(server: Server, shutdown: impl Future<Output = ()>) -> Result<(
                                     number: s.number,
                                     own: s.own,
                                     publisher: s.publisher,
+                                    handed: s.handed,
                                 }),
                             })
                             .collect()
