@@ -547,7 +547,23 @@ fn node_full(
 /// docs/cluster.md, "After a crash").
 #[test]
 fn qos1_and_2_cross_nodes_through_sigkills_of_either_node() {
-    let d = fresh("kills");
+    // TERN_CLUSTER_SHARED=1 (`scripts/cluster-crash N shared`): as the test below.
+    let shared = std::env::var("TERN_CLUSTER_SHARED").is_ok_and(|v| v == "1");
+    through_sigkills("kills", shared);
+}
+
+/// [`qos1_and_2_cross_nodes_through_sigkills_of_either_node`] with the subscriber the one
+/// member of a shared subscription: as its session moves between the nodes through the
+/// kills, what its old node could give only to it is handed back to the cluster for the
+/// group (docs/cluster.md, "How shared subscriptions work across nodes"); every
+/// acknowledged message still reaches it, QoS 2 ones once.
+#[test]
+fn qos1_and_2_reach_a_shared_member_through_sigkills_of_either_node() {
+    through_sigkills("kills-shared", true);
+}
+
+fn through_sigkills(name: &str, shared: bool) {
+    let d = fresh(name);
     let nats = Nats::start(&d);
     let (pa, pb) = (free_port(), free_port());
     let (ua, ub) = (nats.url(0), nats.url(1));
@@ -559,13 +575,19 @@ fn qos1_and_2_cross_nodes_through_sigkills_of_either_node() {
         .unwrap_or(10);
     let long = kills > 10;
     let total = 40 * (kills + 1);
+    let filter = if shared { "$share/g/pay/#" } else { "pay/#" };
+    if shared {
+        // The member's session first, known to both nodes before the first message.
+        make_session(pb, "keeper", filter);
+        std::thread::sleep(Duration::from_millis(1500));
+    }
     // Each client reconnects to the other node first: its session follows it there once
     // the node it left answers (docs/cluster.md, "How a session moves").
     // Single messages and bursts of 16 in turn: kills land in fast batches too.
     let flow = Flow::start_bursts(
         "",
         &[pb, pa],
-        "pay/#",
+        filter,
         &[pa, pb],
         "pay/x",
         total,
