@@ -1796,6 +1796,30 @@ fn shared_group_messages_for_a_given_session_go_back_to_the_cluster() {
     a.pump();
     assert!(handed(&mut a).is_empty());
     assert_eq!(a.received(x2), ["four"]);
+
+    // A given copy holds no more than its queue limit: the rest is handed back at once;
+    // one that ends (expires) hands back what it held.
+    let mut c = Sim::new(Settings {
+        cluster: true,
+        max_queued_messages: 2,
+        ..Settings::default()
+    });
+    let xc = c.connect(mover());
+    c.subscribe(xc, &share, QoS::ExactlyOnce);
+    let now = c.now;
+    assert!(c.broker.handle_give("x", now));
+    c.pump();
+    let batch = (2..5)
+        .map(|i| for_group(i, &format!("m{i}"), false))
+        .collect();
+    c.broker.handle_remote_durable(4, batch, now);
+    c.pump();
+    assert_eq!(handed(&mut c), [("m4".to_string(), share.clone())]);
+    c.advance(Duration::from_secs(3601));
+    assert_eq!(
+        handed(&mut c),
+        [("m2".to_string(), share.clone()), ("m3".to_string(), share)]
+    );
 }
 
 fn mover() -> Connect {

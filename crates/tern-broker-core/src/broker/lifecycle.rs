@@ -289,6 +289,8 @@ impl Broker {
     }
 
     pub(super) fn end_session(&mut self, client_id: &Str, now: Instant) {
+        // Cluster: group messages held for it as a given copy go to the group elsewhere.
+        self.hand_back_held(client_id);
         if let Some(mut s) = self.sessions.remove(client_id) {
             self.queued.0 -= s.accounted.0;
             self.queued.1 -= s.accounted.1;

@@ -159,10 +159,14 @@ impl Broker {
             // not have would go with them. Held, and handed back to the cluster for the
             // group when the copy goes (or given to the session if it stays here).
             if message.qos != QoS::AtMostOnce {
-                self.held_for_given
-                    .entry(client)
-                    .or_default()
-                    .push((key.clone(), message));
+                let held = self.held_for_given.entry(client).or_default();
+                if held.len() < limits.max_messages {
+                    held.push((key.clone(), message));
+                } else {
+                    // A copy given long ago and neither gone nor resumed (its new node
+                    // died before claiming it): no more held in memory, handed back now.
+                    self.handed_back.push((message, key.to_string()));
+                }
             }
             return true;
         }
