@@ -495,24 +495,8 @@ pub async fn run(
                     let js = js.clone();
                     tokio::spawn(async move {
                         for (subject, headers, payload, ack) in acks {
-                            let mut ack = ack.map_err(|e| e.to_string());
-                            loop {
-                                let done = match ack {
-                                    Ok(future) => future.await.map(|_| ()).map_err(|e| e.to_string()),
-                                    Err(e) => Err(e),
-                                };
-                                match done {
-                                    Ok(()) => break,
-                                    Err(e) => {
-                                        tracing::warn!(error = %e, subject = %subject, "the cluster's stream did not take a message: publishing it again");
-                                        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
-                                        ack = js
-                                            .publish_with_headers(subject.clone(), headers.clone(), payload.clone())
-                                            .await
-                                            .map_err(|e| e.to_string());
-                                    }
-                                }
-                            }
+                            let ack = ack.map_err(|e| e.to_string());
+                            until_stored(&js, &subject, &headers, &payload, ack).await;
                         }
                         // Test-only: the node dies between the stream and its commit.
                         #[cfg(debug_assertions)]
@@ -580,21 +564,34 @@ async fn hand_back(
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     };
     headers.insert(SHARE_HEADER, shares::header(&[(share, node)]).as_str());
+    let ack = js
+        .publish_with_headers(subject.clone(), headers.clone(), payload.clone())
+        .await
+        .map_err(|e| e.to_string());
+    until_stored(&js, &subject, &headers, &payload, ack).await;
+}
+
+/// Waits for a message's acknowledgement from the stream, publishing it again (the same
+/// `Nats-Msg-Id`: the stream drops a repeat) until the stream has it.
+async fn until_stored(
+    js: &async_nats::jetstream::Context,
+    subject: &str,
+    headers: &async_nats::HeaderMap,
+    payload: &Bytes,
+    mut ack: Result<async_nats::jetstream::context::PublishAckFuture, String>,
+) {
     loop {
-        let stored = match js
-            .publish_with_headers(subject.clone(), headers.clone(), payload.clone())
-            .await
-        {
-            Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
+        let done = match ack {
+            Ok(future) => future.await.map(|_| ()).map_err(|e| e.to_string()),
+            Err(e) => Err(e),
         };
-        match stored {
-            Ok(()) => return,
-            Err(e) => {
-                tracing::warn!(error = %e, subject = %subject, "the cluster's stream did not take a handed-back message: publishing it again");
-                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
-            }
-        }
+        let Err(e) = done else { return };
+        tracing::warn!(error = %e, subject = %subject, "the cluster's stream did not take a message: publishing it again");
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        ack = js
+            .publish_with_headers(subject.to_string(), headers.clone(), payload.clone())
+            .await
+            .map_err(|e| e.to_string());
     }
 }
 

@@ -309,8 +309,6 @@ impl Broker {
         self.commit(now);
     }
 
-    /// Removes a session without the effects of its end (no will, nothing of it handed to
-    /// other shared-group members): it lives on elsewhere.
     /// Cluster: the shared-group messages held for `client_id`'s given copy go back to the
     /// cluster for their groups ([`Broker::take_handed_back`]).
     pub(super) fn hand_back_held(&mut self, client_id: &Str) {
@@ -333,6 +331,8 @@ impl Broker {
         }
     }
 
+    /// Removes a session without the effects of its end (no will, nothing of it handed to
+    /// other shared-group members): it lives on elsewhere.
     pub(super) fn discard_session(&mut self, client_id: &Str) {
         let Some(s) = self.sessions.remove(client_id) else {
             return;
