@@ -463,26 +463,23 @@ impl Flow {
         total: usize,
         pace: std::time::Duration,
     ) -> Flow {
-        Flow::start_across(name, &[sub_port], filter, &[pub_port], topic, total, pace)
+        Flow::start_bursts(
+            name,
+            &[sub_port],
+            filter,
+            &[pub_port],
+            topic,
+            total,
+            pace,
+            1,
+        )
     }
 
     /// [`Flow::start_as`] with clients that connect to the first of their ports and
-    /// reconnect to the next one each time (tern-client's failover: cluster nodes).
-    pub fn start_across(
-        name: &str,
-        sub_ports: &[u16],
-        filter: &str,
-        pub_ports: &[u16],
-        topic: &str,
-        total: usize,
-        pace: std::time::Duration,
-    ) -> Flow {
-        Flow::start_bursts(name, sub_ports, filter, pub_ports, topic, total, pace, 1)
-    }
-
-    /// [`Flow::start_across`] whose publisher sends, in turn, one message and `burst`
-    /// messages at once (in order, all in flight together, each then awaited), `pace`
-    /// after each: a broker reads a burst in one go and handles it as one round.
+    /// reconnect to the next one each time (tern-client's failover: cluster nodes), and a
+    /// publisher that sends, in turn, one message and `burst` messages at once (in order,
+    /// all in flight together, each then awaited), `pace` after each: a broker reads a
+    /// burst in one go and handles it as one round (`burst` 1: one at a time).
     #[allow(clippy::too_many_arguments)]
     pub fn start_bursts(
         name: &str,
